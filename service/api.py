@@ -1,0 +1,122 @@
+"""The native JSON API: /api/health and /api/chat (plain JSON or a server-sent event stream).
+
+Thin by design: parse and validate the request (`chat`), build the prompt, hand it to the engine,
+and format what comes back. Everything here is about HTTP; nothing here touches tensors.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify, request
+from werkzeug.exceptions import BadRequest
+
+from .chat import ChatRequest, RequestError, build_prompt, parse_chat_request
+from .config import Settings
+from .engine import Engine, EngineUnavailable, Finished, Generation, QueueFull
+
+bp = Blueprint("api", __name__, url_prefix="/api")
+
+HEARTBEAT_SECONDS = 10.0
+
+
+def _engine() -> Engine:
+    return current_app.extensions["engine"]
+
+
+def _settings() -> Settings:
+    return current_app.extensions["settings"]
+
+
+@bp.get("/health")
+def health() -> tuple[Response, int]:
+    """Never touches the model's queue, so it answers at once even mid-generation."""
+    engine = _engine()
+    if engine.state == "ok":
+        return jsonify(status="ok", model=engine.backend.name,
+                       context_length=engine.backend.context_length, queue=engine.stats()), 200
+    if engine.state == "error":
+        return jsonify(status="error", model=_settings().model_id, detail=engine.error), 503
+    return jsonify(status="loading", model=_settings().model_id), 503
+
+
+def _json_body() -> Any:
+    if request.mimetype != "application/json":
+        raise RequestError(415, "send the body as JSON with 'Content-Type: application/json'",
+                           kind="unsupported_media_type")
+    try:
+        return request.get_json()
+    except BadRequest:
+        raise RequestError(400, "the body is not valid JSON") from None
+
+
+def _submit(chat: ChatRequest) -> tuple[Generation, str, int]:
+    engine = _engine()
+    try:
+        backend = engine.backend
+        prompt = build_prompt(backend.tokenizer, chat.messages,
+                              context_length=backend.context_length,
+                              max_tokens=chat.options.max_tokens)
+        return engine.submit(prompt.ids, chat.options), backend.name, prompt.dropped_messages
+    except EngineUnavailable as exc:
+        status = "failed to load" if engine.state == "error" else "is still loading"
+        raise RequestError(503, f"the model {status}: {exc}", kind="model_unavailable",
+                           headers={"Retry-After": "10"}) from None
+    except QueueFull as exc:
+        raise RequestError(503, f"{exc}; retry in {exc.retry_after} s", kind="server_busy",
+                           headers={"Retry-After": str(exc.retry_after)}) from None
+
+
+def _summary(finished: Finished, model: str, dropped: int) -> dict[str, Any]:
+    return {
+        "model": model,
+        "finish_reason": finished.finish_reason,
+        "usage": finished.usage.to_dict(),
+        "timing": finished.timing.to_dict(),
+        "context": {"dropped_messages": dropped},
+    }
+
+
+@bp.post("/chat")
+def chat() -> Response | tuple[Response, int]:
+    settings = _settings()
+    parsed = parse_chat_request(_json_body(), default_max_tokens=settings.default_max_tokens,
+                                max_tokens_limit=settings.max_tokens_limit)
+    generation, model, dropped = _submit(parsed)
+    if parsed.stream:
+        return Response(_event_stream(generation, model, dropped), mimetype="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    try:
+        text, finished = generation.result()
+    finally:
+        generation.cancel()
+    if finished.error:
+        raise RequestError(500, f"generation failed: {finished.error}", kind="server_error")
+    body = {"message": {"role": "assistant", "content": text}, **_summary(finished, model, dropped)}
+    return jsonify(body), 200
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def _event_stream(generation: Generation, model: str, dropped: int) -> Iterator[str]:
+    """One `delta` event per piece of text, then `done`. Closing the connection cancels the
+    generation: the server notices on its next write, and `finally` runs when it closes us."""
+    try:
+        yield ": stream open\n\n"
+        for event in generation.events(heartbeat=HEARTBEAT_SECONDS):
+            if event is None:
+                yield ": keep-alive\n\n"
+            elif isinstance(event, str):
+                yield _sse({"type": "delta", "text": event})
+            else:
+                if event.error:
+                    yield _sse({"type": "error",
+                                "error": {"message": f"generation failed: {event.error}",
+                                          "type": "server_error"}})
+                yield _sse({"type": "done", **_summary(event, model, dropped)})
+    finally:
+        generation.cancel()

@@ -1,0 +1,82 @@
+"""The Flask app factory: wires settings and engine to the routes, errors and response headers.
+
+`create_app()` reads settings from the environment and starts loading the model in the background;
+tests call `create_app(settings, engine=...)` with their own engine and skip the environment.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flask import Flask, Response, jsonify, send_from_directory
+from werkzeug.exceptions import HTTPException
+
+from . import api
+from .chat import RequestError
+from .config import Settings
+from .engine import Engine, load_transformers
+
+STATIC = Path(__file__).parent / "static"
+
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+        "frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+}
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> Flask:
+    """Build the app. Without `engine`, one is made from `settings` and starts loading at once."""
+    settings = settings or Settings.from_env()
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if engine is None:
+        engine = Engine(load_transformers(settings), queue_size=settings.queue_size).start()
+
+    app = Flask(__name__, static_folder=str(STATIC), static_url_path="/static")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False
+    app.extensions["settings"] = settings
+    app.extensions["engine"] = engine
+    app.register_blueprint(api.bp)
+
+    @app.get("/")
+    def index() -> Response:
+        return send_from_directory(STATIC, "index.html", max_age=0)
+
+    @app.errorhandler(RequestError)
+    def request_error(exc: RequestError) -> tuple[Response, int, dict[str, str]]:
+        return _error(exc.status, exc.message, exc.kind), exc.status, exc.headers
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> tuple[Response, int]:
+        status = exc.code or 500
+        message = exc.description or exc.name
+        if status == 413:
+            message = f"the request body is larger than {settings.max_body_bytes} bytes"
+        return _error(status, message, exc.name.lower().replace(" ", "_")), status
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> tuple[Response, int]:
+        log.exception("unhandled error")
+        return _error(500, "internal server error", "server_error"), 500
+
+    @app.after_request
+    def security_headers(response: Response) -> Response:
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        return response
+
+    return app
+
+
+def _error(status: int, message: str, kind: str) -> Response:
+    return jsonify(error={"message": message, "type": kind, "code": status})

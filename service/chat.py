@@ -1,0 +1,143 @@
+"""Chat requests: validated once at the edge, then turned into a prompt that fits the context.
+
+`parse_chat_request` turns raw JSON into a `ChatRequest` or raises `RequestError` with the status and
+message a client should see; nothing below this module sees raw JSON. `build_prompt` applies the
+model's own chat template and, when a conversation is longer than the context budget, leaves out its
+oldest turns (the system prompt and the newest user turn always stay).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .engine import SamplingOptions
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+class RequestError(Exception):
+    """A request the service refuses: `status` and `kind` become the JSON error a client sees."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.kind = kind
+        self.headers = headers or {}
+
+
+def _printable(value: str) -> str:
+    if _CONTROL.search(value):
+        raise ValueError("must not contain NUL or control characters (tab and newlines are fine)")
+    if not value.strip():
+        raise ValueError("must not be blank")
+    return value
+
+
+Content = Annotated[str, AfterValidator(_printable)]
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: Content
+
+
+class ChatBody(BaseModel):
+    """The JSON body of POST /api/chat (`message` is shorthand for one user turn)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    messages: Annotated[list[Message], Field(min_length=1, max_length=1000)] | None = None
+    message: Content | None = None
+    stream: bool = False
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
+
+    @model_validator(mode="after")
+    def _one_conversation(self) -> ChatBody:
+        if (self.messages is None) == (self.message is None):
+            raise ValueError("give either 'messages' (a list of turns) or 'message' (one user turn)")
+        if self.message is not None:
+            self.messages = [Message(role="user", content=self.message)]
+        if self.messages[-1].role != "user":
+            raise ValueError("the last message must have role 'user'")
+        return self
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    messages: list[dict[str, str]]
+    options: SamplingOptions
+    stream: bool
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for e in error.errors(include_url=False):
+        where = ".".join(str(p) for p in e["loc"]) or "body"
+        parts.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
+    return "; ".join(parts)
+
+
+def parse_chat_request(data: Any, *, default_max_tokens: int, max_tokens_limit: int) -> ChatRequest:
+    """Validate a decoded JSON body; raise `RequestError` (422) saying exactly what is wrong."""
+    if not isinstance(data, dict):
+        raise RequestError(422, "the body must be a JSON object")
+    try:
+        body = ChatBody.model_validate(data)
+    except ValidationError as exc:
+        raise RequestError(422, _describe(exc)) from None
+    max_tokens = default_max_tokens if body.max_tokens is None else body.max_tokens
+    if max_tokens > max_tokens_limit:
+        raise RequestError(422, f"max_tokens: must be at most {max_tokens_limit}")
+    options = SamplingOptions(max_tokens=max_tokens, temperature=body.temperature,
+                              top_p=body.top_p, seed=body.seed)
+    messages = [m.model_dump() for m in body.messages or []]
+    return ChatRequest(messages=messages, options=options, stream=body.stream)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    ids: list[int]
+    dropped_messages: int
+
+
+def build_prompt(tokenizer: Any, messages: list[dict[str, str]], *, context_length: int,
+                 max_tokens: int) -> Prompt:
+    """Apply the chat template, dropping the oldest turns until prompt + reply fit the context.
+
+    The system prompt (if first) and the newest user turn are always kept; turns are dropped so the
+    remaining conversation still starts with a user turn, which strict templates require. Raises
+    `RequestError` (413) when even those cannot fit.
+    """
+    budget = context_length - max_tokens
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    turns = messages[len(system):]
+    dropped = 0
+    while True:
+        ids = tokenizer.apply_chat_template(system + turns, add_generation_prompt=True,
+                                            return_dict=False)
+        if len(ids) <= budget:
+            return Prompt(list(ids), dropped)
+        if len(turns) == 1:
+            raise RequestError(
+                413,
+                f"the prompt needs {len(ids)} tokens but only {max(budget, 0)} fit: the context holds "
+                f"{context_length} tokens and {max_tokens} are kept for the reply (max_tokens); "
+                "shorten the message or the system prompt, or lower max_tokens",
+                kind="context_length_exceeded",
+            )
+        turns = turns[1:]
+        dropped += 1
+        while turns[0]["role"] != "user":
+            turns = turns[1:]
+            dropped += 1

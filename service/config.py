@@ -1,0 +1,88 @@
+"""Settings: every knob of the service, read once from the environment.
+
+This is the one place configuration enters. `Settings.from_env()` is called once at start-up and the
+resulting frozen object is handed to whatever needs it, so nothing below reads `os.environ` itself.
+Each field's `doc` is what the README's settings table says.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+DEFAULT_MODEL_ID = "Qwen/Qwen2.5-1.5B-Instruct"
+DTYPES = ("bfloat16", "float32")
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value the service cannot use."""
+
+
+def _setting(default: Any, doc: str) -> Any:
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_id: str = _setting(DEFAULT_MODEL_ID, "Hugging Face hub id or local folder of the chat model")
+    host: str = _setting("127.0.0.1", "address to listen on (the container sets 0.0.0.0)")
+    port: int = _setting(8000, "port to listen on")
+    dtype: str = _setting("bfloat16", "weights precision: bfloat16 (half the memory of float32) or float32")
+    torch_threads: int = _setting(0, "PyTorch compute threads; 0 = one per core")
+    web_threads: int = _setting(16, "gunicorn threads for HTTP connections (each open stream holds one)")
+    queue_size: int = _setting(8, "requests that may wait for the model; beyond it, 503 with Retry-After")
+    context_tokens: int = _setting(4096, "prompt + reply tokens at most (capped by the model's own limit)")
+    default_max_tokens: int = _setting(512, "reply length when a request gives no max_tokens")
+    max_tokens_limit: int = _setting(2048, "largest max_tokens a request may ask for")
+    max_body_bytes: int = _setting(1_000_000, "largest request body accepted (413 beyond)")
+    log_level: str = _setting("info", "gunicorn and service log level")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from environment variables (field names, upper-cased), validated."""
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            name = f.name.upper()
+            raw = env.get(name)
+            if raw is None or raw.strip() == "":
+                continue
+            raw = raw.strip()
+            if f.type == "int":
+                try:
+                    values[f.name] = int(raw)
+                except ValueError:
+                    raise SettingsError(f"{name} must be a whole number, got {raw!r}") from None
+            else:
+                values[f.name] = raw
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Refuse settings that would only fail later, with a message naming the variable."""
+        if self.dtype not in DTYPES:
+            raise SettingsError(f"DTYPE must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not 0 < self.port < 65536:
+            raise SettingsError(f"PORT must be between 1 and 65535, got {self.port}")
+        for name in ("web_threads", "queue_size", "context_tokens", "default_max_tokens",
+                     "max_tokens_limit", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{name.upper()} must be at least 1")
+        if self.torch_threads < 0:
+            raise SettingsError("TORCH_THREADS must be 0 (all cores) or more")
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise SettingsError("DEFAULT_MAX_TOKENS cannot exceed MAX_TOKENS_LIMIT")
+        if self.max_tokens_limit >= self.context_tokens:
+            raise SettingsError("MAX_TOKENS_LIMIT must be smaller than CONTEXT_TOKENS")
+
+
+
+def settings_table() -> str:
+    """The settings as a Markdown table (variable, default, meaning), for the README and `--help`."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for f in fields(Settings):
+        rows.append(f"| `{f.name.upper()}` | `{f.default}` | {f.metadata['doc']} |")
+    return "\n".join(rows)

@@ -1,0 +1,409 @@
+"""The engine: one model, a bounded queue, one generation at a time, streamed as text deltas.
+
+It knows nothing of HTTP. A caller hands in prompt token ids and sampling options and gets a
+`Generation` back at once; the engine's worker thread runs it when its turn comes and pushes text
+deltas and a final `Finished` into it. Cancelling (a client gone, a Stop button) takes effect between
+two tokens. The model loads in a background thread so a server can answer health checks meanwhile.
+
+The model itself sits behind the small `Backend` protocol: `TransformersBackend` is the real one;
+tests may hand in another that yields chosen tokens through this same path.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """What a request may choose; `None` means the model's own `generation_config` default."""
+
+    max_tokens: int
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def to_dict(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.total_tokens}
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds, measured from the moment the request was submitted (what a user waits)."""
+
+    queued_s: float
+    ttft_s: float | None
+    tokens_per_s: float | None
+    total_s: float
+
+    def to_dict(self) -> dict[str, float | None]:
+        def r(x: float | None) -> float | None:
+            return None if x is None else round(x, 4)
+        return {"queued_s": r(self.queued_s), "ttft_s": r(self.ttft_s),
+                "tokens_per_s": r(self.tokens_per_s), "total_s": r(self.total_s)}
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last event of a generation. `error` is set when the model failed mid-way."""
+
+    finish_reason: str  # "stop" | "length" | "cancelled" | "error"
+    usage: Usage
+    timing: Timing
+    error: str | None = None
+
+
+class EngineUnavailable(RuntimeError):
+    """The model is not loaded (still loading, or loading failed)."""
+
+
+class QueueFull(RuntimeError):
+    """Too many requests are waiting; the caller should retry after `retry_after` seconds."""
+
+    def __init__(self, retry_after: int):
+        super().__init__("the model is busy: too many requests are waiting")
+        self.retry_after = retry_after
+
+
+class Backend(Protocol):
+    """A loaded model: what the engine needs from it."""
+
+    name: str
+    tokenizer: Any
+    context_length: int
+    eos_token_ids: frozenset[int]
+
+    def generate(self, prompt_ids: list[int], options: SamplingOptions,
+                 emit: Callable[[int], None], cancelled: threading.Event) -> None:
+        """Call `emit(token_id)` for each new token until EOS, `options.max_tokens`, or `cancelled`."""
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas without splitting a UTF-8 character.
+
+    Byte-level BPE tokens can end in the middle of a multi-byte character; decoding such a prefix gives
+    U+FFFD, so a delta is only released once the text decodes cleanly. Only a short window of ids is
+    decoded each step, keeping the cost per token constant.
+    """
+
+    def __init__(self, tokenizer: Any):
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._prefix = 0
+        self._read = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        before = self._decode(self._ids[self._prefix:self._read])
+        after = self._decode(self._ids[self._prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self._ids)
+            return after[len(before):]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back when generation ends (an incomplete character shows as U+FFFD)."""
+        before = self._decode(self._ids[self._prefix:self._read])
+        after = self._decode(self._ids[self._prefix:])
+        self._prefix = self._read = len(self._ids)
+        return after[len(before):]
+
+
+@dataclass(eq=False)
+class Generation:
+    """One request's handle: iterate `events()` for text deltas and a final `Finished`."""
+
+    prompt_ids: list[int]
+    options: SamplingOptions
+    submitted_at: float = field(default_factory=time.perf_counter)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    _events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+
+    def cancel(self) -> None:
+        """Stop this generation after the current token (or skip it if still waiting)."""
+        self.cancelled.set()
+
+    def events(self, heartbeat: float | None = None) -> Iterator[str | Finished | None]:
+        """Yield text deltas (`str`), then one `Finished`. With `heartbeat`, yield `None` whenever that
+        many seconds pass without an event, so a streaming caller can write a keep-alive."""
+        while True:
+            try:
+                event = self._events.get(timeout=heartbeat)
+            except queue.Empty:
+                yield None
+                continue
+            yield event
+            if isinstance(event, Finished):
+                return
+
+    def result(self) -> tuple[str, Finished]:
+        """Wait for the whole reply: (text, Finished)."""
+        parts: list[str] = []
+        for event in self.events():
+            if isinstance(event, Finished):
+                return "".join(parts), event
+            parts.append(event)
+        raise AssertionError("unreachable: events() always ends with Finished")
+
+    def _put(self, event: str | Finished) -> None:
+        self._events.put(event)
+
+
+class Engine:
+    """Owns the model and the single worker thread that runs generations one after another."""
+
+    def __init__(self, load: Callable[[], Backend], *, queue_size: int = 8):
+        self._load = load
+        self._queue: queue.Queue[Generation] = queue.Queue(maxsize=queue_size)
+        self._backend: Backend | None = None
+        self._state = "loading"
+        self._error: str | None = None
+        self._active: Generation | None = None
+        self._counts = {"completed": 0, "cancelled": 0, "failed": 0}
+        self._load_seconds: float | None = None
+        self._started = False
+        self._lock = threading.Lock()
+
+    # --- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> Engine:
+        """Load the model in the background and start serving the queue. Returns at once."""
+        if not self._started:
+            self._started = True
+            threading.Thread(target=self._run, name="engine", daemon=True).start()
+        return self
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until the model is loaded (True) or failed / timed out (False)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._state == "loading":
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return self._state == "ok"
+
+    def _run(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            backend = self._load()
+        except Exception as exc:  # noqa: BLE001 - any load failure is reported through health
+            log.exception("model failed to load")
+            self._error = f"{type(exc).__name__}: {exc}"
+            self._state = "error"
+            self._fail_waiting()
+            return
+        self._backend = backend
+        self._load_seconds = time.perf_counter() - t0
+        self._state = "ok"
+        log.info("model %s ready in %.1f s", backend.name, self._load_seconds)
+        while True:
+            generation = self._queue.get()
+            if generation.cancelled.is_set():
+                self._finish(generation, "cancelled", 0, time.perf_counter(), None, None)
+                continue
+            with self._lock:
+                self._active = generation
+            try:
+                self._generate(backend, generation)
+            finally:
+                with self._lock:
+                    self._active = None
+
+    def _fail_waiting(self) -> None:
+        while True:
+            try:
+                generation = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            self._finish(generation, "error", 0, generation.submitted_at, None, None,
+                         error="the model failed to load")
+
+    # --- state -----------------------------------------------------------------------------------
+    @property
+    def state(self) -> str:
+        """"loading", "ok" or "error"."""
+        return self._state
+
+    @property
+    def error(self) -> str | None:
+        return self._error
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            raise EngineUnavailable(self._error or "the model is still loading")
+        return self._backend
+
+    def stats(self) -> dict[str, Any]:
+        """Queue depth and counters, cheap enough for every health check."""
+        with self._lock:
+            active = 1 if self._active is not None else 0
+        return {"active": active, "waiting": self._queue.qsize(), **self._counts,
+                "load_seconds": None if self._load_seconds is None else round(self._load_seconds, 2)}
+
+    # --- requests --------------------------------------------------------------------------------
+    def submit(self, prompt_ids: list[int], options: SamplingOptions) -> Generation:
+        """Queue a generation and return its handle at once.
+
+        Raises `EngineUnavailable` if the model is not ready and `QueueFull` if too many wait.
+        """
+        if self._state != "ok":
+            raise EngineUnavailable(self._error or "the model is still loading")
+        generation = Generation(list(prompt_ids), options)
+        try:
+            self._queue.put_nowait(generation)
+        except queue.Full:
+            raise QueueFull(retry_after=self._retry_after()) from None
+        return generation
+
+    def _retry_after(self) -> int:
+        """A rough wait in seconds for a retry: the queue ahead, a few seconds each."""
+        return max(1, min(60, 5 * (self._queue.qsize() + 1)))
+
+    def _generate(self, backend: Backend, generation: Generation) -> None:
+        detok = IncrementalDetokenizer(backend.tokenizer)
+        started = time.perf_counter()
+        first: float | None = None
+        last: float | None = None
+        tokens: list[int] = []
+
+        def emit(token_id: int) -> None:
+            nonlocal first, last
+            last = time.perf_counter()
+            if first is None:
+                first = last
+            tokens.append(token_id)
+            text = detok.push(token_id)
+            if text:
+                generation._put(text)
+
+        try:
+            backend.generate(generation.prompt_ids, generation.options, emit, generation.cancelled)
+        except Exception as exc:  # noqa: BLE001 - reported to the one request, the engine goes on
+            log.exception("generation failed")
+            self._finish(generation, "error", len(tokens), started, first, last,
+                         error=f"{type(exc).__name__}: {exc}")
+            return
+        tail = detok.flush()
+        if tail:
+            generation._put(tail)
+        if generation.cancelled.is_set():
+            reason = "cancelled"
+        elif tokens and tokens[-1] in backend.eos_token_ids:
+            reason = "stop"
+        elif len(tokens) >= generation.options.max_tokens:
+            reason = "length"
+        else:
+            reason = "stop"
+        self._finish(generation, reason, len(tokens), started, first, last)
+
+    def _finish(self, generation: Generation, reason: str, n_tokens: int, started: float,
+                first: float | None, last: float | None, error: str | None = None) -> None:
+        now = time.perf_counter()
+        t0 = generation.submitted_at
+        rate = None
+        if first is not None and last is not None and n_tokens > 1 and last > first:
+            rate = (n_tokens - 1) / (last - first)
+        timing = Timing(queued_s=started - t0, ttft_s=None if first is None else first - t0,
+                        tokens_per_s=rate, total_s=now - t0)
+        usage = Usage(len(generation.prompt_ids), n_tokens)
+        key = {"cancelled": "cancelled", "error": "failed"}.get(reason, "completed")
+        self._counts[key] += 1
+        generation._put(Finished(reason, usage, timing, error))
+
+
+class TransformersBackend:
+    """A causal LM loaded with Transformers on CPU, generating with the model's own defaults."""
+
+    def __init__(self, model_id: str, *, dtype: str = "bfloat16", threads: int = 0,
+                 context_tokens: int = 4096):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.name = model_id
+        self.tokenizer = AutoTokenizer.from_pretrained(model_id)
+        self.model = AutoModelForCausalLM.from_pretrained(model_id, dtype=getattr(torch, dtype))
+        self.model.eval()
+        config_ctx = getattr(self.model.config, "max_position_embeddings", None) or context_tokens
+        self.context_length = min(context_tokens, config_ctx)
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else eos)
+
+    def generate(self, prompt_ids: list[int], options: SamplingOptions,
+                 emit: Callable[[int], None], cancelled: threading.Event) -> None:
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers.generation.streamers import BaseStreamer
+
+        class Sink(BaseStreamer):
+            """Receives each new token from `generate` (the first call is the prompt, skipped)."""
+
+            def __init__(self) -> None:
+                self.prompt_seen = False
+
+            def put(self, value: torch.Tensor) -> None:
+                if not self.prompt_seen:
+                    self.prompt_seen = True
+                    return
+                for token_id in value.reshape(-1).tolist():
+                    emit(token_id)
+
+            def end(self) -> None:
+                pass
+
+        class Cancelled(StoppingCriteria):
+            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kw: Any) -> torch.Tensor:
+                return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool)
+
+        kwargs: dict[str, Any] = {"max_new_tokens": options.max_tokens}
+        if options.temperature == 0:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        elif options.temperature is not None:
+            kwargs.update(do_sample=True, temperature=options.temperature)
+        if options.top_p is not None and options.temperature != 0:
+            kwargs["top_p"] = options.top_p
+        if options.seed is not None:
+            torch.manual_seed(options.seed)
+        input_ids = torch.tensor([prompt_ids], dtype=torch.long)
+        with torch.inference_mode():
+            self.model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                streamer=Sink(),
+                stopping_criteria=StoppingCriteriaList([Cancelled()]),
+                **kwargs,
+            )
+
+
+def load_transformers(settings: Any) -> Callable[[], Backend]:
+    """A loader for `Engine` that builds a `TransformersBackend` from `Settings`."""
+    def load() -> Backend:
+        return TransformersBackend(settings.model_id, dtype=settings.dtype,
+                                   threads=settings.torch_threads,
+                                   context_tokens=settings.context_tokens)
+    return load
