@@ -68,11 +68,14 @@ def build_tiny_model(
     max_positions: int = 4096,
     seed: int = 0,
     eos_token_ids: list[int] | None = None,
+    endless: bool = False,
 ) -> Path:
     """Write a random Qwen2 chat model to ``path`` and return it.
 
     ``eos_token_ids`` replaces the end-of-turn ids in ``generation_config.json`` (tests use it to make
-    the model stop on a token it is known to produce).
+    the model stop on a token it is known to produce). ``endless`` adds the end-of-turn ids to the
+    config's ``suppress_tokens``, so the model always runs to ``max_tokens``: the tests that need a
+    long generation can count on one.
     """
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
@@ -104,6 +107,7 @@ def build_tiny_model(
         top_p=0.8,
         top_k=20,
         repetition_penalty=1.05,
+        suppress_tokens=[im_end, endoftext] if endless else None,
     )
     model.save_pretrained(path)
     return path

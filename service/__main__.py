@@ -1,0 +1,63 @@
+"""`python -m service`: serve the chat app with gunicorn, the one command every entry point runs.
+
+`invoke serve` and the container's CMD both run this, so the production server is defined once.
+One worker process holds the model (a second would load a second copy); its threads carry the
+connections, so health checks and streams are served while the engine works.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+from .config import Settings, SettingsError, settings_table
+
+
+def gunicorn_argv(settings: Settings) -> list[str]:
+    """The gunicorn command line for these settings."""
+    return [
+        "gunicorn",
+        "--bind", f"{settings.host}:{settings.port}",
+        "--workers", "1",
+        "--worker-class", "gthread",
+        "--threads", str(settings.web_threads),
+        # The worker's heartbeat runs on its main thread, so long generations don't trip this;
+        # it only catches a worker that hangs outright.
+        "--timeout", "120",
+        "--graceful-timeout", "10",
+        "--keep-alive", "5",
+        "--no-control-socket",
+        "--access-logfile", "-",
+        "--log-level", settings.log_level,
+        "service.app:create_app()",
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in ("-h", "--help"):
+        print("usage: python -m service [--print-command]\n\n"
+              "Serves the qwen-box chat service with gunicorn. Settings (environment variables):\n")
+        print(settings_table())
+        return 0
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    argv_ = gunicorn_argv(settings)
+    if args and args[0] == "--print-command":
+        print(" ".join(argv_))
+        return 0
+    beside = os.path.join(os.path.dirname(sys.executable), "gunicorn")
+    executable = beside if os.path.exists(beside) else shutil.which("gunicorn")
+    if executable is None:
+        print("error: gunicorn is not installed (pip install -e .)", file=sys.stderr)
+        return 2
+    os.execv(executable, argv_)
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""The HTTP contract through Flask's test client: happy paths, every kind of bad input, limits."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from service.app import create_app
+from service.engine import Engine
+
+
+def events(response) -> list[dict]:
+    """Parse a server-sent event stream body into its data payloads (comments skipped)."""
+    body = response.get_data(as_text=True)
+    return [json.loads(line[len("data: "):]) for line in body.splitlines() if line.startswith("data: ")]
+
+
+def wait_for(condition, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition never became true"
+        time.sleep(0.01)
+
+
+def test_health_ok(client, tiny_model_dir):
+    r = client.get("/api/health")
+    assert r.status_code == 200
+    assert r.json["status"] == "ok" and r.json["model"] == str(tiny_model_dir)
+    assert {"active", "waiting"} <= set(r.json["queue"])
+
+
+def test_health_loading_then_chat_refused_with_retry_after(settings, tiny_backend):
+    release = threading.Event()
+    engine = Engine(lambda: release.wait() and tiny_backend).start()
+    client = create_app(settings, engine=engine).test_client()
+    r = client.get("/api/health")
+    assert (r.status_code, r.json["status"]) == (503, "loading")
+    r = client.post("/api/chat", json={"message": "hi"})
+    assert r.status_code == 503 and r.headers["Retry-After"]
+    assert "loading" in r.json["error"]["message"]
+    release.set()
+
+
+def test_health_error_after_failed_load(settings):
+    def broken():
+        raise OSError("model folder not found")
+    engine = Engine(broken).start()
+    engine.wait_ready(5)
+    r = create_app(settings, engine=engine).test_client().get("/api/health")
+    assert r.status_code == 503
+    assert r.json["status"] == "error" and "model folder not found" in r.json["detail"]
+
+
+def test_chat_json_reply(client):
+    r = client.post("/api/chat", json={"messages": [{"role": "system", "content": "Be brief."},
+                                                    {"role": "user", "content": "Hi"}],
+                                       "max_tokens": 5, "seed": 1})
+    assert r.status_code == 200
+    body = r.json
+    assert body["message"]["role"] == "assistant" and isinstance(body["message"]["content"], str)
+    assert body["finish_reason"] in ("stop", "length")
+    assert body["usage"]["completion_tokens"] <= 5
+    usage = body["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert set(body["timing"]) == {"queued_s", "ttft_s", "tokens_per_s", "total_s"}
+    assert body["context"] == {"dropped_messages": 0}
+
+
+def test_message_shorthand_equals_one_user_turn(client):
+    a = client.post("/api/chat", json={"message": "Hi", "max_tokens": 8, "seed": 3}).json
+    b = client.post("/api/chat", json={"messages": [{"role": "user", "content": "Hi"}],
+                                       "max_tokens": 8, "seed": 3}).json
+    assert a["message"] == b["message"] and a["usage"] == b["usage"]
+
+
+def test_chat_stream_events(client):
+    r = client.post("/api/chat", json={"message": "Hi", "stream": True, "max_tokens": 6})
+    assert r.status_code == 200
+    assert r.mimetype == "text/event-stream"
+    assert r.headers["X-Accel-Buffering"] == "no" and r.headers["Cache-Control"] == "no-cache"
+    *deltas, done = events(r)
+    assert all(e["type"] == "delta" for e in deltas)
+    assert done["type"] == "done" and done["finish_reason"] in ("stop", "length")
+    assert done["usage"]["completion_tokens"] <= 6
+
+
+def test_stream_text_matches_non_stream_text(client):
+    body = {"message": "Hi", "max_tokens": 10, "temperature": 0}
+    text = client.post("/api/chat", json=body).json["message"]["content"]
+    streamed = client.post("/api/chat", json={**body, "stream": True})
+    assert "".join(e["text"] for e in events(streamed) if e["type"] == "delta") == text
+
+
+def test_long_conversation_drops_oldest_turns_and_says_so(client):
+    system = {"role": "system", "content": "SYSTEM-PROMPT"}
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i} " + "word " * 400}
+             for i in range(20)]
+    turns.append({"role": "user", "content": "the newest question"})
+    r = client.post("/api/chat", json={"messages": [system, *turns], "max_tokens": 50})
+    assert r.status_code == 200
+    dropped = r.json["context"]["dropped_messages"]
+    assert 0 < dropped < len(turns)
+    assert dropped % 2 == 0  # whole user/assistant exchanges go, so a user turn comes first
+    assert r.json["usage"]["prompt_tokens"] + 50 <= 4096
+
+
+def test_single_message_too_long_for_context_is_413_with_limits(client):
+    r = client.post("/api/chat", json={"message": "word " * 5000, "max_tokens": 100})
+    assert r.status_code == 413
+    msg = r.json["error"]["message"]
+    assert "4096" in msg and "100" in msg
+    assert r.json["error"]["type"] == "context_length_exceeded"
+
+
+BAD_JSON_BODIES = [
+    # (body, status, words the message must contain)
+    ({}, 422, "either 'messages'"),
+    ({"messages": []}, 422, "at least 1"),
+    ({"messages": "hi"}, 422, "messages"),
+    ({"message": ""}, 422, "blank"),
+    ({"message": "   "}, 422, "blank"),
+    ({"message": 42}, 422, "string"),
+    ({"message": None}, 422, "either"),
+    ({"message": "hi", "messages": [{"role": "user", "content": "x"}]}, 422, "either"),
+    ({"messages": [{"role": "user"}]}, 422, "content"),
+    ({"messages": [{"role": "user", "content": 5}]}, 422, "string"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, 422, "role"),
+    ({"messages": [{"role": "user", "content": "x", "name": "bob"}]}, 422, "name"),
+    ({"messages": [{"role": "assistant", "content": "x"}]}, 422, "last message"),
+    ({"message": "a\x00b"}, 422, "control"),
+    ({"message": "bell\x07"}, 422, "control"),
+    ({"message": "hi", "max_tokens": 0}, 422, "max_tokens"),
+    ({"message": "hi", "max_tokens": 10**6}, 422, "at most"),
+    ({"message": "hi", "max_tokens": "10"}, 422, "max_tokens"),
+    ({"message": "hi", "max_tokens": True}, 422, "max_tokens"),
+    ({"message": "hi", "max_tokens": 1.5}, 422, "max_tokens"),
+    ({"message": "hi", "temperature": -0.1}, 422, "temperature"),
+    ({"message": "hi", "temperature": 2.5}, 422, "temperature"),
+    ({"message": "hi", "top_p": 0}, 422, "top_p"),
+    ({"message": "hi", "top_p": 1.5}, 422, "top_p"),
+    ({"message": "hi", "seed": -1}, 422, "seed"),
+    ({"message": "hi", "stream": "yes"}, 422, "stream"),
+    ({"message": "hi", "temprature": 0.5}, 422, "temprature"),
+    ([{"role": "user", "content": "hi"}], 422, "JSON object"),
+    ("hi", 422, "JSON object"),
+    (None, 422, "JSON object"),
+]
+
+
+@pytest.mark.parametrize("body,status,words", BAD_JSON_BODIES)
+def test_bad_json_bodies(client, engine, body, status, words):
+    before = engine.stats()
+    r = client.post("/api/chat", data=json.dumps(body), content_type="application/json")
+    assert r.status_code == status
+    assert r.is_json and words.lower() in r.json["error"]["message"].lower()
+    assert r.json["error"]["type"]
+    after = engine.stats()
+    assert (after["completed"], after["cancelled"]) == (before["completed"], before["cancelled"])
+
+
+@pytest.mark.parametrize("data,content_type,status", [
+    ("{not json", "application/json", 400),
+    ('{"message": "hi"', "application/json", 400),
+    (b"\xff\xfe\x00garbage", "application/json", 400),
+    ("", "application/json", 400),
+    ('{"message": "hi"}', "text/plain", 415),
+    ('{"message": "hi"}', None, 415),
+    ("message=hi", "application/x-www-form-urlencoded", 415),
+    ("x" * 1_100_000, "application/json", 413),
+])
+def test_malformed_bodies(client, data, content_type, status):
+    r = client.post("/api/chat", data=data, content_type=content_type)
+    assert r.status_code == status
+    assert r.is_json and r.json["error"]["message"]
+
+
+@pytest.mark.parametrize("method,path,status", [
+    ("get", "/api/chat", 405),
+    ("put", "/api/chat", 405),
+    ("post", "/api/health", 405),
+    ("get", "/api/nothing-here", 404),
+    ("post", "/api/chat/extra", 404),
+    ("get", "/static/../pyproject.toml", 404),
+])
+def test_unknown_paths_and_methods(client, method, path, status):
+    r = getattr(client, method)(path)
+    assert r.status_code == status
+    assert r.is_json and r.json["error"]["message"]
+
+
+def test_queue_full_is_503_with_retry_after(settings, scripted):
+    engine = scripted("a b c d e f g h", delay=0.2, queue_size=1)
+    client = create_app(settings, engine=engine).test_client()
+    first = client.post("/api/chat", json={"message": "1", "stream": True})  # stream: returns at once
+    wait_for(lambda: engine.stats()["active"] == 1)  # on the model, so the queue is empty again
+    second = client.post("/api/chat", json={"message": "2", "stream": True})
+    third = client.post("/api/chat", json={"message": "3"})
+    assert (first.status_code, second.status_code) == (200, 200)
+    assert third.status_code == 503
+    assert int(third.headers["Retry-After"]) >= 1
+    assert third.json["error"]["type"] == "server_busy"
+    first.close()
+    second.close()
+
+
+def test_a_failed_generation_is_a_500_json_error_and_service_goes_on(settings, tiny_backend):
+    from tests.conftest import ready_engine
+    from tests.scripted import ScriptedBackend
+
+    class Once(ScriptedBackend):
+        failed = False
+
+        def generate(self, *args):
+            if not Once.failed:
+                Once.failed = True
+                raise RuntimeError("boom")
+            super().generate(*args)
+
+    client = create_app(settings, engine=ready_engine(Once(tiny_backend.tokenizer, "ok"))).test_client()
+    r = client.post("/api/chat", json={"message": "hi"})
+    assert r.status_code == 500 and "boom" in r.json["error"]["message"]
+    r = client.post("/api/chat", json={"message": "hi"})
+    assert r.status_code == 200 and r.json["message"]["content"] == "ok"
+
+
+def test_page_and_security_headers(client):
+    r = client.get("/")
+    assert r.status_code == 200 and r.mimetype == "text/html"
+    csp = r.headers["Content-Security-Policy"]
+    assert "script-src 'self'" in csp and "unsafe-inline" not in csp
+    assert r.headers["X-Content-Type-Options"] == "nosniff"
+    api = client.post("/api/chat", data="{", content_type="application/json")
+    assert api.headers["X-Content-Type-Options"] == "nosniff"
