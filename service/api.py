@@ -13,9 +13,9 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.exceptions import BadRequest
 
-from .chat import ChatRequest, RequestError, build_prompt, parse_chat_request
+from .chat import RequestError, parse_chat_request, start
 from .config import Settings
-from .engine import Engine, EngineUnavailable, Finished, Generation, QueueFull
+from .engine import Engine, Finished, Generation
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
@@ -52,23 +52,6 @@ def _json_body() -> Any:
         raise RequestError(400, "the body is not valid JSON") from None
 
 
-def _submit(chat: ChatRequest) -> tuple[Generation, str, int]:
-    engine = _engine()
-    try:
-        backend = engine.backend
-        prompt = build_prompt(backend.tokenizer, chat.messages,
-                              context_length=backend.context_length,
-                              max_tokens=chat.options.max_tokens)
-        return engine.submit(prompt.ids, chat.options), backend.name, prompt.dropped_messages
-    except EngineUnavailable as exc:
-        status = "failed to load" if engine.state == "error" else "is still loading"
-        raise RequestError(503, f"the model {status}: {exc}", kind="model_unavailable",
-                           headers={"Retry-After": "10"}) from None
-    except QueueFull as exc:
-        raise RequestError(503, f"{exc}; retry in {exc.retry_after} s", kind="server_busy",
-                           headers={"Retry-After": str(exc.retry_after)}) from None
-
-
 def _summary(finished: Finished, model: str, dropped: int) -> dict[str, Any]:
     return {
         "model": model,
@@ -84,7 +67,8 @@ def chat() -> Response | tuple[Response, int]:
     settings = _settings()
     parsed = parse_chat_request(_json_body(), default_max_tokens=settings.default_max_tokens,
                                 max_tokens_limit=settings.max_tokens_limit)
-    generation, model, dropped = _submit(parsed)
+    started = start(_engine(), parsed)
+    generation, model, dropped = started.generation, started.model, started.dropped_messages
     if parsed.stream:
         return Response(_event_stream(generation, model, dropped), mimetype="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

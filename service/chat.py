@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .engine import SamplingOptions
+from .engine import Engine, EngineUnavailable, Generation, QueueFull, SamplingOptions
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
@@ -23,12 +23,13 @@ class RequestError(Exception):
     """A request the service refuses: `status` and `kind` become the JSON error a client sees."""
 
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
-                 headers: dict[str, str] | None = None):
+                 headers: dict[str, str] | None = None, param: str | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.kind = kind
         self.headers = headers or {}
+        self.param = param
 
 
 def _printable(value: str) -> str:
@@ -61,6 +62,8 @@ class ChatBody(BaseModel):
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
+    stop: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]],
+                                                          Field(max_length=4)] | None = None
 
     @model_validator(mode="after")
     def _one_conversation(self) -> ChatBody:
@@ -96,13 +99,25 @@ def parse_chat_request(data: Any, *, default_max_tokens: int, max_tokens_limit: 
         body = ChatBody.model_validate(data)
     except ValidationError as exc:
         raise RequestError(422, _describe(exc)) from None
-    max_tokens = default_max_tokens if body.max_tokens is None else body.max_tokens
+    return make_request(body.messages or [], stream=body.stream, max_tokens=body.max_tokens,
+                        temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                        stop=body.stop, default_max_tokens=default_max_tokens,
+                        max_tokens_limit=max_tokens_limit)
+
+
+def make_request(messages: list[Message], *, stream: bool, max_tokens: int | None,
+                 temperature: float | None, top_p: float | None, seed: int | None,
+                 stop: str | list[str] | None, default_max_tokens: int,
+                 max_tokens_limit: int, max_tokens_name: str = "max_tokens") -> ChatRequest:
+    """The checks both API formats share, ending in the one `ChatRequest` the engine path takes."""
+    max_tokens = default_max_tokens if max_tokens is None else max_tokens
     if max_tokens > max_tokens_limit:
-        raise RequestError(422, f"max_tokens: must be at most {max_tokens_limit}")
-    options = SamplingOptions(max_tokens=max_tokens, temperature=body.temperature,
-                              top_p=body.top_p, seed=body.seed)
-    messages = [m.model_dump() for m in body.messages or []]
-    return ChatRequest(messages=messages, options=options, stream=body.stream)
+        raise RequestError(422, f"{max_tokens_name}: must be at most {max_tokens_limit}",
+                           param=max_tokens_name)
+    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    options = SamplingOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                              seed=seed, stop=stops)
+    return ChatRequest(messages=[m.model_dump() for m in messages], options=options, stream=stream)
 
 
 @dataclass(frozen=True)
@@ -141,3 +156,28 @@ def build_prompt(tokenizer: Any, messages: list[dict[str, str]], *, context_leng
         while turns[0]["role"] != "user":
             turns = turns[1:]
             dropped += 1
+
+
+@dataclass(frozen=True)
+class Started:
+    """A generation under way, with what the response needs to say about it."""
+
+    generation: Generation
+    model: str
+    dropped_messages: int
+
+
+def start(engine: Engine, chat: ChatRequest) -> Started:
+    """Build the prompt and queue it: the one generation path behind every API format."""
+    try:
+        backend = engine.backend
+        prompt = build_prompt(backend.tokenizer, chat.messages, context_length=backend.context_length,
+                              max_tokens=chat.options.max_tokens)
+        return Started(engine.submit(prompt.ids, chat.options), backend.name, prompt.dropped_messages)
+    except EngineUnavailable as exc:
+        status = "failed to load" if engine.state == "error" else "is still loading"
+        raise RequestError(503, f"the model {status}: {exc}", kind="model_unavailable",
+                           headers={"Retry-After": "10"}) from None
+    except QueueFull as exc:
+        raise RequestError(503, f"{exc}; retry in {exc.retry_after} s", kind="server_busy",
+                           headers={"Retry-After": str(exc.retry_after)}) from None

@@ -30,6 +30,7 @@ class SamplingOptions:
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
+    stop: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,51 @@ class Backend(Protocol):
     eos_token_ids: frozenset[int]
 
     def generate(self, prompt_ids: list[int], options: SamplingOptions,
-                 emit: Callable[[int], None], cancelled: threading.Event) -> None:
-        """Call `emit(token_id)` for each new token until EOS, `options.max_tokens`, or `cancelled`."""
+                 emit: Callable[[int], None], halt: threading.Event) -> None:
+        """Call `emit(token_id)` for each new token until EOS, `options.max_tokens`, or `halt`."""
+
+
+class StopScanner:
+    """Cuts the text at the first stop sequence, holding back what might be the start of one.
+
+    Text is released only once no stop sequence can begin in it, so a client never sees part of a
+    stop sequence that is then withdrawn.
+    """
+
+    def __init__(self, stops: tuple[str, ...]):
+        self._stops = [s for s in stops if s]
+        self._text = ""
+        self._released = 0
+        self.hit = False
+
+    def push(self, delta: str) -> str:
+        if not self._stops:
+            return delta
+        self._text += delta
+        longest = max(len(s) for s in self._stops)
+        start = max(0, self._released - longest + 1)
+        found = [i for i in (self._text.find(s, start) for s in self._stops) if i >= 0]
+        if found:
+            self.hit = True
+            end = min(found)
+        else:
+            end = len(self._text)
+            for s in self._stops:
+                for k in range(min(len(s) - 1, len(self._text)), 0, -1):
+                    if self._text.endswith(s[:k]):
+                        end = min(end, len(self._text) - k)
+                        break
+        out = self._text[self._released:max(end, self._released)]
+        self._released = max(end, self._released)
+        return out
+
+    def flush(self) -> str:
+        """At the end, a held-back tail that never became a stop sequence is released."""
+        if self.hit or not self._stops:
+            return ""
+        out = self._text[self._released:]
+        self._released = len(self._text)
+        return out
 
 
 class IncrementalDetokenizer:
@@ -138,12 +182,14 @@ class Generation:
     prompt_ids: list[int]
     options: SamplingOptions
     submitted_at: float = field(default_factory=time.perf_counter)
-    cancelled: threading.Event = field(default_factory=threading.Event)
+    halt: threading.Event = field(default_factory=threading.Event)
+    cancelled: bool = False
     _events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
 
     def cancel(self) -> None:
         """Stop this generation after the current token (or skip it if still waiting)."""
-        self.cancelled.set()
+        self.cancelled = True
+        self.halt.set()
 
     def events(self, heartbeat: float | None = None) -> Iterator[str | Finished | None]:
         """Yield text deltas (`str`), then one `Finished`. With `heartbeat`, yield `None` whenever that
@@ -219,7 +265,7 @@ class Engine:
         log.info("model %s ready in %.1f s", backend.name, self._load_seconds)
         while True:
             generation = self._queue.get()
-            if generation.cancelled.is_set():
+            if generation.cancelled:
                 self._finish(generation, "cancelled", 0, time.perf_counter(), None, None)
                 continue
             with self._lock:
@@ -283,6 +329,7 @@ class Engine:
 
     def _generate(self, backend: Backend, generation: Generation) -> None:
         detok = IncrementalDetokenizer(backend.tokenizer)
+        stops = StopScanner(generation.options.stop)
         started = time.perf_counter()
         first: float | None = None
         last: float | None = None
@@ -294,23 +341,27 @@ class Engine:
             if first is None:
                 first = last
             tokens.append(token_id)
-            text = detok.push(token_id)
+            if stops.hit:
+                return
+            text = stops.push(detok.push(token_id))
             if text:
                 generation._put(text)
+            if stops.hit:
+                generation.halt.set()
 
         try:
-            backend.generate(generation.prompt_ids, generation.options, emit, generation.cancelled)
+            backend.generate(generation.prompt_ids, generation.options, emit, generation.halt)
         except Exception as exc:  # noqa: BLE001 - reported to the one request, the engine goes on
             log.exception("generation failed")
             self._finish(generation, "error", len(tokens), started, first, last,
                          error=f"{type(exc).__name__}: {exc}")
             return
-        tail = detok.flush()
+        tail = stops.push(detok.flush()) + stops.flush()
         if tail:
             generation._put(tail)
-        if generation.cancelled.is_set():
+        if generation.cancelled:
             reason = "cancelled"
-        elif tokens and tokens[-1] in backend.eos_token_ids:
+        elif stops.hit or (tokens and tokens[-1] in backend.eos_token_ids):
             reason = "stop"
         elif len(tokens) >= generation.options.max_tokens:
             reason = "length"
@@ -355,7 +406,7 @@ class TransformersBackend:
         self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else eos)
 
     def generate(self, prompt_ids: list[int], options: SamplingOptions,
-                 emit: Callable[[int], None], cancelled: threading.Event) -> None:
+                 emit: Callable[[int], None], halt: threading.Event) -> None:
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
         from transformers.generation.streamers import BaseStreamer
@@ -376,9 +427,9 @@ class TransformersBackend:
             def end(self) -> None:
                 pass
 
-        class Cancelled(StoppingCriteria):
+        class Halted(StoppingCriteria):
             def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kw: Any) -> torch.Tensor:
-                return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool)
+                return torch.full((input_ids.shape[0],), halt.is_set(), dtype=torch.bool)
 
         kwargs: dict[str, Any] = {"max_new_tokens": options.max_tokens}
         if options.temperature == 0:
@@ -395,7 +446,7 @@ class TransformersBackend:
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
                 streamer=Sink(),
-                stopping_criteria=StoppingCriteriaList([Cancelled()]),
+                stopping_criteria=StoppingCriteriaList([Halted()]),
                 **kwargs,
             )
 

@@ -26,10 +26,10 @@ class ScriptedBackend:
         self.delay = delay
 
     def generate(self, prompt_ids: list[int], options: SamplingOptions,
-                 emit: Callable[[int], None], cancelled: threading.Event) -> None:
+                 emit: Callable[[int], None], halt: threading.Event) -> None:
         ids = self.tokenizer.encode(self.script, add_special_tokens=False) + sorted(self.eos_token_ids)
         for token_id in ids[:options.max_tokens]:
-            if cancelled.is_set():
+            if halt.is_set():
                 return
             if self.delay:
                 time.sleep(self.delay)

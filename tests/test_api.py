@@ -94,6 +94,13 @@ def test_stream_text_matches_non_stream_text(client):
     assert "".join(e["text"] for e in events(streamed) if e["type"] == "delta") == text
 
 
+def test_stop_sequence_cuts_the_reply(settings, scripted):
+    client = create_app(settings, engine=scripted("Answer: 42. END of answer")).test_client()
+    r = client.post("/api/chat", json={"message": "q", "stop": ["END", "never"]})
+    assert r.json["message"]["content"] == "Answer: 42. "
+    assert r.json["finish_reason"] == "stop"
+
+
 def test_long_conversation_drops_oldest_turns_and_says_so(client):
     system = {"role": "system", "content": "SYSTEM-PROMPT"}
     turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i} " + "word " * 400}
@@ -144,6 +151,9 @@ BAD_JSON_BODIES = [
     ({"message": "hi", "seed": -1}, 422, "seed"),
     ({"message": "hi", "stream": "yes"}, 422, "stream"),
     ({"message": "hi", "temprature": 0.5}, 422, "temprature"),
+    ({"message": "hi", "stop": ""}, 422, "stop"),
+    ({"message": "hi", "stop": ["a", "b", "c", "d", "e"]}, 422, "stop"),
+    ({"message": "hi", "stop": 3}, 422, "stop"),
     ([{"role": "user", "content": "hi"}], 422, "JSON object"),
     ("hi", 422, "JSON object"),
     (None, 422, "JSON object"),

@@ -13,6 +13,7 @@ from service.engine import (
     IncrementalDetokenizer,
     QueueFull,
     SamplingOptions,
+    StopScanner,
     TransformersBackend,
 )
 from tests.conftest import ready_engine
@@ -174,3 +175,35 @@ def test_scripted_backend_goes_through_the_same_path(scripted, tiny_backend):
     text, finished = engine.submit([1], SamplingOptions(max_tokens=100)).result()
     assert text == "<img src=x onerror=alert(1)>"
     assert finished.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("pieces,stops,expected,hit", [
+    (["Hello", " wor", "ld"], ("world",), "Hello ", True),
+    (["a", "b", "c"], ("x",), "abc", False),
+    (["ab", "c", "d"], ("cd", "bc"), "a", True),
+    (["The en", "d is near"], ("END",), "The end is near", False),
+    (["wait<", "|stop"], ("<|stop|>",), "wait<|stop", False),   # a near miss is released at the end
+    (["x", ""], (), "x", False),
+])
+def test_stop_scanner(pieces, stops, expected, hit):
+    scanner = StopScanner(stops)
+    released = [scanner.push(p) for p in pieces]
+    released.append(scanner.flush())
+    assert "".join(released) == expected
+    assert scanner.hit is hit
+
+
+def test_stop_scanner_never_releases_part_of_a_stop_sequence():
+    scanner = StopScanner(("STOP",))
+    assert scanner.push("go ST") == "go "
+    assert scanner.push("O") == ""
+    assert scanner.push("P and more") == ""
+    assert scanner.hit
+
+
+def test_stop_sequence_ends_generation_with_stop(scripted, tiny_backend):
+    engine = scripted("First line.\nSecond line.\nThird line.")
+    text, finished = engine.submit([1], SamplingOptions(max_tokens=100, stop=("\nSecond",))).result()
+    assert text == "First line."
+    assert finished.finish_reason == "stop"
+    assert finished.usage.completion_tokens < len(tiny_backend.tokenizer.encode("First line.\nSecond line."))
