@@ -42,7 +42,8 @@ def health() -> tuple[Response, int]:
     return jsonify(status="loading", model=_settings().model_id), 503
 
 
-def _json_body() -> Any:
+def json_body() -> Any:
+    """The request's JSON, or the 415/400 error a client should see instead."""
     if request.mimetype != "application/json":
         raise RequestError(415, "send the body as JSON with 'Content-Type: application/json'",
                            kind="unsupported_media_type")
@@ -65,7 +66,7 @@ def _summary(finished: Finished, model: str, dropped: int) -> dict[str, Any]:
 @bp.post("/chat")
 def chat() -> Response | tuple[Response, int]:
     settings = _settings()
-    parsed = parse_chat_request(_json_body(), default_max_tokens=settings.default_max_tokens,
+    parsed = parse_chat_request(json_body(), default_max_tokens=settings.default_max_tokens,
                                 max_tokens_limit=settings.max_tokens_limit)
     started = start(_engine(), parsed)
     generation, model, dropped = started.generation, started.model, started.dropped_messages

@@ -12,7 +12,7 @@ from pathlib import Path
 from flask import Flask, Response, jsonify, send_from_directory
 from werkzeug.exceptions import HTTPException
 
-from . import api
+from . import api, openai_api
 from .chat import RequestError
 from .config import Settings
 from .engine import Engine, load_transformers
@@ -47,6 +47,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.extensions["settings"] = settings
     app.extensions["engine"] = engine
     app.register_blueprint(api.bp)
+    app.register_blueprint(openai_api.bp)
 
     @app.get("/")
     def index() -> Response:
@@ -54,7 +55,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     @app.errorhandler(RequestError)
     def request_error(exc: RequestError) -> tuple[Response, int, dict[str, str]]:
-        return _error(exc.status, exc.message, exc.kind), exc.status, exc.headers
+        return _error(exc.message, exc.kind, exc.param, exc.code), exc.status, exc.headers
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> tuple[Response, int]:
@@ -62,12 +63,12 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         message = exc.description or exc.name
         if status == 413:
             message = f"the request body is larger than {settings.max_body_bytes} bytes"
-        return _error(status, message, exc.name.lower().replace(" ", "_")), status
+        return _error(message, exc.name.lower().replace(" ", "_")), status
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> tuple[Response, int]:
         log.exception("unhandled error")
-        return _error(500, "internal server error", "server_error"), 500
+        return _error("internal server error", "server_error"), 500
 
     @app.after_request
     def security_headers(response: Response) -> Response:
@@ -78,5 +79,6 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     return app
 
 
-def _error(status: int, message: str, kind: str) -> Response:
-    return jsonify(error={"message": message, "type": kind, "code": status})
+def _error(message: str, kind: str, param: str | None = None, code: str | None = None) -> Response:
+    """Every error, on every path, in OpenAI's shape, so one client-side handler reads them all."""
+    return jsonify(error={"message": message, "type": kind, "param": param, "code": code})

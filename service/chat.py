@@ -23,13 +23,15 @@ class RequestError(Exception):
     """A request the service refuses: `status` and `kind` become the JSON error a client sees."""
 
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
-                 headers: dict[str, str] | None = None, param: str | None = None):
+                 headers: dict[str, str] | None = None, param: str | None = None,
+                 code: str | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.kind = kind
         self.headers = headers or {}
         self.param = param
+        self.code = code
 
 
 def _printable(value: str) -> str:
