@@ -13,6 +13,7 @@ from flask import Flask, Response, jsonify, send_from_directory
 from werkzeug.exceptions import HTTPException
 
 from . import api, openai_api
+from .access import protect
 from .chat import RequestError
 from .config import Settings
 from .engine import Engine, load_transformers
@@ -48,6 +49,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.extensions["engine"] = engine
     app.register_blueprint(api.bp)
     app.register_blueprint(openai_api.bp)
+    protect(app, settings)
 
     @app.get("/")
     def index() -> Response:
@@ -63,6 +65,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         message = exc.description or exc.name
         if status == 413:
             message = f"the request body is larger than {settings.max_body_bytes} bytes"
+        elif status == 429:
+            message = f"rate limit exceeded ({exc.description} per client); retry later"
         return _error(message, exc.name.lower().replace(" ", "_")), status
 
     @app.errorhandler(Exception)

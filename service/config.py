@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from limits import parse_many
+
 DEFAULT_MODEL_ID = "Qwen/Qwen2.5-1.5B-Instruct"
 DTYPES = ("bfloat16", "float32")
 
@@ -20,8 +22,8 @@ class SettingsError(ValueError):
     """An environment variable holds a value the service cannot use."""
 
 
-def _setting(default: Any, doc: str) -> Any:
-    return field(default=default, metadata={"doc": doc})
+def _setting(default: Any, doc: str, *, secret: bool = False) -> Any:
+    return field(default=default, repr=not secret, metadata={"doc": doc})
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,10 @@ class Settings:
     max_tokens_limit: int = _setting(2048, "largest max_tokens a request may ask for")
     max_body_bytes: int = _setting(1_000_000, "largest request body accepted (413 beyond)")
     log_level: str = _setting("info", "gunicorn and service log level")
+    access_token: str = _setting("", "when set, /api/* (but health) and /v1/* need `Authorization: Bearer "
+                                     "TOKEN`; empty = open (fine on 127.0.0.1 only)", secret=True)
+    rate_limit: str = _setting("30/minute", "chat requests per client address (Flask-Limiter syntax)")
+    proxy_hops: int = _setting(0, "reverse proxies in front whose X-Forwarded-For to trust (1 behind Caddy)")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -71,6 +77,14 @@ class Settings:
                      "max_tokens_limit", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name.upper()} must be at least 1")
+        try:
+            parse_many(self.rate_limit)
+        except ValueError:
+            raise SettingsError(f"RATE_LIMIT is not a rate like '30/minute': {self.rate_limit!r}") from None
+        if self.proxy_hops < 0:
+            raise SettingsError("PROXY_HOPS must be 0 or more")
+        if self.access_token and len(self.access_token) < 16:
+            raise SettingsError("ACCESS_TOKEN must be at least 16 characters")
         if self.torch_threads < 0:
             raise SettingsError("TORCH_THREADS must be 0 (all cores) or more")
         if self.default_max_tokens > self.max_tokens_limit:

@@ -83,7 +83,7 @@ class LiveServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         full_env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port),
-                    "LOG_LEVEL": "warning", **env}
+                    "LOG_LEVEL": "warning", "RATE_LIMIT": "1000/minute", **env}
         self._log = open(log_path, "wb")
         self.process = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=full_env,
                                         stdout=self._log, stderr=subprocess.STDOUT)
