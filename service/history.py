@@ -1,0 +1,226 @@
+"""Conversation history in an embedded SQLite database, each conversation owned by one client.
+
+Why SQLite: one file on the data volume, no server to run, transactions that survive a killed
+process (WAL journal). The schema is versioned with `PRAGMA user_version` and migrated at start.
+Every read and write takes the owner, so one client can never reach another's conversations:
+a conversation that is not yours is simply not found.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Each entry moves the schema from version i to i + 1. Never edit one that has shipped: add another.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE conversations (
+        id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        title TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX conversations_by_owner ON conversations (owner, updated_at DESC, id);
+    CREATE TABLE messages (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+        role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
+        content TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX messages_by_conversation ON messages (conversation_id, id);
+    """,
+    """
+    ALTER TABLE messages ADD COLUMN status TEXT NOT NULL DEFAULT 'complete';
+    ALTER TABLE messages ADD COLUMN meta TEXT;
+    ALTER TABLE conversations ADD COLUMN model TEXT;
+    """,
+]
+
+TITLE_MAX = 200
+
+
+class NotFound(LookupError):
+    """No such conversation for this owner (whether it exists for someone else is not said)."""
+
+
+@dataclass
+class StoredMessage:
+    role: str
+    content: str
+    status: str = "complete"  # complete | stop | length | cancelled | error
+    created_at: float = 0.0
+    meta: dict[str, Any] | None = None
+
+
+@dataclass
+class Conversation:
+    id: str
+    title: str
+    created_at: float
+    updated_at: float
+    model: str | None = None
+    message_count: int = 0
+    messages: list[StoredMessage] = field(default_factory=list)
+
+    def to_dict(self, with_messages: bool = False) -> dict[str, Any]:
+        d = asdict(self)
+        if not with_messages:
+            d.pop("messages")
+        return d
+
+
+def new_owner_id() -> str:
+    """A random, unguessable owner id for a browser cookie."""
+    return secrets.token_urlsafe(24)
+
+
+class History:
+    """The store. One connection shared by the server's threads, serialised by a lock."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.Lock()
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self.migrate()
+
+    @property
+    def version(self) -> int:
+        return self._db.execute("PRAGMA user_version").fetchone()[0]
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest version, each step in its own transaction."""
+        with self._lock:
+            for target in range(self.version + 1, len(MIGRATIONS) + 1):
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    for statement in MIGRATIONS[target - 1].split(";"):
+                        if statement.strip():
+                            self._db.execute(statement)
+                    self._db.execute(f"PRAGMA user_version = {target}")
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # --- conversations -----------------------------------------------------------------------------
+    def create(self, owner: str, title: str = "New chat", model: str | None = None) -> Conversation:
+        now = time.time()
+        conv = Conversation(secrets.token_hex(12), _title(title), now, now, model)
+        with self._tx() as db:
+            db.execute("INSERT INTO conversations (id, owner, title, created_at, updated_at, model) "
+                       "VALUES (?, ?, ?, ?, ?, ?)",
+                       (conv.id, owner, conv.title, now, now, model))
+        return conv
+
+    def list(self, owner: str, *, limit: int = 20, before: str | None = None,
+             query: str | None = None) -> tuple[list[Conversation], str | None]:
+        """Newest first. `before` is the cursor the previous page returned; `query` filters titles."""
+        sql = ("SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id) AS n "
+               "FROM conversations c WHERE owner = ?")
+        args: list[Any] = [owner]
+        if before:
+            updated, _, conv_id = before.partition("_")
+            try:
+                args += [float(updated), float(updated), conv_id]
+            except ValueError:
+                raise ValueError("invalid cursor") from None
+            sql += " AND (updated_at < ? OR (updated_at = ? AND id < ?))"
+        if query:
+            sql += " AND title LIKE ? ESCAPE '\\'"
+            args.append("%" + query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
+        sql += " ORDER BY updated_at DESC, id DESC LIMIT ?"
+        args.append(limit + 1)
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        page = [_conversation(r, r["n"]) for r in rows[:limit]]
+        cursor = f"{page[-1].updated_at!r}_{page[-1].id}" if len(rows) > limit else None
+        return page, cursor
+
+    def get(self, owner: str, conversation_id: str) -> Conversation:
+        with self._lock:
+            row = self._find(self._db, owner, conversation_id)
+            if row is None:
+                raise NotFound(conversation_id)
+            messages = self._db.execute(
+                "SELECT role, content, status, created_at, meta FROM messages "
+                "WHERE conversation_id = ? ORDER BY id", (conversation_id,)).fetchall()
+        conv = _conversation(row, len(messages))
+        conv.messages = [StoredMessage(m["role"], m["content"], m["status"], m["created_at"],
+                                       json.loads(m["meta"]) if m["meta"] else None) for m in messages]
+        return conv
+
+    def rename(self, owner: str, conversation_id: str, title: str) -> Conversation:
+        with self._tx() as db:
+            cur = db.execute("UPDATE conversations SET title = ? WHERE id = ? AND owner = ?",
+                             (_title(title), conversation_id, owner))
+            if cur.rowcount == 0:
+                raise NotFound(conversation_id)
+        return self.get(owner, conversation_id)
+
+    def delete(self, owner: str, conversation_id: str) -> None:
+        with self._tx() as db:
+            cur = db.execute("DELETE FROM conversations WHERE id = ? AND owner = ?",
+                             (conversation_id, owner))
+            if cur.rowcount == 0:
+                raise NotFound(conversation_id)
+
+    def append(self, owner: str, conversation_id: str, message: StoredMessage) -> None:
+        """Add one whole message (a reply is appended once, when it has ended, never in parts)."""
+        now = time.time()
+        with self._tx() as db:
+            if self._find(db, owner, conversation_id) is None:
+                raise NotFound(conversation_id)
+            db.execute("INSERT INTO messages (conversation_id, role, content, status, created_at, meta) "
+                       "VALUES (?, ?, ?, ?, ?, ?)",
+                       (conversation_id, message.role, message.content, message.status, now,
+                        json.dumps(message.meta) if message.meta else None))
+            db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id))
+
+    @staticmethod
+    def _find(db: sqlite3.Connection, owner: str, conversation_id: str) -> sqlite3.Row | None:
+        return db.execute("SELECT * FROM conversations WHERE id = ? AND owner = ?",
+                          (conversation_id, owner)).fetchone()
+
+
+def _title(title: str) -> str:
+    title = " ".join(title.split())
+    if not title:
+        raise ValueError("title must not be blank")
+    if len(title) > TITLE_MAX:
+        raise ValueError(f"title must be at most {TITLE_MAX} characters")
+    return title
+
+
+def _conversation(row: sqlite3.Row, count: int) -> Conversation:
+    return Conversation(row["id"], row["title"], row["created_at"], row["updated_at"], row["model"], count)
