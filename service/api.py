@@ -10,12 +10,13 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, request
-from werkzeug.exceptions import BadRequest
+from flask import Blueprint, Response, current_app, jsonify
 
 from .chat import RequestError, parse_chat_request, start
 from .config import Settings
 from .engine import Engine, Finished, Generation
+from .history_api import Transcript, with_history
+from .http import json_body
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
@@ -36,21 +37,11 @@ def health() -> tuple[Response, int]:
     engine = _engine()
     if engine.state == "ok":
         return jsonify(status="ok", model=engine.backend.name,
-                       context_length=engine.backend.context_length, queue=engine.stats()), 200
+                       context_length=engine.backend.context_length,
+                       history="history" in current_app.extensions, queue=engine.stats()), 200
     if engine.state == "error":
         return jsonify(status="error", model=_settings().model_id, detail=engine.error), 503
     return jsonify(status="loading", model=_settings().model_id), 503
-
-
-def json_body() -> Any:
-    """The request's JSON, or the 415/400 error a client should see instead."""
-    if request.mimetype != "application/json":
-        raise RequestError(415, "send the body as JSON with 'Content-Type: application/json'",
-                           kind="unsupported_media_type")
-    try:
-        return request.get_json()
-    except BadRequest:
-        raise RequestError(400, "the body is not valid JSON") from None
 
 
 def _summary(finished: Finished, model: str, dropped: int) -> dict[str, Any]:
@@ -68,15 +59,21 @@ def chat() -> Response | tuple[Response, int]:
     settings = _settings()
     parsed = parse_chat_request(json_body(), default_max_tokens=settings.default_max_tokens,
                                 max_tokens_limit=settings.max_tokens_limit)
+    parsed, transcript = with_history(parsed)
     started = start(_engine(), parsed)
     generation, model, dropped = started.generation, started.model, started.dropped_messages
+    if transcript:
+        transcript.accepted()
     if parsed.stream:
-        return Response(_event_stream(generation, model, dropped), mimetype="text/event-stream",
+        return Response(_event_stream(generation, model, dropped, transcript),
+                        mimetype="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
         text, finished = generation.result()
     finally:
         generation.cancel()
+    if transcript:
+        transcript.reply(text, finished, model)
     if finished.error:
         raise RequestError(500, f"generation failed: {finished.error}", kind="server_error")
     body = {"message": {"role": "assistant", "content": text}, **_summary(finished, model, dropped)}
@@ -87,17 +84,24 @@ def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def _event_stream(generation: Generation, model: str, dropped: int) -> Iterator[str]:
+def _event_stream(generation: Generation, model: str, dropped: int,
+                  transcript: Transcript | None) -> Iterator[str]:
     """One `delta` event per piece of text, then `done`. Closing the connection cancels the
     generation: the server notices on its next write, and `finally` runs when it closes us."""
+    parts: list[str] = []
+    finished: Finished | None = None
     try:
         yield ": stream open\n\n"
         for event in generation.events(heartbeat=HEARTBEAT_SECONDS):
             if event is None:
                 yield ": keep-alive\n\n"
             elif isinstance(event, str):
+                parts.append(event)
                 yield _sse({"type": "delta", "text": event})
             else:
+                finished = event
+                if transcript:  # stored before `done` goes out, so a reload right after finds it
+                    transcript.reply("".join(parts), finished, model)
                 if event.error:
                     yield _sse({"type": "error",
                                 "error": {"message": f"generation failed: {event.error}",
@@ -105,3 +109,5 @@ def _event_stream(generation: Generation, model: str, dropped: int) -> Iterator[
                 yield _sse({"type": "done", **_summary(event, model, dropped)})
     finally:
         generation.cancel()
+        if transcript:
+            transcript.reply("".join(parts), finished, model)

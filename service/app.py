@@ -12,11 +12,12 @@ from pathlib import Path
 from flask import Flask, Response, jsonify, send_from_directory
 from werkzeug.exceptions import HTTPException
 
-from . import api, openai_api
+from . import api, history_api, openai_api
 from .access import protect
 from .chat import RequestError
 from .config import Settings
 from .engine import Engine, load_transformers
+from .history import History
 
 STATIC = Path(__file__).parent / "static"
 
@@ -49,10 +50,15 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.extensions["engine"] = engine
     app.register_blueprint(api.bp)
     app.register_blueprint(openai_api.bp)
+    app.register_blueprint(history_api.bp)
+    history_api.install_owner_cookie(app)
+    if settings.history:
+        app.extensions["history"] = History(Path(settings.data_dir) / "history.db")
     protect(app, settings)
 
     @app.get("/")
     def index() -> Response:
+        history_api.current_owner()  # a first visit gets its owner cookie with the page
         return send_from_directory(STATIC, "index.html", max_age=0)
 
     @app.errorhandler(RequestError)

@@ -9,7 +9,7 @@ oldest turns (the system prompt and the newest user turn always stay).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -66,6 +66,7 @@ class ChatBody(BaseModel):
     seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
     stop: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]],
                                                           Field(max_length=4)] | None = None
+    conversation_id: Annotated[str, Field(min_length=1, max_length=64)] | None = None
 
     @model_validator(mode="after")
     def _one_conversation(self) -> ChatBody:
@@ -83,6 +84,7 @@ class ChatRequest:
     messages: list[dict[str, str]]
     options: SamplingOptions
     stream: bool
+    conversation_id: str | None = None
 
 
 def _describe(error: ValidationError) -> str:
@@ -101,10 +103,11 @@ def parse_chat_request(data: Any, *, default_max_tokens: int, max_tokens_limit: 
         body = ChatBody.model_validate(data)
     except ValidationError as exc:
         raise RequestError(422, _describe(exc)) from None
-    return make_request(body.messages or [], stream=body.stream, max_tokens=body.max_tokens,
+    chat = make_request(body.messages or [], stream=body.stream, max_tokens=body.max_tokens,
                         temperature=body.temperature, top_p=body.top_p, seed=body.seed,
                         stop=body.stop, default_max_tokens=default_max_tokens,
                         max_tokens_limit=max_tokens_limit)
+    return replace(chat, conversation_id=body.conversation_id)
 
 
 def make_request(messages: list[Message], *, stream: bool, max_tokens: int | None,

@@ -18,6 +18,10 @@ DEFAULT_MODEL_ID = "Qwen/Qwen2.5-1.5B-Instruct"
 DTYPES = ("bfloat16", "float32")
 
 
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True,
+          "0": False, "false": False, "no": False, "off": False}
+
+
 class SettingsError(ValueError):
     """An environment variable holds a value the service cannot use."""
 
@@ -40,6 +44,8 @@ class Settings:
     max_tokens_limit: int = _setting(2048, "largest max_tokens a request may ask for")
     max_body_bytes: int = _setting(1_000_000, "largest request body accepted (413 beyond)")
     log_level: str = _setting("info", "gunicorn and service log level")
+    data_dir: str = _setting("data", "folder for the history database (the image uses a /data volume)")
+    history: bool = _setting(True, "keep conversations on disk; off = private mode, nothing is written")
     access_token: str = _setting("", "when set, /api/* (but health) and /v1/* need `Authorization: Bearer "
                                      "TOKEN`; empty = open (fine on 127.0.0.1 only)", secret=True)
     rate_limit: str = _setting("30/minute", "chat requests per client address (Flask-Limiter syntax)")
@@ -61,6 +67,10 @@ class Settings:
                     values[f.name] = int(raw)
                 except ValueError:
                     raise SettingsError(f"{name} must be a whole number, got {raw!r}") from None
+            elif f.type == "bool":
+                if raw.lower() not in _BOOLS:
+                    raise SettingsError(f"{name} must be on or off, got {raw!r}")
+                values[f.name] = _BOOLS[raw.lower()]
             else:
                 values[f.name] = raw
         settings = cls(**values)
@@ -98,5 +108,6 @@ def settings_table() -> str:
     """The settings as a Markdown table (variable, default, meaning), for the README and `--help`."""
     rows = ["| variable | default | meaning |", "|---|---|---|"]
     for f in fields(Settings):
-        rows.append(f"| `{f.name.upper()}` | `{f.default}` | {f.metadata['doc']} |")
+        default = {True: "on", False: "off"}.get(f.default, f.default) if f.type == "bool" else f.default
+        rows.append(f"| `{f.name.upper()}` | `{default}` | {f.metadata['doc']} |")
     return "\n".join(rows)

@@ -47,6 +47,7 @@ MIGRATIONS: list[str] = [
 ]
 
 TITLE_MAX = 200
+DEFAULT_TITLE = "New chat"
 
 
 class NotFound(LookupError):
@@ -134,7 +135,7 @@ class History:
             self._db.execute("COMMIT")
 
     # --- conversations -----------------------------------------------------------------------------
-    def create(self, owner: str, title: str = "New chat", model: str | None = None) -> Conversation:
+    def create(self, owner: str, title: str = DEFAULT_TITLE, model: str | None = None) -> Conversation:
         now = time.time()
         conv = Conversation(secrets.token_hex(12), _title(title), now, now, model)
         with self._tx() as db:

@@ -17,9 +17,9 @@ from typing import Annotated, Any, Literal
 from flask import Blueprint, Response, current_app, jsonify
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .api import json_body
 from .chat import Content, Message, RequestError, make_request, start
 from .engine import Engine, Finished, Generation
+from .http import json_body
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 

@@ -51,8 +51,8 @@ def engine(tiny_backend: TransformersBackend) -> Engine:
 
 
 @pytest.fixture
-def settings(tiny_model_dir: Path) -> Settings:
-    return Settings(model_id=str(tiny_model_dir), log_level="warning")
+def settings(tiny_model_dir: Path, tmp_path: Path) -> Settings:
+    return Settings(model_id=str(tiny_model_dir), log_level="warning", data_dir=str(tmp_path / "data"))
 
 
 @pytest.fixture
@@ -83,6 +83,7 @@ class LiveServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         full_env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port),
+                    "DATA_DIR": str(log_path.parent / f"data-{self.port}"),
                     "LOG_LEVEL": "warning", "RATE_LIMIT": "1000/minute", **env}
         self._log = open(log_path, "wb")
         self.process = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=full_env,

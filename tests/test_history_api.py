@@ -1,0 +1,160 @@
+"""Conversations through the API: ownership by cookie or token, paging, chat that is recorded."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from service.app import create_app
+from service.config import Settings
+from service.history_api import COOKIE
+
+
+@pytest.fixture
+def app(settings, scripted):
+    return create_app(settings, engine=scripted("Stored reply.", delay=0.0))
+
+
+def browser(app):
+    """A test client that, like a browser, keeps the owner cookie the service hands out."""
+    client = app.test_client()
+    client.get("/")
+    assert client.get_cookie(COOKIE) is not None
+    return client
+
+
+def test_first_visit_sets_a_private_owner_cookie(app):
+    r = app.test_client().get("/")
+    cookie = r.headers["Set-Cookie"]
+    assert cookie.startswith(f"{COOKIE}=") and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    again = browser(app)
+    assert "Set-Cookie" not in again.get("/").headers  # a known browser keeps its id
+
+
+def test_create_chat_and_read_back(app):
+    client = browser(app)
+    conv = client.post("/api/conversations", json={}).json
+    assert conv["title"] == "New chat" and conv["message_count"] == 0
+    r = client.post("/api/chat", json={"conversation_id": conv["id"], "message": "What is Docker?"})
+    assert r.status_code == 200 and r.json["message"]["content"] == "Stored reply."
+    stored = client.get(f"/api/conversations/{conv['id']}").json
+    assert stored["title"] == "What is Docker?"  # named after its first question
+    assert [(m["role"], m["content"], m["status"]) for m in stored["messages"]] == [
+        ("user", "What is Docker?", "complete"), ("assistant", "Stored reply.", "stop")]
+    assert stored["messages"][1]["meta"]["usage"]["completion_tokens"] > 0
+
+
+def test_stored_turns_are_the_context_of_the_next_turn(app):
+    client = browser(app)
+    cid = client.post("/api/conversations").json["id"]
+    client.post("/api/chat", json={"conversation_id": cid, "message": "first question"})
+    r = client.post("/api/chat", json={"conversation_id": cid, "message": "second question",
+                                       "max_tokens": 20})
+    # Prompt = template + first question + stored reply + second question.
+    first_alone = client.post("/api/chat", json={"message": "first question", "max_tokens": 20})
+    assert r.json["usage"]["prompt_tokens"] > first_alone.json["usage"]["prompt_tokens"] + 5
+    assert client.get(f"/api/conversations/{cid}").json["message_count"] == 4
+
+
+def test_streamed_reply_is_stored_and_a_cancelled_one_is_marked(settings, scripted):
+    script = " ".join(["word"] * 300)
+    app = create_app(settings, engine=scripted(script, delay=0.01))
+    client = browser(app)
+    cid = client.post("/api/conversations").json["id"]
+    r = client.post("/api/chat", json={"conversation_id": cid, "message": "go", "stream": True})
+    chunks = iter(r.response)
+    for chunk in chunks:
+        if b'"delta"' in chunk:
+            break
+    r.close()  # the client goes away mid-reply
+    messages = client.get(f"/api/conversations/{cid}").json["messages"]
+    assert [m["status"] for m in messages] == ["complete", "cancelled"]
+    partial = messages[1]["content"]
+    assert partial and script.startswith(partial) and len(partial) < len(script)
+
+
+def test_owners_are_isolated_with_404(app):
+    alice, mallory = browser(app), browser(app)
+    cid = alice.post("/api/conversations", json={"title": "alice's"}).json["id"]
+    for method, path, body in [("get", f"/api/conversations/{cid}", None),
+                               ("patch", f"/api/conversations/{cid}", {"title": "stolen"}),
+                               ("delete", f"/api/conversations/{cid}", None),
+                               ("get", f"/api/conversations/{cid}/export", None),
+                               ("post", "/api/chat", {"conversation_id": cid, "message": "hi"})]:
+        r = getattr(mallory, method)(path, json=body)
+        assert r.status_code == 404, path
+    assert mallory.get("/api/conversations").json["data"] == []
+    assert alice.get(f"/api/conversations/{cid}").json["title"] == "alice's"
+
+
+def test_api_clients_are_owned_by_their_token(settings, scripted):
+    token = "owner-token-0123456789abcdef"
+    app = create_app(Settings(**{**settings.__dict__, "access_token": token}), engine=scripted("ok"))
+    client = app.test_client()
+    auth = {"Authorization": f"Bearer {token}"}
+    cid = client.post("/api/conversations", json={"title": "from a script"}, headers=auth).json["id"]
+    assert client.get(f"/api/conversations/{cid}", headers=auth).status_code == 200
+    # A browser is known by its own cookie, even when it holds the same token.
+    assert browser(app).get(f"/api/conversations/{cid}", headers=auth).status_code == 404
+
+
+def test_list_pages_newest_first_and_searches(app):
+    client = browser(app)
+    ids = [client.post("/api/conversations", json={"title": f"chat {i}"}).json["id"] for i in range(7)]
+    first = client.get("/api/conversations?limit=3").json
+    second = client.get(f"/api/conversations?limit=3&before={first['next']}").json
+    third = client.get(f"/api/conversations?limit=3&before={second['next']}").json
+    got = [c["id"] for page in (first, second, third) for c in page["data"]]
+    assert got == list(reversed(ids)) and third["next"] is None
+    assert [c["title"] for c in client.get("/api/conversations?q=chat 3").json["data"]] == ["chat 3"]
+
+
+def test_rename_delete_export(app):
+    client = browser(app)
+    cid = client.post("/api/conversations").json["id"]
+    client.post("/api/chat", json={"conversation_id": cid, "message": "hello"})
+    assert client.patch(f"/api/conversations/{cid}", json={"title": "Renamed"}).json["title"] == "Renamed"
+    export = client.get(f"/api/conversations/{cid}/export")
+    assert "attachment" in export.headers["Content-Disposition"]
+    assert json.loads(export.data)["messages"][0]["content"] == "hello"
+    assert client.delete(f"/api/conversations/{cid}").status_code == 204
+    assert client.get(f"/api/conversations/{cid}").status_code == 404
+
+
+@pytest.mark.parametrize("method,path,body,status", [
+    ("get", "/api/conversations/not-an-id", None, 404),
+    ("get", "/api/conversations/" + "0" * 24, None, 404),
+    ("get", "/api/conversations?limit=0", None, 422),
+    ("get", "/api/conversations?limit=abc", None, 422),
+    ("get", "/api/conversations?before=garbage", None, 422),
+    ("post", "/api/conversations", {"title": "x" * 201}, 422),
+    ("post", "/api/conversations", {"title": 5}, 422),
+    ("post", "/api/conversations", {"name": "typo"}, 422),
+    ("post", "/api/chat", {"conversation_id": "../../etc", "message": "hi"}, 404),
+    ("post", "/api/chat", {"conversation_id": 7, "message": "hi"}, 422),
+])
+def test_bad_requests(app, method, path, body, status):
+    r = getattr(browser(app), method)(path, json=body)
+    assert r.status_code == status
+    assert r.json["error"]["message"]
+
+
+def test_bad_json_and_blank_title_on_rename(app):
+    client = browser(app)
+    cid = client.post("/api/conversations").json["id"]
+    r = client.patch(f"/api/conversations/{cid}", data="{", content_type="application/json")
+    assert r.status_code == 400
+    r = client.patch(f"/api/conversations/{cid}", json={"title": "   "})
+    assert r.status_code == 422
+
+
+def test_private_mode_stores_nothing(settings, scripted, tmp_path):
+    private = Settings(**{**settings.__dict__, "history": False, "data_dir": str(tmp_path / "nothing")})
+    app = create_app(private, engine=scripted("ok"))
+    client = browser(app)
+    assert client.get("/api/health").json["history"] is False
+    assert client.post("/api/chat", json={"message": "hi"}).status_code == 200
+    r = client.post("/api/conversations")
+    assert r.status_code == 404 and r.json["error"]["code"] == "history_disabled"
+    assert not (tmp_path / "nothing").exists()
