@@ -8,23 +8,25 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from typing import Any
+from typing import Annotated, Any
 
 from flask import Blueprint, Response, current_app, jsonify
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .chat import RequestError, parse_chat_request, start
 from .config import Settings
-from .engine import Engine, Finished, Generation
+from .engine import Finished, Generation
 from .history_api import Transcript, with_history
 from .http import json_body
+from .models import ModelManager, UnknownModel
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
 HEARTBEAT_SECONDS = 10.0
 
 
-def _engine() -> Engine:
-    return current_app.extensions["engine"]
+def models() -> ModelManager:
+    return current_app.extensions["models"]
 
 
 def _settings() -> Settings:
@@ -34,14 +36,42 @@ def _settings() -> Settings:
 @bp.get("/health")
 def health() -> tuple[Response, int]:
     """Never touches the model's queue, so it answers at once even mid-generation."""
-    engine = _engine()
-    if engine.state == "ok":
-        return jsonify(status="ok", model=engine.backend.name,
-                       context_length=engine.backend.context_length,
+    state, offer, engine = models().status()
+    if state == "ok":
+        backend = engine.backend
+        return jsonify(status="ok", model=backend.name, model_id=offer.id,
+                       context_length=backend.context_length,
                        history="history" in current_app.extensions, queue=engine.stats()), 200
-    if engine.state == "error":
-        return jsonify(status="error", model=_settings().model_id, detail=engine.error), 503
-    return jsonify(status="loading", model=_settings().model_id), 503
+    if state == "error":
+        detail = offer.error or (engine.error if engine else None)
+        return jsonify(status="error", model=offer.source, model_id=offer.id, detail=detail), 503
+    return jsonify(status="loading", model=offer.source, model_id=offer.id), 503
+
+
+@bp.get("/models")
+def list_models() -> Response:
+    return jsonify(active=models().active.id, data=models().describe())
+
+
+class SelectBody(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    model: Annotated[str, Field(min_length=1, max_length=500)]
+
+
+@bp.post("/models/active")
+def select_model() -> tuple[Response, int]:
+    """Switch the model that answers: 200 if it is loaded, 202 while it loads in the background."""
+    try:
+        body = SelectBody.model_validate(json_body())
+    except ValidationError as exc:
+        raise RequestError(422, "give {\"model\": ID} with one of the ids from GET /api/models",
+                           param="model") from exc
+    try:
+        offer = models().select(body.model)
+    except UnknownModel as exc:
+        raise RequestError(400, str(exc), param="model", code="model_not_found") from None
+    status = 200 if offer.state == "loaded" else 202
+    return jsonify(active=models().active.id, model=offer.id, state=offer.state), status
 
 
 def _summary(finished: Finished, model: str, dropped: int) -> dict[str, Any]:
@@ -60,7 +90,7 @@ def chat() -> Response | tuple[Response, int]:
     parsed = parse_chat_request(json_body(), default_max_tokens=settings.default_max_tokens,
                                 max_tokens_limit=settings.max_tokens_limit)
     parsed, transcript = with_history(parsed)
-    started = start(_engine(), parsed)
+    started = start(models(), parsed)
     generation, model, dropped = started.generation, started.model, started.dropped_messages
     if transcript:
         transcript.accepted()

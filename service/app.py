@@ -18,6 +18,7 @@ from .chat import RequestError
 from .config import Settings
 from .engine import Engine, load_transformers
 from .history import History
+from .models import ModelManager
 
 STATIC = Path(__file__).parent / "static"
 
@@ -36,18 +37,27 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> Flask:
-    """Build the app. Without `engine`, one is made from `settings` and starts loading at once."""
+    """Build the app. Without `engine`, the models named by `settings` are offered and the default
+    one starts loading at once; with one, it is the only model (tests hand in their own)."""
     settings = settings or Settings.from_env()
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if engine is None:
-        engine = Engine(load_transformers(settings), queue_size=settings.queue_size).start()
+    if engine is not None:
+        models = ModelManager.single(engine, settings.model_id)
+    else:
+        sources = [m.strip() for m in settings.models.split(",") if m.strip()]
+        models = ModelManager(
+            sources, settings.model_id,
+            lambda source: Engine(load_transformers(settings, source), queue_size=settings.queue_size),
+            dtype=settings.dtype,
+            budget_bytes=settings.memory_budget_mb * 2**20 if settings.memory_budget_mb else None,
+        ).start()
 
     app = Flask(__name__, static_folder=str(STATIC), static_url_path="/static")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
     app.extensions["settings"] = settings
-    app.extensions["engine"] = engine
+    app.extensions["models"] = models
     app.register_blueprint(api.bp)
     app.register_blueprint(openai_api.bp)
     app.register_blueprint(history_api.bp)

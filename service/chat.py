@@ -14,7 +14,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .engine import Engine, EngineUnavailable, Generation, QueueFull, SamplingOptions
+from .engine import EngineUnavailable, Generation, QueueFull, SamplingOptions
+from .models import ModelManager, UnknownModel
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
@@ -67,6 +68,7 @@ class ChatBody(BaseModel):
     stop: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]],
                                                           Field(max_length=4)] | None = None
     conversation_id: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    model: Annotated[str, Field(min_length=1, max_length=500)] | None = None
 
     @model_validator(mode="after")
     def _one_conversation(self) -> ChatBody:
@@ -85,6 +87,7 @@ class ChatRequest:
     options: SamplingOptions
     stream: bool
     conversation_id: str | None = None
+    model: str | None = None
 
 
 def _describe(error: ValidationError) -> str:
@@ -107,7 +110,7 @@ def parse_chat_request(data: Any, *, default_max_tokens: int, max_tokens_limit: 
                         temperature=body.temperature, top_p=body.top_p, seed=body.seed,
                         stop=body.stop, default_max_tokens=default_max_tokens,
                         max_tokens_limit=max_tokens_limit)
-    return replace(chat, conversation_id=body.conversation_id)
+    return replace(chat, conversation_id=body.conversation_id, model=body.model)
 
 
 def make_request(messages: list[Message], *, stream: bool, max_tokens: int | None,
@@ -172,17 +175,20 @@ class Started:
     dropped_messages: int
 
 
-def start(engine: Engine, chat: ChatRequest) -> Started:
-    """Build the prompt and queue it: the one generation path behind every API format."""
+def start(models: ModelManager, chat: ChatRequest) -> Started:
+    """Pick the model, build the prompt and queue it: the one generation path behind every API."""
     try:
+        offer = models.active if chat.model is None else models.find(chat.model)
+        engine = models.engine(offer.id)
         backend = engine.backend
         prompt = build_prompt(backend.tokenizer, chat.messages, context_length=backend.context_length,
                               max_tokens=chat.options.max_tokens)
-        return Started(engine.submit(prompt.ids, chat.options), backend.name, prompt.dropped_messages)
+        generation = engine.submit(prompt.ids, chat.options)
+    except UnknownModel as exc:
+        raise RequestError(400, str(exc), param="model", code="model_not_found") from None
     except EngineUnavailable as exc:
-        status = "failed to load" if engine.state == "error" else "is still loading"
-        raise RequestError(503, f"the model {status}: {exc}", kind="model_unavailable",
-                           headers={"Retry-After": "10"}) from None
+        raise RequestError(503, str(exc), kind="model_unavailable", headers={"Retry-After": "10"}) from None
     except QueueFull as exc:
         raise RequestError(503, f"{exc}; retry in {exc.retry_after} s", kind="server_busy",
                            headers={"Retry-After": str(exc.retry_after)}) from None
+    return Started(generation, offer.id, prompt.dropped_messages)

@@ -33,6 +33,10 @@ def _setting(default: Any, doc: str, *, secret: bool = False) -> Any:
 @dataclass(frozen=True)
 class Settings:
     model_id: str = _setting(DEFAULT_MODEL_ID, "Hugging Face hub id or local folder of the chat model")
+    models: str = _setting("", "comma-separated hub ids / folders offered in the model menu (MODEL_ID is "
+                               "always offered and loads first)")
+    memory_budget_mb: int = _setting(0, "memory the loaded models may share before one is unloaded for "
+                                        "another; 0 = 80% of RAM")
     host: str = _setting("127.0.0.1", "address to listen on (the container sets 0.0.0.0)")
     port: int = _setting(8000, "port to listen on")
     dtype: str = _setting("bfloat16", "weights precision: bfloat16 (half the memory of float32) or float32")

@@ -11,6 +11,8 @@ tests may hand in another that yields chosen tokens through this same path.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 import queue
 import threading
@@ -222,7 +224,7 @@ class Engine:
 
     def __init__(self, load: Callable[[], Backend], *, queue_size: int = 8):
         self._load = load
-        self._queue: queue.Queue[Generation] = queue.Queue(maxsize=queue_size)
+        self._queue: queue.Queue[Generation | None] = queue.Queue(maxsize=queue_size)
         self._backend: Backend | None = None
         self._state = "loading"
         self._error: str | None = None
@@ -230,6 +232,7 @@ class Engine:
         self._counts = {"completed": 0, "cancelled": 0, "failed": 0}
         self._load_seconds: float | None = None
         self._started = False
+        self._closing = False
         self._lock = threading.Lock()
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -259,36 +262,66 @@ class Engine:
             self._state = "error"
             self._fail_waiting()
             return
+        if self._closing:
+            return
         self._backend = backend
         self._load_seconds = time.perf_counter() - t0
         self._state = "ok"
         log.info("model %s ready in %.1f s", backend.name, self._load_seconds)
+        del backend
         while True:
             generation = self._queue.get()
+            if generation is None:
+                self._release()
+                return
             if generation.cancelled:
                 self._finish(generation, "cancelled", 0, time.perf_counter(), None, None)
                 continue
             with self._lock:
                 self._active = generation
             try:
-                self._generate(backend, generation)
+                self._generate(self._backend, generation)
             finally:
                 with self._lock:
                     self._active = None
 
-    def _fail_waiting(self) -> None:
+    def close(self) -> None:
+        """Unload the model: refuse new requests, end the running one, fail the waiting ones, and
+        let the worker drop the weights so their memory goes back to the system."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._state == "ok":
+            self._state = "unloaded"
+        with self._lock:
+            if self._active is not None:
+                self._active.cancel()
+        self._fail_waiting("the model was unloaded")
+        if self._started:
+            self._queue.put(None)
+
+    def _release(self) -> None:
+        self._backend = None
+        gc.collect()
+        try:  # glibc keeps freed arenas; hand them back so the next model has room
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+        log.info("model unloaded")
+
+    def _fail_waiting(self, reason: str = "the model failed to load") -> None:
         while True:
             try:
                 generation = self._queue.get_nowait()
             except queue.Empty:
                 return
-            self._finish(generation, "error", 0, generation.submitted_at, None, None,
-                         error="the model failed to load")
+            if generation is not None:
+                self._finish(generation, "error", 0, generation.submitted_at, None, None, error=reason)
 
     # --- state -----------------------------------------------------------------------------------
     @property
     def state(self) -> str:
-        """"loading", "ok" or "error"."""
+        """"loading", "ok", "error", or "unloaded" after `close()`."""
         return self._state
 
     @property
@@ -298,8 +331,15 @@ class Engine:
     @property
     def backend(self) -> Backend:
         if self._backend is None:
-            raise EngineUnavailable(self._error or "the model is still loading")
+            raise EngineUnavailable(self._unavailable())
         return self._backend
+
+    def _unavailable(self) -> str:
+        if self._state == "error":
+            return f"the model failed to load: {self._error}"
+        if self._state == "unloaded":
+            return "the model was unloaded"
+        return "the model is still loading"
 
     def stats(self) -> dict[str, Any]:
         """Queue depth and counters, cheap enough for every health check."""
@@ -315,7 +355,7 @@ class Engine:
         Raises `EngineUnavailable` if the model is not ready and `QueueFull` if too many wait.
         """
         if self._state != "ok":
-            raise EngineUnavailable(self._error or "the model is still loading")
+            raise EngineUnavailable(self._unavailable())
         generation = Generation(list(prompt_ids), options)
         try:
             self._queue.put_nowait(generation)
@@ -451,10 +491,10 @@ class TransformersBackend:
             )
 
 
-def load_transformers(settings: Any) -> Callable[[], Backend]:
-    """A loader for `Engine` that builds a `TransformersBackend` from `Settings`."""
+def load_transformers(settings: Any, source: str | None = None) -> Callable[[], Backend]:
+    """A loader for `Engine` that builds a `TransformersBackend` for `source` (default: MODEL_ID)."""
     def load() -> Backend:
-        return TransformersBackend(settings.model_id, dtype=settings.dtype,
+        return TransformersBackend(source or settings.model_id, dtype=settings.dtype,
                                    threads=settings.torch_threads,
                                    context_tokens=settings.context_tokens)
     return load

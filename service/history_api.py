@@ -115,7 +115,7 @@ def list_conversations() -> Response:
 @bp.post("")
 def create_conversation() -> tuple[Response, int]:
     title = _title(required=False) or DEFAULT_TITLE
-    conv = history().create(current_owner(), title, model=current_app.extensions["settings"].model_id)
+    conv = history().create(current_owner(), title, model=current_app.extensions["models"].active.id)
     return jsonify(conv.to_dict()), 201
 
 

@@ -11,26 +11,20 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import PurePath
+from dataclasses import replace
 from typing import Annotated, Any, Literal
 
 from flask import Blueprint, Response, current_app, jsonify
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .chat import Content, Message, RequestError, make_request, start
-from .engine import Engine, Finished, Generation
+from .engine import Finished, Generation
 from .http import json_body
+from .models import ModelManager, UnknownModel
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 
 UNSUPPORTED_HINT = "qwen-box does not support this parameter"
-
-
-def public_model_id(model_id: str) -> str:
-    """The id clients see and send: a hub id as is, a local folder by its name."""
-    if model_id.startswith(("/", ".", "~")):
-        return PurePath(model_id).name
-    return model_id
 
 
 class TextPart(BaseModel):
@@ -83,8 +77,8 @@ class CompletionBody(BaseModel):
     # Everything else OpenAI defines (tools, logit_bias, ...) is refused as an unknown argument.
 
 
-def _engine() -> Engine:
-    return current_app.extensions["engine"]
+def _models() -> ModelManager:
+    return current_app.extensions["models"]
 
 
 def _validation_error(exc: ValidationError) -> RequestError:
@@ -102,10 +96,8 @@ def _validation_error(exc: ValidationError) -> RequestError:
 
 @bp.get("/models")
 def models() -> Response:
-    engine = _engine()
-    ids = [public_model_id(engine.backend.name)] if engine.state == "ok" else []
     return jsonify(object="list", data=[{"id": i, "object": "model", "created": 0,
-                                         "owned_by": "qwen-box"} for i in ids])
+                                         "owned_by": "qwen-box"} for i in _models().offered])
 
 
 @bp.post("/chat/completions")
@@ -117,12 +109,12 @@ def chat_completions() -> Response | tuple[Response, int]:
         body = CompletionBody.model_validate(data)
     except ValidationError as exc:
         raise _validation_error(exc) from None
-    engine = _engine()
-    if engine.state == "ok":
-        offered = public_model_id(engine.backend.name)
-        if body.model not in (offered, engine.backend.name):
-            raise RequestError(404, f"The model `{body.model}` does not exist. Offered: {offered}",
-                               param="model", kind="invalid_request_error", code="model_not_found")
+    try:
+        model = _models().find(body.model).id
+    except UnknownModel as exc:
+        offered = ", ".join(exc.offered)
+        raise RequestError(404, f"The model `{body.model}` does not exist. Offered: {offered}",
+                           param="model", code="model_not_found") from None
     messages = [m.to_message() for m in body.messages]
     if messages[-1].role != "user":
         raise RequestError(400, "The last message must have role 'user'", param="messages")
@@ -136,8 +128,8 @@ def chat_completions() -> Response | tuple[Response, int]:
                             max_tokens_limit=settings.max_tokens_limit, max_tokens_name=max_tokens_name)
     except RequestError as exc:  # OpenAI answers every invalid parameter with 400
         raise RequestError(400, exc.message, param=exc.param) from None
-    started = start(engine, chat)
-    completion = _Completion(public_model_id(started.model))
+    started = start(_models(), replace(chat, model=model))
+    completion = _Completion(started.model)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return Response(completion.stream(started.generation, include_usage),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import requests
 
@@ -11,7 +13,11 @@ from tests.conftest import LiveServer
 
 TOKEN = "test-token-0123456789abcdef"
 CHAT = {"message": "hi", "max_tokens": 2}
-V1 = {"model": "scripted", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+V1 = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}  # + the model's id
+
+
+def v1(settings) -> dict:
+    return {"model": Path(settings.model_id).name, **V1}
 
 
 @pytest.fixture
@@ -26,8 +32,10 @@ ROUTES = [("post", "/api/chat", CHAT), ("post", "/v1/chat/completions", V1), ("g
 @pytest.mark.parametrize("method,path,body", ROUTES)
 @pytest.mark.parametrize("header", [None, "Bearer wrong-token-0123456789", f"Basic {TOKEN}", "Bearer ",
                                     f"Bearer {TOKEN}x"])
-def test_protected_routes_refuse_missing_or_wrong_tokens(app_with_token, method, path, body, header):
+def test_protected_routes_refuse_missing_or_wrong_tokens(app_with_token, settings, method, path, body,
+                                                         header):
     headers = {"Authorization": header} if header else {}
+    body = v1(settings) if body is V1 else body
     r = getattr(app_with_token.test_client(), method)(path, json=body, headers=headers)
     assert r.status_code == 401
     assert r.json["error"]["type"] == "authentication_error"
@@ -35,7 +43,8 @@ def test_protected_routes_refuse_missing_or_wrong_tokens(app_with_token, method,
 
 
 @pytest.mark.parametrize("method,path,body", ROUTES[:3])
-def test_protected_routes_accept_the_right_token(app_with_token, method, path, body):
+def test_protected_routes_accept_the_right_token(app_with_token, settings, method, path, body):
+    body = v1(settings) if body is V1 else body
     r = getattr(app_with_token.test_client(), method)(path, json=body,
                                                       headers={"Authorization": f"Bearer {TOKEN}"})
     assert r.status_code == 200
@@ -50,7 +59,7 @@ def test_rate_limit_per_client_is_429_with_retry_after(settings, scripted):
     app = create_app(Settings(**{**settings.__dict__, "rate_limit": "3/minute"}), engine=scripted("ok"))
     client = app.test_client()
     codes = [client.post("/api/chat", json=CHAT).status_code for _ in range(3)]
-    over = client.post("/v1/chat/completions", json=V1)  # one budget for both APIs
+    over = client.post("/v1/chat/completions", json=v1(settings))  # one budget for both APIs
     assert codes == [200, 200, 200]
     assert over.status_code == 429
     assert int(over.headers["Retry-After"]) > 0

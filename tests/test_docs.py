@@ -28,3 +28,11 @@ def test_readme_run_command_installs_and_serves():
 
 def test_settings_table_matches_the_code():
     assert settings_table() in README
+
+
+def test_catalog_table_matches_the_code():
+    from service.catalog import CATALOG
+
+    for entry in CATALOG:
+        row = next(line for line in README.splitlines() if line.startswith(f"| {entry.hub_id} |"))
+        assert f"| {entry.memory_gb('bfloat16')} GB | {entry.memory_gb('int8')} GB |" in row

@@ -51,7 +51,7 @@ class Served:
 
     def __init__(self, app):
         self.app = app
-        self.engine: Engine = app.extensions["engine"]
+        self.engine: Engine = app.extensions["models"].engine()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._server = make_server("127.0.0.1", self.port, app, threaded=True)

@@ -20,7 +20,16 @@ CHATML_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
+# TinyLlama's (Zephyr's) template: a second architecture with a template of its own.
+ZEPHYR_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|' + message['role'] + '|>\n' + message['content'] + '</s>\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|assistant|>\n' }}{%- endif %}"
+)
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+LLAMA_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
 
 _CORPUS = """
 Docker packages an application and everything it needs into one image that runs the same everywhere.
@@ -34,8 +43,9 @@ Numbers 0 1 2 3 4 5 6 7 8 9 10 100 1000 and accents: café, naïve, 日本語, e
 """
 
 
-def build_tokenizer(path: Path, vocab_size: int = 1024):
-    """Train a byte-level BPE tokenizer with ChatML tokens and save it in Transformers' format."""
+def build_tokenizer(path: Path, vocab_size: int = 1024, *, style: str = "chatml"):
+    """Train a byte-level BPE tokenizer with the chat tokens of `style` ("chatml" or "zephyr")
+    and save it in Transformers' format."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -44,18 +54,20 @@ def build_tokenizer(path: Path, vocab_size: int = 1024):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=SPECIAL_TOKENS if style == "chatml" else LLAMA_SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator([_CORPUS] * 20, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>"],
-    )
-    fast.chat_template = CHATML_TEMPLATE
+    if style == "chatml":
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                       pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>"])
+        fast.chat_template = CHATML_TEMPLATE
+    else:
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                       unk_token="<unk>", pad_token="</s>",
+                                       additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"])
+        fast.chat_template = ZEPHYR_TEMPLATE
     fast.save_pretrained(path)
     return fast
 
@@ -109,5 +121,25 @@ def build_tiny_model(
         repetition_penalty=1.05,
         suppress_tokens=[im_end, endoftext] if endless else None,
     )
+    model.save_pretrained(path)
+    return path
+
+
+def build_tiny_llama(path: Path, *, hidden_size: int = 64, layers: int = 2, seed: int = 1) -> Path:
+    """Write a random Llama chat model with a Zephyr template (like TinyLlama-Chat) to `path`."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    tokenizer = build_tokenizer(path, style="zephyr")
+    bos, eos = tokenizer.convert_tokens_to_ids(["<s>", "</s>"])
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size,
+                         intermediate_size=hidden_size * 2, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
+                         bos_token_id=bos, eos_token_id=eos)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos,
+                                               do_sample=False)
     model.save_pretrained(path)
     return path

@@ -1,0 +1,219 @@
+"""The models this service offers, which of them are loaded, and switching between them.
+
+Each loaded model is its own `Engine`. Switching starts the new one loading in the background while
+the current one keeps answering, if memory holds both; if it would not, the current one is unloaded
+first (the service says "loading" meanwhile) rather than risking the whole process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+from typing import Any
+
+from .catalog import BYTES_PER_PARAM, CatalogEntry, lookup
+from .engine import Engine, EngineUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class UnknownModel(LookupError):
+    def __init__(self, model: str, offered: list[str]):
+        super().__init__(f"the model {model!r} is not offered here; offered: {', '.join(offered)}")
+        self.offered = offered
+
+
+def public_id(source: str) -> str:
+    """What clients see and send: a hub id as is, a local folder by its name."""
+    if source.startswith(("/", ".", "~")) or os.path.isdir(source):
+        return PurePath(source).name
+    return source
+
+
+@dataclass
+class Offer:
+    id: str
+    source: str
+    catalog: CatalogEntry | None
+    engine: Engine | None = None
+    error: str | None = None
+
+    @property
+    def state(self) -> str:
+        if self.engine is None:
+            return "failed" if self.error else "available"
+        return {"ok": "loaded", "loading": "loading", "error": "failed"}.get(self.engine.state, "available")
+
+
+def weights_bytes(source: str, dtype: str) -> int | None:
+    """Memory the weights will take at `dtype`: from the files of a local folder (rescaled from the
+    precision they are stored in), else from the catalog's parameter count; None if unknown."""
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        files = list(folder.glob("*.safetensors")) or list(folder.glob("*.bin"))
+        if files:
+            stored = "bfloat16"
+            config = folder / "config.json"
+            if config.exists():
+                cfg = json.loads(config.read_text())
+                stored = str(cfg.get("torch_dtype") or cfg.get("dtype") or stored)
+            ratio = BYTES_PER_PARAM.get(dtype, 2.0) / BYTES_PER_PARAM.get(stored, 2.0)
+            return int(sum(f.stat().st_size for f in files) * ratio)
+    entry = lookup(source)
+    return int(entry.params_b * 1e9 * BYTES_PER_PARAM.get(dtype, 2.0)) if entry else None
+
+
+def default_budget() -> int:
+    """Bytes the loaded models may take together: 80% of this machine's (or container's) memory."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            total = min(total, int(limit))
+    except OSError:
+        pass
+    return int(total * 0.8)
+
+
+class ModelManager:
+    """Offered models by id; the active one answers requests that name no model."""
+
+    def __init__(self, sources: list[str], default: str, make_engine: Callable[[str], Engine], *,
+                 dtype: str = "bfloat16", budget_bytes: int | None = None):
+        self._offers: dict[str, Offer] = {}
+        for source in dict.fromkeys([default, *sources]):
+            offer = Offer(public_id(source), source, lookup(source))
+            self._offers[offer.id] = offer
+        self._make_engine = make_engine
+        self._dtype = dtype
+        self._budget = default_budget() if budget_bytes is None else budget_bytes
+        self._lock = threading.Lock()
+        self._active = public_id(default)
+        self._pending: str | None = None
+
+    @classmethod
+    def single(cls, engine: Engine, source: str) -> ModelManager:
+        """One model, already made (tests, or a caller that built its own engine)."""
+        manager = cls([source], source, lambda _: engine, budget_bytes=0)
+        manager._offers[public_id(source)].engine = engine
+        return manager
+
+    def start(self) -> ModelManager:
+        """Start loading the default model."""
+        offer = self._offers[self._active]
+        if offer.engine is None:
+            offer.engine = self._make_engine(offer.source).start()
+        return self
+
+    # --- lookups -----------------------------------------------------------------------------
+    @property
+    def offered(self) -> list[str]:
+        return list(self._offers)
+
+    def find(self, model: str) -> Offer:
+        """The offer for an id or a source; `UnknownModel` names the offered ones."""
+        offer = self._offers.get(model) or next(
+            (o for o in self._offers.values() if o.source == model), None)
+        if offer is None:
+            raise UnknownModel(model, self.offered)
+        return offer
+
+    @property
+    def active(self) -> Offer:
+        with self._lock:
+            self._promote()
+            return self._offers[self._active]
+
+    def engine(self, model: str | None = None) -> Engine:
+        """The engine for `model` (default: the active one). Raises `UnknownModel`, or
+        `EngineUnavailable` when that model is not loaded."""
+        offer = self.active if model is None else self.find(model)
+        if offer.engine is None:
+            if self._pending is not None:
+                raise EngineUnavailable(f"switching to {self._pending}: the model is still loading")
+            raise EngineUnavailable(offer.error or f"the model {offer.id} is not loaded; select it first "
+                                    "(POST /api/models/active)")
+        return offer.engine
+
+    def status(self) -> tuple[str, Offer, Engine | None]:
+        """For health: "loading" | "ok" | "error", the offer it is about, and its engine if any."""
+        offer = self.active
+        if offer.engine is None and self._pending is not None:
+            offer = self._offers[self._pending]
+        engine = offer.engine
+        if engine is None:
+            return ("error" if offer.error else "loading"), offer, None
+        state = {"ok": "ok", "error": "error"}.get(engine.state, "loading")
+        return state, offer, engine
+
+    def describe(self) -> list[dict[str, Any]]:
+        active = self.active.id
+        out = []
+        for offer in self._offers.values():
+            entry = offer.catalog
+            error = offer.error or (offer.engine.error if offer.engine else None)
+            out.append({"id": offer.id, "source": offer.source, "state": offer.state, "error": error,
+                        "active": offer.id == active, "pending": offer.id == self._pending,
+                        "params_b": entry.params_b if entry else None,
+                        "context_length": entry.context_length if entry else None,
+                        "licence": entry.licence if entry else None,
+                        "notes": entry.notes if entry else None,
+                        "memory_gb": entry.memory_gb(self._dtype) if entry else None})
+        return out
+
+    # --- switching ---------------------------------------------------------------------------
+    def select(self, model: str) -> Offer:
+        """Make `model` the active one: at once if loaded, else once it has loaded."""
+        offer = self.find(model)
+        with self._lock:
+            if offer.state == "loaded":
+                self._active, self._pending = offer.id, None
+                return offer
+            if offer.state == "loading":
+                self._pending = offer.id
+                return offer
+            self._make_room(offer)
+            offer.error = None
+            offer.engine = self._make_engine(offer.source).start()
+            self._pending = offer.id
+            return offer
+
+    def _promote(self) -> None:
+        if self._pending is None:
+            return
+        pending = self._offers[self._pending]
+        if pending.state == "loaded":
+            log.info("switched to %s", pending.id)
+            self._active, self._pending = pending.id, None
+        elif pending.state == "failed":
+            self._pending = None
+            if self._offers[self._active].engine is None:  # nothing left to fall back on
+                self._active = pending.id
+
+    def _make_room(self, incoming: Offer) -> None:
+        """Unload loaded models, least recently chosen first, until `incoming` fits the budget."""
+        need = weights_bytes(incoming.source, self._dtype) or 0
+        loaded = [o for o in self._offers.values() if o.engine is not None and o is not incoming]
+        # the active one goes last: it keeps answering while the new one loads, if that fits
+        loaded.sort(key=lambda o: o.id == self._active)
+        used = sum(weights_bytes(o.source, self._dtype) or 0 for o in loaded)
+        for offer in loaded:
+            if used + need <= self._budget:
+                break
+            log.info("unloading %s to make room for %s", offer.id, incoming.id)
+            used -= weights_bytes(offer.source, self._dtype) or 0
+            offer.engine.close()
+            offer.engine = None
+            if offer.id == self._active:
+                self._active = incoming.id
+
+    def close(self) -> None:
+        for offer in self._offers.values():
+            if offer.engine is not None:
+                offer.engine.close()
+
