@@ -1,0 +1,191 @@
+"""Render the repository's `cloud-init.yaml` template into a VM's custom_data.
+
+Every value is validated before it goes in, and the template only ever places values in files (read by
+the scripts with `cat`), never into shell text, so an odd image name or setting cannot become a command.
+Azure keeps custom_data on the VM (root-readable) and never returns it through the API; registry
+credentials are the only secret that ever goes in, into a 0600 file that is shredded after `docker login`.
+Nothing here logs the rendered text.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+from service.config import Settings
+
+TEMPLATE = Path(__file__).resolve().parent.parent / "cloud-init.yaml"
+CUSTOM_DATA_LIMIT = 64 * 1024
+CONTAINER_PORT = 8000
+SWAP_SIZE = "4G"
+
+# The container must listen where the port mapping points, so these two are not the user's to set.
+FIXED_SETTINGS = {"HOST", "PORT"}
+EXTRA_SETTINGS = {"HF_HUB_OFFLINE"}
+ALLOWED_SETTINGS = ({f.name.upper() for f in dataclasses.fields(Settings)} | EXTRA_SETTINGS) - FIXED_SETTINGS
+# Settings the service keeps out of its repr (ACCESS_TOKEN): they reach the VM only inside custom_data
+# (root-only there, never returned by Azure's API), never through run-command, and are never printed.
+SECRET_SETTINGS = {f.name.upper() for f in dataclasses.fields(Settings) if not f.repr}
+
+_IMAGE = re.compile(
+    r"^(?:(?P<registry>(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)(?:\.[a-zA-Z0-9-]+)*(?::[0-9]+)?)/)?"
+    r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
+    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[a-f0-9]{64})?$")
+_HOST = re.compile(r"^[a-zA-Z0-9](?:[a-zA-Z0-9.-]*[a-zA-Z0-9])?(?::[0-9]{1,5})?$")
+_PRINTABLE = re.compile(r"^[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?$")
+
+
+class CloudInitError(ValueError):
+    """An input that must not go into custom_data; the message names it (never its secret value)."""
+
+
+@dataclass(frozen=True)
+class RegistryLogin:
+    """Credentials for a private registry. `repr` hides the password so it cannot reach a log by accident."""
+
+    server: str
+    username: str
+    password: str = dataclasses.field(repr=False)
+
+    def __post_init__(self) -> None:
+        if not _HOST.match(self.server):
+            raise CloudInitError(f"registry server {self.server!r} is not a host name "
+                                 "(e.g. myreg.azurecr.io)")
+        if not _PRINTABLE.match(self.username):
+            raise CloudInitError("registry user name must be printable ASCII without surrounding spaces")
+        if not _PRINTABLE.match(self.password):
+            raise CloudInitError("registry password must be printable ASCII without surrounding spaces or "
+                                 "line breaks (its value is not shown here)")
+
+
+def validate_image(image: str) -> str:
+    """A Docker image reference ([registry/]name[:tag][@digest]); returned unchanged if valid."""
+    match = _IMAGE.match(image)
+    first = match.group("registry") if match else None
+    is_host = first is not None and ("." in first or ":" in first or first == "localhost")
+    if len(image) > 255 or not match or (first is not None and not is_host and first != first.lower()):
+        raise CloudInitError(f"--image {image!r} is not a Docker image reference (REGISTRY/NAME:TAG)")
+    return image
+
+
+def image_registry(image: str) -> str | None:
+    """The registry host of an image reference, or None for Docker Hub."""
+    first, sep, _ = image.partition("/")
+    if sep and ("." in first or ":" in first or first == "localhost"):
+        return first
+    return None
+
+
+def validate_env(env: Mapping[str, str]) -> dict[str, str]:
+    """Service settings for the container: known names only, single-line printable values."""
+    out = {}
+    for key, value in env.items():
+        if key in FIXED_SETTINGS:
+            raise CloudInitError(f"{key} is fixed in the container (it listens on 0.0.0.0:{CONTAINER_PORT}); "
+                                 "use --port for the public port")
+        if key not in ALLOWED_SETTINGS:
+            raise CloudInitError(f"unknown service setting {key!r}; known: "
+                                 f"{', '.join(sorted(ALLOWED_SETTINGS))}")
+        if value != "" and not _PRINTABLE.match(value):
+            raise CloudInitError(f"{key}: value must be one line of printable ASCII without "
+                                 "surrounding spaces")
+        out[key] = value
+    return out
+
+
+def parse_env(pairs: list[str] | tuple[str, ...], environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """`--env KEY=VALUE` options into a validated mapping; `--env KEY` alone takes the value from the
+    environment (as `docker run -e KEY` does), which keeps a secret out of shell history."""
+    source = os.environ if environ is None else environ
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep:
+            if key not in source:
+                raise CloudInitError(f"--env {key}: expected KEY=VALUE, or {key} set in the environment")
+            value = source[key]
+        env[key] = value.strip()
+    return validate_env(env)
+
+
+def shown(env: Mapping[str, str]) -> dict[str, str]:
+    """Settings as they may be printed: secret values masked."""
+    return {k: ("(set, hidden)" if k in SECRET_SETTINGS and v else v) for k, v in env.items()}
+
+
+def env_file(env: Mapping[str, str]) -> str:
+    """The container's `--env-file` (KEY=VALUE lines, taken literally by Docker)."""
+    lines = ["# qwen-box service settings (docker --env-file); written by invoke deploy-azure"]
+    lines += [f"{k}={v}" for k, v in sorted(env.items())]
+    return "\n".join(lines)
+
+
+def config_digest(image: str, port: int, env: Mapping[str, str]) -> str:
+    """A short fingerprint of what the container runs, secrets left out, kept as a tag on the VM."""
+    public = {k: v for k, v in env.items() if k not in SECRET_SETTINGS}
+    blob = json.dumps({"image": image, "port": port, "env": dict(sorted(public.items()))}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def secrets_digest(salt: str, env: Mapping[str, str]) -> str:
+    """A slow salted hash of the secret settings ("" if none), so a re-deploy can tell whether they
+    changed without any tag revealing them."""
+    secret = {k: v for k, v in env.items() if k in SECRET_SETTINGS}
+    if not secret:
+        return ""
+    blob = json.dumps(dict(sorted(secret.items()))).encode()
+    return hashlib.pbkdf2_hmac("sha256", blob, f"qwen-box:{salt}".encode(), 200_000).hex()[:32]
+
+
+def render(image: str, port: int, env: Mapping[str, str], registry: RegistryLogin | None = None,
+           template: Path = TEMPLATE) -> str:
+    """The cloud-config text for a VM: validated inputs in, YAML out (checked against the size limit)."""
+    jenv = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
+    text = jenv.from_string(template.read_text()).render(
+        image=validate_image(image), port=int(port), env_file=env_file(validate_env(env)), registry=registry,
+        container_port=CONTAINER_PORT, swap_size=SWAP_SIZE)
+    if len(text.encode()) > CUSTOM_DATA_LIMIT:
+        raise CloudInitError(f"rendered cloud-init is {len(text.encode())} bytes; Azure allows "
+                             f"{CUSTOM_DATA_LIMIT}")
+    return text
+
+
+def custom_data(text: str) -> str:
+    """Base64, as the VM's osProfile.customData wants it."""
+    return base64.b64encode(text.encode()).decode()
+
+
+def update_script(image: str, port: int, env: Mapping[str, str]) -> str:
+    """A shell script that moves a running VM to a new image/settings (for run-command).
+
+    custom_data cannot change after the VM is created, so a re-deploy with another image rewrites the
+    same files cloud-init wrote and re-runs the same start script. Values travel base64-encoded, so they
+    are data to the shell, never code. Secret settings are not sent (run-command scripts are not secret
+    storage): the ones already on the VM are carried over.
+    """
+    public = {k: v for k, v in validate_env(env).items() if k not in SECRET_SETTINGS}
+    files = {"/etc/qwen-box/image": validate_image(image) + "\n", "/etc/qwen-box/port": f"{int(port)}\n"}
+    lines = ["set -euo pipefail", "umask 077"]
+    for path, content in files.items():
+        encoded = base64.b64encode(content.encode()).decode()
+        lines.append(f"echo {encoded} | base64 -d > {path}.new && chmod 644 {path}.new "
+                     f"&& mv {path}.new {path}")
+    encoded = base64.b64encode((env_file(public) + "\n").encode()).decode()
+    keep = "|".join(sorted(SECRET_SETTINGS)) or "^$"
+    lines.append(f"{{ echo {encoded} | base64 -d; grep -E '^({keep})=' /etc/qwen-box/service.env || true; }}"
+                 " > /etc/qwen-box/service.env.new")
+    lines.append("mv /etc/qwen-box/service.env.new /etc/qwen-box/service.env")
+    lines += ['echo "qwen-box: pulling $(cat /etc/qwen-box/image)"',
+              'docker pull --quiet "$(cat /etc/qwen-box/image)"',
+              "/opt/qwen-box/start-container.sh"]
+    return "\n".join(lines) + "\n"

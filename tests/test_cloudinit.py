@@ -1,0 +1,213 @@
+"""The cloud-init that a VM boots with: valid for cloud-init, valid shell, and doing what it says.
+
+Validity is checked by the real `cloud-init schema` (Debian's package) and `bash -n`/shellcheck. The
+scripts are then run for real in a scratch folder with stand-ins for apt-get, systemctl, docker, ...
+on PATH that record how they were called, so the order (install, login, pull, run), the docker flags,
+the progress page and the secret handling are observed rather than read off the template.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from infra import cloudinit
+from infra.cloudinit import CloudInitError, RegistryLogin
+
+IMAGE = "myreg.azurecr.io/qwen-box:1.2.3"
+ENV = {"DTYPE": "float32", "MODEL_ID": "Qwen/Qwen2.5-0.5B-Instruct", "QUEUE_SIZE": "4"}
+SECRET = "pa$$ w0rd;`rm -rf /`#'\""
+
+
+def need(tool: str) -> str:
+    """The tool's path; skipped where it is missing, but a failure in CI (which installs it)."""
+    path = shutil.which(tool)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{tool} is missing in CI (.ci/run installs it)")
+        pytest.skip(f"{tool} not installed (apt-get install {tool})")
+    return path
+
+
+def scripts(text: str) -> dict[str, str]:
+    return {f["path"]: f["content"] for f in yaml.safe_load(text)["write_files"]}
+
+
+@pytest.fixture(params=["public-image", "private-registry"])
+def rendered(request) -> str:
+    private = request.param == "private-registry"
+    registry = RegistryLogin("myreg.azurecr.io", "puller", SECRET) if private else None
+    return cloudinit.render(IMAGE, 80, ENV, registry)
+
+
+def test_cloud_init_schema_accepts_the_rendered_config(rendered, tmp_path):
+    exe = need("cloud-init")
+    path = tmp_path / "user-data.yaml"
+    path.write_text(rendered)
+    result = subprocess.run([exe, "schema", "--config-file", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Valid cloud-config" in result.stdout
+
+
+def test_cloud_init_schema_is_a_real_check(tmp_path):
+    exe = need("cloud-init")
+    path = tmp_path / "bad.yaml"
+    path.write_text(cloudinit.render(IMAGE, 80, ENV).replace("size: 4G", "size: four-gigs"))
+    assert subprocess.run([exe, "schema", "--config-file", str(path)], capture_output=True).returncode != 0
+
+
+def test_shell_parts_parse_and_pass_shellcheck(rendered, tmp_path):
+    parts = {p: c for p, c in scripts(rendered).items() if p.endswith(".sh")}
+    parts["update.sh"] = "#!/bin/bash\n" + cloudinit.update_script(IMAGE, 8080, ENV)
+    assert {"/opt/qwen-box/provision.sh", "/opt/qwen-box/start-container.sh"} <= set(parts)
+    for name, content in parts.items():
+        path = tmp_path / Path(name).name
+        path.write_text(content)
+        result = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+        assert result.returncode == 0, f"{name}: {result.stderr}"
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None and os.environ.get("CI"):
+        pytest.fail("shellcheck is missing in CI (.ci/run installs it)")
+    if shellcheck:
+        result = subprocess.run([shellcheck, "-s", "bash", *map(str, tmp_path.glob("*.sh"))],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout
+
+
+def test_rendered_config_carries_image_settings_swap_and_runs_provisioning():
+    data = yaml.safe_load(cloudinit.render(IMAGE, 8080, ENV))
+    files = {f["path"]: f for f in data["write_files"]}
+    assert files["/etc/qwen-box/image"]["content"] == IMAGE + "\n"
+    assert files["/etc/qwen-box/port"]["content"] == "8080\n"
+    env_lines = files["/etc/qwen-box/service.env"]["content"].splitlines()
+    assert [line for line in env_lines if not line.startswith("#")] == [
+        "DTYPE=float32", "MODEL_ID=Qwen/Qwen2.5-0.5B-Instruct", "QUEUE_SIZE=4"]
+    assert data["swap"] == {"filename": "/swapfile", "size": "4G", "maxsize": "4G"}
+    assert data["runcmd"] == [["bash", "/opt/qwen-box/provision.sh"]]
+    assert not any("registry" in p for p in files)
+
+
+def test_registry_secret_only_in_a_root_only_file():
+    text = cloudinit.render(IMAGE, 80, ENV, RegistryLogin("myreg.azurecr.io", "puller", SECRET))
+    files = {f["path"]: f for f in yaml.safe_load(text)["write_files"]}
+    password = files["/etc/qwen-box/registry/password"]
+    assert password["content"] == SECRET + "\n" and password["permissions"] == "0600"
+    assert text.count(SECRET) == 1
+    assert SECRET not in repr(RegistryLogin("myreg.azurecr.io", "puller", SECRET))
+
+
+@pytest.mark.parametrize("image", ["", "UPPER/case:1", "a b:1", "x:1;reboot", "x:$(id)", "x\n:1", "-x:1",
+                                   "ghcr.io/o/n:" + "t" * 200])
+def test_bad_images_are_refused(image):
+    with pytest.raises(CloudInitError):
+        cloudinit.render(image, 80, {})
+
+
+@pytest.mark.parametrize("image", ["qwen-box:latest", "me/qwen-box", "ghcr.io/me/qwen-box:1.0",
+                                   "localhost:5000/qwen_box:dev", "r.io/a/b@sha256:" + "a" * 64])
+def test_good_images_are_accepted(image):
+    assert cloudinit.validate_image(image) == image
+
+
+@pytest.mark.parametrize("env, fragment", [
+    ({"PORT": "9000"}, "fixed"), ({"HOST": "127.0.0.1"}, "fixed"), ({"HF_TOKEN": "hf_x"}, "unknown"),
+    ({"DTYPE": "float32\nPORT=1"}, "one line"), ({"DTYPE": " float32"}, "one line"),
+])
+def test_bad_settings_are_refused(env, fragment):
+    with pytest.raises(CloudInitError, match=fragment):
+        cloudinit.render(IMAGE, 80, env)
+
+
+def test_bad_registry_login_is_refused_without_echoing_the_password():
+    with pytest.raises(CloudInitError) as err:
+        RegistryLogin("myreg.azurecr.io", "puller", "line1\nline2")
+    assert "line1" not in str(err.value)
+    with pytest.raises(CloudInitError):
+        RegistryLogin("my reg", "puller", "x")
+
+
+def test_parse_env_and_registry_host():
+    parsed = cloudinit.parse_env(["DTYPE=float32", "LOG_LEVEL=debug"])
+    assert parsed == {"DTYPE": "float32", "LOG_LEVEL": "debug"}
+    with pytest.raises(CloudInitError):
+        cloudinit.parse_env(["DTYPE"])
+    assert cloudinit.image_registry("myreg.azurecr.io/a:1") == "myreg.azurecr.io"
+    assert cloudinit.image_registry("localhost:5000/a") == "localhost:5000"
+    assert cloudinit.image_registry("me/qwen-box:1") is None
+
+
+def test_custom_data_limit(tmp_path):
+    big = tmp_path / "big.yaml"
+    big.write_text("#cloud-config\n# " + "x" * (64 * 1024) + "\n")
+    with pytest.raises(CloudInitError, match="Azure allows"):
+        cloudinit.render(IMAGE, 80, {}, template=big)
+
+
+# -- running the scripts with stand-in commands ---------------------------------------------------
+
+STUB = """#!/bin/bash
+{ printf '%s' "$(basename "$0")"; printf ' %s' "$@"; printf '\\n'; } >> "$CALLS"
+if [ "$(basename "$0")" = docker ] && [ "$1" = login ]; then echo "stdin: $(cat)" >> "$CALLS"; fi
+if [ "$(basename "$0")" = systemctl ] && [ "$1" = is-active ]; then exit 1; fi
+if [ "$(basename "$0")" = docker ] && [ "$1" = pull ] && [ -n "${FAIL_PULL:-}" ]; then exit 1; fi
+if [ "$(basename "$0")" = shred ]; then rm -f "${@: -1}"; fi
+exit 0
+"""
+
+
+@pytest.fixture
+def vm_root(tmp_path):
+    """Lay the rendered files out under a scratch root, with recording stand-ins on PATH."""
+    def lay_out(text: str) -> tuple[Path, dict[str, str]]:
+        for path, content in scripts(text).items():
+            target = tmp_path / path.lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(content)
+            target.chmod(0o755 if path.endswith(".sh") else 0o600)
+        bindir = tmp_path / "stubs"
+        bindir.mkdir()
+        for tool in ("apt-get", "systemctl", "systemd-run", "docker", "shred", "python3"):
+            (bindir / tool).write_text(STUB)
+            (bindir / tool).chmod(0o755)
+        env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "CALLS": str(tmp_path / "calls.log"),
+               "QWEN_BOX_ETC": str(tmp_path / "etc/qwen-box"), "QWEN_BOX_OPT": str(tmp_path / "opt/qwen-box"),
+               "QWEN_BOX_WWW": str(tmp_path / "www")}
+        return tmp_path, env
+    return lay_out
+
+
+def test_provisioning_installs_logs_in_pulls_and_runs_in_order(vm_root):
+    root, env = vm_root(cloudinit.render(IMAGE, 80, ENV, RegistryLogin("myreg.azurecr.io", "puller", SECRET)))
+    result = subprocess.run(["bash", str(root / "opt/qwen-box/provision.sh")], env=env, capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    calls = (root / "calls.log").read_text().splitlines()
+    order = [c.split()[0] + " " + c.split()[1] for c in calls if not c.startswith("stdin")]
+    assert order.index("apt-get install") < order.index("docker login") < order.index("docker pull") \
+        < order.index("docker run")
+    assert f"stdin: {SECRET}" in calls
+    assert not any(SECRET in line for line in result.stdout.splitlines() + result.stderr.splitlines())
+    assert not (root / "etc/qwen-box/registry/password").exists()
+    run = next(c for c in calls if c.startswith("docker run"))
+    assert "--restart unless-stopped" in run and "--publish 80:8000" in run
+    assert "--volume qwen-box-data:/data" in run and run.endswith(IMAGE)
+    assert f"--env-file {root}/etc/qwen-box/service.env" in run
+    assert "python3 -m http.server 80 --bind 0.0.0.0" in next(c for c in calls if c.startswith("systemd-run"))
+    assert "qwen-box: pulling: pulling " + IMAGE in result.stdout
+    assert json.loads((root / "www/api/health").read_text())["status"] == "starting"
+
+
+def test_a_failed_pull_leaves_an_error_on_the_status_page(vm_root):
+    root, env = vm_root(cloudinit.render(IMAGE, 80, ENV))
+    result = subprocess.run(["bash", str(root / "opt/qwen-box/provision.sh")], env={**env, "FAIL_PULL": "1"},
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    health = json.loads((root / "www/api/health").read_text())
+    assert health["status"] == "error" and "cloud-init-output.log" in health["detail"]
+    assert "docker run" not in (root / "calls.log").read_text()
