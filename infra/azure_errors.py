@@ -1,0 +1,107 @@
+"""Azure's failures turned into sentences a user can act on.
+
+The SDK has already retried what is worth retrying (429 after Retry-After, 408, 5xx) by the time an
+exception reaches here, so each answer says what to do next rather than "try again" blindly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from azure.core.exceptions import (
+    ClientAuthenticationError,
+    HttpResponseError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
+
+from infra.credentials import NO_CREDENTIALS
+
+SUGGESTED_SIZES = ("Standard_B2s", "Standard_B2ms", "Standard_B2as_v2", "Standard_D2as_v5", "Standard_D2s_v5")
+SUGGESTED_REGIONS = ("eastus", "eastus2", "westus2", "northeurope", "westeurope", "uksouth")
+
+
+class AzureActionError(RuntimeError):
+    """A failure with an actionable message (printed as is, no traceback)."""
+
+
+def error_code(exc: HttpResponseError) -> str:
+    """The ARM error code (e.g. SkuNotAvailable), from the parsed error or the status."""
+    err = getattr(exc, "error", None)
+    code = getattr(err, "code", None) if err is not None else None
+    return code or (f"HTTP{exc.status_code}" if exc.status_code else "Unknown")
+
+
+def _message(exc: HttpResponseError) -> str:
+    err = getattr(exc, "error", None)
+    msg = getattr(err, "message", None) if err is not None else None
+    return (msg or exc.message or str(exc)).strip().splitlines()[0]
+
+
+def explain(exc: BaseException, *, region: str = "", size: str = "", name: str = "",
+            available_sizes: Callable[[], list[str]] | None = None) -> str:
+    """A one-paragraph explanation of `exc` with the next step to take."""
+    if isinstance(exc, ClientAuthenticationError):
+        return ("Azure sign-in failed: " + str(exc).strip().splitlines()[0] + "\n" + NO_CREDENTIALS +
+                ". For a service principal set AZURE_TENANT_ID, AZURE_CLIENT_ID and AZURE_CLIENT_SECRET.")
+    if isinstance(exc, ServiceRequestError | ServiceResponseError) and not isinstance(exc, HttpResponseError):
+        return (f"could not reach Azure Resource Manager ({exc.__class__.__name__}: {exc}). Check the "
+                "network (and AZURE_ARM_ENDPOINT if you set it), then re-run: deploy-azure picks up where "
+                "it stopped.")
+    if not isinstance(exc, HttpResponseError):
+        return f"{exc.__class__.__name__}: {exc}"
+    code, msg, status = error_code(exc), _message(exc), exc.status_code
+    low = (code + " " + msg).lower()
+    where = f" in {region}" if region else ""
+    if code in ("AuthorizationFailed", "LinkedAuthorizationFailed") or status == 403:
+        return (f"not allowed: {msg}\nYour Azure identity needs the Contributor role (or Owner) on the "
+                "subscription or on the resource group; ask a subscription owner to grant it "
+                "(`az role assignment create --role Contributor ...`), or pick another --subscription.")
+    if code in ("InvalidAuthenticationToken", "ExpiredAuthenticationToken", "AuthenticationFailed") \
+            or status == 401:
+        return f"Azure rejected the sign-in token ({code}). Run `az login` again, then re-run."
+    if code in ("SubscriptionNotFound", "InvalidSubscriptionId", "SubscriptionNotRegistered"):
+        return (f"subscription problem ({code}): {msg}\nCheck AZURE_SUBSCRIPTION_ID / --subscription "
+                "against `az account list`.")
+    if code == "MissingSubscriptionRegistration":
+        return (f"{msg}\nRegister the provider once: `az provider register --namespace Microsoft.Compute` "
+                "(and Microsoft.Network), then re-run.")
+    if "quota" in low or code in ("QuotaExceeded", "OperationNotAllowed") and "cores" in low:
+        return (f"quota exceeded{where}: {msg}\nAsk for more vCPU quota (Azure portal → Subscriptions → "
+                f"Usage + quotas, family of {size or 'the VM size'}), or use a smaller --size or another "
+                "--region.")
+    if code == "SkuNotAvailable":
+        others = []
+        if available_sizes:
+            try:
+                others = [s for s in available_sizes() if s.lower() != size.lower()]
+            except HttpResponseError:
+                others = []
+        hint = (f"Sizes available to you{where}: {', '.join(others[:4])} (--size)." if others else
+                f"Try --size {SUGGESTED_SIZES[1]} or another --region (e.g. "
+                f"{', '.join(SUGGESTED_REGIONS[:3])}).")
+        return f"VM size {size or '(requested)'} is not available{where} for this subscription.\n{hint}"
+    if code in ("AllocationFailed", "ZonalAllocationFailed", "OverconstrainedAllocationRequest"):
+        return (f"Azure has no capacity for {size or 'this size'}{where} right now ({code}).\nRe-run later, "
+                "or choose another --size or --region.")
+    if code == "DnsRecordInUse" or ("dns" in low and "in use" in low):
+        return (f"the address {name}.{region}.cloudapp.azure.com is already taken by someone else's "
+                "deployment: choose another --name.")
+    if code == "ResourceGroupBeingDeleted":
+        return f"deployment {name} is still being deleted; wait for that (a few minutes), then re-run."
+    if code == "InvalidResourceGroupLocation":
+        return (f"deployment {name} already exists in another region: {msg}\nUse that --region, another "
+                "--name, or `invoke destroy-azure` first.")
+    if code == "PropertyChangeNotAllowed":
+        return (f"{msg}\nThat property is fixed once the VM exists: `invoke destroy-azure` and deploy again, "
+                "or keep the old value.")
+    if status == 409:
+        return (f"conflict ({code}): {msg}\nAnother operation on the same resources may still be running; "
+                "wait a minute and re-run (deploy-azure converges, it does not duplicate).")
+    if status == 429:
+        return ("Azure is throttling this subscription (429) even after waiting as told by Retry-After; "
+                "wait a few minutes and re-run.")
+    if status and status >= 500:
+        return (f"Azure had an internal error ({status} {code}) that persisted through retries: {msg}\n"
+                "Re-run in a few minutes; deploy-azure converges, so nothing is duplicated.")
+    return f"Azure refused the request ({status} {code}): {msg}"

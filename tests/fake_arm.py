@@ -1,0 +1,535 @@
+"""A fake Azure Resource Manager on loopback, for driving the real Azure SDK clients in tests.
+
+No package emulates ARM compute and network, so this speaks the REST protocol the SDKs speak: HTTPS
+(a throw-away `trustme` CA), bearer tokens, `api-version` on every call, ARM error bodies, and long-running
+operations (201/202 + `Azure-AsyncOperation`/`Location`, polled until `Succeeded`). It keeps state, so a
+test asserts what a deployment actually created rather than what a mock was told. It also behaves like
+Azure where our code could go wrong: references between resources must exist, `customData` is
+write-only and immutable, a resource group delete takes everything in it, and faults (409, 429 with
+`Retry-After`, 5xx, quota, an operation that fails) can be injected per request.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import ssl
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import trustme
+
+API_VERSIONS = {
+    "resourcegroups": {"2025-04-01"},
+    "microsoft.network": {"2026-03-01"},
+    "microsoft.compute": {"2026-04-01", "2026-03-03", "2026-03-02"},
+    "microsoft.compute/skus": {"2021-07-01"},
+}
+
+SKUS = ["Standard_B2s", "Standard_B2ms", "Standard_B2as_v2", "Standard_D2s_v5", "Standard_D2as_v5",
+        "Standard_B4ms"]
+
+
+@dataclass
+class Fault:
+    """Answer the next `times` requests matching `method` and `path` (a regex) with an error.
+
+    With `lro=True` the request is accepted and its long-running operation ends in that error instead,
+    the way Azure reports allocation and many quota failures.
+    """
+
+    method: str
+    path: str
+    status: int
+    code: str
+    message: str
+    times: int = 1
+    headers: dict[str, str] = field(default_factory=dict)
+    lro: bool = False
+
+
+@dataclass
+class Operation:
+    polls_left: int
+    on_done: Callable[[], None] | None = None
+    error: dict | None = None
+    result: dict | None = None
+    done: bool = False
+
+
+class ArmError(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+
+
+def _key(*parts: str) -> str:
+    return "/".join(p.lower() for p in parts)
+
+
+class FakeArm:
+    """The fake ARM. `start()` it, point clients at `url` with `ca_path` as the CA bundle, `stop()` it."""
+
+    def __init__(self, subscription: str = "00000000-0000-0000-0000-000000000001",
+                 public_ip: str = "127.0.0.1", polls: int = 1):
+        self.subscription = subscription
+        self.public_ip = public_ip
+        self.polls = polls
+        self.groups: dict[str, dict] = {}
+        self.resources: dict[str, dict] = {}
+        self.secrets: dict[str, dict] = {}
+        self.operations: dict[str, Operation] = {}
+        self.faults: list[Fault] = []
+        self.requests: list[tuple[str, str, str]] = []
+        self.run_commands: list[str] = []
+        self.restricted: dict[str, set[str]] = {}
+        self.power_state = "running"
+        self.serial_log = "[    0.000000] Linux version 6.8.0-azure\ncloud-init: qwen-box: pulling image\n"
+        self.vm_shell: Callable[[str], str] = lambda script: "qwen-box: fake VM output\n"
+        self.lock = threading.RLock()
+        self._ids = itertools.count(1)
+        self._server: ThreadingHTTPServer | None = None
+        self._ca = trustme.CA()
+        self.url = ""
+        self.ca_path = ""
+
+    def start(self, workdir: Path) -> FakeArm:
+        ca_path = workdir / "fake-arm-ca.pem"
+        self._ca.cert_pem.write_to_path(str(ca_path))
+        self.ca_path = str(ca_path)
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self._ca.issue_cert("127.0.0.1", "localhost").configure_cert(ctx)
+        fake = self
+
+        class Handler(_Handler):
+            arm = fake
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._server.socket = ctx.wrap_socket(self._server.socket, server_side=True)
+        self.url = f"https://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, args=(0.05,), name="fake-arm",
+                         daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server:
+            self._server.shutdown()
+            self._server.server_close()
+
+    # -- what tests look at and set up ---------------------------------------------------------
+    def fail(self, method: str, path: str, status: int, code: str = "", message: str = "",
+             times: int = 1, headers: dict[str, str] | None = None, lro: bool = False) -> None:
+        with self.lock:
+            self.faults.append(Fault(method.upper(), path, status, code, message, times, headers or {}, lro))
+
+    def restrict_sku(self, size: str, region: str) -> None:
+        self.restricted.setdefault(size.lower(), set()).add(region.lower())
+
+    def resource(self, group: str, provider_type: str, name: str) -> dict:
+        with self.lock:
+            return self.resources[_key(group, provider_type, name)]
+
+    def resource_ids(self) -> list[str]:
+        with self.lock:
+            return sorted(r["id"] for r in self.resources.values())
+
+    def custom_data(self, group: str, vm: str) -> str:
+        """What the VM was created with: write-only in Azure, so only the fake's own state has it."""
+        with self.lock:
+            return self.secrets[_key(group, vm)]["customData"]
+
+    def count(self, method: str, pattern: str) -> int:
+        with self.lock:
+            return sum(1 for m, p, _ in self.requests if m == method and re.search(pattern, p, re.I))
+
+    def is_empty(self) -> bool:
+        with self.lock:
+            return not self.groups and not self.resources
+
+    # -- request handling ----------------------------------------------------------------------
+    def handle(self, method: str, path: str, query: dict[str, str], body: dict | None,
+               headers: dict[str, str]) -> tuple[int, dict | None, dict[str, str]]:
+        with self.lock:
+            self.requests.append((method, path, query.get("api-version", "")))
+            if path.startswith("/fake/"):
+                return self._fake_endpoint(method, path)
+            if not headers.get("authorization", "").startswith("Bearer "):
+                raise ArmError(401, "AuthenticationFailed", "Authentication failed. The 'Authorization' "
+                               "header is missing.")
+            self._check_api_version(path, query.get("api-version"))
+            fault = self._take_fault(method, path)
+            if fault and not fault.lro:
+                raise ArmError(fault.status, fault.code, fault.message, fault.headers)
+            status, payload, extra = self._route(method, path, query, body)
+            if fault and fault.lro:
+                op_id = extra.get("Azure-AsyncOperation", "").rsplit("/", 1)[-1]
+                if op_id in self.operations:
+                    self.operations[op_id].on_done = None
+                    self.operations[op_id].error = {"code": fault.code, "message": fault.message}
+            return status, payload, extra
+
+    def _take_fault(self, method: str, path: str) -> Fault | None:
+        for fault in self.faults:
+            if fault.times > 0 and fault.method == method and re.search(fault.path, path, re.I):
+                fault.times -= 1
+                return fault
+        return None
+
+    def _check_api_version(self, path: str, version: str | None) -> None:
+        low = path.lower()
+        if "/providers/microsoft.compute/skus" in low:
+            family = "microsoft.compute/skus"
+        elif "/providers/microsoft.network/" in low:
+            family = "microsoft.network"
+        elif "/providers/microsoft.compute/" in low:
+            family = "microsoft.compute"
+        else:
+            family = "resourcegroups"
+        if not version:
+            raise ArmError(400, "MissingApiVersionParameter", "The api-version query parameter is required.")
+        if version not in API_VERSIONS[family]:
+            raise ArmError(400, "InvalidApiVersionParameter", f"The api-version '{version}' is invalid.")
+
+    def _route(self, method, path, query, body):
+        parts = [p for p in path.split("/") if p]
+        low = [p.lower() for p in parts]
+        if len(low) < 2 or low[0] != "subscriptions":
+            raise ArmError(404, "NotFound", f"No route for {path}")
+        if parts[1] != self.subscription:
+            raise ArmError(404, "SubscriptionNotFound", f"The subscription '{parts[1]}' could not be found.")
+        rest, lrest = parts[2:], low[2:]
+        if lrest == ["providers", "microsoft.compute", "skus"]:
+            return 200, {"value": self._skus(query.get("$filter", ""))}, {}
+        if lrest == ["resourcegroups"] and method == "GET":
+            return 200, {"value": self._list_groups(query.get("$filter", ""))}, {}
+        if len(lrest) == 2 and lrest[0] == "resourcegroups":
+            return self._group(method, rest[1], body)
+        if len(lrest) >= 6 and lrest[0] == "resourcegroups" and lrest[2] == "providers":
+            group = rest[1]
+            if _key(group) not in self.groups:
+                raise ArmError(404, "ResourceGroupNotFound", f"Resource group '{group}' could not be found.")
+            ptype = "/".join(lrest[3:5])
+            name = rest[5]
+            tail = lrest[6:]
+            if ptype == "microsoft.compute/virtualmachines" and tail:
+                return self._vm_action(method, group, name, tail, body)
+            if tail:
+                raise ArmError(404, "NotFound", f"No route for {path}")
+            return self._resource(method, path, group, rest[3] + "/" + rest[4], name, body)
+        raise ArmError(404, "NotFound", f"No route for {path}")
+
+    # -- resource groups -----------------------------------------------------------------------
+    def _group_body(self, name: str) -> dict:
+        return self.groups[_key(name)]
+
+    def _group(self, method, name, body):
+        key = _key(name)
+        group = self.groups.get(key)
+        if method == "HEAD":
+            return (204 if group else 404), None, {}
+        if method == "GET":
+            if not group:
+                raise ArmError(404, "ResourceGroupNotFound", f"Resource group '{name}' could not be found.")
+            return 200, group, {}
+        if method == "PUT":
+            if group and group["properties"]["provisioningState"] == "Deleting":
+                raise ArmError(409, "ResourceGroupBeingDeleted",
+                               f"The resource group '{name}' is in deprovisioning state and cannot perform "
+                               "this operation.")
+            if not body or "location" not in body:
+                raise ArmError(400, "LocationRequired",
+                               "The location property is required for this definition.")
+            if group and group["location"] != body["location"].lower():
+                raise ArmError(409, "InvalidResourceGroupLocation",
+                               f"Invalid resource group location '{body['location']}'. The Resource group "
+                               f"already exists in location '{group['location']}'.")
+            self.groups[key] = {
+                "id": f"/subscriptions/{self.subscription}/resourceGroups/{name}", "name": name,
+                "type": "Microsoft.Resources/resourceGroups", "location": body["location"].lower(),
+                "tags": body.get("tags", {}), "properties": {"provisioningState": "Succeeded"}}
+            return (200 if group else 201), self.groups[key], {}
+        if method == "DELETE":
+            if not group:
+                raise ArmError(404, "ResourceGroupNotFound", f"Resource group '{name}' could not be found.")
+            group["properties"]["provisioningState"] = "Deleting"
+
+            def gone():
+                self.groups.pop(key, None)
+                for rkey in [k for k in self.resources if k.startswith(key + "/")]:
+                    del self.resources[rkey]
+                for skey in [k for k in self.secrets if k.startswith(key + "/")]:
+                    del self.secrets[skey]
+
+            op = self._operation(gone)
+            return 202, None, {"Location": f"{self.url}/fake/locations/{op}", "Retry-After": "0"}
+        raise ArmError(405, "MethodNotAllowed", method)
+
+    def _list_groups(self, filt: str) -> list[dict]:
+        match = re.search(r"tagName eq '([^']*)' and tagValue eq '([^']*)'", filt)
+        groups = list(self.groups.values())
+        if match:
+            name, value = match.groups()
+            groups = [g for g in groups if g.get("tags", {}).get(name) == value]
+        return groups
+
+    # -- resources -------------------------------------------------------------------------------
+    def _resource(self, method, path, group, ptype, name, body):
+        key = _key(group, ptype, name)
+        existing = self.resources.get(key)
+        rid = f"/subscriptions/{self.subscription}/resourceGroups/{group}/providers/{ptype}/{name}"
+        if method == "GET":
+            if not existing:
+                raise ArmError(404, "ResourceNotFound", f"The Resource '{ptype}/{name}' under resource group "
+                               f"'{group}' was not found.")
+            return 200, existing, {}
+        if method == "DELETE":
+            if not existing:
+                return 204, None, {}
+            op = self._operation(lambda: self.resources.pop(key, None))
+            return 202, None, self._lro_headers(op)
+        if method != "PUT":
+            raise ArmError(405, "MethodNotAllowed", method)
+        if not isinstance(body, dict) or "location" not in body:
+            raise ArmError(400, "LocationRequired", "The location property is required for this definition.")
+        resource = json.loads(json.dumps(body))
+        resource.update({"id": rid, "name": name, "type": ptype, "location": body["location"].lower(),
+                         "etag": f'W/"{uuid.uuid4()}"'})
+        props = resource.setdefault("properties", {})
+        kind = ptype.lower()
+        if kind == "microsoft.network/virtualnetworks":
+            for subnet in props.get("subnets", []):
+                subnet["id"] = f"{rid}/subnets/{subnet['name']}"
+                subnet.setdefault("properties", {})["provisioningState"] = "Succeeded"
+        elif kind == "microsoft.network/publicipaddresses":
+            self._public_ip(resource, existing)
+        elif kind == "microsoft.network/networkinterfaces":
+            self._nic(resource)
+        elif kind == "microsoft.compute/virtualmachines":
+            self._vm(group, name, resource, existing)
+        props["provisioningState"] = "Updating" if existing else "Creating"
+        self.resources[key] = resource
+
+        def done():
+            resource["properties"]["provisioningState"] = "Succeeded"
+
+        op = self._operation(done)
+        return (200 if existing else 201), resource, self._lro_headers(op)
+
+    def _exists(self, rid: str) -> bool:
+        parts = [p for p in rid.split("/") if p]
+        if len(parts) == 8:
+            return _key(parts[3], parts[5] + "/" + parts[6], parts[7]) in self.resources
+        if len(parts) == 10 and parts[8].lower() == "subnets":
+            vnet = self.resources.get(_key(parts[3], parts[5] + "/" + parts[6], parts[7]))
+            return bool(vnet) and any(s["name"].lower() == parts[9].lower()
+                                      for s in vnet["properties"].get("subnets", []))
+        return False
+
+    def _require(self, rid: str | None, what: str) -> None:
+        if rid and not self._exists(rid):
+            raise ArmError(400, "InvalidResourceReference",
+                           f"Resource {rid} referenced by {what} was not found.")
+
+    def _public_ip(self, resource: dict, existing: dict | None) -> None:
+        props = resource["properties"]
+        standard = resource.get("sku", {}).get("name") == "Standard"
+        if standard and props.get("publicIPAllocationMethod") != "Static":
+            raise ArmError(400, "StandardSkuPublicIPAddressesCanOnlyBeStatic",
+                           "Standard sku publicIp can only use Static allocation method.")
+        label = props.get("dnsSettings", {}).get("domainNameLabel")
+        if label:
+            for other in self.resources.values():
+                same = other["id"].lower() == resource["id"].lower()
+                olabel = other.get("properties", {}).get("dnsSettings", {}).get("domainNameLabel")
+                if not same and olabel == label and other["location"] == resource["location"]:
+                    raise ArmError(400, "DnsRecordInUse", f"DNS record {label}.{resource['location']}."
+                                   "cloudapp.azure.com is already used by another public IP.")
+            props["dnsSettings"]["fqdn"] = f"{label}.{resource['location']}.cloudapp.azure.com"
+        props["ipAddress"] = (existing or {}).get("properties", {}).get("ipAddress", self.public_ip)
+
+    def _nic(self, resource: dict) -> None:
+        props = resource["properties"]
+        self._require(props.get("networkSecurityGroup", {}).get("id"), "the network interface")
+        for conf in props.get("ipConfigurations", []):
+            cprops = conf.get("properties", {})
+            self._require(cprops.get("subnet", {}).get("id"), "an IP configuration")
+            self._require(cprops.get("publicIPAddress", {}).get("id"), "an IP configuration")
+            conf["id"] = f"{resource['id']}/ipConfigurations/{conf['name']}"
+
+    def _vm(self, group: str, name: str, resource: dict, existing: dict | None) -> None:
+        props = resource["properties"]
+        size = props.get("hardwareProfile", {}).get("vmSize", "")
+        if resource["location"] in self.restricted.get(size.lower(), set()):
+            raise ArmError(409, "SkuNotAvailable",
+                           f"The requested VM size for resource 'Following SKUs have failed for Capacity "
+                           f"Restrictions: {size}' is currently not available in location "
+                           f"'{resource['location']}'. Please try another size or deploy to a different "
+                           "location or different zone.")
+        for nic in props.get("networkProfile", {}).get("networkInterfaces", []):
+            self._require(nic.get("id"), "the virtual machine")
+        os_profile = props.get("osProfile", {})
+        skey = _key(group, name)
+        stored = self.secrets.get(skey)
+        if existing and stored:
+            sent = os_profile.pop("customData", None)
+            if sent is not None and sent != stored["customData"]:
+                raise ArmError(409, "PropertyChangeNotAllowed",
+                               "Changing property 'customData' is not allowed.")
+            old_user = existing["properties"]["osProfile"]["adminUsername"]
+            if os_profile.get("adminUsername", old_user) != old_user:
+                raise ArmError(409, "PropertyChangeNotAllowed",
+                               "Changing property 'osProfile.adminUsername' is not allowed.")
+            props["osProfile"] = {**existing["properties"]["osProfile"], **os_profile}
+            props["vmId"] = existing["properties"]["vmId"]
+        else:
+            self.secrets[skey] = {"customData": os_profile.pop("customData", "")}
+            os_profile.pop("adminPassword", None)
+            props["vmId"] = str(uuid.uuid4())
+            disk = props.get("storageProfile", {}).get("osDisk", {})
+            disk_name = disk.get("name") or f"{name}_OsDisk_1"
+            did = (f"/subscriptions/{self.subscription}/resourceGroups/{group}/providers/"
+                   f"Microsoft.Compute/disks/{disk_name}")
+            disk.setdefault("managedDisk", {})["id"] = did
+            self.resources[_key(group, "Microsoft.Compute/disks", disk_name)] = {
+                "id": did, "name": disk_name, "type": "Microsoft.Compute/disks",
+                "location": resource["location"],
+                "properties": {"diskSizeGB": disk.get("diskSizeGB", 30), "provisioningState": "Succeeded"}}
+
+    def _vm_action(self, method, group, name, tail, body):
+        key = _key(group, "Microsoft.Compute/virtualMachines", name)
+        vm = self.resources.get(key)
+        if not vm:
+            raise ArmError(404, "ResourceNotFound",
+                           f"The Resource 'Microsoft.Compute/virtualMachines/{name}' "
+                           f"under resource group '{group}' was not found.")
+        action = tail[0]
+        if action == "instanceview" and method == "GET":
+            return 200, self._instance_view(), {}
+        if action == "start" and method == "POST":
+            op = self._operation(lambda: setattr(self, "power_state", "running"))
+            return 202, None, self._lro_headers(op)
+        if action == "retrievebootdiagnosticsdata" and method == "POST":
+            return 200, {"consoleScreenshotBlobUri": f"{self.url}/fake/bootdiag/{name}/screenshot.bmp?sig=x",
+                         "serialConsoleLogBlobUri": f"{self.url}/fake/bootdiag/{name}/serial.log?sig=x"}, {}
+        if action == "runcommand" and method == "POST":
+            if self.power_state != "running":
+                raise ArmError(409, "OperationNotAllowed",
+                               "Cannot run a command on a VM that is not running.")
+            script = "\n".join((body or {}).get("script", []))
+            self.run_commands.append(script)
+            op = self._operation(None)
+            output = self.vm_shell(script)
+            self.operations[op].result = {"value": [{
+                "code": "ProvisioningState/succeeded", "level": "Info",
+                "displayStatus": "Provisioning succeeded",
+                "message": f"Enable succeeded: \n[stdout]\n{output}\n[stderr]\n"}]}
+            return 202, None, self._lro_headers(op, result=True)
+        raise ArmError(404, "NotFound", f"No action {action}")
+
+    def _instance_view(self) -> dict:
+        return {"computerName": "qwen-box", "osName": "ubuntu", "osVersion": "24.04",
+                "statuses": [{"code": "ProvisioningState/succeeded", "level": "Info",
+                              "displayStatus": "Provisioning succeeded"},
+                             {"code": f"PowerState/{self.power_state}", "level": "Info",
+                              "displayStatus": f"VM {self.power_state}"}]}
+
+    def _skus(self, filt: str) -> list[dict]:
+        match = re.search(r"location eq '([^']*)'", filt)
+        region = match.group(1).lower() if match else "eastus"
+        out = []
+        for size in SKUS:
+            restricted = region in self.restricted.get(size.lower(), set())
+            out.append({
+                "resourceType": "virtualMachines", "name": size, "tier": "Standard", "locations": [region],
+                "restrictions": [{"type": "Location", "values": [region],
+                                  "reasonCode": "NotAvailableForSubscription",
+                                  "restrictionInfo": {"locations": [region]}}] if restricted else []})
+        return out
+
+    # -- long-running operations ----------------------------------------------------------------
+    def _operation(self, on_done: Callable[[], None] | None) -> str:
+        op_id = f"op{next(self._ids)}"
+        self.operations[op_id] = Operation(self.polls, on_done)
+        return op_id
+
+    def _lro_headers(self, op: str, result: bool = False) -> dict[str, str]:
+        headers = {"Azure-AsyncOperation": f"{self.url}/fake/operations/{op}", "Retry-After": "0"}
+        if result:
+            headers["Location"] = f"{self.url}/fake/results/{op}"
+        return headers
+
+    def _advance(self, op: Operation) -> None:
+        if op.done:
+            return
+        if op.polls_left > 0:
+            op.polls_left -= 1
+            return
+        op.done = True
+        if op.error is None and op.on_done:
+            op.on_done()
+
+    def _fake_endpoint(self, method: str, path: str):
+        parts = path.split("/")
+        if parts[2] == "bootdiag":
+            return 200, {"_raw": self.serial_log}, {}
+        op = self.operations.get(parts[3])
+        if not op:
+            raise ArmError(404, "NotFound", "no such operation")
+        if parts[2] == "operations":
+            self._advance(op)
+            if not op.done:
+                return 200, {"status": "InProgress"}, {"Retry-After": "0"}
+            if op.error:
+                return 200, {"status": "Failed", "error": op.error}, {}
+            return 200, {"status": "Succeeded"}, {}
+        if parts[2] == "locations":
+            self._advance(op)
+            return (202, None, {"Retry-After": "0"}) if not op.done else (200, None, {})
+        if parts[2] == "results":
+            return (200, op.result, {}) if op.done else (202, None, {"Retry-After": "0"})
+        raise ArmError(404, "NotFound", path)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    arm: FakeArm
+
+    def log_message(self, format, *args):  # noqa: A002
+        pass
+
+    def _serve(self) -> None:
+        split = urlsplit(self.path)
+        query = {k: v[0] for k, v in parse_qs(split.query).items()}
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        try:
+            body = json.loads(raw) if raw else None
+            status, payload, extra = self.arm.handle(self.command, split.path, query, body, headers)
+        except ArmError as e:
+            status, payload, extra = e.status, {"error": {"code": e.code, "message": e.message}}, e.headers
+        except json.JSONDecodeError as e:
+            status, payload, extra = 400, {"error": {"code": "InvalidRequestContent", "message": str(e)}}, {}
+        if payload is not None and "_raw" in payload:
+            data, ctype = payload["_raw"].encode(), "text/plain"
+        else:
+            data, ctype = (json.dumps(payload).encode() if payload is not None else b""), "application/json"
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("x-ms-request-id", str(uuid.uuid4()))
+        for name, value in extra.items():
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    do_GET = do_PUT = do_POST = do_DELETE = do_PATCH = do_HEAD = _serve

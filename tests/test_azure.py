@@ -1,0 +1,550 @@
+"""Azure deployment against a fake Azure Resource Manager on loopback, through the real SDK clients.
+
+What was created is read back from the fake's state (NSG rules and sources, VM size and image, SSH-only
+login, tags, custom_data), not from what a mock was told. The health wait talks to a real local HTTP
+server standing in for the VM (the fake public IP is 127.0.0.1). Nothing here leaves this machine: the
+public-IP lookup and DefaultAzureCredential are replaced by functions that fail the test if called.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from azure.core.credentials import AccessToken
+from azure.core.exceptions import ClientAuthenticationError
+from invoke import Collection, Program
+
+import tasks
+from infra import azure, azure_cli, cloudinit, credentials
+from infra.azure_errors import AzureActionError
+from infra.credentials import AzureClients, Cloud, CredentialsError, RetrySettings
+from infra.plan import UBUNTU_2404, Deployment, PlanError, make_plan, parse_sources
+from tests.conftest import free_port
+from tests.fake_arm import FakeArm
+
+FAST = RetrySettings(total=3, backoff_factor=0.01, backoff_max=0.05, polling_interval=0)
+IMAGE = "myreg.azurecr.io/qwen-box:1.0"
+ME = "203.0.113.7/32"
+VM = "Microsoft.Compute/virtualMachines"
+NSG = "Microsoft.Network/networkSecurityGroups"
+
+
+class FakeCredential:
+    """Stands in for DefaultAzureCredential: a token, and a record of the scopes asked for."""
+
+    def __init__(self, fail: bool = False):
+        self.scopes: list[str] = []
+        self.fail = fail
+
+    def get_token(self, *scopes: str, **kwargs) -> AccessToken:
+        self.scopes += scopes
+        if self.fail:
+            raise ClientAuthenticationError("DefaultAzureCredential failed to retrieve a token")
+        return AccessToken("fake-token", int(time.time()) + 3600)
+
+
+@pytest.fixture(autouse=True)
+def nothing_leaves_this_machine(monkeypatch):
+    def no_lookup(*args, **kwargs):
+        raise AssertionError("tests must never look up the public IP (pass --allow-from)")
+
+    def no_default_credential(*args, **kwargs):
+        raise AssertionError("DefaultAzureCredential must not run in tests (it calls 169.254.169.254)")
+
+    monkeypatch.setattr(credentials, "discover_public_ip", no_lookup)
+    monkeypatch.setattr(credentials, "default_credential", no_default_credential)
+
+
+@pytest.fixture
+def fake(tmp_path) -> Iterator[FakeArm]:
+    arm = FakeArm().start(tmp_path)
+    yield arm
+    arm.stop()
+
+
+def connect_to(fake: FakeArm, credential=None) -> AzureClients:
+    return credentials.connect(Cloud(arm_endpoint=fake.url), fake.subscription,
+                               credential or FakeCredential(), retry=FAST, verify=fake.ca_path)
+
+
+@pytest.fixture
+def clients(fake) -> AzureClients:
+    return connect_to(fake)
+
+
+def deployment(**kw) -> Deployment:
+    values = dict(name="qb-test", image=IMAGE, allow_from=(ME,), env={"DTYPE": "float32"})
+    values.update(kw)
+    return Deployment(**values)
+
+
+def run_deploy(clients: AzureClients, d: Deployment) -> azure.DeployResult:
+    return azure.deploy(clients, d, cloudinit.render(d.image, d.port, d.env), "ssh-ed25519 AAAAC3Nz test")
+
+
+class StandInVM:
+    """A real HTTP server where the VM's port would be: answers /api/health from a script of replies."""
+
+    def __init__(self, replies: list[tuple[int, dict]]):
+        self.replies = list(replies)
+        self.hits = 0
+        stand_in = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                status, body = stand_in.replies[min(stand_in.hits, len(stand_in.replies) - 1)]
+                stand_in.hits += 1
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+            disable_nagle_algorithm = True
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+LOADING = (503, {"status": "loading", "model": "Qwen/Qwen2.5-1.5B-Instruct"})
+OK = (200, {"status": "ok", "model": "Qwen/Qwen2.5-1.5B-Instruct"})
+PULLING = (200, {"status": "pulling", "detail": "pulling " + IMAGE})
+
+
+# -- what a deployment creates ----------------------------------------------------------------------
+
+def test_deploy_creates_every_resource_tagged_in_one_group(fake, clients):
+    d = deployment()
+    result = run_deploy(clients, d)
+    assert result.vm_created and result.ip == "127.0.0.1"
+    assert result.url == "http://qb-test.eastus.cloudapp.azure.com/"
+    prefix = f"/subscriptions/{fake.subscription}/resourceGroups/qb-test-rg/providers/"
+    assert fake.resource_ids() == sorted(prefix + p for p in [
+        "Microsoft.Compute/disks/qb-test-osdisk", f"{VM}/qb-test-vm",
+        "Microsoft.Network/networkInterfaces/qb-test-nic",
+        f"{NSG}/qb-test-nsg", "Microsoft.Network/publicIPAddresses/qb-test-ip",
+        "Microsoft.Network/virtualNetworks/qb-test-vnet"])
+    assert fake.groups["qb-test-rg"]["tags"] == {"app": "qwen-box", "deployment": "qb-test"}
+    for rid in fake.resource_ids():
+        if "/disks/" not in rid:
+            resource = next(r for r in fake.resources.values() if r["id"] == rid)
+            assert {"app": "qwen-box", "deployment": "qb-test"}.items() <= resource["tags"].items(), rid
+            assert resource["location"] == "eastus"
+    pip = fake.resource("qb-test-rg", "Microsoft.Network/publicIPAddresses", "qb-test-ip")
+    assert pip["sku"]["name"] == "Standard" and pip["properties"]["publicIPAllocationMethod"] == "Static"
+    assert pip["properties"]["dnsSettings"]["domainNameLabel"] == "qb-test"
+
+
+def test_exposure_is_private_by_default_and_ssh_closed(fake, clients):
+    run_deploy(clients, deployment())
+    rules = fake.resource("qb-test-rg", NSG, "qb-test-nsg")["properties"]["securityRules"]
+    assert len(rules) == 1
+    rule = rules[0]["properties"]
+    assert rule["sourceAddressPrefix"] == ME and rule["destinationPortRange"] == "80"
+    assert (rule["direction"], rule["access"], rule["protocol"]) == ("Inbound", "Allow", "Tcp")
+    nic = fake.resource("qb-test-rg", "Microsoft.Network/networkInterfaces", "qb-test-nic")
+    assert nic["properties"]["networkSecurityGroup"]["id"].endswith("/qb-test-nsg")
+
+
+def test_vm_is_ubuntu_2404_with_ssh_key_login_only(fake, clients):
+    run_deploy(clients, deployment(size="Standard_B2ms", disk_gb=80))
+    props = fake.resource("qb-test-rg", VM, "qb-test-vm")["properties"]
+    assert props["hardwareProfile"]["vmSize"] == "Standard_B2ms"
+    assert props["storageProfile"]["imageReference"] == UBUNTU_2404
+    assert props["storageProfile"]["imageReference"]["sku"] == "server"  # the Gen2 image
+    disk = props["storageProfile"]["osDisk"]
+    assert disk["diskSizeGB"] == 80 and disk["deleteOption"] == "Delete"
+    linux = props["osProfile"]["linuxConfiguration"]
+    assert linux["disablePasswordAuthentication"] is True
+    assert linux["ssh"]["publicKeys"] == [{"path": "/home/azureuser/.ssh/authorized_keys",
+                                           "keyData": "ssh-ed25519 AAAAC3Nz test"}]
+    assert "adminPassword" not in props["osProfile"]
+    assert props["diagnosticsProfile"]["bootDiagnostics"]["enabled"] is True
+
+
+def test_custom_data_is_the_rendered_cloud_init_with_image_and_settings(fake, clients):
+    d = deployment(env={"DTYPE": "float32", "QUEUE_SIZE": "4"}, port=8080)
+    run_deploy(clients, d)
+    text = base64.b64decode(fake.custom_data("qb-test-rg", "qb-test-vm")).decode()
+    assert text == cloudinit.render(IMAGE, 8080, {"DTYPE": "float32", "QUEUE_SIZE": "4"})
+    assert text.startswith("#cloud-config") and f"      {IMAGE}\n" in text
+    assert "DTYPE=float32" in text and "QUEUE_SIZE=4" in text and "      8080\n" in text
+    assert "customData" not in json.dumps(fake.resource("qb-test-rg", VM, "qb-test-vm"))
+
+
+def test_the_sdk_speaks_to_the_configured_endpoint_with_its_scope(fake):
+    credential = FakeCredential()
+    run_deploy(connect_to(fake, credential), deployment())
+    assert set(credential.scopes) == {f"{fake.url}/.default"}
+    assert all(version for method, path, version in fake.requests if not path.startswith("/fake/"))
+
+
+# -- converging, updating, destroying ------------------------------------------------------------------
+
+def test_deploying_twice_converges_to_the_same_resources(fake, clients):
+    d = deployment()
+    run_deploy(clients, d)
+    before = fake.resource_ids()
+    vm_id = fake.resource("qb-test-rg", VM, "qb-test-vm")["properties"]["vmId"]
+    again = run_deploy(clients, d)
+    assert not again.vm_created and not again.container_updated
+    assert fake.resource_ids() == before
+    assert fake.resource("qb-test-rg", VM, "qb-test-vm")["properties"]["vmId"] == vm_id
+    assert fake.count("PUT", "virtualMachines/qb-test-vm$") == 1
+    assert fake.run_commands == []
+
+
+def test_redeploy_with_a_new_image_updates_the_container_not_the_vm(fake, clients):
+    run_deploy(clients, deployment())
+    first_data = fake.custom_data("qb-test-rg", "qb-test-vm")
+    result = run_deploy(clients, deployment(image="myreg.azurecr.io/qwen-box:2.0"))
+    assert result.container_updated and not result.vm_created
+    assert fake.custom_data("qb-test-rg", "qb-test-vm") == first_data
+    (script,) = fake.run_commands
+    assert base64.b64encode(b"myreg.azurecr.io/qwen-box:2.0\n").decode() in script
+    assert "/opt/qwen-box/start-container.sh" in script
+    tags = fake.resource("qb-test-rg", VM, "qb-test-vm")["tags"]
+    digest = cloudinit.config_digest("myreg.azurecr.io/qwen-box:2.0", 80, {"DTYPE": "float32"})
+    assert tags[azure.CONFIG_TAG] == digest
+    assert len(fake.resource_ids()) == 6
+
+
+def test_redeploy_changes_exposure_in_place(fake, clients):
+    run_deploy(clients, deployment())
+    run_deploy(clients, deployment(public=True, ssh=True, allow_from=("198.51.100.0/24",),
+                                   ssh_from=("198.51.100.0/24",)))
+    rules = {r["name"]: r["properties"] for r in
+             fake.resource("qb-test-rg", NSG, "qb-test-nsg")["properties"]["securityRules"]}
+    assert rules["allow-chat-http"]["sourceAddressPrefix"] == "Internet"
+    assert rules["allow-ssh"]["sourceAddressPrefix"] == "198.51.100.0/24"
+    assert rules["allow-ssh"]["destinationPortRange"] == "22"
+
+
+def test_secret_settings_go_only_into_custom_data(fake, clients):
+    d = deployment(env={"ACCESS_TOKEN": "tok-123-secret"})
+    run_deploy(clients, d)
+    data = base64.b64decode(fake.custom_data("qb-test-rg", "qb-test-vm")).decode()
+    assert "ACCESS_TOKEN=tok-123-secret" in data
+    assert "tok-123-secret" not in json.dumps(fake.resources)
+    run_deploy(clients, deployment(image="myreg.azurecr.io/qwen-box:2.0", env={}))
+    assert "tok-123-secret" not in fake.run_commands[0] and "ACCESS_TOKEN" in fake.run_commands[0]
+    with pytest.raises(AzureActionError, match="only be set when the VM is created"):
+        run_deploy(clients, deployment(env={"ACCESS_TOKEN": "another"}))
+
+
+def test_stopped_vm_is_started_on_redeploy(fake, clients):
+    run_deploy(clients, deployment())
+    fake.power_state = "deallocated"
+    run_deploy(clients, deployment())
+    assert fake.power_state == "running" and fake.count("POST", "/start$") == 1
+
+
+def test_destroy_leaves_nothing(fake, clients):
+    d = deployment()
+    run_deploy(clients, d)
+    assert azure.destroy(clients, d) is True
+    assert fake.is_empty()
+    assert azure.destroy(clients, d) is False
+    assert azure.status(clients, d) is None
+
+
+# -- Azure's failures -------------------------------------------------------------------------------
+
+def test_429_waits_as_retry_after_says_then_succeeds(fake, clients):
+    fake.fail("PUT", "networkSecurityGroups", 429, "TooManyRequests", "Too many requests",
+              headers={"Retry-After": "1"})
+    started = time.monotonic()
+    run_deploy(clients, deployment())
+    assert time.monotonic() - started >= 1.0
+    assert fake.count("PUT", "networkSecurityGroups") == 2
+    assert fake.resource("qb-test-rg", NSG, "qb-test-nsg")
+
+
+def test_transient_5xx_is_retried(fake, clients):
+    fake.fail("PUT", "virtualMachines/qb-test-vm$", 503, "ServiceUnavailable", "try later", times=2)
+    fake.fail("GET", "virtualNetworks", 500, "InternalServerError", "oops")
+    assert run_deploy(clients, deployment()).vm_created
+    assert fake.count("PUT", "virtualMachines/qb-test-vm$") == 3
+
+
+def test_5xx_that_persists_is_explained(fake, clients):
+    fake.fail("PUT", "publicIPAddresses", 500, "InternalServerError", "boom", times=10)
+    with pytest.raises(AzureActionError, match="(?s)internal error .*persisted through retries"):
+        run_deploy(clients, deployment())
+
+
+def test_quota_exceeded_is_explained(fake, clients):
+    fake.fail("PUT", "virtualMachines", 409, "OperationNotAllowed",
+              "Operation could not be completed as it results in exceeding approved standardBSFamily Cores "
+              "quota.")
+    with pytest.raises(AzureActionError) as err:
+        run_deploy(clients, deployment())
+    assert "quota exceeded in eastus" in str(err.value) and "Usage + quotas" in str(err.value)
+
+
+def test_quota_failure_reported_by_the_long_running_operation(fake, clients):
+    fake.fail("PUT", "virtualMachines", 200, "QuotaExceeded", "Quota exceeded for regional vCPUs.", lro=True)
+    with pytest.raises(AzureActionError, match="quota exceeded"):
+        run_deploy(clients, deployment())
+
+
+def test_allocation_failure_is_explained(fake, clients):
+    fake.fail("PUT", "virtualMachines", 200, "AllocationFailed", "Allocation failed.", lro=True)
+    with pytest.raises(AzureActionError, match="no capacity for Standard_B2s in eastus"):
+        run_deploy(clients, deployment())
+
+
+def test_unavailable_size_suggests_one_that_is_available(fake, clients):
+    fake.restrict_sku("Standard_B2s", "eastus")
+    with pytest.raises(AzureActionError) as err:
+        run_deploy(clients, deployment())
+    message = str(err.value)
+    assert "Standard_B2s is not available in eastus" in message
+    assert "Standard_B2ms" in message and "--size" in message
+
+
+def test_dns_name_taken_by_someone_else(fake, clients):
+    fake.groups["someone-else"] = {"id": "x", "name": "someone-else", "location": "eastus", "tags": {},
+                                   "properties": {"provisioningState": "Succeeded"}}
+    clients.network.public_ip_addresses.begin_create_or_update(
+        "someone-else", "their-ip", azure.public_ip_body(deployment())).result()
+    with pytest.raises(AzureActionError, match="(?s)already taken .*choose another --name"):
+        run_deploy(clients, deployment())
+
+
+def test_conflict_409_is_explained(fake, clients):
+    fake.fail("PUT", "networkInterfaces", 409, "AnotherOperationInProgress",
+              "Another operation on this or dependent resource is in progress.")
+    with pytest.raises(AzureActionError, match="(?s)conflict .*re-run"):
+        run_deploy(clients, deployment())
+
+
+def test_authorization_failure_is_explained(fake, clients):
+    fake.fail("PUT", "resourcegroups/qb-test-rg$", 403, "AuthorizationFailed",
+              "The client 'x' does not have authorization to perform action "
+              "'Microsoft.Resources/subscriptions/resourcegroups/write'.")
+    with pytest.raises(AzureActionError, match="Contributor"):
+        run_deploy(clients, deployment())
+
+
+def test_sign_in_failure_says_az_login(fake):
+    with pytest.raises(AzureActionError, match="az login"):
+        run_deploy(connect_to(fake, FakeCredential(fail=True)), deployment())
+    assert fake.requests == []
+
+
+# -- credentials and settings ------------------------------------------------------------------------
+
+def test_subscription_from_flag_env_or_cli_profile(tmp_path):
+    assert credentials.resolve_subscription("sub-flag", {"AZURE_SUBSCRIPTION_ID": "sub-env"}) == "sub-flag"
+    assert credentials.resolve_subscription("", {"AZURE_SUBSCRIPTION_ID": "sub-env"}) == "sub-env"
+    (tmp_path / "azureProfile.json").write_text(json.dumps({"subscriptions": [
+        {"id": "sub-other", "isDefault": False}, {"id": "sub-cli", "isDefault": True}]}),
+        encoding="utf-8-sig")
+    assert credentials.resolve_subscription("", {"AZURE_CONFIG_DIR": str(tmp_path)}) == "sub-cli"
+    with pytest.raises(CredentialsError, match="az login.*AZURE_SUBSCRIPTION_ID"):
+        credentials.resolve_subscription("", {"AZURE_CONFIG_DIR": str(tmp_path / "none")})
+
+
+def test_cloud_endpoints_are_settings():
+    gov = Cloud.from_env({"AZURE_ARM_ENDPOINT": "https://management.usgovcloudapi.net/",
+                          "AZURE_AUTHORITY_HOST": "https://login.microsoftonline.us"})
+    assert gov.arm_endpoint == "https://management.usgovcloudapi.net"
+    assert gov.scope == "https://management.usgovcloudapi.net/.default"
+    assert gov.authority_host == "https://login.microsoftonline.us"
+    assert Cloud.from_env({}).arm_endpoint == "https://management.azure.com"
+
+
+def test_ssh_key_is_the_users_own_or_generated_and_saved(tmp_path):
+    key, path, generated = credentials.ssh_public_key(tmp_path / "ssh")
+    assert generated and key.startswith("ssh-ed25519 ") and path.name == "qwen-box_ed25519.pub"
+    assert (tmp_path / "ssh" / "qwen-box_ed25519").stat().st_mode & 0o777 == 0o600
+    assert credentials.ssh_public_key(tmp_path / "ssh")[:2] == (key, path)
+    (tmp_path / "ssh" / "id_ed25519.pub").write_text("ssh-ed25519 AAAAmine me@laptop\n")
+    assert credentials.ssh_public_key(tmp_path / "ssh")[0] == "ssh-ed25519 AAAAmine me@laptop"
+
+
+def test_plan_inputs_are_validated():
+    assert parse_sources("203.0.113.7, 198.51.100.0/24") == ("203.0.113.7/32", "198.51.100.0/24")
+    for bad in ("0.0.0.0/0", "not-an-ip", ""):
+        with pytest.raises(PlanError):
+            parse_sources(bad)
+    for kw in ({"name": "Bad_Name"}, {"name": "x"}, {"region": "East US"}, {"port": 22}, {"disk_gb": 10}):
+        with pytest.raises(PlanError):
+            deployment(**kw)
+
+
+def test_plan_shows_resources_exposure_and_cost():
+    plan = make_plan(deployment(allow_from=()))
+    assert [kind for kind, _, _ in plan.resources][:2] == ["Resource group", "Network security group"]
+    assert any("only from your public IP" in e for e in plan.exposure)
+    assert any("SSH): closed" in e for e in plan.exposure)
+    assert 35 < plan.monthly_total < 45
+    public = make_plan(deployment(public=True, size="Standard_Z9"))
+    assert any("WHOLE INTERNET" in e for e in public.exposure) and public.monthly_total is None
+
+
+# -- health wait --------------------------------------------------------------------------------------
+
+def test_health_wait_follows_the_phases_to_ok():
+    vm = StandInVM([PULLING, LOADING, LOADING, OK])
+    try:
+        seen = []
+        health = azure.wait_healthy("127.0.0.1", vm.port, timeout=10, interval=0.02, on_phase=seen.append)
+    finally:
+        vm.stop()
+    assert health.phase == "ok"
+    assert [h.phase for h in seen] == ["pulling", "loading", "ok"]
+
+
+def test_health_wait_sees_a_booting_vm_then_stops_at_the_timeout():
+    port = free_port()
+    started = time.monotonic()
+    health = azure.wait_healthy("127.0.0.1", port, timeout=0.5, interval=0.05, probe_timeout=0.2)
+    assert health.phase == "booting" and time.monotonic() - started < 3
+
+
+def test_health_wait_stops_early_on_an_error():
+    vm = StandInVM([(200, {"status": "error", "detail": "provisioning failed at line 42"})])
+    try:
+        health = azure.wait_healthy("127.0.0.1", vm.port, timeout=30, interval=0.02)
+    finally:
+        vm.stop()
+    assert health.phase == "error" and "line 42" in health.detail and vm.hits == 1
+
+
+# -- the invoke tasks, end to end against the fake ------------------------------------------------------
+
+def invoke(*argv: str) -> int:
+    try:
+        Program(namespace=Collection.from_module(tasks), version="test").run(["invoke", *argv])
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+@pytest.fixture
+def cli(fake, monkeypatch, tmp_path):
+    """The tasks wired to the fake: clients from it, HOME in a scratch folder, a wide terminal."""
+    monkeypatch.setattr(azure_cli, "connect_default", lambda subscription="": connect_to(fake))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("COLUMNS", "200")
+    return fake
+
+
+def test_deploy_status_logs_destroy_through_invoke(cli, capsys, monkeypatch):
+    vm = StandInVM([PULLING, LOADING, OK])
+    cli.vm_shell = lambda script: ("2026-11-25T13:00:00Z qwen-box model loaded in 41.0 s"
+                                   if "docker logs" in script else "")
+    try:
+        code = invoke("deploy-azure", "--image", IMAGE, "--name", "qb-e2e", "--allow-from", ME,
+                      "--port", str(vm.port), "--env", "DTYPE=float32", "--timeout", "10")
+        out = capsys.readouterr().out
+        assert code == 0, out
+        assert f"Ready: http://qb-e2e.eastus.cloudapp.azure.com:{vm.port}/" in out
+        for phase in ("pulling the image", "loading the model", "network security group qb-e2e-nsg"):
+            assert phase in out
+        assert f"only from {ME}" in out
+        assert (Path(str(cli.ca_path)).parent / "home/.ssh/qwen-box_ed25519.pub").exists()
+
+        assert invoke("status-azure", "--name", "qb-e2e") == 0
+        out = capsys.readouterr().out
+        assert "running" in out and "Standard_B2s" in out and f"TCP {vm.port} from {ME}" in out
+        assert "ready" in out and f"http://qb-e2e.eastus.cloudapp.azure.com:{vm.port}/" in out
+    finally:
+        vm.stop()
+
+    assert invoke("logs-azure", "--name", "qb-e2e", "--lines", "20") == 0
+    assert "model loaded in 41.0 s" in capsys.readouterr().out
+    assert "docker logs --tail 20" in cli.run_commands[-1]
+
+    monkeypatch.setattr("builtins.input", lambda prompt: "n")
+    assert invoke("destroy-azure", "--name", "qb-e2e") == 1
+    assert not cli.is_empty()
+    assert invoke("destroy-azure", "--name", "qb-e2e", "--yes") == 0
+    assert "nothing of qb-e2e is left to bill" in capsys.readouterr().out
+    assert cli.is_empty()
+
+
+def test_dry_run_prints_the_plan_and_calls_nothing(cli, capsys, monkeypatch):
+    def no_azure(*args, **kwargs):
+        raise AssertionError("--dry-run must not connect to Azure")
+
+    monkeypatch.setattr(azure_cli, "connect_default", no_azure)
+    assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-plan", "--dry-run",
+                  "--region", "westeurope", "--ssh") == 0
+    out = capsys.readouterr().out
+    assert cli.requests == []
+    for text in ("qb-plan-rg", "Standard_B2s", "westeurope", "Ubuntu 24.04", "only from your public IP",
+                 "TCP 22 (SSH, key only)", "$30.37", "a month", "nothing was sent to Azure"):
+        assert text in out, text
+
+
+def test_deploy_that_never_gets_healthy_prints_diagnostics(cli, capsys):
+    vm = StandInVM([LOADING])
+    cli.vm_shell = lambda script: ("status: running\nqwen-box: pulling: pulling " + IMAGE
+                                   if "cloud-init status --long" in script else "")
+    try:
+        code = invoke("deploy-azure", "--image", IMAGE, "--name", "qb-stuck", "--allow-from", ME,
+                      "--port", str(vm.port), "--timeout", "0.5")
+    finally:
+        vm.stop()
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "not healthy after 0 s (last phase: loading the model" in out
+    assert "On the VM (run-command)" in out and "qwen-box: pulling: pulling" in out
+    assert "Serial console" in out and "Linux version 6.8.0-azure" in out
+    assert "docker logs --tail" in cli.run_commands[-1]
+    assert "destroy-azure --name qb-stuck" in out
+
+
+def test_public_deploy_is_loud(cli, capsys):
+    vm = StandInVM([OK])
+    try:
+        assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-pub", "--public", "--port",
+                      str(vm.port), "--timeout", "5") == 0
+    finally:
+        vm.stop()
+    out = capsys.readouterr().out
+    assert "WHOLE INTERNET" in out and "ACCESS_TOKEN" in out
+    rule = cli.resource("qb-pub-rg", NSG, "qb-pub-nsg")["properties"]["securityRules"][0]["properties"]
+    assert rule["sourceAddressPrefix"] == "Internet"
+
+
+def test_azure_errors_reach_the_user_as_sentences(cli, capsys):
+    cli.fail("PUT", "virtualMachines", 409, "OperationNotAllowed",
+             "exceeding approved standardBSFamily Cores quota")
+    assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-quota", "--allow-from", ME) == 1
+    out = capsys.readouterr().out
+    assert "error:" in out and "quota exceeded" in out and "Traceback" not in out
+
+
+def test_no_subscription_says_az_login(monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv("AZURE_SUBSCRIPTION_ID", raising=False)
+    monkeypatch.setenv("AZURE_CONFIG_DIR", str(tmp_path / "no-azure-cli"))
+    monkeypatch.setenv("COLUMNS", "200")
+    assert invoke("status-azure", "--name", "qb-none") == 1
+    assert "run `az login`" in capsys.readouterr().out
+
+
+def test_bad_options_exit_2_before_anything_happens(cli, capsys):
+    assert invoke("deploy-azure", "--image", "Not An Image", "--allow-from", ME) == 2
+    assert invoke("deploy-azure", "--image", IMAGE, "--allow-from", "0.0.0.0/0") == 2
+    assert invoke("deploy-azure", "--image", IMAGE, "--env", "PORT=9000", "--allow-from", ME) == 2
+    assert cli.requests == []
