@@ -7,7 +7,9 @@ tests call `create_app(settings, engine=...)` with their own engine and skip the
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from flask import Flask, Response, jsonify, send_from_directory
 from werkzeug.exceptions import HTTPException
@@ -16,7 +18,7 @@ from . import api, history_api, openai_api
 from .access import protect
 from .chat import RequestError
 from .config import Settings
-from .engine import Engine, load_transformers
+from .engine import Engine
 from .history import History
 from .models import ModelManager
 
@@ -48,7 +50,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         sources = [m.strip() for m in settings.models.split(",") if m.strip()]
         models = ModelManager(
             sources, settings.model_id,
-            lambda source: Engine(load_transformers(settings, source), queue_size=settings.queue_size),
+            lambda source: Engine(_transformers_loader(settings, source), queue_size=settings.queue_size),
             dtype=settings.dtype,
             budget_bytes=settings.memory_budget_mb * 2**20 if settings.memory_budget_mb else None,
         ).start()
@@ -97,6 +99,15 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         return response
 
     return app
+
+
+def _transformers_loader(settings: Settings, source: str) -> Callable[[], Any]:
+    """Loads `source` when called. torch and Transformers are imported there, in the engine's
+    loading thread, so the server answers health checks while they load (they take seconds)."""
+    def load() -> Any:
+        from .backend import load_transformers
+        return load_transformers(settings, source)()
+    return load
 
 
 def _error(message: str, kind: str, param: str | None = None, code: str | None = None) -> Response:

@@ -15,7 +15,7 @@ from typing import Any
 from limits import parse_many
 
 DEFAULT_MODEL_ID = "Qwen/Qwen2.5-1.5B-Instruct"
-DTYPES = ("bfloat16", "float32")
+DTYPES = ("bfloat16", "float32", "int8")
 
 
 _BOOLS = {"1": True, "true": True, "yes": True, "on": True,
@@ -39,7 +39,8 @@ class Settings:
                                         "another; 0 = 80% of RAM")
     host: str = _setting("127.0.0.1", "address to listen on (the container sets 0.0.0.0)")
     port: int = _setting(8000, "port to listen on")
-    dtype: str = _setting("bfloat16", "weights precision: bfloat16 (half the memory of float32) or float32")
+    dtype: str = _setting("bfloat16", "weights precision: bfloat16, float32 or int8 (see Speed and memory)")
+    max_batch: int = _setting(4, "requests decoded together in one batch (more waiting ones queue)")
     torch_threads: int = _setting(0, "PyTorch compute threads; 0 = one per core")
     web_threads: int = _setting(16, "gunicorn threads for HTTP connections (each open stream holds one)")
     queue_size: int = _setting(8, "requests that may wait for the model; beyond it, 503 with Retry-After")
@@ -87,7 +88,7 @@ class Settings:
             raise SettingsError(f"DTYPE must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not 0 < self.port < 65536:
             raise SettingsError(f"PORT must be between 1 and 65535, got {self.port}")
-        for name in ("web_threads", "queue_size", "context_tokens", "default_max_tokens",
+        for name in ("web_threads", "queue_size", "max_batch", "context_tokens", "default_max_tokens",
                      "max_tokens_limit", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name.upper()} must be at least 1")

@@ -1,12 +1,13 @@
-"""The engine: one model, a bounded queue, one generation at a time, streamed as text deltas.
+"""The engine: one model, a bounded queue, and a scheduler that decodes requests in a batch.
 
 It knows nothing of HTTP. A caller hands in prompt token ids and sampling options and gets a
-`Generation` back at once; the engine's worker thread runs it when its turn comes and pushes text
-deltas and a final `Finished` into it. Cancelling (a client gone, a Stop button) takes effect between
-two tokens. The model loads in a background thread so a server can answer health checks meanwhile.
+`Generation` back at once; the engine's worker thread admits it into the running batch when there
+is room and pushes text deltas and a final `Finished` into it. Cancelling (a client gone, a Stop
+button) takes effect between two tokens. The model loads in a background thread so a server can
+answer health checks meanwhile.
 
-The model itself sits behind the small `Backend` protocol: `TransformersBackend` is the real one;
-tests may hand in another that yields chosen tokens through this same path.
+The model sits behind the small `Backend` protocol (admit, step, release): `backend.TransformersBackend`
+is the real one; tests may hand in another that yields chosen tokens through this same path.
 """
 
 from __future__ import annotations
@@ -88,16 +89,25 @@ class QueueFull(RuntimeError):
 
 
 class Backend(Protocol):
-    """A loaded model: what the engine needs from it."""
+    """A loaded model as the engine drives it: sequences join a batch, step together, and leave."""
 
     name: str
     tokenizer: Any
     context_length: int
     eos_token_ids: frozenset[int]
+    max_batch: int
 
-    def generate(self, prompt_ids: list[int], options: SamplingOptions,
-                 emit: Callable[[int], None], halt: threading.Event) -> None:
-        """Call `emit(token_id)` for each new token until EOS, `options.max_tokens`, or `halt`."""
+    def admit(self, prompt_ids: list[int], options: SamplingOptions) -> tuple[Any, int]:
+        """Read the prompt and join the batch: (the backend's handle on it, its first token)."""
+
+    def step(self) -> list[int]:
+        """One more token for every sequence in the batch, in the order they joined."""
+
+    def release(self, sequence: Any) -> None:
+        """Take a sequence out of the batch (it ended, or its client left)."""
+
+    def reset(self) -> None:
+        """Forget the whole batch (after a failed step)."""
 
 
 class StopScanner:
@@ -228,7 +238,7 @@ class Engine:
         self._backend: Backend | None = None
         self._state = "loading"
         self._error: str | None = None
-        self._active: Generation | None = None
+        self._running: list[_Run] = []
         self._counts = {"completed": 0, "cancelled": 0, "failed": 0}
         self._load_seconds: float | None = None
         self._started = False
@@ -269,21 +279,70 @@ class Engine:
         self._state = "ok"
         log.info("model %s ready in %.1f s", backend.name, self._load_seconds)
         del backend
+        self._serve(self._backend)
+
+    def _serve(self, backend: Backend) -> None:
+        """The scheduler: admit waiting requests while the batch has room, then advance every
+        running one by a token, until `close()`."""
         while True:
-            generation = self._queue.get()
-            if generation is None:
-                self._release()
-                return
-            if generation.cancelled:
-                self._finish(generation, "cancelled", 0, time.perf_counter(), None, None)
+            while len(self._running) < backend.max_batch:
+                try:
+                    generation = self._queue.get(block=not self._running)
+                except queue.Empty:
+                    break
+                if generation is None:
+                    self._drop_running("the model was unloaded")
+                    self._release()
+                    return
+                self._admit(backend, generation)
+            for run in [r for r in self._running if r.generation.halt.is_set()]:
+                self._end(backend, run)
+            if not self._running:
                 continue
-            with self._lock:
-                self._active = generation
             try:
-                self._generate(self._backend, generation)
-            finally:
-                with self._lock:
-                    self._active = None
+                tokens = backend.step()
+            except Exception as exc:  # noqa: BLE001 - reported to the requests in the batch
+                log.exception("decode step failed")
+                self._drop_running(f"{type(exc).__name__}: {exc}", backend)
+                continue
+            for run, token in zip(list(self._running), tokens, strict=True):
+                if run.push(token):
+                    self._end(backend, run)
+
+    def _admit(self, backend: Backend, generation: Generation) -> None:
+        if generation.cancelled:
+            self._finish(generation, "cancelled", 0, time.perf_counter(), None, None)
+            return
+        run = _Run(generation, backend)
+        try:
+            run.sequence, token = backend.admit(generation.prompt_ids, generation.options)
+        except Exception as exc:  # noqa: BLE001 - reported to the one request, the engine goes on
+            log.exception("prefill failed")
+            self._finish(generation, "error", 0, run.started, None, None,
+                         error=f"{type(exc).__name__}: {exc}")
+            return
+        with self._lock:
+            self._running.append(run)
+        if run.push(token):
+            self._end(backend, run)
+
+    def _end(self, backend: Backend, run: _Run) -> None:
+        with self._lock:
+            self._running.remove(run)
+        backend.release(run.sequence)
+        self._finish(run.generation, run.finish_reason(), len(run.tokens), run.started, run.first,
+                     run.last)
+
+    def _drop_running(self, error: str, backend: Backend | None = None) -> None:
+        """End every running request with `error`; with `backend`, also clear its batch (after a
+        failed step its state cannot be trusted)."""
+        with self._lock:
+            runs, self._running = self._running, []
+        for run in runs:
+            self._finish(run.generation, "error", len(run.tokens), run.started, run.first, run.last,
+                         error=error)
+        if backend is not None:
+            backend.reset()
 
     def close(self) -> None:
         """Unload the model: refuse new requests, end the running one, fail the waiting ones, and
@@ -294,8 +353,8 @@ class Engine:
         if self._state == "ok":
             self._state = "unloaded"
         with self._lock:
-            if self._active is not None:
-                self._active.cancel()
+            for run in self._running:
+                run.generation.cancel()
         self._fail_waiting("the model was unloaded")
         if self._started:
             self._queue.put(None)
@@ -344,7 +403,7 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         """Queue depth and counters, cheap enough for every health check."""
         with self._lock:
-            active = 1 if self._active is not None else 0
+            active = len(self._running)
         return {"active": active, "waiting": self._queue.qsize(), **self._counts,
                 "load_seconds": None if self._load_seconds is None else round(self._load_seconds, 2)}
 
@@ -367,48 +426,6 @@ class Engine:
         """A rough wait in seconds for a retry: the queue ahead, a few seconds each."""
         return max(1, min(60, 5 * (self._queue.qsize() + 1)))
 
-    def _generate(self, backend: Backend, generation: Generation) -> None:
-        detok = IncrementalDetokenizer(backend.tokenizer)
-        stops = StopScanner(generation.options.stop)
-        started = time.perf_counter()
-        first: float | None = None
-        last: float | None = None
-        tokens: list[int] = []
-
-        def emit(token_id: int) -> None:
-            nonlocal first, last
-            last = time.perf_counter()
-            if first is None:
-                first = last
-            tokens.append(token_id)
-            if stops.hit:
-                return
-            text = stops.push(detok.push(token_id))
-            if text:
-                generation._put(text)
-            if stops.hit:
-                generation.halt.set()
-
-        try:
-            backend.generate(generation.prompt_ids, generation.options, emit, generation.halt)
-        except Exception as exc:  # noqa: BLE001 - reported to the one request, the engine goes on
-            log.exception("generation failed")
-            self._finish(generation, "error", len(tokens), started, first, last,
-                         error=f"{type(exc).__name__}: {exc}")
-            return
-        tail = stops.push(detok.flush()) + stops.flush()
-        if tail:
-            generation._put(tail)
-        if generation.cancelled:
-            reason = "cancelled"
-        elif stops.hit or (tokens and tokens[-1] in backend.eos_token_ids):
-            reason = "stop"
-        elif len(tokens) >= generation.options.max_tokens:
-            reason = "length"
-        else:
-            reason = "stop"
-        self._finish(generation, reason, len(tokens), started, first, last)
-
     def _finish(self, generation: Generation, reason: str, n_tokens: int, started: float,
                 first: float | None, last: float | None, error: str | None = None) -> None:
         now = time.perf_counter()
@@ -424,77 +441,42 @@ class Engine:
         generation._put(Finished(reason, usage, timing, error))
 
 
-class TransformersBackend:
-    """A causal LM loaded with Transformers on CPU, generating with the model's own defaults."""
+class _Run:
+    """A generation in the batch: its tokens, text released so far, stop sequences and timing."""
 
-    def __init__(self, model_id: str, *, dtype: str = "bfloat16", threads: int = 0,
-                 context_tokens: int = 4096):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    def __init__(self, generation: Generation, backend: Backend):
+        self.generation = generation
+        self.sequence: Any = None
+        self.eos = backend.eos_token_ids
+        self.detok = IncrementalDetokenizer(backend.tokenizer)
+        self.stops = StopScanner(generation.options.stop)
+        self.tokens: list[int] = []
+        self.started = time.perf_counter()
+        self.first: float | None = None
+        self.last: float | None = None
 
-        if threads:
-            torch.set_num_threads(threads)
-        self.name = model_id
-        self.tokenizer = AutoTokenizer.from_pretrained(model_id)
-        self.model = AutoModelForCausalLM.from_pretrained(model_id, dtype=getattr(torch, dtype))
-        self.model.eval()
-        config_ctx = getattr(self.model.config, "max_position_embeddings", None) or context_tokens
-        self.context_length = min(context_tokens, config_ctx)
-        eos = self.model.generation_config.eos_token_id
-        if eos is None:
-            eos = self.tokenizer.eos_token_id
-        self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else eos)
+    def push(self, token_id: int) -> bool:
+        """Take the next token; True when this generation has ended."""
+        self.last = time.perf_counter()
+        if self.first is None:
+            self.first = self.last
+        self.tokens.append(token_id)
+        text = self.stops.push(self.detok.push(token_id))
+        if text:
+            self.generation._put(text)
+        ended = (self.stops.hit or token_id in self.eos
+                 or len(self.tokens) >= self.generation.options.max_tokens or self.generation.halt.is_set())
+        if ended:
+            tail = self.stops.push(self.detok.flush()) + self.stops.flush()
+            if tail:
+                self.generation._put(tail)
+        return ended
 
-    def generate(self, prompt_ids: list[int], options: SamplingOptions,
-                 emit: Callable[[int], None], halt: threading.Event) -> None:
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-        from transformers.generation.streamers import BaseStreamer
-
-        class Sink(BaseStreamer):
-            """Receives each new token from `generate` (the first call is the prompt, skipped)."""
-
-            def __init__(self) -> None:
-                self.prompt_seen = False
-
-            def put(self, value: torch.Tensor) -> None:
-                if not self.prompt_seen:
-                    self.prompt_seen = True
-                    return
-                for token_id in value.reshape(-1).tolist():
-                    emit(token_id)
-
-            def end(self) -> None:
-                pass
-
-        class Halted(StoppingCriteria):
-            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kw: Any) -> torch.Tensor:
-                return torch.full((input_ids.shape[0],), halt.is_set(), dtype=torch.bool)
-
-        kwargs: dict[str, Any] = {"max_new_tokens": options.max_tokens}
-        if options.temperature == 0:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        elif options.temperature is not None:
-            kwargs.update(do_sample=True, temperature=options.temperature)
-        if options.top_p is not None and options.temperature != 0:
-            kwargs["top_p"] = options.top_p
-        if options.seed is not None:
-            torch.manual_seed(options.seed)
-        input_ids = torch.tensor([prompt_ids], dtype=torch.long)
-        with torch.inference_mode():
-            self.model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                streamer=Sink(),
-                stopping_criteria=StoppingCriteriaList([Halted()]),
-                **kwargs,
-            )
-
-
-def load_transformers(settings: Any, source: str | None = None) -> Callable[[], Backend]:
-    """A loader for `Engine` that builds a `TransformersBackend` for `source` (default: MODEL_ID)."""
-    def load() -> Backend:
-        return TransformersBackend(source or settings.model_id, dtype=settings.dtype,
-                                   threads=settings.torch_threads,
-                                   context_tokens=settings.context_tokens)
-    return load
+    def finish_reason(self) -> str:
+        if self.generation.cancelled:
+            return "cancelled"
+        if self.stops.hit or (self.tokens and self.tokens[-1] in self.eos):
+            return "stop"
+        if len(self.tokens) >= self.generation.options.max_tokens:
+            return "length"
+        return "stop"

@@ -14,8 +14,9 @@ import pytest
 import requests
 
 from service.app import create_app
+from service.backend import TransformersBackend
 from service.config import Settings
-from service.engine import Engine, TransformersBackend
+from service.engine import Engine
 from tests.scripted import ScriptedBackend
 from tests.tiny_model import build_tiny_model
 
@@ -115,8 +116,8 @@ class LiveServer:
 
 @pytest.fixture(scope="module")
 def live_server(endless_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    """gunicorn serving the endless tiny model, with room for one waiting request."""
-    server = LiveServer({"MODEL_ID": str(endless_model_dir), "QUEUE_SIZE": "1",
+    """gunicorn serving the endless tiny model one request at a time, with room for one waiting."""
+    server = LiveServer({"MODEL_ID": str(endless_model_dir), "QUEUE_SIZE": "1", "MAX_BATCH": "1",
                          "CONTEXT_TOKENS": "4096", "MAX_TOKENS_LIMIT": "4000"},
                         tmp_path_factory.mktemp("logs") / "gunicorn.log")
     try:

@@ -223,11 +223,11 @@ def test_a_failed_generation_is_a_500_json_error_and_service_goes_on(settings, t
     class Once(ScriptedBackend):
         failed = False
 
-        def generate(self, *args):
+        def admit(self, *args):
             if not Once.failed:
                 Once.failed = True
                 raise RuntimeError("boom")
-            super().generate(*args)
+            return super().admit(*args)
 
     client = create_app(settings, engine=ready_engine(Once(tiny_backend.tokenizer, "ok"))).test_client()
     r = client.post("/api/chat", json={"message": "hi"})

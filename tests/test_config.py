@@ -37,3 +37,14 @@ def test_gunicorn_command_holds_one_worker_with_threads():
     joined = " ".join(argv)
     assert "--bind 0.0.0.0:8080" in joined and "--workers 1" in joined
     assert "--worker-class gthread" in joined and "--threads 4" in joined
+
+
+def test_the_app_module_does_not_import_torch():
+    """torch and Transformers take seconds to import; the server must answer health checks
+    meanwhile, so they load with the model in the background, never at app import."""
+    import subprocess
+    import sys
+
+    code = "import sys, service.app; print('torch' in sys.modules or 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

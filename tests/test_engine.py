@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 
+from service.backend import TransformersBackend
 from service.engine import (
     Engine,
     EngineUnavailable,
@@ -14,7 +13,6 @@ from service.engine import (
     QueueFull,
     SamplingOptions,
     StopScanner,
-    TransformersBackend,
 )
 from tests.conftest import ready_engine
 from tests.scripted import ScriptedBackend
@@ -49,12 +47,17 @@ def test_max_tokens_gives_length(endless_model_dir):
     assert finished.usage.completion_tokens == 7
 
 
-def test_stops_at_eos(tiny_backend, tmp_path):
+def greedy_tokens(backend, ids, n: int) -> list[int]:
+    seq, first = backend.admit(ids, SamplingOptions(max_tokens=n, temperature=0))
+    tokens = [first] + [backend.step()[0] for _ in range(n - 1)]
+    backend.release(seq)
+    return tokens
+
+
+def test_stops_at_eos(tiny_model_dir, tmp_path):
     # Find a token the model produces greedily, then build the same model with that token as EOS.
-    ids = prompt(tiny_backend)
-    produced: list[int] = []
-    tiny_backend.generate(ids, SamplingOptions(max_tokens=6, temperature=0), produced.append,
-                          threading.Event())
+    ids = prompt(TransformersBackend(str(tiny_model_dir)))
+    produced = greedy_tokens(TransformersBackend(str(tiny_model_dir)), ids, 6)
     stop_token = produced[3]
     backend = TransformersBackend(str(build_tiny_model(tmp_path, eos_token_ids=[stop_token])))
     assert backend.eos_token_ids == {stop_token}
@@ -73,30 +76,28 @@ def test_seed_makes_sampling_repeatable_and_temperature_zero_is_greedy(engine, t
     assert g1 == g2
 
 
-def test_generation_config_defaults_are_honoured(tiny_backend, monkeypatch):
-    """The model's own sampling settings reach generate() unless a request overrides them."""
-    seen: dict = {}
-    real = tiny_backend.model.generate
+def test_generation_config_defaults_are_honoured(tiny_model_dir):
+    """The model's own sampling settings apply unless a request overrides them."""
+    backend = TransformersBackend(str(tiny_model_dir))
+    ids = prompt(backend)
 
-    def spy(**kwargs):
-        config = tiny_backend.model._prepare_generation_config(None, **{
-            k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask", "streamer",
-                                                         "stopping_criteria")})[0]
-        seen.update(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
-                    repetition_penalty=config.repetition_penalty, do_sample=config.do_sample)
-        return real(**kwargs)
+    def settings(options):
+        seq, _ = backend.admit(ids, options)
+        backend.release(seq)
+        found = {type(p).__name__: p for p in seq.processors}
+        return seq.greedy, {
+            "repetition_penalty": found["RepetitionPenaltyLogitsProcessor"].penalty,
+            "temperature": getattr(found.get("TemperatureLogitsWarper"), "temperature", None),
+            "top_k": getattr(found.get("TopKLogitsWarper"), "top_k", None),
+            "top_p": getattr(found.get("TopPLogitsWarper"), "top_p", None),
+        }
 
-    monkeypatch.setattr(tiny_backend.model, "generate", spy)
-    ids = prompt(tiny_backend)
-    tiny_backend.generate(ids, SamplingOptions(max_tokens=2), lambda t: None, threading.Event())
-    assert seen == {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05,
-                    "do_sample": True}
-    tiny_backend.generate(ids, SamplingOptions(max_tokens=2, temperature=1.3, top_p=0.5),
-                          lambda t: None, threading.Event())
-    assert (seen["temperature"], seen["top_p"], seen["top_k"]) == (1.3, 0.5, 20)
-    tiny_backend.generate(ids, SamplingOptions(max_tokens=2, temperature=0), lambda t: None,
-                          threading.Event())
-    assert seen["do_sample"] is False
+    assert settings(SamplingOptions(max_tokens=2)) == (
+        False, {"repetition_penalty": 1.05, "temperature": 0.7, "top_k": 20, "top_p": 0.8})
+    assert settings(SamplingOptions(max_tokens=2, temperature=1.3, top_p=0.5)) == (
+        False, {"repetition_penalty": 1.05, "temperature": 1.3, "top_k": 20, "top_p": 0.5})
+    assert settings(SamplingOptions(max_tokens=2, temperature=0)) == (
+        True, {"repetition_penalty": 1.05, "temperature": None, "top_k": None, "top_p": None})
 
 
 def test_cancel_stops_between_tokens(endless_model_dir):
@@ -147,11 +148,11 @@ def test_a_failing_generation_is_reported_and_the_engine_goes_on(tiny_backend):
     class Flaky(ScriptedBackend):
         calls = 0
 
-        def generate(self, *args):
+        def admit(self, *args):
             Flaky.calls += 1
             if Flaky.calls == 1:
                 raise RuntimeError("out of memory")
-            super().generate(*args)
+            return super().admit(*args)
 
     engine = ready_engine(Flaky(tiny_backend.tokenizer, "fine"))
     _, first = engine.submit([1], SamplingOptions(max_tokens=5)).result()
@@ -207,3 +208,61 @@ def test_stop_sequence_ends_generation_with_stop(scripted, tiny_backend):
     assert text == "First line."
     assert finished.finish_reason == "stop"
     assert finished.usage.completion_tokens < len(tiny_backend.tokenizer.encode("First line.\nSecond line."))
+
+
+PROMPTS = ["Hi", "Tell me about Docker and containers", "café 🙂", "A much longer prompt " * 12]
+
+
+def test_batched_decoding_matches_one_at_a_time(tiny_model_dir):
+    """Requests that join a running batch at different moments, with different prompt lengths,
+    get exactly the tokens they get alone (float32 so no rounding can flip an argmax)."""
+    alone = TransformersBackend(str(tiny_model_dir), dtype="float32")
+    expected = {p: greedy_tokens(alone, prompt(alone, p), 12) for p in PROMPTS}
+
+    batched = TransformersBackend(str(tiny_model_dir), dtype="float32", max_batch=4)
+    got: dict[str, list[int]] = {}
+    running: dict[str, tuple] = {}
+    schedule = {0: PROMPTS[:2], 3: PROMPTS[2:3], 5: PROMPTS[3:]}  # step -> prompts joining then
+    step = 0
+    while len(got) < len(PROMPTS):
+        for p in schedule.get(step, []):
+            seq, first = batched.admit(prompt(batched, p), SamplingOptions(max_tokens=12, temperature=0))
+            running[p] = (seq, [first])
+        if running:
+            for (p, (seq, tokens)), token in zip(list(running.items()), batched.step(), strict=True):
+                tokens.append(token)
+                if len(tokens) == 12:
+                    batched.release(seq)
+                    got[p] = tokens
+                    del running[p]
+        step += 1
+    assert got == expected
+    assert batched.batch_size == 0
+
+
+def test_next_turn_reuses_the_conversation_kv_cache(tiny_model_dir):
+    backend = TransformersBackend(str(tiny_model_dir), dtype="float32")
+    turns = [{"role": "user", "content": "First question about Docker images"}]
+    ids = backend.tokenizer.apply_chat_template(turns, add_generation_prompt=True, return_dict=False)
+    reply = greedy_tokens(backend, ids, 10)
+    turns += [{"role": "assistant", "content": backend.tokenizer.decode(reply, skip_special_tokens=True)},
+              {"role": "user", "content": "And a follow-up"}]
+    ids2 = backend.tokenizer.apply_chat_template(turns, add_generation_prompt=True, return_dict=False)
+    seq, first = backend.admit(ids2, SamplingOptions(max_tokens=8, temperature=0))
+    assert seq.reused >= len(ids)  # the first turn was not read again
+    continued = [first] + [backend.step()[0] for _ in range(7)]
+    backend.release(seq)
+    fresh = TransformersBackend(str(tiny_model_dir), dtype="float32")
+    assert continued == greedy_tokens(fresh, ids2, 8)
+
+
+def test_concurrent_requests_share_the_batch(tiny_model_dir, endless_model_dir):
+    engine = ready_engine(TransformersBackend(str(endless_model_dir), max_batch=3))
+    ids = prompt(engine.backend)
+    gens = [engine.submit(ids, SamplingOptions(max_tokens=200, seed=i)) for i in range(4)]
+    first_events = [next(g.events()) for g in gens[:3]]
+    assert all(isinstance(e, str) for e in first_events)
+    assert engine.stats()["active"] == 3  # the fourth waits for room
+    results = [g.result()[1] for g in gens]
+    assert [r.finish_reason for r in results] == ["length"] * 4
+    assert engine.stats()["active"] == 0

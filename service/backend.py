@@ -1,0 +1,313 @@
+"""The Transformers model behind the engine: loading at a precision, and batched decoding.
+
+Why not `model.generate()`: a chat server needs what it does not give. Several conversations decode
+together in one forward pass (a CPU reads the weights once per step whatever the batch, so four
+chats cost little more than one); a conversation's next turn reuses the KV cache of its last one
+instead of reading the whole history again; and each request keeps its own sampling settings and
+seed inside the batch. The pieces are Transformers' own (model forward, `DynamicCache`, logits
+processors); only the scheduling is ours.
+
+Sequences join a running batch left-padded to its length, leave it when they end, and the padding
+that no row needs any more is trimmed.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    SuppressTokensLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from .engine import SamplingOptions
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("bfloat16", "float32", "int8")
+PREFIX_CACHE_ENTRIES = 4
+MIN_PREFIX_REUSE = 16
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request inside the backend: its tokens so far and how to pick the next one."""
+
+    prompt_ids: list[int]
+    options: SamplingOptions
+    generated: list[int] = field(default_factory=list)
+    length: int = 0  # tokens held in the KV cache for this row
+    reused: int = 0  # prompt tokens served from the prefix cache
+    processors: LogitsProcessorList = field(default_factory=LogitsProcessorList)
+    greedy: bool = True
+    generator: torch.Generator | None = None
+
+
+class Int8Linear(torch.nn.Module):
+    """A Linear whose weights are int8 (per output channel), computed by PyTorch's dynamically
+    quantized kernel (fbgemm: int8 GEMM with the activations quantized on the fly)."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach().float()
+        self.inner = torch.ao.nn.quantized.dynamic.Linear(linear.in_features, linear.out_features,
+                                                          bias_=linear.bias is not None, dtype=torch.qint8)
+        scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-8)
+        zero = torch.zeros_like(scales, dtype=torch.long)
+        qweight = torch.quantize_per_channel(weight, scales.double(), zero, axis=0, dtype=torch.qint8)
+        bias = linear.bias.detach().float() if linear.bias is not None else None
+        self.inner.set_weight_bias(qweight, bias)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.float()).to(x.dtype)
+
+
+def quantize_int8(model: torch.nn.Module) -> None:
+    """Replace every Linear (the output head included, untied from the embeddings) by `Int8Linear`,
+    one at a time, so only one layer's float32 copy exists at any moment."""
+    if getattr(model.config, "tie_word_embeddings", False):
+        head = model.get_output_embeddings()
+        head.weight = torch.nn.Parameter(head.weight.detach().clone())
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, Int8Linear(getattr(parent, child)))
+        gc.collect()
+
+
+class PrefixCache:
+    """KV caches of recently finished sequences, by their token ids, to skip re-reading a
+    conversation's history on its next turn (what llama.cpp's prompt cache does)."""
+
+    def __init__(self, entries: int = PREFIX_CACHE_ENTRIES):
+        self._entries: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        self._max = entries
+
+    def put(self, ids: list[int], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        key = tuple(ids)
+        self._entries[key] = kv
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+
+    def take(self, ids: list[int]) -> tuple[int, DynamicCache | None]:
+        """The longest cached prefix of `ids` (leaving at least one token to compute) as a fresh
+        cache of that length, or (0, None)."""
+        best, best_key = 0, None
+        for key in self._entries:
+            n = _common_prefix(key, ids)
+            if n > best:
+                best, best_key = n, key
+        best = min(best, len(ids) - 1)
+        if best_key is None or best < MIN_PREFIX_REUSE:
+            return 0, None
+        self._entries.move_to_end(best_key)
+        kv = self._entries[best_key]
+        return best, DynamicCache(ddp_cache_data=[(k[:, :, :best], v[:, :, :best]) for k, v in kv])
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+def _common_prefix(a: tuple[int, ...], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class TransformersBackend:
+    """A causal LM on CPU that decodes any number of sequences together."""
+
+    def __init__(self, model_id: str, *, dtype: str = "bfloat16", threads: int = 0,
+                 context_tokens: int = 4096, max_batch: int = 4):
+        if dtype not in PRECISIONS:
+            raise ValueError(f"unknown precision {dtype!r}; choose one of {', '.join(PRECISIONS)}")
+        if threads:
+            torch.set_num_threads(threads)
+        started = time.perf_counter()
+        self.name = model_id
+        self.precision = dtype
+        self.max_batch = max_batch
+        self.tokenizer = AutoTokenizer.from_pretrained(model_id)
+        load_dtype = torch.float32 if dtype == "float32" else torch.bfloat16
+        self.model = AutoModelForCausalLM.from_pretrained(model_id, dtype=load_dtype)
+        self.model.eval()
+        if dtype == "int8":
+            quantize_int8(self.model)
+        config_ctx = getattr(self.model.config, "max_position_embeddings", None) or context_tokens
+        self.context_length = min(context_tokens, config_ctx)
+        self.generation_config = self.model.generation_config
+        eos = self.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else eos)
+        self.prefix_cache = PrefixCache()
+        self._rows: list[Sequence] = []
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None
+        log.info("loaded %s (%s) in %.1f s", model_id, dtype, time.perf_counter() - started)
+
+    # --- the engine's interface ------------------------------------------------------------------
+    def admit(self, prompt_ids: list[int], options: SamplingOptions) -> tuple[Sequence, int]:
+        """Read the prompt (reusing a cached prefix when there is one), join the batch, and
+        return the sequence with its first token."""
+        seq = Sequence(list(prompt_ids), options)
+        self._setup_sampling(seq)
+        reused, cache = self.prefix_cache.take(seq.prompt_ids)
+        cache = cache or DynamicCache()
+        suffix = seq.prompt_ids[reused:]
+        total = len(seq.prompt_ids)
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=torch.tensor([suffix]),
+                attention_mask=torch.ones(1, total, dtype=torch.long),
+                position_ids=torch.arange(reused, total).unsqueeze(0),
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        seq.length, seq.reused = total, reused
+        token = self._sample(seq, out.logits[0, -1])
+        self._join(seq, out.cache)
+        return seq, token
+
+    def step(self) -> list[int]:
+        """One decode step for every sequence in the batch: the next token of each, in order."""
+        rows = self._rows
+        last = torch.tensor([[s.generated[-1]] for s in rows])
+        positions = torch.tensor([[s.length] for s in rows])
+        self._mask = torch.cat([self._mask, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
+        with torch.inference_mode():
+            out = self.model(input_ids=last, attention_mask=self._mask, position_ids=positions,
+                             cache=self._cache, use_cache=True)
+        self._cache = out.cache
+        tokens = []
+        for i, seq in enumerate(rows):
+            seq.length += 1
+            tokens.append(self._sample(seq, out.logits[i, -1]))
+        return tokens
+
+    def release(self, seq: Sequence) -> None:
+        """Take a finished sequence out of the batch, keeping its KV cache for a next turn."""
+        index = self._rows.index(seq)
+        width = self._mask.shape[1]
+        kv = [(layer.keys[index:index + 1, :, width - seq.length:].clone(),
+               layer.values[index:index + 1, :, width - seq.length:].clone())
+              for layer in self._cache.layers]
+        self.prefix_cache.put(seq.prompt_ids + seq.generated[:-1], kv)
+        keep = [i for i in range(len(self._rows)) if i != index]
+        self._rows.pop(index)
+        if not self._rows:
+            self._cache = self._mask = None
+            return
+        keep_t = torch.tensor(keep)
+        self._mask = self._mask[keep_t]
+        for layer in self._cache.layers:
+            layer.batch_select_indices(keep_t)
+        unused = int((self._mask.sum(dim=0) == 0).cumprod(dim=0).sum())  # leading all-padding columns
+        if unused:
+            self._mask = self._mask[:, unused:]
+            for layer in self._cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
+
+    def reset(self) -> None:
+        self._rows, self._cache, self._mask = [], None, None
+
+    @property
+    def batch_size(self) -> int:
+        return len(self._rows)
+
+    # --- internals -------------------------------------------------------------------------------
+    def _join(self, seq: Sequence, cache: DynamicCache) -> None:
+        """Append `seq`'s single-row cache to the batch, left-padding whichever side is shorter."""
+        mask = torch.ones(1, seq.length, dtype=torch.long)
+        if self._cache is None:
+            self._rows, self._cache, self._mask = [seq], cache, mask
+            return
+        width = self._mask.shape[1]
+        grow, pad = max(0, seq.length - width), max(0, width - seq.length)
+        if grow:
+            self._mask = F.pad(self._mask, (grow, 0))
+        for mine, theirs in zip(self._cache.layers, cache.layers, strict=True):
+            keys, values = mine.keys, mine.values
+            if grow:
+                keys, values = F.pad(keys, (0, 0, grow, 0)), F.pad(values, (0, 0, grow, 0))
+            new_k, new_v = theirs.keys, theirs.values
+            if pad:
+                new_k, new_v = F.pad(new_k, (0, 0, pad, 0)), F.pad(new_v, (0, 0, pad, 0))
+            mine.keys, mine.values = torch.cat([keys, new_k]), torch.cat([values, new_v])
+        self._mask = torch.cat([self._mask, F.pad(mask, (pad, 0))])
+        self._rows.append(seq)
+
+    def _setup_sampling(self, seq: Sequence) -> None:
+        """The model's generation_config defaults, overridden by the request."""
+        gc_ = self.generation_config
+        opts = seq.options
+        temperature = opts.temperature if opts.temperature is not None else (
+            gc_.temperature if gc_.do_sample else 0.0)
+        seq.greedy = not temperature
+        procs = LogitsProcessorList()
+        if gc_.repetition_penalty not in (None, 1.0):
+            procs.append(RepetitionPenaltyLogitsProcessor(gc_.repetition_penalty))
+        if gc_.suppress_tokens:
+            procs.append(SuppressTokensLogitsProcessor(gc_.suppress_tokens))
+        if not seq.greedy:
+            procs.append(TemperatureLogitsWarper(temperature))
+            if gc_.top_k:
+                procs.append(TopKLogitsWarper(gc_.top_k))
+            top_p = opts.top_p if opts.top_p is not None else gc_.top_p
+            if top_p is not None and top_p < 1.0:
+                procs.append(TopPLogitsWarper(top_p))
+            if getattr(gc_, "min_p", None):
+                procs.append(MinPLogitsWarper(gc_.min_p))
+            seq.generator = torch.Generator()
+            if opts.seed is not None:
+                seq.generator.manual_seed(opts.seed)
+            else:
+                seq.generator.seed()
+        seq.processors = procs
+
+    def _sample(self, seq: Sequence, logits: torch.Tensor) -> int:
+        scores = logits.float().unsqueeze(0)
+        if seq.processors:
+            history = torch.tensor([seq.prompt_ids + seq.generated])
+            scores = seq.processors(history, scores)
+        if seq.greedy:
+            token = int(scores.argmax(dim=-1))
+        else:
+            probs = torch.softmax(scores, dim=-1)
+            token = int(torch.multinomial(probs[0], 1, generator=seq.generator))
+        seq.generated.append(token)
+        return token
+
+    def describe(self) -> dict[str, Any]:
+        return {"precision": self.precision, "max_batch": self.max_batch}
+
+
+def load_transformers(settings: Any, source: str | None = None) -> Callable[[], TransformersBackend]:
+    """A loader for `Engine` that builds a `TransformersBackend` for `source` (default: MODEL_ID)."""
+    def load() -> TransformersBackend:
+        return TransformersBackend(source or settings.model_id, dtype=settings.dtype,
+                                   threads=settings.torch_threads,
+                                   context_tokens=settings.context_tokens,
+                                   max_batch=settings.max_batch)
+    return load
