@@ -1,13 +1,18 @@
 """Invoke entry points: `invoke --list` shows them, `invoke --help TASK` explains one.
 
-Thin on purpose: each task wires a command line to the package; the logic lives in `service/`.
+Thin on purpose: each task wires a command line to the package; the logic lives in `service/` and
+`infra/` (the container tasks: `infra/docker.py`).
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from invoke import Context, Exit, task
+
+from infra import docker as box
 
 
 @task(help={"model": "hub id or local folder (sets MODEL_ID; default: the MODEL_ID setting)",
@@ -35,6 +40,90 @@ def test(c: Context, k: str = "", browser: bool = True) -> None:
     if not browser:
         args += ["-m", "'not browser'"]
     c.run(f"{sys.executable} -m pytest {' '.join(args)}", pty=False)
+
+
+# ---- the container (Docker, or podman through DOCKER_HOST): logic in infra/docker.py
+
+
+@contextmanager
+def _docker_errors() -> Iterator[None]:
+    """Turn infra's readable errors into a clean exit: the message, no traceback."""
+    try:
+        yield
+    except box.DockerError as exc:
+        raise Exit(f"error: {exc}", code=exc.code) from None
+
+
+_BUILD_HELP = {
+    "tag": f"image name:tag to build (default {box.IMAGE})",
+    "model": f"hub id of the model to bake in (default {box.DEFAULT_MODEL_ID})",
+    "revision": "branch, tag or commit of the model (default: the hub's main)",
+    "bake": "download the weights into the image at build time (default); --no-bake leaves them out "
+            "for a mounted folder or a cache volume",
+    "base_image": "base image (default: the Dockerfile's pinned python:3.11-slim-bookworm)",
+    "torch_index": "pip index for torch (default: the Dockerfile's, the PyTorch CPU index); "
+                   "'' = PyPI plus --wheels",
+    "wheels": "folder of wheels (e.g. a CPU torch wheel) to offer pip during the build (default: none)",
+}
+
+
+@task(help=_BUILD_HELP)
+def build(c: Context, tag: str = box.IMAGE, model: str = box.DEFAULT_MODEL_ID, revision: str = "",
+          bake: bool = True, base_image: str = "", torch_index: str | None = None, wheels: str = "") -> None:
+    """Build the image (CPU PyTorch, the service, the model baked in by default) and print its size."""
+    with _docker_errors():
+        box.build(tag, model=model, revision=revision, bake=bake, base_image=base_image,
+                  torch_index=torch_index, wheels=wheels)
+
+
+@task(name="run-local", iterable=["env"], help={
+    "port": f"port on 127.0.0.1 to serve on (default {box.PORT})",
+    "model": "hub id baked into the image, or a model folder on this machine to mount read-only "
+             f"(default {box.DEFAULT_MODEL_ID}, baked)",
+    "model_cache": "download a hub model on first start into a volume instead of baking it (default: off)",
+    "rebuild": "build the image even if it exists (default: build only when missing)",
+    "tag": f"image to run (default {box.IMAGE})",
+    "name": f"container name; its data volume is NAME-data (default {box.CONTAINER})",
+    "timeout": f"seconds to wait for the model to load before giving up (default {box.HEALTH_TIMEOUT})",
+    "env": "service setting KEY=VALUE for the container, repeatable (e.g. --env DTYPE=float32)",
+    **{key: f"when building: {text}" for key, text in _BUILD_HELP.items()
+       if key in ("base_image", "torch_index", "wheels")},
+})
+def run_local(c: Context, port: int = box.PORT, model: str = "", model_cache: bool = False,
+              rebuild: bool = False, tag: str = box.IMAGE, name: str = box.CONTAINER,
+              timeout: int = box.HEALTH_TIMEOUT, env: list | None = None, base_image: str = "",
+              torch_index: str | None = None, wheels: str = "") -> None:
+    """Run qwen-box in Docker: build if needed, start one container, wait until healthy, print the URL."""
+    with _docker_errors():
+        box.run_local(image=tag, name=name, port=port, model=model, model_cache=model_cache,
+                      rebuild=rebuild, timeout=timeout, env=box.parse_env(env or []), base_image=base_image,
+                      torch_index=torch_index, wheels=wheels)
+
+
+@task(help={"image": "where to push: REGISTRY/NAME:TAG (required), e.g. myregistry.azurecr.io/qwen-box:1",
+            "tag": f"local image to push (default {box.IMAGE})"})
+def push(c: Context, image: str = "", tag: str = box.IMAGE) -> None:
+    """Push the built image to a registry (log in first with docker login / az acr login)."""
+    with _docker_errors():
+        if not image:
+            raise box.DockerError("give the target: invoke push --image REGISTRY/NAME:TAG", code=2)
+        box.push(image, image=tag)
+
+
+@task(help={"name": f"container name (default {box.CONTAINER})"})
+def stop(c: Context, name: str = box.CONTAINER) -> None:
+    """Stop and remove the container started by run-local (its data volume stays)."""
+    with _docker_errors():
+        box.stop(name)
+
+
+@task(help={"name": f"container name (default {box.CONTAINER})",
+            "tail": "how many of the last lines to show (default 100)",
+            "follow": "keep printing new lines until Ctrl-C (default: off)"})
+def logs(c: Context, name: str = box.CONTAINER, tail: int = 100, follow: bool = False) -> None:
+    """Show the container's log (gunicorn and model loading)."""
+    with _docker_errors():
+        box.logs(name, tail=tail, follow=follow)
 
 
 # -- Azure (the logic is in infra/azure*.py; `invoke --help deploy-azure` lists every option) ----------
