@@ -108,10 +108,13 @@ def deploy(*, image: str, name: str = "", region: str = "eastus", size: str = "S
                 out.print(f"  [dim]{_clock(started)}[/] {message}")
                 spinner.update(f"provisioning: {message}")
             result = azure.deploy(clients, d, text, key, progress=step)
-    except AzureActionError as exc:
-        return _fail(out, str(exc))
-    except AzureError as exc:
-        return _fail(out, explain(exc, region=d.region, size=d.size, name=d.name))
+    except (AzureActionError, AzureError) as exc:
+        message = str(exc) if isinstance(exc, AzureActionError) else explain(
+            exc, region=d.region, size=d.size, name=d.name)
+        _fail(out, message)
+        out.print(f"What was created so far stays: re-run deploy-azure (it converges) or "
+                  f"invoke destroy-azure --name {d.name}.")
+        return 1
     if result.container_updated:
         out.print("  the container was updated to the new image/settings")
     health = _wait(out, result.ip, d.port, timeout, interval, started)
@@ -124,6 +127,8 @@ def deploy(*, image: str, name: str = "", region: str = "eastus", size: str = "S
     why = (f"the service reported an error: {health.detail}" if health.phase == "error"
            else f"not healthy after {int(timeout)} s (last phase: {health.label})")
     out.print(f"\n[bold red]{d.url} is not ready:[/] {why}. Collecting diagnostics...")
+    if health.phase == "booting" and allow_from and not d.public:
+        out.print("  (the wait checks from this machine: outside --allow-from, it cannot see the VM)")
     _print_diagnostics(out, clients, d)
     out.print(f"The resources are still there: re-run deploy-azure to converge, or invoke destroy-azure "
               f"--name {d.name} to remove them.")

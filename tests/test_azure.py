@@ -548,3 +548,47 @@ def test_bad_options_exit_2_before_anything_happens(cli, capsys):
     assert invoke("deploy-azure", "--image", IMAGE, "--allow-from", "0.0.0.0/0") == 2
     assert invoke("deploy-azure", "--image", IMAGE, "--env", "PORT=9000", "--allow-from", ME) == 2
     assert cli.requests == []
+
+
+def test_your_address_is_looked_up_only_when_no_allow_from_is_given(cli, capsys, monkeypatch):
+    lookups = []
+    monkeypatch.setattr(credentials, "discover_public_ip", lambda: lookups.append(1) or "198.51.100.9/32")
+    vm = StandInVM([OK])
+    try:
+        assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-mine", "--ssh", "--port",
+                      str(vm.port), "--timeout", "5") == 0
+        assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-mine", "--ssh", "--allow-from", ME,
+                      "--port", str(vm.port), "--timeout", "5") == 0
+    finally:
+        vm.stop()
+    assert lookups == [1]
+    rules = {r["name"]: r["properties"] for r in
+             cli.resource("qb-mine-rg", NSG, "qb-mine-nsg")["properties"]["securityRules"]}
+    assert rules["allow-chat-http"]["sourceAddressPrefix"] == ME
+    assert rules["allow-ssh"]["sourceAddressPrefix"] == ME
+
+
+def test_private_registry_login_without_showing_the_password(cli, capsys, monkeypatch):
+    assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-reg", "--allow-from", ME,
+                  "--registry-user", "puller", "--dry-run") == 2
+    assert "QWEN_BOX_REGISTRY_PASSWORD" in capsys.readouterr().out
+    monkeypatch.setenv("QWEN_BOX_REGISTRY_PASSWORD", "pull-token-xyz")
+    vm = StandInVM([OK])
+    try:
+        assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-reg", "--allow-from", ME,
+                      "--registry-user", "puller", "--port", str(vm.port), "--timeout", "5") == 0
+    finally:
+        vm.stop()
+    assert "pull-token-xyz" not in capsys.readouterr().out
+    data = base64.b64decode(cli.custom_data("qb-reg-rg", "qb-reg-vm")).decode()
+    assert "/etc/qwen-box/registry/password" in data and "pull-token-xyz" in data
+    assert "myreg.azurecr.io" in data
+
+
+def test_redeploy_with_another_size_resizes_the_same_vm(fake, clients):
+    run_deploy(clients, deployment())
+    vm_id = fake.resource("qb-test-rg", VM, "qb-test-vm")["properties"]["vmId"]
+    run_deploy(clients, deployment(size="Standard_B2ms"))
+    props = fake.resource("qb-test-rg", VM, "qb-test-vm")["properties"]
+    assert props["hardwareProfile"]["vmSize"] == "Standard_B2ms" and props["vmId"] == vm_id
+    assert props["osProfile"]["linuxConfiguration"]["disablePasswordAuthentication"] is True
