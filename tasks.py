@@ -30,6 +30,27 @@ def serve(c: Context, model: str = "", port: int = 0, host: str = "") -> None:
     c.run(f"{sys.executable} -m service", env=env, pty=False)
 
 
+@task(help={"model": "model folder or hub id (default: random weights, exact Qwen2.5-1.5B architecture)",
+            "precisions": "comma-separated: float32, bfloat16, int8 (default: all three)",
+            "threads": "compute threads (default: this machine's cores)",
+            "repeat": "runs per figure; medians are reported (default 3)",
+            "isa": "limit oneDNN to an instruction set, e.g. AVX2, to see a B2s-class CPU",
+            "health": "also measure /api/health latency under 4 concurrent streams"})
+def bench(c: Context, model: str = "", precisions: str = "float32,bfloat16,int8", threads: int = 0,
+          repeat: int = 3, isa: str = "", health: bool = False) -> None:
+    """Measure load time, peak memory, time to first token and tokens/s per precision."""
+    args = [f"--precisions {precisions}", f"--repeat {repeat}"]
+    if model:
+        args.append(f"--model {model}")
+    if threads:
+        args.append(f"--threads {threads}")
+    if isa:
+        args.append(f"--isa {isa}")
+    if health:
+        args.append("--health")
+    c.run(f"{sys.executable} -m service.bench {' '.join(args)}", pty=False)
+
+
 @task(help={"k": "only tests matching this expression (pytest -k)",
             "browser": "include the headless-browser tests (default: yes)"})
 def test(c: Context, k: str = "", browser: bool = True) -> None:

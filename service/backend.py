@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -79,7 +80,10 @@ class Int8Linear(torch.nn.Module):
 
 def quantize_int8(model: torch.nn.Module) -> None:
     """Replace every Linear (the output head included, untied from the embeddings) by `Int8Linear`,
-    one at a time, so only one layer's float32 copy exists at any moment."""
+    one at a time, so only one layer's float32 copy exists at any moment (each bf16 weight is
+    freed as soon as its module is replaced)."""
+    warnings.filterwarnings("ignore", message=".*quantiz.*", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*quantize_per_.*", category=UserWarning)
     if getattr(model.config, "tie_word_embeddings", False):
         head = model.get_output_embeddings()
         head.weight = torch.nn.Parameter(head.weight.detach().clone())
@@ -88,7 +92,7 @@ def quantize_int8(model: torch.nn.Module) -> None:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, Int8Linear(getattr(parent, child)))
-        gc.collect()
+    gc.collect()
 
 
 class PrefixCache:

@@ -1,6 +1,6 @@
-"""Build small random chat models that load through the same path as real weights.
+"""Small random chat models that load through the same path as real weights, for tests and benchmarks.
 
-The Hugging Face Hub is out of reach in tests and CI, so the tests make their own model: a real
+Where the Hugging Face Hub is out of reach (tests, CI), these make a model on the spot: a real
 byte-level BPE tokenizer trained on a few paragraphs, ChatML special tokens and chat template (as
 Qwen2.5 ships them), and a randomly initialised Qwen2 network. Saved with ``save_pretrained`` it is
 a folder that ``MODEL_ID`` can point at, exactly like a downloaded checkpoint.

@@ -250,7 +250,8 @@ class Engine:
         """Load the model in the background and start serving the queue. Returns at once."""
         if not self._started:
             self._started = True
-            threading.Thread(target=self._run, name="engine", daemon=True).start()
+            self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+            self._thread.start()
         return self
 
     def wait_ready(self, timeout: float | None = None) -> bool:
@@ -344,9 +345,10 @@ class Engine:
         if backend is not None:
             backend.reset()
 
-    def close(self) -> None:
-        """Unload the model: refuse new requests, end the running one, fail the waiting ones, and
-        let the worker drop the weights so their memory goes back to the system."""
+    def close(self, wait: float | None = None) -> None:
+        """Unload the model: refuse new requests, end the running ones, fail the waiting ones, and
+        let the worker drop the weights so their memory goes back to the system. With `wait`,
+        block up to that many seconds for the worker to finish."""
         if self._closing:
             return
         self._closing = True
@@ -358,6 +360,8 @@ class Engine:
         self._fail_waiting("the model was unloaded")
         if self._started:
             self._queue.put(None)
+            if wait:
+                self._thread.join(wait)
 
     def _release(self) -> None:
         self._backend = None

@@ -16,9 +16,9 @@ import requests
 from service.app import create_app
 from service.backend import TransformersBackend
 from service.config import Settings
+from service.devmodels import build_tiny_model
 from service.engine import Engine
 from tests.scripted import ScriptedBackend
-from tests.tiny_model import build_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 

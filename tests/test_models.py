@@ -10,8 +10,8 @@ import pytest
 from service.app import create_app
 from service.catalog import CATALOG, lookup
 from service.config import Settings
+from service.devmodels import build_tiny_llama, build_tiny_model
 from service.models import weights_bytes
-from tests.tiny_model import build_tiny_llama, build_tiny_model
 
 
 @pytest.fixture(scope="module")
