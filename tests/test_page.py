@@ -2,108 +2,25 @@
 
 The app runs in-process on a loopback port with an engine chosen per test: the tiny real model, or a
 scripted backend whose "model" says a chosen text through the same streaming path, so a test can
-hold a reply open to press Stop or make the model answer with an HTML/script payload.
+hold a reply open to press Stop or make the model answer with an HTML/script payload. The fixtures
+and helpers are shared with the sidebar tests, in `tests/browser.py`.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from werkzeug.serving import make_server
 
-from service.app import create_app
-from service.config import Settings
 from service.engine import Engine
-from tests.conftest import free_port, ready_engine
+from tests import browser as shared
+from tests.browser import last_reply, scripted_engine, send, sync_api, wait_ready
 from tests.scripted import ScriptedBackend
 
-CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.browser
 
-if not CHROMIUM.exists():
-    if os.environ.get("CI"):
-        raise RuntimeError("CI needs /usr/bin/chromium for the browser tests (apt-get install chromium)")
-    pytest.skip("no /usr/bin/chromium: apt-get install chromium to run the browser tests",
-                allow_module_level=True)
-
-sync_api = pytest.importorskip("playwright.sync_api")
-
-LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-               "--no-first-run", "--disable-background-networking", "--disable-component-update",
-               "--disable-sync"]
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator:
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=LAUNCH_ARGS)
-        yield b
-        b.close()
-
-
-class Served:
-    """A create_app() on a loopback port, served by werkzeug's threaded server in this process."""
-
-    def __init__(self, app):
-        self.app = app
-        self.engine: Engine = app.extensions["models"].engine()
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._server = make_server("127.0.0.1", self.port, app, threaded=True)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        self._server.shutdown()
-
-
-@pytest.fixture
-def serve(settings: Settings) -> Iterator:
-    servers: list[Served] = []
-
-    def start(engine: Engine) -> Served:
-        s = Served(create_app(settings, engine=engine))
-        servers.append(s)
-        return s
-
-    yield start
-    for s in servers:
-        s.close()
-
-
-@pytest.fixture
-def page(browser) -> Iterator:
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    pg = context.new_page()
-    pg.problems = []  # console errors (a CSP violation shows up here) and dialogs
-    pg.on("console", lambda m: m.type == "error" and pg.problems.append(m.text))
-    pg.on("pageerror", lambda e: pg.problems.append(str(e)))
-    pg.on("dialog", lambda d: (pg.problems.append(f"dialog: {d.message}"), d.dismiss()))
-    yield pg
-    context.close()
-
-
-def scripted_engine(tiny_backend, script: str, delay: float = 0.0, context_length: int = 4096) -> Engine:
-    return ready_engine(ScriptedBackend(tiny_backend.tokenizer, script, delay=delay,
-                                        context_length=context_length))
-
-
-def send(page, text: str) -> None:
-    page.get_by_test_id("input").fill(text)
-    page.get_by_test_id("input").press("Enter")
-
-
-def last_reply(page):
-    return page.locator('[data-testid="message"][data-role="assistant"]').last
-
-
-def wait_ready(page) -> None:
-    sync_api.expect(page.get_by_test_id("status")).to_have_attribute("data-state", "ready", timeout=10_000)
+browser, serve, page = shared.browser, shared.serve, shared.page  # fixtures, used by name
 
 
 def test_chat_with_the_real_tiny_model(serve, engine, page):
