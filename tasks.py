@@ -154,7 +154,7 @@ def _azure_exit(code: int) -> None:
         raise Exit(code=code)
 
 
-@task(name="deploy-azure", iterable=["env"], help={
+@task(name="deploy-azure", auto_shortflags=False, iterable=["env"], help={
     "image": "the image to run: REGISTRY/NAME:TAG (required; push it first with invoke push)",
     "name": "deployment name: resource group NAME-rg, URL NAME.REGION.cloudapp.azure.com "
             "(default: qwen-box-XXXXXX, fixed for this user and machine)",
@@ -185,8 +185,9 @@ def deploy_azure(c: Context, image: str = "", name: str = "", region: str = "eas
         timeout=timeout, dry_run=dry_run))
 
 
-@task(name="status-azure", help={"name": "deployment name (default: this machine's, or the only one)",
-                                 "subscription": "subscription id (default as for deploy-azure)"})
+@task(name="status-azure", auto_shortflags=False,
+      help={"name": "deployment name (default: this machine's, or the only one)",
+            "subscription": "subscription id (default as for deploy-azure)"})
 def status_azure(c: Context, name: str = "", subscription: str = "") -> None:
     """Show a deployment's power state, URL, exposure and health."""
     from infra import azure_cli
@@ -194,9 +195,10 @@ def status_azure(c: Context, name: str = "", subscription: str = "") -> None:
     _azure_exit(azure_cli.status(name=name, subscription=subscription))
 
 
-@task(name="logs-azure", help={"name": "deployment name (default: this machine's, or the only one)",
-                               "lines": "how many of the last lines (default 100; Azure keeps 4 KiB at most)",
-                               "subscription": "subscription id (default as for deploy-azure)"})
+@task(name="logs-azure", auto_shortflags=False,
+      help={"name": "deployment name (default: this machine's, or the only one)",
+            "lines": "how many of the last lines (default 100; Azure keeps 4 KiB at most)",
+            "subscription": "subscription id (default as for deploy-azure)"})
 def logs_azure(c: Context, name: str = "", lines: int = 100, subscription: str = "") -> None:
     """Show the container's log on the VM (through run-command, no SSH needed)."""
     from infra import azure_cli
@@ -204,9 +206,10 @@ def logs_azure(c: Context, name: str = "", lines: int = 100, subscription: str =
     _azure_exit(azure_cli.logs(name=name, lines=lines, subscription=subscription))
 
 
-@task(name="destroy-azure", help={"name": "deployment name (default: this machine's, or the only one)",
-                                  "yes": "do not ask for confirmation",
-                                  "subscription": "subscription id (default as for deploy-azure)"})
+@task(name="destroy-azure", auto_shortflags=False,
+      help={"name": "deployment name (default: this machine's, or the only one)",
+            "yes": "do not ask for confirmation",
+            "subscription": "subscription id (default as for deploy-azure)"})
 def destroy_azure(c: Context, name: str = "", yes: bool = False, subscription: str = "") -> None:
     """Delete the deployment's resource group and everything in it; wait until it is gone."""
     from infra import azure_cli

@@ -63,6 +63,9 @@ def deploy(*, image: str, name: str = "", region: str = "eastus", size: str = "S
            ssh_dir: Path | None = None) -> int:
     """`invoke deploy-azure`: plan, (unless --dry-run) create or converge, wait for health, print the URL."""
     out = _console(console)
+    if not image:
+        return _fail(out, "--image is required: REGISTRY/NAME:TAG of the qwen-box image (invoke push puts it "
+                          "in a registry)", 2)
     try:
         d = Deployment(name=name or default_name(), image=cloudinit.validate_image(image), region=region,
                        size=size, port=port, disk_gb=disk_gb, public=public,

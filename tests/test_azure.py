@@ -544,6 +544,8 @@ def test_no_subscription_says_az_login(monkeypatch, tmp_path, capsys):
 
 
 def test_bad_options_exit_2_before_anything_happens(cli, capsys):
+    assert invoke("deploy-azure", "--allow-from", ME) == 2
+    assert "--image is required" in capsys.readouterr().out
     assert invoke("deploy-azure", "--image", "Not An Image", "--allow-from", ME) == 2
     assert invoke("deploy-azure", "--image", IMAGE, "--allow-from", "0.0.0.0/0") == 2
     assert invoke("deploy-azure", "--image", IMAGE, "--env", "PORT=9000", "--allow-from", ME) == 2
