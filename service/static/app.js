@@ -909,7 +909,11 @@
       else outcome = { kind: 'error', message: 'The connection was lost while the reply was streaming.' };
     }
 
-    if (epoch !== state.epoch) return; // another chat is on screen now
+    if (epoch !== state.epoch) {
+      // Another chat is on screen now; the one left behind was stored (and maybe named) anyway.
+      if (target.id) refreshList();
+      return;
+    }
     state.active = null;
     if (outcome.kind === 'rejected' && outcome.status === 404 && target.id) {
       conversationGone(target.id, outcome, { reply, userEl, text });
@@ -1649,7 +1653,7 @@
     renderModels();
     if (loading || models.pending) models.timer = setTimeout(loadModels, MODELS_POLL_MS);
     // The active model changed or finished loading: the status line and welcome text follow health.
-    if (previousActive !== models.active || (wasLoading && !loading)) pollHealth();
+    if ((previousActive && previousActive !== models.active) || (wasLoading && !loading)) pollHealth();
   }
 
   function renderModels() {
