@@ -210,7 +210,7 @@ def _converge_vm(clients: AzureClients, d: Deployment, existing, progress: Progr
     Secret settings cannot change this way (they only travel in custom_data); if they differ, say so.
     """
     compute = clients.compute
-    current = existing.as_dict()
+    current = existing.as_dict(exclude_readonly=True)
     props = current.setdefault("properties", {})
     old_tags = dict(existing.tags or {})
     tags = vm_tags(d)
@@ -369,6 +369,10 @@ def diagnostics(clients: AzureClients, names: Names, serial_lines: int = 40) -> 
 def container_logs(clients: AzureClients, names: Names, lines: int = 100) -> str:
     """The container's log tail, fetched through run-command (no SSH needed)."""
     try:
+        power = power_state(clients, names)
+        if power != "running":
+            raise AzureActionError(f"{names.vm} is {power}, so it cannot run commands: start it (re-run "
+                                   "deploy-azure, which starts a stopped VM) and try again")
         script = f"docker logs --tail {int(lines)} --timestamps {CONTAINER} 2>&1"
         out, err = run_command(clients, names, script)
     except ResourceNotFoundError as exc:

@@ -594,3 +594,12 @@ def test_redeploy_with_another_size_resizes_the_same_vm(fake, clients):
     props = fake.resource("qb-test-rg", VM, "qb-test-vm")["properties"]
     assert props["hardwareProfile"]["vmSize"] == "Standard_B2ms" and props["vmId"] == vm_id
     assert props["osProfile"]["linuxConfiguration"]["disablePasswordAuthentication"] is True
+
+
+def test_logs_of_a_stopped_vm_say_what_to_do(fake, clients):
+    d = deployment()
+    run_deploy(clients, d)
+    fake.power_state = "deallocated"
+    with pytest.raises(AzureActionError, match="is deallocated.*re-run"):
+        azure.container_logs(clients, d)
+    assert fake.run_commands == []
