@@ -231,7 +231,12 @@ def _converge_vm(clients: AzureClients, d: Deployment, existing, progress: Progr
         compute.virtual_machines.begin_start(d.group, d.vm).result()
     if new_config:
         progress("updating the container (new image or settings) via run-command")
-        run_command(clients, d, cloudinit.update_script(d.image, d.port, d.env))
+        out, err = run_command(clients, d, cloudinit.update_script(d.image, d.port, d.env))
+        if cloudinit.UPDATE_DONE not in out:
+            detail = "\n".join((err or out).strip().splitlines()[-8:]) or "(no output)"
+            raise AzureActionError(
+                f"updating the container on {d.vm} failed; it keeps running what it ran before:\n{detail}\n"
+                "Fix the cause (the image name, the registry login) and re-run deploy-azure.")
     if changed_size or old_tags != tags:
         body = {"location": d.region, "tags": tags,
                 "properties": {k: v for k, v in props.items()

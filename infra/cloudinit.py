@@ -165,27 +165,40 @@ def custom_data(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
+UPDATE_DONE = "qwen-box: update done"
+
+
 def update_script(image: str, port: int, env: Mapping[str, str]) -> str:
     """A shell script that moves a running VM to a new image/settings (for run-command).
 
     custom_data cannot change after the VM is created, so a re-deploy with another image rewrites the
-    same files cloud-init wrote and re-runs the same start script. Values travel base64-encoded, so they
-    are data to the shell, never code. Secret settings are not sent (run-command scripts are not secret
-    storage): the ones already on the VM are carried over.
+    same files cloud-init wrote and re-runs the same start script. The new image is pulled first, so a
+    failed pull leaves the running container and its files as they were; the last line it prints is
+    UPDATE_DONE, which run-command's caller looks for (run-command reports success whatever the exit
+    code). Values travel base64-encoded, so they are data to the shell, never code. Secret settings are
+    not sent (run-command scripts are not secret storage): the ones already on the VM are kept.
     """
     public = {k: v for k, v in validate_env(env).items() if k not in SECRET_SETTINGS}
-    files = {"/etc/qwen-box/image": validate_image(image) + "\n", "/etc/qwen-box/port": f"{int(port)}\n"}
-    lines = ["set -euo pipefail", "umask 077"]
-    for path, content in files.items():
-        encoded = base64.b64encode(content.encode()).decode()
-        lines.append(f"echo {encoded} | base64 -d > {path}.new && chmod 644 {path}.new "
-                     f"&& mv {path}.new {path}")
-    encoded = base64.b64encode((env_file(public) + "\n").encode()).decode()
+
+    def b64(text: str) -> str:
+        return base64.b64encode(text.encode()).decode()
+
     keep = "|".join(sorted(SECRET_SETTINGS)) or "^$"
-    lines.append(f"{{ echo {encoded} | base64 -d; grep -E '^({keep})=' /etc/qwen-box/service.env || true; }}"
-                 " > /etc/qwen-box/service.env.new")
-    lines.append("mv /etc/qwen-box/service.env.new /etc/qwen-box/service.env")
-    lines += ['echo "qwen-box: pulling $(cat /etc/qwen-box/image)"',
-              'docker pull --quiet "$(cat /etc/qwen-box/image)"',
-              "/opt/qwen-box/start-container.sh"]
+    lines = [
+        "set -euo pipefail",
+        "umask 077",
+        "etc=${QWEN_BOX_ETC:-/etc/qwen-box}",
+        "opt=${QWEN_BOX_OPT:-/opt/qwen-box}",
+        f"image=$(echo {b64(validate_image(image))} | base64 -d)",
+        'echo "qwen-box: pulling $image"',
+        'docker pull --quiet "$image"',
+        'printf \'%s\\n\' "$image" > "$etc/image.new"',
+        f"echo {b64(str(int(port)))} | base64 -d > \"$etc/port.new\"",
+        f"{{ echo {b64(env_file(public) + chr(10))} | base64 -d; "
+        f"grep -E '^({keep})=' \"$etc/service.env\" || true; }} > \"$etc/service.env.new\"",
+        'chmod 644 "$etc/image.new" "$etc/port.new"',
+        'for f in image port service.env; do mv "$etc/$f.new" "$etc/$f"; done',
+        '"$opt/start-container.sh"',
+        f'echo "{UPDATE_DONE}"',
+    ]
     return "\n".join(lines) + "\n"

@@ -73,6 +73,11 @@ def _key(*parts: str) -> str:
     return "/".join(p.lower() for p in parts)
 
 
+def succeeding_vm(script: str) -> str:
+    """What a VM on which every command works prints for a run-command script: its plain echo lines."""
+    return "\n".join(m.group(1) for m in re.finditer(r'^echo "([^"$]*)"$', script, flags=re.M))
+
+
 class FakeArm:
     """The fake ARM. `start()` it, point clients at `url` with `ca_path` as the CA bundle, `stop()` it."""
 
@@ -91,7 +96,7 @@ class FakeArm:
         self.restricted: dict[str, set[str]] = {}
         self.power_state = "running"
         self.serial_log = "[    0.000000] Linux version 6.8.0-azure\ncloud-init: qwen-box: pulling image\n"
-        self.vm_shell: Callable[[str], str] = lambda script: "qwen-box: fake VM output\n"
+        self.vm_shell: Callable[[str], str] = succeeding_vm
         self.lock = threading.RLock()
         self._ids = itertools.count(1)
         self._server: ThreadingHTTPServer | None = None

@@ -217,8 +217,8 @@ def test_redeploy_with_a_new_image_updates_the_container_not_the_vm(fake, client
     assert result.container_updated and not result.vm_created
     assert fake.custom_data("qb-test-rg", "qb-test-vm") == first_data
     (script,) = fake.run_commands
-    assert base64.b64encode(b"myreg.azurecr.io/qwen-box:2.0\n").decode() in script
-    assert "/opt/qwen-box/start-container.sh" in script
+    assert base64.b64encode(b"myreg.azurecr.io/qwen-box:2.0").decode() in script
+    assert script + "\n" == cloudinit.update_script("myreg.azurecr.io/qwen-box:2.0", 80, {"DTYPE": "float32"})
     tags = fake.resource("qb-test-rg", VM, "qb-test-vm")["tags"]
     digest = cloudinit.config_digest("myreg.azurecr.io/qwen-box:2.0", 80, {"DTYPE": "float32"})
     assert tags[azure.CONFIG_TAG] == digest
@@ -603,3 +603,12 @@ def test_logs_of_a_stopped_vm_say_what_to_do(fake, clients):
     with pytest.raises(AzureActionError, match="is deallocated.*re-run"):
         azure.container_logs(clients, d)
     assert fake.run_commands == []
+
+
+def test_a_failed_update_keeps_the_old_container_and_says_why(fake, clients):
+    run_deploy(clients, deployment())
+    old_tags = dict(fake.resource("qb-test-rg", VM, "qb-test-vm")["tags"])
+    fake.vm_shell = lambda script: "qwen-box: pulling myreg.azurecr.io/qwen-box:9\n[stderr]\nmanifest unknown"
+    with pytest.raises(AzureActionError, match="(?s)keeps running what it ran before.*manifest unknown"):
+        run_deploy(clients, deployment(image="myreg.azurecr.io/qwen-box:9"))
+    assert fake.resource("qb-test-rg", VM, "qb-test-vm")["tags"] == old_tags

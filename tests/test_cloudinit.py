@@ -211,3 +211,32 @@ def test_a_failed_pull_leaves_an_error_on_the_status_page(vm_root):
     health = json.loads((root / "www/api/health").read_text())
     assert health["status"] == "error" and "cloud-init-output.log" in health["detail"]
     assert "docker run" not in (root / "calls.log").read_text()
+
+
+def test_update_pulls_first_then_rewrites_settings_and_keeps_the_secret(vm_root):
+    root, env = vm_root(cloudinit.render(IMAGE, 80, {**ENV, "ACCESS_TOKEN": "tok-secret"}))
+    new_image = "myreg.azurecr.io/qwen-box:2.0"
+    script = cloudinit.update_script(new_image, 8080, {"DTYPE": "bfloat16", "ACCESS_TOKEN": "ignored"})
+    assert "tok-secret" not in script and "ignored" not in script
+    result = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith(cloudinit.UPDATE_DONE)
+    etc = root / "etc/qwen-box"
+    assert (etc / "image").read_text().strip() == new_image and (etc / "port").read_text().strip() == "8080"
+    settings = (etc / "service.env").read_text().splitlines()
+    assert "DTYPE=bfloat16" in settings and "ACCESS_TOKEN=tok-secret" in settings
+    assert "QUEUE_SIZE=4" not in settings
+    calls = [c.split()[:2] for c in (root / "calls.log").read_text().splitlines()]
+    assert calls.index(["docker", "pull"]) < calls.index(["docker", "run"])
+    assert "--publish 8080:8000" in (root / "calls.log").read_text()
+
+
+def test_a_failed_update_pull_changes_nothing(vm_root):
+    root, env = vm_root(cloudinit.render(IMAGE, 80, ENV))
+    before = {p.name: p.read_text() for p in (root / "etc/qwen-box").iterdir() if p.is_file()}
+    script = cloudinit.update_script("myreg.azurecr.io/qwen-box:missing", 8080, {})
+    result = subprocess.run(["bash", "-c", script], env={**env, "FAIL_PULL": "1"}, capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode != 0 and cloudinit.UPDATE_DONE not in result.stdout
+    assert {p.name: p.read_text() for p in (root / "etc/qwen-box").iterdir() if p.is_file()} == before
+    assert "docker run" not in (root / "calls.log").read_text()
