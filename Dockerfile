@@ -10,6 +10,7 @@
 #                    Empty: PyPI plus the wheels/ folder of the build context (an offline CI's CPU wheel)
 #   MODEL_ID         hub id of the model, kept in /models/<MODEL_ID>
 #   MODEL_REVISION   branch, tag or commit of the model (empty: the hub's main)
+#   HF_ENDPOINT      a Hugging Face hub mirror to download from (empty: the hub itself)
 #   BAKE_MODEL       1: download the weights at build time; 0: leave /models/<MODEL_ID> empty for a mount
 # A gated model's token, if one is ever needed, goes in as a build secret (`--secret id=hf_token,src=FILE`),
 # which is mounted for one step and never stored in a layer.
@@ -50,12 +51,14 @@ FROM ${BASE_IMAGE} AS model
 ARG MODEL_ID=Qwen/Qwen2.5-1.5B-Instruct
 ARG MODEL_REVISION=
 ARG BAKE_MODEL=1
+ARG HF_ENDPOINT=
 ARG HF_HUB_VERSION=2.4.0
 # Only what Transformers loads: config, tokenizer, safetensors weights (no .bin/.gguf/ONNX copies).
 RUN --mount=type=secret,id=hf_token \
     mkdir -p "/models/$MODEL_ID" \
  && if [ "$BAKE_MODEL" = 1 ]; then \
-      python3 -m venv /tmp/hf \
+      if [ -z "$HF_ENDPOINT" ]; then unset HF_ENDPOINT; fi \
+      && python3 -m venv /tmp/hf \
       && /tmp/hf/bin/pip install --no-cache-dir --disable-pip-version-check "huggingface_hub==$HF_HUB_VERSION" \
       && HF_TOKEN_PATH=/run/secrets/hf_token HF_HUB_DISABLE_TELEMETRY=1 /tmp/hf/bin/python -c "import os; from huggingface_hub import snapshot_download; snapshot_download(os.environ['MODEL_ID'], revision=os.environ['MODEL_REVISION'] or None, local_dir='/models/' + os.environ['MODEL_ID'], allow_patterns=['*.json', '*.safetensors', '*.txt', '*.model', '*.jinja'])" \
       && rm -rf "/models/$MODEL_ID/.cache" /tmp/hf; \

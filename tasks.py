@@ -85,16 +85,18 @@ _BUILD_HELP = {
     "torch_index": "pip index for torch (default: the Dockerfile's, the PyTorch CPU index); "
                    "'' = PyPI plus --wheels",
     "wheels": "folder of wheels (e.g. a CPU torch wheel) to offer pip during the build (default: none)",
+    "hf_endpoint": "Hugging Face hub mirror to download the model from (default: the hub itself)",
 }
 
 
 @task(help=_BUILD_HELP)
 def build(c: Context, tag: str = box.IMAGE, model: str = box.DEFAULT_MODEL_ID, revision: str = "",
-          bake: bool = True, base_image: str = "", torch_index: str | None = None, wheels: str = "") -> None:
+          bake: bool = True, base_image: str = "", torch_index: str | None = None, wheels: str = "",
+          hf_endpoint: str = "") -> None:
     """Build the image (CPU PyTorch, the service, the model baked in by default) and print its size."""
     with _docker_errors():
         box.build(tag, model=model, revision=revision, bake=bake, base_image=base_image,
-                  torch_index=torch_index, wheels=wheels)
+                  torch_index=torch_index, wheels=wheels, hf_endpoint=hf_endpoint)
 
 
 @task(name="run-local", iterable=["env"], help={

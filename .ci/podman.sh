@@ -35,7 +35,7 @@ if ! podman image exists "$QWEN_BOX_BASE_IMAGE"; then
     "$QB_PODMAN_DIR/rootfs" >"$QB_PODMAN_DIR/debootstrap.log"
   cp /etc/ssl/certs/ca-certificates.crt "$QB_PODMAN_DIR/rootfs/etc/ssl/certs/ca-certificates.crt"
   rm -rf "$QB_PODMAN_DIR"/rootfs/var/cache/apt/archives/*.deb "$QB_PODMAN_DIR"/rootfs/var/lib/apt/lists/*
-  tar -C "$QB_PODMAN_DIR/rootfs" -c . | podman import - "$QWEN_BOX_BASE_IMAGE" >/dev/null
+  tar -C "$QB_PODMAN_DIR/rootfs" -c . | podman import --quiet - "$QWEN_BOX_BASE_IMAGE" >/dev/null
   rm -rf "$QB_PODMAN_DIR/rootfs"
 fi
 

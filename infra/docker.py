@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -158,12 +159,14 @@ def _wheels_in_context(wheels: str, context: Path) -> Iterator[None]:
 
 
 def build(image: str = IMAGE, *, model: str = DEFAULT_MODEL_ID, revision: str = "", bake: bool = True,
-          base_image: str = "", torch_index: str | None = None, wheels: str = "",
+          base_image: str = "", torch_index: str | None = None, wheels: str = "", hf_endpoint: str = "",
           context: Path = ROOT, console: Console | None = None) -> int:
     """Build the image from the repository's Dockerfile and return its size in bytes.
 
     Options left empty keep the Dockerfile's defaults (official slim Python base, the PyTorch CPU
-    index). `torch_index=""` means PyPI plus `wheels`, for a machine that has a CPU wheel on disk.
+    index, the Hugging Face hub). `torch_index=""` means PyPI plus `wheels`, for a machine that has a
+    CPU wheel on disk. A hub mirror on this machine's loopback is only reachable from the build's
+    steps with the host's network, so that case builds with `--network host`.
     """
     console = console or _console()
     check_engine()
@@ -175,6 +178,10 @@ def build(image: str = IMAGE, *, model: str = DEFAULT_MODEL_ID, revision: str = 
         args += ["--build-arg", f"BASE_IMAGE={base_image}"]
     if torch_index is not None:
         args += ["--build-arg", f"TORCH_INDEX_URL={torch_index}"]
+    if hf_endpoint:
+        args += ["--build-arg", f"HF_ENDPOINT={hf_endpoint}"]
+        if urllib.parse.urlsplit(hf_endpoint).hostname in ("127.0.0.1", "localhost", "::1"):
+            args += ["--network", "host"]
     args.append(str(context))
     what = f"with {model} baked in" if bake else "without a model (mount one at run time)"
     console.print(f"Building {image} {what} …")

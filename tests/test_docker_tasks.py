@@ -377,6 +377,16 @@ def test_build_defaults_bake_the_default_model(fake):
     assert "with Qwen/Qwen2.5-1.5B-Instruct baked in" in proc.stderr and "4.23 GB" in proc.stderr
 
 
+@pytest.mark.parametrize("mirror, host_network", [("http://127.0.0.1:8765", True),
+                                                  ("https://hub-mirror.example", False)])
+def test_build_from_a_hub_mirror(fake, mirror, host_network):
+    fake.script(**{"image inspect {{.Size}}": [{"out": "4230000000\n"}]})
+    assert fake.invoke("build", "--hf-endpoint", mirror).returncode == 0
+    build = next(c for c in fake.calls() if c[0] == "build")
+    assert f"HF_ENDPOINT={mirror}" in build
+    assert ("--network" in build) == host_network  # a mirror on loopback needs the host's network
+
+
 def test_failed_build_says_so_without_a_traceback(fake):
     fake.script(build=[{"code": 1, "err": "ERROR: failed to solve\n"}])
     proc = fake.invoke("build")

@@ -4,20 +4,28 @@ The image test (marker `image`) runs the user's own commands, `invoke build` and
 against whatever engine the `docker` CLI reaches: Docker, or podman's Docker-compatible socket, which is
 what CI uses (.ci/podman.sh: a debootstrap-made base image and the machine's CPU torch wheel, since no
 registry or PyTorch index is reachable there). It mounts the tiny test model, runs the image's own
-HEALTHCHECK until healthy, chats through the published port, checks the server is not root, and removes
-everything it made. Without an engine it is skipped, except in CI (`CI` set), where that is a failure.
+HEALTHCHECK until healthy, chats through the published port, checks the server is not root; then it
+builds the default way, the model baked in, from a stand-in hub on loopback, and runs that image with no
+network. Everything it made is removed. Without an engine it is skipped, except in CI (`CI` set), where
+that is a failure.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import tomllib
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -137,6 +145,61 @@ def dangling_images() -> set[str]:
     return set(docker("images", "--quiet", "--filter", "dangling=true").stdout.split())
 
 
+@dataclass
+class Made:
+    """What the image tests create on the engine, all removed when the module is done."""
+
+    containers: list[str] = field(default_factory=list)
+    volumes: list[str] = field(default_factory=list)
+    images: list[str] = field(default_factory=list)
+
+    def names(self, suffix: str) -> tuple[str, str]:
+        """A fresh (image tag, container name) pair, recorded for removal with the container's volume."""
+        tag, name = f"localhost/qwen-box-test:{os.getpid()}-{suffix}", f"qwen-box-test-{os.getpid()}-{suffix}"
+        self.images.append(tag)
+        self.containers.append(name)
+        self.volumes.append(f"{name}-data")
+        return tag, name
+
+
+@pytest.fixture(scope="module")
+def made() -> Iterator[Made]:
+    _engine_or_skip()
+    before = dangling_images()
+    made = Made()
+    yield made
+    for name in made.containers:
+        docker("rm", "--force", name, check=False)
+    for volume in made.volumes:
+        docker("volume", "rm", "--force", volume, check=False)
+    for image in made.images:
+        docker("rmi", "--force", image, check=False)
+    for image_id in dangling_images() - before:  # the builds' intermediate stages
+        docker("rmi", "--force", image_id, check=False)
+    left = [v for v in made.volumes if docker("volume", "inspect", v, check=False).returncode == 0]
+    left += [i for i in made.images if docker("image", "inspect", i, check=False).returncode == 0]
+    assert not left, f"left behind: {left}"
+
+
+def build_options() -> list[str]:
+    """This machine's way to build: CI gives a local base image and a local CPU torch wheel."""
+    options = []
+    if os.environ.get("QWEN_BOX_BASE_IMAGE"):
+        options += ["--base-image", os.environ["QWEN_BOX_BASE_IMAGE"]]
+    if os.environ.get("QWEN_BOX_WHEELS"):
+        options += ["--wheels", os.environ["QWEN_BOX_WHEELS"], "--torch-index", ""]
+    return options
+
+
+def readable_copy(model_dir: Path, dest: Path) -> Path:
+    """The server in the container runs as uid 10001: a mounted model must be world-readable."""
+    model = shutil.copytree(model_dir, dest)
+    model.chmod(0o755)
+    for f in model.iterdir():
+        f.chmod(0o644)
+    return model
+
+
 def run_image_healthcheck(name: str, timeout: float = 120) -> str:
     """Run the HEALTHCHECK the image declares until it passes; return the engine's health status.
 
@@ -145,6 +208,7 @@ def run_image_healthcheck(name: str, timeout: float = 120) -> str:
     """
     podman = shutil.which("podman")
     deadline = time.monotonic() + timeout
+    status = None
     while time.monotonic() < deadline:
         if podman:
             subprocess.run([podman, "healthcheck", "run", name], capture_output=True, timeout=60)
@@ -155,73 +219,145 @@ def run_image_healthcheck(name: str, timeout: float = 120) -> str:
     raise AssertionError(f"the image's HEALTHCHECK never passed: {status}")
 
 
+def chat(port: int) -> dict:
+    reply = requests.post(f"http://127.0.0.1:{port}/api/chat", json={"message": "hi", "max_tokens": 5},
+                          timeout=60)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
 @pytest.mark.image
-def test_the_image_builds_serves_a_chat_and_cleans_up(tiny_model_dir: Path, tmp_path: Path):
-    _engine_or_skip()
-    tag = f"localhost/qwen-box-test:{os.getpid()}"
-    name = f"qwen-box-test-{os.getpid()}"
+def test_the_image_builds_and_serves_a_mounted_model(made: Made, tiny_model_dir: Path, tmp_path: Path):
+    tag, name = made.names("mounted")
     port = free_port()
-    # The server in the container runs as uid 10001: the mounted model must be world-readable.
-    model = shutil.copytree(tiny_model_dir, tmp_path / "tiny-qwen")
-    model.chmod(0o755)
-    for f in model.iterdir():
-        f.chmod(0o644)
-    build_args = ["--tag", tag, "--no-bake"]
-    if os.environ.get("QWEN_BOX_BASE_IMAGE"):
-        build_args += ["--base-image", os.environ["QWEN_BOX_BASE_IMAGE"]]
-    if os.environ.get("QWEN_BOX_WHEELS"):
-        build_args += ["--wheels", os.environ["QWEN_BOX_WHEELS"], "--torch-index", ""]
-    dangling_before = dangling_images()
+    model = readable_copy(tiny_model_dir, tmp_path / "tiny-qwen")
+
+    started = time.monotonic()
+    built = invoke("build", "--tag", tag, "--no-bake", *build_options())
+    print(f"build: {time.monotonic() - started:.0f} s")
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    assert f"Built {tag}" in built.stderr
+
+    image = json.loads(docker("image", "inspect", tag).stdout)[0]
+    print(f"image without the model: {image['Size'] / 1e9:.3f} GB")
+    assert image["Size"] <= SIZE_BUDGET, f"{image['Size'] / 1e9:.2f} GB"
+    assert image["Config"]["User"] == "10001:10001"
+    assert image["Config"]["Labels"]["io.qwen-box.model-baked"] == "0"
+    assert image["Config"]["Cmd"] == ["python", "-m", "service"]
+
+    started = time.monotonic()
+    ran = invoke("run-local", "--tag", tag, "--name", name, "--port", str(port), "--model", str(model),
+                 "--timeout", "300", timeout=400)
+    assert ran.returncode == 0, ran.stderr[-4000:]
+    assert f"http://127.0.0.1:{port}" in ran.stderr
+    print(f"start to healthy: {time.monotonic() - started:.1f} s")
+
+    assert run_image_healthcheck(name) == "healthy"
+    body = chat(port)
+    assert "tiny-qwen" in body["model"] and body["usage"]["completion_tokens"] >= 1
+
+    # The server process itself (PID 1 execs gunicorn) is not root, and the final stage is lean.
+    status = docker("exec", name, "cat", "/proc/1/status").stdout
+    uids = re.search(r"^Uid:\s+(.*)$", status, flags=re.M).group(1).split()
+    assert uids and all(uid == "10001" for uid in uids), status
+    assert "gunicorn" in docker("exec", name, "cat", "/proc/1/cmdline").stdout
+    lean = docker("exec", name, "sh", "-c",
+                  "command -v gcc cc pip curl; ls /app; ls /opt/venv/bin | grep -c '^pip' || true").stdout
+    assert lean.split() == ["service", "0"], lean
+    probe = ("import importlib.util as u; "
+             "print([m for m in ('invoke', 'azure', 'pytest', 'playwright') if u.find_spec(m)])")
+    installed = docker("exec", name, "python", "-c", probe).stdout.strip()
+    assert installed == "[]", installed
+    assert docker("exec", name, "sh", "-c", "touch /data/probe && echo writable").stdout.strip() == "writable"
+
+    shown = invoke("logs", "--name", name, "--tail", "50", timeout=60)
+    assert shown.returncode == 0 and "Listening at" in shown.stdout + shown.stderr
+
+    stopped = invoke("stop", "--name", name, timeout=120)
+    assert stopped.returncode == 0, stopped.stderr
+    assert docker("container", "inspect", name, check=False).returncode != 0
+
+
+class FakeHub:
+    """Serves one model folder the way the Hugging Face hub does (repo info, file tree, resolve), on
+    loopback, so the Dockerfile's bake step runs for real with huggingface_hub against it."""
+
+    COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+    def __init__(self, repo: str, folder: Path):
+        files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+        commit = self.COMMIT
+        self.requests: list[str] = []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def answer(self, head: bool) -> None:
+                path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
+                hub.requests.append(f"{self.command} {path}")
+                status, body, headers = 404, b"{}", {"X-Error-Code": "EntryNotFound"}
+                if path.startswith(f"/api/models/{repo}/revision/"):
+                    status, headers = 200, {"Content-Type": "application/json"}
+                    body = json.dumps({"id": repo, "sha": commit,
+                                       "siblings": [{"rfilename": n} for n in files]}).encode()
+                elif path.startswith(f"/api/models/{repo}/tree/"):
+                    status, headers = 200, {"Content-Type": "application/json"}
+                    tree = [{"type": "file", "path": n, "size": len(d), "oid": hashlib.sha1(d).hexdigest()}
+                            for n, d in files.items()]
+                    body = json.dumps(tree).encode()
+                elif path.startswith(f"/{repo}/resolve/") and path.rsplit("/", 1)[1] in files:
+                    body = files[path.rsplit("/", 1)[1]]
+                    status = 200
+                    headers = {"X-Repo-Commit": commit, "ETag": f'"{hashlib.sha1(body).hexdigest()}"',
+                               "Content-Type": "application/octet-stream"}
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if not head:
+                    self.wfile.write(body)
+
+            def do_GET(self) -> None:  # noqa: N802
+                self.answer(head=False)
+
+            def do_HEAD(self) -> None:  # noqa: N802
+                self.answer(head=True)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.image
+def test_the_default_path_bakes_the_model_and_starts_offline(made: Made, tiny_model_dir: Path):
+    repo = "qwen-box-test/tiny-qwen"
+    tag, name = made.names("baked")
+    port = free_port()
+    hub = FakeHub(repo, tiny_model_dir)
     try:
-        started = time.monotonic()
-        built = invoke("build", *build_args)
-        print(f"build: {time.monotonic() - started:.0f} s")
-        assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
-        assert f"Built {tag}" in built.stderr
-
-        image = json.loads(docker("image", "inspect", tag).stdout)[0]
-        assert image["Size"] <= SIZE_BUDGET, f"{image['Size'] / 1e9:.2f} GB"
-        assert image["Config"]["User"] == "10001:10001"
-        assert image["Config"]["Labels"]["io.qwen-box.model-baked"] == "0"
-        assert image["Config"]["Cmd"] == ["python", "-m", "service"]
-
-        started = time.monotonic()
-        ran = invoke("run-local", "--tag", tag, "--name", name, "--port", str(port), "--model", str(model),
-                     "--timeout", "300", timeout=400)
-        assert ran.returncode == 0, ran.stderr[-4000:]
-        assert f"http://127.0.0.1:{port}" in ran.stderr
-        print(f"start to healthy: {time.monotonic() - started:.1f} s")
-
-        assert run_image_healthcheck(name) == "healthy"
-
-        reply = requests.post(f"http://127.0.0.1:{port}/api/chat", json={"message": "hi", "max_tokens": 5},
-                              timeout=60)
-        assert reply.status_code == 200, reply.text
-        body = reply.json()
-        assert "tiny-qwen" in body["model"] and body["usage"]["completion_tokens"] >= 1
-
-        # The server process itself (PID 1 execs gunicorn) is not root, and the final stage is lean.
-        status = docker("exec", name, "cat", "/proc/1/status").stdout
-        uids = re.search(r"^Uid:\s+(.*)$", status, flags=re.M).group(1).split()
-        assert uids and all(uid == "10001" for uid in uids), status
-        assert "gunicorn" in docker("exec", name, "cat", "/proc/1/cmdline").stdout
-        lean = docker("exec", name, "sh", "-c",
-                      "command -v gcc cc pip curl; ls /app; ls /opt/venv/bin | grep -c '^pip' || true").stdout
-        assert lean.split() == ["service", "0"], lean
-        data = docker("exec", name, "sh", "-c", "touch /data/probe && echo writable").stdout
-        assert data.strip() == "writable"
-
-        shown = invoke("logs", "--name", name, "--tail", "50", timeout=60)
-        assert shown.returncode == 0 and "Listening at" in shown.stdout + shown.stderr
-
-        stopped = invoke("stop", "--name", name, timeout=120)
-        assert stopped.returncode == 0, stopped.stderr
-        assert docker("container", "inspect", name, check=False).returncode != 0
+        built = invoke("build", "--tag", tag, "--model", repo, "--hf-endpoint", hub.url, *build_options())
     finally:
-        docker("rm", "--force", name, check=False)
-        docker("volume", "rm", "--force", f"{name}-data", check=False)
-        docker("rmi", "--force", tag, check=False)
-        for image_id in dangling_images() - dangling_before:  # the build's intermediate stages
-            docker("rmi", "--force", image_id, check=False)
-    assert docker("volume", "inspect", f"{name}-data", check=False).returncode != 0
-    assert docker("image", "inspect", tag, check=False).returncode != 0
+        hub.close()
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    assert f"GET /{repo}/resolve/{FakeHub.COMMIT}/model.safetensors" in hub.requests
+    labels = json.loads(docker("image", "inspect", "--format", "{{json .Config.Labels}}", tag).stdout)
+    assert labels["io.qwen-box.model"] == repo and labels["io.qwen-box.model-baked"] == "1"
+
+    # run-local with the hub id the image baked: no mount, no network (the hub is gone by now).
+    ran = invoke("run-local", "--tag", tag, "--name", name, "--port", str(port), "--model", repo,
+                 "--timeout", "300", timeout=400)
+    assert ran.returncode == 0, ran.stderr[-4000:]
+    assert "baked into the image" in ran.stderr
+    assert "tiny-qwen" in chat(port)["model"]
+    listing = docker("exec", name, "sh", "-c", f"echo $HF_HUB_OFFLINE $MODEL_ID; ls -A /models/{repo}").stdout
+    assert listing.split()[:2] == ["1", f"/models/{repo}"]
+    assert "model.safetensors" in listing and ".cache" not in listing
+    assert docker("container", "inspect", "--format", "{{json .Mounts}}", name).stdout.count("/models") == 0
+    assert invoke("stop", "--name", name, timeout=120).returncode == 0
