@@ -13,10 +13,8 @@ that no row needs any more is trimmed.
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoTokenizer, DynamicCache
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     MinPLogitsWarper,
@@ -36,6 +34,7 @@ from transformers.generation.logits_process import (
 )
 
 from .engine import SamplingOptions
+from .loading import load_model
 
 log = logging.getLogger(__name__)
 
@@ -56,43 +55,6 @@ class Sequence:
     processors: LogitsProcessorList = field(default_factory=LogitsProcessorList)
     greedy: bool = True
     generator: torch.Generator | None = None
-
-
-class Int8Linear(torch.nn.Module):
-    """A Linear whose weights are int8 (per output channel), computed by PyTorch's dynamically
-    quantized kernel (fbgemm: int8 GEMM with the activations quantized on the fly)."""
-
-    def __init__(self, linear: torch.nn.Linear):
-        super().__init__()
-        weight = linear.weight.detach().float()
-        self.inner = torch.ao.nn.quantized.dynamic.Linear(linear.in_features, linear.out_features,
-                                                          bias_=linear.bias is not None, dtype=torch.qint8)
-        scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-8)
-        zero = torch.zeros_like(scales, dtype=torch.long)
-        qweight = torch.quantize_per_channel(weight, scales.double(), zero, axis=0, dtype=torch.qint8)
-        bias = linear.bias.detach().float() if linear.bias is not None else None
-        self.inner.set_weight_bias(qweight, bias)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x.float()).to(x.dtype)
-
-
-def quantize_int8(model: torch.nn.Module) -> None:
-    """Replace every Linear (the output head included, untied from the embeddings) by `Int8Linear`,
-    one at a time, so only one layer's float32 copy exists at any moment (each bf16 weight is
-    freed as soon as its module is replaced)."""
-    warnings.filterwarnings("ignore", message=".*quantiz.*", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", message=".*quantize_per_.*", category=UserWarning)
-    if getattr(model.config, "tie_word_embeddings", False):
-        head = model.get_output_embeddings()
-        head.weight = torch.nn.Parameter(head.weight.detach().clone())
-    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Int8Linear(getattr(parent, child)))
-    gc.collect()
 
 
 class PrefixCache:
@@ -152,11 +114,7 @@ class TransformersBackend:
         self.precision = dtype
         self.max_batch = max_batch
         self.tokenizer = AutoTokenizer.from_pretrained(model_id)
-        load_dtype = torch.float32 if dtype == "float32" else torch.bfloat16
-        self.model = AutoModelForCausalLM.from_pretrained(model_id, dtype=load_dtype)
-        self.model.eval()
-        if dtype == "int8":
-            quantize_int8(self.model)
+        self.model = load_model(model_id, dtype)
         config_ctx = getattr(self.model.config, "max_position_embeddings", None) or context_tokens
         self.context_length = min(context_tokens, config_ctx)
         self.generation_config = self.model.generation_config

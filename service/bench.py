@@ -132,8 +132,12 @@ def measure(model: str, precision: str, threads: int, repeat: int, new_tokens: i
 def health_under_load(model: str, precision: str, threads: int, seconds: float = 20) -> dict[str, Any]:
     """p50/p99 of /api/health while 4 streams generate, through the real server on loopback."""
     import socket
+    import urllib.error
+    import urllib.request
 
-    import requests
+    def get(path: str, timeout: float) -> int:
+        with urllib.request.urlopen(url + path, timeout=timeout) as r:
+            return r.status
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -148,9 +152,9 @@ def health_under_load(model: str, precision: str, threads: int, seconds: float =
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             try:
-                if requests.get(url + "/api/health", timeout=5).status_code == 200:
+                if get("/api/health", 5) == 200:
                     break
-            except requests.ConnectionError:
+            except (urllib.error.URLError, ConnectionError):
                 pass
             time.sleep(0.5)
         stop = time.monotonic() + seconds
@@ -158,8 +162,10 @@ def health_under_load(model: str, precision: str, threads: int, seconds: float =
         def chat() -> None:
             while time.monotonic() < stop:
                 body = {"message": "benchmark " * 50, "max_tokens": 64, "temperature": 0, "stream": True}
-                with requests.post(url + "/api/chat", json=body, stream=True, timeout=120) as r:
-                    for _ in r.iter_lines():
+                req = urllib.request.Request(url + "/api/chat", data=json.dumps(body).encode(),
+                                             headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=120) as r:
+                    for _ in r:
                         pass
 
         workers = [threading.Thread(target=chat) for _ in range(4)]
@@ -169,7 +175,7 @@ def health_under_load(model: str, precision: str, threads: int, seconds: float =
         time.sleep(2)
         while time.monotonic() < stop:
             t = time.perf_counter()
-            requests.get(url + "/api/health", timeout=10)
+            get("/api/health", 10)
             latencies.append((time.perf_counter() - t) * 1000)
             time.sleep(0.05)
         for w in workers:

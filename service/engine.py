@@ -76,6 +76,15 @@ class Finished:
     error: str | None = None
 
 
+def return_freed_memory() -> None:
+    """Hand memory freed by Python back to the system now (glibc keeps freed arenas otherwise):
+    on a small VM the peak is the budget, and the next model needs the room."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class EngineUnavailable(RuntimeError):
     """The model is not loaded (still loading, or loading failed)."""
 
@@ -366,10 +375,7 @@ class Engine:
     def _release(self) -> None:
         self._backend = None
         gc.collect()
-        try:  # glibc keeps freed arenas; hand them back so the next model has room
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
+        return_freed_memory()
         log.info("model unloaded")
 
     def _fail_waiting(self, reason: str = "the model failed to load") -> None:
