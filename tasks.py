@@ -73,6 +73,8 @@ def _docker_errors() -> Iterator[None]:
         yield
     except box.DockerError as exc:
         raise Exit(f"error: {exc}", code=exc.code) from None
+    except KeyboardInterrupt:
+        raise Exit("interrupted", code=130) from None
 
 
 _BUILD_HELP = {

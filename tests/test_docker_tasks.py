@@ -47,6 +47,9 @@ json.dump(counts, open(counts_path, "w"))
 if key == "build":
     context = args[-1]
     print("wheels in context:", sorted(os.listdir(os.path.join(context, "wheels"))))
+if outcome.get("sleep"):
+    import time
+    time.sleep(outcome["sleep"])
 sys.stdout.write(outcome.get("out", ""))
 sys.stderr.write(outcome.get("err", ""))
 sys.exit(outcome.get("code", 0))
@@ -345,6 +348,27 @@ def test_ctrl_c_while_waiting_removes_the_half_started_container(fake: FakeDocke
     assert "Interrupted: removed the half-started container qwen-box" in err
     assert "Traceback" not in err
     assert fake.calls()[-1] == ["rm", "--force", "qwen-box"]
+
+
+def test_ctrl_c_during_the_build_leaves_no_wheels_behind(fake: FakeDocker, tmp_path: Path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "torch-0.0.1+cpu-cp311-none-any.whl").write_bytes(b"not really a wheel")
+    fake.script(**{"image inspect {{json .Config.Labels}}": [labels(None)], "build": [{"sleep": 30}]})
+    proc = subprocess.Popen([sys.executable, "-m", "invoke", "run-local", "--wheels", str(wheels)], cwd=ROOT,
+                            env=fake.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while "build" not in fake.commands() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    assert not (ROOT / "wheels" / "torch-0.0.1+cpu-cp311-none-any.whl").exists()
+    assert "run" not in fake.commands()
 
 
 # ---- build, push, stop, logs
