@@ -101,19 +101,27 @@ def test_generation_config_defaults_are_honoured(tiny_model_dir):
 
 
 def test_cancel_stops_between_tokens(endless_model_dir):
-    backend = TransformersBackend(str(endless_model_dir))
+    class Counting(TransformersBackend):
+        """Counts decode steps, so the test knows how many tokens existed when it cancelled."""
+
+        steps = 0
+
+        def step(self):
+            tokens = super().step()
+            Counting.steps += 1
+            return tokens
+
+    backend = Counting(str(endless_model_dir))
     engine = ready_engine(backend)
     generation = engine.submit(prompt(backend), SamplingOptions(max_tokens=3000))
-    deltas = 0
-    for event in generation.events():
-        if isinstance(event, Finished):
-            break
-        deltas += 1
-        if deltas == 3:
-            generation.cancel()
-    assert event.finish_reason == "cancelled"
-    # The token in flight when cancel() was called may still arrive; nothing after it.
-    assert event.usage.completion_tokens <= deltas + 2
+    events = generation.events()
+    next(events)
+    generation.cancel()
+    made_by_cancel = 1 + Counting.steps  # the prefill's token, then one per step
+    finished = [e for e in events if isinstance(e, Finished)][0]
+    assert finished.finish_reason == "cancelled"
+    # At most the step under way when cancel() came still completes; nothing after it.
+    assert finished.usage.completion_tokens <= made_by_cancel + 1
     assert engine.stats()["cancelled"] == 1
     _, after = engine.submit(prompt(backend), SamplingOptions(max_tokens=3)).result()
     assert after.finish_reason == "length"
