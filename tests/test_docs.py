@@ -23,7 +23,7 @@ def test_ci_runs_the_readme_test_command_verbatim():
 
 def test_readme_run_command_installs_and_serves():
     run = fenced_commands()[0]
-    assert "pip install" in run and "torch==" in run and run.endswith("invoke serve")
+    assert "pip install" in run and "torch==" in run and run.endswith("invoke run-local")
 
 
 def test_settings_table_matches_the_code():
