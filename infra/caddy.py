@@ -1,0 +1,76 @@
+"""The Caddyfile of the VM's reverse proxy: HTTPS in front of the chat service, which listens on loopback.
+
+Caddy (Debian/Ubuntu's `caddy` package, the same 2.6 series in Debian bookworm, where the tests run it,
+and Ubuntu 24.04, where the VM runs it) terminates TLS for the VM's DNS name, redirects HTTP to HTTPS,
+renews the certificate by itself and passes server-sent events through unbuffered (`flush_interval -1`).
+The tests run Caddy's own validator on this text and a real Caddy with it on loopback.
+
+Where the certificate comes from (`cert`):
+
+- `acme`: a publicly trusted one (Let's Encrypt, falling back to ZeroSSL), obtained and renewed
+  automatically. The certificate authority must reach the VM on port 80 or 443 from the Internet to
+  check that it answers for the name, so this needs those ports open to the Internet.
+- `acme-http`: the same, with the TLS-ALPN challenge turned off, for a VM whose port 80 is open to the
+  Internet but whose HTTPS port is not (the chat stays private; only the challenge and the redirect
+  are public).
+- `internal`: Caddy's own certificate authority on the VM, for a VM that no public authority can reach.
+  Encrypted all the same, but not trusted by browsers until its root certificate is trusted.
+"""
+
+from __future__ import annotations
+
+import re
+
+CERT_MODES = ("acme", "acme-http", "internal")
+UPSTREAM = "127.0.0.1:8000"
+_SITE = re.compile(r"^[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?$")
+
+
+def _proxy(upstream: str) -> str:
+    """To the app, each chunk flushed as it comes; Caddy sets X-Forwarded-For itself (replacing any a
+    client sent), which is what the app's PROXY_HOPS=1 trusts."""
+    return f"\treverse_proxy {upstream} {{\n\t\tflush_interval -1\n\t}}"
+
+
+def caddyfile(site: str, cert: str, *, upstream: str = UPSTREAM, http_port: int = 80, https_port: int = 443,
+              storage: str = "", bind: str = "") -> str:
+    """The Caddyfile serving `site` over HTTPS on `https_port`, redirecting `http_port` to it.
+
+    `storage` (a folder for certificates and keys) and `bind` (an address to listen on) are for tests;
+    on the VM Caddy listens on every address and keeps its keys in its own data folder
+    (/var/lib/caddy). The admin API is off: nothing changes the config but a restart.
+    """
+    if cert not in CERT_MODES:
+        raise ValueError(f"certificate mode {cert!r}: one of {', '.join(CERT_MODES)}")
+    if not _SITE.match(site):
+        raise ValueError(f"{site!r} is not a DNS name")
+    options = ["\tadmin off"]
+    if bind:
+        options.append(f"\tdefault_bind {bind}")
+    if http_port != 80:
+        options.append(f"\thttp_port {int(http_port)}")
+    if https_port != 443:
+        options.append(f"\thttps_port {int(https_port)}")
+    if cert == "internal":
+        options.append("\tskip_install_trust")
+    if storage:
+        options.append(f"\tstorage file_system {{\n\t\troot {storage}\n\t}}")
+    site_lines = []
+    if cert == "internal":
+        site_lines.append("\ttls internal")
+    elif cert == "acme-http":
+        site_lines.append("\ttls {\n\t\tissuer acme {\n\t\t\tdisable_tlsalpn_challenge\n\t\t}\n\t}")
+    site_lines.append(_proxy(upstream))
+    target = site if https_port == 443 else f"{site}:{int(https_port)}"
+    return ("# qwen-box: HTTPS for the chat service on loopback; written by invoke deploy-azure.\n"
+            "{\n" + "\n".join(options) + "\n}\n\n"
+            f"{site} {{\n" + "\n".join(site_lines) + "\n}\n\n"
+            "# Plain HTTP only redirects (Caddy answers certificate challenges on it before any route).\n"
+            f"http://{site} {{\n\tredir https://{target}{{uri}} 308\n}}\n")
+
+
+def plain_caddyfile(listen_port: int, *, upstream: str = UPSTREAM) -> str:
+    """Plain HTTP on one loopback port with the same proxying as `caddyfile`: for testing the proxying
+    itself (streaming, forwarded headers) without any certificate."""
+    return ("{\n\tadmin off\n\tauto_https off\n}\n\n"
+            f"http://127.0.0.1:{int(listen_port)} {{\n{_proxy(upstream)}\n}}\n")
