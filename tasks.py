@@ -119,9 +119,15 @@ def run_local(c: Context, port: int = box.PORT, model: str = "", model_cache: bo
               timeout: int = box.HEALTH_TIMEOUT, env: list | None = None, base_image: str = "",
               torch_index: str | None = None, wheels: str = "") -> None:
     """Run qwen-box in Docker: build if needed, start one container, wait until healthy, print the URL."""
+    from infra.fit import check_local
+
     with _docker_errors():
+        settings = box.parse_env(env or [])
+        warning = check_local(model or box.DEFAULT_MODEL_ID, settings.get("DTYPE", "bfloat16"))
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
         box.run_local(image=tag, name=name, port=port, model=model, model_cache=model_cache,
-                      rebuild=rebuild, timeout=timeout, env=box.parse_env(env or []), base_image=base_image,
+                      rebuild=rebuild, timeout=timeout, env=settings, base_image=base_image,
                       torch_index=torch_index, wheels=wheels)
 
 
@@ -165,9 +171,15 @@ def _azure_exit(code: int) -> None:
     "region": "Azure region (default eastus)",
     "size": "VM size (default Standard_B2s: 2 vCPU, 4 GiB)",
     "allow-from": "who may reach the chat port: IP or CIDR, comma-separated (default: your public IP)",
-    "public": "open the chat port to the whole Internet (say so on purpose; consider --env ACCESS_TOKEN)",
+    "public": "open the chat port to the whole Internet (say so on purpose); Let's Encrypt certificate",
     "ssh": "open SSH (key only) from the --allow-from source or your IP (default: closed)",
-    "port": "public HTTP port on the VM (default 80)",
+    "port": "the chat's public port (default 443 with HTTPS, 80 with --no-tls)",
+    "tls": "HTTPS through Caddy on the VM (default); --no-tls serves plain HTTP on --port",
+    "trusted-cert": "private deployment with a Let's Encrypt certificate: opens port 80 (challenge and "
+                    "redirect only, no chat) to the whole Internet (default: the VM's own authority)",
+    "model": "Hugging Face hub id of the model (default: the image's own); refused if it cannot fit --size",
+    "precision": "bfloat16, float32 or int8 (default: bfloat16 where it fits the size, else int8)",
+    "token": "access token (default: generated once and kept on this machine; or QWEN_BOX_ACCESS_TOKEN)",
     "disk-gb": "OS disk size in GiB (default 64)",
     "env": "service setting KEY=VALUE for the container, repeatable; KEY alone: value from your environment",
     "registry-user": "log in to the image's registry as this user; password or token from "
@@ -178,15 +190,18 @@ def _azure_exit(code: int) -> None:
 })
 def deploy_azure(c: Context, image: str = "", name: str = "", region: str = "eastus",
                  size: str = "Standard_B2s", allow_from: str = "", public: bool = False, ssh: bool = False,
-                 port: int = 80, disk_gb: int = 64, env: list | None = None, registry_user: str = "",
-                 subscription: str = "", timeout: float = 1800.0, dry_run: bool = False) -> None:
-    """Deploy the image to an Azure VM, wait until the chat answers, print its URL (re-run converges)."""
+                 port: int = 0, disk_gb: int = 64, env: list | None = None, registry_user: str = "",
+                 subscription: str = "", timeout: float = 1800.0, dry_run: bool = False, tls: bool = True,
+                 trusted_cert: bool = False, model: str = "", precision: str = "", token: str = "") -> None:
+    """Deploy the image to an Azure VM over HTTPS, wait until the chat answers, print its URL and access
+    token (re-run converges)."""
     from infra import azure_cli
 
     _azure_exit(azure_cli.deploy(
         image=image, name=name, region=region, size=size, allow_from=allow_from, public=public, ssh=ssh,
         port=port, disk_gb=disk_gb, env=env or [], registry_user=registry_user, subscription=subscription,
-        timeout=timeout, dry_run=dry_run))
+        timeout=timeout, dry_run=dry_run, tls=tls, trusted_cert=trusted_cert, model=model,
+        precision=precision, token=token))
 
 
 @task(name="status-azure", auto_shortflags=False,

@@ -10,11 +10,16 @@ so status, logs and destroy work from any machine.
 
 from __future__ import annotations
 
+import json
+import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import requests
+import urllib3
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
+from requests.utils import DEFAULT_CA_BUNDLE_PATH
 from tenacity import Retrying, retry_if_result, stop_after_delay, wait_exponential
 
 from infra import cloudinit
@@ -29,11 +34,14 @@ from infra.plan import (
     VNET_PREFIX,
     Deployment,
     Names,
+    site_url,
 )
 
 Progress = Callable[[str], None]
 CONFIG_TAG = "qwen-box-config"
 SECRETS_TAG = "qwen-box-secrets"
+TLS_TAG = "qwen-box-tls"  # the certificate mode (infra/caddy.py), "off" for plain HTTP
+HTTPS_RULE, REDIRECT_RULE, HTTP_RULE = "allow-chat-https", "allow-http-redirect", "allow-chat-http"
 CONTAINER = "qwen-box"
 PHASES = {
     "provisioning": "provisioning Azure resources",
@@ -66,11 +74,18 @@ def _rule(name: str, priority: int, port: int, sources: tuple[str, ...], descrip
 
 
 def nsg_body(d: Deployment) -> dict:
-    """Inbound: the chat port from the allowed sources (or the Internet with --public); SSH only if asked."""
+    """Inbound: the chat port from the allowed sources (or the Internet with --public); with HTTPS also
+    port 80, for the redirect and the certificate challenge (see Deployment.redirect_sources); SSH only
+    if asked."""
     if not d.http_sources:
         raise AzureActionError("no source address to allow: pass --allow-from CIDR or --public")
-    rules = [_rule("allow-chat-http", 100, d.port, d.http_sources,
-                   "qwen-box chat (HTTP)" + (" - public" if d.public else ""))]
+    public = " - public" if d.public else ""
+    if d.tls:
+        rules = [_rule(HTTPS_RULE, 100, d.port, d.http_sources, "qwen-box chat (HTTPS)" + public),
+                 _rule(REDIRECT_RULE, 105, 80, d.redirect_sources,
+                       "qwen-box: HTTP redirect to HTTPS and certificate challenge (no chat)")]
+    else:
+        rules = [_rule(HTTP_RULE, 100, d.port, d.http_sources, "qwen-box chat (HTTP)" + public)]
     if d.ssh:
         ssh_sources = d.ssh_from or d.allow_from
         if not ssh_sources or INTERNET in ssh_sources:
@@ -102,7 +117,8 @@ def nic_body(d: Deployment, subnet_id: str, ip_id: str, nsg_id: str) -> dict:
 
 def vm_tags(d: Deployment) -> dict[str, str]:
     """The deployment's tags plus fingerprints of what the container runs (see cloudinit.config_digest)."""
-    tags = {**d.tags, CONFIG_TAG: cloudinit.config_digest(d.image, d.port, d.env)}
+    tags = {**d.tags, TLS_TAG: d.cert or "off",
+            CONFIG_TAG: cloudinit.config_digest(d.image, d.port, d.env, caddyfile=d.caddyfile, model=d.model)}
     secrets = cloudinit.secrets_digest(d.name, d.env)
     if secrets:
         tags[SECRETS_TAG] = secrets
@@ -173,6 +189,12 @@ def deploy(clients: AzureClients, d: Deployment, cloud_init_text: str, ssh_key: 
     fail = _failing(d, clients)
     net, compute = clients.network, clients.compute
     try:
+        try:
+            existing = compute.virtual_machines.get(d.group, d.vm)
+        except ResourceNotFoundError:
+            existing = None
+        if existing is not None:
+            _refuse_fixed_changes(d, dict(existing.tags or {}))
         progress(f"resource group {d.group}")
         clients.resources.resource_groups.create_or_update(d.group, {"location": d.region, "tags": d.tags})
         progress(f"network security group {d.nsg}")
@@ -181,14 +203,14 @@ def deploy(clients: AzureClients, d: Deployment, cloud_init_text: str, ssh_key: 
         vnet = net.virtual_networks.begin_create_or_update(d.group, d.vnet, vnet_body(d)).result()
         progress(f"public IP {d.public_ip}")
         pip = net.public_ip_addresses.begin_create_or_update(d.group, d.public_ip, public_ip_body(d)).result()
+        fqdn = pip.dns_settings.fqdn if pip.dns_settings and pip.dns_settings.fqdn else d.fqdn
+        if d.tls and fqdn.lower() != d.fqdn.lower():
+            raise AzureActionError(f"the public IP's DNS name is {fqdn}, not {d.fqdn} as the certificate "
+                                   "would say; deploy with --no-tls on this cloud")
         subnet_id = next(s.id for s in vnet.subnets if s.name == d.subnet)
         progress(f"network interface {d.nic}")
         nic = net.network_interfaces.begin_create_or_update(
             d.group, d.nic, nic_body(d, subnet_id, pip.id, nsg.id)).result()
-        try:
-            existing = compute.virtual_machines.get(d.group, d.vm)
-        except ResourceNotFoundError:
-            existing = None
         if existing is None:
             progress(f"virtual machine {d.vm} ({d.size})")
             body = vm_body(d, nic.id, ssh_key, cloudinit.custom_data(cloud_init_text))
@@ -198,27 +220,50 @@ def deploy(clients: AzureClients, d: Deployment, cloud_init_text: str, ssh_key: 
             updated = _converge_vm(clients, d, existing, progress)
     except HttpResponseError as exc:
         raise fail(exc) from exc
-    fqdn = pip.dns_settings.fqdn if pip.dns_settings else d.fqdn
-    url = f"http://{fqdn}/" if d.port == 80 else f"http://{fqdn}:{d.port}/"
-    return DeployResult(url=url, fqdn=fqdn, ip=pip.ip_address or "", vm_created=existing is None,
-                        container_updated=updated)
+    return DeployResult(url=site_url(fqdn, d.port, d.tls), fqdn=fqdn, ip=pip.ip_address or "",
+                        vm_created=existing is None, container_updated=updated)
+
+
+def vm_exists(clients: AzureClients, names: Names) -> bool:
+    """Whether the deployment's VM is there already (so first-boot data such as the token cannot change)."""
+    try:
+        clients.compute.virtual_machines.get(names.group, names.vm)
+    except ResourceNotFoundError:
+        return False
+    return True
+
+
+def _refuse_fixed_changes(d: Deployment, old_tags: dict[str, str]) -> None:
+    """Refuse, before anything is touched, what an existing VM cannot change.
+
+    Secret settings only travel in custom_data, which is fixed; nor can HTTPS be added or removed (Caddy
+    is installed at first boot). The certificate's source can change, since that is only Caddy's config.
+    """
+    was_tls = old_tags.get(TLS_TAG, "off") != "off"
+    if was_tls != d.tls:
+        then, now = ("HTTPS", "--no-tls") if was_tls else ("plain HTTP", "HTTPS")
+        raise AzureActionError(
+            f"{d.vm} was created with {then}; it cannot switch to {now} in place. Re-run "
+            f"{'with' if not was_tls else 'without'} --no-tls, or `invoke destroy-azure --name {d.name}` and "
+            "deploy again.")
+    secrets = cloudinit.secrets_digest(d.name, d.env)
+    if secrets and secrets != old_tags.get(SECRETS_TAG):
+        raise AzureActionError(
+            f"{', '.join(sorted(cloudinit.SECRET_SETTINGS))} can only be set when the VM is created (it "
+            f"travels only in custom_data). Keep the old value, or `invoke destroy-azure --name {d.name}` "
+            "and deploy again.")
 
 
 def _converge_vm(clients: AzureClients, d: Deployment, existing, progress: Progress) -> bool:
     """Bring an existing VM to `d`: size and tags by PUT (as `az vm update` does), container by run-command.
 
-    Secret settings cannot change this way (they only travel in custom_data); if they differ, say so.
+    What cannot change in place was refused already (_refuse_fixed_changes).
     """
     compute = clients.compute
     current = existing.as_dict(exclude_readonly=True)
     props = current.setdefault("properties", {})
     old_tags = dict(existing.tags or {})
     tags = vm_tags(d)
-    if SECRETS_TAG in tags and tags[SECRETS_TAG] != old_tags.get(SECRETS_TAG):
-        raise AzureActionError(
-            f"{', '.join(sorted(cloudinit.SECRET_SETTINGS))} can only be set when the VM is created (it "
-            f"travels only in custom_data). Keep the old value, or `invoke destroy-azure --name {d.name}` "
-            "and deploy again.")
     if SECRETS_TAG not in tags and SECRETS_TAG in old_tags:
         tags[SECRETS_TAG] = old_tags[SECRETS_TAG]
     changed_size = str(props.get("hardwareProfile", {}).get("vmSize", "")).lower() != d.size.lower()
@@ -231,7 +276,8 @@ def _converge_vm(clients: AzureClients, d: Deployment, existing, progress: Progr
         compute.virtual_machines.begin_start(d.group, d.vm).result()
     if new_config:
         progress("updating the container (new image or settings) via run-command")
-        out, err = run_command(clients, d, cloudinit.update_script(d.image, d.port, d.env))
+        out, err = run_command(clients, d, cloudinit.update_script(d.image, d.port, d.env,
+                                                                   caddyfile=d.caddyfile, model=d.model))
         if cloudinit.UPDATE_DONE not in out:
             detail = "\n".join((err or out).strip().splitlines()[-8:]) or "(no output)"
             raise AzureActionError(
@@ -265,40 +311,65 @@ class Health:
         return f"{text}: {self.detail}" if self.detail and self.phase not in ("ok",) else text
 
 
-def probe(host: str, port: int, timeout: float = 5.0) -> Health:
-    """One look at http://HOST:PORT/api/health.
+def _get_health_https(host: str, port: int, server_name: str, verify: bool | str,
+                      timeout: float) -> tuple[int, bytes]:
+    """GET /api/health over HTTPS from `host` (the VM's IP) as if from `server_name` (its DNS name): SNI,
+    Host and the certificate check all use the name, while the connection goes to the address."""
+    ca = verify if isinstance(verify, str) else os.environ.get("REQUESTS_CA_BUNDLE", DEFAULT_CA_BUNDLE_PATH)
+    pool = urllib3.HTTPSConnectionPool(
+        host, port, timeout=urllib3.Timeout(timeout), retries=False, server_hostname=server_name,
+        cert_reqs="CERT_REQUIRED" if verify else "CERT_NONE", ca_certs=ca if verify else None,
+        assert_hostname=server_name if verify else False)
+    with pool, warnings.catch_warnings():
+        warnings.simplefilter("ignore", urllib3.exceptions.InsecureRequestWarning)
+        netloc = server_name if port == 443 else f"{server_name}:{port}"
+        response = pool.request("GET", "/api/health", headers={"Host": netloc}, redirect=False)
+        return response.status, response.data
+
+
+def probe(host: str, port: int, timeout: float = 5.0, *, tls: bool = False, server_name: str = "",
+          verify: bool | str = True) -> Health:
+    """One look at http(s)://HOST:PORT/api/health.
 
     Before the container runs, cloud-init's status page answers there with the provisioning phase; then
-    the service answers 503 loading / 200 ok / 503 error. No answer at all means the VM is still booting.
+    the service answers 503 loading / 200 ok / 503 error. No answer at all means the VM is still booting
+    (with HTTPS: or Caddy has no certificate yet). With `tls`, `server_name` is the name the certificate
+    is checked against, and `verify` is True (the system's CAs, or REQUESTS_CA_BUNDLE), a CA file, or
+    False (encrypted but unchecked: only for the phase, nothing secret is sent).
     """
-    netloc = host if port == 80 else f"{host}:{port}"
     try:
-        response = requests.get(f"http://{netloc}/api/health", timeout=timeout)
-    except requests.RequestException:
+        if tls:
+            status_code, data = _get_health_https(host, port, server_name or host, verify, timeout)
+        else:
+            netloc = host if port == 80 else f"{host}:{port}"
+            response = requests.get(f"http://{netloc}/api/health", timeout=timeout)
+            status_code, data = response.status_code, response.content
+    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError):
         return Health("booting")
     try:
-        body = response.json()
+        body = json.loads(data)
     except ValueError:
-        return Health("booting", f"HTTP {response.status_code}")
+        return Health("booting", f"HTTP {status_code}")
     status = body.get("status", "") if isinstance(body, dict) else ""
     if status in PHASES:
         return Health(status, str(body.get("detail") or body.get("model") or ""))
-    return Health("booting", f"HTTP {response.status_code}")
+    return Health("booting", f"HTTP {status_code}")
 
 
 def wait_healthy(host: str, port: int, *, timeout: float, interval: float = 5.0,
                  on_phase: Callable[[Health], None] = lambda h: None,
-                 probe_timeout: float = 5.0) -> Health:
+                 probe_timeout: float = 5.0, tls: bool = False, server_name: str = "",
+                 verify: bool | str = True) -> Health:
     """Poll the health endpoint until ok or error, or until `timeout` seconds; report each new phase.
 
     Checks come quickly at first, then every `interval` seconds. Polls the VM's IP rather than its DNS
     name: a brand-new DNS label can take a while to resolve everywhere, and a resolver that cached
-    "no such name" would stall the wait for no reason.
+    "no such name" would stall the wait for no reason (with HTTPS the name still goes in SNI and Host).
     """
     seen: list[Health] = []
 
     def look() -> Health:
-        health = probe(host, port, timeout=probe_timeout)
+        health = probe(host, port, timeout=probe_timeout, tls=tls, server_name=server_name, verify=verify)
         if not seen or seen[-1] != health:
             seen.append(health)
             on_phase(health)
@@ -371,6 +442,27 @@ def diagnostics(clients: AzureClients, names: Names, serial_lines: int = 40) -> 
     return sections
 
 
+CADDY_ROOT_CA = "/var/lib/caddy/.local/share/caddy/pki/authorities/local/root.crt"
+PEM_BEGIN, PEM_END = "-----BEGIN CERTIFICATE-----", "-----END CERTIFICATE-----"
+
+
+def fetch_ca_root(clients: AzureClients, names: Names) -> str:
+    """The root certificate of Caddy's own authority on the VM (a private deployment's), via run-command.
+
+    Public by nature (it is what a client checks the server against), so fetching it is harmless; the
+    key stays on the VM.
+    """
+    try:
+        out, err = run_command(clients, names, f"cat {CADDY_ROOT_CA}")
+    except HttpResponseError as exc:
+        raise AzureActionError(explain(exc, name=names.name)) from exc
+    start, end = out.find(PEM_BEGIN), out.find(PEM_END)
+    if start < 0 or end < start:
+        raise AzureActionError(f"no root certificate at {CADDY_ROOT_CA} on {names.vm}: "
+                               f"{(err or out).strip()[-300:] or '(no output)'}")
+    return out[start:end + len(PEM_END)] + "\n"
+
+
 def container_logs(clients: AzureClients, names: Names, lines: int = 100) -> str:
     """The container's log tail, fetched through run-command (no SSH needed)."""
     try:
@@ -398,14 +490,17 @@ class Status:
     fqdn: str = ""
     ip: str = ""
     port: int = 80
+    cert: str = ""  # infra/caddy.py's certificate mode; "" for plain HTTP
     exposure: list[str] = field(default_factory=list)
     health: Health | None = None
 
     @property
+    def tls(self) -> bool:
+        return bool(self.cert)
+
+    @property
     def url(self) -> str:
-        if not self.fqdn:
-            return ""
-        return f"http://{self.fqdn}/" if self.port == 80 else f"http://{self.fqdn}:{self.port}/"
+        return site_url(self.fqdn, self.port, self.tls) if self.fqdn else ""
 
 
 def list_deployments(clients: AzureClients) -> list[tuple[str, str]]:
@@ -414,8 +509,12 @@ def list_deployments(clients: AzureClients) -> list[tuple[str, str]]:
     return sorted((g.tags["deployment"], g.location) for g in groups if (g.tags or {}).get("deployment"))
 
 
-def status(clients: AzureClients, names: Names, probe_health: bool = True) -> Status | None:
-    """Power state, address, exposure and health of a deployment; None if it does not exist."""
+def status(clients: AzureClients, names: Names, probe_health: bool = True,
+           ca_file: str = "") -> Status | None:
+    """Power state, address, exposure and health of a deployment; None if it does not exist.
+
+    `ca_file` is the root of the VM's own certificate authority (for a private deployment), when saved.
+    """
     try:
         group = clients.resources.resource_groups.get(names.group)
     except ResourceNotFoundError:
@@ -426,6 +525,8 @@ def status(clients: AzureClients, names: Names, probe_health: bool = True) -> St
         size = vm.hardware_profile.vm_size
         st.size = str(getattr(size, "value", size))
         st.power = power_state(clients, names)
+        cert = (vm.tags or {}).get(TLS_TAG, "off")
+        st.cert = "" if cert == "off" else cert
         pip = clients.network.public_ip_addresses.get(names.group, names.public_ip)
         st.fqdn = pip.dns_settings.fqdn if pip.dns_settings else ""
         st.ip = pip.ip_address or ""
@@ -433,7 +534,7 @@ def status(clients: AzureClients, names: Names, probe_health: bool = True) -> St
         for rule in nsg.security_rules or []:
             sources = rule.source_address_prefixes or [rule.source_address_prefix]
             port = rule.destination_port_range
-            if rule.name == "allow-chat-http" and port and port.isdigit():
+            if rule.name in (HTTP_RULE, HTTPS_RULE) and port and port.isdigit():
                 st.port = int(port)
             shown = "everyone (Internet)" if INTERNET in sources or "*" in sources else ", ".join(sources)
             st.exposure.append(f"TCP {port} from {shown}")
@@ -442,7 +543,8 @@ def status(clients: AzureClients, names: Names, probe_health: bool = True) -> St
     except HttpResponseError as exc:
         raise AzureActionError(explain(exc, name=names.name)) from exc
     if probe_health and st.ip and st.power == "running":
-        st.health = probe(st.ip, st.port)
+        verify: bool | str = True if st.cert.startswith("acme") else ca_file or False
+        st.health = probe(st.ip, st.port, tls=st.tls, server_name=st.fqdn, verify=verify)
     return st
 
 

@@ -24,6 +24,7 @@ import jinja2
 from service.config import Settings
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "cloud-init.yaml"
+START_SCRIPT = Path(__file__).resolve().parent / "start-container.sh.j2"
 CUSTOM_DATA_LIMIT = 64 * 1024
 CONTAINER_PORT = 8000
 SWAP_SIZE = "4G"
@@ -42,6 +43,8 @@ _IMAGE = re.compile(
     r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[a-f0-9]{64})?$")
 _HOST = re.compile(r"^[a-zA-Z0-9](?:[a-zA-Z0-9.-]*[a-zA-Z0-9])?(?::[0-9]{1,5})?$")
 _PRINTABLE = re.compile(r"^[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,95})/[A-Za-z0-9](?:[A-Za-z0-9._-]{0,95})$")
+LOOPBACK_PUBLISH = f"127.0.0.1:{CONTAINER_PORT}"
 
 
 class CloudInitError(ValueError):
@@ -75,6 +78,23 @@ def validate_image(image: str) -> str:
     if len(image) > 255 or not match or (first is not None and not is_host and first != first.lower()):
         raise CloudInitError(f"--image {image!r} is not a Docker image reference (REGISTRY/NAME:TAG)")
     return image
+
+
+def validate_model(model: str) -> str:
+    """A Hugging Face hub id (ORG/NAME) for the VM's container, or "" for the image's own model.
+
+    A folder on this machine means nothing on the VM, so only hub ids are accepted here.
+    """
+    if model and not _HUB_ID.match(model):
+        raise CloudInitError(f"--model {model!r}: give a Hugging Face hub id (ORG/NAME, e.g. "
+                             "Qwen/Qwen2.5-0.5B-Instruct); a folder on this machine does not exist on the VM")
+    return model
+
+
+def publish_spec(port: int, https: bool) -> str:
+    """Where the container's port is published on the VM: loopback only behind Caddy (HTTPS), else the
+    public port itself."""
+    return LOOPBACK_PUBLISH if https else str(int(port))
 
 
 def image_registry(image: str) -> str | None:
@@ -130,10 +150,20 @@ def env_file(env: Mapping[str, str]) -> str:
     return "\n".join(lines)
 
 
-def config_digest(image: str, port: int, env: Mapping[str, str]) -> str:
-    """A short fingerprint of what the container runs, secrets left out, kept as a tag on the VM."""
+def config_digest(image: str, port: int, env: Mapping[str, str], *, caddyfile: str = "",
+                  model: str = "") -> str:
+    """A short fingerprint of what the container runs, secrets left out, kept as a tag on the VM.
+
+    The model and proxy config count only when set, so a VM deployed before they existed, re-deployed
+    with the same options, keeps its fingerprint and is left alone.
+    """
     public = {k: v for k, v in env.items() if k not in SECRET_SETTINGS}
-    blob = json.dumps({"image": image, "port": port, "env": dict(sorted(public.items()))}, sort_keys=True)
+    what: dict[str, object] = {"image": image, "port": port, "env": dict(sorted(public.items()))}
+    if model:
+        what["model"] = model
+    if caddyfile:
+        what["caddy"] = hashlib.sha256(caddyfile.encode()).hexdigest()
+    blob = json.dumps(what, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -147,13 +177,26 @@ def secrets_digest(salt: str, env: Mapping[str, str]) -> str:
     return hashlib.pbkdf2_hmac("sha256", blob, f"qwen-box:{salt}".encode(), 200_000).hex()[:32]
 
 
+def _jinja() -> jinja2.Environment:
+    return jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
+
+
+def start_script() -> str:
+    """/opt/qwen-box/start-container.sh: (re)creates the container from the files in /etc/qwen-box."""
+    return _jinja().from_string(START_SCRIPT.read_text()).render(container_port=CONTAINER_PORT)
+
+
 def render(image: str, port: int, env: Mapping[str, str], registry: RegistryLogin | None = None,
-           template: Path = TEMPLATE) -> str:
-    """The cloud-config text for a VM: validated inputs in, YAML out (checked against the size limit)."""
-    jenv = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
-    text = jenv.from_string(template.read_text()).render(
-        image=validate_image(image), port=int(port), env_file=env_file(validate_env(env)), registry=registry,
-        container_port=CONTAINER_PORT, swap_size=SWAP_SIZE)
+           template: Path = TEMPLATE, *, caddyfile: str = "", model: str = "") -> str:
+    """The cloud-config text for a VM: validated inputs in, YAML out (checked against the size limit).
+
+    With a `caddyfile` (HTTPS), cloud-init installs Caddy with it and the container is published on
+    loopback only; without, the container is published on `port` as is.
+    """
+    text = _jinja().from_string(template.read_text()).render(
+        image=validate_image(image), publish=publish_spec(port, bool(caddyfile)), model=validate_model(model),
+        env_file=env_file(validate_env(env)), registry=registry, caddyfile=caddyfile.rstrip("\n"),
+        start_script=start_script().rstrip("\n"), swap_size=SWAP_SIZE)
     if len(text.encode()) > CUSTOM_DATA_LIMIT:
         raise CloudInitError(f"rendered cloud-init is {len(text.encode())} bytes; Azure allows "
                              f"{CUSTOM_DATA_LIMIT}")
@@ -168,7 +211,8 @@ def custom_data(text: str) -> str:
 UPDATE_DONE = "qwen-box: update done"
 
 
-def update_script(image: str, port: int, env: Mapping[str, str]) -> str:
+def update_script(image: str, port: int, env: Mapping[str, str], *, caddyfile: str = "",
+                  model: str = "") -> str:
     """A shell script that moves a running VM to a new image/settings (for run-command).
 
     custom_data cannot change after the VM is created, so a re-deploy with another image rewrites the
@@ -176,7 +220,9 @@ def update_script(image: str, port: int, env: Mapping[str, str]) -> str:
     failed pull leaves the running container and its files as they were; the last line it prints is
     UPDATE_DONE, which run-command's caller looks for (run-command reports success whatever the exit
     code). Values travel base64-encoded, so they are data to the shell, never code. Secret settings are
-    not sent (run-command scripts are not secret storage): the ones already on the VM are kept.
+    not sent (run-command scripts are not secret storage): the ones already on the VM are kept. The
+    start script is rewritten too, so a VM made by an older version learns what the new files mean; with
+    HTTPS the Caddyfile is rewritten and Caddy restarted if it changed.
     """
     public = {k: v for k, v in validate_env(env).items() if k not in SECRET_SETTINGS}
 
@@ -193,12 +239,25 @@ def update_script(image: str, port: int, env: Mapping[str, str]) -> str:
         'echo "qwen-box: pulling $image"',
         'docker pull --quiet "$image"',
         'printf \'%s\\n\' "$image" > "$etc/image.new"',
-        f"echo {b64(str(int(port)))} | base64 -d > \"$etc/port.new\"",
+        f"echo {b64(publish_spec(port, bool(caddyfile)))} | base64 -d > \"$etc/port.new\"",
+        f"echo {b64(validate_model(model) + chr(10))} | base64 -d > \"$etc/model.new\"",
+        f"echo {b64(start_script())} | base64 -d > \"$opt/start-container.sh.new\"",
         f"{{ echo {b64(env_file(public) + chr(10))} | base64 -d; "
         f"grep -E '^({keep})=' \"$etc/service.env\" || true; }} > \"$etc/service.env.new\"",
-        'chmod 644 "$etc/image.new" "$etc/port.new"',
-        'for f in image port service.env; do mv "$etc/$f.new" "$etc/$f"; done',
-        '"$opt/start-container.sh"',
-        f'echo "{UPDATE_DONE}"',
+        'chmod 644 "$etc/image.new" "$etc/port.new" "$etc/model.new"',
+        'chmod 755 "$opt/start-container.sh.new"',
+        'for f in image port model service.env; do mv "$etc/$f.new" "$etc/$f"; done',
+        'mv "$opt/start-container.sh.new" "$opt/start-container.sh"',
     ]
+    if caddyfile:
+        lines += [
+            'caddy_conf=${QWEN_BOX_CADDYFILE:-/etc/caddy/Caddyfile}',
+            f"echo {b64(caddyfile)} | base64 -d > \"$etc/Caddyfile\"",
+            'chmod 644 "$etc/Caddyfile"',
+            'if ! cmp -s "$etc/Caddyfile" "$caddy_conf"; then',
+            '  install -m 0644 "$etc/Caddyfile" "$caddy_conf"',
+            '  systemctl restart caddy',
+            'fi',
+        ]
+    lines += ['"$opt/start-container.sh"', f'echo "{UPDATE_DONE}"']
     return "\n".join(lines) + "\n"

@@ -56,6 +56,15 @@ class Cloud:
     def scope(self) -> str:
         return f"{self.arm_endpoint}/.default"
 
+    @property
+    def dns_zone(self) -> str:
+        """The zone of public IP DNS labels (NAME.REGION.ZONE), which the HTTPS certificate names."""
+        for marker, zone in (("usgovcloudapi.net", "cloudapp.usgovcloudapi.net"),
+                             ("chinacloudapi.cn", "cloudapp.chinacloudapi.cn")):
+            if self.arm_endpoint.endswith(marker):
+                return zone
+        return "cloudapp.azure.com"
+
 
 @dataclass(frozen=True)
 class RetrySettings:

@@ -14,6 +14,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from infra.caddy import caddyfile
 from infra.cloudinit import shown
 
 APP_TAG = "qwen-box"
@@ -35,6 +36,13 @@ VM_PRICE_PER_HOUR = {
     "standard_d2s_v5": 0.096, "standard_d4s_v5": 0.192, "standard_d2as_v5": 0.086,
     "standard_d4as_v5": 0.172,
 }
+# Memory of each size in GiB (Azure's size pages): what the model-fit check compares against.
+VM_MEMORY_GIB = {
+    "standard_b2s": 4, "standard_b2ms": 8, "standard_b4ms": 16, "standard_d2s_v5": 8, "standard_d4s_v5": 16,
+    "standard_d2as_v5": 8, "standard_d4as_v5": 16,
+}
+SIZE_NAMES = {k.lower(): k for k in ("Standard_B2s", "Standard_B2ms", "Standard_B4ms", "Standard_D2s_v5",
+                                     "Standard_D4s_v5", "Standard_D2as_v5", "Standard_D4as_v5")}
 PUBLIC_IP_PER_HOUR = 0.005
 STANDARD_SSD_PER_MONTH = [(32, 2.40), (64, 4.80), (128, 9.60), (256, 19.20), (512, 38.40), (1024, 76.80)]
 
@@ -135,16 +143,28 @@ class Deployment(Names):
     image: str = ""
     region: str = DEFAULT_REGION
     size: str = DEFAULT_SIZE
-    port: int = 80
+    port: int = 0  # the chat's public port; 0 = 443 with HTTPS, 80 without
     disk_gb: int = DEFAULT_DISK_GB
     public: bool = False
     allow_from: tuple[str, ...] = ()
     ssh: bool = False
     ssh_from: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
+    tls: bool = True
+    trusted_cert: bool = False
+    model: str = ""
+    dns_zone: str = "cloudapp.azure.com"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.port == 0:
+            object.__setattr__(self, "port", 443 if self.tls else 80)
+        if self.tls and self.port == 80:
+            raise PlanError("--port 80 is the HTTP port, which redirects to HTTPS (and answers the "
+                            "certificate challenge); --port sets the HTTPS port (default 443), or add "
+                            "--no-tls for plain HTTP on 80")
+        if self.trusted_cert and not self.tls:
+            raise PlanError("--trusted-cert is about the HTTPS certificate: drop it, or drop --no-tls")
         if not self.image:
             raise PlanError("--image is required (REGISTRY/NAME:TAG of the qwen-box image)")
         if not _REGION.match(self.region):
@@ -159,20 +179,52 @@ class Deployment(Names):
 
     @property
     def fqdn(self) -> str:
-        return f"{self.name}.{self.region}.cloudapp.azure.com"
+        return f"{self.name}.{self.region}.{self.dns_zone}"
 
     @property
     def url(self) -> str:
-        return f"http://{self.fqdn}/" if self.port == 80 else f"http://{self.fqdn}:{self.port}/"
+        return site_url(self.fqdn, self.port, self.tls)
 
     @property
     def http_sources(self) -> tuple[str, ...]:
+        """Who may reach the chat port."""
         return (INTERNET,) if self.public else self.allow_from
+
+    @property
+    def cert(self) -> str:
+        """Where the HTTPS certificate comes from (see infra/caddy.py), "" without HTTPS.
+
+        A public authority must reach the VM from the Internet to check it answers for its name, so a
+        private VM gets its certificate from Caddy's own authority unless port 80 is opened for the
+        challenge (--trusted-cert) or everything is public.
+        """
+        if not self.tls:
+            return ""
+        if self.public:
+            return "acme"
+        return "acme-http" if self.trusted_cert else "internal"
+
+    @property
+    def redirect_sources(self) -> tuple[str, ...]:
+        """Who may reach port 80 (the redirect to HTTPS and the certificate challenge)."""
+        return (INTERNET,) if self.cert.startswith("acme") else self.allow_from
+
+    @property
+    def caddyfile(self) -> str:
+        """The reverse proxy's config on the VM ("" without HTTPS)."""
+        return caddyfile(self.fqdn, self.cert, https_port=self.port) if self.tls else ""
 
     def with_sources(self, allow_from: tuple[str, ...], ssh_from: tuple[str, ...]) -> Deployment:
         """The same deployment with the deployer's address filled in (looked up only when needed)."""
+        return self._with(allow_from=allow_from, ssh_from=ssh_from)
+
+    def with_env(self, env: Mapping[str, str]) -> Deployment:
+        """The same deployment with other service settings (the access token is added once it is known)."""
+        return self._with(env=env)
+
+    def _with(self, **changes: object) -> Deployment:
         values = {f: getattr(self, f) for f in self.__dataclass_fields__}
-        values.update(allow_from=allow_from, ssh_from=ssh_from)
+        values.update(changes)
         return Deployment(**values)
 
 
@@ -192,6 +244,12 @@ class Plan:
         return round(sum(c for _, c in self.costs if c is not None), 2)
 
 
+def site_url(fqdn: str, port: int, tls: bool) -> str:
+    """https://NAME/ (or http:// with --no-tls), with the port only when it is not the scheme's own."""
+    scheme, default = ("https", 443) if tls else ("http", 80)
+    return f"{scheme}://{fqdn}/" if port == default else f"{scheme}://{fqdn}:{port}/"
+
+
 def disk_price(disk_gb: int) -> float:
     """Standard SSD bills by tier: the smallest tier that holds the disk."""
     for size, price in STANDARD_SSD_PER_MONTH:
@@ -204,12 +262,23 @@ def _sources(sources: tuple[str, ...], fallback: str) -> str:
     return ", ".join(sources) if sources else fallback
 
 
+CERT_LINES = {
+    "acme": "certificate: Let's Encrypt (publicly trusted), obtained and renewed by Caddy on the VM",
+    "acme-http": "certificate: Let's Encrypt (publicly trusted) through the HTTP challenge on port 80; "
+                 "the chat port stays private",
+    "internal": "certificate: from Caddy's own authority on the VM (a public one cannot reach a private VM "
+                "to check it): encrypted, but browsers warn until you trust its root, which deploy-azure "
+                "saves; --trusted-cert opens port 80 for a Let's Encrypt one",
+}
+
+
 def make_plan(d: Deployment) -> Plan:
     """Describe what `deploy` will create for `d`; needs no credentials and sends nothing anywhere."""
     ssh = "port 22 open" if d.ssh else "no inbound SSH rule"
+    ports = f"{d.port} and 80" if d.tls else f"{d.port}"
     resources = [
         ("Resource group", d.group, f"{d.region}, tags app={APP_TAG} deployment={d.name}"),
-        ("Network security group", d.nsg, f"inbound TCP {d.port}" + (" and 22" if d.ssh else "")),
+        ("Network security group", d.nsg, f"inbound TCP {ports}" + (" and 22" if d.ssh else "")),
         ("Virtual network", d.vnet, f"{VNET_PREFIX}, subnet {d.subnet} {SUBNET_PREFIX}"),
         ("Public IP (Standard, static)", d.public_ip, f"DNS {d.fqdn}"),
         ("Network interface", d.nic, f"in {d.subnet}, with {d.public_ip} and {d.nsg}"),
@@ -218,13 +287,24 @@ def make_plan(d: Deployment) -> Plan:
         ("Managed OS disk", d.os_disk, f"{d.disk_gb} GiB Standard SSD, deleted with the VM"),
     ]
     you = "your public IP (looked up when deploying)"
+    everyone = "OPEN TO THE WHOLE INTERNET"
+    chat = f"TCP {d.port} (chat, {'HTTPS' if d.tls else 'HTTP'})"
     if d.public:
-        http = f"TCP {d.port} (chat, HTTP): OPEN TO THE WHOLE INTERNET (--public)"
+        exposure = [f"{chat}: {everyone} (--public)"]
     else:
-        http = f"TCP {d.port} (chat, HTTP): only from {_sources(d.allow_from, you)}"
-    ssh_line = (f"TCP 22 (SSH, key only): only from {_sources(d.ssh_from or d.allow_from, you)}"
-                if d.ssh else "TCP 22 (SSH): closed (add --ssh to open it to the same source)")
-    exposure = [http, ssh_line, "everything else inbound: denied (Azure's default rules)"]
+        exposure = [f"{chat}: only from {_sources(d.allow_from, you)}"]
+    if d.tls:
+        redirect = "TCP 80 (redirect to HTTPS, certificate challenge; no chat)"
+        if d.redirect_sources == (INTERNET,):
+            exposure.append(f"{redirect}: open to the whole Internet (a public CA must reach it)")
+        else:
+            exposure.append(f"{redirect}: only from {_sources(d.allow_from, you)}")
+        exposure.append(CERT_LINES[d.cert])
+    else:
+        exposure.append("no HTTPS (--no-tls): the chat and its access token travel unencrypted")
+    exposure.append(f"TCP 22 (SSH, key only): only from {_sources(d.ssh_from or d.allow_from, you)}"
+                    if d.ssh else "TCP 22 (SSH): closed (add --ssh to open it to the same source)")
+    exposure.append("everything else inbound: denied (Azure's default rules)")
     hourly = VM_PRICE_PER_HOUR.get(d.size.lower())
     costs: list[tuple[str, float | None]] = [
         (f"VM {d.size} (running all month)", round(hourly * HOURS_PER_MONTH, 2) if hourly else None),

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -17,17 +19,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import trustme
+import yaml
 from azure.core.credentials import AccessToken
 from azure.core.exceptions import ClientAuthenticationError
 from invoke import Collection, Program
 
 import tasks
-from infra import azure, azure_cli, cloudinit, credentials
+from infra import azure, azure_cli, cloudinit, credentials, state
 from infra.azure_errors import AzureActionError
 from infra.credentials import AzureClients, Cloud, CredentialsError, RetrySettings
 from infra.plan import UBUNTU_2404, Deployment, PlanError, make_plan, parse_sources
 from tests.conftest import free_port
-from tests.fake_arm import FakeArm
+from tests.fake_arm import FakeArm, succeeding_vm
 
 FAST = RetrySettings(total=3, backoff_factor=0.01, backoff_max=0.05, polling_interval=0)
 IMAGE = "myreg.azurecr.io/qwen-box:1.0"
@@ -86,13 +90,24 @@ def deployment(**kw) -> Deployment:
 
 
 def run_deploy(clients: AzureClients, d: Deployment) -> azure.DeployResult:
-    return azure.deploy(clients, d, cloudinit.render(d.image, d.port, d.env), "ssh-ed25519 AAAAC3Nz test")
+    text = cloudinit.render(d.image, d.port, d.env, caddyfile=d.caddyfile, model=d.model)
+    return azure.deploy(clients, d, text, "ssh-ed25519 AAAAC3Nz test")
+
+
+# The certificate authority of the stand-in VMs' HTTPS: Caddy's own on a private VM, or "Let's Encrypt"
+# for a public one (the test then trusts it through REQUESTS_CA_BUNDLE, as a user behind a corporate CA).
+VM_CA = trustme.CA()
+VM_CERT = VM_CA.issue_cert("*.eastus.cloudapp.azure.com")
 
 
 class StandInVM:
-    """A real HTTP server where the VM's port would be: answers /api/health from a script of replies."""
+    """A real HTTP(S) server where the VM's port would be: answers /api/health from a script of replies.
 
-    def __init__(self, replies: list[tuple[int, dict]]):
+    With `tls` it speaks HTTPS with a certificate for *.eastus.cloudapp.azure.com from VM_CA, as Caddy on
+    the VM would for its DNS name.
+    """
+
+    def __init__(self, replies: list[tuple[int, dict]], tls: bool = False):
         self.replies = list(replies)
         self.hits = 0
         stand_in = self
@@ -115,6 +130,10 @@ class StandInVM:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
         self.port = self.server.server_address[1]
+        if tls:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            VM_CERT.configure_cert(ctx)
+            self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
         threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
 
     def stop(self) -> None:
@@ -133,7 +152,7 @@ def test_deploy_creates_every_resource_tagged_in_one_group(fake, clients):
     d = deployment()
     result = run_deploy(clients, d)
     assert result.vm_created and result.ip == "127.0.0.1"
-    assert result.url == "http://qb-test.eastus.cloudapp.azure.com/"
+    assert result.url == "https://qb-test.eastus.cloudapp.azure.com/"
     prefix = f"/subscriptions/{fake.subscription}/resourceGroups/qb-test-rg/providers/"
     assert fake.resource_ids() == sorted(prefix + p for p in [
         "Microsoft.Compute/disks/qb-test-osdisk", f"{VM}/qb-test-vm",
@@ -151,15 +170,54 @@ def test_deploy_creates_every_resource_tagged_in_one_group(fake, clients):
     assert pip["properties"]["dnsSettings"]["domainNameLabel"] == "qb-test"
 
 
+def inbound(fake: FakeArm, name: str = "qb-test") -> dict[str, tuple[str, tuple[str, ...]]]:
+    """The NSG's rules as read back from the fake: rule name -> (port, sources)."""
+    out = {}
+    for rule in fake.resource(f"{name}-rg", NSG, f"{name}-nsg")["properties"]["securityRules"]:
+        p = rule["properties"]
+        assert (p["direction"], p["access"], p["protocol"]) == ("Inbound", "Allow", "Tcp")
+        sources = tuple(p.get("sourceAddressPrefixes") or [p["sourceAddressPrefix"]])
+        out[rule["name"]] = (p["destinationPortRange"], sources)
+    return out
+
+
 def test_exposure_is_private_by_default_and_ssh_closed(fake, clients):
     run_deploy(clients, deployment())
-    rules = fake.resource("qb-test-rg", NSG, "qb-test-nsg")["properties"]["securityRules"]
-    assert len(rules) == 1
-    rule = rules[0]["properties"]
-    assert rule["sourceAddressPrefix"] == ME and rule["destinationPortRange"] == "80"
-    assert (rule["direction"], rule["access"], rule["protocol"]) == ("Inbound", "Allow", "Tcp")
+    assert inbound(fake) == {"allow-chat-https": ("443", (ME,)), "allow-http-redirect": ("80", (ME,))}
     nic = fake.resource("qb-test-rg", "Microsoft.Network/networkInterfaces", "qb-test-nic")
     assert nic["properties"]["networkSecurityGroup"]["id"].endswith("/qb-test-nsg")
+    assert fake.resource("qb-test-rg", VM, "qb-test-vm")["tags"][azure.TLS_TAG] == "internal"
+
+
+@pytest.mark.parametrize("options, expected, cert", [
+    ({"public": True}, {"allow-chat-https": ("443", ("Internet",)),
+                        "allow-http-redirect": ("80", ("Internet",))}, "acme"),
+    ({"trusted_cert": True}, {"allow-chat-https": ("443", (ME,)),
+                              "allow-http-redirect": ("80", ("Internet",))}, "acme-http"),
+    ({"allow_from": (ME, "198.51.100.0/24"), "port": 8443},
+     {"allow-chat-https": ("8443", (ME, "198.51.100.0/24")),
+      "allow-http-redirect": ("80", (ME, "198.51.100.0/24"))}, "internal"),
+    ({"tls": False}, {"allow-chat-http": ("80", (ME,))}, "off"),
+    ({"tls": False, "port": 8080, "public": True}, {"allow-chat-http": ("8080", ("Internet",))}, "off"),
+])
+def test_https_and_redirect_ports_open_to_the_same_sources(fake, clients, options, expected, cert):
+    """443 and 80 from the allowed sources; 80 from the Internet only where a public CA must check it."""
+    run_deploy(clients, deployment(**options))
+    assert inbound(fake) == expected
+    assert fake.resource("qb-test-rg", VM, "qb-test-vm")["tags"][azure.TLS_TAG] == cert
+
+
+def test_https_custom_data_carries_caddy_and_binds_the_app_to_loopback(fake, clients):
+    d = deployment(model="Qwen/Qwen2.5-0.5B-Instruct")
+    run_deploy(clients, d)
+    text = base64.b64decode(fake.custom_data("qb-test-rg", "qb-test-vm")).decode()
+    assert text == cloudinit.render(IMAGE, 443, d.env, caddyfile=d.caddyfile, model=d.model)
+    files = {f["path"]: f["content"] for f in yaml.safe_load(text)["write_files"]}
+    assert files["/etc/qwen-box/Caddyfile"] == d.caddyfile
+    assert "qb-test.eastus.cloudapp.azure.com {" in d.caddyfile and "tls internal" in d.caddyfile
+    assert files["/etc/qwen-box/port"] == "127.0.0.1:8000\n"
+    assert files["/etc/qwen-box/model"] == "Qwen/Qwen2.5-0.5B-Instruct\n"
+    assert "PROXY_HOPS" not in files["/etc/qwen-box/service.env"]  # the CLI adds it (tested below)
 
 
 def test_vm_is_ubuntu_2404_with_ssh_key_login_only(fake, clients):
@@ -179,12 +237,13 @@ def test_vm_is_ubuntu_2404_with_ssh_key_login_only(fake, clients):
 
 
 def test_custom_data_is_the_rendered_cloud_init_with_image_and_settings(fake, clients):
-    d = deployment(env={"DTYPE": "float32", "QUEUE_SIZE": "4"}, port=8080)
+    d = deployment(env={"DTYPE": "float32", "QUEUE_SIZE": "4"}, port=8080, tls=False)
     run_deploy(clients, d)
     text = base64.b64decode(fake.custom_data("qb-test-rg", "qb-test-vm")).decode()
     assert text == cloudinit.render(IMAGE, 8080, {"DTYPE": "float32", "QUEUE_SIZE": "4"})
     assert text.startswith("#cloud-config") and f"      {IMAGE}\n" in text
     assert "DTYPE=float32" in text and "QUEUE_SIZE=4" in text and "      8080\n" in text
+    assert "Caddyfile" not in text.split("write_files:")[1].split("provision.sh")[0]
     assert "customData" not in json.dumps(fake.resource("qb-test-rg", VM, "qb-test-vm"))
 
 
@@ -218,9 +277,13 @@ def test_redeploy_with_a_new_image_updates_the_container_not_the_vm(fake, client
     assert fake.custom_data("qb-test-rg", "qb-test-vm") == first_data
     (script,) = fake.run_commands
     assert base64.b64encode(b"myreg.azurecr.io/qwen-box:2.0").decode() in script
-    assert script + "\n" == cloudinit.update_script("myreg.azurecr.io/qwen-box:2.0", 80, {"DTYPE": "float32"})
+    d = deployment()
+    expected = cloudinit.update_script("myreg.azurecr.io/qwen-box:2.0", 443, {"DTYPE": "float32"},
+                                       caddyfile=d.caddyfile)
+    assert script + "\n" == expected
     tags = fake.resource("qb-test-rg", VM, "qb-test-vm")["tags"]
-    digest = cloudinit.config_digest("myreg.azurecr.io/qwen-box:2.0", 80, {"DTYPE": "float32"})
+    digest = cloudinit.config_digest("myreg.azurecr.io/qwen-box:2.0", 443, {"DTYPE": "float32"},
+                                     caddyfile=d.caddyfile)
     assert tags[azure.CONFIG_TAG] == digest
     assert len(fake.resource_ids()) == 6
 
@@ -231,9 +294,20 @@ def test_redeploy_changes_exposure_in_place(fake, clients):
                                    ssh_from=("198.51.100.0/24",)))
     rules = {r["name"]: r["properties"] for r in
              fake.resource("qb-test-rg", NSG, "qb-test-nsg")["properties"]["securityRules"]}
-    assert rules["allow-chat-http"]["sourceAddressPrefix"] == "Internet"
+    assert rules["allow-chat-https"]["sourceAddressPrefix"] == "Internet"
+    assert rules["allow-http-redirect"]["sourceAddressPrefix"] == "Internet"
     assert rules["allow-ssh"]["sourceAddressPrefix"] == "198.51.100.0/24"
     assert rules["allow-ssh"]["destinationPortRange"] == "22"
+    (script,) = fake.run_commands  # the certificate's source changed: Caddy gets the new config
+    assert base64.b64encode(deployment(public=True).caddyfile.encode()).decode() in script
+
+
+def test_https_cannot_be_switched_on_or_off_in_place(fake, clients):
+    run_deploy(clients, deployment(tls=False))
+    with pytest.raises(AzureActionError, match="created with plain HTTP.*destroy-azure"):
+        run_deploy(clients, deployment())
+    assert fake.run_commands == []
+    assert inbound(fake) == {"allow-chat-http": ("80", (ME,))}  # refused before anything changed
 
 
 def test_secret_settings_go_only_into_custom_data(fake, clients):
@@ -441,32 +515,53 @@ def invoke(*argv: str) -> int:
 
 @pytest.fixture
 def cli(fake, monkeypatch, tmp_path):
-    """The tasks wired to the fake: clients from it, HOME in a scratch folder, a wide terminal."""
+    """The tasks wired to the fake: clients from it, HOME in a scratch folder, a wide terminal, and a VM
+    whose Caddy authority's root is VM_CA (what run-command's `cat root.crt` prints)."""
     monkeypatch.setattr(azure_cli, "connect_default", lambda subscription="": connect_to(fake))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("COLUMNS", "200")
+    for name in ("XDG_CONFIG_HOME", azure_cli.TOKEN_ENV, "REQUESTS_CA_BUNDLE", "ACCESS_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    fake.vm_shell = vm_with_caddy
     return fake
 
 
+def vm_with_caddy(script: str) -> str:
+    if azure.CADDY_ROOT_CA in script:
+        return VM_CA.cert_pem.bytes().decode()
+    if "docker logs" in script:
+        return "2026-11-25T13:00:00Z qwen-box model loaded in 41.0 s"
+    return succeeding_vm(script)
+
+
+def custom_files(fake: FakeArm, name: str) -> dict[str, str]:
+    text = base64.b64decode(fake.custom_data(f"{name}-rg", f"{name}-vm")).decode()
+    return {f["path"]: f["content"] for f in yaml.safe_load(text)["write_files"]}
+
+
 def test_deploy_status_logs_destroy_through_invoke(cli, capsys, monkeypatch):
-    vm = StandInVM([PULLING, LOADING, OK])
-    cli.vm_shell = lambda script: ("2026-11-25T13:00:00Z qwen-box model loaded in 41.0 s"
-                                   if "docker logs" in script else "")
+    vm = StandInVM([PULLING, LOADING, OK], tls=True)
     try:
         code = invoke("deploy-azure", "--image", IMAGE, "--name", "qb-e2e", "--allow-from", ME,
-                      "--port", str(vm.port), "--env", "DTYPE=float32", "--timeout", "10")
+                      "--port", str(vm.port), "--env", "DTYPE=float32", "--size", "Standard_D4s_v5",
+                      "--timeout", "10")
         out = capsys.readouterr().out
         assert code == 0, out
-        assert f"Ready: http://qb-e2e.eastus.cloudapp.azure.com:{vm.port}/" in out
+        assert f"Ready: https://qb-e2e.eastus.cloudapp.azure.com:{vm.port}/" in out
         for phase in ("pulling the image", "loading the model", "network security group qb-e2e-nsg"):
             assert phase in out
-        assert f"only from {ME}" in out
+        assert f"only from {ME}" in out and "Caddy's own authority" in out
         assert (Path(str(cli.ca_path)).parent / "home/.ssh/qwen-box_ed25519.pub").exists()
+        ca = state.ca_file("qb-e2e")
+        assert ca.read_text() == VM_CA.cert_pem.bytes().decode()
+        assert f"its root is saved in {ca}" in out and f'httpx.Client(verify="{ca}")' in out
 
         assert invoke("status-azure", "--name", "qb-e2e") == 0
         out = capsys.readouterr().out
-        assert "running" in out and "Standard_B2s" in out and f"TCP {vm.port} from {ME}" in out
-        assert "ready" in out and f"http://qb-e2e.eastus.cloudapp.azure.com:{vm.port}/" in out
+        assert "running" in out and "Standard_D4s_v5" in out and f"TCP {vm.port} from {ME}" in out
+        assert "TCP 80 from" in out and "own authority" in out
+        assert "ready" in out and f"https://qb-e2e.eastus.cloudapp.azure.com:{vm.port}/" in out
+        assert f"kept in {state.token_file('qb-e2e')}" in out
     finally:
         vm.stop()
 
@@ -480,6 +575,123 @@ def test_deploy_status_logs_destroy_through_invoke(cli, capsys, monkeypatch):
     assert invoke("destroy-azure", "--name", "qb-e2e", "--yes") == 0
     assert "nothing of qb-e2e is left to bill" in capsys.readouterr().out
     assert cli.is_empty()
+    assert not state.token_file("qb-e2e").exists() and not ca.exists()
+
+
+def test_token_is_generated_printed_once_kept_private_and_never_rotated(cli, capsys, caplog):
+    caplog.set_level(logging.DEBUG)
+    vm = StandInVM([OK], tls=True)
+    try:
+        assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-tok", "--allow-from", ME,
+                      "--port", str(vm.port), "--timeout", "5") == 0
+        first = capsys.readouterr().out
+        saved = state.token_file("qb-tok")
+        token = json.loads(saved.read_text())["access_token"]
+        assert len(token) >= 43 and saved.stat().st_mode & 0o777 == 0o600
+        assert saved.parent.stat().st_mode & 0o777 == 0o700
+        assert first.count(token) == 1
+        assert "api_key=TOKEN" in first and "asks for the token" in first
+        assert custom_files(cli, "qb-tok")["/etc/qwen-box/service.env"].count(f"ACCESS_TOKEN={token}\n") == 1
+        assert token not in json.dumps(cli.resources) and token not in caplog.text
+
+        # Again with a new image: the VM keeps its token, the token never travels, nothing shows it.
+        assert invoke("deploy-azure", "--image", "myreg.azurecr.io/qwen-box:2.0", "--name", "qb-tok",
+                      "--allow-from", ME, "--port", str(vm.port), "--timeout", "5") == 0
+        again = capsys.readouterr().out
+    finally:
+        vm.stop()
+    assert token not in again and f"unchanged, kept in {saved}" in again
+    assert json.loads(saved.read_text())["access_token"] == token
+    assert all(token not in script for script in cli.run_commands)
+    assert token not in caplog.text
+
+
+def test_a_given_token_is_used_and_not_echoed(cli, capsys, monkeypatch):
+    monkeypatch.setenv(azure_cli.TOKEN_ENV, "my-own-token-0123456789")
+    vm = StandInVM([OK], tls=True)
+    try:
+        assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-given", "--allow-from", ME,
+                      "--port", str(vm.port), "--timeout", "5") == 0
+    finally:
+        vm.stop()
+    assert "my-own-token-0123456789" not in capsys.readouterr().out
+    env_file = custom_files(cli, "qb-given")["/etc/qwen-box/service.env"]
+    assert "ACCESS_TOKEN=my-own-token-0123456789" in env_file
+    assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-given", "--allow-from", ME,
+                  "--token", "short", "--dry-run") == 2
+
+
+def test_no_tls_keeps_plain_http_on_the_chosen_port(cli, capsys):
+    vm = StandInVM([LOADING, OK])
+    try:
+        assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-plain", "--allow-from", ME, "--no-tls",
+                      "--port", str(vm.port), "--timeout", "5") == 0
+    finally:
+        vm.stop()
+    out = capsys.readouterr().out
+    assert f"Ready: http://qb-plain.eastus.cloudapp.azure.com:{vm.port}/" in out and "unencrypted" in out
+    assert inbound(cli, "qb-plain") == {"allow-chat-http": (str(vm.port), (ME,))}
+    files = custom_files(cli, "qb-plain")
+    assert "/etc/qwen-box/Caddyfile" not in files and files["/etc/qwen-box/port"] == f"{vm.port}\n"
+    assert "PROXY_HOPS" not in files["/etc/qwen-box/service.env"]
+    assert cli.resource("qb-plain-rg", VM, "qb-plain-vm")["tags"][azure.TLS_TAG] == "off"
+
+
+def test_https_sets_proxy_hops_and_checks_the_certificate(cli, capsys, monkeypatch):
+    """--public: a publicly trusted certificate is expected, so an untrusted one never counts as ready."""
+    vm = StandInVM([OK], tls=True)
+    try:
+        assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-pub", "--public", "--port",
+                      str(vm.port), "--timeout", "0.5") == 1
+        assert "not healthy" in capsys.readouterr().out
+        with VM_CA.cert_pem.tempfile() as bundle:
+            monkeypatch.setenv("REQUESTS_CA_BUNDLE", bundle)
+            assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-pub", "--public", "--port",
+                          str(vm.port), "--timeout", "5") == 0
+    finally:
+        vm.stop()
+    out = capsys.readouterr().out
+    assert "Ready: https://" in out and "Let's Encrypt" in out
+    files = custom_files(cli, "qb-pub")
+    assert "PROXY_HOPS=1\n" in files["/etc/qwen-box/service.env"]
+    assert "tls internal" not in files["/etc/qwen-box/Caddyfile"]
+    assert not state.ca_file("qb-pub").exists()
+
+
+def test_a_model_that_cannot_fit_is_refused_with_what_would(cli, capsys):
+    assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-fit", "--allow-from", ME,
+                  "--model", "microsoft/Phi-3-mini-4k-instruct", "--precision", "bfloat16") == 2
+    out = capsys.readouterr().out
+    assert "does not fit" in out and "8.2 GB" in out and "Standard_B2s has 4 GiB" in out
+    assert "--size Standard_B4ms" in out and "--model TinyLlama/TinyLlama-1.1B-Chat-v1.0" in out
+    assert "swap does not count" in out
+    assert cli.requests == []
+    assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-fit", "--allow-from", ME,
+                  "--precision", "bfloat16") == 2
+    assert "--precision int8 (2.1 GB)" in capsys.readouterr().out
+
+
+def test_the_precision_is_chosen_to_fit_and_the_model_goes_to_the_vm(cli, capsys):
+    assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-fit", "--allow-from", ME, "--dry-run") == 0
+    assert "at int8 (chosen to fit)" in capsys.readouterr().out
+    assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-fit", "--allow-from", ME, "--dry-run",
+                  "--size", "Standard_B2ms") == 0
+    assert "at bfloat16 (chosen to fit)" in capsys.readouterr().out
+    assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-fit", "--allow-from", ME, "--dry-run",
+                  "--model", "someone/Unknown-7B") == 0
+    assert "not in the catalog" in capsys.readouterr().out
+    assert invoke("deploy-azure", "--image", IMAGE, "--allow-from", ME, "--model", "./my-model-folder",
+                  "--dry-run") == 2
+    vm = StandInVM([OK], tls=True)
+    try:
+        assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-model", "--allow-from", ME, "--model",
+                      "Qwen/Qwen2.5-0.5B-Instruct", "--port", str(vm.port), "--timeout", "5") == 0
+    finally:
+        vm.stop()
+    files = custom_files(cli, "qb-model")
+    assert files["/etc/qwen-box/model"] == "Qwen/Qwen2.5-0.5B-Instruct\n"
+    assert "DTYPE=bfloat16\n" in files["/etc/qwen-box/service.env"]
+    assert "MODEL_ID" not in files["/etc/qwen-box/service.env"]
 
 
 def test_dry_run_prints_the_plan_and_calls_nothing(cli, capsys, monkeypatch):
@@ -497,7 +709,7 @@ def test_dry_run_prints_the_plan_and_calls_nothing(cli, capsys, monkeypatch):
 
 
 def test_deploy_that_never_gets_healthy_prints_diagnostics(cli, capsys):
-    vm = StandInVM([LOADING])
+    vm = StandInVM([LOADING], tls=True)
     cli.vm_shell = lambda script: ("status: running\nqwen-box: pulling: pulling " + IMAGE
                                    if "cloud-init status --long" in script else "")
     try:
@@ -514,17 +726,19 @@ def test_deploy_that_never_gets_healthy_prints_diagnostics(cli, capsys):
     assert "destroy-azure --name qb-stuck" in out
 
 
-def test_public_deploy_is_loud(cli, capsys):
-    vm = StandInVM([OK])
+def test_public_deploy_is_loud(cli, capsys, monkeypatch):
+    vm = StandInVM([OK], tls=True)
     try:
-        assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-pub", "--public", "--port",
-                      str(vm.port), "--timeout", "5") == 0
+        with VM_CA.cert_pem.tempfile() as bundle:
+            monkeypatch.setenv("REQUESTS_CA_BUNDLE", bundle)
+            assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-pub", "--public", "--port",
+                          str(vm.port), "--timeout", "5") == 0
     finally:
         vm.stop()
     out = capsys.readouterr().out
-    assert "WHOLE INTERNET" in out and "ACCESS_TOKEN" in out
-    rule = cli.resource("qb-pub-rg", NSG, "qb-pub-nsg")["properties"]["securityRules"][0]["properties"]
-    assert rule["sourceAddressPrefix"] == "Internet"
+    assert "WHOLE INTERNET" in out and "access token" in out
+    assert inbound(cli, "qb-pub") == {"allow-chat-https": (str(vm.port), ("Internet",)),
+                                      "allow-http-redirect": ("80", ("Internet",))}
 
 
 def test_azure_errors_reach_the_user_as_sentences(cli, capsys):
@@ -555,7 +769,7 @@ def test_bad_options_exit_2_before_anything_happens(cli, capsys):
 def test_your_address_is_looked_up_only_when_no_allow_from_is_given(cli, capsys, monkeypatch):
     lookups = []
     monkeypatch.setattr(credentials, "discover_public_ip", lambda: lookups.append(1) or "198.51.100.9/32")
-    vm = StandInVM([OK])
+    vm = StandInVM([OK], tls=True)
     try:
         assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-mine", "--ssh", "--port",
                       str(vm.port), "--timeout", "5") == 0
@@ -566,7 +780,7 @@ def test_your_address_is_looked_up_only_when_no_allow_from_is_given(cli, capsys,
     assert lookups == [1]
     rules = {r["name"]: r["properties"] for r in
              cli.resource("qb-mine-rg", NSG, "qb-mine-nsg")["properties"]["securityRules"]}
-    assert rules["allow-chat-http"]["sourceAddressPrefix"] == ME
+    assert rules["allow-chat-https"]["sourceAddressPrefix"] == ME
     assert rules["allow-ssh"]["sourceAddressPrefix"] == ME
 
 
@@ -575,7 +789,7 @@ def test_private_registry_login_without_showing_the_password(cli, capsys, monkey
                   "--registry-user", "puller", "--dry-run") == 2
     assert "QWEN_BOX_REGISTRY_PASSWORD" in capsys.readouterr().out
     monkeypatch.setenv("QWEN_BOX_REGISTRY_PASSWORD", "pull-token-xyz")
-    vm = StandInVM([OK])
+    vm = StandInVM([OK], tls=True)
     try:
         assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-reg", "--allow-from", ME,
                       "--registry-user", "puller", "--port", str(vm.port), "--timeout", "5") == 0

@@ -18,11 +18,14 @@ import pytest
 import yaml
 
 from infra import cloudinit
+from infra.caddy import caddyfile
 from infra.cloudinit import CloudInitError, RegistryLogin
 
 IMAGE = "myreg.azurecr.io/qwen-box:1.2.3"
 ENV = {"DTYPE": "float32", "MODEL_ID": "Qwen/Qwen2.5-0.5B-Instruct", "QUEUE_SIZE": "4"}
 SECRET = "pa$$ w0rd;`rm -rf /`#'\""
+TOKEN = "tok-Zx8_very-secret-access-token-0123456789"
+CADDYFILE = caddyfile("qb-test.eastus.cloudapp.azure.com", "internal")
 
 
 def need(tool: str) -> str:
@@ -39,10 +42,13 @@ def scripts(text: str) -> dict[str, str]:
     return {f["path"]: f["content"] for f in yaml.safe_load(text)["write_files"]}
 
 
-@pytest.fixture(params=["public-image", "private-registry"])
+@pytest.fixture(params=["public-image", "private-registry", "https-and-model"])
 def rendered(request) -> str:
     private = request.param == "private-registry"
     registry = RegistryLogin("myreg.azurecr.io", "puller", SECRET) if private else None
+    if request.param == "https-and-model":
+        return cloudinit.render(IMAGE, 443, {**ENV, "ACCESS_TOKEN": TOKEN}, caddyfile=CADDYFILE,
+                                model="Qwen/Qwen2.5-0.5B-Instruct")
     return cloudinit.render(IMAGE, 80, ENV, registry)
 
 
@@ -157,6 +163,7 @@ if [ "$(basename "$0")" = docker ] && [ "$1" = login ]; then echo "stdin: $(cat)
 if [ "$(basename "$0")" = systemctl ] && [ "$1" = is-active ]; then exit 1; fi
 if [ "$(basename "$0")" = docker ] && [ "$1" = pull ] && [ -n "${FAIL_PULL:-}" ]; then exit 1; fi
 if [ "$(basename "$0")" = shred ]; then rm -f "${@: -1}"; fi
+if [ "$(basename "$0")" = docker ] && [ "$1" = image ]; then echo "${IMAGE_LABELS:-}"; fi
 exit 0
 """
 
@@ -177,7 +184,9 @@ def vm_root(tmp_path):
             (bindir / tool).chmod(0o755)
         env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "CALLS": str(tmp_path / "calls.log"),
                "QWEN_BOX_ETC": str(tmp_path / "etc/qwen-box"), "QWEN_BOX_OPT": str(tmp_path / "opt/qwen-box"),
-               "QWEN_BOX_WWW": str(tmp_path / "www")}
+               "QWEN_BOX_WWW": str(tmp_path / "www"),
+               "QWEN_BOX_CADDYFILE": str(tmp_path / "etc/caddy/Caddyfile")}
+        (tmp_path / "etc/caddy").mkdir(parents=True, exist_ok=True)
         return tmp_path, env
     return lay_out
 
@@ -240,3 +249,103 @@ def test_a_failed_update_pull_changes_nothing(vm_root):
     assert result.returncode != 0 and cloudinit.UPDATE_DONE not in result.stdout
     assert {p.name: p.read_text() for p in (root / "etc/qwen-box").iterdir() if p.is_file()} == before
     assert "docker run" not in (root / "calls.log").read_text()
+
+
+# -- HTTPS, the access token, the model ----------------------------------------------------------------
+
+def run_provision(root: Path, env: dict[str, str], **extra: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(["bash", str(root / "opt/qwen-box/provision.sh")], env={**env, **extra},
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_https_installs_caddy_with_its_config_and_keeps_the_app_on_loopback(vm_root):
+    root, env = vm_root(cloudinit.render(IMAGE, 443, {**ENV, "PROXY_HOPS": "1"}, caddyfile=CADDYFILE))
+    result = run_provision(root, env)
+    calls = (root / "calls.log").read_text().splitlines()
+    assert "apt-get install -y -q docker.io caddy" in calls
+    assert (root / "etc/caddy/Caddyfile").read_text() == CADDYFILE
+    run = next(c for c in calls if c.startswith("docker run"))
+    assert calls.index("systemctl restart caddy") < calls.index(run)
+    assert "--publish 127.0.0.1:8000:8000" in run
+    status = next(c for c in calls if c.startswith("systemd-run"))
+    assert "python3 -m http.server 8000 --bind 127.0.0.1" in status  # behind Caddy, like the app
+    assert "PROXY_HOPS=1" in (root / "etc/qwen-box/service.env").read_text()
+    assert "Caddy serves HTTPS" in result.stdout
+
+
+def test_plain_http_installs_no_caddy(vm_root):
+    root, env = vm_root(cloudinit.render(IMAGE, 80, ENV))
+    run_provision(root, env)
+    calls = (root / "calls.log").read_text()
+    assert "apt-get install -y -q docker.io\n" in calls and "caddy" not in calls
+    assert not (root / "etc/caddy/Caddyfile").exists()
+
+
+def test_the_token_reaches_only_the_root_only_settings_file_never_the_logged_output(vm_root):
+    """cloud-init copies runcmd's output to /var/log/cloud-init-output.log and the serial console (which
+    boot diagnostics keeps in Azure): the token must appear in neither, only in service.env (0600)."""
+    text = cloudinit.render(IMAGE, 443, {**ENV, "ACCESS_TOKEN": TOKEN}, caddyfile=CADDYFILE,
+                            model="Qwen/Qwen2.5-0.5B-Instruct")
+    data = yaml.safe_load(text)
+    files = {f["path"]: f for f in data["write_files"]}
+    assert files["/etc/qwen-box/service.env"]["permissions"] == "0600"
+    assert text.count(TOKEN) == 1 and TOKEN in files["/etc/qwen-box/service.env"]["content"]
+    assert TOKEN not in json.dumps(data["runcmd"]) and TOKEN not in data["final_message"]
+    root, env = vm_root(text)
+    result = run_provision(root, env)
+    assert TOKEN not in result.stdout + result.stderr
+    run = next(c for c in (root / "calls.log").read_text().splitlines() if c.startswith("docker run"))
+    assert TOKEN not in run and "--env-file" in run  # not on a command line (ps would show it)
+    update = cloudinit.update_script(IMAGE, 443, {**ENV, "ACCESS_TOKEN": TOKEN}, caddyfile=CADDYFILE)
+    assert TOKEN not in update
+    result = subprocess.run(["bash", "-c", update], env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and TOKEN not in result.stdout + result.stderr
+    assert f"ACCESS_TOKEN={TOKEN}" in (root / "etc/qwen-box/service.env").read_text().splitlines()
+
+
+@pytest.mark.parametrize("labels, expected", [
+    ("1 Qwen/Qwen2.5-0.5B-Instruct", "--env MODEL_ID=/models/Qwen/Qwen2.5-0.5B-Instruct --log-opt"),
+    ("1 Qwen/Qwen2.5-1.5B-Instruct", "--env MODEL_ID=Qwen/Qwen2.5-0.5B-Instruct --env HF_HUB_OFFLINE=0 "
+                                     "--volume qwen-box-models:/cache"),
+    ("0 Qwen/Qwen2.5-0.5B-Instruct", "--env MODEL_ID=Qwen/Qwen2.5-0.5B-Instruct --env HF_HUB_OFFLINE=0"),
+])
+def test_the_model_is_served_baked_or_downloaded_into_a_volume(vm_root, labels, expected):
+    root, env = vm_root(cloudinit.render(IMAGE, 80, ENV, model="Qwen/Qwen2.5-0.5B-Instruct"))
+    result = run_provision(root, env, IMAGE_LABELS=labels)
+    run = next(c for c in (root / "calls.log").read_text().splitlines() if c.startswith("docker run"))
+    assert expected in run
+    assert "qwen-box: model Qwen/Qwen2.5-0.5B-Instruct" in result.stdout
+
+
+def test_without_a_model_the_image_chooses(vm_root):
+    root, env = vm_root(cloudinit.render(IMAGE, 80, ENV))
+    run_provision(root, env)
+    run = next(c for c in (root / "calls.log").read_text().splitlines() if c.startswith("docker run"))
+    assert "MODEL_ID" not in run and "docker image inspect" not in (root / "calls.log").read_text()
+
+
+def test_update_brings_the_start_script_model_and_caddy_config_along(vm_root):
+    root, env = vm_root(cloudinit.render(IMAGE, 443, ENV, caddyfile=CADDYFILE))
+    (root / "etc/caddy/Caddyfile").write_text(CADDYFILE)
+    (root / "opt/qwen-box/start-container.sh").write_text("#!/bin/bash\necho old script\n")
+    public = caddyfile("qb-test.eastus.cloudapp.azure.com", "acme")
+    script = cloudinit.update_script(IMAGE, 443, ENV, caddyfile=public, model="Qwen/Qwen2.5-3B-Instruct")
+    result = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert (root / "etc/caddy/Caddyfile").read_text() == public
+    assert (root / "etc/qwen-box/model").read_text() == "Qwen/Qwen2.5-3B-Instruct\n"
+    assert (root / "opt/qwen-box/start-container.sh").read_text() == cloudinit.start_script()
+    calls = (root / "calls.log").read_text()
+    assert "systemctl restart caddy" in calls and "--publish 127.0.0.1:8000:8000" in calls
+    assert "MODEL_ID=Qwen/Qwen2.5-3B-Instruct" in calls
+    again = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=30)
+    assert again.returncode == 0  # the config is unchanged now, so Caddy is not restarted again:
+    assert (root / "calls.log").read_text().count("systemctl restart caddy") == 1
+
+
+@pytest.mark.parametrize("model", ["/home/me/models/qwen", "./qwen", "Qwen", "a/b/c", "x/y;reboot"])
+def test_models_for_the_vm_are_hub_ids(model):
+    with pytest.raises(CloudInitError, match="hub id"):
+        cloudinit.render(IMAGE, 80, ENV, model=model)
