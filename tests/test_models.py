@@ -91,7 +91,7 @@ def test_switch_between_two_architectures(tiny_model_dir, llama_dir, tmp_path):
 def test_a_model_that_does_not_fit_beside_the_other_replaces_it(tmp_path_factory, tmp_path):
     big_qwen = build_tiny_model(tmp_path_factory.mktemp("bigger-qwen"), hidden_size=256, layers=4)
     big_llama = build_tiny_llama(tmp_path_factory.mktemp("bigger-llama"), hidden_size=256, layers=4)
-    sizes = [weights_bytes(str(d), "bfloat16") for d in (big_qwen, big_llama)]
+    sizes = [weights_bytes(str(d), Settings().dtype) for d in (big_qwen, big_llama)]
     budget_mb = max(sizes) // 2**20 + 1  # room for either alone, not for both
     assert sum(sizes) > budget_mb * 2**20
     app, client = two_model_app(big_qwen, big_llama, tmp_path, memory_budget_mb=budget_mb)
