@@ -119,11 +119,11 @@ def run_local(c: Context, port: int = box.PORT, model: str = "", model_cache: bo
               timeout: int = box.HEALTH_TIMEOUT, env: list | None = None, base_image: str = "",
               torch_index: str | None = None, wheels: str = "") -> None:
     """Run qwen-box in Docker: build if needed, start one container, wait until healthy, print the URL."""
-    from infra.fit import check_local
+    from infra.fit import check_local, default_precision
 
     with _docker_errors():
         settings = box.parse_env(env or [])
-        warning = check_local(model or box.DEFAULT_MODEL_ID, settings.get("DTYPE", "bfloat16"))
+        warning = check_local(model or box.DEFAULT_MODEL_ID, settings.get("DTYPE", default_precision()))
         if warning:
             print(f"warning: {warning}", file=sys.stderr)
         box.run_local(image=tag, name=name, port=port, model=model, model_cache=model_cache,
@@ -178,7 +178,7 @@ def _azure_exit(code: int) -> None:
     "trusted-cert": "private deployment with a Let's Encrypt certificate: opens port 80 (challenge and "
                     "redirect only, no chat) to the whole Internet (default: the VM's own authority)",
     "model": "Hugging Face hub id of the model (default: the image's own); refused if it cannot fit --size",
-    "precision": "bfloat16, float32 or int8 (default: bfloat16 where it fits the size, else int8)",
+    "precision": "int8, bfloat16 or float32 (default: the service's, int8); refused if it does not fit",
     "token": "access token (default: generated once and kept on this machine; or QWEN_BOX_ACCESS_TOKEN)",
     "disk-gb": "OS disk size in GiB (default 64)",
     "env": "service setting KEY=VALUE for the container, repeatable; KEY alone: value from your environment",

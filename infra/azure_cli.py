@@ -63,8 +63,8 @@ CERT_SHORT = {"acme": "Let's Encrypt certificate", "acme-http": "Let's Encrypt c
 
 def _model_and_precision(env: dict[str, str], model: str, precision: str, size: str
                          ) -> tuple[str, str, fit.Fit, bool]:
-    """--model/--precision, or the same given as --env MODEL_ID/DTYPE; the precision chosen to fit when
-    not given. Returns (model, precision, the fit verdict, whether the precision was chosen here)."""
+    """--model/--precision, or the same given as --env MODEL_ID/DTYPE; the service's default precision
+    when not given. Returns (model, precision, the fit verdict, whether the precision is the default)."""
     given_model = env.pop("MODEL_ID", "")
     if model and given_model and model != given_model:
         raise PlanError(f"--model {model} and --env MODEL_ID={given_model} disagree: give one")
@@ -77,7 +77,7 @@ def _model_and_precision(env: dict[str, str], model: str, precision: str, size: 
         raise PlanError(f"--precision {precision!r}: one of {', '.join(fit.BYTES_ORDER)}")
     chosen = not precision
     if chosen:
-        precision = fit.auto_precision(model, size)
+        precision = fit.default_precision()
     env["DTYPE"] = precision
     return model, precision, fit.check_vm(model, precision, size), chosen
 
@@ -124,7 +124,7 @@ def deploy(*, image: str, name: str = "", region: str = "eastus", size: str = "S
     except (PlanError, cloudinit.CloudInitError) as exc:
         return _fail(out, str(exc), 2)
     shown_model = model or f"{fit.DEFAULT_MODEL_ID} (the image's own)"
-    model_line = f"{shown_model} at {precision}" + (" (chosen to fit)" if auto else "")
+    model_line = f"{shown_model} at {precision}" + (" (the default)" if auto else "")
     if dry_run:
         for line in plan_lines(make_plan(d)):
             out.print(line, highlight=False)
@@ -237,7 +237,7 @@ def _print_access(out: Console, d: Deployment, result: azure.DeployResult, token
     else:
         out.print("Access token: unchanged (the one set when the VM was created).")
     base = result.url.rstrip("/") + "/v1"
-    extra = f', http_client=httpx.Client(verify="{ca}")' if ca else ""
+    extra = f', http_client=DefaultHttpxClient(verify="{ca}")' if ca else ""
     out.print("The chat page asks for the token once. From code (pip install openai): "
               f'OpenAI(base_url="{base}", api_key=TOKEN{extra})',
               highlight=False, markup=False, soft_wrap=True)

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 
 from infra.plan import HOURS_PER_MONTH, SIZE_NAMES, VM_MEMORY_GIB, VM_PRICE_PER_HOUR
 from service.catalog import CATALOG, CatalogEntry, lookup
-from service.config import DEFAULT_MODEL_ID
+from service.config import DEFAULT_MODEL_ID, Settings
 
 # Ubuntu, the VM agent, Docker, Caddy and gunicorn itself, measured at about 0.7 GiB on a B2s; rounded up.
 SYSTEM_OVERHEAD_GIB = 1.0
-AUTO_PRECISIONS = ("bfloat16", "int8")
 # From the most bytes per weight to the fewest: a "smaller precision" is one further along.
 BYTES_ORDER = ("float32", "bfloat16", "int8")
 
@@ -89,13 +88,9 @@ def check_vm(model: str, precision: str, size: str) -> Fit:
     return Fit(model, precision, entry, room, False, "\n".join(lines))
 
 
-def auto_precision(model: str, size: str) -> str:
-    """bfloat16 where it fits, else int8 where that fits (the service's int8 exists for the B2s), else
-    bfloat16 (and the fit check then refuses with suggestions)."""
-    for precision in AUTO_PRECISIONS:
-        if check_vm(model, precision, size).fits:
-            return precision
-    return AUTO_PRECISIONS[0]
+def default_precision() -> str:
+    """The service's own default (DTYPE), which a deploy without --precision runs and checks."""
+    return Settings.__dataclass_fields__["dtype"].default
 
 
 def local_ram_gib() -> float:

@@ -554,7 +554,7 @@ def test_deploy_status_logs_destroy_through_invoke(cli, capsys, monkeypatch):
         assert (Path(str(cli.ca_path)).parent / "home/.ssh/qwen-box_ed25519.pub").exists()
         ca = state.ca_file("qb-e2e")
         assert ca.read_text() == VM_CA.cert_pem.bytes().decode()
-        assert f"its root is saved in {ca}" in out and f'httpx.Client(verify="{ca}")' in out
+        assert f"its root is saved in {ca}" in out and f'DefaultHttpxClient(verify="{ca}")' in out
 
         assert invoke("status-azure", "--name", "qb-e2e") == 0
         out = capsys.readouterr().out
@@ -671,12 +671,13 @@ def test_a_model_that_cannot_fit_is_refused_with_what_would(cli, capsys):
     assert "--precision int8 (2.1 GB)" in capsys.readouterr().out
 
 
-def test_the_precision_is_chosen_to_fit_and_the_model_goes_to_the_vm(cli, capsys):
+def test_the_default_precision_is_checked_and_the_model_goes_to_the_vm(cli, capsys):
     assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-fit", "--allow-from", ME, "--dry-run") == 0
-    assert "at int8 (chosen to fit)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "at int8 (the default)" in out and "needs about 2.1 GB; Standard_B2s leaves 3 GiB" in out
     assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-fit", "--allow-from", ME, "--dry-run",
-                  "--size", "Standard_B2ms") == 0
-    assert "at bfloat16 (chosen to fit)" in capsys.readouterr().out
+                  "--size", "Standard_B2ms", "--precision", "bfloat16") == 0
+    assert "needs about 3.7 GB; Standard_B2ms leaves 7 GiB" in capsys.readouterr().out
     assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-fit", "--allow-from", ME, "--dry-run",
                   "--model", "someone/Unknown-7B") == 0
     assert "not in the catalog" in capsys.readouterr().out
@@ -690,7 +691,7 @@ def test_the_precision_is_chosen_to_fit_and_the_model_goes_to_the_vm(cli, capsys
         vm.stop()
     files = custom_files(cli, "qb-model")
     assert files["/etc/qwen-box/model"] == "Qwen/Qwen2.5-0.5B-Instruct\n"
-    assert "DTYPE=bfloat16\n" in files["/etc/qwen-box/service.env"]
+    assert "DTYPE=int8\n" in files["/etc/qwen-box/service.env"]
     assert "MODEL_ID" not in files["/etc/qwen-box/service.env"]
 
 
