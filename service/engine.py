@@ -290,6 +290,7 @@ class Engine:
         log.info("model %s ready in %.1f s", backend.name, self._load_seconds)
         del backend
         self._serve(self._backend)
+        self._release()  # here, once no frame holds the model any more, so its memory can go back
 
     def _serve(self, backend: Backend) -> None:
         """The scheduler: admit waiting requests while the batch has room, then advance every
@@ -302,7 +303,6 @@ class Engine:
                     break
                 if generation is None:
                     self._drop_running("the model was unloaded")
-                    self._release()
                     return
                 self._admit(backend, generation)
             for run in [r for r in self._running if r.generation.halt.is_set()]:
