@@ -28,23 +28,22 @@ warnings.filterwarnings("ignore", message=".*quantize_per_.*", category=UserWarn
 
 class Int8Linear(torch.nn.Module):
     """A Linear with int8 weights (one scale per output channel), computed by PyTorch's dynamically
-    quantized kernel (fbgemm: an int8 GEMM, activations quantized on the fly per row)."""
+    quantized kernel (fbgemm: an int8 GEMM, activations quantized on the fly per row). The weights
+    are packed for the kernel once, here (`torch.ao`'s own module packs a zero matrix first)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
-        out_features, in_features = weight.shape
-        self.in_features, self.out_features = in_features, out_features
-        self.inner = torch.ao.nn.quantized.dynamic.Linear(in_features, out_features,
-                                                          bias_=bias is not None, dtype=torch.qint8)
-        self.inner.set_weight_bias(quantize_rows(weight.detach()),
-                                   None if bias is None else bias.detach().float())
+        self.out_features, self.in_features = weight.shape
+        bias = None if bias is None else bias.detach().float()
+        self._packed = torch.ops.quantized.linear_prepack(quantize_rows(weight.detach()), bias)
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear) -> Int8Linear:
         return cls(linear.weight, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x.float()).to(x.dtype)
+        # reduce_range: 7-bit activations, which keep fbgemm's int16 accumulation from overflowing
+        return torch.ops.quantized.linear_dynamic(x.float(), self._packed, reduce_range=True).to(x.dtype)
 
 
 def quantize_rows(weight: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
