@@ -17,12 +17,10 @@ from .chat import RequestError, parse_chat_request, start
 from .config import Settings
 from .engine import Finished, Generation
 from .history_api import Transcript, with_history
-from .http import json_body
+from .http import HEARTBEAT_SECONDS, KEEP_ALIVE, json_body
 from .models import ModelManager, UnknownModel
 
 bp = Blueprint("api", __name__, url_prefix="/api")
-
-HEARTBEAT_SECONDS = 10.0
 
 
 def models() -> ModelManager:
@@ -124,7 +122,7 @@ def _event_stream(generation: Generation, model: str, dropped: int,
         yield ": stream open\n\n"
         for event in generation.events(heartbeat=HEARTBEAT_SECONDS):
             if event is None:
-                yield ": keep-alive\n\n"
+                yield KEEP_ALIVE
             elif isinstance(event, str):
                 parts.append(event)
                 yield _sse({"type": "delta", "text": event})

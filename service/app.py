@@ -105,8 +105,9 @@ def _transformers_loader(settings: Settings, source: str) -> Callable[[], Any]:
     """Loads `source` when called. torch and Transformers are imported there, in the engine's
     loading thread, so the server answers health checks while they load (they take seconds)."""
     def load() -> Any:
-        from .backend import load_transformers
-        return load_transformers(settings, source)()
+        from .backend import TransformersBackend
+        return TransformersBackend(source, dtype=settings.dtype, threads=settings.torch_threads,
+                                   context_tokens=settings.context_tokens, max_batch=settings.max_batch)
     return load
 
 

@@ -16,9 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +36,6 @@ from .loading import load_model
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("bfloat16", "float32", "int8")
 PREFIX_CACHE_ENTRIES = 4
 MIN_PREFIX_REUSE = 16
 
@@ -105,13 +102,10 @@ class TransformersBackend:
 
     def __init__(self, model_id: str, *, dtype: str = "bfloat16", threads: int = 0,
                  context_tokens: int = 4096, max_batch: int = 4):
-        if dtype not in PRECISIONS:
-            raise ValueError(f"unknown precision {dtype!r}; choose one of {', '.join(PRECISIONS)}")
         if threads:
             torch.set_num_threads(threads)
         started = time.perf_counter()
         self.name = model_id
-        self.precision = dtype
         self.max_batch = max_batch
         self.tokenizer = AutoTokenizer.from_pretrained(model_id)
         self.model = load_model(model_id, dtype)
@@ -261,15 +255,3 @@ class TransformersBackend:
         seq.generated.append(token)
         return token
 
-    def describe(self) -> dict[str, Any]:
-        return {"precision": self.precision, "max_batch": self.max_batch}
-
-
-def load_transformers(settings: Any, source: str | None = None) -> Callable[[], TransformersBackend]:
-    """A loader for `Engine` that builds a `TransformersBackend` for `source` (default: MODEL_ID)."""
-    def load() -> TransformersBackend:
-        return TransformersBackend(source or settings.model_id, dtype=settings.dtype,
-                                   threads=settings.torch_threads,
-                                   context_tokens=settings.context_tokens,
-                                   max_batch=settings.max_batch)
-    return load

@@ -9,6 +9,11 @@ from werkzeug.exceptions import BadRequest
 
 from .chat import RequestError
 
+# Seconds of silence after which a stream sends a comment line, so proxies and clients keep it open
+# (and a client that left is noticed while its request still waits in the queue).
+HEARTBEAT_SECONDS = 10.0
+KEEP_ALIVE = ": keep-alive\n\n"
+
 
 def json_body() -> Any:
     """The request's JSON, or the 415/400 error a client should see instead."""

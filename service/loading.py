@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
+from .config import DTYPES
 from .engine import return_freed_memory
 
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
@@ -36,10 +37,6 @@ class Int8Linear(torch.nn.Module):
         self.out_features, self.in_features = weight.shape
         bias = None if bias is None else bias.detach().float()
         self._packed = torch.ops.quantized.linear_prepack(quantize_rows(weight.detach()), bias)
-
-    @classmethod
-    def from_linear(cls, linear: torch.nn.Linear) -> Int8Linear:
-        return cls(linear.weight, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # reduce_range: 7-bit activations, which keep fbgemm's int16 accumulation from overflowing
@@ -93,7 +90,7 @@ def load_model(source: str, precision: str) -> torch.nn.Module:
     if precision in ("bfloat16", "float32"):
         return AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, precision)).eval()
     if precision != "int8":
-        raise ValueError(f"unknown precision {precision!r}")
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(DTYPES)}")
     return load_int8(local_folder(source))
 
 

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .chat import Content, Message, RequestError, make_request, start
 from .engine import Finished, Generation
-from .http import json_body
+from .http import HEARTBEAT_SECONDS, KEEP_ALIVE, json_body
 from .models import ModelManager, UnknownModel
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
@@ -180,9 +180,9 @@ class _Completion:
     def stream(self, generation: Generation, include_usage: bool) -> Iterator[str]:
         try:
             yield self._chunk({"role": "assistant", "content": ""})
-            for event in generation.events(heartbeat=10.0):
+            for event in generation.events(heartbeat=HEARTBEAT_SECONDS):
                 if event is None:
-                    yield ": keep-alive\n\n"
+                    yield KEEP_ALIVE
                 elif isinstance(event, str):
                     yield self._chunk({"content": event})
                 elif event.error:

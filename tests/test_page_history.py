@@ -450,7 +450,7 @@ def test_sidebar_is_a_drawer_at_phone_width(app_server, phone_page):
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory) -> Path:
-    from tests.tiny_model import build_tiny_llama
+    from service.devmodels import build_tiny_llama
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-page"))
 
 
