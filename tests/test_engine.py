@@ -294,6 +294,43 @@ def test_int8_picks_the_same_next_tokens_as_bf16(tiny_model_dir):
     assert finished.usage.completion_tokens >= 1
 
 
+def test_int8_embedding_rows_are_the_checkpoint_rows_to_within_rounding(tiny_model_dir):
+    """The int8 table (which the tied head shares) gives back each row within half a step."""
+    import torch
+
+    ref = TransformersBackend(str(tiny_model_dir), dtype="float32").model.get_input_embeddings().weight
+    table = TransformersBackend(str(tiny_model_dir), dtype="int8").model.get_input_embeddings()
+    assert type(table).__name__ == "Int8Embedding" and table.values.dtype == torch.int8
+    ids = torch.tensor([[0, 5, 17, ref.shape[0] - 1]])
+    got, want = table(ids).float()[0], ref[ids[0]].float()
+    step = want.abs().amax(dim=1, keepdim=True) / 127
+    assert ((got - want).abs() <= step * 0.5 + want.abs() / 128).all()  # rounding + bf16 output
+
+
+def test_decode_attention_matches_sdpa_with_padding_and_grouped_heads():
+    """The one-query path computes what PyTorch's `sdpa` does: same heads grouping (12 query heads
+    over 2 key/value heads, as Qwen2.5-1.5B), a left-padded row masked out, float32 exact-ish."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from service.attention import attention
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 6, True
+    query = torch.randn(3, 12, 1, 16)
+    key, value = torch.randn(3, 2, 9, 16), torch.randn(3, 2, 9, 16)
+    mask = torch.ones(3, 1, 1, 9, dtype=torch.bool)
+    mask[1, ..., :4] = False  # row 1 is padded on the left
+    ours, _ = attention(module, query, key, value, mask, scaling=0.25)
+    theirs, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
+    assert ours.shape == theirs.shape == (3, 1, 12, 16)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+    changed = value.clone()
+    changed[1, :, :4] = 100.0  # what the mask hides cannot change the answer
+    torch.testing.assert_close(attention(module, query, key, changed, mask, scaling=0.25)[0][1], ours[1])
+
+
 def test_unknown_precision_is_refused(tiny_model_dir):
     with pytest.raises(ValueError, match="int3"):
         TransformersBackend(str(tiny_model_dir), dtype="int3")
