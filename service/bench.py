@@ -55,6 +55,21 @@ def build_random_model(path: Path) -> Path:
     return path
 
 
+# What an instruction-set cap means to each kernel library torch uses on a CPU: oneDNN (bf16 and
+# fp32 matmuls), FBGEMM (the int8 GEMM) and ATen's own vectorised ops.
+ISAS = {
+    "AVX2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
+             "ATEN_CPU_CAPABILITY": "avx2"},
+    "AVX512_CORE": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX512",
+                    "ATEN_CPU_CAPABILITY": "avx512"},
+}
+
+
+def isa_environment(isa: str) -> dict[str, str]:
+    """Environment that makes a process compute as a CPU with only `isa` would ("" = native)."""
+    return ISAS[isa] if isa else {}
+
+
 def _median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
@@ -219,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--isa", default="", help="limit oneDNN, e.g. AVX2 or AVX512_CORE (B2s-class CPUs)")
+    p.add_argument("--isa", default="", choices=["", *ISAS],
+                   help="compute as an older CPU would: AVX2 (no AVX-512) or AVX512_CORE (no VNNI, no bf16)")
     p.add_argument("--health", action="store_true", help="also measure /api/health under 4 streams")
     p.add_argument("--json", default="bench-results.json", help="where to write the figures")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -231,11 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             result.update(health_under_load(model, args.precisions, args.threads))
         print(json.dumps(result), flush=True)
         return 0
-    # oneDNN (bf16 matmuls) and ATen's own kernels both honour a cap; fbgemm (int8) picks its
-    # kernels from the CPU itself, so int8 figures under --isa still use this CPU's AVX-512.
-    isa_env = {"ONEDNN_MAX_CPU_ISA": args.isa.upper(),
-               "ATEN_CPU_CAPABILITY": "avx2" if args.isa.upper().startswith("AVX2") else "avx512"}
-    env = {**os.environ, **(isa_env if args.isa else {})}
+    env = {**os.environ, **isa_environment(args.isa)}
     results = []
     for precision in args.precisions.split(","):
         cmd = [sys.executable, "-m", "service.bench", "--worker", "--model", model, "--precisions",
