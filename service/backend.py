@@ -37,6 +37,9 @@ from .loading import load_model
 log = logging.getLogger(__name__)
 
 PREFIX_CACHE_ENTRIES = 4
+# Prompts are read this many tokens at a time (as llama.cpp's batch size does): a 2,000-token
+# prompt's activations would otherwise take hundreds of MB at once on a 4 GiB machine.
+PREFILL_CHUNK = 512
 MIN_PREFIX_REUSE = 16
 
 
@@ -130,20 +133,22 @@ class TransformersBackend:
         self._setup_sampling(seq)
         reused, cache = self.prefix_cache.take(seq.prompt_ids)
         cache = cache or DynamicCache()
-        suffix = seq.prompt_ids[reused:]
         total = len(seq.prompt_ids)
         with torch.inference_mode():
-            out = self.model(
-                input_ids=torch.tensor([suffix]),
-                attention_mask=torch.ones(1, total, dtype=torch.long),
-                position_ids=torch.arange(reused, total).unsqueeze(0),
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+            for start in range(reused, total, PREFILL_CHUNK):
+                end = min(start + PREFILL_CHUNK, total)
+                out = self.model(
+                    input_ids=torch.tensor([seq.prompt_ids[start:end]]),
+                    attention_mask=torch.ones(1, end, dtype=torch.long),
+                    position_ids=torch.arange(start, end).unsqueeze(0),
+                    cache=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+                cache = out.cache
         seq.length, seq.reused = total, reused
         token = self._sample(seq, out.logits[0, -1])
-        self._join(seq, out.cache)
+        self._join(seq, cache)
         return seq, token
 
     def step(self) -> list[int]:

@@ -248,6 +248,31 @@ def test_batched_decoding_matches_one_at_a_time(tiny_model_dir):
     assert batched.batch_size == 0
 
 
+def test_a_prompt_read_in_chunks_leaves_the_same_cache_and_tokens(tiny_model_dir, monkeypatch):
+    """Long prompts are read PREFILL_CHUNK tokens at a time; 7 here, so a ~30-token prompt takes
+    several chunks, each at its own positions and attending to the ones before it."""
+    import torch
+
+    from service import backend as backend_module
+
+    def read(backend: TransformersBackend, ids: list[int]):
+        seq, first = backend.admit(ids, SamplingOptions(max_tokens=8, temperature=0))
+        cache = [(layer.keys.clone(), layer.values.clone()) for layer in backend._cache.layers]
+        tokens = [first] + [backend.step()[0] for _ in range(7)]
+        backend.release(seq)
+        return cache, tokens
+
+    ids = prompt(TransformersBackend(str(tiny_model_dir))) * 2
+    assert len(ids) > 3 * 7
+    whole_cache, whole_tokens = read(TransformersBackend(str(tiny_model_dir), dtype="float32"), ids)
+    monkeypatch.setattr(backend_module, "PREFILL_CHUNK", 7)
+    cache, tokens = read(TransformersBackend(str(tiny_model_dir), dtype="float32"), ids)
+    assert tokens == whole_tokens
+    for (k, v), (wk, wv) in zip(cache, whole_cache, strict=True):
+        torch.testing.assert_close(k, wk, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(v, wv, atol=1e-5, rtol=1e-4)
+
+
 def test_next_turn_reuses_the_conversation_kv_cache(tiny_model_dir):
     backend = TransformersBackend(str(tiny_model_dir), dtype="float32")
     turns = [{"role": "user", "content": "First question about Docker images"}]
@@ -329,6 +354,25 @@ def test_decode_attention_matches_sdpa_with_padding_and_grouped_heads():
     changed = value.clone()
     changed[1, :, :4] = 100.0  # what the mask hides cannot change the answer
     torch.testing.assert_close(attention(module, query, key, changed, mask, scaling=0.25)[0][1], ours[1])
+
+
+@pytest.mark.parametrize("explicit_mask", [True, False])
+def test_short_prompt_attention_matches_sdpa_over_a_cached_history(explicit_mask):
+    """A next turn: 5 new queries over 9 keys (4 cached), causal among the new ones, with the mask
+    given or left to the function (Transformers passes None when plain causal will do)."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from service.attention import attention
+
+    torch.manual_seed(1)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 6, True
+    query, key, value = torch.randn(1, 12, 5, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16)
+    causal = torch.ones(5, 9, dtype=torch.bool).tril(4)[None, None]
+    ours, _ = attention(module, query, key, value, causal if explicit_mask else None, scaling=0.25)
+    theirs, _ = sdpa_attention_forward(module, query, key, value, causal, scaling=0.25)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
 
 
 def test_unknown_precision_is_refused(tiny_model_dir):
