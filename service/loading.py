@@ -72,8 +72,8 @@ def quantize_rows(weight: torch.Tensor, chunk: int = 2048) -> tuple[torch.Tensor
     scales = torch.empty(rows, dtype=torch.float32)
     for start in range(0, rows, chunk):
         w = weight[start:start + chunk].float()
-        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-8)
-        values[start:start + chunk] = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        scale = (w.abs().amax(dim=1) / 127).clamp_(min=1e-8)
+        values[start:start + chunk].copy_(w.div_(scale[:, None]).round_().clamp_(-127, 127))
         scales[start:start + chunk] = scale
     return values, scales
 
@@ -142,8 +142,10 @@ def load_int8(folder: Path) -> torch.nn.Module:
                 linear = model.get_submodule(owner)
                 if "weight" in parts and ("bias" in parts or linear.bias is None):
                     _replace(model, owner, Int8Linear.from_float(parts["weight"], parts.get("bias")))
+                    big = tensor.nbytes >= 1 << 24
                     del pending[owner], parts, linear, tensor
-                    return_freed_memory()
+                    if big:  # heap-allocated reads (glibc raises its mmap threshold) go back now
+                        return_freed_memory()
                 continue
             module = model.get_submodule(owner)
             if module is embedding and attr == "weight":
@@ -156,6 +158,7 @@ def load_int8(folder: Path) -> torch.nn.Module:
                 return_freed_memory()
                 continue
             module._parameters[attr] = torch.nn.Parameter(tensor.to(torch.bfloat16), requires_grad=False)
+    return_freed_memory()
     linears.discard(head_name)
     if pending or any(model.get_submodule(n).weight.is_meta for n in linears
                       if isinstance(model.get_submodule(n), torch.nn.Linear)):
