@@ -31,12 +31,12 @@ def serve(c: Context, model: str = "", port: int = 0, host: str = "") -> None:
 
 
 @task(help={"model": "model folder or hub id (default: random weights, exact Qwen2.5-1.5B architecture)",
-            "precisions": "comma-separated: float32, bfloat16, int8 (default: all three)",
+            "precisions": "comma-separated: float32, bfloat16, int8, int4 (default: all four)",
             "threads": "compute threads (default: this machine's cores)",
             "repeat": "runs per figure; medians are reported (default 3)",
             "isa": "limit oneDNN to an instruction set, e.g. AVX2, to see a B2s-class CPU",
             "health": "also measure /api/health latency under 4 concurrent streams"})
-def bench(c: Context, model: str = "", precisions: str = "float32,bfloat16,int8", threads: int = 0,
+def bench(c: Context, model: str = "", precisions: str = "float32,bfloat16,int8,int4", threads: int = 0,
           repeat: int = 3, isa: str = "", health: bool = False) -> None:
     """Measure load time, peak memory, time to first token and tokens/s per precision."""
     args = [f"--precisions {precisions}", f"--repeat {repeat}"]
@@ -178,7 +178,7 @@ def _azure_exit(code: int) -> None:
     "trusted-cert": "private deployment with a Let's Encrypt certificate: opens port 80 (challenge and "
                     "redirect only, no chat) to the whole Internet (default: the VM's own authority)",
     "model": "Hugging Face hub id of the model (default: the image's own); refused if it cannot fit --size",
-    "precision": "int8, bfloat16 or float32 (default: the service's, int8); refused if it does not fit",
+    "precision": "int8, int4, bfloat16 or float32 (default: the service's, int8); refused if it does not fit",
     "token": "access token (default: generated once and kept on this machine; or QWEN_BOX_ACCESS_TOKEN)",
     "disk-gb": "OS disk size in GiB (default 64)",
     "env": "service setting KEY=VALUE for the container, repeatable; KEY alone: value from your environment",

@@ -18,7 +18,7 @@ from service.config import DEFAULT_MODEL_ID, Settings
 # Ubuntu, the VM agent, Docker, Caddy and gunicorn itself, measured at about 0.7 GiB on a B2s; rounded up.
 SYSTEM_OVERHEAD_GIB = 1.0
 # From the most bytes per weight to the fewest: a "smaller precision" is one further along.
-BYTES_ORDER = ("float32", "bfloat16", "int8")
+BYTES_ORDER = ("float32", "bfloat16", "int8", "int4")
 
 
 @dataclass(frozen=True)

@@ -113,7 +113,9 @@ def measure(model: str, precision: str, threads: int, repeat: int, new_tokens: i
         f = run(prompt(256))
         ttft_256.append(f.timing.ttft_s)
         decode.append(f.timing.tokens_per_s)
+    peaks = {"decode_256": _peak_rss_gib()}
     ttft_2000 = [run(prompt(2000), 2).timing.ttft_s for _ in range(max(1, repeat - 1))]
+    peaks["prompt_2000"] = _peak_rss_gib()
 
     fresh_50, next_turn_50 = [], []
     for _ in range(repeat):
@@ -124,6 +126,7 @@ def measure(model: str, precision: str, threads: int, repeat: int, new_tokens: i
         next_turn_50.append(turn.timing.ttft_s)
         fresh_50.append(run(prompt(50), 2).timing.ttft_s)
 
+    peaks["next_turn"] = _peak_rss_gib()
     aggregate = {}
     for n in (1, 2, 4):
         rates = []
@@ -135,10 +138,12 @@ def measure(model: str, precision: str, threads: int, repeat: int, new_tokens: i
             elapsed = time.perf_counter() - start
             rates.append(sum(r.usage.completion_tokens for r in results) / elapsed)
         aggregate[n] = _median(rates)
+    peaks["concurrent"] = _peak_rss_gib()
     engine.close(wait=30)
     return {
         "precision": precision, "threads": threads, "load_s": round(load_s, 2),
         "rss_after_load_gib": round(rss_after_load, 2), "peak_rss_gib": round(_peak_rss_gib(), 2),
+        "peak_rss_gib_after": {k: round(v, 2) for k, v in peaks.items()},
         "ttft_256_s": round(_median(ttft_256), 3), "ttft_2000_s": round(_median(ttft_2000), 3),
         "ttft_fresh_50_s": round(_median(fresh_50), 3),
         "ttft_next_turn_50_s": round(_median(next_turn_50), 3),
@@ -230,7 +235,7 @@ def table(results: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m service.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="", help="model folder or hub id (default: random Qwen2.5-1.5B)")
-    p.add_argument("--precisions", default="float32,bfloat16,int8")
+    p.add_argument("--precisions", default="float32,bfloat16,int8,int4")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=128)

@@ -15,7 +15,7 @@ from typing import Any
 from limits import parse_many
 
 DEFAULT_MODEL_ID = "Qwen/Qwen2.5-1.5B-Instruct"
-DTYPES = ("bfloat16", "float32", "int8")
+DTYPES = ("bfloat16", "float32", "int8", "int4")
 
 
 _BOOLS = {"1": True, "true": True, "yes": True, "on": True,
@@ -39,7 +39,7 @@ class Settings:
                                         "another; 0 = 80% of RAM")
     host: str = _setting("127.0.0.1", "address to listen on (the container sets 0.0.0.0)")
     port: int = _setting(8000, "port to listen on")
-    dtype: str = _setting("int8", "weights precision: int8, bfloat16 or float32 (see Speed and memory)")
+    dtype: str = _setting("int8", "weights precision: int8, int4, bfloat16 or float32 (see Speed and memory)")
     max_batch: int = _setting(4, "requests decoded together in one batch (more waiting ones queue)")
     torch_threads: int = _setting(0, "PyTorch compute threads; 0 = one per core")
     web_threads: int = _setting(16, "gunicorn threads for HTTP connections (each open stream holds one)")

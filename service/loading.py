@@ -1,17 +1,16 @@
 """Loading a model at a precision, within a small machine's memory.
 
-bfloat16 and float32 go through `from_pretrained`. int8 is loaded differently, because the point of
-int8 is a 4 GiB VM: the network is built empty (on the meta device), then the checkpoint is read
-one tensor at a time with plain file reads and every Linear is quantized the moment its weights
+bfloat16 and float32 go through `from_pretrained`. int8 and int4 are loaded differently, because
+their point is a 4 GiB VM: the network is built empty (on the meta device), then the checkpoint is
+read one tensor at a time with plain file reads and every Linear is quantized the moment its weights
 arrive. At no time does a full bf16 or fp32 copy of the model exist, and nothing stays mapped from
-the checkpoint file, so peak memory is the int8 model plus one layer.
+the checkpoint file, so peak memory is the quantized model plus one layer.
 """
 
 from __future__ import annotations
 
 import json
 import struct
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,61 +20,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 from . import attention
 from .config import DTYPES
 from .engine import return_freed_memory
+from .quantized import Int8Embedding, Int8Linear, quantize_rows, quantized_linear
 
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-
-warnings.filterwarnings("ignore", message=".*quantiz.*", category=DeprecationWarning)
-warnings.filterwarnings("ignore", message=".*quantize_per_.*", category=UserWarning)
-
-
-class Int8Linear(torch.nn.Module):
-    """A Linear with int8 weights (one scale per output channel), computed by PyTorch's dynamically
-    quantized kernel (fbgemm: an int8 GEMM, activations quantized on the fly per row). The weights
-    are packed for the kernel once, here (`torch.ao`'s own module packs a zero matrix first)."""
-
-    def __init__(self, values: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__()
-        self.out_features, self.in_features = values.shape
-        bias = None if bias is None else bias.detach().float()
-        zero = torch.zeros(values.shape[0], dtype=torch.long)
-        weight = torch._make_per_channel_quantized_tensor(values, scales.double(), zero, 0)
-        self._packed = torch.ops.quantized.linear_prepack(weight, bias)
-
-    @classmethod
-    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:
-        return cls(*quantize_rows(weight.detach()), bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # reduce_range: 7-bit activations, which keep fbgemm's int16 accumulation from overflowing
-        return torch.ops.quantized.linear_dynamic(x.float(), self._packed, reduce_range=True).to(x.dtype)
-
-
-class Int8Embedding(torch.nn.Module):
-    """Token embeddings as int8 rows with one scale each: half of bf16's memory for a table that
-    is a sixth of a small model (151,936 × 1,536 in Qwen2.5-1.5B). A step looks up a few rows and
-    turns only those back into floats."""
-
-    def __init__(self, values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype):
-        super().__init__()
-        self.values, self.scales, self.dtype = values, scales.float(), dtype
-        self.num_embeddings, self.embedding_dim = values.shape
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return (self.values[ids].float() * self.scales[ids].unsqueeze(-1)).to(self.dtype)
-
-
-def quantize_rows(weight: torch.Tensor, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 with one scale per output row, as (values, scales). A few rows at a time: the
-    float32 copy the arithmetic needs is never larger than `chunk` rows (the output head has 152k)."""
-    rows = weight.shape[0]
-    values = torch.empty(weight.shape, dtype=torch.int8)
-    scales = torch.empty(rows, dtype=torch.float32)
-    for start in range(0, rows, chunk):
-        w = weight[start:start + chunk].float()
-        scale = (w.abs().amax(dim=1) / 127).clamp_(min=1e-8)
-        values[start:start + chunk].copy_(w.div_(scale[:, None]).round_().clamp_(-127, 127))
-        scales[start:start + chunk] = scale
-    return values, scales
 
 
 def local_folder(source: str) -> Path:
@@ -106,16 +53,17 @@ def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def load_model(source: str, precision: str) -> torch.nn.Module:
-    """The model at `precision` ("bfloat16", "float32" or "int8"), ready for inference."""
+    """The model at `precision` (one of `DTYPES`), ready for inference."""
     if precision in ("bfloat16", "float32"):
         return AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, precision),
                                                     attn_implementation=attention.NAME).eval()
-    if precision != "int8":
+    if precision not in ("int8", "int4"):
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(DTYPES)}")
-    return load_int8(local_folder(source))
+    return load_quantized(local_folder(source), bits=8 if precision == "int8" else 4)
 
 
-def load_int8(folder: Path) -> torch.nn.Module:
+def load_quantized(folder: Path, bits: int) -> torch.nn.Module:
+    """Linear layers in `bits`-bit weights, the token table in int8 rows, the rest in bf16."""
     config = AutoConfig.from_pretrained(folder)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16,
@@ -141,7 +89,7 @@ def load_int8(folder: Path) -> torch.nn.Module:
                 parts[attr] = tensor
                 linear = model.get_submodule(owner)
                 if "weight" in parts and ("bias" in parts or linear.bias is None):
-                    _replace(model, owner, Int8Linear.from_float(parts["weight"], parts.get("bias")))
+                    _replace(model, owner, quantized_linear(bits, parts["weight"], parts.get("bias")))
                     big = tensor.nbytes >= 1 << 24
                     del pending[owner], parts, linear, tensor
                     if big:  # heap-allocated reads (glibc raises its mmap threshold) go back now
@@ -150,11 +98,12 @@ def load_int8(folder: Path) -> torch.nn.Module:
             module = model.get_submodule(owner)
             if module is embedding and attr == "weight":
                 values, scales = quantize_rows(tensor)
-                del tensor
                 _replace(model, embedding_name, Int8Embedding(values, scales, torch.bfloat16))
-                if tied:  # the head is the same matrix: quantized once, packed for the GEMM
-                    _replace(model, head_name, Int8Linear(values, scales, None))
-                del values, scales
+                if tied:  # the head is the same matrix (in int8, quantized once for both)
+                    head = (Int8Linear(values, scales, None) if bits == 8
+                            else quantized_linear(bits, tensor, None))
+                    _replace(model, head_name, head)
+                del values, scales, tensor
                 return_freed_memory()
                 continue
             module._parameters[attr] = torch.nn.Parameter(tensor.to(torch.bfloat16), requires_grad=False)
