@@ -84,11 +84,11 @@ def test_generation_config_defaults_are_honoured(tiny_model_dir):
     def settings(options):
         seq, _ = backend.admit(ids, options)
         backend.release(seq)
-        found = {type(p).__name__: p for p in seq.processors}
+        found = {type(p).__name__: p for p in [*seq.penalties, *seq.warpers]}
         return seq.greedy, {
             "repetition_penalty": found["RepetitionPenaltyLogitsProcessor"].penalty,
             "temperature": getattr(found.get("TemperatureLogitsWarper"), "temperature", None),
-            "top_k": getattr(found.get("TopKLogitsWarper"), "top_k", None),
+            "top_k": seq.top_k or None,
             "top_p": getattr(found.get("TopPLogitsWarper"), "top_p", None),
         }
 
@@ -317,6 +317,30 @@ def test_int8_picks_the_same_next_tokens_as_bf16(tiny_model_dir):
     assert agree >= 0.9
     text, finished = ready_engine(q8).submit(prompt(q8), SamplingOptions(max_tokens=5, seed=1)).result()
     assert finished.usage.completion_tokens >= 1
+
+
+def test_sampling_among_the_top_k_is_transformers_distribution(tiny_backend):
+    """Temperature and top-p applied to the k best scores only give the distribution Transformers'
+    chain (temperature, top-k, top-p over the whole vocabulary) gives."""
+    import torch
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    from service.backend import Sequence
+
+    seq = Sequence([1, 2, 3], SamplingOptions(max_tokens=1, temperature=0.7, top_p=0.8))
+    tiny_backend._setup_sampling(seq)
+    assert seq.top_k == 20  # Qwen2.5's generation_config, which the tiny model copies
+    scores = torch.randn(1, 1000, generator=torch.Generator().manual_seed(3)) * 0.5
+    probs, ids = tiny_backend.distribution(seq, scores)
+    ours = torch.zeros(1, 1000).index_put_((torch.zeros_like(ids[0]), ids[0]), probs[0])
+    chain = LogitsProcessorList([TemperatureLogitsWarper(0.7), TopKLogitsWarper(20), TopPLogitsWarper(0.8)])
+    torch.testing.assert_close(ours, torch.softmax(chain(None, scores.clone()), dim=-1))
+    assert 1 < int((ours > 0).sum()) < 20  # top-p did cut some of the 20
 
 
 def test_int4_kernel_computes_with_the_weights_it_was_given():
