@@ -35,4 +35,5 @@ def test_catalog_table_matches_the_code():
 
     for entry in CATALOG:
         row = next(line for line in README.splitlines() if line.startswith(f"| {entry.hub_id} |"))
-        assert f"| {entry.memory_gb('bfloat16')} GB | {entry.memory_gb('int8')} GB |" in row
+        memory = " | ".join(f"{entry.memory_gb(d)} GB" for d in ("bfloat16", "int8", "int4"))
+        assert f"| {memory} |" in row

@@ -421,6 +421,27 @@ def test_decode_attention_matches_sdpa_with_padding_and_grouped_heads():
     torch.testing.assert_close(attention(module, query, key, changed, mask, scaling=0.25)[0][1], ours[1])
 
 
+@pytest.mark.parametrize("fast_bf16", [True, False])
+def test_bf16_attention_matches_sdpa_whichever_products_the_cpu_does_fast(fast_bf16, monkeypatch):
+    """bf16 inputs: products in bf16 where AVX-512 BF16 makes them fast, float32 elsewhere."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from service import attention as attention_module
+
+    monkeypatch.setattr(attention_module, "fast_bf16_products", lambda: fast_bf16)
+    torch.manual_seed(2)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 6, True
+    query = torch.randn(2, 12, 1, 64, dtype=torch.bfloat16)
+    key, value = (torch.randn(2, 2, 40, 64, dtype=torch.bfloat16) for _ in range(2))
+    mask = torch.ones(2, 1, 1, 40, dtype=torch.bool)
+    ours, _ = attention_module.attention(module, query, key, value, mask)
+    theirs, _ = sdpa_attention_forward(module, query, key, value, mask)
+    assert ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours, theirs, atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize("explicit_mask", [True, False])
 def test_short_prompt_attention_matches_sdpa_over_a_cached_history(explicit_mask):
     """A next turn: 5 new queries over 9 keys (4 cached), causal among the new ones, with the mask
