@@ -218,16 +218,17 @@ def health_under_load(model: str, precision: str, threads: int, seconds: float =
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    base = next((r for r in results if r["precision"] == "bfloat16"), results[0])
+    base = next((r for r in results if r["precision"] == "bfloat16"), None)
     rows = ["| precision | load s | peak RSS GiB | TTFT 256 | TTFT 2000 | next turn / fresh (50) | "
             "decode tok/s | × bf16 | 2 chats | 4 chats | 4 / 1 |", "|" + "---|" * 11]
     for r in results:
         agg = r["aggregate_tok_s"]
+        ratio = f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}×" if base else "—"
         rows.append(
             f"| {r['precision']} | {r['load_s']} | {r['peak_rss_gib']} | {r['ttft_256_s']} s | "
             f"{r['ttft_2000_s']} s | {r['ttft_next_turn_50_s']} / {r['ttft_fresh_50_s']} s "
             f"({r['ttft_next_turn_50_s'] / r['ttft_fresh_50_s']:.2f}×) | {r['decode_tok_s']} | "
-            f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}× | {agg['2']} | {agg['4']} | "
+            f"{ratio} | {agg['2']} | {agg['4']} | "
             f"{agg['4'] / agg['1']:.2f}× |")
     return "\n".join(rows)
 
