@@ -34,7 +34,7 @@ def serve(c: Context, model: str = "", port: int = 0, host: str = "") -> None:
             "precisions": "comma-separated: float32, bfloat16, int8, int4 (default: all four)",
             "threads": "compute threads (default: this machine's cores)",
             "repeat": "runs per figure; medians are reported (default 3)",
-            "isa": "limit oneDNN to an instruction set, e.g. AVX2, to see a B2s-class CPU",
+            "isa": "compute as an older CPU: AVX2 or AVX512_CORE (oneDNN, fbgemm and ATen capped)",
             "health": "also measure /api/health latency under 4 concurrent streams"})
 def bench(c: Context, model: str = "", precisions: str = "float32,bfloat16,int8,int4", threads: int = 0,
           repeat: int = 3, isa: str = "", health: bool = False) -> None:
