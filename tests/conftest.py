@@ -76,8 +76,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_process(process: subprocess.Popen, log, grace: float = 15) -> None:
+    """Terminate a test's server, kill it if it lingers, and close its log."""
+    process.terminate()
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    log.close()
+
+
 class LiveServer:
-    """`python -m service` (the real gunicorn command) on a loopback port."""
+    """`python -m service` (the real gunicorn command) on a loopback port; `with` it to wait until
+    healthy and stop it afterwards."""
 
     def __init__(self, env: dict[str, str], log_path: Path):
         self.port = free_port()
@@ -105,23 +117,24 @@ class LiveServer:
         raise TimeoutError(f"server not healthy: {self.log_path.read_text()[-2000:]}")
 
     def stop(self) -> None:
-        self.process.terminate()
+        stop_process(self.process, self._log)
+
+    def __enter__(self) -> LiveServer:
         try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self._log.close()
+            self.wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 @pytest.fixture(scope="module")
 def live_server(endless_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """gunicorn serving the endless tiny model one request at a time, with room for one waiting."""
-    server = LiveServer({"MODEL_ID": str(endless_model_dir), "QUEUE_SIZE": "1", "MAX_BATCH": "1",
-                         "CONTEXT_TOKENS": "4096", "MAX_TOKENS_LIMIT": "4000"},
-                        tmp_path_factory.mktemp("logs") / "gunicorn.log")
-    try:
-        server.wait_healthy()
+    with LiveServer({"MODEL_ID": str(endless_model_dir), "QUEUE_SIZE": "1", "MAX_BATCH": "1",
+                     "CONTEXT_TOKENS": "4096", "MAX_TOKENS_LIMIT": "4000"},
+                    tmp_path_factory.mktemp("logs") / "gunicorn.log") as server:
         yield server
-    finally:
-        server.stop()

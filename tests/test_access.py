@@ -77,13 +77,10 @@ def test_settings_never_show_the_token():
 def test_token_stays_out_of_the_server_log(tiny_model_dir, tmp_path):
     server = LiveServer({"MODEL_ID": str(tiny_model_dir), "ACCESS_TOKEN": TOKEN, "LOG_LEVEL": "debug"},
                         tmp_path / "gunicorn.log")
-    try:
-        server.wait_healthy()
+    with server:
         auth = {"Authorization": f"Bearer {TOKEN}"}
         assert requests.post(server.url + "/api/chat", json=CHAT, headers=auth, timeout=30).status_code == 200
         assert requests.post(server.url + "/api/chat", json=CHAT, timeout=30).status_code == 401
-    finally:
-        server.stop()
     log = server.log_path.read_text()
     assert "POST /api/chat" in log  # the access log is there...
     assert TOKEN not in log  # ...and the token is not

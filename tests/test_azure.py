@@ -637,6 +637,14 @@ def test_no_tls_keeps_plain_http_on_the_chosen_port(cli, capsys):
     assert cli.resource("qb-plain-rg", VM, "qb-plain-vm")["tags"][azure.TLS_TAG] == "off"
 
 
+def deploy_public_trusting(vm: StandInVM, monkeypatch) -> int:
+    """deploy-azure --public against a stand-in VM whose certificate this machine trusts."""
+    with VM_CA.cert_pem.tempfile() as bundle:
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", bundle)
+        return invoke("deploy-azure", "--image", IMAGE, "--name", "qb-pub", "--public", "--port",
+                      str(vm.port), "--timeout", "5")
+
+
 def test_https_sets_proxy_hops_and_checks_the_certificate(cli, capsys, monkeypatch):
     """--public: a publicly trusted certificate is expected, so an untrusted one never counts as ready."""
     vm = StandInVM([OK], tls=True)
@@ -644,10 +652,7 @@ def test_https_sets_proxy_hops_and_checks_the_certificate(cli, capsys, monkeypat
         assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-pub", "--public", "--port",
                       str(vm.port), "--timeout", "0.5") == 1
         assert "not healthy" in capsys.readouterr().out
-        with VM_CA.cert_pem.tempfile() as bundle:
-            monkeypatch.setenv("REQUESTS_CA_BUNDLE", bundle)
-            assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-pub", "--public", "--port",
-                          str(vm.port), "--timeout", "5") == 0
+        assert deploy_public_trusting(vm, monkeypatch) == 0
     finally:
         vm.stop()
     out = capsys.readouterr().out
@@ -730,10 +735,7 @@ def test_deploy_that_never_gets_healthy_prints_diagnostics(cli, capsys):
 def test_public_deploy_is_loud(cli, capsys, monkeypatch):
     vm = StandInVM([OK], tls=True)
     try:
-        with VM_CA.cert_pem.tempfile() as bundle:
-            monkeypatch.setenv("REQUESTS_CA_BUNDLE", bundle)
-            assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-pub", "--public", "--port",
-                          str(vm.port), "--timeout", "5") == 0
+        assert deploy_public_trusting(vm, monkeypatch) == 0
     finally:
         vm.stop()
     out = capsys.readouterr().out

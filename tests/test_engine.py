@@ -301,20 +301,26 @@ def test_concurrent_requests_share_the_batch(tiny_model_dir, endless_model_dir):
     assert engine.stats()["active"] == 0
 
 
+def agreement_with_bf16(quantized: TransformersBackend, model_dir) -> float:
+    """Teacher-forced over a real sentence: the share of positions where `quantized` picks the same
+    next token as the bf16 model."""
+    import torch
+
+    ref = TransformersBackend(str(model_dir), dtype="bfloat16")
+    ids = torch.tensor([ref.tokenizer("Docker packages an application and everything it needs into one "
+                                      "image. The quick brown fox jumps over the lazy dog.")["input_ids"]])
+    with torch.inference_mode():
+        same = ref.model(ids).logits.argmax(-1) == quantized.model(ids).logits.argmax(-1)
+    return float(same.float().mean())
+
+
 def test_int8_picks_the_same_next_tokens_as_bf16(tiny_model_dir):
     """Teacher-forced over a real sentence, int8's next-token choice matches bf16's at >= 90% of
     positions. Per-row int8 rounds each weight to within 1/254 of its row's largest, so only near-ties
     may flip; a broken quantizer agrees at about 1 position in the vocabulary size."""
-    import torch
-
-    ref = TransformersBackend(str(tiny_model_dir), dtype="bfloat16")
     q8 = TransformersBackend(str(tiny_model_dir), dtype="int8")
     assert any(type(m).__name__ == "Int8Linear" for m in q8.model.modules())
-    ids = torch.tensor([ref.tokenizer("Docker packages an application and everything it needs into one "
-                                      "image. The quick brown fox jumps over the lazy dog.")["input_ids"]])
-    with torch.inference_mode():
-        agree = (ref.model(ids).logits.argmax(-1) == q8.model(ids).logits.argmax(-1)).float().mean()
-    assert agree >= 0.9
+    assert agreement_with_bf16(q8, tiny_model_dir) >= 0.9
     text, finished = ready_engine(q8).submit(prompt(q8), SamplingOptions(max_tokens=5, seed=1)).result()
     assert finished.usage.completion_tokens >= 1
 
@@ -369,17 +375,10 @@ def test_int4_picks_mostly_the_same_next_tokens_as_bf16(tiny_model_dir):
     """int4 rounds each weight to 1/15 of its group's range (int8: 1/254 of its row's largest), so
     near-ties flip more often: >= 80% of positions (seen: 96-100% over four random tiny models;
     a broken packing agrees at about 1 position in the vocabulary size)."""
-    import torch
-
-    ref = TransformersBackend(str(tiny_model_dir), dtype="bfloat16")
     q4 = TransformersBackend(str(tiny_model_dir), dtype="int4")
     assert sum(type(m).__name__ == "Int4Linear" for m in q4.model.modules()) == 2 * 7  # 2 layers
     assert type(q4.model.lm_head).__name__ == "Int8Linear"  # a vocabulary of 1,0xx: not a multiple of 16
-    ids = torch.tensor([ref.tokenizer("Docker packages an application and everything it needs into one "
-                                      "image. The quick brown fox jumps over the lazy dog.")["input_ids"]])
-    with torch.inference_mode():
-        agree = (ref.model(ids).logits.argmax(-1) == q4.model(ids).logits.argmax(-1)).float().mean()
-    assert agree >= 0.8
+    assert agreement_with_bf16(q4, tiny_model_dir) >= 0.8
     text, finished = ready_engine(q4).submit(prompt(q4), SamplingOptions(max_tokens=5, seed=1)).result()
     assert finished.usage.completion_tokens >= 1
 

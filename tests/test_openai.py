@@ -13,12 +13,8 @@ from tests.conftest import LiveServer
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    s = LiveServer({"MODEL_ID": str(tiny_model_dir)}, tmp_path_factory.mktemp("logs") / "gunicorn.log")
-    try:
-        s.wait_healthy()
+    with LiveServer({"MODEL_ID": str(tiny_model_dir)}, tmp_path_factory.mktemp("logs") / "gunicorn.log") as s:
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ import requests
 import urllib3
 
 from infra.caddy import CERT_MODES, caddyfile, plain_caddyfile
-from tests.conftest import LiveServer, free_port
+from tests.conftest import LiveServer, free_port, stop_process
 from tests.test_server import wait_for
 
 SITE = "qb-test.eastus.cloudapp.azure.com"
@@ -100,27 +100,17 @@ class Caddy:
                 time.sleep(0.05)
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self._log.close()
+        stop_process(self.process, self._log, grace=10)
 
 
 @pytest.fixture(scope="module")
 def app(endless_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """The service as it runs on the VM behind Caddy: an access token, PROXY_HOPS=1, one generation at a
     time."""
-    server = LiveServer({"MODEL_ID": str(endless_model_dir), "QUEUE_SIZE": "2", "MAX_BATCH": "1",
-                         "MAX_TOKENS_LIMIT": "4000", "PROXY_HOPS": "1", "ACCESS_TOKEN": TOKEN},
-                        tmp_path_factory.mktemp("proxy-app") / "gunicorn.log")
-    try:
-        server.wait_healthy()
+    with LiveServer({"MODEL_ID": str(endless_model_dir), "QUEUE_SIZE": "2", "MAX_BATCH": "1",
+                     "MAX_TOKENS_LIMIT": "4000", "PROXY_HOPS": "1", "ACCESS_TOKEN": TOKEN},
+                    tmp_path_factory.mktemp("proxy-app") / "gunicorn.log") as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
