@@ -15,9 +15,13 @@ from invoke import Context, Exit, task
 from infra import docker as box
 
 
-@task(help={"model": "hub id or local folder (sets MODEL_ID; default: the MODEL_ID setting)",
-            "port": "port (sets PORT; default 8000)",
-            "host": "address (sets HOST; default 127.0.0.1, this machine only)"})
+@task(
+    help={
+        "model": "hub id or local folder (sets MODEL_ID; default: the MODEL_ID setting)",
+        "port": "port (sets PORT; default 8000)",
+        "host": "address (sets HOST; default 127.0.0.1, this machine only)",
+    }
+)
 def serve(c: Context, model: str = "", port: int = 0, host: str = "") -> None:
     """Run the chat service natively with gunicorn (no Docker): the same command the image runs."""
     env = {}
@@ -30,14 +34,25 @@ def serve(c: Context, model: str = "", port: int = 0, host: str = "") -> None:
     c.run(f"{sys.executable} -m service", env=env, pty=False)
 
 
-@task(help={"model": "model folder or hub id (default: random weights, exact Qwen2.5-1.5B architecture)",
-            "precisions": "comma-separated: float32, bfloat16, int8, int4 (default: all four)",
-            "threads": "compute threads (default: this machine's cores)",
-            "repeat": "runs per figure; medians are reported (default 3)",
-            "isa": "compute as an older CPU: AVX2 or AVX512_CORE (oneDNN, fbgemm and ATen capped)",
-            "health": "also measure /api/health latency under 4 concurrent streams"})
-def bench(c: Context, model: str = "", precisions: str = "float32,bfloat16,int8,int4", threads: int = 0,
-          repeat: int = 3, isa: str = "", health: bool = False) -> None:
+@task(
+    help={
+        "model": "model folder or hub id (default: random weights, exact Qwen2.5-1.5B architecture)",
+        "precisions": "comma-separated: float32, bfloat16, int8, int4 (default: all four)",
+        "threads": "compute threads (default: this machine's cores)",
+        "repeat": "runs per figure; medians are reported (default 3)",
+        "isa": "compute as an older CPU: AVX2 or AVX512_CORE (oneDNN, fbgemm and ATen capped)",
+        "health": "also measure /api/health latency under 4 concurrent streams",
+    }
+)
+def bench(
+    c: Context,
+    model: str = "",
+    precisions: str = "float32,bfloat16,int8,int4",
+    threads: int = 0,
+    repeat: int = 3,
+    isa: str = "",
+    health: bool = False,
+) -> None:
     """Measure load time, peak memory, time to first token and tokens/s per precision."""
     args = [f"--precisions {precisions}", f"--repeat {repeat}"]
     if model:
@@ -51,8 +66,12 @@ def bench(c: Context, model: str = "", precisions: str = "float32,bfloat16,int8,
     c.run(f"{sys.executable} -m service.bench {' '.join(args)}", pty=False)
 
 
-@task(help={"k": "only tests matching this expression (pytest -k)",
-            "browser": "include the headless-browser tests (default: yes)"})
+@task(
+    help={
+        "k": "only tests matching this expression (pytest -k)",
+        "browser": "include the headless-browser tests (default: yes)",
+    }
+)
 def test(c: Context, k: str = "", browser: bool = True) -> None:
     """Run the test suite (the README's test command runs this too)."""
     args = ["-q"]
@@ -82,42 +101,76 @@ _BUILD_HELP = {
     "model": f"hub id of the model to bake in (default {box.DEFAULT_MODEL_ID})",
     "revision": "branch, tag or commit of the model (default: the hub's main)",
     "bake": "download the weights into the image at build time (default); --no-bake leaves them out "
-            "for a mounted folder or a cache volume",
+    "for a mounted folder or a cache volume",
     "base_image": "base image (default: the Dockerfile's pinned python:3.11-slim-bookworm)",
     "torch_index": "pip index for torch (default: the Dockerfile's, the PyTorch CPU index); "
-                   "'' = PyPI plus --wheels",
+    "'' = PyPI plus --wheels",
     "wheels": "folder of wheels (e.g. a CPU torch wheel) to offer pip during the build (default: none)",
     "hf_endpoint": "Hugging Face hub mirror to download the model from (default: the hub itself)",
 }
 
 
 @task(help=_BUILD_HELP)
-def build(c: Context, tag: str = box.IMAGE, model: str = box.DEFAULT_MODEL_ID, revision: str = "",
-          bake: bool = True, base_image: str = "", torch_index: str | None = None, wheels: str = "",
-          hf_endpoint: str = "") -> None:
+def build(
+    c: Context,
+    tag: str = box.IMAGE,
+    model: str = box.DEFAULT_MODEL_ID,
+    revision: str = "",
+    bake: bool = True,
+    base_image: str = "",
+    torch_index: str | None = None,
+    wheels: str = "",
+    hf_endpoint: str = "",
+) -> None:
     """Build the image (CPU PyTorch, the service, the model baked in by default) and print its size."""
     with _docker_errors():
-        box.build(tag, model=model, revision=revision, bake=bake, base_image=base_image,
-                  torch_index=torch_index, wheels=wheels, hf_endpoint=hf_endpoint)
+        box.build(
+            tag,
+            model=model,
+            revision=revision,
+            bake=bake,
+            base_image=base_image,
+            torch_index=torch_index,
+            wheels=wheels,
+            hf_endpoint=hf_endpoint,
+        )
 
 
-@task(name="run-local", iterable=["env"], help={
-    "port": f"port on 127.0.0.1 to serve on (default {box.PORT})",
-    "model": "hub id baked into the image, or a model folder on this machine to mount read-only "
-             f"(default {box.DEFAULT_MODEL_ID}, baked)",
-    "model_cache": "download a hub model on first start into a volume instead of baking it (default: off)",
-    "rebuild": "build the image even if it exists (default: build only when missing)",
-    "tag": f"image to run (default {box.IMAGE})",
-    "name": f"container name; its data volume is NAME-data (default {box.CONTAINER})",
-    "timeout": f"seconds to wait for the model to load before giving up (default {box.HEALTH_TIMEOUT})",
-    "env": "service setting KEY=VALUE for the container, repeatable (e.g. --env DTYPE=float32)",
-    **{key: f"when building: {text}" for key, text in _BUILD_HELP.items()
-       if key in ("base_image", "torch_index", "wheels")},
-})
-def run_local(c: Context, port: int = box.PORT, model: str = "", model_cache: bool = False,
-              rebuild: bool = False, tag: str = box.IMAGE, name: str = box.CONTAINER,
-              timeout: int = box.HEALTH_TIMEOUT, env: list | None = None, base_image: str = "",
-              torch_index: str | None = None, wheels: str = "") -> None:
+@task(
+    name="run-local",
+    iterable=["env"],
+    help={
+        "port": f"port on 127.0.0.1 to serve on (default {box.PORT})",
+        "model": "hub id baked into the image, or a model folder on this machine to mount read-only "
+        f"(default {box.DEFAULT_MODEL_ID}, baked)",
+        "model_cache": "download a hub model on first start into a volume instead of baking it "
+        "(default: off)",
+        "rebuild": "build the image even if it exists (default: build only when missing)",
+        "tag": f"image to run (default {box.IMAGE})",
+        "name": f"container name; its data volume is NAME-data (default {box.CONTAINER})",
+        "timeout": f"seconds to wait for the model to load before giving up (default {box.HEALTH_TIMEOUT})",
+        "env": "service setting KEY=VALUE for the container, repeatable (e.g. --env DTYPE=float32)",
+        **{
+            key: f"when building: {text}"
+            for key, text in _BUILD_HELP.items()
+            if key in ("base_image", "torch_index", "wheels")
+        },
+    },
+)
+def run_local(
+    c: Context,
+    port: int = box.PORT,
+    model: str = "",
+    model_cache: bool = False,
+    rebuild: bool = False,
+    tag: str = box.IMAGE,
+    name: str = box.CONTAINER,
+    timeout: int = box.HEALTH_TIMEOUT,
+    env: list | None = None,
+    base_image: str = "",
+    torch_index: str | None = None,
+    wheels: str = "",
+) -> None:
     """Run qwen-box in Docker: build if needed, start one container, wait until healthy, print the URL."""
     from infra.fit import check_local, default_precision
 
@@ -126,13 +179,27 @@ def run_local(c: Context, port: int = box.PORT, model: str = "", model_cache: bo
         warning = check_local(model or box.DEFAULT_MODEL_ID, settings.get("DTYPE", default_precision()))
         if warning:
             print(f"warning: {warning}", file=sys.stderr)
-        box.run_local(image=tag, name=name, port=port, model=model, model_cache=model_cache,
-                      rebuild=rebuild, timeout=timeout, env=settings, base_image=base_image,
-                      torch_index=torch_index, wheels=wheels)
+        box.run_local(
+            image=tag,
+            name=name,
+            port=port,
+            model=model,
+            model_cache=model_cache,
+            rebuild=rebuild,
+            timeout=timeout,
+            env=settings,
+            base_image=base_image,
+            torch_index=torch_index,
+            wheels=wheels,
+        )
 
 
-@task(help={"image": "where to push: REGISTRY/NAME:TAG (required), e.g. myregistry.azurecr.io/qwen-box:1",
-            "tag": f"local image to push (default {box.IMAGE})"})
+@task(
+    help={
+        "image": "where to push: REGISTRY/NAME:TAG (required), e.g. myregistry.azurecr.io/qwen-box:1",
+        "tag": f"local image to push (default {box.IMAGE})",
+    }
+)
 def push(c: Context, image: str = "", tag: str = box.IMAGE) -> None:
     """Push the built image to a registry (log in first with docker login / az acr login)."""
     with _docker_errors():
@@ -148,9 +215,13 @@ def stop(c: Context, name: str = box.CONTAINER) -> None:
         box.stop(name)
 
 
-@task(help={"name": f"container name (default {box.CONTAINER})",
-            "tail": "how many of the last lines to show (default 100)",
-            "follow": "keep printing new lines until Ctrl-C (default: off)"})
+@task(
+    help={
+        "name": f"container name (default {box.CONTAINER})",
+        "tail": "how many of the last lines to show (default 100)",
+        "follow": "keep printing new lines until Ctrl-C (default: off)",
+    }
+)
 def logs(c: Context, name: str = box.CONTAINER, tail: int = 100, follow: bool = False) -> None:
     """Show the container's log (gunicorn and model loading)."""
     with _docker_errors():
@@ -159,54 +230,103 @@ def logs(c: Context, name: str = box.CONTAINER, tail: int = 100, follow: bool = 
 
 # -- Azure (the logic is in infra/azure*.py; `invoke --help deploy-azure` lists every option) ----------
 
+
 def _azure_exit(code: int) -> None:
     if code:
         raise Exit(code=code)
 
 
-@task(name="deploy-azure", auto_shortflags=False, iterable=["env"], help={
-    "image": "the image to run: REGISTRY/NAME:TAG (required; push it first with invoke push)",
-    "name": "deployment name: resource group NAME-rg, URL NAME.REGION.cloudapp.azure.com "
-            "(default: qwen-box-XXXXXX, fixed for this user and machine)",
-    "region": "Azure region (default eastus)",
-    "size": "VM size (default Standard_B2s: 2 vCPU, 4 GiB)",
-    "allow-from": "who may reach the chat port: IP or CIDR, comma-separated (default: your public IP)",
-    "public": "open the chat port to the whole Internet (say so on purpose); Let's Encrypt certificate",
-    "ssh": "open SSH (key only) from the --allow-from source or your IP (default: closed)",
-    "port": "the chat's public port (default 443 with HTTPS, 80 with --no-tls)",
-    "tls": "HTTPS through Caddy on the VM (default); --no-tls serves plain HTTP on --port",
-    "trusted-cert": "private deployment with a Let's Encrypt certificate: opens port 80 (challenge and "
-                    "redirect only, no chat) to the whole Internet (default: the VM's own authority)",
-    "model": "Hugging Face hub id of the model (default: the image's own); refused if it cannot fit --size",
-    "precision": "int8, int4, bfloat16 or float32 (default: the service's, int8); refused if it does not fit",
-    "token": "access token (default: generated once and kept on this machine; or QWEN_BOX_ACCESS_TOKEN)",
-    "disk-gb": "OS disk size in GiB (default 64)",
-    "env": "service setting KEY=VALUE for the container, repeatable; KEY alone: value from your environment",
-    "registry-user": "log in to the image's registry as this user; password or token from "
-                     "QWEN_BOX_REGISTRY_PASSWORD",
-    "subscription": "subscription id (default: AZURE_SUBSCRIPTION_ID, else the Azure CLI's default)",
-    "timeout": "seconds to wait for the service to become healthy (default 1800)",
-    "dry-run": "print the plan (resources, exposure, monthly cost) and change nothing",
-})
-def deploy_azure(c: Context, image: str = "", name: str = "", region: str = "eastus",
-                 size: str = "Standard_B2s", allow_from: str = "", public: bool = False, ssh: bool = False,
-                 port: int = 0, disk_gb: int = 64, env: list | None = None, registry_user: str = "",
-                 subscription: str = "", timeout: float = 1800.0, dry_run: bool = False, tls: bool = True,
-                 trusted_cert: bool = False, model: str = "", precision: str = "", token: str = "") -> None:
+@task(
+    name="deploy-azure",
+    auto_shortflags=False,
+    iterable=["env"],
+    help={
+        "image": "the image to run: REGISTRY/NAME:TAG (required; push it first with invoke push)",
+        "name": "deployment name: resource group NAME-rg, URL NAME.REGION.cloudapp.azure.com "
+        "(default: qwen-box-XXXXXX, fixed for this user and machine)",
+        "region": "Azure region (default eastus)",
+        "size": "VM size (default Standard_B2s: 2 vCPU, 4 GiB)",
+        "allow-from": "who may reach the chat port: IP or CIDR, comma-separated (default: your public IP)",
+        "public": "open the chat port to the whole Internet (say so on purpose); Let's Encrypt certificate",
+        "ssh": "open SSH (key only) from the --allow-from source or your IP (default: closed)",
+        "port": "the chat's public port (default 443 with HTTPS, 80 with --no-tls)",
+        "tls": "HTTPS through Caddy on the VM (default); --no-tls serves plain HTTP on --port",
+        "trusted-cert": "private deployment with a Let's Encrypt certificate: opens port 80 (challenge and "
+        "redirect only, no chat) to the whole Internet (default: the VM's own authority)",
+        "model": "Hugging Face hub id of the model (default: the image's own); "
+        "refused if it cannot fit --size",
+        "precision": "int8, int4, bfloat16 or float32 (default: the service's, int8); "
+        "refused if it does not fit",
+        "token": "access token (default: generated once and kept on this machine; or QWEN_BOX_ACCESS_TOKEN)",
+        "disk-gb": "OS disk size in GiB (default 64)",
+        "env": "service setting KEY=VALUE for the container, repeatable; "
+        "KEY alone: value from your environment",
+        "registry-user": "log in to the image's registry as this user; password or token from "
+        "QWEN_BOX_REGISTRY_PASSWORD",
+        "subscription": "subscription id (default: AZURE_SUBSCRIPTION_ID, else the Azure CLI's default)",
+        "timeout": "seconds to wait for the service to become healthy (default 1800)",
+        "dry-run": "print the plan (resources, exposure, monthly cost) and change nothing",
+    },
+)
+def deploy_azure(
+    c: Context,
+    image: str = "",
+    name: str = "",
+    region: str = "eastus",
+    size: str = "Standard_B2s",
+    allow_from: str = "",
+    public: bool = False,
+    ssh: bool = False,
+    port: int = 0,
+    disk_gb: int = 64,
+    env: list | None = None,
+    registry_user: str = "",
+    subscription: str = "",
+    timeout: float = 1800.0,
+    dry_run: bool = False,
+    tls: bool = True,
+    trusted_cert: bool = False,
+    model: str = "",
+    precision: str = "",
+    token: str = "",
+) -> None:
     """Deploy the image to an Azure VM over HTTPS, wait until the chat answers, print its URL and access
     token (re-run converges)."""
     from infra import azure_cli
 
-    _azure_exit(azure_cli.deploy(
-        image=image, name=name, region=region, size=size, allow_from=allow_from, public=public, ssh=ssh,
-        port=port, disk_gb=disk_gb, env=env or [], registry_user=registry_user, subscription=subscription,
-        timeout=timeout, dry_run=dry_run, tls=tls, trusted_cert=trusted_cert, model=model,
-        precision=precision, token=token))
+    _azure_exit(
+        azure_cli.deploy(
+            image=image,
+            name=name,
+            region=region,
+            size=size,
+            allow_from=allow_from,
+            public=public,
+            ssh=ssh,
+            port=port,
+            disk_gb=disk_gb,
+            env=env or [],
+            registry_user=registry_user,
+            subscription=subscription,
+            timeout=timeout,
+            dry_run=dry_run,
+            tls=tls,
+            trusted_cert=trusted_cert,
+            model=model,
+            precision=precision,
+            token=token,
+        )
+    )
 
 
-@task(name="status-azure", auto_shortflags=False,
-      help={"name": "deployment name (default: this machine's, or the only one)",
-            "subscription": "subscription id (default as for deploy-azure)"})
+@task(
+    name="status-azure",
+    auto_shortflags=False,
+    help={
+        "name": "deployment name (default: this machine's, or the only one)",
+        "subscription": "subscription id (default as for deploy-azure)",
+    },
+)
 def status_azure(c: Context, name: str = "", subscription: str = "") -> None:
     """Show a deployment's power state, URL, exposure and health."""
     from infra import azure_cli
@@ -214,10 +334,15 @@ def status_azure(c: Context, name: str = "", subscription: str = "") -> None:
     _azure_exit(azure_cli.status(name=name, subscription=subscription))
 
 
-@task(name="logs-azure", auto_shortflags=False,
-      help={"name": "deployment name (default: this machine's, or the only one)",
-            "lines": "how many of the last lines (default 100; Azure keeps 4 KiB at most)",
-            "subscription": "subscription id (default as for deploy-azure)"})
+@task(
+    name="logs-azure",
+    auto_shortflags=False,
+    help={
+        "name": "deployment name (default: this machine's, or the only one)",
+        "lines": "how many of the last lines (default 100; Azure keeps 4 KiB at most)",
+        "subscription": "subscription id (default as for deploy-azure)",
+    },
+)
 def logs_azure(c: Context, name: str = "", lines: int = 100, subscription: str = "") -> None:
     """Show the container's log on the VM (through run-command, no SSH needed)."""
     from infra import azure_cli
@@ -225,10 +350,15 @@ def logs_azure(c: Context, name: str = "", lines: int = 100, subscription: str =
     _azure_exit(azure_cli.logs(name=name, lines=lines, subscription=subscription))
 
 
-@task(name="destroy-azure", auto_shortflags=False,
-      help={"name": "deployment name (default: this machine's, or the only one)",
-            "yes": "do not ask for confirmation",
-            "subscription": "subscription id (default as for deploy-azure)"})
+@task(
+    name="destroy-azure",
+    auto_shortflags=False,
+    help={
+        "name": "deployment name (default: this machine's, or the only one)",
+        "yes": "do not ask for confirmation",
+        "subscription": "subscription id (default as for deploy-azure)",
+    },
+)
 def destroy_azure(c: Context, name: str = "", yes: bool = False, subscription: str = "") -> None:
     """Delete the deployment's resource group and everything in it; wait until it is gone."""
     from infra import azure_cli

@@ -62,10 +62,18 @@ def _quiet(_: str) -> None:
 
 # -- request bodies --------------------------------------------------------------------------------
 
+
 def _rule(name: str, priority: int, port: int, sources: tuple[str, ...], description: str) -> dict:
-    props = {"priority": priority, "direction": "Inbound", "access": "Allow", "protocol": "Tcp",
-             "sourcePortRange": "*", "destinationAddressPrefix": "*", "destinationPortRange": str(port),
-             "description": description}
+    props = {
+        "priority": priority,
+        "direction": "Inbound",
+        "access": "Allow",
+        "protocol": "Tcp",
+        "sourcePortRange": "*",
+        "destinationAddressPrefix": "*",
+        "destinationPortRange": str(port),
+        "description": description,
+    }
     if len(sources) == 1:
         props["sourceAddressPrefix"] = sources[0]
     else:
@@ -81,9 +89,16 @@ def nsg_body(d: Deployment) -> dict:
         raise AzureActionError("no source address to allow: pass --allow-from CIDR or --public")
     public = " - public" if d.public else ""
     if d.tls:
-        rules = [_rule(HTTPS_RULE, 100, d.port, d.http_sources, "qwen-box chat (HTTPS)" + public),
-                 _rule(REDIRECT_RULE, 105, 80, d.redirect_sources,
-                       "qwen-box: HTTP redirect to HTTPS and certificate challenge (no chat)")]
+        rules = [
+            _rule(HTTPS_RULE, 100, d.port, d.http_sources, "qwen-box chat (HTTPS)" + public),
+            _rule(
+                REDIRECT_RULE,
+                105,
+                80,
+                d.redirect_sources,
+                "qwen-box: HTTP redirect to HTTPS and certificate challenge (no chat)",
+            ),
+        ]
     else:
         rules = [_rule(HTTP_RULE, 100, d.port, d.http_sources, "qwen-box chat (HTTP)" + public)]
     if d.ssh:
@@ -95,30 +110,58 @@ def nsg_body(d: Deployment) -> dict:
 
 
 def vnet_body(d: Deployment) -> dict:
-    return {"location": d.region, "tags": d.tags, "properties": {
-        "addressSpace": {"addressPrefixes": [VNET_PREFIX]},
-        "subnets": [{"name": d.subnet, "properties": {"addressPrefix": SUBNET_PREFIX}}]}}
+    return {
+        "location": d.region,
+        "tags": d.tags,
+        "properties": {
+            "addressSpace": {"addressPrefixes": [VNET_PREFIX]},
+            "subnets": [{"name": d.subnet, "properties": {"addressPrefix": SUBNET_PREFIX}}],
+        },
+    }
 
 
 def public_ip_body(d: Deployment) -> dict:
     """Standard SKU, static, with the DNS label that makes the stable NAME.REGION.cloudapp.azure.com."""
-    return {"location": d.region, "tags": d.tags, "sku": {"name": "Standard", "tier": "Regional"},
-            "properties": {"publicIPAllocationMethod": "Static", "publicIPAddressVersion": "IPv4",
-                           "idleTimeoutInMinutes": 30, "dnsSettings": {"domainNameLabel": d.name}}}
+    return {
+        "location": d.region,
+        "tags": d.tags,
+        "sku": {"name": "Standard", "tier": "Regional"},
+        "properties": {
+            "publicIPAllocationMethod": "Static",
+            "publicIPAddressVersion": "IPv4",
+            "idleTimeoutInMinutes": 30,
+            "dnsSettings": {"domainNameLabel": d.name},
+        },
+    }
 
 
 def nic_body(d: Deployment, subnet_id: str, ip_id: str, nsg_id: str) -> dict:
-    return {"location": d.region, "tags": d.tags, "properties": {
-        "networkSecurityGroup": {"id": nsg_id},
-        "ipConfigurations": [{"name": "ipconfig1", "properties": {
-            "privateIPAllocationMethod": "Dynamic", "subnet": {"id": subnet_id},
-            "publicIPAddress": {"id": ip_id}}}]}}
+    return {
+        "location": d.region,
+        "tags": d.tags,
+        "properties": {
+            "networkSecurityGroup": {"id": nsg_id},
+            "ipConfigurations": [
+                {
+                    "name": "ipconfig1",
+                    "properties": {
+                        "privateIPAllocationMethod": "Dynamic",
+                        "subnet": {"id": subnet_id},
+                        "publicIPAddress": {"id": ip_id},
+                    },
+                }
+            ],
+        },
+    }
 
 
 def vm_tags(d: Deployment) -> dict[str, str]:
     """The deployment's tags plus fingerprints of what the container runs (see cloudinit.config_digest)."""
-    tags = {**d.tags, TLS_TAG: d.cert or "off",
-            CONFIG_TAG: cloudinit.config_digest(d.image, d.port, d.env, caddyfile=d.caddyfile, model=d.model)}
+    tags = {
+        **d.tags,
+        TLS_TAG: d.cert or "off",
+        CONFIG_TAG: cloudinit.config_digest(d.image, d.port, d.env, caddyfile=d.caddyfile, model=d.model),
+    }
     secrets = cloudinit.secrets_digest(d.name, d.env)
     if secrets:
         tags[SECRETS_TAG] = secrets
@@ -127,25 +170,48 @@ def vm_tags(d: Deployment) -> dict[str, str]:
 
 def vm_body(d: Deployment, nic_id: str, ssh_key: str, custom_data_b64: str) -> dict:
     """Ubuntu 24.04 Gen2, SSH key only (no password login), boot diagnostics, disk/NIC deleted with it."""
-    return {"location": d.region, "tags": vm_tags(d), "properties": {
-        "hardwareProfile": {"vmSize": d.size},
-        "storageProfile": {
-            "imageReference": dict(UBUNTU_2404),
-            "osDisk": {"name": d.os_disk, "createOption": "FromImage", "diskSizeGB": d.disk_gb,
-                       "caching": "ReadWrite", "deleteOption": "Delete",
-                       "managedDisk": {"storageAccountType": "StandardSSD_LRS"}}},
-        "osProfile": {
-            "computerName": d.name, "adminUsername": ADMIN_USER, "customData": custom_data_b64,
-            "linuxConfiguration": {
-                "disablePasswordAuthentication": True, "provisionVMAgent": True,
-                "ssh": {"publicKeys": [{"path": f"/home/{ADMIN_USER}/.ssh/authorized_keys",
-                                        "keyData": ssh_key}]}}},
-        "networkProfile": {"networkInterfaces": [{"id": nic_id, "properties": {"primary": True,
-                                                                               "deleteOption": "Delete"}}]},
-        "diagnosticsProfile": {"bootDiagnostics": {"enabled": True}}}}
+    return {
+        "location": d.region,
+        "tags": vm_tags(d),
+        "properties": {
+            "hardwareProfile": {"vmSize": d.size},
+            "storageProfile": {
+                "imageReference": dict(UBUNTU_2404),
+                "osDisk": {
+                    "name": d.os_disk,
+                    "createOption": "FromImage",
+                    "diskSizeGB": d.disk_gb,
+                    "caching": "ReadWrite",
+                    "deleteOption": "Delete",
+                    "managedDisk": {"storageAccountType": "StandardSSD_LRS"},
+                },
+            },
+            "osProfile": {
+                "computerName": d.name,
+                "adminUsername": ADMIN_USER,
+                "customData": custom_data_b64,
+                "linuxConfiguration": {
+                    "disablePasswordAuthentication": True,
+                    "provisionVMAgent": True,
+                    "ssh": {
+                        "publicKeys": [
+                            {"path": f"/home/{ADMIN_USER}/.ssh/authorized_keys", "keyData": ssh_key}
+                        ]
+                    },
+                },
+            },
+            "networkProfile": {
+                "networkInterfaces": [
+                    {"id": nic_id, "properties": {"primary": True, "deleteOption": "Delete"}}
+                ]
+            },
+            "diagnosticsProfile": {"bootDiagnostics": {"enabled": True}},
+        },
+    }
 
 
 # -- deploy ----------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class DeployResult:
@@ -160,8 +226,16 @@ class DeployResult:
 
 def _failing(d: Deployment, clients: AzureClients) -> Callable[[HttpResponseError], AzureActionError]:
     def wrap(exc: HttpResponseError) -> AzureActionError:
-        return AzureActionError(explain(exc, region=d.region, size=d.size, name=d.name,
-                                        available_sizes=lambda: available_sizes(clients, d.region)))
+        return AzureActionError(
+            explain(
+                exc,
+                region=d.region,
+                size=d.size,
+                name=d.name,
+                available_sizes=lambda: available_sizes(clients, d.region),
+            )
+        )
+
     return wrap
 
 
@@ -172,14 +246,16 @@ def available_sizes(clients: AzureClients, region: str) -> list[str]:
     usable = set()
     for sku in clients.compute.resource_skus.list(filter=f"location eq '{region}'"):
         if sku.resource_type == "virtualMachines" and not any(
-                r.type == "Location" for r in (sku.restrictions or [])):
+            r.type == "Location" for r in (sku.restrictions or [])
+        ):
             usable.add(sku.name)
     preferred = [s for s in SUGGESTED_SIZES if s in usable]
     return preferred + sorted(usable - set(preferred))
 
 
-def deploy(clients: AzureClients, d: Deployment, cloud_init_text: str, ssh_key: str,
-           progress: Progress = _quiet) -> DeployResult:
+def deploy(
+    clients: AzureClients, d: Deployment, cloud_init_text: str, ssh_key: str, progress: Progress = _quiet
+) -> DeployResult:
     """Create or converge every resource of `d`; safe to re-run (same names, PUT semantics).
 
     The VM is created once with the rendered cloud-init; custom_data is immutable afterwards, so a
@@ -205,12 +281,15 @@ def deploy(clients: AzureClients, d: Deployment, cloud_init_text: str, ssh_key: 
         pip = net.public_ip_addresses.begin_create_or_update(d.group, d.public_ip, public_ip_body(d)).result()
         fqdn = pip.dns_settings.fqdn if pip.dns_settings and pip.dns_settings.fqdn else d.fqdn
         if d.tls and fqdn.lower() != d.fqdn.lower():
-            raise AzureActionError(f"the public IP's DNS name is {fqdn}, not {d.fqdn} as the certificate "
-                                   "would say; deploy with --no-tls on this cloud")
+            raise AzureActionError(
+                f"the public IP's DNS name is {fqdn}, not {d.fqdn} as the certificate "
+                "would say; deploy with --no-tls on this cloud"
+            )
         subnet_id = next(s.id for s in vnet.subnets if s.name == d.subnet)
         progress(f"network interface {d.nic}")
         nic = net.network_interfaces.begin_create_or_update(
-            d.group, d.nic, nic_body(d, subnet_id, pip.id, nsg.id)).result()
+            d.group, d.nic, nic_body(d, subnet_id, pip.id, nsg.id)
+        ).result()
         if existing is None:
             progress(f"virtual machine {d.vm} ({d.size})")
             body = vm_body(d, nic.id, ssh_key, cloudinit.custom_data(cloud_init_text))
@@ -220,8 +299,13 @@ def deploy(clients: AzureClients, d: Deployment, cloud_init_text: str, ssh_key: 
             updated = _converge_vm(clients, d, existing, progress)
     except HttpResponseError as exc:
         raise fail(exc) from exc
-    return DeployResult(url=site_url(fqdn, d.port, d.tls), fqdn=fqdn, ip=pip.ip_address or "",
-                        vm_created=existing is None, container_updated=updated)
+    return DeployResult(
+        url=site_url(fqdn, d.port, d.tls),
+        fqdn=fqdn,
+        ip=pip.ip_address or "",
+        vm_created=existing is None,
+        container_updated=updated,
+    )
 
 
 def vm_exists(clients: AzureClients, names: Names) -> bool:
@@ -245,13 +329,15 @@ def _refuse_fixed_changes(d: Deployment, old_tags: dict[str, str]) -> None:
         raise AzureActionError(
             f"{d.vm} was created with {then}; it cannot switch to {now} in place. Re-run "
             f"{'with' if not was_tls else 'without'} --no-tls, or `invoke destroy-azure --name {d.name}` and "
-            "deploy again.")
+            "deploy again."
+        )
     secrets = cloudinit.secrets_digest(d.name, d.env)
     if secrets and secrets != old_tags.get(SECRETS_TAG):
         raise AzureActionError(
             f"{', '.join(sorted(cloudinit.SECRET_SETTINGS))} can only be set when the VM is created (it "
             f"travels only in custom_data). Keep the old value, or `invoke destroy-azure --name {d.name}` "
-            "and deploy again.")
+            "and deploy again."
+        )
 
 
 def _converge_vm(clients: AzureClients, d: Deployment, existing, progress: Progress) -> bool:
@@ -276,18 +362,26 @@ def _converge_vm(clients: AzureClients, d: Deployment, existing, progress: Progr
         compute.virtual_machines.begin_start(d.group, d.vm).result()
     if new_config:
         progress("updating the container (new image or settings) via run-command")
-        out, err = run_command(clients, d, cloudinit.update_script(d.image, d.port, d.env,
-                                                                   caddyfile=d.caddyfile, model=d.model))
+        out, err = run_command(
+            clients, d, cloudinit.update_script(d.image, d.port, d.env, caddyfile=d.caddyfile, model=d.model)
+        )
         if cloudinit.UPDATE_DONE not in out:
             detail = "\n".join((err or out).strip().splitlines()[-8:]) or "(no output)"
             raise AzureActionError(
                 f"updating the container on {d.vm} failed; it keeps running what it ran before:\n{detail}\n"
-                "Fix the cause (the image name, the registry login) and re-run deploy-azure.")
+                "Fix the cause (the image name, the registry login) and re-run deploy-azure."
+            )
     if changed_size or old_tags != tags:
-        body = {"location": d.region, "tags": tags,
-                "properties": {k: v for k, v in props.items()
-                               if k in ("hardwareProfile", "storageProfile", "osProfile", "networkProfile",
-                                        "diagnosticsProfile")}}
+        body = {
+            "location": d.region,
+            "tags": tags,
+            "properties": {
+                k: v
+                for k, v in props.items()
+                if k
+                in ("hardwareProfile", "storageProfile", "osProfile", "networkProfile", "diagnosticsProfile")
+            },
+        }
         body["properties"]["hardwareProfile"] = {"vmSize": d.size}
         progress(f"virtual machine {d.vm} (converging)")
         compute.virtual_machines.begin_create_or_update(d.group, d.vm, body).result()
@@ -297,6 +391,7 @@ def _converge_vm(clients: AzureClients, d: Deployment, existing, progress: Progr
 
 
 # -- health ----------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Health:
@@ -311,15 +406,22 @@ class Health:
         return f"{text}: {self.detail}" if self.detail and self.phase not in ("ok",) else text
 
 
-def _get_health_https(host: str, port: int, server_name: str, verify: bool | str,
-                      timeout: float) -> tuple[int, bytes]:
+def _get_health_https(
+    host: str, port: int, server_name: str, verify: bool | str, timeout: float
+) -> tuple[int, bytes]:
     """GET /api/health over HTTPS from `host` (the VM's IP) as if from `server_name` (its DNS name): SNI,
     Host and the certificate check all use the name, while the connection goes to the address."""
     ca = verify if isinstance(verify, str) else os.environ.get("REQUESTS_CA_BUNDLE", DEFAULT_CA_BUNDLE_PATH)
     pool = urllib3.HTTPSConnectionPool(
-        host, port, timeout=urllib3.Timeout(timeout), retries=False, server_hostname=server_name,
-        cert_reqs="CERT_REQUIRED" if verify else "CERT_NONE", ca_certs=ca if verify else None,
-        assert_hostname=server_name if verify else False)
+        host,
+        port,
+        timeout=urllib3.Timeout(timeout),
+        retries=False,
+        server_hostname=server_name,
+        cert_reqs="CERT_REQUIRED" if verify else "CERT_NONE",
+        ca_certs=ca if verify else None,
+        assert_hostname=server_name if verify else False,
+    )
     with pool, warnings.catch_warnings():
         warnings.simplefilter("ignore", urllib3.exceptions.InsecureRequestWarning)
         netloc = server_name if port == 443 else f"{server_name}:{port}"
@@ -327,8 +429,15 @@ def _get_health_https(host: str, port: int, server_name: str, verify: bool | str
         return response.status, response.data
 
 
-def probe(host: str, port: int, timeout: float = 5.0, *, tls: bool = False, server_name: str = "",
-          verify: bool | str = True) -> Health:
+def probe(
+    host: str,
+    port: int,
+    timeout: float = 5.0,
+    *,
+    tls: bool = False,
+    server_name: str = "",
+    verify: bool | str = True,
+) -> Health:
     """One look at http(s)://HOST:PORT/api/health.
 
     Before the container runs, cloud-init's status page answers there with the provisioning phase; then
@@ -356,10 +465,18 @@ def probe(host: str, port: int, timeout: float = 5.0, *, tls: bool = False, serv
     return Health("booting", f"HTTP {status_code}")
 
 
-def wait_healthy(host: str, port: int, *, timeout: float, interval: float = 5.0,
-                 on_phase: Callable[[Health], None] = lambda h: None,
-                 probe_timeout: float = 5.0, tls: bool = False, server_name: str = "",
-                 verify: bool | str = True) -> Health:
+def wait_healthy(
+    host: str,
+    port: int,
+    *,
+    timeout: float,
+    interval: float = 5.0,
+    on_phase: Callable[[Health], None] = lambda h: None,
+    probe_timeout: float = 5.0,
+    tls: bool = False,
+    server_name: str = "",
+    verify: bool | str = True,
+) -> Health:
     """Poll the health endpoint until ok or error, or until `timeout` seconds; report each new phase.
 
     Checks come quickly at first, then every `interval` seconds. Polls the VM's IP rather than its DNS
@@ -375,13 +492,17 @@ def wait_healthy(host: str, port: int, *, timeout: float, interval: float = 5.0,
             on_phase(health)
         return health
 
-    retrying = Retrying(stop=stop_after_delay(timeout), wait=wait_exponential(multiplier=0.1, max=interval),
-                        retry=retry_if_result(lambda h: h.phase not in FINAL_PHASES),
-                        retry_error_callback=lambda state: state.outcome.result())
+    retrying = Retrying(
+        stop=stop_after_delay(timeout),
+        wait=wait_exponential(multiplier=0.1, max=interval),
+        retry=retry_if_result(lambda h: h.phase not in FINAL_PHASES),
+        retry_error_callback=lambda state: state.outcome.result(),
+    )
     return retrying(look)
 
 
 # -- run-command, diagnostics, logs, status, destroy ------------------------------------------------
+
 
 def run_command(clients: AzureClients, names: Names, script: str) -> tuple[str, str]:
     """Run a shell script as root on the VM through the VM agent; returns (stdout, stderr).
@@ -389,7 +510,8 @@ def run_command(clients: AzureClients, names: Names, script: str) -> tuple[str, 
     Azure keeps only the last 4 KiB of each stream, so callers ask for tails, not whole logs.
     """
     result = clients.compute.virtual_machines.begin_run_command(
-        names.group, names.vm, {"commandId": "RunShellScript", "script": script.splitlines()}).result()
+        names.group, names.vm, {"commandId": "RunShellScript", "script": script.splitlines()}
+    ).result()
     message = "\n".join(v.message or "" for v in (result.value or []))
     stdout, _, stderr = message.partition("[stderr]")
     stdout = stdout.split("[stdout]", 1)[-1]
@@ -458,9 +580,11 @@ def fetch_ca_root(clients: AzureClients, names: Names) -> str:
         raise AzureActionError(explain(exc, name=names.name)) from exc
     start, end = out.find(PEM_BEGIN), out.find(PEM_END)
     if start < 0 or end < start:
-        raise AzureActionError(f"no root certificate at {CADDY_ROOT_CA} on {names.vm}: "
-                               f"{(err or out).strip()[-300:] or '(no output)'}")
-    return out[start:end + len(PEM_END)] + "\n"
+        raise AzureActionError(
+            f"no root certificate at {CADDY_ROOT_CA} on {names.vm}: "
+            f"{(err or out).strip()[-300:] or '(no output)'}"
+        )
+    return out[start : end + len(PEM_END)] + "\n"
 
 
 def container_logs(clients: AzureClients, names: Names, lines: int = 100) -> str:
@@ -468,8 +592,10 @@ def container_logs(clients: AzureClients, names: Names, lines: int = 100) -> str
     try:
         power = power_state(clients, names)
         if power != "running":
-            raise AzureActionError(f"{names.vm} is {power}, so it cannot run commands: start it (re-run "
-                                   "deploy-azure, which starts a stopped VM) and try again")
+            raise AzureActionError(
+                f"{names.vm} is {power}, so it cannot run commands: start it (re-run "
+                "deploy-azure, which starts a stopped VM) and try again"
+            )
         script = f"docker logs --tail {int(lines)} --timestamps {CONTAINER} 2>&1"
         out, err = run_command(clients, names, script)
     except ResourceNotFoundError as exc:
@@ -509,8 +635,9 @@ def list_deployments(clients: AzureClients) -> list[tuple[str, str]]:
     return sorted((g.tags["deployment"], g.location) for g in groups if (g.tags or {}).get("deployment"))
 
 
-def status(clients: AzureClients, names: Names, probe_health: bool = True,
-           ca_file: str = "") -> Status | None:
+def status(
+    clients: AzureClients, names: Names, probe_health: bool = True, ca_file: str = ""
+) -> Status | None:
     """Power state, address, exposure and health of a deployment; None if it does not exist.
 
     `ca_file` is the root of the VM's own certificate authority (for a private deployment), when saved.

@@ -38,38 +38,61 @@ def _message(exc: HttpResponseError) -> str:
     return (msg or exc.message or str(exc)).strip().splitlines()[0]
 
 
-def explain(exc: BaseException, *, region: str = "", size: str = "", name: str = "",
-            available_sizes: Callable[[], list[str]] | None = None) -> str:
+def explain(
+    exc: BaseException,
+    *,
+    region: str = "",
+    size: str = "",
+    name: str = "",
+    available_sizes: Callable[[], list[str]] | None = None,
+) -> str:
     """A one-paragraph explanation of `exc` with the next step to take."""
     if isinstance(exc, ClientAuthenticationError):
-        return ("Azure sign-in failed: " + str(exc).strip().splitlines()[0] + "\n" + NO_CREDENTIALS +
-                ". For a service principal set AZURE_TENANT_ID, AZURE_CLIENT_ID and AZURE_CLIENT_SECRET.")
+        return (
+            "Azure sign-in failed: "
+            + str(exc).strip().splitlines()[0]
+            + "\n"
+            + NO_CREDENTIALS
+            + ". For a service principal set AZURE_TENANT_ID, AZURE_CLIENT_ID and AZURE_CLIENT_SECRET."
+        )
     if isinstance(exc, ServiceRequestError | ServiceResponseError) and not isinstance(exc, HttpResponseError):
-        return (f"could not reach Azure Resource Manager ({exc.__class__.__name__}: {exc}). Check the "
-                "network (and AZURE_ARM_ENDPOINT if you set it), then re-run: deploy-azure picks up where "
-                "it stopped.")
+        return (
+            f"could not reach Azure Resource Manager ({exc.__class__.__name__}: {exc}). Check the "
+            "network (and AZURE_ARM_ENDPOINT if you set it), then re-run: deploy-azure picks up where "
+            "it stopped."
+        )
     if not isinstance(exc, HttpResponseError):
         return f"{exc.__class__.__name__}: {exc}"
     code, msg, status = error_code(exc), _message(exc), exc.status_code
     low = (code + " " + msg).lower()
     where = f" in {region}" if region else ""
     if code in ("AuthorizationFailed", "LinkedAuthorizationFailed") or status == 403:
-        return (f"not allowed: {msg}\nYour Azure identity needs the Contributor role (or Owner) on the "
-                "subscription or on the resource group; ask a subscription owner to grant it "
-                "(`az role assignment create --role Contributor ...`), or pick another --subscription.")
-    if code in ("InvalidAuthenticationToken", "ExpiredAuthenticationToken", "AuthenticationFailed") \
-            or status == 401:
+        return (
+            f"not allowed: {msg}\nYour Azure identity needs the Contributor role (or Owner) on the "
+            "subscription or on the resource group; ask a subscription owner to grant it "
+            "(`az role assignment create --role Contributor ...`), or pick another --subscription."
+        )
+    if (
+        code in ("InvalidAuthenticationToken", "ExpiredAuthenticationToken", "AuthenticationFailed")
+        or status == 401
+    ):
         return f"Azure rejected the sign-in token ({code}). Run `az login` again, then re-run."
     if code in ("SubscriptionNotFound", "InvalidSubscriptionId", "SubscriptionNotRegistered"):
-        return (f"subscription problem ({code}): {msg}\nCheck AZURE_SUBSCRIPTION_ID / --subscription "
-                "against `az account list`.")
+        return (
+            f"subscription problem ({code}): {msg}\nCheck AZURE_SUBSCRIPTION_ID / --subscription "
+            "against `az account list`."
+        )
     if code == "MissingSubscriptionRegistration":
-        return (f"{msg}\nRegister the provider once: `az provider register --namespace Microsoft.Compute` "
-                "(and Microsoft.Network), then re-run.")
+        return (
+            f"{msg}\nRegister the provider once: `az provider register --namespace Microsoft.Compute` "
+            "(and Microsoft.Network), then re-run."
+        )
     if "quota" in low or code in ("QuotaExceeded", "OperationNotAllowed") and "cores" in low:
-        return (f"quota exceeded{where}: {msg}\nAsk for more vCPU quota (Azure portal → Subscriptions → "
-                f"Usage + quotas, family of {size or 'the VM size'}), or use a smaller --size or another "
-                "--region.")
+        return (
+            f"quota exceeded{where}: {msg}\nAsk for more vCPU quota (Azure portal → Subscriptions → "
+            f"Usage + quotas, family of {size or 'the VM size'}), or use a smaller --size or another "
+            "--region."
+        )
     if code == "SkuNotAvailable":
         others = []
         if available_sizes:
@@ -77,31 +100,48 @@ def explain(exc: BaseException, *, region: str = "", size: str = "", name: str =
                 others = [s for s in available_sizes() if s.lower() != size.lower()]
             except HttpResponseError:
                 others = []
-        hint = (f"Sizes available to you{where}: {', '.join(others[:4])} (--size)." if others else
-                f"Try --size {SUGGESTED_SIZES[1]} or another --region (e.g. "
-                f"{', '.join(SUGGESTED_REGIONS[:3])}).")
+        hint = (
+            f"Sizes available to you{where}: {', '.join(others[:4])} (--size)."
+            if others
+            else f"Try --size {SUGGESTED_SIZES[1]} or another --region (e.g. "
+            f"{', '.join(SUGGESTED_REGIONS[:3])})."
+        )
         return f"VM size {size or '(requested)'} is not available{where} for this subscription.\n{hint}"
     if code in ("AllocationFailed", "ZonalAllocationFailed", "OverconstrainedAllocationRequest"):
-        return (f"Azure has no capacity for {size or 'this size'}{where} right now ({code}).\nRe-run later, "
-                "or choose another --size or --region.")
+        return (
+            f"Azure has no capacity for {size or 'this size'}{where} right now ({code}).\nRe-run later, "
+            "or choose another --size or --region."
+        )
     if code == "DnsRecordInUse" or ("dns" in low and "in use" in low):
-        return (f"the address {name}.{region}.cloudapp.azure.com is already taken by someone else's "
-                "deployment: choose another --name.")
+        return (
+            f"the address {name}.{region}.cloudapp.azure.com is already taken by someone else's "
+            "deployment: choose another --name."
+        )
     if code == "ResourceGroupBeingDeleted":
         return f"deployment {name} is still being deleted; wait for that (a few minutes), then re-run."
     if code == "InvalidResourceGroupLocation":
-        return (f"deployment {name} already exists in another region: {msg}\nUse that --region, another "
-                "--name, or `invoke destroy-azure` first.")
+        return (
+            f"deployment {name} already exists in another region: {msg}\nUse that --region, another "
+            "--name, or `invoke destroy-azure` first."
+        )
     if code == "PropertyChangeNotAllowed":
-        return (f"{msg}\nThat property is fixed once the VM exists: `invoke destroy-azure` and deploy again, "
-                "or keep the old value.")
+        return (
+            f"{msg}\nThat property is fixed once the VM exists: `invoke destroy-azure` and deploy again, "
+            "or keep the old value."
+        )
     if status == 409:
-        return (f"conflict ({code}): {msg}\nAnother operation on the same resources may still be running; "
-                "wait a minute and re-run (deploy-azure converges, it does not duplicate).")
+        return (
+            f"conflict ({code}): {msg}\nAnother operation on the same resources may still be running; "
+            "wait a minute and re-run (deploy-azure converges, it does not duplicate)."
+        )
     if status == 429:
-        return ("Azure is throttling this subscription (429) even after waiting as told by Retry-After; "
-                "wait a few minutes and re-run.")
+        return (
+            "Azure is throttling this subscription (429) even after waiting as told by Retry-After; "
+            "wait a few minutes and re-run."
+        )
     if status and status >= 500:
-        return (f"Azure had an internal error ({status} {code}) that persisted through retries: {msg}\n"
-                "Re-run in a few minutes; deploy-azure converges, so nothing is duplicated.")
+        return (
+            f"Azure had an internal error ({status} {code}) that persisted through retries: {msg}\n"
+            "Re-run in a few minutes; deploy-azure converges, so nothing is duplicated."
+        )
     return f"Azure refused the request ({status} {code}): {msg}"

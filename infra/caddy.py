@@ -36,12 +36,22 @@ def _proxy(upstream: str) -> str:
     after its first chunk, once the app answers before the proxy has seen the end of the body (about 1
     stream in 30 to 100 on loopback; tests/test_proxy.py repeats streams to catch it).
     """
-    return (f"\trequest_body {{\n\t\tmax_size {MAX_BODY}\n\t}}\n"
-            f"\treverse_proxy {upstream} {{\n\t\tflush_interval -1\n\t\tbuffer_requests\n\t}}")
+    return (
+        f"\trequest_body {{\n\t\tmax_size {MAX_BODY}\n\t}}\n"
+        f"\treverse_proxy {upstream} {{\n\t\tflush_interval -1\n\t\tbuffer_requests\n\t}}"
+    )
 
 
-def caddyfile(site: str, cert: str, *, upstream: str = UPSTREAM, http_port: int = 80, https_port: int = 443,
-              storage: str = "", bind: str = "") -> str:
+def caddyfile(
+    site: str,
+    cert: str,
+    *,
+    upstream: str = UPSTREAM,
+    http_port: int = 80,
+    https_port: int = 443,
+    storage: str = "",
+    bind: str = "",
+) -> str:
     """The Caddyfile serving `site` over HTTPS on `https_port`, redirecting `http_port` to it.
 
     `storage` (a folder for certificates and keys) and `bind` (an address to listen on) are for tests;
@@ -70,15 +80,19 @@ def caddyfile(site: str, cert: str, *, upstream: str = UPSTREAM, http_port: int 
         site_lines.append("\ttls {\n\t\tissuer acme {\n\t\t\tdisable_tlsalpn_challenge\n\t\t}\n\t}")
     site_lines.append(_proxy(upstream))
     target = site if https_port == 443 else f"{site}:{int(https_port)}"
-    return ("# qwen-box: HTTPS for the chat service on loopback; written by invoke deploy-azure.\n"
-            "{\n" + "\n".join(options) + "\n}\n\n"
-            f"{site} {{\n" + "\n".join(site_lines) + "\n}\n\n"
-            "# Plain HTTP only redirects (Caddy answers certificate challenges on it before any route).\n"
-            f"http://{site} {{\n\tredir https://{target}{{uri}} 308\n}}\n")
+    return (
+        "# qwen-box: HTTPS for the chat service on loopback; written by invoke deploy-azure.\n"
+        "{\n" + "\n".join(options) + "\n}\n\n"
+        f"{site} {{\n" + "\n".join(site_lines) + "\n}\n\n"
+        "# Plain HTTP only redirects (Caddy answers certificate challenges on it before any route).\n"
+        f"http://{site} {{\n\tredir https://{target}{{uri}} 308\n}}\n"
+    )
 
 
 def plain_caddyfile(listen_port: int, *, upstream: str = UPSTREAM) -> str:
     """Plain HTTP on one loopback port with the same proxying as `caddyfile`: for testing the proxying
     itself (streaming, forwarded headers) without any certificate."""
-    return ("{\n\tadmin off\n\tauto_https off\n}\n\n"
-            f"http://127.0.0.1:{int(listen_port)} {{\n{_proxy(upstream)}\n}}\n")
+    return (
+        "{\n\tadmin off\n\tauto_https off\n}\n\n"
+        f"http://127.0.0.1:{int(listen_port)} {{\n{_proxy(upstream)}\n}}\n"
+    )

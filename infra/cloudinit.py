@@ -40,7 +40,8 @@ SECRET_SETTINGS = {f.name.upper() for f in dataclasses.fields(Settings) if not f
 _IMAGE = re.compile(
     r"^(?:(?P<registry>(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)(?:\.[a-zA-Z0-9-]+)*(?::[0-9]+)?)/)?"
     r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
-    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[a-f0-9]{64})?$")
+    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[a-f0-9]{64})?$"
+)
 _HOST = re.compile(r"^[a-zA-Z0-9](?:[a-zA-Z0-9.-]*[a-zA-Z0-9])?(?::[0-9]{1,5})?$")
 _PRINTABLE = re.compile(r"^[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,95})/[A-Za-z0-9](?:[A-Za-z0-9._-]{0,95})$")
@@ -61,13 +62,16 @@ class RegistryLogin:
 
     def __post_init__(self) -> None:
         if not _HOST.match(self.server):
-            raise CloudInitError(f"registry server {self.server!r} is not a host name "
-                                 "(e.g. myreg.azurecr.io)")
+            raise CloudInitError(
+                f"registry server {self.server!r} is not a host name (e.g. myreg.azurecr.io)"
+            )
         if not _PRINTABLE.match(self.username):
             raise CloudInitError("registry user name must be printable ASCII without surrounding spaces")
         if not _PRINTABLE.match(self.password):
-            raise CloudInitError("registry password must be printable ASCII without surrounding spaces or "
-                                 "line breaks (its value is not shown here)")
+            raise CloudInitError(
+                "registry password must be printable ASCII without surrounding spaces or "
+                "line breaks (its value is not shown here)"
+            )
 
 
 def validate_image(image: str) -> str:
@@ -86,8 +90,10 @@ def validate_model(model: str) -> str:
     A folder on this machine means nothing on the VM, so only hub ids are accepted here.
     """
     if model and not _HUB_ID.match(model):
-        raise CloudInitError(f"--model {model!r}: give a Hugging Face hub id (ORG/NAME, e.g. "
-                             "Qwen/Qwen2.5-0.5B-Instruct); a folder on this machine does not exist on the VM")
+        raise CloudInitError(
+            f"--model {model!r}: give a Hugging Face hub id (ORG/NAME, e.g. "
+            "Qwen/Qwen2.5-0.5B-Instruct); a folder on this machine does not exist on the VM"
+        )
     return model
 
 
@@ -110,14 +116,18 @@ def validate_env(env: Mapping[str, str]) -> dict[str, str]:
     out = {}
     for key, value in env.items():
         if key in FIXED_SETTINGS:
-            raise CloudInitError(f"{key} is fixed in the container (it listens on 0.0.0.0:{CONTAINER_PORT}); "
-                                 "use --port for the public port")
+            raise CloudInitError(
+                f"{key} is fixed in the container (it listens on 0.0.0.0:{CONTAINER_PORT}); "
+                "use --port for the public port"
+            )
         if key not in ALLOWED_SETTINGS:
-            raise CloudInitError(f"unknown service setting {key!r}; known: "
-                                 f"{', '.join(sorted(ALLOWED_SETTINGS))}")
+            raise CloudInitError(
+                f"unknown service setting {key!r}; known: {', '.join(sorted(ALLOWED_SETTINGS))}"
+            )
         if value != "" and not _PRINTABLE.match(value):
-            raise CloudInitError(f"{key}: value must be one line of printable ASCII without "
-                                 "surrounding spaces")
+            raise CloudInitError(
+                f"{key}: value must be one line of printable ASCII without surrounding spaces"
+            )
         out[key] = value
     return out
 
@@ -150,8 +160,9 @@ def env_file(env: Mapping[str, str]) -> str:
     return "\n".join(lines)
 
 
-def config_digest(image: str, port: int, env: Mapping[str, str], *, caddyfile: str = "",
-                  model: str = "") -> str:
+def config_digest(
+    image: str, port: int, env: Mapping[str, str], *, caddyfile: str = "", model: str = ""
+) -> str:
     """A short fingerprint of what the container runs, secrets left out, kept as a tag on the VM.
 
     The model and proxy config count only when set, so a VM deployed before they existed, re-deployed
@@ -186,20 +197,39 @@ def start_script() -> str:
     return _jinja().from_string(START_SCRIPT.read_text()).render(container_port=CONTAINER_PORT)
 
 
-def render(image: str, port: int, env: Mapping[str, str], registry: RegistryLogin | None = None,
-           template: Path = TEMPLATE, *, caddyfile: str = "", model: str = "") -> str:
+def render(
+    image: str,
+    port: int,
+    env: Mapping[str, str],
+    registry: RegistryLogin | None = None,
+    template: Path = TEMPLATE,
+    *,
+    caddyfile: str = "",
+    model: str = "",
+) -> str:
     """The cloud-config text for a VM: validated inputs in, YAML out (checked against the size limit).
 
     With a `caddyfile` (HTTPS), cloud-init installs Caddy with it and the container is published on
     loopback only; without, the container is published on `port` as is.
     """
-    text = _jinja().from_string(template.read_text()).render(
-        image=validate_image(image), publish=publish_spec(port, bool(caddyfile)), model=validate_model(model),
-        env_file=env_file(validate_env(env)), registry=registry, caddyfile=caddyfile.rstrip("\n"),
-        start_script=start_script().rstrip("\n"), swap_size=SWAP_SIZE)
+    text = (
+        _jinja()
+        .from_string(template.read_text())
+        .render(
+            image=validate_image(image),
+            publish=publish_spec(port, bool(caddyfile)),
+            model=validate_model(model),
+            env_file=env_file(validate_env(env)),
+            registry=registry,
+            caddyfile=caddyfile.rstrip("\n"),
+            start_script=start_script().rstrip("\n"),
+            swap_size=SWAP_SIZE,
+        )
+    )
     if len(text.encode()) > CUSTOM_DATA_LIMIT:
-        raise CloudInitError(f"rendered cloud-init is {len(text.encode())} bytes; Azure allows "
-                             f"{CUSTOM_DATA_LIMIT}")
+        raise CloudInitError(
+            f"rendered cloud-init is {len(text.encode())} bytes; Azure allows {CUSTOM_DATA_LIMIT}"
+        )
     return text
 
 
@@ -211,8 +241,9 @@ def custom_data(text: str) -> str:
 UPDATE_DONE = "qwen-box: update done"
 
 
-def update_script(image: str, port: int, env: Mapping[str, str], *, caddyfile: str = "",
-                  model: str = "") -> str:
+def update_script(
+    image: str, port: int, env: Mapping[str, str], *, caddyfile: str = "", model: str = ""
+) -> str:
     """A shell script that moves a running VM to a new image/settings (for run-command).
 
     custom_data cannot change after the VM is created, so a re-deploy with another image rewrites the
@@ -239,11 +270,11 @@ def update_script(image: str, port: int, env: Mapping[str, str], *, caddyfile: s
         'echo "qwen-box: pulling $image"',
         'docker pull --quiet "$image"',
         'printf \'%s\\n\' "$image" > "$etc/image.new"',
-        f"echo {b64(publish_spec(port, bool(caddyfile)))} | base64 -d > \"$etc/port.new\"",
-        f"echo {b64(validate_model(model) + chr(10))} | base64 -d > \"$etc/model.new\"",
-        f"echo {b64(start_script())} | base64 -d > \"$opt/start-container.sh.new\"",
+        f'echo {b64(publish_spec(port, bool(caddyfile)))} | base64 -d > "$etc/port.new"',
+        f'echo {b64(validate_model(model) + chr(10))} | base64 -d > "$etc/model.new"',
+        f'echo {b64(start_script())} | base64 -d > "$opt/start-container.sh.new"',
         f"{{ echo {b64(env_file(public) + chr(10))} | base64 -d; "
-        f"grep -E '^({keep})=' \"$etc/service.env\" || true; }} > \"$etc/service.env.new\"",
+        f'grep -E \'^({keep})=\' "$etc/service.env" || true; }} > "$etc/service.env.new"',
         'chmod 644 "$etc/image.new" "$etc/port.new" "$etc/model.new"',
         'chmod 755 "$opt/start-container.sh.new"',
         'for f in image port model service.env; do mv "$etc/$f.new" "$etc/$f"; done',
@@ -251,13 +282,13 @@ def update_script(image: str, port: int, env: Mapping[str, str], *, caddyfile: s
     ]
     if caddyfile:
         lines += [
-            'caddy_conf=${QWEN_BOX_CADDYFILE:-/etc/caddy/Caddyfile}',
-            f"echo {b64(caddyfile)} | base64 -d > \"$etc/Caddyfile\"",
+            "caddy_conf=${QWEN_BOX_CADDYFILE:-/etc/caddy/Caddyfile}",
+            f'echo {b64(caddyfile)} | base64 -d > "$etc/Caddyfile"',
             'chmod 644 "$etc/Caddyfile"',
             'if ! cmp -s "$etc/Caddyfile" "$caddy_conf"; then',
             '  install -m 0644 "$etc/Caddyfile" "$caddy_conf"',
-            '  systemctl restart caddy',
-            'fi',
+            "  systemctl restart caddy",
+            "fi",
         ]
     lines += ['"$opt/start-container.sh"', f'echo "{UPDATE_DONE}"']
     return "\n".join(lines) + "\n"

@@ -27,8 +27,10 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 PUBLIC_ARM = "https://management.azure.com"
 PUBLIC_AUTHORITY = "https://login.microsoftonline.com"
 PUBLIC_IP_SERVICE = "https://api.ipify.org"
-NO_CREDENTIALS = ("no Azure subscription found: run `az login` (and `az account set --subscription ID`), "
-                  "or set AZURE_SUBSCRIPTION_ID (or pass --subscription)")
+NO_CREDENTIALS = (
+    "no Azure subscription found: run `az login` (and `az account set --subscription ID`), "
+    "or set AZURE_SUBSCRIPTION_ID (or pass --subscription)"
+)
 
 
 class CredentialsError(RuntimeError):
@@ -49,8 +51,10 @@ class Cloud:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Cloud:
         env = os.environ if environ is None else environ
-        return cls(arm_endpoint=(env.get("AZURE_ARM_ENDPOINT") or PUBLIC_ARM).rstrip("/"),
-                   authority_host=(env.get("AZURE_AUTHORITY_HOST") or PUBLIC_AUTHORITY).rstrip("/"))
+        return cls(
+            arm_endpoint=(env.get("AZURE_ARM_ENDPOINT") or PUBLIC_ARM).rstrip("/"),
+            authority_host=(env.get("AZURE_AUTHORITY_HOST") or PUBLIC_AUTHORITY).rstrip("/"),
+        )
 
     @property
     def scope(self) -> str:
@@ -59,8 +63,10 @@ class Cloud:
     @property
     def dns_zone(self) -> str:
         """The zone of public IP DNS labels (NAME.REGION.ZONE), which the HTTPS certificate names."""
-        for marker, zone in (("usgovcloudapi.net", "cloudapp.usgovcloudapi.net"),
-                             ("chinacloudapi.cn", "cloudapp.chinacloudapi.cn")):
+        for marker, zone in (
+            ("usgovcloudapi.net", "cloudapp.usgovcloudapi.net"),
+            ("chinacloudapi.cn", "cloudapp.chinacloudapi.cn"),
+        ):
             if self.arm_endpoint.endswith(marker):
                 return zone
         return "cloudapp.azure.com"
@@ -91,8 +97,9 @@ class AzureClients:
     verify: bool | str = True
 
 
-def resolve_subscription(flag: str = "", environ: Mapping[str, str] | None = None,
-                         profile: Path | None = None) -> str:
+def resolve_subscription(
+    flag: str = "", environ: Mapping[str, str] | None = None, profile: Path | None = None
+) -> str:
     """The subscription id: `--subscription`, else AZURE_SUBSCRIPTION_ID, else the Azure CLI's default.
 
     The CLI profile is read as a file (`~/.azure/azureProfile.json`), so no `az` command runs.
@@ -121,21 +128,34 @@ def default_credential(cloud: Cloud) -> TokenCredential:
     return DefaultAzureCredential(authority=cloud.authority_host)
 
 
-def connect(cloud: Cloud, subscription: str, credential: TokenCredential, *,
-            retry: RetrySettings | None = None, verify: bool | str = True,
-            **client_kwargs: Any) -> AzureClients:
+def connect(
+    cloud: Cloud,
+    subscription: str,
+    credential: TokenCredential,
+    *,
+    retry: RetrySettings | None = None,
+    verify: bool | str = True,
+    **client_kwargs: Any,
+) -> AzureClients:
     """Management clients for `subscription` at the cloud's ARM endpoint, with our retry/polling sizes."""
     r = retry or RetrySettings()
     common: dict[str, Any] = dict(
-        base_url=cloud.arm_endpoint, credential_scopes=[cloud.scope], retry_total=r.total,
-        retry_backoff_factor=r.backoff_factor, retry_backoff_max=r.backoff_max,
-        polling_interval=r.polling_interval, connection_verify=verify, **client_kwargs)
+        base_url=cloud.arm_endpoint,
+        credential_scopes=[cloud.scope],
+        retry_total=r.total,
+        retry_backoff_factor=r.backoff_factor,
+        retry_backoff_max=r.backoff_max,
+        polling_interval=r.polling_interval,
+        connection_verify=verify,
+        **client_kwargs,
+    )
     return AzureClients(
         subscription=subscription,
         resources=ResourceManagementClient(credential, subscription, **common),
         network=NetworkManagementClient(credential, subscription, **common),
         compute=ComputeManagementClient(credential, subscription, **common),
-        verify=verify)
+        verify=verify,
+    )
 
 
 def discover_public_ip(timeout: float = 10.0) -> str:
@@ -148,9 +168,11 @@ def discover_public_ip(timeout: float = 10.0) -> str:
         answer = requests.get(PUBLIC_IP_SERVICE, timeout=timeout).text.strip()
         address = ipaddress.IPv4Address(answer)
     except (requests.RequestException, ValueError):
-        raise CredentialsError("could not find your public IP address (needed to let only you in): pass "
-                               "--allow-from YOUR.IP.ADDRESS/32, or --public to open the port to "
-                               "everyone") from None
+        raise CredentialsError(
+            "could not find your public IP address (needed to let only you in): pass "
+            "--allow-from YOUR.IP.ADDRESS/32, or --public to open the port to "
+            "everyone"
+        ) from None
     return f"{address}/32"
 
 
@@ -173,10 +195,17 @@ def ssh_public_key(ssh_dir: Path | None = None) -> tuple[str, Path, bool]:
     key = ed25519.Ed25519PrivateKey.generate()
     private = folder / GENERATED_KEY
     private.touch(mode=0o600)
-    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                          serialization.NoEncryption()))
-    public_text = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                serialization.PublicFormat.OpenSSH).decode() + " qwen-box"
+    private.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        )
+    )
+    public_text = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        .decode()
+        + " qwen-box"
+    )
     public = folder / f"{GENERATED_KEY}.pub"
     public.write_text(public_text + "\n")
     return public_text, public, True

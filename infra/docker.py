@@ -74,11 +74,11 @@ def docker(*args: str, check: bool = True, timeout: float = 120) -> subprocess.C
     """Run one `docker` command quietly and return its result; raise a readable DockerError on failure."""
     argv = [_docker_exe(), *args]
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
-        raise DockerError(f"`docker {args[0]}` gave no answer within {timeout:.0f} s; "
-                          "is the Docker engine stuck?") from None
+        raise DockerError(
+            f"`docker {args[0]}` gave no answer within {timeout:.0f} s; is the Docker engine stuck?"
+        ) from None
     if check and proc.returncode != 0:
         raise DockerError(_explain(args, proc.returncode, proc.stderr or proc.stdout))
     return proc
@@ -87,8 +87,11 @@ def docker(*args: str, check: bool = True, timeout: float = 120) -> subprocess.C
 def _explain(args: Sequence[str], code: int, output: str) -> str:
     detail = output.strip()
     lowered = detail.lower()
-    if ("cannot connect to the docker daemon" in lowered or "error during connect" in lowered
-            or "is the docker daemon running" in lowered):
+    if (
+        "cannot connect to the docker daemon" in lowered
+        or "error during connect" in lowered
+        or "is the docker daemon running" in lowered
+    ):
         return ENGINE_DOWN.format(detail=detail.splitlines()[-1] if detail else "no answer")
     return f"`docker {' '.join(args)}` failed (exit {code}):\n{detail}"
 
@@ -158,9 +161,19 @@ def _wheels_in_context(wheels: str, context: Path) -> Iterator[None]:
             dest.unlink(missing_ok=True)
 
 
-def build(image: str = IMAGE, *, model: str = DEFAULT_MODEL_ID, revision: str = "", bake: bool = True,
-          base_image: str = "", torch_index: str | None = None, wheels: str = "", hf_endpoint: str = "",
-          context: Path = ROOT, console: Console | None = None) -> int:
+def build(
+    image: str = IMAGE,
+    *,
+    model: str = DEFAULT_MODEL_ID,
+    revision: str = "",
+    bake: bool = True,
+    base_image: str = "",
+    torch_index: str | None = None,
+    wheels: str = "",
+    hf_endpoint: str = "",
+    context: Path = ROOT,
+    console: Console | None = None,
+) -> int:
     """Build the image from the repository's Dockerfile and return its size in bytes.
 
     Options left empty keep the Dockerfile's defaults (official slim Python base, the PyTorch CPU
@@ -170,8 +183,15 @@ def build(image: str = IMAGE, *, model: str = DEFAULT_MODEL_ID, revision: str = 
     """
     console = console or _console()
     check_engine()
-    args = ["build", "--tag", image, "--build-arg", f"MODEL_ID={model}",
-            "--build-arg", f"BAKE_MODEL={1 if bake else 0}"]
+    args = [
+        "build",
+        "--tag",
+        image,
+        "--build-arg",
+        f"MODEL_ID={model}",
+        "--build-arg",
+        f"BAKE_MODEL={1 if bake else 0}",
+    ]
     if revision:
         args += ["--build-arg", f"MODEL_REVISION={revision}"]
     if base_image:
@@ -192,8 +212,11 @@ def build(image: str = IMAGE, *, model: str = DEFAULT_MODEL_ID, revision: str = 
     else:
         code = _stream(*args)
     if code != 0:
-        raise DockerError(f"The image build failed (docker build exit {code}); the build output above "
-                          "shows the step that failed.", code=code)
+        raise DockerError(
+            f"The image build failed (docker build exit {code}); the build output above "
+            "shows the step that failed.",
+            code=code,
+        )
     size = image_size(image)
     console.print(f"Built {image} in {time.monotonic() - started:.0f} s: {human_size(size)}.")
     return size
@@ -231,12 +254,21 @@ def choose_model(model: str, *, name: str = CONTAINER, cache: bool = False) -> M
     folder = Path(model).expanduser()
     if folder.is_dir():
         inside = f"{MODELS_DIR}/{folder.resolve().name}"
-        return ModelChoice(inside, bake=False, volumes=(f"{folder.resolve()}:{inside}:ro",),
-                           env=(("MODEL_ID", inside),), describe=f"model folder {folder} (mounted read-only)")
+        return ModelChoice(
+            inside,
+            bake=False,
+            volumes=(f"{folder.resolve()}:{inside}:ro",),
+            env=(("MODEL_ID", inside),),
+            describe=f"model folder {folder} (mounted read-only)",
+        )
     if cache:
-        return ModelChoice(model, bake=False, volumes=(f"{name}-models:/cache",),
-                           env=(("MODEL_ID", model), ("HF_HUB_OFFLINE", "0")),
-                           describe=f"{model}, downloaded on first start into the volume {name}-models")
+        return ModelChoice(
+            model,
+            bake=False,
+            volumes=(f"{name}-models:/cache",),
+            env=(("MODEL_ID", model), ("HF_HUB_OFFLINE", "0")),
+            describe=f"{model}, downloaded on first start into the volume {name}-models",
+        )
     return ModelChoice(f"{MODELS_DIR}/{model}", bake=True, describe=f"{model} (baked into the image)")
 
 
@@ -250,7 +282,8 @@ def _check_baked(image: str, labels: Mapping[str, str], model: str) -> None:
         f"The image {image} {what}, so it cannot serve {model} by itself. Either:\n"
         f"    invoke run-local --rebuild --model {model}        # bake it in (downloads once at build)\n"
         "    invoke run-local --model /path/to/model-folder     # mount a folder you already have\n"
-        f"    invoke run-local --model {model} --model-cache     # download on first start into a volume")
+        f"    invoke run-local --model {model} --model-cache     # download on first start into a volume"
+    )
 
 
 def container_info(name: str = CONTAINER) -> dict[str, Any] | None:
@@ -277,8 +310,15 @@ def remove_container(name: str = CONTAINER) -> bool:
     return True
 
 
-def start_container(image: str, *, name: str, port: int, volumes: Sequence[str] = (),
-                    env: Mapping[str, str] | None = None, restart: str = "unless-stopped") -> str:
+def start_container(
+    image: str,
+    *,
+    name: str,
+    port: int,
+    volumes: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    restart: str = "unless-stopped",
+) -> str:
     """(Re)start the one named container and return its id.
 
     The port is published on 127.0.0.1 only (the service stays private to this machine) and the server
@@ -286,9 +326,20 @@ def start_container(image: str, *, name: str, port: int, volumes: Sequence[str] 
     (podman with netns=host, `--network host`). The data volume `<name>-data` keeps /data across restarts.
     """
     remove_container(name)
-    args = ["run", "--detach", "--name", name, "--restart", restart,
-            "--publish", f"127.0.0.1:{port}:{port}", "--env", f"PORT={port}",
-            "--volume", f"{name}-data:/data"]
+    args = [
+        "run",
+        "--detach",
+        "--name",
+        name,
+        "--restart",
+        restart,
+        "--publish",
+        f"127.0.0.1:{port}:{port}",
+        "--env",
+        f"PORT={port}",
+        "--volume",
+        f"{name}-data:/data",
+    ]
     for volume in volumes:
         args += ["--volume", volume]
     for key, value in (env or {}).items():
@@ -314,12 +365,16 @@ def probe_health(url: str, timeout: float = 3.0) -> tuple[int, dict[str, Any]] |
 
 def _stopped(info: Mapping[str, Any]) -> bool:
     state = info.get("State") or {}
-    return (state.get("Status") in ("exited", "dead") or bool(state.get("Restarting"))
-            or int(info.get("RestartCount") or 0) > 0)
+    return (
+        state.get("Status") in ("exited", "dead")
+        or bool(state.get("Restarting"))
+        or int(info.get("RestartCount") or 0) > 0
+    )
 
 
-def wait_healthy(name: str, url: str, *, timeout: float = HEALTH_TIMEOUT, poll: float = 0.5,
-                 console: Console | None = None) -> dict[str, Any]:
+def wait_healthy(
+    name: str, url: str, *, timeout: float = HEALTH_TIMEOUT, poll: float = 0.5, console: Console | None = None
+) -> dict[str, Any]:
     """Wait until `url` answers 200, showing the phase (starting → loading → ok); return the health body.
 
     Fails as soon as the container stops or restarts, or the service reports that the model failed to
@@ -335,8 +390,9 @@ def wait_healthy(name: str, url: str, *, timeout: float = HEALTH_TIMEOUT, poll: 
                 raise DockerError(f"The container {name} disappeared while starting (removed from outside?).")
             if _stopped(info):
                 state = info.get("State") or {}
-                raise DockerError(f"The container {name} stopped while starting "
-                                  f"(exit code {state.get('ExitCode', '?')}).")
+                raise DockerError(
+                    f"The container {name} stopped while starting (exit code {state.get('ExitCode', '?')})."
+                )
             answer = probe_health(url)
             elapsed = time.monotonic() - started
             if answer is not None:
@@ -353,16 +409,26 @@ def wait_healthy(name: str, url: str, *, timeout: float = HEALTH_TIMEOUT, poll: 
                 phase = now
                 console.print(f"{elapsed:5.0f} s  {phase} …")
             if elapsed > timeout:
-                raise DockerError(f"The service did not become healthy within {timeout:.0f} s "
-                                  f"(last state: {phase}).")
+                raise DockerError(
+                    f"The service did not become healthy within {timeout:.0f} s (last state: {phase})."
+                )
             status.update(f"{phase} … {elapsed:.0f} s")
             time.sleep(poll)
 
 
-def run_local(*, image: str = IMAGE, name: str = CONTAINER, port: int = PORT, model: str = "",
-              model_cache: bool = False, rebuild: bool = False, timeout: float = HEALTH_TIMEOUT,
-              env: Mapping[str, str] | None = None, console: Console | None = None,
-              **build_options: Any) -> str:
+def run_local(
+    *,
+    image: str = IMAGE,
+    name: str = CONTAINER,
+    port: int = PORT,
+    model: str = "",
+    model_cache: bool = False,
+    rebuild: bool = False,
+    timeout: float = HEALTH_TIMEOUT,
+    env: Mapping[str, str] | None = None,
+    console: Console | None = None,
+    **build_options: Any,
+) -> str:
     """Build the image if needed, (re)start the container, wait until it is healthy; return the URL.
 
     On any failure after the start (the container exits, never turns healthy, Ctrl-C) the container is
@@ -374,15 +440,21 @@ def run_local(*, image: str = IMAGE, name: str = CONTAINER, port: int = PORT, mo
     choice = choose_model(wanted, name=name, cache=model_cache)
     labels = None if rebuild else image_labels(image)
     if labels is None:
-        build(image, model=wanted if choice.bake else DEFAULT_MODEL_ID, bake=choice.bake,
-              console=console, **build_options)
+        build(
+            image,
+            model=wanted if choice.bake else DEFAULT_MODEL_ID,
+            bake=choice.bake,
+            console=console,
+            **build_options,
+        )
     elif choice.bake:
         _check_baked(image, labels, wanted)
     url = f"http://127.0.0.1:{port}"
     console.print(f"Starting {name} from {image}: {choice.describe}, port {port}")
     try:
-        start_container(image, name=name, port=port, volumes=choice.volumes,
-                        env={**dict(choice.env), **(env or {})})
+        start_container(
+            image, name=name, port=port, volumes=choice.volumes, env={**dict(choice.env), **(env or {})}
+        )
         wait_healthy(name, f"{url}/api/health", timeout=timeout, console=console)
     except KeyboardInterrupt:
         remove_container(name)
@@ -391,8 +463,9 @@ def run_local(*, image: str = IMAGE, name: str = CONTAINER, port: int = PORT, mo
         tail = logs_tail(name)
         removed = remove_container(name)
         note = f"\nRemoved the container {name}." if removed else ""
-        raise DockerError(f"{exc}\n--- last lines of the container's log ---\n{tail}\n---{note}",
-                          code=exc.code) from None
+        raise DockerError(
+            f"{exc}\n--- last lines of the container's log ---\n{tail}\n---{note}", code=exc.code
+        ) from None
     console.print(f"qwen-box is running: [bold]{url}[/]  (invoke logs, invoke stop)")
     return url
 
@@ -406,8 +479,10 @@ def stop(name: str = CONTAINER, console: Console | None = None) -> bool:
         return False
     docker("stop", "--time", "15", name, timeout=60)
     docker("rm", "--force", name)
-    console.print(f"Stopped and removed {name}; its data volume {name}-data stays "
-                  f"(docker volume rm {name}-data deletes it).")
+    console.print(
+        f"Stopped and removed {name}; its data volume {name}-data stays "
+        f"(docker volume rm {name}-data deletes it)."
+    )
     return True
 
 
@@ -430,22 +505,28 @@ def push(target: str, *, image: str = IMAGE, console: Console | None = None) -> 
     """
     console = console or _console()
     if "/" not in target:
-        raise DockerError(f"--image {target!r}: give the full name to push, REGISTRY/NAME:TAG "
-                          "(e.g. myregistry.azurecr.io/qwen-box:1).")
+        raise DockerError(
+            f"--image {target!r}: give the full name to push, REGISTRY/NAME:TAG "
+            "(e.g. myregistry.azurecr.io/qwen-box:1)."
+        )
     check_engine()
     if not image_exists(image):
         raise DockerError(f"There is no image {image} to push yet; build it first: invoke build")
     docker("tag", image, target)
     console.print(f"Pushing {image} as {target} …")
-    proc = subprocess.run([_docker_exe(), "push", target], stdin=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(
+        [_docker_exe(), "push", target], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     if proc.returncode != 0:
         detail = proc.stderr.strip()
         registry = target.split("/", 1)[0]
         hint = ""
         if any(word in detail.lower() for word in ("unauthorized", "denied", "authentication required")):
-            hint = (f"\nLog in to the registry first: docker login {registry}"
-                    "  (for Azure Container Registry: az acr login --name NAME).")
-        raise DockerError(f"docker push {target} failed (exit {proc.returncode}):\n{detail}{hint}",
-                          code=proc.returncode)
+            hint = (
+                f"\nLog in to the registry first: docker login {registry}"
+                "  (for Azure Container Registry: az acr login --name NAME)."
+            )
+        raise DockerError(
+            f"docker push {target} failed (exit {proc.returncode}):\n{detail}{hint}", code=proc.returncode
+        )
     console.print(f"Pushed {target}")

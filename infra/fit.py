@@ -60,25 +60,45 @@ def check_vm(model: str, precision: str, size: str) -> Fit:
     entry = lookup(model)
     room = usable_gib(size)
     if entry is None:
-        return Fit(model, precision, None, room, True,
-                   f"{model} is not in the catalog (service/catalog.py), so its memory is unknown: not "
-                   f"checked against {size}. If it does not fit, it loads into swap and crawls.")
+        return Fit(
+            model,
+            precision,
+            None,
+            room,
+            True,
+            f"{model} is not in the catalog (service/catalog.py), so its memory is unknown: not "
+            f"checked against {size}. If it does not fit, it loads into swap and crawls.",
+        )
     if room is None:
-        return Fit(model, precision, entry, None, True,
-                   f"the memory of {size} is not in the size table: not checked whether {model} "
-                   f"({entry.memory_gb(precision)} GB at {precision}) fits.")
+        return Fit(
+            model,
+            precision,
+            entry,
+            None,
+            True,
+            f"the memory of {size} is not in the size table: not checked whether {model} "
+            f"({entry.memory_gb(precision)} GB at {precision}) fits.",
+        )
     need = entry.memory_gb(precision)
     if need <= room:
-        return Fit(model, precision, entry, room, True,
-                   f"{model} at {precision} needs about {need} GB; {size} leaves {room:g} GiB.")
-    lines = [f"{model} at {precision} needs about {need} GB of memory, but {size} has "
-             f"{VM_MEMORY_GIB[size.lower()]} GiB, {room:g} GiB after the system's "
-             f"{SYSTEM_OVERHEAD_GIB:g} GiB (swap does not count: a model in swap answers a token every "
-             "few seconds). Any of these fits:"]
+        return Fit(
+            model,
+            precision,
+            entry,
+            room,
+            True,
+            f"{model} at {precision} needs about {need} GB; {size} leaves {room:g} GiB.",
+        )
+    lines = [
+        f"{model} at {precision} needs about {need} GB of memory, but {size} has "
+        f"{VM_MEMORY_GIB[size.lower()]} GiB, {room:g} GiB after the system's "
+        f"{SYSTEM_OVERHEAD_GIB:g} GiB (swap does not count: a model in swap answers a token every "
+        "few seconds). Any of these fits:"
+    ]
     bigger = sizes_that_fit(need)
     if bigger:
         lines.append(f"  --size {bigger[0]} ({VM_MEMORY_GIB[bigger[0].lower()]} GiB{_monthly(bigger[0])})")
-    for other in BYTES_ORDER[BYTES_ORDER.index(precision) + 1:]:
+    for other in BYTES_ORDER[BYTES_ORDER.index(precision) + 1 :]:
         if entry.memory_gb(other) <= room:
             lines.append(f"  --precision {other} ({entry.memory_gb(other)} GB)")
     smaller = [e for e in CATALOG if e.memory_gb(precision) <= room and e.hub_id != entry.hub_id]
@@ -108,6 +128,8 @@ def check_local(model: str, precision: str, ram_gib: float | None = None) -> str
     need = entry.memory_gb(precision)
     if need <= ram - SYSTEM_OVERHEAD_GIB:
         return None
-    return (f"{entry.hub_id} at {precision} needs about {need} GB of memory and this machine has "
-            f"{ram:.1f} GiB: it may swap and crawl, or be killed. Consider --env DTYPE=int8 "
-            f"({entry.memory_gb('int8')} GB) or a smaller model.")
+    return (
+        f"{entry.hub_id} at {precision} needs about {need} GB of memory and this machine has "
+        f"{ram:.1f} GiB: it may swap and crawl, or be killed. Consider --env DTYPE=int8 "
+        f"({entry.memory_gb('int8')} GB) or a smaller model."
+    )

@@ -32,17 +32,36 @@ INTERNET = "Internet"
 # magnitude before anything is created, not a quote: other regions, discounts and currency differ.
 HOURS_PER_MONTH = 730
 VM_PRICE_PER_HOUR = {
-    "standard_b2s": 0.0416, "standard_b2ms": 0.0832, "standard_b4ms": 0.166,
-    "standard_d2s_v5": 0.096, "standard_d4s_v5": 0.192, "standard_d2as_v5": 0.086,
+    "standard_b2s": 0.0416,
+    "standard_b2ms": 0.0832,
+    "standard_b4ms": 0.166,
+    "standard_d2s_v5": 0.096,
+    "standard_d4s_v5": 0.192,
+    "standard_d2as_v5": 0.086,
     "standard_d4as_v5": 0.172,
 }
 # Memory of each size in GiB (Azure's size pages): what the model-fit check compares against.
 VM_MEMORY_GIB = {
-    "standard_b2s": 4, "standard_b2ms": 8, "standard_b4ms": 16, "standard_d2s_v5": 8, "standard_d4s_v5": 16,
-    "standard_d2as_v5": 8, "standard_d4as_v5": 16,
+    "standard_b2s": 4,
+    "standard_b2ms": 8,
+    "standard_b4ms": 16,
+    "standard_d2s_v5": 8,
+    "standard_d4s_v5": 16,
+    "standard_d2as_v5": 8,
+    "standard_d4as_v5": 16,
 }
-SIZE_NAMES = {k.lower(): k for k in ("Standard_B2s", "Standard_B2ms", "Standard_B4ms", "Standard_D2s_v5",
-                                     "Standard_D4s_v5", "Standard_D2as_v5", "Standard_D4as_v5")}
+SIZE_NAMES = {
+    k.lower(): k
+    for k in (
+        "Standard_B2s",
+        "Standard_B2ms",
+        "Standard_B4ms",
+        "Standard_D2s_v5",
+        "Standard_D4s_v5",
+        "Standard_D2as_v5",
+        "Standard_D4as_v5",
+    )
+}
 PUBLIC_IP_PER_HOUR = 0.005
 STANDARD_SSD_PER_MONTH = [(32, 2.40), (64, 4.80), (128, 9.60), (256, 19.20), (512, 38.40), (1024, 76.80)]
 
@@ -74,8 +93,10 @@ def parse_sources(text: str) -> tuple[str, ...]:
         try:
             net = ipaddress.ip_network(part, strict=False)
         except ValueError:
-            raise PlanError(f"--allow-from: {part!r} is not an IP address or CIDR block (e.g. 203.0.113.7 or "
-                            "203.0.113.0/24)") from None
+            raise PlanError(
+                f"--allow-from: {part!r} is not an IP address or CIDR block (e.g. 203.0.113.7 or "
+                "203.0.113.0/24)"
+            ) from None
         if net.prefixlen == 0:
             raise PlanError("--allow-from 0.0.0.0/0 means everyone: say --public instead, on purpose")
         out.append(str(net))
@@ -95,9 +116,11 @@ class Names:
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
-            raise PlanError(f"--name {self.name!r}: 3-32 characters, lower-case letters, digits and hyphens, "
-                            "starting with a letter (it becomes the DNS label "
-                            "NAME.REGION.cloudapp.azure.com)")
+            raise PlanError(
+                f"--name {self.name!r}: 3-32 characters, lower-case letters, digits and hyphens, "
+                "starting with a letter (it becomes the DNS label "
+                "NAME.REGION.cloudapp.azure.com)"
+            )
 
     @property
     def group(self) -> str:
@@ -160,16 +183,19 @@ class Deployment(Names):
         if self.port == 0:
             object.__setattr__(self, "port", 443 if self.tls else 80)
         if self.tls and self.port == 80:
-            raise PlanError("--port 80 is the HTTP port, which redirects to HTTPS (and answers the "
-                            "certificate challenge); --port sets the HTTPS port (default 443), or add "
-                            "--no-tls for plain HTTP on 80")
+            raise PlanError(
+                "--port 80 is the HTTP port, which redirects to HTTPS (and answers the "
+                "certificate challenge); --port sets the HTTPS port (default 443), or add "
+                "--no-tls for plain HTTP on 80"
+            )
         if self.trusted_cert and not self.tls:
             raise PlanError("--trusted-cert is about the HTTPS certificate: drop it, or drop --no-tls")
         if not self.image:
             raise PlanError("--image is required (REGISTRY/NAME:TAG of the qwen-box image)")
         if not _REGION.match(self.region):
-            raise PlanError(f"--region {self.region!r} does not look like an Azure region name (e.g. eastus, "
-                            "westeurope)")
+            raise PlanError(
+                f"--region {self.region!r} does not look like an Azure region name (e.g. eastus, westeurope)"
+            )
         if not _SIZE.match(self.size):
             raise PlanError(f"--size {self.size!r} does not look like a VM size (e.g. Standard_B2s)")
         if not 1 <= self.port <= 65535 or self.port == 22:
@@ -265,10 +291,10 @@ def _sources(sources: tuple[str, ...], fallback: str) -> str:
 CERT_LINES = {
     "acme": "certificate: Let's Encrypt (publicly trusted), obtained and renewed by Caddy on the VM",
     "acme-http": "certificate: Let's Encrypt (publicly trusted) through the HTTP challenge on port 80; "
-                 "the chat port stays private",
+    "the chat port stays private",
     "internal": "certificate: from Caddy's own authority on the VM (a public one cannot reach a private VM "
-                "to check it): encrypted, but browsers warn until you trust its root, which deploy-azure "
-                "saves; --trusted-cert opens port 80 for a Let's Encrypt one",
+    "to check it): encrypted, but browsers warn until you trust its root, which deploy-azure "
+    "saves; --trusted-cert opens port 80 for a Let's Encrypt one",
 }
 
 
@@ -282,8 +308,11 @@ def make_plan(d: Deployment) -> Plan:
         ("Virtual network", d.vnet, f"{VNET_PREFIX}, subnet {d.subnet} {SUBNET_PREFIX}"),
         ("Public IP (Standard, static)", d.public_ip, f"DNS {d.fqdn}"),
         ("Network interface", d.nic, f"in {d.subnet}, with {d.public_ip} and {d.nsg}"),
-        ("Virtual machine", d.vm, f"{d.size}, Ubuntu 24.04 LTS Gen2, SSH key login only ({ssh}), "
-                                  f"boot diagnostics on"),
+        (
+            "Virtual machine",
+            d.vm,
+            f"{d.size}, Ubuntu 24.04 LTS Gen2, SSH key login only ({ssh}), boot diagnostics on",
+        ),
         ("Managed OS disk", d.os_disk, f"{d.disk_gb} GiB Standard SSD, deleted with the VM"),
     ]
     you = "your public IP (looked up when deploying)"
@@ -302,8 +331,11 @@ def make_plan(d: Deployment) -> Plan:
         exposure.append(CERT_LINES[d.cert])
     else:
         exposure.append("no HTTPS (--no-tls): the chat and its access token travel unencrypted")
-    exposure.append(f"TCP 22 (SSH, key only): only from {_sources(d.ssh_from or d.allow_from, you)}"
-                    if d.ssh else "TCP 22 (SSH): closed (add --ssh to open it to the same source)")
+    exposure.append(
+        f"TCP 22 (SSH, key only): only from {_sources(d.ssh_from or d.allow_from, you)}"
+        if d.ssh
+        else "TCP 22 (SSH): closed (add --ssh to open it to the same source)"
+    )
     exposure.append("everything else inbound: denied (Azure's default rules)")
     hourly = VM_PRICE_PER_HOUR.get(d.size.lower())
     costs: list[tuple[str, float | None]] = [
@@ -317,15 +349,23 @@ def make_plan(d: Deployment) -> Plan:
 def plan_lines(plan: Plan) -> list[str]:
     """The plan as plain text lines (what --dry-run prints)."""
     d = plan.deployment
-    lines = [f"Deployment {d.name!r}: image {d.image} on a {d.size} VM in {d.region}",
-             f"URL when ready: {d.url}", "", "Resources (one resource group; destroy-azure deletes it all):"]
+    lines = [
+        f"Deployment {d.name!r}: image {d.image} on a {d.size} VM in {d.region}",
+        f"URL when ready: {d.url}",
+        "",
+        "Resources (one resource group; destroy-azure deletes it all):",
+    ]
     lines += [f"  - {kind}: {name} ({detail})" for kind, name, detail in plan.resources]
     lines += ["", "Exposure:"] + [f"  - {e}" for e in plan.exposure]
-    lines += ["", "Estimated monthly cost (USD, East US pay-as-you-go list prices; an estimate, "
-                  "not a quote):"]
+    lines += [
+        "",
+        "Estimated monthly cost (USD, East US pay-as-you-go list prices; an estimate, not a quote):",
+    ]
     for what, cost in plan.costs:
-        lines.append(f"  - {what}: " + (f"${cost:.2f}" if cost is not None else
-                                          "unknown size: see the Azure pricing calculator"))
+        lines.append(
+            f"  - {what}: "
+            + (f"${cost:.2f}" if cost is not None else "unknown size: see the Azure pricing calculator")
+        )
     total = plan.monthly_total
     lines.append(f"  = about ${total:.2f} a month" if total is not None else "  = total unknown")
     lines.append("  A stopped (deallocated) VM still bills its disk and IP; destroy-azure stops all billing.")

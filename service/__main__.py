@@ -18,18 +18,27 @@ def gunicorn_argv(settings: Settings) -> list[str]:
     """The gunicorn command line for these settings."""
     return [
         "gunicorn",
-        "--bind", f"{settings.host}:{settings.port}",
-        "--workers", "1",
-        "--worker-class", "gthread",
-        "--threads", str(settings.web_threads),
+        "--bind",
+        f"{settings.host}:{settings.port}",
+        "--workers",
+        "1",
+        "--worker-class",
+        "gthread",
+        "--threads",
+        str(settings.web_threads),
         # The worker's heartbeat runs on its main thread, so long generations don't trip this;
         # it only catches a worker that hangs outright.
-        "--timeout", "120",
-        "--graceful-timeout", "10",
-        "--keep-alive", "5",
+        "--timeout",
+        "120",
+        "--graceful-timeout",
+        "10",
+        "--keep-alive",
+        "5",
         "--no-control-socket",
-        "--access-logfile", "-",
-        "--log-level", settings.log_level,
+        "--access-logfile",
+        "-",
+        "--log-level",
+        settings.log_level,
         "service.app:create_app()",
     ]
 
@@ -37,8 +46,10 @@ def gunicorn_argv(settings: Settings) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] in ("-h", "--help"):
-        print("usage: python -m service [--print-command]\n\n"
-              "Serves the qwen-box chat service with gunicorn. Settings (environment variables):\n")
+        print(
+            "usage: python -m service [--print-command]\n\n"
+            "Serves the qwen-box chat service with gunicorn. Settings (environment variables):\n"
+        )
         print(settings_table())
         return 0
     try:

@@ -33,8 +33,9 @@ def bearer_token() -> str:
 def protect(app: Flask, settings: Settings) -> None:
     """Install the token check, the rate limits and (behind a proxy) the real client address."""
     if settings.proxy_hops:
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.proxy_hops, x_proto=settings.proxy_hops,
-                                x_host=settings.proxy_hops)
+        app.wsgi_app = ProxyFix(
+            app.wsgi_app, x_for=settings.proxy_hops, x_proto=settings.proxy_hops, x_host=settings.proxy_hops
+        )
     if settings.access_token:
         expected = settings.access_token.encode()
 
@@ -44,15 +45,22 @@ def protect(app: Flask, settings: Settings) -> None:
             if path in OPEN_PATHS or not path.startswith(PROTECTED_PREFIXES):
                 return
             if not hmac.compare_digest(bearer_token().encode(), expected):
-                raise RequestError(401, "missing or wrong access token: send 'Authorization: Bearer TOKEN'",
-                                   kind="authentication_error", code="invalid_api_key",
-                                   headers={"WWW-Authenticate": 'Bearer realm="qwen-box"'})
+                raise RequestError(
+                    401,
+                    "missing or wrong access token: send 'Authorization: Bearer TOKEN'",
+                    kind="authentication_error",
+                    code="invalid_api_key",
+                    headers={"WWW-Authenticate": 'Bearer realm="qwen-box"'},
+                )
     elif settings.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("ACCESS_TOKEN is not set and HOST is %s: anyone who can reach this port can use "
-                    "the model", settings.host)
+        log.warning(
+            "ACCESS_TOKEN is not set and HOST is %s: anyone who can reach this port can use the model",
+            settings.host,
+        )
 
-    limiter = Limiter(get_remote_address, app=app, storage_uri="memory://", headers_enabled=True,
-                      strategy="moving-window")
+    limiter = Limiter(
+        get_remote_address, app=app, storage_uri="memory://", headers_enabled=True, strategy="moving-window"
+    )
     chat_limit = limiter.shared_limit(settings.rate_limit, scope="chat")
     for endpoint in RATE_LIMITED_ENDPOINTS:
         app.view_functions[endpoint] = chat_limit(app.view_functions[endpoint])

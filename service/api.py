@@ -37,9 +37,14 @@ def health() -> tuple[Response, int]:
     state, offer, engine = models().status()
     if state == "ok":
         backend = engine.backend
-        return jsonify(status="ok", model=backend.name, model_id=offer.id,
-                       context_length=backend.context_length,
-                       history="history" in current_app.extensions, queue=engine.stats()), 200
+        return jsonify(
+            status="ok",
+            model=backend.name,
+            model_id=offer.id,
+            context_length=backend.context_length,
+            history="history" in current_app.extensions,
+            queue=engine.stats(),
+        ), 200
     if state == "error":
         detail = offer.error or (engine.error if engine else None)
         return jsonify(status="error", model=offer.source, model_id=offer.id, detail=detail), 503
@@ -62,8 +67,9 @@ def select_model() -> tuple[Response, int]:
     try:
         body = SelectBody.model_validate(json_body())
     except ValidationError as exc:
-        raise RequestError(422, "give {\"model\": ID} with one of the ids from GET /api/models",
-                           param="model") from exc
+        raise RequestError(
+            422, 'give {"model": ID} with one of the ids from GET /api/models', param="model"
+        ) from exc
     try:
         offer = models().select(body.model)
     except UnknownModel as exc:
@@ -85,17 +91,22 @@ def _summary(finished: Finished, model: str, dropped: int) -> dict[str, Any]:
 @bp.post("/chat")
 def chat() -> Response | tuple[Response, int]:
     settings = _settings()
-    parsed = parse_chat_request(json_body(), default_max_tokens=settings.default_max_tokens,
-                                max_tokens_limit=settings.max_tokens_limit)
+    parsed = parse_chat_request(
+        json_body(),
+        default_max_tokens=settings.default_max_tokens,
+        max_tokens_limit=settings.max_tokens_limit,
+    )
     parsed, transcript = with_history(parsed)
     started = start(models(), parsed)
     generation, model, dropped = started.generation, started.model, started.dropped_messages
     if transcript:
         transcript.accepted()
     if parsed.stream:
-        return Response(_event_stream(generation, model, dropped, transcript),
-                        mimetype="text/event-stream",
-                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return Response(
+            _event_stream(generation, model, dropped, transcript),
+            mimetype="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     try:
         text, finished = generation.result()
     finally:
@@ -112,8 +123,9 @@ def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def _event_stream(generation: Generation, model: str, dropped: int,
-                  transcript: Transcript | None) -> Iterator[str]:
+def _event_stream(
+    generation: Generation, model: str, dropped: int, transcript: Transcript | None
+) -> Iterator[str]:
     """One `delta` event per piece of text, then `done`. Closing the connection cancels the
     generation: the server notices on its next write, and `finally` runs when it closes us."""
     parts: list[str] = []
@@ -131,9 +143,12 @@ def _event_stream(generation: Generation, model: str, dropped: int,
                 if transcript:  # stored before `done` goes out, so a reload right after finds it
                     transcript.reply("".join(parts), finished, model)
                 if event.error:
-                    yield _sse({"type": "error",
-                                "error": {"message": f"generation failed: {event.error}",
-                                          "type": "server_error"}})
+                    yield _sse(
+                        {
+                            "type": "error",
+                            "error": {"message": f"generation failed: {event.error}", "type": "server_error"},
+                        }
+                    )
                 yield _sse({"type": "done", **_summary(event, model, dropped)})
     finally:
         generation.cancel()

@@ -42,14 +42,16 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     """Build the app. Without `engine`, the models named by `settings` are offered and the default
     one starts loading at once; with one, it is the only model (tests hand in their own)."""
     settings = settings or Settings.from_env()
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if engine is not None:
         models = ModelManager.single(engine, settings.model_id)
     else:
         sources = [m.strip() for m in settings.models.split(",") if m.strip()]
         models = ModelManager(
-            sources, settings.model_id,
+            sources,
+            settings.model_id,
             lambda source: Engine(_transformers_loader(settings, source), queue_size=settings.queue_size),
             dtype=settings.dtype,
             budget_bytes=settings.memory_budget_mb * 2**20 if settings.memory_budget_mb else None,
@@ -104,10 +106,18 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 def _transformers_loader(settings: Settings, source: str) -> Callable[[], Any]:
     """Loads `source` when called. torch and Transformers are imported there, in the engine's
     loading thread, so the server answers health checks while they load (they take seconds)."""
+
     def load() -> Any:
         from .backend import TransformersBackend
-        return TransformersBackend(source, dtype=settings.dtype, threads=settings.torch_threads,
-                                   context_tokens=settings.context_tokens, max_batch=settings.max_batch)
+
+        return TransformersBackend(
+            source,
+            dtype=settings.dtype,
+            threads=settings.torch_threads,
+            context_tokens=settings.context_tokens,
+            max_batch=settings.max_batch,
+        )
+
     return load
 
 

@@ -26,19 +26,27 @@ NAME = "qwenbox"
 MAX_SCORES = 1 << 17  # queries × keys up to which products beat sdpa (measured: 50 × 2,050 and 256 × 256)
 
 
-def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-              attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-              **kwargs) -> tuple[torch.Tensor, None]:
+def attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
     """Transformers' attention contract: query (batch, heads, q, dim), key/value (batch, kv_heads,
     length, dim), a boolean or additive mask (batch, 1, q, length) or None for plain causal;
     returns (batch, q, heads, dim)."""
     batch, heads, q_length, dim = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
     if q_length * length > MAX_SCORES or dropout or kwargs.get("softcap") is not None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     group = heads // kv_heads
-    scale = scaling if scaling is not None else dim ** -0.5
+    scale = scaling if scaling is not None else dim**-0.5
     work = query.dtype if query.dtype != torch.bfloat16 or fast_bf16_products() else torch.float32
     grouped = query.reshape(batch, kv_heads, group * q_length, dim).to(work)
     key, value = key.to(work), value.to(work)
@@ -52,7 +60,7 @@ def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, v
             per_query.add_(mask)
     elif q_length > 1:  # the new queries are the last ones: each sees the history and itself
         future = torch.ones(q_length, q_length, dtype=torch.bool).triu(1)
-        per_query[..., length - q_length:].masked_fill_(future, float("-inf"))
+        per_query[..., length - q_length :].masked_fill_(future, float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(value.dtype)
     out = torch.matmul(probs, value).view(batch, heads, q_length, dim)
     return out.transpose(1, 2).to(query.dtype).contiguous(), None

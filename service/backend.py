@@ -104,8 +104,15 @@ def _common_prefix(a: tuple[int, ...], b: list[int]) -> int:
 class TransformersBackend:
     """A causal LM on CPU that decodes any number of sequences together."""
 
-    def __init__(self, model_id: str, *, dtype: str = "bfloat16", threads: int = 0,
-                 context_tokens: int = 4096, max_batch: int = 4):
+    def __init__(
+        self,
+        model_id: str,
+        *,
+        dtype: str = "bfloat16",
+        threads: int = 0,
+        context_tokens: int = 4096,
+        max_batch: int = 4,
+    ):
         if threads:
             torch.set_num_threads(threads)
         started = time.perf_counter()
@@ -159,8 +166,13 @@ class TransformersBackend:
         positions = torch.tensor([[s.length] for s in rows])
         self._mask = torch.cat([self._mask, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
         with torch.inference_mode():
-            out = self.model(input_ids=last, attention_mask=self._mask, position_ids=positions,
-                             cache=self._cache, use_cache=True)
+            out = self.model(
+                input_ids=last,
+                attention_mask=self._mask,
+                position_ids=positions,
+                cache=self._cache,
+                use_cache=True,
+            )
         self._cache = out.cache
         tokens = []
         for i, seq in enumerate(rows):
@@ -172,9 +184,13 @@ class TransformersBackend:
         """Take a finished sequence out of the batch, keeping its KV cache for a next turn."""
         index = self._rows.index(seq)
         width = self._mask.shape[1]
-        kv = [(layer.keys[index:index + 1, :, width - seq.length:].clone(),
-               layer.values[index:index + 1, :, width - seq.length:].clone())
-              for layer in self._cache.layers]
+        kv = [
+            (
+                layer.keys[index : index + 1, :, width - seq.length :].clone(),
+                layer.values[index : index + 1, :, width - seq.length :].clone(),
+            )
+            for layer in self._cache.layers
+        ]
         self.prefix_cache.put(seq.prompt_ids + seq.generated[:-1], kv)
         keep = [i for i in range(len(self._rows)) if i != index]
         self._rows.pop(index)
@@ -224,8 +240,9 @@ class TransformersBackend:
         """The model's generation_config defaults, overridden by the request."""
         gc_ = self.generation_config
         opts = seq.options
-        temperature = opts.temperature if opts.temperature is not None else (
-            gc_.temperature if gc_.do_sample else 0.0)
+        temperature = (
+            opts.temperature if opts.temperature is not None else (gc_.temperature if gc_.do_sample else 0.0)
+        )
         seq.greedy = not temperature
         penalties, warpers = LogitsProcessorList(), LogitsProcessorList()
         if gc_.repetition_penalty not in (None, 1.0):

@@ -23,9 +23,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-QWEN25_15B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                  num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
-                  rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
+QWEN25_15B = dict(
+    vocab_size=151936,
+    hidden_size=1536,
+    intermediate_size=8960,
+    num_hidden_layers=28,
+    num_attention_heads=12,
+    num_key_value_heads=2,
+    max_position_embeddings=32768,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+)
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
 DEFAULT_DIR = CACHE / "qwen-box" / "bench-qwen2.5-1.5b"
 
@@ -48,9 +57,14 @@ def build_random_model(path: Path) -> Path:
         torch.set_default_dtype(torch.bfloat16)
         model = Qwen2ForCausalLM(config)
         torch.set_default_dtype(torch.float32)
-    model.generation_config = GenerationConfig(eos_token_id=[151645, 151643], do_sample=True,
-                                               temperature=0.7, top_p=0.8, top_k=20,
-                                               repetition_penalty=1.05)
+    model.generation_config = GenerationConfig(
+        eos_token_id=[151645, 151643],
+        do_sample=True,
+        temperature=0.7,
+        top_p=0.8,
+        top_k=20,
+        repetition_penalty=1.05,
+    )
     model.save_pretrained(path)
     return path
 
@@ -58,10 +72,16 @@ def build_random_model(path: Path) -> Path:
 # What an instruction-set cap means to each kernel library torch uses on a CPU: oneDNN (bf16 and
 # fp32 matmuls), FBGEMM (the int8 GEMM) and ATen's own vectorised ops.
 ISAS = {
-    "AVX2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
-             "ATEN_CPU_CAPABILITY": "avx2"},
-    "AVX512_CORE": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX512",
-                    "ATEN_CPU_CAPABILITY": "avx512"},
+    "AVX2": {
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
+        "ATEN_CPU_CAPABILITY": "avx2",
+    },
+    "AVX512_CORE": {
+        "ONEDNN_MAX_CPU_ISA": "AVX512_CORE",
+        "FBGEMM_ENABLE_INSTRUCTIONS": "AVX512",
+        "ATEN_CPU_CAPABILITY": "avx512",
+    },
 }
 
 
@@ -89,9 +109,12 @@ def measure(model: str, precision: str, threads: int, repeat: int, new_tokens: i
     # The backend is built in the engine's own thread, as the server does: the first thread to run
     # torch starts an OpenMP pool, and a second pool in the same process makes every small parallel
     # op wait on a sleeping thread (decode ran 40% slower when the model was loaded here instead).
-    engine = Engine(lambda: TransformersBackend(model, dtype=precision, threads=threads,
-                                                context_tokens=32768, max_batch=4),
-                    queue_size=16).start()
+    engine = Engine(
+        lambda: TransformersBackend(
+            model, dtype=precision, threads=threads, context_tokens=32768, max_batch=4
+        ),
+        queue_size=16,
+    ).start()
     engine.wait_ready()
     backend = engine.backend
     load_s = engine.stats()["load_seconds"]
@@ -141,10 +164,14 @@ def measure(model: str, precision: str, threads: int, repeat: int, new_tokens: i
     peaks["concurrent"] = _peak_rss_gib()
     engine.close(wait=30)
     return {
-        "precision": precision, "threads": threads, "load_s": round(load_s, 2),
-        "rss_after_load_gib": round(rss_after_load, 2), "peak_rss_gib": round(_peak_rss_gib(), 2),
+        "precision": precision,
+        "threads": threads,
+        "load_s": round(load_s, 2),
+        "rss_after_load_gib": round(rss_after_load, 2),
+        "peak_rss_gib": round(_peak_rss_gib(), 2),
         "peak_rss_gib_after": {k: round(v, 2) for k, v in peaks.items()},
-        "ttft_256_s": round(_median(ttft_256), 3), "ttft_2000_s": round(_median(ttft_2000), 3),
+        "ttft_256_s": round(_median(ttft_256), 3),
+        "ttft_2000_s": round(_median(ttft_2000), 3),
         "ttft_fresh_50_s": round(_median(fresh_50), 3),
         "ttft_next_turn_50_s": round(_median(next_turn_50), 3),
         "decode_tok_s": round(_median(decode), 2),
@@ -166,11 +193,21 @@ def health_under_load(model: str, precision: str, threads: int, seconds: float =
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "MODEL_ID": model, "DTYPE": precision, "TORCH_THREADS": str(threads),
-           "PORT": str(port), "HOST": "127.0.0.1", "HISTORY": "off", "LOG_LEVEL": "warning",
-           "RATE_LIMIT": "10000/minute", "CONTEXT_TOKENS": "4096"}
-    server = subprocess.Popen([sys.executable, "-m", "service"], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "MODEL_ID": model,
+        "DTYPE": precision,
+        "TORCH_THREADS": str(threads),
+        "PORT": str(port),
+        "HOST": "127.0.0.1",
+        "HISTORY": "off",
+        "LOG_LEVEL": "warning",
+        "RATE_LIMIT": "10000/minute",
+        "CONTEXT_TOKENS": "4096",
+    }
+    server = subprocess.Popen(
+        [sys.executable, "-m", "service"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
@@ -186,8 +223,11 @@ def health_under_load(model: str, precision: str, threads: int, seconds: float =
         def chat() -> None:
             while time.monotonic() < stop:
                 body = {"message": "benchmark " * 50, "max_tokens": 64, "temperature": 0, "stream": True}
-                req = urllib.request.Request(url + "/api/chat", data=json.dumps(body).encode(),
-                                             headers={"Content-Type": "application/json"})
+                req = urllib.request.Request(
+                    url + "/api/chat",
+                    data=json.dumps(body).encode(),
+                    headers={"Content-Type": "application/json"},
+                )
                 with urllib.request.urlopen(req, timeout=120) as r:
                     for _ in r:
                         pass
@@ -213,14 +253,20 @@ def health_under_load(model: str, precision: str, threads: int, seconds: float =
             server.wait()
     latencies.sort()
     p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
-    return {"health_p50_ms": round(_median(latencies), 1), "health_p99_ms": round(p99, 1),
-            "health_samples": len(latencies)}
+    return {
+        "health_p50_ms": round(_median(latencies), 1),
+        "health_p99_ms": round(p99, 1),
+        "health_samples": len(latencies),
+    }
 
 
 def table(results: list[dict[str, Any]]) -> str:
     base = next((r for r in results if r["precision"] == "bfloat16"), None)
-    rows = ["| precision | load s | peak RSS GiB | TTFT 256 | TTFT 2000 | next turn / fresh (50) | "
-            "decode tok/s | × bf16 | 2 chats | 4 chats | 4 / 1 |", "|" + "---|" * 11]
+    rows = [
+        "| precision | load s | peak RSS GiB | TTFT 256 | TTFT 2000 | next turn / fresh (50) | "
+        "decode tok/s | × bf16 | 2 chats | 4 chats | 4 / 1 |",
+        "|" + "---|" * 11,
+    ]
     for r in results:
         agg = r["aggregate_tok_s"]
         ratio = f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}×" if base else "—"
@@ -229,7 +275,8 @@ def table(results: list[dict[str, Any]]) -> str:
             f"{r['ttft_2000_s']} s | {r['ttft_next_turn_50_s']} / {r['ttft_fresh_50_s']} s "
             f"({r['ttft_next_turn_50_s'] / r['ttft_fresh_50_s']:.2f}×) | {r['decode_tok_s']} | "
             f"{ratio} | {agg['2']} | {agg['4']} | "
-            f"{agg['4'] / agg['1']:.2f}× |")
+            f"{agg['4'] / agg['1']:.2f}× |"
+        )
     return "\n".join(rows)
 
 
@@ -240,8 +287,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--isa", default="", choices=["", *ISAS],
-                   help="compute as an older CPU would: AVX2 (no AVX-512) or AVX512_CORE (no VNNI, no bf16)")
+    p.add_argument(
+        "--isa",
+        default="",
+        choices=["", *ISAS],
+        help="compute as an older CPU would: AVX2 (no AVX-512) or AVX512_CORE (no VNNI, no bf16)",
+    )
     p.add_argument("--health", action="store_true", help="also measure /api/health under 4 streams")
     p.add_argument("--json", default="bench-results.json", help="where to write the figures")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -256,9 +307,22 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, **isa_environment(args.isa)}
     results = []
     for precision in args.precisions.split(","):
-        cmd = [sys.executable, "-m", "service.bench", "--worker", "--model", model, "--precisions",
-               precision, "--threads", str(args.threads), "--repeat", str(args.repeat),
-               "--new-tokens", str(args.new_tokens)] + (["--health"] if args.health else [])
+        cmd = [
+            sys.executable,
+            "-m",
+            "service.bench",
+            "--worker",
+            "--model",
+            model,
+            "--precisions",
+            precision,
+            "--threads",
+            str(args.threads),
+            "--repeat",
+            str(args.repeat),
+            "--new-tokens",
+            str(args.new_tokens),
+        ] + (["--health"] if args.health else [])
         print(f"measuring {precision} ...", file=sys.stderr, flush=True)
         out = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if out.returncode != 0:
@@ -269,8 +333,10 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results))
     for r in results:
         if "health_p99_ms" in r:
-            print(f"{r['precision']}: /api/health under 4 streams p50 {r['health_p50_ms']} ms, "
-                  f"p99 {r['health_p99_ms']} ms ({r['health_samples']} samples)")
+            print(
+                f"{r['precision']}: /api/health under 4 streams p50 {r['health_p50_ms']} ms, "
+                f"p99 {r['health_p99_ms']} ms ({r['health_samples']} samples)"
+            )
     Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
 

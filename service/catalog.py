@@ -32,19 +32,54 @@ class CatalogEntry:
 
 
 CATALOG: tuple[CatalogEntry, ...] = (
-    CatalogEntry("Qwen/Qwen2.5-0.5B-Instruct", "Qwen2.5 0.5B Instruct", 0.49, 32768, "Apache-2.0",
-                 "ChatML; adds a default system prompt when none is given. Fastest, weakest."),
-    CatalogEntry("Qwen/Qwen2.5-1.5B-Instruct", "Qwen2.5 1.5B Instruct", 1.54, 32768, "Apache-2.0",
-                 "ChatML; adds a default system prompt when none is given. The default."),
-    CatalogEntry("Qwen/Qwen2.5-3B-Instruct", "Qwen2.5 3B Instruct", 3.09, 32768,
-                 "Qwen Research License (non-commercial)",
-                 "ChatML. Noticeably better answers, about half the speed of 1.5B."),
-    CatalogEntry("TinyLlama/TinyLlama-1.1B-Chat-v1.0", "TinyLlama 1.1B Chat", 1.10, 2048, "Apache-2.0",
-                 "Zephyr template (<|user|> ... </s>); only 2,048 tokens of context."),
-    CatalogEntry("microsoft/Phi-3-mini-4k-instruct", "Phi-3 mini 4k Instruct", 3.82, 4096, "MIT",
-                 "<|user|> ... <|end|> template; strong at reasoning for its size, 4,096 tokens."),
-    CatalogEntry("HuggingFaceTB/SmolLM2-1.7B-Instruct", "SmolLM2 1.7B Instruct", 1.71, 8192, "Apache-2.0",
-                 "ChatML; English only."),
+    CatalogEntry(
+        "Qwen/Qwen2.5-0.5B-Instruct",
+        "Qwen2.5 0.5B Instruct",
+        0.49,
+        32768,
+        "Apache-2.0",
+        "ChatML; adds a default system prompt when none is given. Fastest, weakest.",
+    ),
+    CatalogEntry(
+        "Qwen/Qwen2.5-1.5B-Instruct",
+        "Qwen2.5 1.5B Instruct",
+        1.54,
+        32768,
+        "Apache-2.0",
+        "ChatML; adds a default system prompt when none is given. The default.",
+    ),
+    CatalogEntry(
+        "Qwen/Qwen2.5-3B-Instruct",
+        "Qwen2.5 3B Instruct",
+        3.09,
+        32768,
+        "Qwen Research License (non-commercial)",
+        "ChatML. Noticeably better answers, about half the speed of 1.5B.",
+    ),
+    CatalogEntry(
+        "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+        "TinyLlama 1.1B Chat",
+        1.10,
+        2048,
+        "Apache-2.0",
+        "Zephyr template (<|user|> ... </s>); only 2,048 tokens of context.",
+    ),
+    CatalogEntry(
+        "microsoft/Phi-3-mini-4k-instruct",
+        "Phi-3 mini 4k Instruct",
+        3.82,
+        4096,
+        "MIT",
+        "<|user|> ... <|end|> template; strong at reasoning for its size, 4,096 tokens.",
+    ),
+    CatalogEntry(
+        "HuggingFaceTB/SmolLM2-1.7B-Instruct",
+        "SmolLM2 1.7B Instruct",
+        1.71,
+        8192,
+        "Apache-2.0",
+        "ChatML; English only.",
+    ),
 )
 
 _BY_ID = {e.hub_id.lower(): e for e in CATALOG}

@@ -23,9 +23,15 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 class RequestError(Exception):
     """A request the service refuses: `status` and `kind` become the JSON error a client sees."""
 
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
-                 headers: dict[str, str] | None = None, param: str | None = None,
-                 code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -65,8 +71,11 @@ class ChatBody(BaseModel):
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
-    stop: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]],
-                                                          Field(max_length=4)] | None = None
+    stop: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)]
+        | None
+    ) = None
     conversation_id: Annotated[str, Field(min_length=1, max_length=64)] | None = None
     model: Annotated[str, Field(min_length=1, max_length=500)] | None = None
 
@@ -106,25 +115,43 @@ def parse_chat_request(data: Any, *, default_max_tokens: int, max_tokens_limit: 
         body = ChatBody.model_validate(data)
     except ValidationError as exc:
         raise RequestError(422, _describe(exc)) from None
-    chat = make_request(body.messages or [], stream=body.stream, max_tokens=body.max_tokens,
-                        temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                        stop=body.stop, default_max_tokens=default_max_tokens,
-                        max_tokens_limit=max_tokens_limit)
+    chat = make_request(
+        body.messages or [],
+        stream=body.stream,
+        max_tokens=body.max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+        stop=body.stop,
+        default_max_tokens=default_max_tokens,
+        max_tokens_limit=max_tokens_limit,
+    )
     return replace(chat, conversation_id=body.conversation_id, model=body.model)
 
 
-def make_request(messages: list[Message], *, stream: bool, max_tokens: int | None,
-                 temperature: float | None, top_p: float | None, seed: int | None,
-                 stop: str | list[str] | None, default_max_tokens: int,
-                 max_tokens_limit: int, max_tokens_name: str = "max_tokens") -> ChatRequest:
+def make_request(
+    messages: list[Message],
+    *,
+    stream: bool,
+    max_tokens: int | None,
+    temperature: float | None,
+    top_p: float | None,
+    seed: int | None,
+    stop: str | list[str] | None,
+    default_max_tokens: int,
+    max_tokens_limit: int,
+    max_tokens_name: str = "max_tokens",
+) -> ChatRequest:
     """The checks both API formats share, ending in the one `ChatRequest` the engine path takes."""
     max_tokens = default_max_tokens if max_tokens is None else max_tokens
     if max_tokens > max_tokens_limit:
-        raise RequestError(422, f"{max_tokens_name}: must be at most {max_tokens_limit}",
-                           param=max_tokens_name)
+        raise RequestError(
+            422, f"{max_tokens_name}: must be at most {max_tokens_limit}", param=max_tokens_name
+        )
     stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-    options = SamplingOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                              seed=seed, stop=stops)
+    options = SamplingOptions(
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stops
+    )
     return ChatRequest(messages=[m.model_dump() for m in messages], options=options, stream=stream)
 
 
@@ -134,8 +161,9 @@ class Prompt:
     dropped_messages: int
 
 
-def build_prompt(tokenizer: Any, messages: list[dict[str, str]], *, context_length: int,
-                 max_tokens: int) -> Prompt:
+def build_prompt(
+    tokenizer: Any, messages: list[dict[str, str]], *, context_length: int, max_tokens: int
+) -> Prompt:
     """Apply the chat template, dropping the oldest turns until prompt + reply fit the context.
 
     The system prompt (if first) and the newest user turn are always kept; turns are dropped so the
@@ -144,11 +172,10 @@ def build_prompt(tokenizer: Any, messages: list[dict[str, str]], *, context_leng
     """
     budget = context_length - max_tokens
     system = messages[:1] if messages[0]["role"] == "system" else []
-    turns = messages[len(system):]
+    turns = messages[len(system) :]
     dropped = 0
     while True:
-        ids = tokenizer.apply_chat_template(system + turns, add_generation_prompt=True,
-                                            return_dict=False)
+        ids = tokenizer.apply_chat_template(system + turns, add_generation_prompt=True, return_dict=False)
         if len(ids) <= budget:
             return Prompt(list(ids), dropped)
         if len(turns) == 1:
@@ -181,14 +208,22 @@ def start(models: ModelManager, chat: ChatRequest) -> Started:
         offer = models.active if chat.model is None else models.find(chat.model)
         engine = models.engine(offer.id)
         backend = engine.backend
-        prompt = build_prompt(backend.tokenizer, chat.messages, context_length=backend.context_length,
-                              max_tokens=chat.options.max_tokens)
+        prompt = build_prompt(
+            backend.tokenizer,
+            chat.messages,
+            context_length=backend.context_length,
+            max_tokens=chat.options.max_tokens,
+        )
         generation = engine.submit(prompt.ids, chat.options)
     except UnknownModel as exc:
         raise RequestError(400, str(exc), param="model", code="model_not_found") from None
     except EngineUnavailable as exc:
         raise RequestError(503, str(exc), kind="model_unavailable", headers={"Retry-After": "10"}) from None
     except QueueFull as exc:
-        raise RequestError(503, f"{exc}; retry in {exc.retry_after} s", kind="server_busy",
-                           headers={"Retry-After": str(exc.retry_after)}) from None
+        raise RequestError(
+            503,
+            f"{exc}; retry in {exc.retry_after} s",
+            kind="server_busy",
+            headers={"Retry-After": str(exc.retry_after)},
+        ) from None
     return Started(generation, offer.id, prompt.dropped_messages)

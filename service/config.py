@@ -18,8 +18,16 @@ DEFAULT_MODEL_ID = "Qwen/Qwen2.5-1.5B-Instruct"
 DTYPES = ("bfloat16", "float32", "int8", "int4")
 
 
-_BOOLS = {"1": True, "true": True, "yes": True, "on": True,
-          "0": False, "false": False, "no": False, "off": False}
+_BOOLS = {
+    "1": True,
+    "true": True,
+    "yes": True,
+    "on": True,
+    "0": False,
+    "false": False,
+    "no": False,
+    "off": False,
+}
 
 
 class SettingsError(ValueError):
@@ -33,10 +41,14 @@ def _setting(default: Any, doc: str, *, secret: bool = False) -> Any:
 @dataclass(frozen=True)
 class Settings:
     model_id: str = _setting(DEFAULT_MODEL_ID, "Hugging Face hub id or local folder of the chat model")
-    models: str = _setting("", "comma-separated hub ids / folders offered in the model menu (MODEL_ID is "
-                               "always offered and loads first)")
-    memory_budget_mb: int = _setting(0, "memory the loaded models may share before one is unloaded for "
-                                        "another; 0 = 80% of RAM")
+    models: str = _setting(
+        "",
+        "comma-separated hub ids / folders offered in the model menu (MODEL_ID is "
+        "always offered and loads first)",
+    )
+    memory_budget_mb: int = _setting(
+        0, "memory the loaded models may share before one is unloaded for another; 0 = 80% of RAM"
+    )
     host: str = _setting("127.0.0.1", "address to listen on (the container sets 0.0.0.0)")
     port: int = _setting(8000, "port to listen on")
     dtype: str = _setting("int8", "weights precision: int8, int4, bfloat16 or float32 (see Speed and memory)")
@@ -51,8 +63,12 @@ class Settings:
     log_level: str = _setting("info", "gunicorn and service log level")
     data_dir: str = _setting("data", "folder for the history database (the image uses a /data volume)")
     history: bool = _setting(True, "keep conversations on disk; off = private mode, nothing is written")
-    access_token: str = _setting("", "when set, /api/* (but health) and /v1/* need `Authorization: Bearer "
-                                     "TOKEN`; empty = open (fine on 127.0.0.1 only)", secret=True)
+    access_token: str = _setting(
+        "",
+        "when set, /api/* (but health) and /v1/* need `Authorization: Bearer "
+        "TOKEN`; empty = open (fine on 127.0.0.1 only)",
+        secret=True,
+    )
     rate_limit: str = _setting("30/minute", "chat requests per client address (Flask-Limiter syntax)")
     proxy_hops: int = _setting(0, "reverse proxies in front whose X-Forwarded-For to trust (1 behind Caddy)")
 
@@ -88,8 +104,15 @@ class Settings:
             raise SettingsError(f"DTYPE must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not 0 < self.port < 65536:
             raise SettingsError(f"PORT must be between 1 and 65535, got {self.port}")
-        for name in ("web_threads", "queue_size", "max_batch", "context_tokens", "default_max_tokens",
-                     "max_tokens_limit", "max_body_bytes"):
+        for name in (
+            "web_threads",
+            "queue_size",
+            "max_batch",
+            "context_tokens",
+            "default_max_tokens",
+            "max_tokens_limit",
+            "max_body_bytes",
+        ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name.upper()} must be at least 1")
         try:
@@ -106,7 +129,6 @@ class Settings:
             raise SettingsError("DEFAULT_MAX_TOKENS cannot exceed MAX_TOKENS_LIMIT")
         if self.max_tokens_limit >= self.context_tokens:
             raise SettingsError("MAX_TOKENS_LIMIT must be smaller than CONTEXT_TOKENS")
-
 
 
 def settings_table() -> str:

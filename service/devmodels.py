@@ -60,13 +60,22 @@ def build_tokenizer(path: Path, vocab_size: int = 1024, *, style: str = "chatml"
     )
     tok.train_from_iterator([_CORPUS] * 20, trainer=trainer)
     if style == "chatml":
-        fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
-                                       pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>"])
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            eos_token="<|im_end|>",
+            pad_token="<|endoftext|>",
+            additional_special_tokens=["<|im_start|>"],
+        )
         fast.chat_template = CHATML_TEMPLATE
     else:
-        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                       unk_token="<unk>", pad_token="</s>",
-                                       additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"])
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            bos_token="<s>",
+            eos_token="</s>",
+            unk_token="<unk>",
+            pad_token="</s>",
+            additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"],
+        )
         fast.chat_template = ZEPHYR_TEMPLATE
     fast.save_pretrained(path)
     return fast
@@ -133,13 +142,21 @@ def build_tiny_llama(path: Path, *, hidden_size: int = 64, layers: int = 2, seed
     path = Path(path)
     tokenizer = build_tokenizer(path, style="zephyr")
     bos, eos = tokenizer.convert_tokens_to_ids(["<s>", "</s>"])
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size,
-                         intermediate_size=hidden_size * 2, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
-                         bos_token_id=bos, eos_token_id=eos)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        bos_token_id=bos,
+        eos_token_id=eos,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos,
-                                               do_sample=False)
+    model.generation_config = GenerationConfig(
+        bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, do_sample=False
+    )
     model.save_pretrained(path)
     return path

@@ -46,8 +46,11 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
     def to_dict(self) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.total_tokens}
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+        }
 
 
 @dataclass(frozen=True)
@@ -62,8 +65,13 @@ class Timing:
     def to_dict(self) -> dict[str, float | None]:
         def r(x: float | None) -> float | None:
             return None if x is None else round(x, 4)
-        return {"queued_s": r(self.queued_s), "ttft_s": r(self.ttft_s),
-                "tokens_per_s": r(self.tokens_per_s), "total_s": r(self.total_s)}
+
+        return {
+            "queued_s": r(self.queued_s),
+            "ttft_s": r(self.ttft_s),
+            "tokens_per_s": r(self.tokens_per_s),
+            "total_s": r(self.total_s),
+        }
 
 
 @dataclass(frozen=True)
@@ -149,7 +157,7 @@ class StopScanner:
                     if self._text.endswith(s[:k]):
                         end = min(end, len(self._text) - k)
                         break
-        out = self._text[self._released:max(end, self._released)]
+        out = self._text[self._released : max(end, self._released)]
         self._released = max(end, self._released)
         return out
 
@@ -157,7 +165,7 @@ class StopScanner:
         """At the end, a held-back tail that never became a stop sequence is released."""
         if self.hit or not self._stops:
             return ""
-        out = self._text[self._released:]
+        out = self._text[self._released :]
         self._released = len(self._text)
         return out
 
@@ -181,19 +189,19 @@ class IncrementalDetokenizer:
 
     def push(self, token_id: int) -> str:
         self._ids.append(token_id)
-        before = self._decode(self._ids[self._prefix:self._read])
-        after = self._decode(self._ids[self._prefix:])
+        before = self._decode(self._ids[self._prefix : self._read])
+        after = self._decode(self._ids[self._prefix :])
         if len(after) > len(before) and not after.endswith("\ufffd"):
             self._prefix, self._read = self._read, len(self._ids)
-            return after[len(before):]
+            return after[len(before) :]
         return ""
 
     def flush(self) -> str:
         """Whatever is still held back when generation ends (an incomplete character shows as U+FFFD)."""
-        before = self._decode(self._ids[self._prefix:self._read])
-        after = self._decode(self._ids[self._prefix:])
+        before = self._decode(self._ids[self._prefix : self._read])
+        after = self._decode(self._ids[self._prefix :])
         self._prefix = self._read = len(self._ids)
-        return after[len(before):]
+        return after[len(before) :]
 
 
 @dataclass(eq=False)
@@ -328,8 +336,9 @@ class Engine:
             run.sequence, token = backend.admit(generation.prompt_ids, generation.options)
         except Exception as exc:  # noqa: BLE001 - reported to the one request, the engine goes on
             log.exception("prefill failed")
-            self._finish(generation, "error", 0, run.started, None, None,
-                         error=f"{type(exc).__name__}: {exc}")
+            self._finish(
+                generation, "error", 0, run.started, None, None, error=f"{type(exc).__name__}: {exc}"
+            )
             return
         with self._lock:
             self._running.append(run)
@@ -340,8 +349,7 @@ class Engine:
         with self._lock:
             self._running.remove(run)
         backend.release(run.sequence)
-        self._finish(run.generation, run.finish_reason(), len(run.tokens), run.started, run.first,
-                     run.last)
+        self._finish(run.generation, run.finish_reason(), len(run.tokens), run.started, run.first, run.last)
         if not self._running:
             # A generation's caches grow a little every step, and glibc keeps what they leave
             # behind: without this, each long chat started from a higher floor (+0.5 GiB over the
@@ -354,8 +362,9 @@ class Engine:
         with self._lock:
             runs, self._running = self._running, []
         for run in runs:
-            self._finish(run.generation, "error", len(run.tokens), run.started, run.first, run.last,
-                         error=error)
+            self._finish(
+                run.generation, "error", len(run.tokens), run.started, run.first, run.last, error=error
+            )
         if backend is not None:
             backend.reset()
 
@@ -395,7 +404,7 @@ class Engine:
     # --- state -----------------------------------------------------------------------------------
     @property
     def state(self) -> str:
-        """"loading", "ok", "error", or "unloaded" after `close()`."""
+        """ "loading", "ok", "error", or "unloaded" after `close()`."""
         return self._state
 
     @property
@@ -419,8 +428,12 @@ class Engine:
         """Queue depth and counters, cheap enough for every health check."""
         with self._lock:
             active = len(self._running)
-        return {"active": active, "waiting": self._queue.qsize(), **self._counts,
-                "load_seconds": None if self._load_seconds is None else round(self._load_seconds, 2)}
+        return {
+            "active": active,
+            "waiting": self._queue.qsize(),
+            **self._counts,
+            "load_seconds": None if self._load_seconds is None else round(self._load_seconds, 2),
+        }
 
     # --- requests --------------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], options: SamplingOptions) -> Generation:
@@ -441,15 +454,27 @@ class Engine:
         """A rough wait in seconds for a retry: the queue ahead, a few seconds each."""
         return max(1, min(60, 5 * (self._queue.qsize() + 1)))
 
-    def _finish(self, generation: Generation, reason: str, n_tokens: int, started: float,
-                first: float | None, last: float | None, error: str | None = None) -> None:
+    def _finish(
+        self,
+        generation: Generation,
+        reason: str,
+        n_tokens: int,
+        started: float,
+        first: float | None,
+        last: float | None,
+        error: str | None = None,
+    ) -> None:
         now = time.perf_counter()
         t0 = generation.submitted_at
         rate = None
         if first is not None and last is not None and n_tokens > 1 and last > first:
             rate = (n_tokens - 1) / (last - first)
-        timing = Timing(queued_s=started - t0, ttft_s=None if first is None else first - t0,
-                        tokens_per_s=rate, total_s=now - t0)
+        timing = Timing(
+            queued_s=started - t0,
+            ttft_s=None if first is None else first - t0,
+            tokens_per_s=rate,
+            total_s=now - t0,
+        )
         usage = Usage(len(generation.prompt_ids), n_tokens)
         key = {"cancelled": "cancelled", "error": "failed"}.get(reason, "completed")
         self._counts[key] += 1
@@ -479,8 +504,12 @@ class _Run:
         text = self.stops.push(self.detok.push(token_id))
         if text:
             self.generation._put(text)
-        ended = (self.stops.hit or token_id in self.eos
-                 or len(self.tokens) >= self.generation.options.max_tokens or self.generation.halt.is_set())
+        ended = (
+            self.stops.hit
+            or token_id in self.eos
+            or len(self.tokens) >= self.generation.options.max_tokens
+            or self.generation.halt.is_set()
+        )
         if ended:
             tail = self.stops.push(self.detok.flush()) + self.stops.flush()
             if tail:

@@ -139,16 +139,21 @@ class History:
         now = time.time()
         conv = Conversation(secrets.token_hex(12), _title(title), now, now, model)
         with self._tx() as db:
-            db.execute("INSERT INTO conversations (id, owner, title, created_at, updated_at, model) "
-                       "VALUES (?, ?, ?, ?, ?, ?)",
-                       (conv.id, owner, conv.title, now, now, model))
+            db.execute(
+                "INSERT INTO conversations (id, owner, title, created_at, updated_at, model) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (conv.id, owner, conv.title, now, now, model),
+            )
         return conv
 
-    def list(self, owner: str, *, limit: int = 20, before: str | None = None,
-             query: str | None = None) -> tuple[list[Conversation], str | None]:
+    def list(
+        self, owner: str, *, limit: int = 20, before: str | None = None, query: str | None = None
+    ) -> tuple[list[Conversation], str | None]:
         """Newest first. `before` is the cursor the previous page returned; `query` filters titles."""
-        sql = ("SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id) AS n "
-               "FROM conversations c WHERE owner = ?")
+        sql = (
+            "SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id) AS n "
+            "FROM conversations c WHERE owner = ?"
+        )
         args: list[Any] = [owner]
         if before:
             updated, _, conv_id = before.partition("_")
@@ -175,24 +180,35 @@ class History:
                 raise NotFound(conversation_id)
             messages = self._db.execute(
                 "SELECT role, content, status, created_at, meta FROM messages "
-                "WHERE conversation_id = ? ORDER BY id", (conversation_id,)).fetchall()
+                "WHERE conversation_id = ? ORDER BY id",
+                (conversation_id,),
+            ).fetchall()
         conv = _conversation(row, len(messages))
-        conv.messages = [StoredMessage(m["role"], m["content"], m["status"], m["created_at"],
-                                       json.loads(m["meta"]) if m["meta"] else None) for m in messages]
+        conv.messages = [
+            StoredMessage(
+                m["role"],
+                m["content"],
+                m["status"],
+                m["created_at"],
+                json.loads(m["meta"]) if m["meta"] else None,
+            )
+            for m in messages
+        ]
         return conv
 
     def rename(self, owner: str, conversation_id: str, title: str) -> Conversation:
         with self._tx() as db:
-            cur = db.execute("UPDATE conversations SET title = ? WHERE id = ? AND owner = ?",
-                             (_title(title), conversation_id, owner))
+            cur = db.execute(
+                "UPDATE conversations SET title = ? WHERE id = ? AND owner = ?",
+                (_title(title), conversation_id, owner),
+            )
             if cur.rowcount == 0:
                 raise NotFound(conversation_id)
         return self.get(owner, conversation_id)
 
     def delete(self, owner: str, conversation_id: str) -> None:
         with self._tx() as db:
-            cur = db.execute("DELETE FROM conversations WHERE id = ? AND owner = ?",
-                             (conversation_id, owner))
+            cur = db.execute("DELETE FROM conversations WHERE id = ? AND owner = ?", (conversation_id, owner))
             if cur.rowcount == 0:
                 raise NotFound(conversation_id)
 
@@ -202,16 +218,25 @@ class History:
         with self._tx() as db:
             if self._find(db, owner, conversation_id) is None:
                 raise NotFound(conversation_id)
-            db.execute("INSERT INTO messages (conversation_id, role, content, status, created_at, meta) "
-                       "VALUES (?, ?, ?, ?, ?, ?)",
-                       (conversation_id, message.role, message.content, message.status, now,
-                        json.dumps(message.meta) if message.meta else None))
+            db.execute(
+                "INSERT INTO messages (conversation_id, role, content, status, created_at, meta) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    conversation_id,
+                    message.role,
+                    message.content,
+                    message.status,
+                    now,
+                    json.dumps(message.meta) if message.meta else None,
+                ),
+            )
             db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id))
 
     @staticmethod
     def _find(db: sqlite3.Connection, owner: str, conversation_id: str) -> sqlite3.Row | None:
-        return db.execute("SELECT * FROM conversations WHERE id = ? AND owner = ?",
-                          (conversation_id, owner)).fetchone()
+        return db.execute(
+            "SELECT * FROM conversations WHERE id = ? AND owner = ?", (conversation_id, owner)
+        ).fetchone()
 
 
 def _title(title: str) -> str:

@@ -47,11 +47,19 @@ def current_owner() -> str:
 
 def install_owner_cookie(app: Flask) -> None:
     """Set the owner cookie on the response whenever this request minted one."""
+
     @app.after_request
     def set_cookie(response: Response) -> Response:
         if "new_cookie" in g:
-            response.set_cookie(COOKIE, g.new_cookie, max_age=COOKIE_MAX_AGE, httponly=True,
-                                samesite="Strict", secure=request.is_secure, path="/")
+            response.set_cookie(
+                COOKIE,
+                g.new_cookie,
+                max_age=COOKIE_MAX_AGE,
+                httponly=True,
+                samesite="Strict",
+                secure=request.is_secure,
+                path="/",
+            )
         return response
 
 
@@ -59,8 +67,12 @@ def history() -> History:
     """The store, or 404 in private mode (the service keeps nothing, so there is nothing to find)."""
     store = current_app.extensions.get("history")
     if store is None:
-        raise RequestError(404, "history is off on this service (private mode): nothing is stored",
-                           kind="not_found", code="history_disabled")
+        raise RequestError(
+            404,
+            "history is off on this service (private mode): nothing is stored",
+            kind="not_found",
+            code="history_disabled",
+        )
     return store
 
 
@@ -88,8 +100,9 @@ def _title(required: bool) -> str | None:
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         where = ".".join(map(str, first["loc"])) or "body"
-        raise RequestError(422, f"{where}: {first['msg'].removeprefix('Value error, ')}",
-                           param=where) from None
+        raise RequestError(
+            422, f"{where}: {first['msg'].removeprefix('Value error, ')}", param=where
+        ) from None
     if required and title is None:
         raise RequestError(422, "title: required", param="title")
     return title
@@ -105,8 +118,9 @@ def list_conversations() -> Response:
         raise RequestError(422, "limit: must be between 1 and 100", param="limit")
     query = request.args.get("q") or None
     try:
-        page, cursor = history().list(current_owner(), limit=limit, before=request.args.get("before"),
-                                      query=query)
+        page, cursor = history().list(
+            current_owner(), limit=limit, before=request.args.get("before"), query=query
+        )
     except ValueError:
         raise RequestError(422, "before: not a cursor this service returned", param="before") from None
     return jsonify(data=[c.to_dict() for c in page], next=cursor)
@@ -200,9 +214,12 @@ def with_history(chat: ChatRequest) -> tuple[ChatRequest, Transcript | None]:
     except NotFound:
         raise not_found() from None
     system = chat.messages[:1] if chat.messages[0]["role"] == "system" else []
-    new_turns = chat.messages[len(system):]
-    stored = [{"role": m.role, "content": m.content} for m in conv.messages
-              if m.content.strip() and m.status != "error" and m.role != "system"]
+    new_turns = chat.messages[len(system) :]
+    stored = [
+        {"role": m.role, "content": m.content}
+        for m in conv.messages
+        if m.content.strip() and m.status != "error" and m.role != "system"
+    ]
     full = replace(chat, messages=system + stored + new_turns)
     return full, Transcript(store, owner, conv.id, new_turns)
 

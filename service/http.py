@@ -18,8 +18,9 @@ KEEP_ALIVE = ": keep-alive\n\n"
 def json_body() -> Any:
     """The request's JSON, or the 415/400 error a client should see instead."""
     if request.mimetype != "application/json":
-        raise RequestError(415, "send the body as JSON with 'Content-Type: application/json'",
-                           kind="unsupported_media_type")
+        raise RequestError(
+            415, "send the body as JSON with 'Content-Type: application/json'", kind="unsupported_media_type"
+        )
     try:
         return request.get_json()
     except BadRequest:

@@ -32,8 +32,9 @@ def local_folder(source: str) -> Path:
         return path
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.txt",
-                                                          "*.model", "*.jinja"]))
+    return Path(
+        snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
+    )
 
 
 def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -55,8 +56,9 @@ def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 def load_model(source: str, precision: str) -> torch.nn.Module:
     """The model at `precision` (one of `DTYPES`), ready for inference."""
     if precision in ("bfloat16", "float32"):
-        return AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, precision),
-                                                    attn_implementation=attention.NAME).eval()
+        return AutoModelForCausalLM.from_pretrained(
+            source, dtype=getattr(torch, precision), attn_implementation=attention.NAME
+        ).eval()
     if precision not in ("int8", "int4"):
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(DTYPES)}")
     return load_quantized(local_folder(source), bits=8 if precision == "int8" else 4)
@@ -66,8 +68,9 @@ def load_quantized(folder: Path, bits: int) -> torch.nn.Module:
     """Linear layers in `bits`-bit weights, the token table in int8 rows, the rest in bf16."""
     config = AutoConfig.from_pretrained(folder)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16,
-                                                 attn_implementation=attention.NAME)
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=torch.bfloat16, attn_implementation=attention.NAME
+        )
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     head = model.get_output_embeddings()
     head_name = next(n for n, m in model.named_modules() if m is head)
@@ -100,8 +103,11 @@ def load_quantized(folder: Path, bits: int) -> torch.nn.Module:
                 values, scales = quantize_rows(tensor)
                 _replace(model, embedding_name, Int8Embedding(values, scales, torch.bfloat16))
                 if tied:  # the head is the same matrix (in int8, quantized once for both)
-                    head = (Int8Linear(values, scales, None) if bits == 8
-                            else quantized_linear(bits, tensor, None))
+                    head = (
+                        Int8Linear(values, scales, None)
+                        if bits == 8
+                        else quantized_linear(bits, tensor, None)
+                    )
                     _replace(model, head_name, head)
                 del values, scales, tensor
                 return_freed_memory()
@@ -109,8 +115,11 @@ def load_quantized(folder: Path, bits: int) -> torch.nn.Module:
             module._parameters[attr] = torch.nn.Parameter(tensor.to(torch.bfloat16), requires_grad=False)
     return_freed_memory()
     linears.discard(head_name)
-    if pending or any(model.get_submodule(n).weight.is_meta for n in linears
-                      if isinstance(model.get_submodule(n), torch.nn.Linear)):
+    if pending or any(
+        model.get_submodule(n).weight.is_meta
+        for n in linears
+        if isinstance(model.get_submodule(n), torch.nn.Linear)
+    ):
         raise ValueError(f"the checkpoint in {folder} is missing weights")
     _rebuild_meta_buffers(model, config)
     missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]

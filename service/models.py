@@ -83,8 +83,15 @@ def default_budget() -> int:
 class ModelManager:
     """Offered models by id; the active one answers requests that name no model."""
 
-    def __init__(self, sources: list[str], default: str, make_engine: Callable[[str], Engine], *,
-                 dtype: str = "bfloat16", budget_bytes: int | None = None):
+    def __init__(
+        self,
+        sources: list[str],
+        default: str,
+        make_engine: Callable[[str], Engine],
+        *,
+        dtype: str = "bfloat16",
+        budget_bytes: int | None = None,
+    ):
         self._offers: dict[str, Offer] = {}
         for source in dict.fromkeys([default, *sources]):
             offer = Offer(public_id(source), source, lookup(source))
@@ -117,8 +124,7 @@ class ModelManager:
 
     def find(self, model: str) -> Offer:
         """The offer for an id or a source; `UnknownModel` names the offered ones."""
-        offer = self._offers.get(model) or next(
-            (o for o in self._offers.values() if o.source == model), None)
+        offer = self._offers.get(model) or next((o for o in self._offers.values() if o.source == model), None)
         if offer is None:
             raise UnknownModel(model, self.offered)
         return offer
@@ -136,8 +142,10 @@ class ModelManager:
         if offer.engine is None:
             if self._pending is not None:
                 raise EngineUnavailable(f"switching to {self._pending}: the model is still loading")
-            raise EngineUnavailable(offer.error or f"the model {offer.id} is not loaded; select it first "
-                                    "(POST /api/models/active)")
+            raise EngineUnavailable(
+                offer.error
+                or f"the model {offer.id} is not loaded; select it first (POST /api/models/active)"
+            )
         return offer.engine
 
     def status(self) -> tuple[str, Offer, Engine | None]:
@@ -157,13 +165,21 @@ class ModelManager:
         for offer in self._offers.values():
             entry = offer.catalog
             error = offer.error or (offer.engine.error if offer.engine else None)
-            out.append({"id": offer.id, "source": offer.source, "state": offer.state, "error": error,
-                        "active": offer.id == active, "pending": offer.id == self._pending,
-                        "params_b": entry.params_b if entry else None,
-                        "context_length": entry.context_length if entry else None,
-                        "licence": entry.licence if entry else None,
-                        "notes": entry.notes if entry else None,
-                        "memory_gb": entry.memory_gb(self._dtype) if entry else None})
+            out.append(
+                {
+                    "id": offer.id,
+                    "source": offer.source,
+                    "state": offer.state,
+                    "error": error,
+                    "active": offer.id == active,
+                    "pending": offer.id == self._pending,
+                    "params_b": entry.params_b if entry else None,
+                    "context_length": entry.context_length if entry else None,
+                    "licence": entry.licence if entry else None,
+                    "notes": entry.notes if entry else None,
+                    "memory_gb": entry.memory_gb(self._dtype) if entry else None,
+                }
+            )
         return out
 
     # --- switching ---------------------------------------------------------------------------
@@ -216,4 +232,3 @@ class ModelManager:
         for offer in self._offers.values():
             if offer.engine is not None:
                 offer.engine.close()
-

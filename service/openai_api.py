@@ -86,8 +86,13 @@ def _validation_error(exc: ValidationError) -> RequestError:
     param = ".".join(str(p) for p in first["loc"]) or None
     if first["type"] == "extra_forbidden":
         message = f"Unrecognized request argument supplied: {param}"
-    elif first["type"] == "literal_error" and param in ("n", "frequency_penalty", "presence_penalty",
-                                                         "logprobs", "response_format.type"):
+    elif first["type"] == "literal_error" and param in (
+        "n",
+        "frequency_penalty",
+        "presence_penalty",
+        "logprobs",
+        "response_format.type",
+    ):
         message = f"{UNSUPPORTED_HINT}: {param} must be {first['ctx']['expected']}"
     else:
         message = f"Invalid value for '{param}': {first['msg'].removeprefix('Value error, ')}"
@@ -96,8 +101,10 @@ def _validation_error(exc: ValidationError) -> RequestError:
 
 @bp.get("/models")
 def models() -> Response:
-    return jsonify(object="list", data=[{"id": i, "object": "model", "created": 0,
-                                         "owned_by": "qwen-box"} for i in _models().offered])
+    return jsonify(
+        object="list",
+        data=[{"id": i, "object": "model", "created": 0, "owned_by": "qwen-box"} for i in _models().offered],
+    )
 
 
 @bp.post("/chat/completions")
@@ -113,28 +120,41 @@ def chat_completions() -> Response | tuple[Response, int]:
         model = _models().find(body.model).id
     except UnknownModel as exc:
         offered = ", ".join(exc.offered)
-        raise RequestError(404, f"The model `{body.model}` does not exist. Offered: {offered}",
-                           param="model", code="model_not_found") from None
+        raise RequestError(
+            404,
+            f"The model `{body.model}` does not exist. Offered: {offered}",
+            param="model",
+            code="model_not_found",
+        ) from None
     messages = [m.to_message() for m in body.messages]
     if messages[-1].role != "user":
         raise RequestError(400, "The last message must have role 'user'", param="messages")
     settings = current_app.extensions["settings"]
     max_tokens_name = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     try:
-        chat = make_request(messages, stream=body.stream,
-                            max_tokens=body.max_completion_tokens or body.max_tokens,
-                            temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                            stop=body.stop, default_max_tokens=settings.default_max_tokens,
-                            max_tokens_limit=settings.max_tokens_limit, max_tokens_name=max_tokens_name)
+        chat = make_request(
+            messages,
+            stream=body.stream,
+            max_tokens=body.max_completion_tokens or body.max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+            stop=body.stop,
+            default_max_tokens=settings.default_max_tokens,
+            max_tokens_limit=settings.max_tokens_limit,
+            max_tokens_name=max_tokens_name,
+        )
     except RequestError as exc:  # OpenAI answers every invalid parameter with 400
         raise RequestError(400, exc.message, param=exc.param) from None
     started = start(_models(), replace(chat, model=model))
     completion = _Completion(started.model)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return Response(completion.stream(started.generation, include_usage),
-                        mimetype="text/event-stream",
-                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return Response(
+            completion.stream(started.generation, include_usage),
+            mimetype="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     try:
         text, finished = started.generation.result()
     finally:
@@ -161,20 +181,33 @@ class _Completion:
         self.model = model
 
     def _base(self, kind: str) -> dict[str, Any]:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
-                "system_fingerprint": None}
+        return {
+            "id": self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+        }
 
     def whole(self, text: str, finished: Finished) -> dict[str, Any]:
-        return {**self._base("chat.completion"),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text,
-                                                     "refusal": None},
-                             "logprobs": None, "finish_reason": _finish_reason(finished)}],
-                "usage": _usage(finished)}
+        return {
+            **self._base("chat.completion"),
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text, "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": _finish_reason(finished),
+                }
+            ],
+            "usage": _usage(finished),
+        }
 
     def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> str:
-        chunk = {**self._base("chat.completion.chunk"),
-                 "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                              "finish_reason": finish_reason}]}
+        chunk = {
+            **self._base("chat.completion.chunk"),
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        }
         return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
     def stream(self, generation: Generation, include_usage: bool) -> Iterator[str]:
@@ -186,14 +219,17 @@ class _Completion:
                 elif isinstance(event, str):
                     yield self._chunk({"content": event})
                 elif event.error:
-                    error = {"message": f"generation failed: {event.error}", "type": "server_error",
-                             "param": None, "code": None}
+                    error = {
+                        "message": f"generation failed: {event.error}",
+                        "type": "server_error",
+                        "param": None,
+                        "code": None,
+                    }
                     yield f"data: {json.dumps({'error': error})}\n\n"
                 else:
                     yield self._chunk({}, _finish_reason(event))
                     if include_usage:
-                        usage = {**self._base("chat.completion.chunk"), "choices": [],
-                                 "usage": _usage(event)}
+                        usage = {**self._base("chat.completion.chunk"), "choices": [], "usage": _usage(event)}
                         yield f"data: {json.dumps(usage)}\n\n"
             yield "data: [DONE]\n\n"
         finally:

@@ -104,10 +104,10 @@ def quantize_rows(weight: torch.Tensor, chunk: int = 2048) -> tuple[torch.Tensor
     values = torch.empty(weight.shape, dtype=torch.int8)
     scales = torch.empty(rows, dtype=torch.float32)
     for start in range(0, rows, chunk):
-        w = weight[start:start + chunk].to(torch.float32, copy=True)
+        w = weight[start : start + chunk].to(torch.float32, copy=True)
         scale = (w.abs().amax(dim=1) / 127).clamp_(min=1e-8)
-        values[start:start + chunk].copy_(w.div_(scale[:, None]).round_().clamp_(-127, 127))
-        scales[start:start + chunk] = scale
+        values[start : start + chunk].copy_(w.div_(scale[:, None]).round_().clamp_(-127, 127))
+        scales[start : start + chunk] = scale
     return values, scales
 
 
@@ -120,13 +120,14 @@ def quantize_int4(weight: torch.Tensor, group: int, chunk: int = 2048) -> tuple[
     packed = torch.empty(rows, cols // 2, dtype=torch.uint8)
     scales_zeros = torch.empty(cols // group, rows, 2, dtype=torch.bfloat16)
     for start in range(0, rows, chunk):
-        w = weight[start:start + chunk].to(torch.float32, copy=True).view(-1, cols // group, group)
+        w = weight[start : start + chunk].to(torch.float32, copy=True).view(-1, cols // group, group)
         low, high = w.amin(dim=-1), w.amax(dim=-1)
         scale = ((high - low) / 15).clamp_(min=1e-8)
         q = w.sub_(low[..., None]).div_(scale[..., None]).round_().clamp_(0, 15)
         n = q.shape[0]
-        packed[start:start + n] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-            q.view(n, cols).to(torch.int32), 1)
-        scales_zeros[:, start:start + n, 0] = scale.T
-        scales_zeros[:, start:start + n, 1] = (low + 8 * scale).T
+        packed[start : start + n] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            q.view(n, cols).to(torch.int32), 1
+        )
+        scales_zeros[:, start : start + n, 0] = scale.T
+        scales_zeros[:, start : start + n, 1] = (low + 8 * scale).T
     return packed, scales_zeros

@@ -28,15 +28,23 @@ CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
     if os.environ.get("CI"):
         raise RuntimeError("CI needs /usr/bin/chromium for the browser tests (apt-get install chromium)")
-    pytest.skip("no /usr/bin/chromium: apt-get install chromium to run the browser tests",
-                allow_module_level=True)
+    pytest.skip(
+        "no /usr/bin/chromium: apt-get install chromium to run the browser tests", allow_module_level=True
+    )
 
 sync_api = pytest.importorskip("playwright.sync_api")
 expect = sync_api.expect
 
-LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-               "--no-first-run", "--disable-background-networking", "--disable-component-update",
-               "--disable-sync"]
+LAUNCH_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"viewport": {"width": 390, "height": 800}, "is_mobile": True, "has_touch": True}
@@ -110,8 +118,9 @@ def phone_page(browser) -> Iterator:
 
 
 def scripted_engine(tiny_backend, script: str, delay: float = 0.0, context_length: int = 4096) -> Engine:
-    return ready_engine(ScriptedBackend(tiny_backend.tokenizer, script, delay=delay,
-                                        context_length=context_length))
+    return ready_engine(
+        ScriptedBackend(tiny_backend.tokenizer, script, delay=delay, context_length=context_length)
+    )
 
 
 def send(page, text: str) -> None:

@@ -64,9 +64,12 @@ def client(settings: Settings, engine: Engine):
 @pytest.fixture
 def scripted(tiny_backend: TransformersBackend):
     """Make a ready engine whose model says `script` (optionally slowly)."""
+
     def make(script: str = "Hello!", delay: float = 0.0, queue_size: int = 8) -> Engine:
-        return ready_engine(ScriptedBackend(tiny_backend.tokenizer, script, delay=delay),
-                            queue_size=queue_size)
+        return ready_engine(
+            ScriptedBackend(tiny_backend.tokenizer, script, delay=delay), queue_size=queue_size
+        )
+
     return make
 
 
@@ -95,12 +98,23 @@ class LiveServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        full_env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port),
-                    "DATA_DIR": str(log_path.parent / f"data-{self.port}"),
-                    "LOG_LEVEL": "warning", "RATE_LIMIT": "1000/minute", **env}
+        full_env = {
+            **os.environ,
+            "HOST": "127.0.0.1",
+            "PORT": str(self.port),
+            "DATA_DIR": str(log_path.parent / f"data-{self.port}"),
+            "LOG_LEVEL": "warning",
+            "RATE_LIMIT": "1000/minute",
+            **env,
+        }
         self._log = open(log_path, "wb")
-        self.process = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=full_env,
-                                        stdout=self._log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "service"],
+            cwd=ROOT,
+            env=full_env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
 
     def wait_healthy(self, timeout: float = 60) -> dict:
         deadline = time.monotonic() + timeout
@@ -134,7 +148,14 @@ class LiveServer:
 @pytest.fixture(scope="module")
 def live_server(endless_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """gunicorn serving the endless tiny model one request at a time, with room for one waiting."""
-    with LiveServer({"MODEL_ID": str(endless_model_dir), "QUEUE_SIZE": "1", "MAX_BATCH": "1",
-                     "CONTEXT_TOKENS": "4096", "MAX_TOKENS_LIMIT": "4000"},
-                    tmp_path_factory.mktemp("logs") / "gunicorn.log") as server:
+    with LiveServer(
+        {
+            "MODEL_ID": str(endless_model_dir),
+            "QUEUE_SIZE": "1",
+            "MAX_BATCH": "1",
+            "CONTEXT_TOKENS": "4096",
+            "MAX_TOKENS_LIMIT": "4000",
+        },
+        tmp_path_factory.mktemp("logs") / "gunicorn.log",
+    ) as server:
         yield server

@@ -32,8 +32,14 @@ API_VERSIONS = {
     "microsoft.compute/skus": {"2021-07-01"},
 }
 
-SKUS = ["Standard_B2s", "Standard_B2ms", "Standard_B2as_v2", "Standard_D2s_v5", "Standard_D2as_v5",
-        "Standard_B4ms"]
+SKUS = [
+    "Standard_B2s",
+    "Standard_B2ms",
+    "Standard_B2as_v2",
+    "Standard_D2s_v5",
+    "Standard_D2as_v5",
+    "Standard_B4ms",
+]
 
 
 @dataclass
@@ -81,8 +87,12 @@ def succeeding_vm(script: str) -> str:
 class FakeArm:
     """The fake ARM. `start()` it, point clients at `url` with `ca_path` as the CA bundle, `stop()` it."""
 
-    def __init__(self, subscription: str = "00000000-0000-0000-0000-000000000001",
-                 public_ip: str = "127.0.0.1", polls: int = 1):
+    def __init__(
+        self,
+        subscription: str = "00000000-0000-0000-0000-000000000001",
+        public_ip: str = "127.0.0.1",
+        polls: int = 1,
+    ):
         self.subscription = subscription
         self.public_ip = public_ip
         self.polls = polls
@@ -119,8 +129,9 @@ class FakeArm:
         self._server.daemon_threads = True
         self._server.socket = ctx.wrap_socket(self._server.socket, server_side=True)
         self.url = f"https://127.0.0.1:{self._server.server_address[1]}"
-        threading.Thread(target=self._server.serve_forever, args=(0.05,), name="fake-arm",
-                         daemon=True).start()
+        threading.Thread(
+            target=self._server.serve_forever, args=(0.05,), name="fake-arm", daemon=True
+        ).start()
         return self
 
     def stop(self) -> None:
@@ -129,8 +140,17 @@ class FakeArm:
             self._server.server_close()
 
     # -- what tests look at and set up ---------------------------------------------------------
-    def fail(self, method: str, path: str, status: int, code: str = "", message: str = "",
-             times: int = 1, headers: dict[str, str] | None = None, lro: bool = False) -> None:
+    def fail(
+        self,
+        method: str,
+        path: str,
+        status: int,
+        code: str = "",
+        message: str = "",
+        times: int = 1,
+        headers: dict[str, str] | None = None,
+        lro: bool = False,
+    ) -> None:
         with self.lock:
             self.faults.append(Fault(method.upper(), path, status, code, message, times, headers or {}, lro))
 
@@ -159,15 +179,19 @@ class FakeArm:
             return not self.groups and not self.resources
 
     # -- request handling ----------------------------------------------------------------------
-    def handle(self, method: str, path: str, query: dict[str, str], body: dict | None,
-               headers: dict[str, str]) -> tuple[int, dict | None, dict[str, str]]:
+    def handle(
+        self, method: str, path: str, query: dict[str, str], body: dict | None, headers: dict[str, str]
+    ) -> tuple[int, dict | None, dict[str, str]]:
         with self.lock:
             self.requests.append((method, path, query.get("api-version", "")))
             if path.startswith("/fake/"):
                 return self._fake_endpoint(method, path)
             if not headers.get("authorization", "").startswith("Bearer "):
-                raise ArmError(401, "AuthenticationFailed", "Authentication failed. The 'Authorization' "
-                               "header is missing.")
+                raise ArmError(
+                    401,
+                    "AuthenticationFailed",
+                    "Authentication failed. The 'Authorization' header is missing.",
+                )
             self._check_api_version(path, query.get("api-version"))
             fault = self._take_fault(method, path)
             if fault and not fault.lro:
@@ -245,20 +269,31 @@ class FakeArm:
             return 200, group, {}
         if method == "PUT":
             if group and group["properties"]["provisioningState"] == "Deleting":
-                raise ArmError(409, "ResourceGroupBeingDeleted",
-                               f"The resource group '{name}' is in deprovisioning state and cannot perform "
-                               "this operation.")
+                raise ArmError(
+                    409,
+                    "ResourceGroupBeingDeleted",
+                    f"The resource group '{name}' is in deprovisioning state and cannot perform "
+                    "this operation.",
+                )
             if not body or "location" not in body:
-                raise ArmError(400, "LocationRequired",
-                               "The location property is required for this definition.")
+                raise ArmError(
+                    400, "LocationRequired", "The location property is required for this definition."
+                )
             if group and group["location"] != body["location"].lower():
-                raise ArmError(409, "InvalidResourceGroupLocation",
-                               f"Invalid resource group location '{body['location']}'. The Resource group "
-                               f"already exists in location '{group['location']}'.")
+                raise ArmError(
+                    409,
+                    "InvalidResourceGroupLocation",
+                    f"Invalid resource group location '{body['location']}'. The Resource group "
+                    f"already exists in location '{group['location']}'.",
+                )
             self.groups[key] = {
-                "id": f"/subscriptions/{self.subscription}/resourceGroups/{name}", "name": name,
-                "type": "Microsoft.Resources/resourceGroups", "location": body["location"].lower(),
-                "tags": body.get("tags", {}), "properties": {"provisioningState": "Succeeded"}}
+                "id": f"/subscriptions/{self.subscription}/resourceGroups/{name}",
+                "name": name,
+                "type": "Microsoft.Resources/resourceGroups",
+                "location": body["location"].lower(),
+                "tags": body.get("tags", {}),
+                "properties": {"provisioningState": "Succeeded"},
+            }
             return (200 if group else 201), self.groups[key], {}
         if method == "DELETE":
             if not group:
@@ -291,8 +326,11 @@ class FakeArm:
         rid = f"/subscriptions/{self.subscription}/resourceGroups/{group}/providers/{ptype}/{name}"
         if method == "GET":
             if not existing:
-                raise ArmError(404, "ResourceNotFound", f"The Resource '{ptype}/{name}' under resource group "
-                               f"'{group}' was not found.")
+                raise ArmError(
+                    404,
+                    "ResourceNotFound",
+                    f"The Resource '{ptype}/{name}' under resource group '{group}' was not found.",
+                )
             return 200, existing, {}
         if method == "DELETE":
             if not existing:
@@ -304,8 +342,15 @@ class FakeArm:
         if not isinstance(body, dict) or "location" not in body:
             raise ArmError(400, "LocationRequired", "The location property is required for this definition.")
         resource = json.loads(json.dumps(body))
-        resource.update({"id": rid, "name": name, "type": ptype, "location": body["location"].lower(),
-                         "etag": f'W/"{uuid.uuid4()}"'})
+        resource.update(
+            {
+                "id": rid,
+                "name": name,
+                "type": ptype,
+                "location": body["location"].lower(),
+                "etag": f'W/"{uuid.uuid4()}"',
+            }
+        )
         props = resource.setdefault("properties", {})
         kind = ptype.lower()
         if kind == "microsoft.network/virtualnetworks":
@@ -333,29 +378,38 @@ class FakeArm:
             return _key(parts[3], parts[5] + "/" + parts[6], parts[7]) in self.resources
         if len(parts) == 10 and parts[8].lower() == "subnets":
             vnet = self.resources.get(_key(parts[3], parts[5] + "/" + parts[6], parts[7]))
-            return bool(vnet) and any(s["name"].lower() == parts[9].lower()
-                                      for s in vnet["properties"].get("subnets", []))
+            return bool(vnet) and any(
+                s["name"].lower() == parts[9].lower() for s in vnet["properties"].get("subnets", [])
+            )
         return False
 
     def _require(self, rid: str | None, what: str) -> None:
         if rid and not self._exists(rid):
-            raise ArmError(400, "InvalidResourceReference",
-                           f"Resource {rid} referenced by {what} was not found.")
+            raise ArmError(
+                400, "InvalidResourceReference", f"Resource {rid} referenced by {what} was not found."
+            )
 
     def _public_ip(self, resource: dict, existing: dict | None) -> None:
         props = resource["properties"]
         standard = resource.get("sku", {}).get("name") == "Standard"
         if standard and props.get("publicIPAllocationMethod") != "Static":
-            raise ArmError(400, "StandardSkuPublicIPAddressesCanOnlyBeStatic",
-                           "Standard sku publicIp can only use Static allocation method.")
+            raise ArmError(
+                400,
+                "StandardSkuPublicIPAddressesCanOnlyBeStatic",
+                "Standard sku publicIp can only use Static allocation method.",
+            )
         label = props.get("dnsSettings", {}).get("domainNameLabel")
         if label:
             for other in self.resources.values():
                 same = other["id"].lower() == resource["id"].lower()
                 olabel = other.get("properties", {}).get("dnsSettings", {}).get("domainNameLabel")
                 if not same and olabel == label and other["location"] == resource["location"]:
-                    raise ArmError(400, "DnsRecordInUse", f"DNS record {label}.{resource['location']}."
-                                   "cloudapp.azure.com is already used by another public IP.")
+                    raise ArmError(
+                        400,
+                        "DnsRecordInUse",
+                        f"DNS record {label}.{resource['location']}."
+                        "cloudapp.azure.com is already used by another public IP.",
+                    )
             props["dnsSettings"]["fqdn"] = f"{label}.{resource['location']}.cloudapp.azure.com"
         props["ipAddress"] = (existing or {}).get("properties", {}).get("ipAddress", self.public_ip)
 
@@ -372,11 +426,14 @@ class FakeArm:
         props = resource["properties"]
         size = props.get("hardwareProfile", {}).get("vmSize", "")
         if resource["location"] in self.restricted.get(size.lower(), set()):
-            raise ArmError(409, "SkuNotAvailable",
-                           f"The requested VM size for resource 'Following SKUs have failed for Capacity "
-                           f"Restrictions: {size}' is currently not available in location "
-                           f"'{resource['location']}'. Please try another size or deploy to a different "
-                           "location or different zone.")
+            raise ArmError(
+                409,
+                "SkuNotAvailable",
+                f"The requested VM size for resource 'Following SKUs have failed for Capacity "
+                f"Restrictions: {size}' is currently not available in location "
+                f"'{resource['location']}'. Please try another size or deploy to a different "
+                "location or different zone.",
+            )
         for nic in props.get("networkProfile", {}).get("networkInterfaces", []):
             self._require(nic.get("id"), "the virtual machine")
         os_profile = props.get("osProfile", {})
@@ -385,12 +442,16 @@ class FakeArm:
         if existing and stored:
             sent = os_profile.pop("customData", None)
             if sent is not None and sent != stored["customData"]:
-                raise ArmError(409, "PropertyChangeNotAllowed",
-                               "Changing property 'customData' is not allowed.")
+                raise ArmError(
+                    409, "PropertyChangeNotAllowed", "Changing property 'customData' is not allowed."
+                )
             old_user = existing["properties"]["osProfile"]["adminUsername"]
             if os_profile.get("adminUsername", old_user) != old_user:
-                raise ArmError(409, "PropertyChangeNotAllowed",
-                               "Changing property 'osProfile.adminUsername' is not allowed.")
+                raise ArmError(
+                    409,
+                    "PropertyChangeNotAllowed",
+                    "Changing property 'osProfile.adminUsername' is not allowed.",
+                )
             props["osProfile"] = {**existing["properties"]["osProfile"], **os_profile}
             props["vmId"] = existing["properties"]["vmId"]
         else:
@@ -399,21 +460,29 @@ class FakeArm:
             props["vmId"] = str(uuid.uuid4())
             disk = props.get("storageProfile", {}).get("osDisk", {})
             disk_name = disk.get("name") or f"{name}_OsDisk_1"
-            did = (f"/subscriptions/{self.subscription}/resourceGroups/{group}/providers/"
-                   f"Microsoft.Compute/disks/{disk_name}")
+            did = (
+                f"/subscriptions/{self.subscription}/resourceGroups/{group}/providers/"
+                f"Microsoft.Compute/disks/{disk_name}"
+            )
             disk.setdefault("managedDisk", {})["id"] = did
             self.resources[_key(group, "Microsoft.Compute/disks", disk_name)] = {
-                "id": did, "name": disk_name, "type": "Microsoft.Compute/disks",
+                "id": did,
+                "name": disk_name,
+                "type": "Microsoft.Compute/disks",
                 "location": resource["location"],
-                "properties": {"diskSizeGB": disk.get("diskSizeGB", 30), "provisioningState": "Succeeded"}}
+                "properties": {"diskSizeGB": disk.get("diskSizeGB", 30), "provisioningState": "Succeeded"},
+            }
 
     def _vm_action(self, method, group, name, tail, body):
         key = _key(group, "Microsoft.Compute/virtualMachines", name)
         vm = self.resources.get(key)
         if not vm:
-            raise ArmError(404, "ResourceNotFound",
-                           f"The Resource 'Microsoft.Compute/virtualMachines/{name}' "
-                           f"under resource group '{group}' was not found.")
+            raise ArmError(
+                404,
+                "ResourceNotFound",
+                f"The Resource 'Microsoft.Compute/virtualMachines/{name}' "
+                f"under resource group '{group}' was not found.",
+            )
         action = tail[0]
         if action == "instanceview" and method == "GET":
             return 200, self._instance_view(), {}
@@ -421,29 +490,54 @@ class FakeArm:
             op = self._operation(lambda: setattr(self, "power_state", "running"))
             return 202, None, self._lro_headers(op)
         if action == "retrievebootdiagnosticsdata" and method == "POST":
-            return 200, {"consoleScreenshotBlobUri": f"{self.url}/fake/bootdiag/{name}/screenshot.bmp?sig=x",
-                         "serialConsoleLogBlobUri": f"{self.url}/fake/bootdiag/{name}/serial.log?sig=x"}, {}
+            return (
+                200,
+                {
+                    "consoleScreenshotBlobUri": f"{self.url}/fake/bootdiag/{name}/screenshot.bmp?sig=x",
+                    "serialConsoleLogBlobUri": f"{self.url}/fake/bootdiag/{name}/serial.log?sig=x",
+                },
+                {},
+            )
         if action == "runcommand" and method == "POST":
             if self.power_state != "running":
-                raise ArmError(409, "OperationNotAllowed",
-                               "Cannot run a command on a VM that is not running.")
+                raise ArmError(
+                    409, "OperationNotAllowed", "Cannot run a command on a VM that is not running."
+                )
             script = "\n".join((body or {}).get("script", []))
             self.run_commands.append(script)
             op = self._operation(None)
             output = self.vm_shell(script)
-            self.operations[op].result = {"value": [{
-                "code": "ProvisioningState/succeeded", "level": "Info",
-                "displayStatus": "Provisioning succeeded",
-                "message": f"Enable succeeded: \n[stdout]\n{output}\n[stderr]\n"}]}
+            self.operations[op].result = {
+                "value": [
+                    {
+                        "code": "ProvisioningState/succeeded",
+                        "level": "Info",
+                        "displayStatus": "Provisioning succeeded",
+                        "message": f"Enable succeeded: \n[stdout]\n{output}\n[stderr]\n",
+                    }
+                ]
+            }
             return 202, None, self._lro_headers(op, result=True)
         raise ArmError(404, "NotFound", f"No action {action}")
 
     def _instance_view(self) -> dict:
-        return {"computerName": "qwen-box", "osName": "ubuntu", "osVersion": "24.04",
-                "statuses": [{"code": "ProvisioningState/succeeded", "level": "Info",
-                              "displayStatus": "Provisioning succeeded"},
-                             {"code": f"PowerState/{self.power_state}", "level": "Info",
-                              "displayStatus": f"VM {self.power_state}"}]}
+        return {
+            "computerName": "qwen-box",
+            "osName": "ubuntu",
+            "osVersion": "24.04",
+            "statuses": [
+                {
+                    "code": "ProvisioningState/succeeded",
+                    "level": "Info",
+                    "displayStatus": "Provisioning succeeded",
+                },
+                {
+                    "code": f"PowerState/{self.power_state}",
+                    "level": "Info",
+                    "displayStatus": f"VM {self.power_state}",
+                },
+            ],
+        }
 
     def _skus(self, filt: str) -> list[dict]:
         match = re.search(r"location eq '([^']*)'", filt)
@@ -451,11 +545,24 @@ class FakeArm:
         out = []
         for size in SKUS:
             restricted = region in self.restricted.get(size.lower(), set())
-            out.append({
-                "resourceType": "virtualMachines", "name": size, "tier": "Standard", "locations": [region],
-                "restrictions": [{"type": "Location", "values": [region],
-                                  "reasonCode": "NotAvailableForSubscription",
-                                  "restrictionInfo": {"locations": [region]}}] if restricted else []})
+            out.append(
+                {
+                    "resourceType": "virtualMachines",
+                    "name": size,
+                    "tier": "Standard",
+                    "locations": [region],
+                    "restrictions": [
+                        {
+                            "type": "Location",
+                            "values": [region],
+                            "reasonCode": "NotAvailableForSubscription",
+                            "restrictionInfo": {"locations": [region]},
+                        }
+                    ]
+                    if restricted
+                    else [],
+                }
+            )
         return out
 
     # -- long-running operations ----------------------------------------------------------------

@@ -21,8 +21,16 @@ class _Reading:
 
 
 class ScriptedBackend:
-    def __init__(self, tokenizer: Any, script: str = "Hello!", *, delay: float = 0.0,
-                 name: str = "scripted", context_length: int = 4096, max_batch: int = 4):
+    def __init__(
+        self,
+        tokenizer: Any,
+        script: str = "Hello!",
+        *,
+        delay: float = 0.0,
+        name: str = "scripted",
+        context_length: int = 4096,
+        max_batch: int = 4,
+    ):
         self.name = name
         self.tokenizer = tokenizer
         self.context_length = context_length
@@ -38,8 +46,9 @@ class ScriptedBackend:
         return token
 
     def admit(self, prompt_ids: list[int], options: SamplingOptions) -> tuple[_Reading, int]:
-        reading = _Reading(self.tokenizer.encode(self.script, add_special_tokens=False)
-                           + sorted(self.eos_token_ids))
+        reading = _Reading(
+            self.tokenizer.encode(self.script, add_special_tokens=False) + sorted(self.eos_token_ids)
+        )
         self.batch.append(reading)
         if self.delay:
             time.sleep(self.delay)

@@ -25,15 +25,21 @@ def app_with_token(settings, scripted):
     return create_app(Settings(**{**settings.__dict__, "access_token": TOKEN}), engine=scripted("ok"))
 
 
-ROUTES = [("post", "/api/chat", CHAT), ("post", "/v1/chat/completions", V1), ("get", "/v1/models", None),
-          ("get", "/api/does-not-exist", None)]
+ROUTES = [
+    ("post", "/api/chat", CHAT),
+    ("post", "/v1/chat/completions", V1),
+    ("get", "/v1/models", None),
+    ("get", "/api/does-not-exist", None),
+]
 
 
 @pytest.mark.parametrize("method,path,body", ROUTES)
-@pytest.mark.parametrize("header", [None, "Bearer wrong-token-0123456789", f"Basic {TOKEN}", "Bearer ",
-                                    f"Bearer {TOKEN}x"])
-def test_protected_routes_refuse_missing_or_wrong_tokens(app_with_token, settings, method, path, body,
-                                                         header):
+@pytest.mark.parametrize(
+    "header", [None, "Bearer wrong-token-0123456789", f"Basic {TOKEN}", "Bearer ", f"Bearer {TOKEN}x"]
+)
+def test_protected_routes_refuse_missing_or_wrong_tokens(
+    app_with_token, settings, method, path, body, header
+):
     headers = {"Authorization": header} if header else {}
     body = v1(settings) if body is V1 else body
     r = getattr(app_with_token.test_client(), method)(path, json=body, headers=headers)
@@ -45,8 +51,9 @@ def test_protected_routes_refuse_missing_or_wrong_tokens(app_with_token, setting
 @pytest.mark.parametrize("method,path,body", ROUTES[:3])
 def test_protected_routes_accept_the_right_token(app_with_token, settings, method, path, body):
     body = v1(settings) if body is V1 else body
-    r = getattr(app_with_token.test_client(), method)(path, json=body,
-                                                      headers={"Authorization": f"Bearer {TOKEN}"})
+    r = getattr(app_with_token.test_client(), method)(
+        path, json=body, headers={"Authorization": f"Bearer {TOKEN}"}
+    )
     assert r.status_code == 200
 
 
@@ -75,8 +82,10 @@ def test_settings_never_show_the_token():
 
 
 def test_token_stays_out_of_the_server_log(tiny_model_dir, tmp_path):
-    server = LiveServer({"MODEL_ID": str(tiny_model_dir), "ACCESS_TOKEN": TOKEN, "LOG_LEVEL": "debug"},
-                        tmp_path / "gunicorn.log")
+    server = LiveServer(
+        {"MODEL_ID": str(tiny_model_dir), "ACCESS_TOKEN": TOKEN, "LOG_LEVEL": "debug"},
+        tmp_path / "gunicorn.log",
+    )
     with server:
         auth = {"Authorization": f"Bearer {TOKEN}"}
         assert requests.post(server.url + "/api/chat", json=CHAT, headers=auth, timeout=30).status_code == 200

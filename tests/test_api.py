@@ -15,7 +15,7 @@ from service.engine import Engine
 def events(response) -> list[dict]:
     """Parse a server-sent event stream body into its data payloads (comments skipped)."""
     body = response.get_data(as_text=True)
-    return [json.loads(line[len("data: "):]) for line in body.splitlines() if line.startswith("data: ")]
+    return [json.loads(line[len("data: ") :]) for line in body.splitlines() if line.startswith("data: ")]
 
 
 def wait_for(condition, timeout: float = 10) -> None:
@@ -47,6 +47,7 @@ def test_health_loading_then_chat_refused_with_retry_after(settings, tiny_backen
 def test_health_error_after_failed_load(settings):
     def broken():
         raise OSError("model folder not found")
+
     engine = Engine(broken).start()
     engine.wait_ready(5)
     r = create_app(settings, engine=engine).test_client().get("/api/health")
@@ -55,9 +56,14 @@ def test_health_error_after_failed_load(settings):
 
 
 def test_chat_json_reply(client):
-    r = client.post("/api/chat", json={"messages": [{"role": "system", "content": "Be brief."},
-                                                    {"role": "user", "content": "Hi"}],
-                                       "max_tokens": 5, "seed": 1})
+    r = client.post(
+        "/api/chat",
+        json={
+            "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+            "max_tokens": 5,
+            "seed": 1,
+        },
+    )
     assert r.status_code == 200
     body = r.json
     assert body["message"]["role"] == "assistant" and isinstance(body["message"]["content"], str)
@@ -71,8 +77,9 @@ def test_chat_json_reply(client):
 
 def test_message_shorthand_equals_one_user_turn(client):
     a = client.post("/api/chat", json={"message": "Hi", "max_tokens": 8, "seed": 3}).json
-    b = client.post("/api/chat", json={"messages": [{"role": "user", "content": "Hi"}],
-                                       "max_tokens": 8, "seed": 3}).json
+    b = client.post(
+        "/api/chat", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, "seed": 3}
+    ).json
     assert a["message"] == b["message"] and a["usage"] == b["usage"]
 
 
@@ -103,8 +110,10 @@ def test_stop_sequence_cuts_the_reply(settings, scripted):
 
 def test_long_conversation_drops_oldest_turns_and_says_so(client):
     system = {"role": "system", "content": "SYSTEM-PROMPT"}
-    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i} " + "word " * 400}
-             for i in range(20)]
+    turns = [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i} " + "word " * 400}
+        for i in range(20)
+    ]
     turns.append({"role": "user", "content": "the newest question"})
     r = client.post("/api/chat", json={"messages": [system, *turns], "max_tokens": 50})
     assert r.status_code == 200
@@ -171,30 +180,36 @@ def test_bad_json_bodies(client, engine, body, status, words):
     assert (after["completed"], after["cancelled"]) == (before["completed"], before["cancelled"])
 
 
-@pytest.mark.parametrize("data,content_type,status", [
-    ("{not json", "application/json", 400),
-    ('{"message": "hi"', "application/json", 400),
-    (b"\xff\xfe\x00garbage", "application/json", 400),
-    ("", "application/json", 400),
-    ('{"message": "hi"}', "text/plain", 415),
-    ('{"message": "hi"}', None, 415),
-    ("message=hi", "application/x-www-form-urlencoded", 415),
-    ("x" * 1_100_000, "application/json", 413),
-])
+@pytest.mark.parametrize(
+    "data,content_type,status",
+    [
+        ("{not json", "application/json", 400),
+        ('{"message": "hi"', "application/json", 400),
+        (b"\xff\xfe\x00garbage", "application/json", 400),
+        ("", "application/json", 400),
+        ('{"message": "hi"}', "text/plain", 415),
+        ('{"message": "hi"}', None, 415),
+        ("message=hi", "application/x-www-form-urlencoded", 415),
+        ("x" * 1_100_000, "application/json", 413),
+    ],
+)
 def test_malformed_bodies(client, data, content_type, status):
     r = client.post("/api/chat", data=data, content_type=content_type)
     assert r.status_code == status
     assert r.is_json and r.json["error"]["message"]
 
 
-@pytest.mark.parametrize("method,path,status", [
-    ("get", "/api/chat", 405),
-    ("put", "/api/chat", 405),
-    ("post", "/api/health", 405),
-    ("get", "/api/nothing-here", 404),
-    ("post", "/api/chat/extra", 404),
-    ("get", "/static/../pyproject.toml", 404),
-])
+@pytest.mark.parametrize(
+    "method,path,status",
+    [
+        ("get", "/api/chat", 405),
+        ("put", "/api/chat", 405),
+        ("post", "/api/health", 405),
+        ("get", "/api/nothing-here", 404),
+        ("post", "/api/chat/extra", 404),
+        ("get", "/static/../pyproject.toml", 404),
+    ],
+)
 def test_unknown_paths_and_methods(client, method, path, status):
     r = getattr(client, method)(path)
     assert r.status_code == status

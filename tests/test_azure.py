@@ -74,8 +74,13 @@ def fake(tmp_path) -> Iterator[FakeArm]:
 
 
 def connect_to(fake: FakeArm, credential=None) -> AzureClients:
-    return credentials.connect(Cloud(arm_endpoint=fake.url), fake.subscription,
-                               credential or FakeCredential(), retry=FAST, verify=fake.ca_path)
+    return credentials.connect(
+        Cloud(arm_endpoint=fake.url),
+        fake.subscription,
+        credential or FakeCredential(),
+        retry=FAST,
+        verify=fake.ca_path,
+    )
 
 
 @pytest.fixture
@@ -148,17 +153,24 @@ PULLING = (200, {"status": "pulling", "detail": "pulling " + IMAGE})
 
 # -- what a deployment creates ----------------------------------------------------------------------
 
+
 def test_deploy_creates_every_resource_tagged_in_one_group(fake, clients):
     d = deployment()
     result = run_deploy(clients, d)
     assert result.vm_created and result.ip == "127.0.0.1"
     assert result.url == "https://qb-test.eastus.cloudapp.azure.com/"
     prefix = f"/subscriptions/{fake.subscription}/resourceGroups/qb-test-rg/providers/"
-    assert fake.resource_ids() == sorted(prefix + p for p in [
-        "Microsoft.Compute/disks/qb-test-osdisk", f"{VM}/qb-test-vm",
-        "Microsoft.Network/networkInterfaces/qb-test-nic",
-        f"{NSG}/qb-test-nsg", "Microsoft.Network/publicIPAddresses/qb-test-ip",
-        "Microsoft.Network/virtualNetworks/qb-test-vnet"])
+    assert fake.resource_ids() == sorted(
+        prefix + p
+        for p in [
+            "Microsoft.Compute/disks/qb-test-osdisk",
+            f"{VM}/qb-test-vm",
+            "Microsoft.Network/networkInterfaces/qb-test-nic",
+            f"{NSG}/qb-test-nsg",
+            "Microsoft.Network/publicIPAddresses/qb-test-ip",
+            "Microsoft.Network/virtualNetworks/qb-test-vnet",
+        ]
+    )
     assert fake.groups["qb-test-rg"]["tags"] == {"app": "qwen-box", "deployment": "qb-test"}
     for rid in fake.resource_ids():
         if "/disks/" not in rid:
@@ -189,17 +201,31 @@ def test_exposure_is_private_by_default_and_ssh_closed(fake, clients):
     assert fake.resource("qb-test-rg", VM, "qb-test-vm")["tags"][azure.TLS_TAG] == "internal"
 
 
-@pytest.mark.parametrize("options, expected, cert", [
-    ({"public": True}, {"allow-chat-https": ("443", ("Internet",)),
-                        "allow-http-redirect": ("80", ("Internet",))}, "acme"),
-    ({"trusted_cert": True}, {"allow-chat-https": ("443", (ME,)),
-                              "allow-http-redirect": ("80", ("Internet",))}, "acme-http"),
-    ({"allow_from": (ME, "198.51.100.0/24"), "port": 8443},
-     {"allow-chat-https": ("8443", (ME, "198.51.100.0/24")),
-      "allow-http-redirect": ("80", (ME, "198.51.100.0/24"))}, "internal"),
-    ({"tls": False}, {"allow-chat-http": ("80", (ME,))}, "off"),
-    ({"tls": False, "port": 8080, "public": True}, {"allow-chat-http": ("8080", ("Internet",))}, "off"),
-])
+@pytest.mark.parametrize(
+    "options, expected, cert",
+    [
+        (
+            {"public": True},
+            {"allow-chat-https": ("443", ("Internet",)), "allow-http-redirect": ("80", ("Internet",))},
+            "acme",
+        ),
+        (
+            {"trusted_cert": True},
+            {"allow-chat-https": ("443", (ME,)), "allow-http-redirect": ("80", ("Internet",))},
+            "acme-http",
+        ),
+        (
+            {"allow_from": (ME, "198.51.100.0/24"), "port": 8443},
+            {
+                "allow-chat-https": ("8443", (ME, "198.51.100.0/24")),
+                "allow-http-redirect": ("80", (ME, "198.51.100.0/24")),
+            },
+            "internal",
+        ),
+        ({"tls": False}, {"allow-chat-http": ("80", (ME,))}, "off"),
+        ({"tls": False, "port": 8080, "public": True}, {"allow-chat-http": ("8080", ("Internet",))}, "off"),
+    ],
+)
 def test_https_and_redirect_ports_open_to_the_same_sources(fake, clients, options, expected, cert):
     """443 and 80 from the allowed sources; 80 from the Internet only where a public CA must check it."""
     run_deploy(clients, deployment(**options))
@@ -230,8 +256,9 @@ def test_vm_is_ubuntu_2404_with_ssh_key_login_only(fake, clients):
     assert disk["diskSizeGB"] == 80 and disk["deleteOption"] == "Delete"
     linux = props["osProfile"]["linuxConfiguration"]
     assert linux["disablePasswordAuthentication"] is True
-    assert linux["ssh"]["publicKeys"] == [{"path": "/home/azureuser/.ssh/authorized_keys",
-                                           "keyData": "ssh-ed25519 AAAAC3Nz test"}]
+    assert linux["ssh"]["publicKeys"] == [
+        {"path": "/home/azureuser/.ssh/authorized_keys", "keyData": "ssh-ed25519 AAAAC3Nz test"}
+    ]
     assert "adminPassword" not in props["osProfile"]
     assert props["diagnosticsProfile"]["bootDiagnostics"]["enabled"] is True
 
@@ -256,6 +283,7 @@ def test_the_sdk_speaks_to_the_configured_endpoint_with_its_scope(fake):
 
 # -- converging, updating, destroying ------------------------------------------------------------------
 
+
 def test_deploying_twice_converges_to_the_same_resources(fake, clients):
     d = deployment()
     run_deploy(clients, d)
@@ -278,22 +306,28 @@ def test_redeploy_with_a_new_image_updates_the_container_not_the_vm(fake, client
     (script,) = fake.run_commands
     assert base64.b64encode(b"myreg.azurecr.io/qwen-box:2.0").decode() in script
     d = deployment()
-    expected = cloudinit.update_script("myreg.azurecr.io/qwen-box:2.0", 443, {"DTYPE": "float32"},
-                                       caddyfile=d.caddyfile)
+    expected = cloudinit.update_script(
+        "myreg.azurecr.io/qwen-box:2.0", 443, {"DTYPE": "float32"}, caddyfile=d.caddyfile
+    )
     assert script + "\n" == expected
     tags = fake.resource("qb-test-rg", VM, "qb-test-vm")["tags"]
-    digest = cloudinit.config_digest("myreg.azurecr.io/qwen-box:2.0", 443, {"DTYPE": "float32"},
-                                     caddyfile=d.caddyfile)
+    digest = cloudinit.config_digest(
+        "myreg.azurecr.io/qwen-box:2.0", 443, {"DTYPE": "float32"}, caddyfile=d.caddyfile
+    )
     assert tags[azure.CONFIG_TAG] == digest
     assert len(fake.resource_ids()) == 6
 
 
 def test_redeploy_changes_exposure_in_place(fake, clients):
     run_deploy(clients, deployment())
-    run_deploy(clients, deployment(public=True, ssh=True, allow_from=("198.51.100.0/24",),
-                                   ssh_from=("198.51.100.0/24",)))
-    rules = {r["name"]: r["properties"] for r in
-             fake.resource("qb-test-rg", NSG, "qb-test-nsg")["properties"]["securityRules"]}
+    run_deploy(
+        clients,
+        deployment(public=True, ssh=True, allow_from=("198.51.100.0/24",), ssh_from=("198.51.100.0/24",)),
+    )
+    rules = {
+        r["name"]: r["properties"]
+        for r in fake.resource("qb-test-rg", NSG, "qb-test-nsg")["properties"]["securityRules"]
+    }
     assert rules["allow-chat-https"]["sourceAddressPrefix"] == "Internet"
     assert rules["allow-http-redirect"]["sourceAddressPrefix"] == "Internet"
     assert rules["allow-ssh"]["sourceAddressPrefix"] == "198.51.100.0/24"
@@ -340,9 +374,16 @@ def test_destroy_leaves_nothing(fake, clients):
 
 # -- Azure's failures -------------------------------------------------------------------------------
 
+
 def test_429_waits_as_retry_after_says_then_succeeds(fake, clients):
-    fake.fail("PUT", "networkSecurityGroups", 429, "TooManyRequests", "Too many requests",
-              headers={"Retry-After": "1"})
+    fake.fail(
+        "PUT",
+        "networkSecurityGroups",
+        429,
+        "TooManyRequests",
+        "Too many requests",
+        headers={"Retry-After": "1"},
+    )
     started = time.monotonic()
     run_deploy(clients, deployment())
     assert time.monotonic() - started >= 1.0
@@ -364,9 +405,13 @@ def test_5xx_that_persists_is_explained(fake, clients):
 
 
 def test_quota_exceeded_is_explained(fake, clients):
-    fake.fail("PUT", "virtualMachines", 409, "OperationNotAllowed",
-              "Operation could not be completed as it results in exceeding approved standardBSFamily Cores "
-              "quota.")
+    fake.fail(
+        "PUT",
+        "virtualMachines",
+        409,
+        "OperationNotAllowed",
+        "Operation could not be completed as it results in exceeding approved standardBSFamily Cores quota.",
+    )
     with pytest.raises(AzureActionError) as err:
         run_deploy(clients, deployment())
     assert "quota exceeded in eastus" in str(err.value) and "Usage + quotas" in str(err.value)
@@ -394,25 +439,41 @@ def test_unavailable_size_suggests_one_that_is_available(fake, clients):
 
 
 def test_dns_name_taken_by_someone_else(fake, clients):
-    fake.groups["someone-else"] = {"id": "x", "name": "someone-else", "location": "eastus", "tags": {},
-                                   "properties": {"provisioningState": "Succeeded"}}
+    fake.groups["someone-else"] = {
+        "id": "x",
+        "name": "someone-else",
+        "location": "eastus",
+        "tags": {},
+        "properties": {"provisioningState": "Succeeded"},
+    }
     clients.network.public_ip_addresses.begin_create_or_update(
-        "someone-else", "their-ip", azure.public_ip_body(deployment())).result()
+        "someone-else", "their-ip", azure.public_ip_body(deployment())
+    ).result()
     with pytest.raises(AzureActionError, match="(?s)already taken .*choose another --name"):
         run_deploy(clients, deployment())
 
 
 def test_conflict_409_is_explained(fake, clients):
-    fake.fail("PUT", "networkInterfaces", 409, "AnotherOperationInProgress",
-              "Another operation on this or dependent resource is in progress.")
+    fake.fail(
+        "PUT",
+        "networkInterfaces",
+        409,
+        "AnotherOperationInProgress",
+        "Another operation on this or dependent resource is in progress.",
+    )
     with pytest.raises(AzureActionError, match="(?s)conflict .*re-run"):
         run_deploy(clients, deployment())
 
 
 def test_authorization_failure_is_explained(fake, clients):
-    fake.fail("PUT", "resourcegroups/qb-test-rg$", 403, "AuthorizationFailed",
-              "The client 'x' does not have authorization to perform action "
-              "'Microsoft.Resources/subscriptions/resourcegroups/write'.")
+    fake.fail(
+        "PUT",
+        "resourcegroups/qb-test-rg$",
+        403,
+        "AuthorizationFailed",
+        "The client 'x' does not have authorization to perform action "
+        "'Microsoft.Resources/subscriptions/resourcegroups/write'.",
+    )
     with pytest.raises(AzureActionError, match="Contributor"):
         run_deploy(clients, deployment())
 
@@ -425,20 +486,28 @@ def test_sign_in_failure_says_az_login(fake):
 
 # -- credentials and settings ------------------------------------------------------------------------
 
+
 def test_subscription_from_flag_env_or_cli_profile(tmp_path):
     assert credentials.resolve_subscription("sub-flag", {"AZURE_SUBSCRIPTION_ID": "sub-env"}) == "sub-flag"
     assert credentials.resolve_subscription("", {"AZURE_SUBSCRIPTION_ID": "sub-env"}) == "sub-env"
-    (tmp_path / "azureProfile.json").write_text(json.dumps({"subscriptions": [
-        {"id": "sub-other", "isDefault": False}, {"id": "sub-cli", "isDefault": True}]}),
-        encoding="utf-8-sig")
+    (tmp_path / "azureProfile.json").write_text(
+        json.dumps(
+            {"subscriptions": [{"id": "sub-other", "isDefault": False}, {"id": "sub-cli", "isDefault": True}]}
+        ),
+        encoding="utf-8-sig",
+    )
     assert credentials.resolve_subscription("", {"AZURE_CONFIG_DIR": str(tmp_path)}) == "sub-cli"
     with pytest.raises(CredentialsError, match="az login.*AZURE_SUBSCRIPTION_ID"):
         credentials.resolve_subscription("", {"AZURE_CONFIG_DIR": str(tmp_path / "none")})
 
 
 def test_cloud_endpoints_are_settings():
-    gov = Cloud.from_env({"AZURE_ARM_ENDPOINT": "https://management.usgovcloudapi.net/",
-                          "AZURE_AUTHORITY_HOST": "https://login.microsoftonline.us"})
+    gov = Cloud.from_env(
+        {
+            "AZURE_ARM_ENDPOINT": "https://management.usgovcloudapi.net/",
+            "AZURE_AUTHORITY_HOST": "https://login.microsoftonline.us",
+        }
+    )
     assert gov.arm_endpoint == "https://management.usgovcloudapi.net"
     assert gov.scope == "https://management.usgovcloudapi.net/.default"
     assert gov.authority_host == "https://login.microsoftonline.us"
@@ -476,6 +545,7 @@ def test_plan_shows_resources_exposure_and_cost():
 
 # -- health wait --------------------------------------------------------------------------------------
 
+
 def test_health_wait_follows_the_phases_to_ok():
     vm = StandInVM([PULLING, LOADING, LOADING, OK])
     try:
@@ -504,6 +574,7 @@ def test_health_wait_stops_early_on_an_error():
 
 
 # -- the invoke tasks, end to end against the fake ------------------------------------------------------
+
 
 def invoke(*argv: str) -> int:
     try:
@@ -542,9 +613,23 @@ def custom_files(fake: FakeArm, name: str) -> dict[str, str]:
 def test_deploy_status_logs_destroy_through_invoke(cli, capsys, monkeypatch):
     vm = StandInVM([PULLING, LOADING, OK], tls=True)
     try:
-        code = invoke("deploy-azure", "--image", IMAGE, "--name", "qb-e2e", "--allow-from", ME,
-                      "--port", str(vm.port), "--env", "DTYPE=float32", "--size", "Standard_D4s_v5",
-                      "--timeout", "10")
+        code = invoke(
+            "deploy-azure",
+            "--image",
+            IMAGE,
+            "--name",
+            "qb-e2e",
+            "--allow-from",
+            ME,
+            "--port",
+            str(vm.port),
+            "--env",
+            "DTYPE=float32",
+            "--size",
+            "Standard_D4s_v5",
+            "--timeout",
+            "10",
+        )
         out = capsys.readouterr().out
         assert code == 0, out
         assert f"Ready: https://qb-e2e.eastus.cloudapp.azure.com:{vm.port}/" in out
@@ -582,8 +667,22 @@ def test_token_is_generated_printed_once_kept_private_and_never_rotated(cli, cap
     caplog.set_level(logging.DEBUG)
     vm = StandInVM([OK], tls=True)
     try:
-        assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-tok", "--allow-from", ME,
-                      "--port", str(vm.port), "--timeout", "5") == 0
+        assert (
+            invoke(
+                "deploy-azure",
+                "--image",
+                IMAGE,
+                "--name",
+                "qb-tok",
+                "--allow-from",
+                ME,
+                "--port",
+                str(vm.port),
+                "--timeout",
+                "5",
+            )
+            == 0
+        )
         first = capsys.readouterr().out
         saved = state.token_file("qb-tok")
         token = json.loads(saved.read_text())["access_token"]
@@ -595,8 +694,22 @@ def test_token_is_generated_printed_once_kept_private_and_never_rotated(cli, cap
         assert token not in json.dumps(cli.resources) and token not in caplog.text
 
         # Again with a new image: the VM keeps its token, the token never travels, nothing shows it.
-        assert invoke("deploy-azure", "--image", "myreg.azurecr.io/qwen-box:2.0", "--name", "qb-tok",
-                      "--allow-from", ME, "--port", str(vm.port), "--timeout", "5") == 0
+        assert (
+            invoke(
+                "deploy-azure",
+                "--image",
+                "myreg.azurecr.io/qwen-box:2.0",
+                "--name",
+                "qb-tok",
+                "--allow-from",
+                ME,
+                "--port",
+                str(vm.port),
+                "--timeout",
+                "5",
+            )
+            == 0
+        )
         again = capsys.readouterr().out
     finally:
         vm.stop()
@@ -610,22 +723,64 @@ def test_a_given_token_is_used_and_not_echoed(cli, capsys, monkeypatch):
     monkeypatch.setenv(azure_cli.TOKEN_ENV, "my-own-token-0123456789")
     vm = StandInVM([OK], tls=True)
     try:
-        assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-given", "--allow-from", ME,
-                      "--port", str(vm.port), "--timeout", "5") == 0
+        assert (
+            invoke(
+                "deploy-azure",
+                "--image",
+                IMAGE,
+                "--name",
+                "qb-given",
+                "--allow-from",
+                ME,
+                "--port",
+                str(vm.port),
+                "--timeout",
+                "5",
+            )
+            == 0
+        )
     finally:
         vm.stop()
     assert "my-own-token-0123456789" not in capsys.readouterr().out
     env_file = custom_files(cli, "qb-given")["/etc/qwen-box/service.env"]
     assert "ACCESS_TOKEN=my-own-token-0123456789" in env_file
-    assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-given", "--allow-from", ME,
-                  "--token", "short", "--dry-run") == 2
+    assert (
+        invoke(
+            "deploy-azure",
+            "--image",
+            IMAGE,
+            "--name",
+            "qb-given",
+            "--allow-from",
+            ME,
+            "--token",
+            "short",
+            "--dry-run",
+        )
+        == 2
+    )
 
 
 def test_no_tls_keeps_plain_http_on_the_chosen_port(cli, capsys):
     vm = StandInVM([LOADING, OK])
     try:
-        assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-plain", "--allow-from", ME, "--no-tls",
-                      "--port", str(vm.port), "--timeout", "5") == 0
+        assert (
+            invoke(
+                "deploy-azure",
+                "--image",
+                IMAGE,
+                "--name",
+                "qb-plain",
+                "--allow-from",
+                ME,
+                "--no-tls",
+                "--port",
+                str(vm.port),
+                "--timeout",
+                "5",
+            )
+            == 0
+        )
     finally:
         vm.stop()
     out = capsys.readouterr().out
@@ -641,16 +796,39 @@ def deploy_public_trusting(vm: StandInVM, monkeypatch) -> int:
     """deploy-azure --public against a stand-in VM whose certificate this machine trusts."""
     with VM_CA.cert_pem.tempfile() as bundle:
         monkeypatch.setenv("REQUESTS_CA_BUNDLE", bundle)
-        return invoke("deploy-azure", "--image", IMAGE, "--name", "qb-pub", "--public", "--port",
-                      str(vm.port), "--timeout", "5")
+        return invoke(
+            "deploy-azure",
+            "--image",
+            IMAGE,
+            "--name",
+            "qb-pub",
+            "--public",
+            "--port",
+            str(vm.port),
+            "--timeout",
+            "5",
+        )
 
 
 def test_https_sets_proxy_hops_and_checks_the_certificate(cli, capsys, monkeypatch):
     """--public: a publicly trusted certificate is expected, so an untrusted one never counts as ready."""
     vm = StandInVM([OK], tls=True)
     try:
-        assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-pub", "--public", "--port",
-                      str(vm.port), "--timeout", "0.5") == 1
+        assert (
+            invoke(
+                "deploy-azure",
+                "--image",
+                IMAGE,
+                "--name",
+                "qb-pub",
+                "--public",
+                "--port",
+                str(vm.port),
+                "--timeout",
+                "0.5",
+            )
+            == 1
+        )
         assert "not healthy" in capsys.readouterr().out
         assert deploy_public_trusting(vm, monkeypatch) == 0
     finally:
@@ -664,15 +842,41 @@ def test_https_sets_proxy_hops_and_checks_the_certificate(cli, capsys, monkeypat
 
 
 def test_a_model_that_cannot_fit_is_refused_with_what_would(cli, capsys):
-    assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-fit", "--allow-from", ME,
-                  "--model", "microsoft/Phi-3-mini-4k-instruct", "--precision", "bfloat16") == 2
+    assert (
+        invoke(
+            "deploy-azure",
+            "--image",
+            IMAGE,
+            "--name",
+            "qb-fit",
+            "--allow-from",
+            ME,
+            "--model",
+            "microsoft/Phi-3-mini-4k-instruct",
+            "--precision",
+            "bfloat16",
+        )
+        == 2
+    )
     out = capsys.readouterr().out
     assert "does not fit" in out and "8.2 GB" in out and "Standard_B2s has 4 GiB" in out
     assert "--size Standard_B4ms" in out and "--model TinyLlama/TinyLlama-1.1B-Chat-v1.0" in out
     assert "swap does not count" in out
     assert cli.requests == []
-    assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-fit", "--allow-from", ME,
-                  "--precision", "bfloat16") == 2
+    assert (
+        invoke(
+            "deploy-azure",
+            "--image",
+            IMAGE,
+            "--name",
+            "qb-fit",
+            "--allow-from",
+            ME,
+            "--precision",
+            "bfloat16",
+        )
+        == 2
+    )
     assert "--precision int8 (2.1 GB)" in capsys.readouterr().out
 
 
@@ -680,18 +884,66 @@ def test_the_default_precision_is_checked_and_the_model_goes_to_the_vm(cli, caps
     assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-fit", "--allow-from", ME, "--dry-run") == 0
     out = capsys.readouterr().out
     assert "at int8 (the default)" in out and "needs about 2.1 GB; Standard_B2s leaves 3 GiB" in out
-    assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-fit", "--allow-from", ME, "--dry-run",
-                  "--size", "Standard_B2ms", "--precision", "bfloat16") == 0
+    assert (
+        invoke(
+            "deploy-azure",
+            "--image",
+            IMAGE,
+            "--name",
+            "qb-fit",
+            "--allow-from",
+            ME,
+            "--dry-run",
+            "--size",
+            "Standard_B2ms",
+            "--precision",
+            "bfloat16",
+        )
+        == 0
+    )
     assert "needs about 3.7 GB; Standard_B2ms leaves 7 GiB" in capsys.readouterr().out
-    assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-fit", "--allow-from", ME, "--dry-run",
-                  "--model", "someone/Unknown-7B") == 0
+    assert (
+        invoke(
+            "deploy-azure",
+            "--image",
+            IMAGE,
+            "--name",
+            "qb-fit",
+            "--allow-from",
+            ME,
+            "--dry-run",
+            "--model",
+            "someone/Unknown-7B",
+        )
+        == 0
+    )
     assert "not in the catalog" in capsys.readouterr().out
-    assert invoke("deploy-azure", "--image", IMAGE, "--allow-from", ME, "--model", "./my-model-folder",
-                  "--dry-run") == 2
+    assert (
+        invoke(
+            "deploy-azure", "--image", IMAGE, "--allow-from", ME, "--model", "./my-model-folder", "--dry-run"
+        )
+        == 2
+    )
     vm = StandInVM([OK], tls=True)
     try:
-        assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-model", "--allow-from", ME, "--model",
-                      "Qwen/Qwen2.5-0.5B-Instruct", "--port", str(vm.port), "--timeout", "5") == 0
+        assert (
+            invoke(
+                "deploy-azure",
+                "--image",
+                IMAGE,
+                "--name",
+                "qb-model",
+                "--allow-from",
+                ME,
+                "--model",
+                "Qwen/Qwen2.5-0.5B-Instruct",
+                "--port",
+                str(vm.port),
+                "--timeout",
+                "5",
+            )
+            == 0
+        )
     finally:
         vm.stop()
     files = custom_files(cli, "qb-model")
@@ -705,22 +957,55 @@ def test_dry_run_prints_the_plan_and_calls_nothing(cli, capsys, monkeypatch):
         raise AssertionError("--dry-run must not connect to Azure")
 
     monkeypatch.setattr(azure_cli, "connect_default", no_azure)
-    assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-plan", "--dry-run",
-                  "--region", "westeurope", "--ssh") == 0
+    assert (
+        invoke(
+            "deploy-azure",
+            "--image",
+            IMAGE,
+            "--name",
+            "qb-plan",
+            "--dry-run",
+            "--region",
+            "westeurope",
+            "--ssh",
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert cli.requests == []
-    for text in ("qb-plan-rg", "Standard_B2s", "westeurope", "Ubuntu 24.04", "only from your public IP",
-                 "TCP 22 (SSH, key only)", "$30.37", "a month", "nothing was sent to Azure"):
+    for text in (
+        "qb-plan-rg",
+        "Standard_B2s",
+        "westeurope",
+        "Ubuntu 24.04",
+        "only from your public IP",
+        "TCP 22 (SSH, key only)",
+        "$30.37",
+        "a month",
+        "nothing was sent to Azure",
+    ):
         assert text in out, text
 
 
 def test_deploy_that_never_gets_healthy_prints_diagnostics(cli, capsys):
     vm = StandInVM([LOADING], tls=True)
-    cli.vm_shell = lambda script: ("status: running\nqwen-box: pulling: pulling " + IMAGE
-                                   if "cloud-init status --long" in script else "")
+    cli.vm_shell = lambda script: (
+        "status: running\nqwen-box: pulling: pulling " + IMAGE if "cloud-init status --long" in script else ""
+    )
     try:
-        code = invoke("deploy-azure", "--image", IMAGE, "--name", "qb-stuck", "--allow-from", ME,
-                      "--port", str(vm.port), "--timeout", "0.5")
+        code = invoke(
+            "deploy-azure",
+            "--image",
+            IMAGE,
+            "--name",
+            "qb-stuck",
+            "--allow-from",
+            ME,
+            "--port",
+            str(vm.port),
+            "--timeout",
+            "0.5",
+        )
     finally:
         vm.stop()
     out = capsys.readouterr().out
@@ -740,13 +1025,20 @@ def test_public_deploy_is_loud(cli, capsys, monkeypatch):
         vm.stop()
     out = capsys.readouterr().out
     assert "WHOLE INTERNET" in out and "access token" in out
-    assert inbound(cli, "qb-pub") == {"allow-chat-https": (str(vm.port), ("Internet",)),
-                                      "allow-http-redirect": ("80", ("Internet",))}
+    assert inbound(cli, "qb-pub") == {
+        "allow-chat-https": (str(vm.port), ("Internet",)),
+        "allow-http-redirect": ("80", ("Internet",)),
+    }
 
 
 def test_azure_errors_reach_the_user_as_sentences(cli, capsys):
-    cli.fail("PUT", "virtualMachines", 409, "OperationNotAllowed",
-             "exceeding approved standardBSFamily Cores quota")
+    cli.fail(
+        "PUT",
+        "virtualMachines",
+        409,
+        "OperationNotAllowed",
+        "exceeding approved standardBSFamily Cores quota",
+    )
     assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-quota", "--allow-from", ME) == 1
     out = capsys.readouterr().out
     assert "error:" in out and "quota exceeded" in out and "Traceback" not in out
@@ -774,28 +1066,87 @@ def test_your_address_is_looked_up_only_when_no_allow_from_is_given(cli, capsys,
     monkeypatch.setattr(credentials, "discover_public_ip", lambda: lookups.append(1) or "198.51.100.9/32")
     vm = StandInVM([OK], tls=True)
     try:
-        assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-mine", "--ssh", "--port",
-                      str(vm.port), "--timeout", "5") == 0
-        assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-mine", "--ssh", "--allow-from", ME,
-                      "--port", str(vm.port), "--timeout", "5") == 0
+        assert (
+            invoke(
+                "deploy-azure",
+                "--image",
+                IMAGE,
+                "--name",
+                "qb-mine",
+                "--ssh",
+                "--port",
+                str(vm.port),
+                "--timeout",
+                "5",
+            )
+            == 0
+        )
+        assert (
+            invoke(
+                "deploy-azure",
+                "--image",
+                IMAGE,
+                "--name",
+                "qb-mine",
+                "--ssh",
+                "--allow-from",
+                ME,
+                "--port",
+                str(vm.port),
+                "--timeout",
+                "5",
+            )
+            == 0
+        )
     finally:
         vm.stop()
     assert lookups == [1]
-    rules = {r["name"]: r["properties"] for r in
-             cli.resource("qb-mine-rg", NSG, "qb-mine-nsg")["properties"]["securityRules"]}
+    rules = {
+        r["name"]: r["properties"]
+        for r in cli.resource("qb-mine-rg", NSG, "qb-mine-nsg")["properties"]["securityRules"]
+    }
     assert rules["allow-chat-https"]["sourceAddressPrefix"] == ME
     assert rules["allow-ssh"]["sourceAddressPrefix"] == ME
 
 
 def test_private_registry_login_without_showing_the_password(cli, capsys, monkeypatch):
-    assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-reg", "--allow-from", ME,
-                  "--registry-user", "puller", "--dry-run") == 2
+    assert (
+        invoke(
+            "deploy-azure",
+            "--image",
+            IMAGE,
+            "--name",
+            "qb-reg",
+            "--allow-from",
+            ME,
+            "--registry-user",
+            "puller",
+            "--dry-run",
+        )
+        == 2
+    )
     assert "QWEN_BOX_REGISTRY_PASSWORD" in capsys.readouterr().out
     monkeypatch.setenv("QWEN_BOX_REGISTRY_PASSWORD", "pull-token-xyz")
     vm = StandInVM([OK], tls=True)
     try:
-        assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-reg", "--allow-from", ME,
-                      "--registry-user", "puller", "--port", str(vm.port), "--timeout", "5") == 0
+        assert (
+            invoke(
+                "deploy-azure",
+                "--image",
+                IMAGE,
+                "--name",
+                "qb-reg",
+                "--allow-from",
+                ME,
+                "--registry-user",
+                "puller",
+                "--port",
+                str(vm.port),
+                "--timeout",
+                "5",
+            )
+            == 0
+        )
     finally:
         vm.stop()
     assert "pull-token-xyz" not in capsys.readouterr().out

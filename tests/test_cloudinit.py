@@ -47,8 +47,13 @@ def rendered(request) -> str:
     private = request.param == "private-registry"
     registry = RegistryLogin("myreg.azurecr.io", "puller", SECRET) if private else None
     if request.param == "https-and-model":
-        return cloudinit.render(IMAGE, 443, {**ENV, "ACCESS_TOKEN": TOKEN}, caddyfile=CADDYFILE,
-                                model="Qwen/Qwen2.5-0.5B-Instruct")
+        return cloudinit.render(
+            IMAGE,
+            443,
+            {**ENV, "ACCESS_TOKEN": TOKEN},
+            caddyfile=CADDYFILE,
+            model="Qwen/Qwen2.5-0.5B-Instruct",
+        )
     return cloudinit.render(IMAGE, 80, ENV, registry)
 
 
@@ -81,8 +86,9 @@ def test_shell_parts_parse_and_pass_shellcheck(rendered, tmp_path):
     if shellcheck is None and os.environ.get("CI"):
         pytest.fail("shellcheck is missing in CI (.ci/run installs it)")
     if shellcheck:
-        result = subprocess.run([shellcheck, "-s", "bash", *map(str, tmp_path.glob("*.sh"))],
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            [shellcheck, "-s", "bash", *map(str, tmp_path.glob("*.sh"))], capture_output=True, text=True
+        )
         assert result.returncode == 0, result.stdout
 
 
@@ -93,7 +99,10 @@ def test_rendered_config_carries_image_settings_swap_and_runs_provisioning():
     assert files["/etc/qwen-box/port"]["content"] == "8080\n"
     env_lines = files["/etc/qwen-box/service.env"]["content"].splitlines()
     assert [line for line in env_lines if not line.startswith("#")] == [
-        "DTYPE=float32", "MODEL_ID=Qwen/Qwen2.5-0.5B-Instruct", "QUEUE_SIZE=4"]
+        "DTYPE=float32",
+        "MODEL_ID=Qwen/Qwen2.5-0.5B-Instruct",
+        "QUEUE_SIZE=4",
+    ]
     assert data["swap"] == {"filename": "/swapfile", "size": "4G", "maxsize": "4G"}
     assert data["runcmd"] == [["bash", "/opt/qwen-box/provision.sh"]]
     assert not any("registry" in p for p in files)
@@ -108,23 +117,39 @@ def test_registry_secret_only_in_a_root_only_file():
     assert SECRET not in repr(RegistryLogin("myreg.azurecr.io", "puller", SECRET))
 
 
-@pytest.mark.parametrize("image", ["", "UPPER/case:1", "a b:1", "x:1;reboot", "x:$(id)", "x\n:1", "-x:1",
-                                   "ghcr.io/o/n:" + "t" * 200])
+@pytest.mark.parametrize(
+    "image",
+    ["", "UPPER/case:1", "a b:1", "x:1;reboot", "x:$(id)", "x\n:1", "-x:1", "ghcr.io/o/n:" + "t" * 200],
+)
 def test_bad_images_are_refused(image):
     with pytest.raises(CloudInitError):
         cloudinit.render(image, 80, {})
 
 
-@pytest.mark.parametrize("image", ["qwen-box:latest", "me/qwen-box", "ghcr.io/me/qwen-box:1.0",
-                                   "localhost:5000/qwen_box:dev", "r.io/a/b@sha256:" + "a" * 64])
+@pytest.mark.parametrize(
+    "image",
+    [
+        "qwen-box:latest",
+        "me/qwen-box",
+        "ghcr.io/me/qwen-box:1.0",
+        "localhost:5000/qwen_box:dev",
+        "r.io/a/b@sha256:" + "a" * 64,
+    ],
+)
 def test_good_images_are_accepted(image):
     assert cloudinit.validate_image(image) == image
 
 
-@pytest.mark.parametrize("env, fragment", [
-    ({"PORT": "9000"}, "fixed"), ({"HOST": "127.0.0.1"}, "fixed"), ({"HF_TOKEN": "hf_x"}, "unknown"),
-    ({"DTYPE": "float32\nPORT=1"}, "one line"), ({"DTYPE": " float32"}, "one line"),
-])
+@pytest.mark.parametrize(
+    "env, fragment",
+    [
+        ({"PORT": "9000"}, "fixed"),
+        ({"HOST": "127.0.0.1"}, "fixed"),
+        ({"HF_TOKEN": "hf_x"}, "unknown"),
+        ({"DTYPE": "float32\nPORT=1"}, "one line"),
+        ({"DTYPE": " float32"}, "one line"),
+    ],
+)
 def test_bad_settings_are_refused(env, fragment):
     with pytest.raises(CloudInitError, match=fragment):
         cloudinit.render(IMAGE, 80, env)
@@ -171,6 +196,7 @@ exit 0
 @pytest.fixture
 def vm_root(tmp_path):
     """Lay the rendered files out under a scratch root, with recording stand-ins on PATH."""
+
     def lay_out(text: str) -> tuple[Path, dict[str, str]]:
         for path, content in scripts(text).items():
             target = tmp_path / path.lstrip("/")
@@ -182,24 +208,35 @@ def vm_root(tmp_path):
         for tool in ("apt-get", "systemctl", "systemd-run", "docker", "shred", "python3"):
             (bindir / tool).write_text(STUB)
             (bindir / tool).chmod(0o755)
-        env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "CALLS": str(tmp_path / "calls.log"),
-               "QWEN_BOX_ETC": str(tmp_path / "etc/qwen-box"), "QWEN_BOX_OPT": str(tmp_path / "opt/qwen-box"),
-               "QWEN_BOX_WWW": str(tmp_path / "www"),
-               "QWEN_BOX_CADDYFILE": str(tmp_path / "etc/caddy/Caddyfile")}
+        env = {
+            **os.environ,
+            "PATH": f"{bindir}:{os.environ['PATH']}",
+            "CALLS": str(tmp_path / "calls.log"),
+            "QWEN_BOX_ETC": str(tmp_path / "etc/qwen-box"),
+            "QWEN_BOX_OPT": str(tmp_path / "opt/qwen-box"),
+            "QWEN_BOX_WWW": str(tmp_path / "www"),
+            "QWEN_BOX_CADDYFILE": str(tmp_path / "etc/caddy/Caddyfile"),
+        }
         (tmp_path / "etc/caddy").mkdir(parents=True, exist_ok=True)
         return tmp_path, env
+
     return lay_out
 
 
 def test_provisioning_installs_logs_in_pulls_and_runs_in_order(vm_root):
     root, env = vm_root(cloudinit.render(IMAGE, 80, ENV, RegistryLogin("myreg.azurecr.io", "puller", SECRET)))
-    result = subprocess.run(["bash", str(root / "opt/qwen-box/provision.sh")], env=env, capture_output=True,
-                            text=True, timeout=30)
+    result = subprocess.run(
+        ["bash", str(root / "opt/qwen-box/provision.sh")], env=env, capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 0, result.stderr
     calls = (root / "calls.log").read_text().splitlines()
     order = [c.split()[0] + " " + c.split()[1] for c in calls if not c.startswith("stdin")]
-    assert order.index("apt-get install") < order.index("docker login") < order.index("docker pull") \
+    assert (
+        order.index("apt-get install")
+        < order.index("docker login")
+        < order.index("docker pull")
         < order.index("docker run")
+    )
     assert f"stdin: {SECRET}" in calls
     assert not any(SECRET in line for line in result.stdout.splitlines() + result.stderr.splitlines())
     assert not (root / "etc/qwen-box/registry/password").exists()
@@ -214,8 +251,13 @@ def test_provisioning_installs_logs_in_pulls_and_runs_in_order(vm_root):
 
 def test_a_failed_pull_leaves_an_error_on_the_status_page(vm_root):
     root, env = vm_root(cloudinit.render(IMAGE, 80, ENV))
-    result = subprocess.run(["bash", str(root / "opt/qwen-box/provision.sh")], env={**env, "FAIL_PULL": "1"},
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        ["bash", str(root / "opt/qwen-box/provision.sh")],
+        env={**env, "FAIL_PULL": "1"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 1
     health = json.loads((root / "www/api/health").read_text())
     assert health["status"] == "error" and "cloud-init-output.log" in health["detail"]
@@ -244,8 +286,9 @@ def test_a_failed_update_pull_changes_nothing(vm_root):
     root, env = vm_root(cloudinit.render(IMAGE, 80, ENV))
     before = {p.name: p.read_text() for p in (root / "etc/qwen-box").iterdir() if p.is_file()}
     script = cloudinit.update_script("myreg.azurecr.io/qwen-box:missing", 8080, {})
-    result = subprocess.run(["bash", "-c", script], env={**env, "FAIL_PULL": "1"}, capture_output=True,
-                            text=True, timeout=30)
+    result = subprocess.run(
+        ["bash", "-c", script], env={**env, "FAIL_PULL": "1"}, capture_output=True, text=True, timeout=30
+    )
     assert result.returncode != 0 and cloudinit.UPDATE_DONE not in result.stdout
     assert {p.name: p.read_text() for p in (root / "etc/qwen-box").iterdir() if p.is_file()} == before
     assert "docker run" not in (root / "calls.log").read_text()
@@ -253,9 +296,15 @@ def test_a_failed_update_pull_changes_nothing(vm_root):
 
 # -- HTTPS, the access token, the model ----------------------------------------------------------------
 
+
 def run_provision(root: Path, env: dict[str, str], **extra: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(["bash", str(root / "opt/qwen-box/provision.sh")], env={**env, **extra},
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        ["bash", str(root / "opt/qwen-box/provision.sh")],
+        env={**env, **extra},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 0, result.stderr
     return result
 
@@ -286,8 +335,9 @@ def test_plain_http_installs_no_caddy(vm_root):
 def test_the_token_reaches_only_the_root_only_settings_file_never_the_logged_output(vm_root):
     """cloud-init copies runcmd's output to /var/log/cloud-init-output.log and the serial console (which
     boot diagnostics keeps in Azure): the token must appear in neither, only in service.env (0600)."""
-    text = cloudinit.render(IMAGE, 443, {**ENV, "ACCESS_TOKEN": TOKEN}, caddyfile=CADDYFILE,
-                            model="Qwen/Qwen2.5-0.5B-Instruct")
+    text = cloudinit.render(
+        IMAGE, 443, {**ENV, "ACCESS_TOKEN": TOKEN}, caddyfile=CADDYFILE, model="Qwen/Qwen2.5-0.5B-Instruct"
+    )
     data = yaml.safe_load(text)
     files = {f["path"]: f for f in data["write_files"]}
     assert files["/etc/qwen-box/service.env"]["permissions"] == "0600"
@@ -305,12 +355,18 @@ def test_the_token_reaches_only_the_root_only_settings_file_never_the_logged_out
     assert f"ACCESS_TOKEN={TOKEN}" in (root / "etc/qwen-box/service.env").read_text().splitlines()
 
 
-@pytest.mark.parametrize("labels, expected", [
-    ("1 Qwen/Qwen2.5-0.5B-Instruct", "--env MODEL_ID=/models/Qwen/Qwen2.5-0.5B-Instruct --log-opt"),
-    ("1 Qwen/Qwen2.5-1.5B-Instruct", "--env MODEL_ID=Qwen/Qwen2.5-0.5B-Instruct --env HF_HUB_OFFLINE=0 "
-                                     "--volume qwen-box-models:/cache"),
-    ("0 Qwen/Qwen2.5-0.5B-Instruct", "--env MODEL_ID=Qwen/Qwen2.5-0.5B-Instruct --env HF_HUB_OFFLINE=0"),
-])
+@pytest.mark.parametrize(
+    "labels, expected",
+    [
+        ("1 Qwen/Qwen2.5-0.5B-Instruct", "--env MODEL_ID=/models/Qwen/Qwen2.5-0.5B-Instruct --log-opt"),
+        (
+            "1 Qwen/Qwen2.5-1.5B-Instruct",
+            "--env MODEL_ID=Qwen/Qwen2.5-0.5B-Instruct --env HF_HUB_OFFLINE=0 "
+            "--volume qwen-box-models:/cache",
+        ),
+        ("0 Qwen/Qwen2.5-0.5B-Instruct", "--env MODEL_ID=Qwen/Qwen2.5-0.5B-Instruct --env HF_HUB_OFFLINE=0"),
+    ],
+)
 def test_the_model_is_served_baked_or_downloaded_into_a_volume(vm_root, labels, expected):
     root, env = vm_root(cloudinit.render(IMAGE, 80, ENV, model="Qwen/Qwen2.5-0.5B-Instruct"))
     result = run_provision(root, env, IMAGE_LABELS=labels)

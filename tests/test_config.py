@@ -18,14 +18,17 @@ def test_values_are_read_and_typed():
     assert (s.model_id, s.port, s.queue_size, s.host) == ("/models/qwen", 9001, 3, "127.0.0.1")
 
 
-@pytest.mark.parametrize("env,words", [
-    ({"PORT": "eighty"}, "PORT must be a whole number"),
-    ({"PORT": "70000"}, "PORT must be between"),
-    ({"DTYPE": "int3"}, "DTYPE must be one of"),
-    ({"QUEUE_SIZE": "0"}, "QUEUE_SIZE must be at least 1"),
-    ({"DEFAULT_MAX_TOKENS": "5000"}, "DEFAULT_MAX_TOKENS cannot exceed"),
-    ({"CONTEXT_TOKENS": "1000"}, "MAX_TOKENS_LIMIT must be smaller"),
-])
+@pytest.mark.parametrize(
+    "env,words",
+    [
+        ({"PORT": "eighty"}, "PORT must be a whole number"),
+        ({"PORT": "70000"}, "PORT must be between"),
+        ({"DTYPE": "int3"}, "DTYPE must be one of"),
+        ({"QUEUE_SIZE": "0"}, "QUEUE_SIZE must be at least 1"),
+        ({"DEFAULT_MAX_TOKENS": "5000"}, "DEFAULT_MAX_TOKENS cannot exceed"),
+        ({"CONTEXT_TOKENS": "1000"}, "MAX_TOKENS_LIMIT must be smaller"),
+    ],
+)
 def test_bad_values_name_the_variable(env, words):
     with pytest.raises(SettingsError, match=words):
         Settings.from_env(env)

@@ -92,12 +92,23 @@ class FakeDocker:
         return [" ".join(c[:2]) if c[0] in ("image", "container") else c[0] for c in self.calls()]
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, "PATH": str(self.bin), "FAKE_DOCKER_DIR": str(self.dir), "COLUMNS": "200",
-                "NO_COLOR": "1"}
+        return {
+            **os.environ,
+            "PATH": str(self.bin),
+            "FAKE_DOCKER_DIR": str(self.dir),
+            "COLUMNS": "200",
+            "NO_COLOR": "1",
+        }
 
     def invoke(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "invoke", *args], cwd=ROOT, env=self.env(),
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [sys.executable, "-m", "invoke", *args],
+            cwd=ROOT,
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
 
 @pytest.fixture
@@ -143,6 +154,7 @@ def health() -> Iterator:
     def make(*answers: tuple[int, dict]) -> Health:
         servers.append(Health(list(answers)))
         return servers[-1]
+
     yield make
     for server in servers:
         server.close()
@@ -155,13 +167,20 @@ OK = (200, {"status": "ok", "model": "/models/Qwen/Qwen2.5-1.5B-Instruct"})
 # ---- no Docker, or an engine that does not answer
 
 
-@pytest.mark.parametrize("task", [["run-local"], ["build"], ["stop"], ["logs"],
-                                  ["push", "--image", "registry.example/qwen-box:1"]])
+@pytest.mark.parametrize(
+    "task", [["run-local"], ["build"], ["stop"], ["logs"], ["push", "--image", "registry.example/qwen-box:1"]]
+)
 def test_without_docker_every_task_points_at_invoke_serve(tmp_path: Path, task: list[str]):
     empty = tmp_path / "empty-bin"
     empty.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "invoke", *task], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PATH": str(empty)}, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "invoke", *task],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": str(empty)},
+        timeout=60,
+    )
     assert proc.returncode == 1
     assert "Docker is not installed" in proc.stderr
     assert "invoke serve" in proc.stderr
@@ -169,9 +188,19 @@ def test_without_docker_every_task_points_at_invoke_serve(tmp_path: Path, task: 
 
 
 def test_engine_down_says_so_and_points_at_invoke_serve(fake: FakeDocker):
-    fake.script(**{"version {{.Server.Version}}": [{"code": 1, "err": (
-        "Cannot connect to the Docker daemon at unix:///var/run/docker.sock. "
-        "Is the docker daemon running?\n")}]})
+    fake.script(
+        **{
+            "version {{.Server.Version}}": [
+                {
+                    "code": 1,
+                    "err": (
+                        "Cannot connect to the Docker daemon at unix:///var/run/docker.sock. "
+                        "Is the docker daemon running?\n"
+                    ),
+                }
+            ]
+        }
+    )
     proc = fake.invoke("run-local")
     assert proc.returncode == 1
     assert "engine does not answer" in proc.stderr and "invoke serve" in proc.stderr
@@ -183,24 +212,40 @@ def test_engine_down_says_so_and_points_at_invoke_serve(fake: FakeDocker):
 
 def test_run_local_starts_one_named_container_and_prints_the_url(fake: FakeDocker, health):
     server = health(LOADING, LOADING, OK)
-    fake.script(**{"image inspect {{json .Config.Labels}}": [labels(BAKED)],
-                   "container inspect": [NOT_FOUND, RUNNING], "run": [{"out": "f00d\n"}]})
+    fake.script(
+        **{
+            "image inspect {{json .Config.Labels}}": [labels(BAKED)],
+            "container inspect": [NOT_FOUND, RUNNING],
+            "run": [{"out": "f00d\n"}],
+        }
+    )
     proc = fake.invoke("run-local", "--port", str(server.port))
     assert proc.returncode == 0, proc.stderr
     assert f"http://127.0.0.1:{server.port}" in proc.stderr
     assert "loading /models/Qwen/Qwen2.5-1.5B-Instruct" in proc.stderr and "ready after" in proc.stderr
     run = next(c for c in fake.calls() if c[0] == "run")
-    assert run == ["run", "--detach", "--name", "qwen-box", "--restart", "unless-stopped",
-                   "--publish", f"127.0.0.1:{server.port}:{server.port}", "--env", f"PORT={server.port}",
-                   "--volume", "qwen-box-data:/data", "qwen-box:latest"]
+    assert run == [
+        "run",
+        "--detach",
+        "--name",
+        "qwen-box",
+        "--restart",
+        "unless-stopped",
+        "--publish",
+        f"127.0.0.1:{server.port}:{server.port}",
+        "--env",
+        f"PORT={server.port}",
+        "--volume",
+        "qwen-box-data:/data",
+        "qwen-box:latest",
+    ]
     assert "build" not in fake.commands()  # the image was there
     assert "rm" not in fake.commands()  # and nothing to replace
 
 
 def test_run_local_replaces_the_old_container(fake: FakeDocker, health):
     server = health(OK)
-    fake.script(**{"image inspect {{json .Config.Labels}}": [labels(BAKED)],
-                   "container inspect": [RUNNING]})
+    fake.script(**{"image inspect {{json .Config.Labels}}": [labels(BAKED)], "container inspect": [RUNNING]})
     assert fake.invoke("run-local", "--port", str(server.port)).returncode == 0
     commands = fake.commands()
     assert commands.index("rm") < commands.index("run")
@@ -211,9 +256,13 @@ def test_run_local_builds_a_missing_image_and_mounts_a_model_folder(fake: FakeDo
     model = tmp_path / "my-model"
     model.mkdir()
     server = health(OK)
-    fake.script(**{"image inspect {{json .Config.Labels}}": [labels(None)],
-                   "image inspect {{.Size}}": [{"out": "1140000000\n"}],
-                   "container inspect": [NOT_FOUND, RUNNING]})
+    fake.script(
+        **{
+            "image inspect {{json .Config.Labels}}": [labels(None)],
+            "image inspect {{.Size}}": [{"out": "1140000000\n"}],
+            "container inspect": [NOT_FOUND, RUNNING],
+        }
+    )
     proc = fake.invoke("run-local", "--port", str(server.port), "--model", str(model))
     assert proc.returncode == 0, proc.stderr
     build = next(c for c in fake.calls() if c[0] == "build")
@@ -225,10 +274,15 @@ def test_run_local_builds_a_missing_image_and_mounts_a_model_folder(fake: FakeDo
 
 def test_run_local_with_a_cache_volume_downloads_on_first_start(fake: FakeDocker, health):
     server = health(OK)
-    fake.script(**{"image inspect {{json .Config.Labels}}": [labels({"io.qwen-box.model-baked": "0"})],
-                   "container inspect": [NOT_FOUND, RUNNING]})
-    proc = fake.invoke("run-local", "--port", str(server.port), "--model", "Qwen/Qwen2.5-0.5B-Instruct",
-                       "--model-cache")
+    fake.script(
+        **{
+            "image inspect {{json .Config.Labels}}": [labels({"io.qwen-box.model-baked": "0"})],
+            "container inspect": [NOT_FOUND, RUNNING],
+        }
+    )
+    proc = fake.invoke(
+        "run-local", "--port", str(server.port), "--model", "Qwen/Qwen2.5-0.5B-Instruct", "--model-cache"
+    )
     assert proc.returncode == 0, proc.stderr
     run = next(c for c in fake.calls() if c[0] == "run")
     assert "qwen-box-models:/cache" in run and "HF_HUB_OFFLINE=0" in run
@@ -237,10 +291,15 @@ def test_run_local_with_a_cache_volume_downloads_on_first_start(fake: FakeDocker
 
 def test_run_local_passes_service_settings(fake: FakeDocker, health):
     server = health(OK)
-    fake.script(**{"image inspect {{json .Config.Labels}}": [labels(BAKED)],
-                   "container inspect": [NOT_FOUND, RUNNING]})
-    proc = fake.invoke("run-local", "--port", str(server.port), "--env", "DTYPE=float32",
-                       "--env", "ACCESS_TOKEN=s3cret=ok")
+    fake.script(
+        **{
+            "image inspect {{json .Config.Labels}}": [labels(BAKED)],
+            "container inspect": [NOT_FOUND, RUNNING],
+        }
+    )
+    proc = fake.invoke(
+        "run-local", "--port", str(server.port), "--env", "DTYPE=float32", "--env", "ACCESS_TOKEN=s3cret=ok"
+    )
     assert proc.returncode == 0, proc.stderr
     run = next(c for c in fake.calls() if c[0] == "run")
     assert "DTYPE=float32" in run and "ACCESS_TOKEN=s3cret=ok" in run
@@ -265,10 +324,18 @@ def test_run_local_refuses_an_image_without_that_model(fake: FakeDocker):
 def test_container_that_exits_fails_with_its_last_log_lines_and_is_removed(fake: FakeDocker, health):
     server = health(LOADING)
     exited = {"out": json.dumps([{"State": {"Status": "exited", "ExitCode": 3}, "RestartCount": 0}])}
-    fake.script(**{"image inspect {{json .Config.Labels}}": [labels(BAKED)],
-                   "container inspect": [NOT_FOUND, exited],
-                   "logs": [{"out": "Booting worker with pid: 6\n",
-                             "err": "PermissionError: [Errno 13] Permission denied: 'data'\n"}]})
+    fake.script(
+        **{
+            "image inspect {{json .Config.Labels}}": [labels(BAKED)],
+            "container inspect": [NOT_FOUND, exited],
+            "logs": [
+                {
+                    "out": "Booting worker with pid: 6\n",
+                    "err": "PermissionError: [Errno 13] Permission denied: 'data'\n",
+                }
+            ],
+        }
+    )
     proc = fake.invoke("run-local", "--port", str(server.port))
     assert proc.returncode == 1
     assert "stopped while starting (exit code 3)" in proc.stderr
@@ -281,11 +348,18 @@ def test_container_that_exits_fails_with_its_last_log_lines_and_is_removed(fake:
 
 def test_crash_loop_under_the_restart_policy_counts_as_exited(fake: FakeDocker, health):
     server = health(LOADING)
-    restarting = {"out": json.dumps([{"State": {"Status": "restarting", "Restarting": True, "ExitCode": 2},
-                                      "RestartCount": 3}])}
-    fake.script(**{"image inspect {{json .Config.Labels}}": [labels(BAKED)],
-                   "container inspect": [NOT_FOUND, restarting],
-                   "logs": [{"out": "error: PORT must be...\n"}]})
+    restarting = {
+        "out": json.dumps(
+            [{"State": {"Status": "restarting", "Restarting": True, "ExitCode": 2}, "RestartCount": 3}]
+        )
+    }
+    fake.script(
+        **{
+            "image inspect {{json .Config.Labels}}": [labels(BAKED)],
+            "container inspect": [NOT_FOUND, restarting],
+            "logs": [{"out": "error: PORT must be...\n"}],
+        }
+    )
     proc = fake.invoke("run-local", "--port", str(server.port))
     assert proc.returncode == 1 and "stopped while starting" in proc.stderr
     assert "PORT must be" in proc.stderr and fake.calls()[-1] == ["rm", "--force", "qwen-box"]
@@ -293,9 +367,13 @@ def test_crash_loop_under_the_restart_policy_counts_as_exited(fake: FakeDocker, 
 
 def test_never_healthy_gives_up_after_the_timeout_with_the_log_tail(fake: FakeDocker, health):
     server = health(LOADING)
-    fake.script(**{"image inspect {{json .Config.Labels}}": [labels(BAKED)],
-                   "container inspect": [NOT_FOUND, RUNNING],
-                   "logs": [{"out": "Loading weights:  12%\n"}]})
+    fake.script(
+        **{
+            "image inspect {{json .Config.Labels}}": [labels(BAKED)],
+            "container inspect": [NOT_FOUND, RUNNING],
+            "logs": [{"out": "Loading weights:  12%\n"}],
+        }
+    )
     started = time.monotonic()
     proc = fake.invoke("run-local", "--port", str(server.port), "--timeout", "2")
     assert proc.returncode == 1
@@ -307,8 +385,12 @@ def test_never_healthy_gives_up_after_the_timeout_with_the_log_tail(fake: FakeDo
 
 
 def test_nothing_listening_is_never_healthy_either(fake: FakeDocker):
-    fake.script(**{"image inspect {{json .Config.Labels}}": [labels(BAKED)],
-                   "container inspect": [NOT_FOUND, RUNNING]})
+    fake.script(
+        **{
+            "image inspect {{json .Config.Labels}}": [labels(BAKED)],
+            "container inspect": [NOT_FOUND, RUNNING],
+        }
+    )
     proc = fake.invoke("run-local", "--port", str(free_port()), "--timeout", "1")
     assert proc.returncode == 1 and "last state: starting the server" in proc.stderr
     assert fake.calls()[-1] == ["rm", "--force", "qwen-box"]
@@ -316,8 +398,12 @@ def test_nothing_listening_is_never_healthy_either(fake: FakeDocker):
 
 def test_model_load_failure_fails_at_once(fake: FakeDocker, health):
     server = health(LOADING, (503, {"status": "error", "detail": "OSError: no file named model.safetensors"}))
-    fake.script(**{"image inspect {{json .Config.Labels}}": [labels(BAKED)],
-                   "container inspect": [NOT_FOUND, RUNNING]})
+    fake.script(
+        **{
+            "image inspect {{json .Config.Labels}}": [labels(BAKED)],
+            "container inspect": [NOT_FOUND, RUNNING],
+        }
+    )
     proc = fake.invoke("run-local", "--port", str(server.port), "--timeout", "600")
     assert proc.returncode == 1
     assert "The model failed to load: OSError: no file named model.safetensors" in proc.stderr
@@ -325,17 +411,26 @@ def test_model_load_failure_fails_at_once(fake: FakeDocker, health):
 
 
 def test_ctrl_c_while_waiting_removes_the_half_started_container(fake: FakeDocker):
-    fake.script(**{"image inspect {{json .Config.Labels}}": [labels(BAKED)],
-                   "container inspect": [NOT_FOUND, RUNNING]})
-    proc = subprocess.Popen([sys.executable, "-m", "invoke", "run-local", "--port", str(free_port())],
-                            cwd=ROOT, env=fake.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    fake.script(
+        **{
+            "image inspect {{json .Config.Labels}}": [labels(BAKED)],
+            "container inspect": [NOT_FOUND, RUNNING],
+        }
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "invoke", "run-local", "--port", str(free_port())],
+        cwd=ROOT,
+        env=fake.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 30
         # Wait until the task is in its health loop: the container was started and then inspected.
         while time.monotonic() < deadline:
             commands = fake.commands()
-            if "run" in commands and "container inspect" in commands[commands.index("run"):]:
+            if "run" in commands and "container inspect" in commands[commands.index("run") :]:
                 break
             time.sleep(0.05)
         else:
@@ -355,8 +450,14 @@ def test_ctrl_c_during_the_build_leaves_no_wheels_behind(fake: FakeDocker, tmp_p
     wheels.mkdir()
     (wheels / "torch-0.0.1+cpu-cp311-none-any.whl").write_bytes(b"not really a wheel")
     fake.script(**{"image inspect {{json .Config.Labels}}": [labels(None)], "build": [{"sleep": 30}]})
-    proc = subprocess.Popen([sys.executable, "-m", "invoke", "run-local", "--wheels", str(wheels)], cwd=ROOT,
-                            env=fake.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "invoke", "run-local", "--wheels", str(wheels)],
+        cwd=ROOT,
+        env=fake.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 30
         while "build" not in fake.commands() and time.monotonic() < deadline:
@@ -379,13 +480,34 @@ def test_build_passes_its_options_and_puts_wheels_in_the_context_only_for_the_bu
     wheels.mkdir()
     (wheels / "torch-0.0.0+cpu-cp311-none-any.whl").write_bytes(b"not really a wheel")
     fake.script(**{"image inspect {{.Size}}": [{"out": "987000000\n"}]})
-    proc = fake.invoke("build", "--tag", "qwen-box:test", "--no-bake", "--base-image", "localhost/base:1",
-                       "--torch-index", "", "--wheels", str(wheels))
+    proc = fake.invoke(
+        "build",
+        "--tag",
+        "qwen-box:test",
+        "--no-bake",
+        "--base-image",
+        "localhost/base:1",
+        "--torch-index",
+        "",
+        "--wheels",
+        str(wheels),
+    )
     assert proc.returncode == 0, proc.stderr
     build = next(c for c in fake.calls() if c[0] == "build")
-    assert build == ["build", "--tag", "qwen-box:test", "--build-arg", "MODEL_ID=Qwen/Qwen2.5-1.5B-Instruct",
-                     "--build-arg", "BAKE_MODEL=0", "--build-arg", "BASE_IMAGE=localhost/base:1",
-                     "--build-arg", "TORCH_INDEX_URL=", str(ROOT)]
+    assert build == [
+        "build",
+        "--tag",
+        "qwen-box:test",
+        "--build-arg",
+        "MODEL_ID=Qwen/Qwen2.5-1.5B-Instruct",
+        "--build-arg",
+        "BAKE_MODEL=0",
+        "--build-arg",
+        "BASE_IMAGE=localhost/base:1",
+        "--build-arg",
+        "TORCH_INDEX_URL=",
+        str(ROOT),
+    ]
     assert "torch-0.0.0+cpu-cp311-none-any.whl" in proc.stdout  # seen by the build
     assert not (ROOT / "wheels" / "torch-0.0.0+cpu-cp311-none-any.whl").exists()  # and gone after
     assert "Built qwen-box:test" in proc.stderr and "987 MB" in proc.stderr
@@ -401,8 +523,9 @@ def test_build_defaults_bake_the_default_model(fake):
     assert "with Qwen/Qwen2.5-1.5B-Instruct baked in" in proc.stderr and "4.23 GB" in proc.stderr
 
 
-@pytest.mark.parametrize("mirror, host_network", [("http://127.0.0.1:8765", True),
-                                                  ("https://hub-mirror.example", False)])
+@pytest.mark.parametrize(
+    "mirror, host_network", [("http://127.0.0.1:8765", True), ("https://hub-mirror.example", False)]
+)
 def test_build_from_a_hub_mirror(fake, mirror, host_network):
     fake.script(**{"image inspect {{.Size}}": [{"out": "4230000000\n"}]})
     assert fake.invoke("build", "--hf-endpoint", mirror).returncode == 0
@@ -427,15 +550,21 @@ def test_push_tags_then_pushes(fake):
 
 
 def test_push_refused_by_the_registry_says_how_to_log_in(fake):
-    fake.script(**{"image inspect {{json .Config.Labels}}": [labels(BAKED)],
-                   "push": [{"code": 1, "err": "unauthorized: authentication required\n"}]})
+    fake.script(
+        **{
+            "image inspect {{json .Config.Labels}}": [labels(BAKED)],
+            "push": [{"code": 1, "err": "unauthorized: authentication required\n"}],
+        }
+    )
     proc = fake.invoke("push", "--image", "myreg.azurecr.io/qwen-box:1")
     assert proc.returncode == 1
     assert "docker login myreg.azurecr.io" in proc.stderr and "az acr login" in proc.stderr
 
 
-@pytest.mark.parametrize("image, message", [("", "invoke push --image REGISTRY/NAME:TAG"),
-                                            ("qwen-box:1", "give the full name to push")])
+@pytest.mark.parametrize(
+    "image, message",
+    [("", "invoke push --image REGISTRY/NAME:TAG"), ("qwen-box:1", "give the full name to push")],
+)
 def test_push_needs_a_registry_name(fake, image, message):
     proc = fake.invoke("push", "--image", image) if image else fake.invoke("push")
     assert proc.returncode != 0 and message in proc.stderr
@@ -479,8 +608,9 @@ def test_logs_without_a_container_says_how_to_start_one(fake):
 
 @pytest.mark.parametrize("task", ["build", "run-local", "push", "stop", "logs"])
 def test_every_container_task_explains_itself_and_its_defaults(task):
-    proc = subprocess.run([sys.executable, "-m", "invoke", "--help", task], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "invoke", "--help", task], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0
     text = " ".join(proc.stdout.split())
     assert "Docstring:" in text and "default" in text

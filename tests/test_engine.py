@@ -20,8 +20,9 @@ from tests.scripted import ScriptedBackend
 
 
 def prompt(backend, text: str = "Hello there") -> list[int]:
-    return backend.tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                 add_generation_prompt=True, return_dict=False)
+    return backend.tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, return_dict=False
+    )
 
 
 def test_streams_deltas_then_finished_with_usage_and_timing(engine, tiny_backend):
@@ -93,11 +94,17 @@ def test_generation_config_defaults_are_honoured(tiny_model_dir):
         }
 
     assert settings(SamplingOptions(max_tokens=2)) == (
-        False, {"repetition_penalty": 1.05, "temperature": 0.7, "top_k": 20, "top_p": 0.8})
+        False,
+        {"repetition_penalty": 1.05, "temperature": 0.7, "top_k": 20, "top_p": 0.8},
+    )
     assert settings(SamplingOptions(max_tokens=2, temperature=1.3, top_p=0.5)) == (
-        False, {"repetition_penalty": 1.05, "temperature": 1.3, "top_k": 20, "top_p": 0.5})
+        False,
+        {"repetition_penalty": 1.05, "temperature": 1.3, "top_k": 20, "top_p": 0.5},
+    )
     assert settings(SamplingOptions(max_tokens=2, temperature=0)) == (
-        True, {"repetition_penalty": 1.05, "temperature": None, "top_k": None, "top_p": None})
+        True,
+        {"repetition_penalty": 1.05, "temperature": None, "top_k": None, "top_p": None},
+    )
 
 
 def test_cancel_stops_between_tokens(endless_model_dir):
@@ -145,6 +152,7 @@ def test_queue_is_bounded_and_a_cancelled_waiter_is_skipped(scripted, tiny_backe
 def test_load_failure_is_reported_and_requests_refused():
     def broken():
         raise OSError("no such model folder")
+
     engine = Engine(broken).start()
     assert engine.wait_ready(5) is False
     assert engine.state == "error" and "no such model folder" in engine.error
@@ -186,14 +194,17 @@ def test_scripted_backend_goes_through_the_same_path(scripted, tiny_backend):
     assert finished.finish_reason == "stop"
 
 
-@pytest.mark.parametrize("pieces,stops,expected,hit", [
-    (["Hello", " wor", "ld"], ("world",), "Hello ", True),
-    (["a", "b", "c"], ("x",), "abc", False),
-    (["ab", "c", "d"], ("cd", "bc"), "a", True),
-    (["The en", "d is near"], ("END",), "The end is near", False),
-    (["wait<", "|stop"], ("<|stop|>",), "wait<|stop", False),   # a near miss is released at the end
-    (["x", ""], (), "x", False),
-])
+@pytest.mark.parametrize(
+    "pieces,stops,expected,hit",
+    [
+        (["Hello", " wor", "ld"], ("world",), "Hello ", True),
+        (["a", "b", "c"], ("x",), "abc", False),
+        (["ab", "c", "d"], ("cd", "bc"), "a", True),
+        (["The en", "d is near"], ("END",), "The end is near", False),
+        (["wait<", "|stop"], ("<|stop|>",), "wait<|stop", False),  # a near miss is released at the end
+        (["x", ""], (), "x", False),
+    ],
+)
 def test_stop_scanner(pieces, stops, expected, hit):
     scanner = StopScanner(stops)
     released = [scanner.push(p) for p in pieces]
@@ -278,8 +289,10 @@ def test_next_turn_reuses_the_conversation_kv_cache(tiny_model_dir):
     turns = [{"role": "user", "content": "First question about Docker images"}]
     ids = backend.tokenizer.apply_chat_template(turns, add_generation_prompt=True, return_dict=False)
     reply = greedy_tokens(backend, ids, 10)
-    turns += [{"role": "assistant", "content": backend.tokenizer.decode(reply, skip_special_tokens=True)},
-              {"role": "user", "content": "And a follow-up"}]
+    turns += [
+        {"role": "assistant", "content": backend.tokenizer.decode(reply, skip_special_tokens=True)},
+        {"role": "user", "content": "And a follow-up"},
+    ]
     ids2 = backend.tokenizer.apply_chat_template(turns, add_generation_prompt=True, return_dict=False)
     seq, first = backend.admit(ids2, SamplingOptions(max_tokens=8, temperature=0))
     assert seq.reused >= len(ids)  # the first turn was not read again
@@ -307,8 +320,14 @@ def agreement_with_bf16(quantized: TransformersBackend, model_dir) -> float:
     import torch
 
     ref = TransformersBackend(str(model_dir), dtype="bfloat16")
-    ids = torch.tensor([ref.tokenizer("Docker packages an application and everything it needs into one "
-                                      "image. The quick brown fox jumps over the lazy dog.")["input_ids"]])
+    ids = torch.tensor(
+        [
+            ref.tokenizer(
+                "Docker packages an application and everything it needs into one "
+                "image. The quick brown fox jumps over the lazy dog."
+            )["input_ids"]
+        ]
+    )
     with torch.inference_mode():
         same = ref.model(ids).logits.argmax(-1) == quantized.model(ids).logits.argmax(-1)
     return float(same.float().mean())

@@ -28,7 +28,9 @@ def test_create_append_get(store):
     store.append("alice", conv.id, StoredMessage("assistant", "Hi!", "stop", meta={"usage": {"x": 1}}))
     got = store.get("alice", conv.id)
     assert [(m.role, m.content, m.status) for m in got.messages] == [
-        ("user", "Hello", "complete"), ("assistant", "Hi!", "stop")]
+        ("user", "Hello", "complete"),
+        ("assistant", "Hi!", "stop"),
+    ]
     assert got.messages[1].meta == {"usage": {"x": 1}}
     assert got.message_count == 2 and got.model == "tiny"
     assert got.updated_at >= conv.updated_at
@@ -36,10 +38,12 @@ def test_create_append_get(store):
 
 def test_owners_cannot_reach_each_others_conversations(store):
     conv = store.create("alice", "secret")
-    for attempt in (lambda: store.get("mallory", conv.id),
-                    lambda: store.rename("mallory", conv.id, "mine now"),
-                    lambda: store.delete("mallory", conv.id),
-                    lambda: store.append("mallory", conv.id, StoredMessage("user", "x"))):
+    for attempt in (
+        lambda: store.get("mallory", conv.id),
+        lambda: store.rename("mallory", conv.id, "mine now"),
+        lambda: store.delete("mallory", conv.id),
+        lambda: store.append("mallory", conv.id, StoredMessage("user", "x")),
+    ):
         with pytest.raises(NotFound):
             attempt()
     assert store.list("mallory")[0] == []
@@ -92,8 +96,10 @@ def test_migrates_a_database_from_the_first_schema(tmp_path):
         db.executescript(MIGRATIONS[0])
         db.execute("PRAGMA user_version = 1")
         db.execute("INSERT INTO conversations VALUES ('c1', 'alice', 'kept', 1.0, 2.0)")
-        db.execute("INSERT INTO messages (conversation_id, role, content, created_at) "
-                   "VALUES ('c1', 'user', 'still here', 1.5)")
+        db.execute(
+            "INSERT INTO messages (conversation_id, role, content, created_at) "
+            "VALUES ('c1', 'user', 'still here', 1.5)"
+        )
     store = History(path)
     assert store.version == len(MIGRATIONS)
     conv = store.get("alice", "c1")
@@ -119,8 +125,9 @@ WRITER = textwrap.dedent("""
 
 def test_a_writer_killed_mid_conversation_loses_nothing_it_committed(tmp_path):
     path = tmp_path / "history.db"
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], cwd=ROOT,
-                              stdout=subprocess.PIPE, text=True)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
     conv_id = writer.stdout.readline().strip()
     confirmed = [int(writer.stdout.readline()) for _ in range(200)][-1]
     writer.send_signal(signal.SIGKILL)

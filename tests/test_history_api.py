@@ -41,7 +41,9 @@ def test_create_chat_and_read_back(app):
     stored = client.get(f"/api/conversations/{conv['id']}").json
     assert stored["title"] == "What is Docker?"  # named after its first question
     assert [(m["role"], m["content"], m["status"]) for m in stored["messages"]] == [
-        ("user", "What is Docker?", "complete"), ("assistant", "Stored reply.", "stop")]
+        ("user", "What is Docker?", "complete"),
+        ("assistant", "Stored reply.", "stop"),
+    ]
     assert stored["messages"][1]["meta"]["usage"]["completion_tokens"] > 0
 
 
@@ -49,8 +51,9 @@ def test_stored_turns_are_the_context_of_the_next_turn(app):
     client = browser(app)
     cid = client.post("/api/conversations").json["id"]
     client.post("/api/chat", json={"conversation_id": cid, "message": "first question"})
-    r = client.post("/api/chat", json={"conversation_id": cid, "message": "second question",
-                                       "max_tokens": 20})
+    r = client.post(
+        "/api/chat", json={"conversation_id": cid, "message": "second question", "max_tokens": 20}
+    )
     # Prompt = template + first question + stored reply + second question.
     first_alone = client.post("/api/chat", json={"message": "first question", "max_tokens": 20})
     assert r.json["usage"]["prompt_tokens"] > first_alone.json["usage"]["prompt_tokens"] + 5
@@ -77,11 +80,13 @@ def test_streamed_reply_is_stored_and_a_cancelled_one_is_marked(settings, script
 def test_owners_are_isolated_with_404(app):
     alice, mallory = browser(app), browser(app)
     cid = alice.post("/api/conversations", json={"title": "alice's"}).json["id"]
-    for method, path, body in [("get", f"/api/conversations/{cid}", None),
-                               ("patch", f"/api/conversations/{cid}", {"title": "stolen"}),
-                               ("delete", f"/api/conversations/{cid}", None),
-                               ("get", f"/api/conversations/{cid}/export", None),
-                               ("post", "/api/chat", {"conversation_id": cid, "message": "hi"})]:
+    for method, path, body in [
+        ("get", f"/api/conversations/{cid}", None),
+        ("patch", f"/api/conversations/{cid}", {"title": "stolen"}),
+        ("delete", f"/api/conversations/{cid}", None),
+        ("get", f"/api/conversations/{cid}/export", None),
+        ("post", "/api/chat", {"conversation_id": cid, "message": "hi"}),
+    ]:
         r = getattr(mallory, method)(path, json=body)
         assert r.status_code == 404, path
     assert mallory.get("/api/conversations").json["data"] == []
@@ -122,18 +127,21 @@ def test_rename_delete_export(app):
     assert client.get(f"/api/conversations/{cid}").status_code == 404
 
 
-@pytest.mark.parametrize("method,path,body,status", [
-    ("get", "/api/conversations/not-an-id", None, 404),
-    ("get", "/api/conversations/" + "0" * 24, None, 404),
-    ("get", "/api/conversations?limit=0", None, 422),
-    ("get", "/api/conversations?limit=abc", None, 422),
-    ("get", "/api/conversations?before=garbage", None, 422),
-    ("post", "/api/conversations", {"title": "x" * 201}, 422),
-    ("post", "/api/conversations", {"title": 5}, 422),
-    ("post", "/api/conversations", {"name": "typo"}, 422),
-    ("post", "/api/chat", {"conversation_id": "../../etc", "message": "hi"}, 404),
-    ("post", "/api/chat", {"conversation_id": 7, "message": "hi"}, 422),
-])
+@pytest.mark.parametrize(
+    "method,path,body,status",
+    [
+        ("get", "/api/conversations/not-an-id", None, 404),
+        ("get", "/api/conversations/" + "0" * 24, None, 404),
+        ("get", "/api/conversations?limit=0", None, 422),
+        ("get", "/api/conversations?limit=abc", None, 422),
+        ("get", "/api/conversations?before=garbage", None, 422),
+        ("post", "/api/conversations", {"title": "x" * 201}, 422),
+        ("post", "/api/conversations", {"title": 5}, 422),
+        ("post", "/api/conversations", {"name": "typo"}, 422),
+        ("post", "/api/chat", {"conversation_id": "../../etc", "message": "hi"}, 404),
+        ("post", "/api/chat", {"conversation_id": 7, "message": "hi"}, 422),
+    ],
+)
 def test_bad_requests(app, method, path, body, status):
     r = getattr(browser(app), method)(path, json=body)
     assert r.status_code == status

@@ -118,14 +118,16 @@ def test_image_installs_the_service_dependencies_and_leaves_out_host_tooling():
 
 def _engine_or_skip() -> None:
     docker = shutil.which("docker")
-    answer = docker and subprocess.run([docker, "version", "--format", "{{.Server.Version}}"],
-                                       capture_output=True, text=True, timeout=60)
+    answer = docker and subprocess.run(
+        [docker, "version", "--format", "{{.Server.Version}}"], capture_output=True, text=True, timeout=60
+    )
     if docker and answer.returncode == 0:
         return
     why = "no docker CLI" if not docker else f"no engine answers ({answer.stderr.strip()[-200:]})"
     if os.environ.get("CI"):
-        raise RuntimeError(f"CI needs a container engine for the image test ({why}); "
-                           ".ci/run sources .ci/podman.sh for it")
+        raise RuntimeError(
+            f"CI needs a container engine for the image test ({why}); .ci/run sources .ci/podman.sh for it"
+        )
     pytest.skip(f"{why}: start Docker, or `. .ci/podman.sh` for podman behind DOCKER_HOST")
 
 
@@ -137,8 +139,14 @@ def docker(*args: str, check: bool = True, timeout: float = 120) -> subprocess.C
 
 
 def invoke(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "invoke", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "invoke", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"},
+    )
 
 
 def dangling_images() -> set[str]:
@@ -220,8 +228,9 @@ def run_image_healthcheck(name: str, timeout: float = 120) -> str:
 
 
 def chat(port: int) -> dict:
-    reply = requests.post(f"http://127.0.0.1:{port}/api/chat", json={"message": "hi", "max_tokens": 5},
-                          timeout=60)
+    reply = requests.post(
+        f"http://127.0.0.1:{port}/api/chat", json={"message": "hi", "max_tokens": 5}, timeout=60
+    )
     assert reply.status_code == 200, reply.text
     return reply.json()
 
@@ -246,8 +255,20 @@ def test_the_image_builds_and_serves_a_mounted_model(made: Made, tiny_model_dir:
     assert image["Config"]["Cmd"] == ["python", "-m", "service"]
 
     started = time.monotonic()
-    ran = invoke("run-local", "--tag", tag, "--name", name, "--port", str(port), "--model", str(model),
-                 "--timeout", "300", timeout=400)
+    ran = invoke(
+        "run-local",
+        "--tag",
+        tag,
+        "--name",
+        name,
+        "--port",
+        str(port),
+        "--model",
+        str(model),
+        "--timeout",
+        "300",
+        timeout=400,
+    )
     assert ran.returncode == 0, ran.stderr[-4000:]
     assert f"http://127.0.0.1:{port}" in ran.stderr
     print(f"start to healthy: {time.monotonic() - started:.1f} s")
@@ -261,11 +282,18 @@ def test_the_image_builds_and_serves_a_mounted_model(made: Made, tiny_model_dir:
     uids = re.search(r"^Uid:\s+(.*)$", status, flags=re.M).group(1).split()
     assert uids and all(uid == "10001" for uid in uids), status
     assert "gunicorn" in docker("exec", name, "cat", "/proc/1/cmdline").stdout
-    lean = docker("exec", name, "sh", "-c",
-                  "command -v gcc cc pip curl; ls /app; ls /opt/venv/bin | grep -c '^pip' || true").stdout
+    lean = docker(
+        "exec",
+        name,
+        "sh",
+        "-c",
+        "command -v gcc cc pip curl; ls /app; ls /opt/venv/bin | grep -c '^pip' || true",
+    ).stdout
     assert lean.split() == ["service", "0"], lean
-    probe = ("import importlib.util as u; "
-             "print([m for m in ('invoke', 'azure', 'pytest', 'playwright') if u.find_spec(m)])")
+    probe = (
+        "import importlib.util as u; "
+        "print([m for m in ('invoke', 'azure', 'pytest', 'playwright') if u.find_spec(m)])"
+    )
     installed = docker("exec", name, "python", "-c", probe).stdout.strip()
     assert installed == "[]", installed
     assert docker("exec", name, "sh", "-c", "touch /data/probe && echo writable").stdout.strip() == "writable"
@@ -297,18 +325,24 @@ class FakeHub:
                 status, body, headers = 404, b"{}", {"X-Error-Code": "EntryNotFound"}
                 if path.startswith(f"/api/models/{repo}/revision/"):
                     status, headers = 200, {"Content-Type": "application/json"}
-                    body = json.dumps({"id": repo, "sha": commit,
-                                       "siblings": [{"rfilename": n} for n in files]}).encode()
+                    body = json.dumps(
+                        {"id": repo, "sha": commit, "siblings": [{"rfilename": n} for n in files]}
+                    ).encode()
                 elif path.startswith(f"/api/models/{repo}/tree/"):
                     status, headers = 200, {"Content-Type": "application/json"}
-                    tree = [{"type": "file", "path": n, "size": len(d), "oid": hashlib.sha1(d).hexdigest()}
-                            for n, d in files.items()]
+                    tree = [
+                        {"type": "file", "path": n, "size": len(d), "oid": hashlib.sha1(d).hexdigest()}
+                        for n, d in files.items()
+                    ]
                     body = json.dumps(tree).encode()
                 elif path.startswith(f"/{repo}/resolve/") and path.rsplit("/", 1)[1] in files:
                     body = files[path.rsplit("/", 1)[1]]
                     status = 200
-                    headers = {"X-Repo-Commit": commit, "ETag": f'"{hashlib.sha1(body).hexdigest()}"',
-                               "Content-Type": "application/octet-stream"}
+                    headers = {
+                        "X-Repo-Commit": commit,
+                        "ETag": f'"{hashlib.sha1(body).hexdigest()}"',
+                        "Content-Type": "application/octet-stream",
+                    }
                 self.send_response(status)
                 for key, value in headers.items():
                     self.send_header(key, value)
@@ -351,8 +385,20 @@ def test_the_default_path_bakes_the_model_and_starts_offline(made: Made, tiny_mo
     assert labels["io.qwen-box.model"] == repo and labels["io.qwen-box.model-baked"] == "1"
 
     # run-local with the hub id the image baked: no mount, no network (the hub is gone by now).
-    ran = invoke("run-local", "--tag", tag, "--name", name, "--port", str(port), "--model", repo,
-                 "--timeout", "300", timeout=400)
+    ran = invoke(
+        "run-local",
+        "--tag",
+        tag,
+        "--name",
+        name,
+        "--port",
+        str(port),
+        "--model",
+        repo,
+        "--timeout",
+        "300",
+        timeout=400,
+    )
     assert ran.returncode == 0, ran.stderr[-4000:]
     assert "baked into the image" in ran.stderr
     assert "tiny-qwen" in chat(port)["model"]

@@ -31,8 +31,13 @@ def wait_loaded(client, model_id: str, timeout: float = 30) -> dict:
 
 
 def two_model_app(tiny_model_dir, llama_dir, tmp_path, **overrides):
-    settings = Settings(model_id=str(tiny_model_dir), models=f"{tiny_model_dir},{llama_dir}",
-                        data_dir=str(tmp_path), log_level="warning", **overrides)
+    settings = Settings(
+        model_id=str(tiny_model_dir),
+        models=f"{tiny_model_dir},{llama_dir}",
+        data_dir=str(tmp_path),
+        log_level="warning",
+        **overrides,
+    )
     app = create_app(settings)
     client = app.test_client()
     wait_loaded(client, tiny_model_dir.name)
@@ -40,9 +45,14 @@ def two_model_app(tiny_model_dir, llama_dir, tmp_path, **overrides):
 
 
 def test_catalog_has_the_promised_models_with_memory_figures():
-    wanted = ["Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-1.5B-Instruct", "Qwen/Qwen2.5-3B-Instruct",
-              "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "microsoft/Phi-3-mini-4k-instruct",
-              "HuggingFaceTB/SmolLM2-1.7B-Instruct"]
+    wanted = [
+        "Qwen/Qwen2.5-0.5B-Instruct",
+        "Qwen/Qwen2.5-1.5B-Instruct",
+        "Qwen/Qwen2.5-3B-Instruct",
+        "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+        "microsoft/Phi-3-mini-4k-instruct",
+        "HuggingFaceTB/SmolLM2-1.7B-Instruct",
+    ]
     assert [e.hub_id for e in CATALOG] == wanted
     qwen = lookup("qwen/qwen2.5-1.5b-instruct")
     assert qwen.memory_gb("float32") > qwen.memory_gb("bfloat16") > qwen.memory_gb("int8")
@@ -82,8 +92,10 @@ def test_switch_between_two_architectures(tiny_model_dir, llama_dir, tmp_path):
     assert client.get("/api/health").json["model_id"] == llama
     # Memory allows both, so the first stays loaded and switching back is immediate.
     assert client.post("/api/models/active", json={"model": qwen}).status_code == 200
-    r = client.post("/v1/chat/completions", json={"model": llama, "max_tokens": 2,
-                                                  "messages": [{"role": "user", "content": "hi"}]})
+    r = client.post(
+        "/v1/chat/completions",
+        json={"model": llama, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]},
+    )
     assert r.status_code == 200 and r.json["model"] == llama
     app.extensions["models"].close()
 
@@ -108,8 +120,10 @@ def test_a_model_that_does_not_fit_beside_the_other_replaces_it(tmp_path_factory
 
 def test_unknown_models_are_refused_with_the_offered_list(tiny_model_dir, llama_dir, tmp_path):
     app, client = two_model_app(tiny_model_dir, llama_dir, tmp_path)
-    for r in (client.post("/api/models/active", json={"model": "gpt-4"}),
-              client.post("/api/chat", json={"message": "hi", "model": "gpt-4"})):
+    for r in (
+        client.post("/api/models/active", json={"model": "gpt-4"}),
+        client.post("/api/chat", json={"message": "hi", "model": "gpt-4"}),
+    ):
         assert r.status_code == 400
         message = r.json["error"]["message"]
         assert tiny_model_dir.name in message and llama_dir.name in message

@@ -30,8 +30,12 @@ def model(client: openai.OpenAI, tiny_model_dir: Path) -> str:
 
 
 def test_non_streaming_completion(client, model):
-    r = client.chat.completions.create(model=model, max_tokens=8, seed=1, messages=[
-        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    r = client.chat.completions.create(
+        model=model,
+        max_tokens=8,
+        seed=1,
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+    )
     assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
     assert r.model == model
     choice = r.choices[0]
@@ -42,11 +46,16 @@ def test_non_streaming_completion(client, model):
 
 
 def test_streaming_matches_non_streaming_and_reports_usage(client, model):
-    kwargs = dict(model=model, max_completion_tokens=12, temperature=0,
-                  messages=[{"role": "user", "content": [{"type": "text", "text": "Hello"}]}])
+    kwargs = dict(
+        model=model,
+        max_completion_tokens=12,
+        temperature=0,
+        messages=[{"role": "user", "content": [{"type": "text", "text": "Hello"}]}],
+    )
     whole = client.chat.completions.create(**kwargs)
-    chunks = list(client.chat.completions.create(**kwargs, stream=True,
-                                                 stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True})
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
@@ -56,24 +65,34 @@ def test_streaming_matches_non_streaming_and_reports_usage(client, model):
 
 
 def test_stream_without_usage_option_has_no_usage_chunk(client, model):
-    chunks = list(client.chat.completions.create(model=model, max_tokens=3, stream=True,
-                                                 messages=[{"role": "user", "content": "Hi"}]))
+    chunks = list(
+        client.chat.completions.create(
+            model=model, max_tokens=3, stream=True, messages=[{"role": "user", "content": "Hi"}]
+        )
+    )
     assert all(c.choices for c in chunks)
 
 
-@pytest.mark.parametrize("kwargs,error,param,words", [
-    ({"model": "gpt-4o"}, openai.NotFoundError, "model", "does not exist"),
-    ({"n": 2}, openai.BadRequestError, "n", "n must be 1"),
-    ({"temperature": "hot"}, openai.BadRequestError, "temperature", "temperature"),
-    ({"temperature": 3}, openai.BadRequestError, "temperature", "temperature"),
-    ({"max_tokens": 0}, openai.BadRequestError, "max_tokens", "max_tokens"),
-    ({"max_tokens": 10**6}, openai.BadRequestError, "max_tokens", "at most"),
-    ({"presence_penalty": 0.5}, openai.BadRequestError, "presence_penalty", "does not support"),
-    ({"logprobs": True}, openai.BadRequestError, "logprobs", "does not support"),
-    ({"extra_body": {"tools": [{"type": "function"}]}}, openai.BadRequestError, "tools", "Unrecognized"),
-    ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, openai.BadRequestError,
-     "messages.0.role", "role"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,param,words",
+    [
+        ({"model": "gpt-4o"}, openai.NotFoundError, "model", "does not exist"),
+        ({"n": 2}, openai.BadRequestError, "n", "n must be 1"),
+        ({"temperature": "hot"}, openai.BadRequestError, "temperature", "temperature"),
+        ({"temperature": 3}, openai.BadRequestError, "temperature", "temperature"),
+        ({"max_tokens": 0}, openai.BadRequestError, "max_tokens", "max_tokens"),
+        ({"max_tokens": 10**6}, openai.BadRequestError, "max_tokens", "at most"),
+        ({"presence_penalty": 0.5}, openai.BadRequestError, "presence_penalty", "does not support"),
+        ({"logprobs": True}, openai.BadRequestError, "logprobs", "does not support"),
+        ({"extra_body": {"tools": [{"type": "function"}]}}, openai.BadRequestError, "tools", "Unrecognized"),
+        (
+            {"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]},
+            openai.BadRequestError,
+            "messages.0.role",
+            "role",
+        ),
+    ],
+)
 def test_errors_have_openais_shape(client, model, kwargs, error, param, words):
     args = {"model": model, "messages": [{"role": "user", "content": "Hi"}], **kwargs}
     with pytest.raises(error) as info:

@@ -62,9 +62,11 @@ def test_reply_streams_and_stop_cancels_it(serve, tiny_backend, page):
     assert page.problems == []
 
 
-PAYLOAD = ('Here: <img src=x onerror="window.__pwned=1"> and <script>window.__pwned=2</script> '
-           '[link](javascript:window.__pwned=3) <iframe src="/api/health"></iframe>\n\n'
-           '**bold** text\n\n```python\nprint("<b>not bold</b>")\n```\n')
+PAYLOAD = (
+    'Here: <img src=x onerror="window.__pwned=1"> and <script>window.__pwned=2</script> '
+    '[link](javascript:window.__pwned=3) <iframe src="/api/health"></iframe>\n\n'
+    '**bold** text\n\n```python\nprint("<b>not bold</b>")\n```\n'
+)
 
 
 def test_html_in_model_output_is_inert(serve, tiny_backend, page):

@@ -102,13 +102,17 @@ def test_a_new_chat_is_stored_and_named_after_its_first_question(app_server, pag
     page.locator("#settings-toggle").click()
     page.get_by_test_id("system-prompt").fill("Be brief.")
     second = chat_payload(page, "And Podman?")
-    assert second == {"conversation_id": first["conversation_id"], "stream": True, "max_tokens": 512,
-                      "messages": [{"role": "system", "content": "Be brief."},
-                                   {"role": "user", "content": "And Podman?"}]}
+    assert second == {
+        "conversation_id": first["conversation_id"],
+        "stream": True,
+        "max_tokens": 512,
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "And Podman?"}],
+    }
 
     stored = conversations(page)
     assert [(c["id"], c["title"], c["message_count"]) for c in stored] == [
-        (first["conversation_id"], "What is Docker?", 4)]
+        (first["conversation_id"], "What is Docker?", 4)
+    ]
     assert page.problems == []
 
 
@@ -123,7 +127,8 @@ def test_reload_brings_the_conversation_back(app_server, page):
     wait_ready(page)
     expect(messages(page)).to_have_count(4)
     expect(messages(page, "user").get_by_test_id("message-body")).to_have_text(
-        ["first question", "second question"])
+        ["first question", "second question"]
+    )
     reply = last_reply(page)
     # Rendered as the live reply was: sanitized markdown, finish state and the numbers line.
     expect(reply.locator("strong")).to_have_text("stored")
@@ -157,7 +162,8 @@ def test_switch_between_two_conversations(app_server, page):
     expect(messages(page)).to_have_count(0)
     chat_payload(page, "all about bananas")
     expect(sidebar_items(page).get_by_test_id("conversation-title")).to_have_text(
-        ["all about bananas", "all about apples"])  # newest first
+        ["all about bananas", "all about apples"]
+    )  # newest first
 
     item(page, "all about apples").locator(".conversation-open").click()
     expect(messages(page, "user").get_by_test_id("message-body")).to_have_text(["all about apples"])
@@ -196,7 +202,8 @@ def test_rename_in_place(app_server, page):
     expect(entry.locator("b")).to_have_count(0)
     page.wait_for_function(
         "async (url) => (await (await fetch(url)).json()).data[0].title === '<b>Renamed</b> chat'",
-        arg=api(page, "/api/conversations"))
+        arg=api(page, "/api/conversations"),
+    )
     page.reload()
     wait_ready(page)
     expect(sidebar_items(page).get_by_test_id("conversation-title")).to_have_text("<b>Renamed</b> chat")
@@ -235,8 +242,11 @@ def test_search_filters_by_title_and_load_more_pages(app_server, page):
     open_page(page, app_server)
     for i in range(33):
         title = f"Docker question {i}" if i % 3 == 0 else f"Python question {i}"
-        r = page.request.post(api(page, "/api/conversations"), data=json.dumps({"title": title}),
-                              headers={"Content-Type": "application/json"})
+        r = page.request.post(
+            api(page, "/api/conversations"),
+            data=json.dumps({"title": title}),
+            headers={"Content-Type": "application/json"},
+        )
         assert r.status == 201
     page.reload()
     wait_ready(page)
@@ -265,10 +275,12 @@ def test_stored_replies_show_how_they_ended(app_server, page):
     open_page(page, app_server)
     store = app_server.app.extensions["history"]
     conv = store.create(owner(page), "Statuses")
-    meta = {"usage": {"prompt_tokens": 9, "completion_tokens": 7, "total_tokens": 16},
-            "timing": {"queued_s": 0.0, "ttft_s": 0.25, "tokens_per_s": 12.5, "total_s": 0.8}}
+    meta = {
+        "usage": {"prompt_tokens": 9, "completion_tokens": 7, "total_tokens": 16},
+        "timing": {"queued_s": 0.0, "ttft_s": 0.25, "tokens_per_s": 12.5, "total_s": 0.8},
+    }
     for question, answer, status, extra in [
-        ("q1", "Plain **bold** <img src=x onerror=\"window.__pwned=1\">", "stop", {}),
+        ("q1", 'Plain **bold** <img src=x onerror="window.__pwned=1">', "stop", {}),
         ("q2", "cut off mid", "length", {}),
         ("q3", "half an ans", "cancelled", {}),
         ("q4", "broken", "error", {"error": "RuntimeError: boom"}),
@@ -281,7 +293,11 @@ def test_stored_replies_show_how_they_ended(app_server, page):
     replies = messages(page, "assistant")
     expect(replies).to_have_count(4)
     assert [replies.nth(i).get_attribute("data-finish") for i in range(4)] == [
-        "stop", "length", "cancelled", "error"]
+        "stop",
+        "length",
+        "cancelled",
+        "error",
+    ]
 
     ok = replies.nth(0)
     expect(ok.locator("strong")).to_have_text("bold")
@@ -312,7 +328,8 @@ def test_stop_is_stored_as_stopped(serve, tiny_backend, page):
     page.wait_for_function(
         "async (url) => { const c = (await (await fetch(url)).json()).data[0];"
         " return c && c.message_count === 2 && c.title === 'talk for a while'; }",
-        arg=api(page, "/api/conversations"))
+        arg=api(page, "/api/conversations"),
+    )
     page.reload()
     wait_ready(page)
     reply = last_reply(page)
@@ -335,8 +352,10 @@ def test_a_refused_first_message_goes_back_into_the_box(serve, tiny_backend, pag
 
 def test_the_access_token_opens_the_sidebar(serve, tiny_backend, settings, page):
     token = "t" * 24
-    server = serve(scripted_engine(tiny_backend, ANSWER),
-                   settings=Settings(**{**settings.__dict__, "access_token": token}))
+    server = serve(
+        scripted_engine(tiny_backend, ANSWER),
+        settings=Settings(**{**settings.__dict__, "access_token": token}),
+    )
     open_page(page, server)
     message = page.locator("#sidebar-message")
     expect(message).to_contain_text("access token")
@@ -451,6 +470,7 @@ def test_sidebar_is_a_drawer_at_phone_width(app_server, phone_page):
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory) -> Path:
     from service.devmodels import build_tiny_llama
+
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-page"))
 
 
@@ -459,8 +479,12 @@ def two_models(serve, tiny_model_dir, llama_dir, tmp_path):
     """The real model manager offering a tiny Qwen2 (loads first) and a tiny Llama."""
     missing = tmp_path / "broken-model"
     missing.mkdir()
-    settings = Settings(model_id=str(tiny_model_dir), models=f"{tiny_model_dir},{llama_dir},{missing}",
-                        data_dir=str(tmp_path / "data"), log_level="warning")
+    settings = Settings(
+        model_id=str(tiny_model_dir),
+        models=f"{tiny_model_dir},{llama_dir},{missing}",
+        data_dir=str(tmp_path / "data"),
+        log_level="warning",
+    )
     app = create_app(settings)
     yield serve(app=app)
     app.extensions["models"].close()
@@ -478,8 +502,12 @@ def test_one_model_means_no_dropdown(app_server, page):
 
 
 def test_an_older_server_without_the_models_api(app_server, page):
-    page.route("**/api/models", lambda route: route.fulfill(
-        status=404, json={"error": {"message": "not found", "type": "not_found"}}))
+    page.route(
+        "**/api/models",
+        lambda route: route.fulfill(
+            status=404, json={"error": {"message": "not found", "type": "not_found"}}
+        ),
+    )
     open_page(page, app_server)
     page.wait_for_timeout(300)
     expect(page.get_by_test_id("model-select")).to_be_hidden()
@@ -492,8 +520,11 @@ def test_switch_model_from_the_dropdown(two_models, tiny_model_dir, llama_dir, p
     select = page.get_by_test_id("model-select")
     expect(select).to_be_visible()
     expect(select).to_have_value(tiny_model_dir.name)
-    assert option_texts(page) == [f"{tiny_model_dir.name} · loaded", f"{llama_dir.name} · available",
-                                  "broken-model · available"]
+    assert option_texts(page) == [
+        f"{tiny_model_dir.name} · loaded",
+        f"{llama_dir.name} · available",
+        "broken-model · available",
+    ]
 
     with page.expect_request(lambda r: r.url.endswith("/api/models/active")) as info:
         select.select_option(llama_dir.name)
@@ -527,10 +558,26 @@ def test_a_model_that_fails_to_load_shows_its_error(two_models, tiny_model_dir, 
 
 
 def test_loading_progress_is_polled_until_the_model_is_loaded(app_server, page):
-    models = [{"id": "a/one", "source": "a/one", "state": "loaded", "error": None, "params_b": 1.5,
-               "context_length": 4096, "licence": "Apache-2.0"},
-              {"id": "b/two", "source": "b/two", "state": "available", "error": None, "params_b": 3.8,
-               "context_length": 4096, "licence": "MIT"}]
+    models = [
+        {
+            "id": "a/one",
+            "source": "a/one",
+            "state": "loaded",
+            "error": None,
+            "params_b": 1.5,
+            "context_length": 4096,
+            "licence": "Apache-2.0",
+        },
+        {
+            "id": "b/two",
+            "source": "b/two",
+            "state": "available",
+            "error": None,
+            "params_b": 3.8,
+            "context_length": 4096,
+            "licence": "MIT",
+        },
+    ]
     seen = {"polls": 0, "active": "a/one"}
 
     def listing(route):
@@ -563,15 +610,44 @@ def test_loading_progress_is_polled_until_the_model_is_loaded(app_server, page):
 
 
 def test_a_refused_choice_is_shown(app_server, page):
-    listing = {"active": "a/one", "data": [
-        {"id": "a/one", "source": "a/one", "state": "loaded", "error": None, "params_b": 1.5,
-         "context_length": 4096, "licence": "Apache-2.0"},
-        {"id": "b/two", "source": "b/two", "state": "available", "error": None, "params_b": None,
-         "context_length": None, "licence": None}]}
+    listing = {
+        "active": "a/one",
+        "data": [
+            {
+                "id": "a/one",
+                "source": "a/one",
+                "state": "loaded",
+                "error": None,
+                "params_b": 1.5,
+                "context_length": 4096,
+                "licence": "Apache-2.0",
+            },
+            {
+                "id": "b/two",
+                "source": "b/two",
+                "state": "available",
+                "error": None,
+                "params_b": None,
+                "context_length": None,
+                "licence": None,
+            },
+        ],
+    }
     page.route("**/api/models", lambda route: route.fulfill(json=listing))
-    page.route("**/api/models/active", lambda route: route.fulfill(status=400, json={
-        "error": {"message": "the model 'b/two' is not offered here; offered: a/one",
-                  "type": "invalid_request_error", "param": "model", "code": "model_not_found"}}))
+    page.route(
+        "**/api/models/active",
+        lambda route: route.fulfill(
+            status=400,
+            json={
+                "error": {
+                    "message": "the model 'b/two' is not offered here; offered: a/one",
+                    "type": "invalid_request_error",
+                    "param": "model",
+                    "code": "model_not_found",
+                }
+            },
+        ),
+    )
     open_page(page, app_server)
     select = page.get_by_test_id("model-select")
     expect(select).to_be_visible()

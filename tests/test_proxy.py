@@ -57,10 +57,19 @@ def offline(argv: list[str]) -> list[str]:
 def validate(text: str, tmp_path: Path) -> subprocess.CompletedProcess:
     path = tmp_path / "Caddyfile"
     path.write_text(text)
-    env = {**os.environ, "HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path / "data"),
-           "XDG_CONFIG_HOME": str(tmp_path / "config")}
-    return subprocess.run(offline([caddy_exe(), "validate", "--config", str(path), "--adapter", "caddyfile"]),
-                          capture_output=True, text=True, env=env, timeout=60)
+    env = {
+        **os.environ,
+        "HOME": str(tmp_path),
+        "XDG_DATA_HOME": str(tmp_path / "data"),
+        "XDG_CONFIG_HOME": str(tmp_path / "config"),
+    }
+    return subprocess.run(
+        offline([caddy_exe(), "validate", "--config", str(path), "--adapter", "caddyfile"]),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
 
 
 @pytest.mark.parametrize("cert", CERT_MODES)
@@ -85,10 +94,18 @@ class Caddy:
         self.config.write_text(text)
         self.log_path = workdir / "caddy.log"
         self._log = open(self.log_path, "wb")
-        env = {**os.environ, "HOME": str(workdir), "XDG_DATA_HOME": str(workdir / "data"),
-               "XDG_CONFIG_HOME": str(workdir / "config")}
-        self.process = subprocess.Popen([caddy_exe(), "run", "--config", str(self.config), "--adapter",
-                                         "caddyfile"], env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        env = {
+            **os.environ,
+            "HOME": str(workdir),
+            "XDG_DATA_HOME": str(workdir / "data"),
+            "XDG_CONFIG_HOME": str(workdir / "config"),
+        }
+        self.process = subprocess.Popen(
+            [caddy_exe(), "run", "--config", str(self.config), "--adapter", "caddyfile"],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 30
         while True:
             assert self.process.poll() is None, self.log_path.read_text()[-3000:]
@@ -107,9 +124,17 @@ class Caddy:
 def app(endless_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """The service as it runs on the VM behind Caddy: an access token, PROXY_HOPS=1, one generation at a
     time."""
-    with LiveServer({"MODEL_ID": str(endless_model_dir), "QUEUE_SIZE": "2", "MAX_BATCH": "1",
-                     "MAX_TOKENS_LIMIT": "4000", "PROXY_HOPS": "1", "ACCESS_TOKEN": TOKEN},
-                    tmp_path_factory.mktemp("proxy-app") / "gunicorn.log") as server:
+    with LiveServer(
+        {
+            "MODEL_ID": str(endless_model_dir),
+            "QUEUE_SIZE": "2",
+            "MAX_BATCH": "1",
+            "MAX_TOKENS_LIMIT": "4000",
+            "PROXY_HOPS": "1",
+            "ACCESS_TOKEN": TOKEN,
+        },
+        tmp_path_factory.mktemp("proxy-app") / "gunicorn.log",
+    ) as server:
         yield server
 
 
@@ -118,8 +143,9 @@ def plain_proxy(app: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> It
     """Caddy with the deployed proxying, over plain HTTP on a loopback port (no certificate involved)."""
     caddy_exe()
     port = free_port()
-    caddy = Caddy(plain_caddyfile(port, upstream=f"127.0.0.1:{app.port}"), tmp_path_factory.mktemp("caddy"),
-                  port)
+    caddy = Caddy(
+        plain_caddyfile(port, upstream=f"127.0.0.1:{app.port}"), tmp_path_factory.mktemp("caddy"), port
+    )
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -129,7 +155,7 @@ def plain_proxy(app: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> It
 def events(lines) -> Iterator[dict]:
     for line in lines:
         if line.startswith(b"data: "):
-            yield json.loads(line[len(b"data: "):])
+            yield json.loads(line[len(b"data: ") :])
 
 
 def queue(url: str, **kwargs) -> dict:
@@ -174,11 +200,16 @@ def test_every_streamed_reply_arrives_whole(plain_proxy, app):
 
 def test_openai_stream_through_the_proxy(plain_proxy, app):
     wait_for(lambda: queue(app.url)["active"] == 0)
-    body = {"model": app_model(app), "stream": True, "max_tokens": 8,
-            "messages": [{"role": "user", "content": "Hi"}]}
+    body = {
+        "model": app_model(app),
+        "stream": True,
+        "max_tokens": 8,
+        "messages": [{"role": "user", "content": "Hi"}],
+    }
     assert requests.post(plain_proxy + "/v1/chat/completions", json=body, timeout=10).status_code == 401
-    with requests.post(plain_proxy + "/v1/chat/completions", json=body, stream=True, timeout=60,
-                       headers=AUTH) as r:
+    with requests.post(
+        plain_proxy + "/v1/chat/completions", json=body, stream=True, timeout=60, headers=AUTH
+    ) as r:
         assert r.status_code == 200
         lines = [line for line in r.iter_lines() if line.startswith(b"data: ")]
     assert lines[-1] == b"data: [DONE]" and len(lines) >= 3, lines
@@ -190,14 +221,22 @@ def app_model(app: LiveServer) -> str:
 
 # -- the deployed config itself, with Caddy's own certificate authority, on loopback ports ------------------
 
+
 @pytest.fixture(scope="module")
 def https_proxy(app: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     caddy_exe()
     workdir = tmp_path_factory.mktemp("caddy-https")
     http_port, https_port = free_port(), free_port()
     storage = workdir / "storage"
-    text = caddyfile(SITE, "internal", upstream=f"127.0.0.1:{app.port}", http_port=http_port,
-                     https_port=https_port, storage=str(storage), bind="127.0.0.1")
+    text = caddyfile(
+        SITE,
+        "internal",
+        upstream=f"127.0.0.1:{app.port}",
+        http_port=http_port,
+        https_port=https_port,
+        storage=str(storage),
+        bind="127.0.0.1",
+    )
     caddy = Caddy(text, workdir, https_port)
     root = storage / "pki/authorities/local/root.crt"
     try:
@@ -211,9 +250,16 @@ def https_proxy(app: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> It
 
 def https_pool(proxy: dict) -> urllib3.HTTPSConnectionPool:
     """Connects to 127.0.0.1 as if to the VM's name: SNI and the certificate check use SITE."""
-    return urllib3.HTTPSConnectionPool("127.0.0.1", proxy["https_port"], server_hostname=SITE,
-                                       assert_hostname=SITE, cert_reqs="CERT_REQUIRED",
-                                       ca_certs=proxy["root"], retries=False, timeout=urllib3.Timeout(30))
+    return urllib3.HTTPSConnectionPool(
+        "127.0.0.1",
+        proxy["https_port"],
+        server_hostname=SITE,
+        assert_hostname=SITE,
+        cert_reqs="CERT_REQUIRED",
+        ca_certs=proxy["root"],
+        retries=False,
+        timeout=urllib3.Timeout(30),
+    )
 
 
 def https_get(proxy: dict, path: str) -> urllib3.BaseHTTPResponse:
@@ -227,8 +273,12 @@ def https_get(proxy: dict, path: str) -> urllib3.BaseHTTPResponse:
 def test_https_with_a_certificate_for_the_vms_name_and_http_redirects(https_proxy):
     r = https_get(https_proxy, "/api/health")
     assert r.status == 200 and json.loads(r.data)["status"] == "ok"
-    redirect = requests.get(f"http://127.0.0.1:{https_proxy['http_port']}/api/health", timeout=10,
-                            headers={"Host": SITE}, allow_redirects=False)
+    redirect = requests.get(
+        f"http://127.0.0.1:{https_proxy['http_port']}/api/health",
+        timeout=10,
+        headers={"Host": SITE},
+        allow_redirects=False,
+    )
     assert redirect.status_code == 308 and redirect.headers["Server"] == "Caddy"
     assert redirect.headers["Location"] == f"https://{SITE}:{https_proxy['https_port']}/api/health"
 
@@ -236,9 +286,17 @@ def test_https_with_a_certificate_for_the_vms_name_and_http_redirects(https_prox
 def test_https_stream_arrives_chunk_by_chunk(https_proxy, app):
     wait_for(lambda: queue(app.url)["active"] == 0)
     with https_pool(https_proxy) as pool:
-        response = pool.request("POST", "/api/chat", body=json.dumps(LONG).encode(), preload_content=False,
-                                headers={"Host": f"{SITE}:{https_proxy['https_port']}",
-                                         "Content-Type": "application/json", **AUTH})
+        response = pool.request(
+            "POST",
+            "/api/chat",
+            body=json.dumps(LONG).encode(),
+            preload_content=False,
+            headers={
+                "Host": f"{SITE}:{https_proxy['https_port']}",
+                "Content-Type": "application/json",
+                **AUTH,
+            },
+        )
         assert response.status == 200
         buffered = b""
         while not (first := re.search(rb"^data: (.*)\n", buffered, flags=re.M)):
@@ -264,16 +322,19 @@ def test_the_openai_client_over_https_as_the_readme_shows(https_proxy, app):
         request.extensions["sni_hostname"] = SITE
 
     port = https_proxy["https_port"]
-    http = DefaultHttpxClient(verify=https_proxy["root"], event_hooks={"request": [as_the_vm]},
-                              headers={"Host": f"{SITE}:{port}"})
+    http = DefaultHttpxClient(
+        verify=https_proxy["root"], event_hooks={"request": [as_the_vm]}, headers={"Host": f"{SITE}:{port}"}
+    )
     client = OpenAI(base_url=f"https://127.0.0.1:{port}/v1", api_key=TOKEN, http_client=http, max_retries=0)
     model = client.models.list().data[0].id
-    stream = client.chat.completions.create(model=model, stream=True, max_tokens=24,
-                                            messages=[{"role": "user", "content": "Hello"}])
+    stream = client.chat.completions.create(
+        model=model, stream=True, max_tokens=24, messages=[{"role": "user", "content": "Hello"}]
+    )
     chunks = [c for c in stream if c.choices]
     assert len(chunks) >= 2 and chunks[-1].choices[0].finish_reason == "length"
     assert "".join(c.choices[0].delta.content or "" for c in chunks)
-    wrong = OpenAI(base_url=f"https://127.0.0.1:{port}/v1", api_key="not-the-token", http_client=http,
-                   max_retries=0)
+    wrong = OpenAI(
+        base_url=f"https://127.0.0.1:{port}/v1", api_key="not-the-token", http_client=http, max_retries=0
+    )
     with pytest.raises(AuthenticationError):
         wrong.models.list()

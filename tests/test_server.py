@@ -40,7 +40,7 @@ def open_stream(server: LiveServer, body: dict = LONG) -> requests.Response:
 def data_events(lines):
     for line in lines:
         if line.startswith(b"data: "):
-            yield json.loads(line[len(b"data: "):])
+            yield json.loads(line[len(b"data: ") :])
 
 
 def idle(server: LiveServer) -> bool:
@@ -102,19 +102,25 @@ def test_overfull_queue_is_refused_with_retry_after(live_server):
 
 
 def test_bad_input_through_the_real_server(live_server):
-    r = requests.post(live_server.url + "/api/chat", data=b"{oops", timeout=10,
-                      headers={"Content-Type": "application/json"})
+    r = requests.post(
+        live_server.url + "/api/chat", data=b"{oops", timeout=10, headers={"Content-Type": "application/json"}
+    )
     assert r.status_code == 400 and r.json()["error"]["message"]
-    r = requests.post(live_server.url + "/api/chat", data=b"x" * 2_000_000, timeout=10,
-                      headers={"Content-Type": "application/json"})
+    r = requests.post(
+        live_server.url + "/api/chat",
+        data=b"x" * 2_000_000,
+        timeout=10,
+        headers={"Content-Type": "application/json"},
+    )
     assert r.status_code == 413
     assert health(live_server)["status"] == "ok"
 
 
 def test_port_answers_before_the_model_is_loaded(tmp_path):
     """Health says 'loading' (503) while a model loads, and 'error' with the cause if it cannot."""
-    server = LiveServer({"MODEL_ID": str(tmp_path / "no-such-model"), "HF_HUB_OFFLINE": "1"},
-                        tmp_path / "gunicorn.log")
+    server = LiveServer(
+        {"MODEL_ID": str(tmp_path / "no-such-model"), "HF_HUB_OFFLINE": "1"}, tmp_path / "gunicorn.log"
+    )
     try:
         deadline = time.monotonic() + 60
         seen = set()
