@@ -1,17 +1,37 @@
-"""The README is part of the product: its commands and tables must stay true."""
+"""The documents are part of the product: their commands, tables and links must stay true."""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
+
+import pytest
 
 from service.config import settings_table
-from tests.conftest import ROOT
 
+ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
+DOCUMENTS = sorted(
+    [ROOT / "README.md", ROOT / "CONTRIBUTING.md", ROOT / "CHANGELOG.md", *(ROOT / "docs").glob("*.md")]
+)
 
 
 def fenced_commands() -> list[str]:
     return re.findall(r"```bash\n(.*?)\n```", README, flags=re.S)
+
+
+def prose(text: str) -> str:
+    """The text without its fenced code blocks (code may hold brackets that are not links)."""
+    return re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+
+
+def anchor(heading: str) -> str:
+    """GitHub's id for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    return {anchor(h) for h in re.findall(r"^#+ (.+)$", prose(path.read_text()), flags=re.M)}
 
 
 def test_ci_runs_the_readme_test_command_verbatim():
@@ -33,7 +53,43 @@ def test_settings_table_matches_the_code():
 def test_catalog_table_matches_the_code():
     from service.catalog import CATALOG
 
+    api = (ROOT / "docs" / "api.md").read_text()
     for entry in CATALOG:
-        row = next(line for line in README.splitlines() if line.startswith(f"| {entry.hub_id} |"))
+        row = next(line for line in api.splitlines() if line.startswith(f"| {entry.hub_id} |"))
         memory = " | ".join(f"{entry.memory_gb(d)} GB" for d in ("bfloat16", "int8", "int4"))
         assert f"| {memory} |" in row
+
+
+def test_readme_stays_an_introduction():
+    assert len(README.splitlines()) <= 200
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_links_between_documents_resolve(document: Path):
+    for target in re.findall(r"\]\(([^)\s]+)\)", prose(document.read_text())):
+        if re.match(r"[a-z]+:", target):  # https:, mailto: ...
+            continue
+        file, _, fragment = target.partition("#")
+        path = (document.parent / file).resolve() if file else document
+        assert path.exists(), f"{document.name} links to {target}, which does not exist"
+        if fragment and path.suffix == ".md":
+            assert fragment in anchors(path), f"{document.name} links to #{fragment}, not a heading of {file}"
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_documents_speak_to_readers_not_to_the_project_history(document: Path):
+    text = document.read_text()
+    for pattern in (r"\bissues? #?\d+", r"\bthe seed\b", r"\bseed's\b"):
+        assert not re.search(pattern, text, flags=re.I), f"{document.name}: {pattern!r}"
+
+
+def test_every_speed_table_says_which_cpu_it_came_from():
+    text = (ROOT / "docs" / "performance.md").read_text()
+    assert "AMD EPYC" in text
+    sections = re.split(r"^## ", text, flags=re.M)
+    tables = [s for s in sections if "| precision | load s |" in s]
+    assert len(tables) == 3
+    headings = [s.splitlines()[0] for s in tables]
+    assert headings[0].startswith("Native")
+    for capped in headings[1:]:  # measured on the same AVX-512 CPU held to an older instruction set
+        assert "capped" in capped and "not a real" in capped
