@@ -45,6 +45,7 @@ function chatIsEmpty() {
   return els.messages.childElementCount === 0 && !chat.opening;
 }
 
+/** Send/Stop and the Private switch follow the health, the stream and the chat. */
 export function updateControls() {
   const streaming = Boolean(chat.active);
   els.send.hidden = streaming;
@@ -76,6 +77,7 @@ function updatePrivacy() {
   els.privateToggle.parentElement.title = title;
 }
 
+/** The welcome shows only while the chat is empty. */
 export function updateEmptyState() {
   els.welcome.hidden = els.messages.childElementCount > 0 || chat.opening;
   els.messages.setAttribute('aria-busy', String(chat.opening));
@@ -170,6 +172,7 @@ async function readReply(response, reply) {
 /* Chat flow                                                           */
 /* ------------------------------------------------------------------ */
 
+/** Send what is in the message box (Enter or the Send button). */
 export function submit() {
   const raw = els.input.value;
   const text = raw.replace(/^\s*\n/, '').trimEnd();
@@ -359,6 +362,7 @@ function retryReply(reply, ctx) {
   requestReply({ userEl: null, text: ctx.text, options });
 }
 
+/** Stop the reply that is streaming (the server keeps what it had). */
 export function stop() {
   if (chat.active) chat.active.controller.abort();
   els.input.focus();
@@ -377,6 +381,7 @@ function clearChat() {
   hideError();
 }
 
+/** Start an empty chat (stored or private as the Private switch says). */
 export function newChat() {
   clearChat();
   chat.conversationId = null;
@@ -463,12 +468,14 @@ function renderStoredConversation(conversation) {
   scrollToBottom();
 }
 
+/** One of the welcome's examples: send it at once if the model is ready. */
 export function useExample(button) {
   setInput(button.dataset.prompt || button.textContent.trim());
   if (isReady() && !chat.active) submit();
   else els.input.focus();
 }
 
+/** The Private switch was flipped: it applies only to an empty chat. */
 export function onPrivateToggle() {
   if (historyMode() === 'off' || !chatIsEmpty() || chat.active) {
     updatePrivacy(); // not changeable now: show the real state again

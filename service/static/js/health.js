@@ -44,6 +44,7 @@ function updateNotice(detail) {
   if (els.noticeText.textContent !== text) els.noticeText.textContent = text;
 }
 
+/** Ask /api/health now, then again after a delay that depends on the answer. */
 export async function pollHealth() {
   if (healthInFlight) return;
   healthInFlight = true;

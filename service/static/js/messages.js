@@ -7,6 +7,7 @@ import { els } from './dom.js';
 import { renderMarkdown } from './markdown.js';
 import { followOutput } from './ui.js';
 
+/** Append the user's turn, as plain text (the caller updates the empty state). */
 export function appendUserMessage(text) {
   const el = document.createElement('div');
   el.className = 'message';
@@ -21,6 +22,7 @@ export function appendUserMessage(text) {
   return el;
 }
 
+/** Append an empty assistant reply showing the typing dots; returns the reply object. */
 export function appendAssistantMessage() {
   const el = document.createElement('div');
   el.className = 'message';
@@ -67,6 +69,7 @@ export function scheduleRender(reply) {
   });
 }
 
+/** The reply has ended (`finish`: stop, length, cancelled, error): final render, no more dots. */
 export function finishReply(reply, finish) {
   renderReply(reply);
   if (!reply.text) reply.body.replaceChildren();
@@ -75,6 +78,7 @@ export function finishReply(reply, finish) {
   reply.el.removeAttribute('aria-busy');
 }
 
+/** The meta line of a finished reply: tokens, speed, first-token time, queueing, what was cut. */
 export function describeDone(event) {
   const usage = event.usage || {};
   const timing = event.timing || {};
@@ -95,6 +99,7 @@ export function describeDone(event) {
   return text.trim();
 }
 
+/** The Stopped badge in place of the meta line. */
 export function markStopped(reply) {
   const badge = document.createElement('span');
   badge.className = 'meta-stopped';

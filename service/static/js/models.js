@@ -160,6 +160,7 @@ function modelDetails(m) {
   return parts.join(' · ');
 }
 
+/** The user picked a model in the dropdown: ask the server to switch to it. */
 export async function chooseModel() {
   const id = els.modelSelect.value;
   models.message = '';

@@ -35,6 +35,7 @@ export function historyMode() {
   return mode;
 }
 
+/** The server's answer about stored chats changed; the chat on screen and the list follow. */
 export function setHistoryMode(next) {
   const was = mode;
   mode = next;
@@ -146,6 +147,7 @@ export function refreshList() {
   if (mode === 'on') loadList({ merge: true });
 }
 
+/** A conversation was just created here: show it at the top at once. */
 export function addConversation(conversation) {
   side.items = [conversation, ...side.items.filter((c) => c.id !== conversation.id)];
   if (!side.pages) side.pages = 1;
@@ -153,6 +155,7 @@ export function addConversation(conversation) {
   else renderSidebar();
 }
 
+/** A conversation is gone (deleted here or elsewhere). */
 export function removeConversation(id) {
   side.items = side.items.filter((c) => c.id !== id);
   renderSidebar();
@@ -362,6 +365,7 @@ function setItemTitle(li, title) {
   li.querySelector('[data-testid="conversation-delete"]').setAttribute('aria-label', `Delete “${text}”`);
 }
 
+/** Highlight the conversation on screen. */
 export function markCurrent() {
   for (const [id, li] of nodes) {
     const current = id === currentConversationId();
