@@ -57,7 +57,7 @@ def test_protected_routes_accept_the_right_token(app_with_token, settings, metho
     assert r.status_code == 200
 
 
-@pytest.mark.parametrize("path", ["/api/health", "/", "/static/app.js"])
+@pytest.mark.parametrize("path", ["/api/health", "/", "/static/js/main.js"])
 def test_health_and_page_stay_open(app_with_token, path):
     assert app_with_token.test_client().get(path).status_code == 200
 

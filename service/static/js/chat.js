@@ -1,0 +1,493 @@
+/* The chat on screen: its turns (`history`), the reply streaming now, whether it is stored on the
+ * server (`conversationId`) or private, and the flow: send, stream, stop, retry, start a new chat,
+ * open a stored one. A stored chat sends only the new user turn plus `conversation_id` (the server
+ * adds the stored turns); a private one sends the whole conversation and nothing is stored. Which
+ * stored chat is on screen survives a reload (localStorage). Also the Send/Stop and Private
+ * controls, whose state follows from the chat's. */
+
+import { els } from './dom.js';
+import { api, apiFailure, errorMessageFrom, streamChat } from './api.js';
+import { isReady, pollHealth } from './health.js';
+import {
+  appendAssistantMessage, appendUserMessage, describeDone, finishReply, markStopped,
+  removeRetryButtons, renderStoredReply, scheduleRender, showReplyError,
+} from './messages.js';
+import { askForAccessToken, readSettings, systemPrompt } from './settings.js';
+import {
+  addConversation, closeDrawer, historyMode, markCurrent, refreshList, removeConversation, setHistoryMode,
+} from './sidebar.js';
+import { readEvents } from './sse.js';
+import { hideError, restoreInput, scrollToBottom, setInput, showError } from './ui.js';
+
+const CONVERSATION_KEY = 'qwen-box.conversation';
+
+const chat = {
+  history: [],              // finished turns of the chat on screen: {role, content}
+  active: null,             // the reply currently streaming: {controller, reply}
+  epoch: 0,                 // bumped whenever the chat on screen changes, so late callbacks are ignored
+  conversationId: null,     // the stored conversation on screen; null = a new (or private) chat
+  private: false,           // this chat is not stored (sticky across "New chat")
+  opening: false,           // a stored conversation is being fetched
+  pendingRestore: null,     // id to reopen once the access token is known
+};
+
+/** A reply is streaming. */
+export function isStreaming() {
+  return Boolean(chat.active);
+}
+
+/** The stored conversation on screen, or null. */
+export function currentConversationId() {
+  return chat.conversationId;
+}
+
+function chatIsEmpty() {
+  return els.messages.childElementCount === 0 && !chat.opening;
+}
+
+/** Send/Stop and the Private switch follow the health, the stream and the chat. */
+export function updateControls() {
+  const streaming = Boolean(chat.active);
+  els.send.hidden = streaming;
+  els.stop.hidden = !streaming;
+  els.send.disabled = !isReady() || chat.opening;
+  els.send.title = isReady() ? 'Send (Enter)' : 'The model is not ready yet';
+  updatePrivacy();
+}
+
+/** The Private switch: forced on when the server keeps nothing; fixed once a chat has started. */
+function updatePrivacy() {
+  const off = historyMode() === 'off';
+  const isPrivate = off || chat.private;
+  const locked = off || !chatIsEmpty() || Boolean(chat.active);
+  els.privateToggle.checked = isPrivate;
+  els.privateToggle.disabled = locked;
+  els.composerArea.dataset.private = String(isPrivate);
+  let hint = '';
+  let title = 'Private: this chat is not stored on the server';
+  if (off) {
+    hint = 'History is off on this server: nothing is stored';
+    title = hint;
+  } else if (isPrivate) {
+    hint = 'This chat is not saved';
+  }
+  if (!off && locked && !chat.active) title = 'Applies to a whole chat: start a new chat to change it';
+  els.privateHint.textContent = hint;
+  els.privateHint.hidden = !hint;
+  els.privateToggle.parentElement.title = title;
+}
+
+/** The welcome shows only while the chat is empty. */
+export function updateEmptyState() {
+  els.welcome.hidden = els.messages.childElementCount > 0 || chat.opening;
+  els.messages.setAttribute('aria-busy', String(chat.opening));
+}
+
+/** The chat request: stored chats send only the new turn (the server has the rest). */
+function buildPayload(options, conversationId) {
+  const messages = [];
+  const system = systemPrompt();
+  if (system) messages.push({ role: 'system', content: system });
+  if (conversationId) {
+    messages.push(chat.history[chat.history.length - 1]);
+    return { conversation_id: conversationId, messages, stream: true, ...options };
+  }
+  messages.push(...chat.history);
+  return { messages, stream: true, ...options };
+}
+
+/* Which stored conversation is on screen survives a reload (localStorage, this browser only). */
+function remember(id) {
+  try {
+    if (id) localStorage.setItem(CONVERSATION_KEY, id);
+    else localStorage.removeItem(CONVERSATION_KEY);
+  } catch (_) {
+    // storage unavailable: a reload starts a new chat
+  }
+}
+
+function remembered() {
+  try {
+    return localStorage.getItem(CONVERSATION_KEY);
+  } catch (_) {
+    return null;
+  }
+}
+
+/** A stored chat was deleted: a reload must not try to reopen it. */
+export function forgetConversation(id) {
+  if (remembered() === id) remember(null);
+}
+
+/** The sidebar has started: bring back the stored chat that was on screen before the reload. */
+export function restoreLastChat() {
+  const last = remembered();
+  if (last && !chat.conversationId && chatIsEmpty() && !chat.active) {
+    openConversation(last, { restoring: true });
+  }
+}
+
+/** A new access token: reopen the chat that the server refused to show without one. */
+export function reopenAfterToken() {
+  if (chat.pendingRestore && !chat.conversationId && chatIsEmpty()) {
+    openConversation(chat.pendingRestore, { restoring: true });
+  }
+}
+
+/** The server keeps nothing any more: the chat on screen continues as a private one. */
+export function continuePrivately() {
+  chat.private = true;
+  chat.conversationId = null;
+  chat.pendingRestore = null;
+  remember(null);
+}
+
+/** The server keeps history again: an empty chat may be stored again. */
+export function allowStoring() {
+  if (chatIsEmpty()) chat.private = false;
+}
+
+const isAbort = (err) => err && err.name === 'AbortError';
+
+/**
+ * Read the event stream into `reply` until a terminal event or the end of the body.
+ * Returns {kind: 'done', event} | {kind: 'error', message}. Throws on network failure/abort.
+ */
+async function readReply(response, reply) {
+  const outcome = await readEvents(response, (event) => {
+    if (event.type === 'delta' && typeof event.text === 'string') {
+      reply.text += event.text;
+      scheduleRender(reply);
+    } else if (event.type === 'done') {
+      return { kind: 'done', event };
+    } else if (event.type === 'error') {
+      return { kind: 'error', message: event.error?.message || 'The model stopped with an error.' };
+    }
+    return null;
+  });
+  return outcome || { kind: 'error', message: 'The connection closed before the reply was finished.' };
+}
+
+/* ------------------------------------------------------------------ */
+/* Chat flow                                                           */
+/* ------------------------------------------------------------------ */
+
+/** Send what is in the message box (Enter or the Send button). */
+export function submit() {
+  const raw = els.input.value;
+  const text = raw.replace(/^\s*\n/, '').trimEnd();
+  if (!text.trim() || chat.active || chat.opening || !isReady()) return;
+
+  const settings = readSettings();
+  if (settings.error) {
+    showError(settings.error);
+    return;
+  }
+  hideError();
+  removeRetryButtons();
+  setInput('');
+  els.input.focus();
+  ask(text, settings.options);
+}
+
+/** Show `text` as the user's turn and ask for the reply; a refused request gives the text back. */
+function ask(text, options) {
+  const userEl = appendUserMessage(text);
+  updateEmptyState();
+  chat.history.push({ role: 'user', content: text });
+  requestReply({ userEl, text, options });
+}
+
+/**
+ * Where this turn is stored: the conversation on screen, a new one (created now, for the first
+ * turn of a stored chat), or nowhere (private chat, or a server that keeps no history).
+ * Resolves {id} (null = not stored) or {rejected: outcome}.
+ */
+async function conversationFor(signal) {
+  if (chat.conversationId) return { id: chat.conversationId };
+  if (chat.private || historyMode() === 'off') return { id: null };
+  const result = await api('POST', '/api/conversations', {}, signal);
+  if (result.ok && typeof result.data?.id === 'string') {
+    chat.conversationId = result.data.id;
+    remember(result.data.id);
+    addConversation(result.data);
+    return { id: result.data.id };
+  }
+  if (result.status === 404) {
+    setHistoryMode('off'); // the server keeps nothing (HISTORY=off): this chat is private
+    return { id: null };
+  }
+  return { rejected: { kind: 'rejected', message: apiFailure(result), status: result.status } };
+}
+
+/**
+ * Ask the server for the next assistant turn (history already ends with the user turn).
+ * `userEl` lets a refused send be undone: the text goes back into the input box.
+ */
+async function requestReply({ userEl, text, options }) {
+  const epoch = chat.epoch;
+  const reply = appendAssistantMessage();
+  updateEmptyState();
+  const controller = new AbortController();
+  chat.active = { controller, reply };
+  updateControls();
+  scrollToBottom();
+
+  let outcome;
+  let response = null;
+  let target = { id: null };
+  try {
+    target = await conversationFor(controller.signal);
+    if (target.rejected) {
+      outcome = target.rejected;
+    } else {
+      response = await streamChat(buildPayload(options, target.id), controller.signal);
+      if (!response.ok) {
+        const body = await response.clone().json().catch(() => null);
+        outcome = {
+          kind: 'rejected', message: await errorMessageFrom(response), status: response.status,
+          code: body?.error?.code,
+        };
+      } else {
+        outcome = await readReply(response, reply);
+      }
+    }
+  } catch (err) {
+    if (isAbort(err)) outcome = { kind: 'cancelled' };
+    else if (!response) outcome = { kind: 'rejected', message: 'Could not reach the server. Check that it is running, then try again.' };
+    else outcome = { kind: 'error', message: 'The connection was lost while the reply was streaming.' };
+  }
+
+  if (epoch !== chat.epoch) {
+    // Another chat is on screen now; the one left behind was stored (and maybe named) anyway.
+    if (target.id) refreshList();
+    return;
+  }
+  chat.active = null;
+  if (outcome.kind === 'rejected' && outcome.status === 404 && target.id) {
+    conversationGone(target.id, outcome, { reply, userEl, text });
+  } else {
+    settle(reply, outcome, { userEl, text, options });
+  }
+  updateControls();
+  // The server stores the exchange and names a new conversation after its first question.
+  if (target.id && outcome.kind !== 'rejected') refreshList();
+}
+
+function settle(reply, outcome, ctx) {
+  switch (outcome.kind) {
+    case 'done': {
+      const finish = outcome.event.finish_reason || 'stop';
+      finishReply(reply, finish);
+      if (finish === 'cancelled') markStopped(reply);
+      else reply.meta.textContent = describeDone(outcome.event);
+      keepInHistory(reply);
+      break;
+    }
+    case 'cancelled':
+      finishReply(reply, 'cancelled');
+      markStopped(reply);
+      keepInHistory(reply);
+      break;
+    case 'error':
+      finishReply(reply, 'error');
+      keepInHistory(reply);
+      showReplyError(reply, outcome.message, () => retryReply(reply, ctx));
+      showError(outcome.message);
+      break;
+    case 'rejected':
+    default:
+      if (ctx.userEl) {
+        // Nothing was generated: undo the turn and give the text back for editing/resending.
+        reply.el.remove();
+        ctx.userEl.remove();
+        removeLastUserTurn(ctx.text);
+        restoreInput(ctx.text);
+        updateEmptyState();
+      } else {
+        // A retry that failed again: keep the user's message and offer another retry.
+        finishReply(reply, 'error');
+        showReplyError(reply, outcome.message, () => retryReply(reply, ctx));
+      }
+      showError(outcome.message);
+      if (outcome.status === 401) askForAccessToken();
+      if (outcome.status === undefined || outcome.status === 503) pollHealth();
+      break;
+  }
+}
+
+/** The stored conversation went away (deleted elsewhere, or history turned off): start afresh. */
+function conversationGone(id, outcome, { reply, userEl, text }) {
+  reply.el.remove();
+  userEl?.remove();
+  removeConversation(id);
+  if (outcome.code === 'history_disabled') setHistoryMode('off');
+  newChat();
+  restoreInput(text);
+  showError(outcome.code === 'history_disabled'
+    ? 'History is now off on this server, so this chat can’t continue. Your message is back in the box: send it to start a private chat.'
+    : 'This chat no longer exists on the server (deleted elsewhere?). Your message is back in the box: send it to start a new chat.');
+}
+
+function keepInHistory(reply) {
+  if (!reply.text) return; // an empty turn adds nothing and may be rejected by the server
+  chat.history.push({ role: 'assistant', content: reply.text });
+  reply.inHistory = true;
+}
+
+function removeLastUserTurn(text) {
+  const last = chat.history[chat.history.length - 1];
+  if (last && last.role === 'user' && last.content === text) chat.history.pop();
+}
+
+/** Ask again after a failed reply. */
+function retryReply(reply, ctx) {
+  if (chat.active || !isReady()) {
+    showError(isReady() ? 'Wait for the current reply to finish.' : 'The model is not ready yet.');
+    return;
+  }
+  hideError();
+  const settings = readSettings();
+  const options = settings.options || ctx.options;
+  if (chat.conversationId) {
+    // The server has stored the failed reply as it ended; asking again is a new turn with the
+    // same question, exactly as a reload of this conversation will show it.
+    removeRetryButtons();
+    ask(ctx.text, options);
+    return;
+  }
+  // Private chat: drop the failed reply (and its partial text) and ask again with the same history.
+  if (reply.inHistory) chat.history.pop();
+  reply.el.remove();
+  requestReply({ userEl: null, text: ctx.text, options });
+}
+
+/** Stop the reply that is streaming (the server keeps what it had). */
+export function stop() {
+  if (chat.active) chat.active.controller.abort();
+  els.input.focus();
+}
+
+/** Clear the chat on screen (aborting a reply in progress: the server keeps what it had). */
+function clearChat() {
+  if (chat.active) {
+    chat.active.controller.abort();
+    chat.active = null;
+  }
+  chat.epoch += 1;
+  chat.opening = false;
+  chat.history = [];
+  els.messages.replaceChildren();
+  hideError();
+}
+
+/** Start an empty chat (stored or private as the Private switch says). */
+export function newChat() {
+  clearChat();
+  chat.conversationId = null;
+  chat.pendingRestore = null;
+  remember(null);
+  markCurrent();
+  updateEmptyState();
+  updateControls();
+  scrollToBottom();
+  closeDrawer();
+  els.input.focus();
+}
+
+/* ------------------------------------------------------------------ */
+/* Stored conversations                                                */
+/* ------------------------------------------------------------------ */
+
+/** Show a stored conversation and continue it. `restoring`: the page is bringing back the last one. */
+export async function openConversation(id, { restoring = false } = {}) {
+  closeDrawer();
+  if (!restoring && id === chat.conversationId && !chat.opening) return;
+  clearChat();
+  const epoch = chat.epoch;
+  chat.conversationId = id;
+  chat.private = false;
+  chat.opening = true;
+  markCurrent();
+  updateEmptyState();
+  updateControls();
+
+  let result = null;
+  try {
+    result = await api('GET', `/api/conversations/${encodeURIComponent(id)}`);
+  } catch (_) {
+    result = null;
+  }
+  if (epoch !== chat.epoch) return; // the user moved on meanwhile
+  chat.opening = false;
+
+  if (result?.ok && result.data && Array.isArray(result.data.messages)) {
+    chat.pendingRestore = null;
+    remember(id);
+    renderStoredConversation(result.data);
+  } else {
+    chat.conversationId = null;
+    if (result?.status === 404) {
+      // Deleted (here or elsewhere), or history is off: start fresh, silently on a reload.
+      remember(null);
+      chat.pendingRestore = null;
+      removeConversation(id);
+      if (result.data?.error?.code === 'history_disabled') setHistoryMode('off');
+      if (!restoring) showError('That chat no longer exists.');
+    } else if (result?.status === 401) {
+      chat.pendingRestore = id; // reopened once the token is entered
+      if (!restoring) {
+        showError(apiFailure(result));
+        askForAccessToken();
+      }
+    } else {
+      chat.pendingRestore = id;
+      showError(result ? `Couldn’t open that chat: ${apiFailure(result)}` : 'Couldn’t open that chat: the server is unreachable.');
+    }
+    markCurrent();
+  }
+  updateEmptyState();
+  updateControls();
+  scrollToBottom();
+  if (!restoring) els.input.focus();
+}
+
+function renderStoredConversation(conversation) {
+  for (const message of conversation.messages) {
+    const content = typeof message.content === 'string' ? message.content : '';
+    if (message.role === 'user') {
+      appendUserMessage(content);
+      chat.history.push({ role: 'user', content });
+    } else if (message.role === 'assistant') {
+      const reply = renderStoredReply(message, content);
+      if (content && reply.el.dataset.finish !== 'error') keepInHistory(reply);
+    }
+    // System turns are context the page did not show when they were sent either.
+  }
+  updateEmptyState();
+  scrollToBottom();
+}
+
+/** One of the welcome's examples: send it at once if the model is ready. */
+export function useExample(button) {
+  setInput(button.dataset.prompt || button.textContent.trim());
+  if (isReady() && !chat.active) submit();
+  else els.input.focus();
+}
+
+/** The Private switch was flipped: it applies only to an empty chat. */
+export function onPrivateToggle() {
+  if (historyMode() === 'off' || !chatIsEmpty() || chat.active) {
+    updatePrivacy(); // not changeable now: show the real state again
+    return;
+  }
+  chat.private = els.privateToggle.checked;
+  if (chat.private && chat.conversationId) {
+    // An empty stored chat (its first send was refused) becomes a private one.
+    chat.conversationId = null;
+    remember(null);
+    markCurrent();
+  }
+  updatePrivacy();
+  els.input.focus();
+}
