@@ -20,8 +20,9 @@ from werkzeug.serving import make_server
 from service.app import create_app
 from service.config import Settings
 from service.engine import Engine
-from tests.conftest import free_port, ready_engine
+from tests.conftest import ready_engine
 from tests.scripted import ScriptedBackend
+from tests.support.live import free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
 

@@ -4,25 +4,18 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import pytest
 
 from service.app import create_app
 from service.engine import Engine
+from tests.support.live import wait_for
 
 
 def events(response) -> list[dict]:
     """Parse a server-sent event stream body into its data payloads (comments skipped)."""
     body = response.get_data(as_text=True)
     return [json.loads(line[len("data: ") :]) for line in body.splitlines() if line.startswith("data: ")]
-
-
-def wait_for(condition, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition never became true"
-        time.sleep(0.01)
 
 
 def test_health_ok(client, tiny_model_dir):
@@ -220,7 +213,8 @@ def test_queue_full_is_503_with_retry_after(settings, scripted):
     engine = scripted("a b c d e f g h", delay=0.2, queue_size=1)
     client = create_app(settings, engine=engine).test_client()
     first = client.post("/api/chat", json={"message": "1", "stream": True})  # stream: returns at once
-    wait_for(lambda: engine.stats()["active"] == 1)  # on the model, so the queue is empty again
+    # On the model, so the queue is empty again:
+    wait_for(lambda: engine.stats()["active"] == 1, timeout=10, interval=0.01)
     second = client.post("/api/chat", json={"message": "2", "stream": True})
     third = client.post("/api/chat", json={"message": "3"})
     assert (first.status_code, second.status_code) == (200, 200)

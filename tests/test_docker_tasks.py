@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, free_port
+from tests.support.live import free_port
+from tests.support.paths import ROOT
 
 STAND_IN = '''#!{python}
 """Stand-in for the docker CLI: logs argv, then plays the next scripted outcome for this command."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from service.config import settings_table
-from tests.conftest import ROOT
+from tests.support.paths import ROOT
 
 README = (ROOT / "README.md").read_text()
 

@@ -26,8 +26,7 @@ import requests
 import urllib3
 
 from infra.caddy import CERT_MODES, caddyfile, plain_caddyfile
-from tests.conftest import LiveServer, free_port, stop_process
-from tests.test_server import wait_for
+from tests.support.live import LiveServer, free_port, stop_process, wait_for
 
 SITE = "qb-test.eastus.cloudapp.azure.com"
 LONG = {"message": "Tell me a long story", "stream": True, "max_tokens": 4000}

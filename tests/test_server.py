@@ -11,7 +11,7 @@ import time
 
 import requests
 
-from tests.conftest import LiveServer
+from tests.support.live import LiveServer, wait_for
 
 LONG = {"message": "Tell me a long story", "stream": True, "max_tokens": 4000}
 
@@ -20,13 +20,6 @@ def health(server: LiveServer) -> dict:
     r = requests.get(server.url + "/api/health", timeout=5)
     assert r.status_code == 200
     return r.json()
-
-
-def wait_for(condition, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition never became true"
-        time.sleep(0.02)
 
 
 def open_stream(server: LiveServer, body: dict = LONG) -> requests.Response:
