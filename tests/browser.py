@@ -20,8 +20,6 @@ from werkzeug.serving import make_server
 from service.app import create_app
 from service.config import Settings
 from service.engine import Engine
-from tests.conftest import ready_engine
-from tests.scripted import ScriptedBackend
 from tests.support.live import free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -116,12 +114,6 @@ def phone_page(browser) -> Iterator:
     context = browser.new_context(**PHONE)
     yield watch(context.new_page())
     context.close()
-
-
-def scripted_engine(tiny_backend, script: str, delay: float = 0.0, context_length: int = 4096) -> Engine:
-    return ready_engine(
-        ScriptedBackend(tiny_backend.tokenizer, script, delay=delay, context_length=context_length)
-    )
 
 
 def send(page, text: str) -> None:

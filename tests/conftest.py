@@ -12,7 +12,7 @@ from service.backend import TransformersBackend
 from service.config import Settings
 from service.devmodels import build_tiny_model
 from service.engine import Engine
-from tests.scripted import ScriptedBackend
+from tests.support.engines import ready_engine, scripted_engine
 from tests.support.live import LiveServer
 
 
@@ -31,12 +31,6 @@ def endless_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_backend(tiny_model_dir: Path) -> TransformersBackend:
     return TransformersBackend(str(tiny_model_dir))
-
-
-def ready_engine(backend, queue_size: int = 8) -> Engine:
-    engine = Engine(lambda: backend, queue_size=queue_size).start()
-    assert engine.wait_ready(30), engine.error
-    return engine
 
 
 @pytest.fixture(scope="session")
@@ -59,9 +53,7 @@ def scripted(tiny_backend: TransformersBackend):
     """Make a ready engine whose model says `script` (optionally slowly)."""
 
     def make(script: str = "Hello!", delay: float = 0.0, queue_size: int = 8) -> Engine:
-        return ready_engine(
-            ScriptedBackend(tiny_backend.tokenizer, script, delay=delay), queue_size=queue_size
-        )
+        return scripted_engine(tiny_backend, script, delay=delay, queue_size=queue_size)
 
     return make
 

@@ -9,6 +9,7 @@ import pytest
 
 from service.app import create_app
 from service.engine import Engine
+from tests.support.engines import ScriptedBackend, ready_engine
 from tests.support.live import wait_for
 
 
@@ -226,9 +227,6 @@ def test_queue_full_is_503_with_retry_after(settings, scripted):
 
 
 def test_a_failed_generation_is_a_500_json_error_and_service_goes_on(settings, tiny_backend):
-    from tests.conftest import ready_engine
-    from tests.scripted import ScriptedBackend
-
     class Once(ScriptedBackend):
         failed = False
 

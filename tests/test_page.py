@@ -15,8 +15,8 @@ import pytest
 
 from service.engine import Engine
 from tests import browser as shared
-from tests.browser import last_reply, scripted_engine, send, sync_api, wait_ready
-from tests.scripted import ScriptedBackend
+from tests.browser import last_reply, send, sync_api, wait_ready
+from tests.support.engines import ScriptedBackend, scripted_engine
 
 pytestmark = pytest.mark.browser
 

@@ -18,7 +18,8 @@ from service.config import Settings
 from service.history import StoredMessage
 from service.history_api import COOKIE
 from tests import browser as shared
-from tests.browser import expect, last_reply, scripted_engine, send, wait_ready, wait_reply
+from tests.browser import expect, last_reply, send, wait_ready, wait_reply
+from tests.support.engines import scripted_engine
 
 pytestmark = pytest.mark.browser
 
