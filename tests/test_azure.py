@@ -30,7 +30,7 @@ from infra import azure, azure_cli, cloudinit, credentials, state
 from infra.azure_errors import AzureActionError
 from infra.credentials import AzureClients, Cloud, CredentialsError, RetrySettings
 from infra.plan import UBUNTU_2404, Deployment, PlanError, make_plan, parse_sources
-from tests.fake_arm import FakeArm, succeeding_vm
+from tests.support.fake_arm import FakeArm, succeeding_vm
 from tests.support.live import free_port
 
 FAST = RetrySettings(total=3, backoff_factor=0.01, backoff_max=0.05, polling_interval=0)
