@@ -1,4 +1,6 @@
-"""Shared fixtures: tiny real models built on the spot, engines, apps, and a live gunicorn server."""
+"""Shared fixtures: tiny real models built on the spot, engines, apps, and a live gunicorn server.
+
+Fixtures only; what tests import (helpers, servers, fakes) is in tests/support/."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from service.devmodels import build_tiny_model
 from service.engine import Engine
 from tests.support.engines import ready_engine, scripted_engine
 from tests.support.live import LiveServer
+
+pytest_plugins = ["tests.support.browser"]  # the Chromium fixtures: browser, serve, page, phone_page
 
 
 @pytest.fixture(scope="session")
