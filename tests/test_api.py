@@ -9,14 +9,9 @@ import pytest
 
 from service.app import create_app
 from service.engine import Engine
+from tests.support import sse
 from tests.support.engines import ScriptedBackend, ready_engine
 from tests.support.live import wait_for
-
-
-def events(response) -> list[dict]:
-    """Parse a server-sent event stream body into its data payloads (comments skipped)."""
-    body = response.get_data(as_text=True)
-    return [json.loads(line[len("data: ") :]) for line in body.splitlines() if line.startswith("data: ")]
 
 
 def test_health_ok(client, tiny_model_dir):
@@ -82,7 +77,7 @@ def test_chat_stream_events(client):
     assert r.status_code == 200
     assert r.mimetype == "text/event-stream"
     assert r.headers["X-Accel-Buffering"] == "no" and r.headers["Cache-Control"] == "no-cache"
-    *deltas, done = events(r)
+    *deltas, done = sse.events(r.get_data())
     assert all(e["type"] == "delta" for e in deltas)
     assert done["type"] == "done" and done["finish_reason"] in ("stop", "length")
     assert done["usage"]["completion_tokens"] <= 6
@@ -92,7 +87,7 @@ def test_stream_text_matches_non_stream_text(client):
     body = {"message": "Hi", "max_tokens": 10, "temperature": 0}
     text = client.post("/api/chat", json=body).json["message"]["content"]
     streamed = client.post("/api/chat", json={**body, "stream": True})
-    assert "".join(e["text"] for e in events(streamed) if e["type"] == "delta") == text
+    assert "".join(e["text"] for e in sse.events(streamed.get_data()) if e["type"] == "delta") == text
 
 
 def test_stop_sequence_cuts_the_reply(settings, scripted):
