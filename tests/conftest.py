@@ -1,26 +1,23 @@
-"""Shared fixtures: tiny real models built on the spot, engines, apps, and a live gunicorn server."""
+"""Shared fixtures: tiny real models built on the spot, engines, apps, and a live gunicorn server.
+
+Fixtures only; what tests import (helpers, servers, fakes) is in tests/support/."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
 
 from service.app import create_app
 from service.backend import TransformersBackend
 from service.config import Settings
 from service.devmodels import build_tiny_model
 from service.engine import Engine
-from tests.scripted import ScriptedBackend
+from tests.support.engines import ready_engine, scripted_engine
+from tests.support.live import LiveServer
 
-ROOT = Path(__file__).resolve().parent.parent
+pytest_plugins = ["tests.support.browser"]  # the Chromium fixtures: browser, serve, page, phone_page
 
 
 @pytest.fixture(scope="session")
@@ -38,12 +35,6 @@ def endless_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_backend(tiny_model_dir: Path) -> TransformersBackend:
     return TransformersBackend(str(tiny_model_dir))
-
-
-def ready_engine(backend, queue_size: int = 8) -> Engine:
-    engine = Engine(lambda: backend, queue_size=queue_size).start()
-    assert engine.wait_ready(30), engine.error
-    return engine
 
 
 @pytest.fixture(scope="session")
@@ -66,83 +57,9 @@ def scripted(tiny_backend: TransformersBackend):
     """Make a ready engine whose model says `script` (optionally slowly)."""
 
     def make(script: str = "Hello!", delay: float = 0.0, queue_size: int = 8) -> Engine:
-        return ready_engine(
-            ScriptedBackend(tiny_backend.tokenizer, script, delay=delay), queue_size=queue_size
-        )
+        return scripted_engine(tiny_backend, script, delay=delay, queue_size=queue_size)
 
     return make
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop_process(process: subprocess.Popen, log, grace: float = 15) -> None:
-    """Terminate a test's server, kill it if it lingers, and close its log."""
-    process.terminate()
-    try:
-        process.wait(grace)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-    log.close()
-
-
-class LiveServer:
-    """`python -m service` (the real gunicorn command) on a loopback port; `with` it to wait until
-    healthy and stop it afterwards."""
-
-    def __init__(self, env: dict[str, str], log_path: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        full_env = {
-            **os.environ,
-            "HOST": "127.0.0.1",
-            "PORT": str(self.port),
-            "DATA_DIR": str(log_path.parent / f"data-{self.port}"),
-            "LOG_LEVEL": "warning",
-            "RATE_LIMIT": "1000/minute",
-            **env,
-        }
-        self._log = open(log_path, "wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "service"],
-            cwd=ROOT,
-            env=full_env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def wait_healthy(self, timeout: float = 60) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log_path.read_text()[-2000:]}")
-            try:
-                r = requests.get(self.url + "/api/health", timeout=2)
-                if r.status_code == 200:
-                    return r.json()
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"server not healthy: {self.log_path.read_text()[-2000:]}")
-
-    def stop(self) -> None:
-        stop_process(self.process, self._log)
-
-    def __enter__(self) -> LiveServer:
-        try:
-            self.wait_healthy()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import requests
 
 from service.app import create_app
 from service.config import Settings
-from tests.conftest import LiveServer
+from tests.support.live import LiveServer
 
 TOKEN = "test-token-0123456789abcdef"
 CHAT = {"message": "hi", "max_tokens": 2}

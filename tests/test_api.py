@@ -4,25 +4,14 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import pytest
 
 from service.app import create_app
 from service.engine import Engine
-
-
-def events(response) -> list[dict]:
-    """Parse a server-sent event stream body into its data payloads (comments skipped)."""
-    body = response.get_data(as_text=True)
-    return [json.loads(line[len("data: ") :]) for line in body.splitlines() if line.startswith("data: ")]
-
-
-def wait_for(condition, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition never became true"
-        time.sleep(0.01)
+from tests.support import sse
+from tests.support.engines import ScriptedBackend, ready_engine
+from tests.support.live import wait_for
 
 
 def test_health_ok(client, tiny_model_dir):
@@ -88,7 +77,7 @@ def test_chat_stream_events(client):
     assert r.status_code == 200
     assert r.mimetype == "text/event-stream"
     assert r.headers["X-Accel-Buffering"] == "no" and r.headers["Cache-Control"] == "no-cache"
-    *deltas, done = events(r)
+    *deltas, done = sse.events(r.get_data())
     assert all(e["type"] == "delta" for e in deltas)
     assert done["type"] == "done" and done["finish_reason"] in ("stop", "length")
     assert done["usage"]["completion_tokens"] <= 6
@@ -98,7 +87,7 @@ def test_stream_text_matches_non_stream_text(client):
     body = {"message": "Hi", "max_tokens": 10, "temperature": 0}
     text = client.post("/api/chat", json=body).json["message"]["content"]
     streamed = client.post("/api/chat", json={**body, "stream": True})
-    assert "".join(e["text"] for e in events(streamed) if e["type"] == "delta") == text
+    assert "".join(e["text"] for e in sse.events(streamed.get_data()) if e["type"] == "delta") == text
 
 
 def test_stop_sequence_cuts_the_reply(settings, scripted):
@@ -220,7 +209,8 @@ def test_queue_full_is_503_with_retry_after(settings, scripted):
     engine = scripted("a b c d e f g h", delay=0.2, queue_size=1)
     client = create_app(settings, engine=engine).test_client()
     first = client.post("/api/chat", json={"message": "1", "stream": True})  # stream: returns at once
-    wait_for(lambda: engine.stats()["active"] == 1)  # on the model, so the queue is empty again
+    # On the model, so the queue is empty again:
+    wait_for(lambda: engine.stats()["active"] == 1, timeout=10, interval=0.01)
     second = client.post("/api/chat", json={"message": "2", "stream": True})
     third = client.post("/api/chat", json={"message": "3"})
     assert (first.status_code, second.status_code) == (200, 200)
@@ -232,9 +222,6 @@ def test_queue_full_is_503_with_retry_after(settings, scripted):
 
 
 def test_a_failed_generation_is_a_500_json_error_and_service_goes_on(settings, tiny_backend):
-    from tests.conftest import ready_engine
-    from tests.scripted import ScriptedBackend
-
     class Once(ScriptedBackend):
         failed = False
 

@@ -12,10 +12,8 @@ import base64
 import json
 import logging
 import ssl
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -30,8 +28,9 @@ from infra import azure, azure_cli, cloudinit, credentials, state
 from infra.azure_errors import AzureActionError
 from infra.credentials import AzureClients, Cloud, CredentialsError, RetrySettings
 from infra.plan import UBUNTU_2404, Deployment, PlanError, make_plan, parse_sources
-from tests.conftest import free_port
-from tests.fake_arm import FakeArm, succeeding_vm
+from tests.support.fake_arm import FakeArm, succeeding_vm
+from tests.support.health import HealthServer
+from tests.support.live import free_port
 
 FAST = RetrySettings(total=3, backoff_factor=0.01, backoff_max=0.05, polling_interval=0)
 IMAGE = "myreg.azurecr.io/qwen-box:1.0"
@@ -105,7 +104,7 @@ VM_CA = trustme.CA()
 VM_CERT = VM_CA.issue_cert("*.eastus.cloudapp.azure.com")
 
 
-class StandInVM:
+class StandInVM(HealthServer):
     """A real HTTP(S) server where the VM's port would be: answers /api/health from a script of replies.
 
     With `tls` it speaks HTTPS with a certificate for *.eastus.cloudapp.azure.com from VM_CA, as Caddy on
@@ -113,37 +112,11 @@ class StandInVM:
     """
 
     def __init__(self, replies: list[tuple[int, dict]], tls: bool = False):
-        self.replies = list(replies)
-        self.hits = 0
-        stand_in = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                status, body = stand_in.replies[min(stand_in.hits, len(stand_in.replies) - 1)]
-                stand_in.hits += 1
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-            disable_nagle_algorithm = True
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.port = self.server.server_address[1]
+        context = None
         if tls:
-            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            VM_CERT.configure_cert(ctx)
-            self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            VM_CERT.configure_cert(context)
+        super().__init__(replies, tls=context)
 
 
 LOADING = (503, {"status": "loading", "model": "Qwen/Qwen2.5-1.5B-Instruct"})

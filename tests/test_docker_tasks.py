@@ -14,15 +14,15 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, free_port
+from tests.support.health import HealthServer
+from tests.support.live import free_port
+from tests.support.paths import ROOT
 
 STAND_IN = '''#!{python}
 """Stand-in for the docker CLI: logs argv, then plays the next scripted outcome for this command."""
@@ -116,48 +116,18 @@ def fake(tmp_path: Path) -> FakeDocker:
     return FakeDocker(tmp_path)
 
 
-class Health:
-    """A real /api/health on a loopback port, answering from a list of (status, body), the last repeating."""
-
-    def __init__(self, answers: list[tuple[int, dict]]):
-        self.answers = answers
-        self.hits = 0
-        health = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
-                status, body = health.answers[min(health.hits, len(health.answers) - 1)]
-                health.hits += 1
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.port = free_port()
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
 def health() -> Iterator:
-    servers: list[Health] = []
+    """A real /api/health on a loopback port: `health(*answers)`, each (status, body), the last repeating."""
+    servers: list[HealthServer] = []
 
-    def make(*answers: tuple[int, dict]) -> Health:
-        servers.append(Health(list(answers)))
+    def make(*answers: tuple[int, dict]) -> HealthServer:
+        servers.append(HealthServer(list(answers)))
         return servers[-1]
 
     yield make
     for server in servers:
-        server.close()
+        server.stop()
 
 
 LOADING = (503, {"status": "loading", "model": "/models/Qwen/Qwen2.5-1.5B-Instruct"})

@@ -15,8 +15,7 @@ from service.engine import (
     SamplingOptions,
     StopScanner,
 )
-from tests.conftest import ready_engine
-from tests.scripted import ScriptedBackend
+from tests.support.engines import ScriptedBackend, ready_engine
 
 
 def prompt(backend, text: str = "Hello there") -> list[int]:

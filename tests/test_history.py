@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 from service.history import MIGRATIONS, History, NotFound, StoredMessage, new_owner_id
-from tests.conftest import ROOT
+from tests.support.paths import ROOT
 
 
 @pytest.fixture

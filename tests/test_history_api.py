@@ -9,6 +9,7 @@ import pytest
 from service.app import create_app
 from service.config import Settings
 from service.history_api import COOKIE
+from tests.support import sse
 
 
 @pytest.fixture
@@ -66,9 +67,8 @@ def test_streamed_reply_is_stored_and_a_cancelled_one_is_marked(settings, script
     client = browser(app)
     cid = client.post("/api/conversations").json["id"]
     r = client.post("/api/chat", json={"conversation_id": cid, "message": "go", "stream": True})
-    chunks = iter(r.response)
-    for chunk in chunks:
-        if b'"delta"' in chunk:
+    for event in sse.events(r.response):
+        if event["type"] == "delta":
             break
     r.close()  # the client goes away mid-reply
     messages = client.get(f"/api/conversations/{cid}").json["messages"]

@@ -32,7 +32,8 @@ import pytest
 import requests
 
 from infra.image_requirements import canonical, image_requirements, requirement_name
-from tests.conftest import ROOT, free_port
+from tests.support.live import free_port
+from tests.support.paths import ROOT
 
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 SIZE_BUDGET = 1.2e9  # bytes, without the model: the image is the Azure VM's cold start

@@ -8,7 +8,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.conftest import LiveServer
+from tests.support.live import LiveServer
 
 
 @pytest.fixture(scope="module")

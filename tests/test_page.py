@@ -3,7 +3,7 @@
 The app runs in-process on a loopback port with an engine chosen per test: the tiny real model, or a
 scripted backend whose "model" says a chosen text through the same streaming path, so a test can
 hold a reply open to press Stop or make the model answer with an HTML/script payload. The fixtures
-and helpers are shared with the sidebar tests, in `tests/browser.py`.
+and helpers are shared with the sidebar tests, in `tests/support/browser.py`.
 """
 
 from __future__ import annotations
@@ -14,13 +14,10 @@ import threading
 import pytest
 
 from service.engine import Engine
-from tests import browser as shared
-from tests.browser import last_reply, scripted_engine, send, sync_api, wait_ready
-from tests.scripted import ScriptedBackend
+from tests.support.browser import last_reply, send, sync_api, wait_ready
+from tests.support.engines import ScriptedBackend, scripted_engine
 
 pytestmark = pytest.mark.browser
-
-browser, serve, page = shared.browser, shared.serve, shared.page  # fixtures, used by name
 
 
 def test_chat_with_the_real_tiny_model(serve, engine, page):

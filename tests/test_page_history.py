@@ -1,6 +1,6 @@
 """The page's conversation sidebar, private mode and model menu, in a real headless Chromium.
 
-Same setup as test_page.py (fixtures in tests/browser.py): the app in-process on a loopback port,
+Same setup as test_page.py (fixtures in tests/support/browser.py): the app in-process on a loopback port,
 its history database under the test's tmp_path. What the page stored is checked through the API
 with the page's own owner cookie (`page.request` shares the browser context's cookies).
 """
@@ -17,12 +17,10 @@ from service.app import create_app
 from service.config import Settings
 from service.history import StoredMessage
 from service.history_api import COOKIE
-from tests import browser as shared
-from tests.browser import expect, last_reply, scripted_engine, send, wait_ready, wait_reply
+from tests.support.browser import expect, last_reply, send, wait_ready, wait_reply
+from tests.support.engines import scripted_engine
 
 pytestmark = pytest.mark.browser
-
-browser, serve, page, phone_page = shared.browser, shared.serve, shared.page, shared.phone_page
 
 ANSWER = "A **stored** answer."
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -26,8 +25,8 @@ import requests
 import urllib3
 
 from infra.caddy import CERT_MODES, caddyfile, plain_caddyfile
-from tests.conftest import LiveServer, free_port, stop_process
-from tests.test_server import wait_for
+from tests.support import sse
+from tests.support.live import LiveServer, free_port, stop_process, wait_for
 
 SITE = "qb-test.eastus.cloudapp.azure.com"
 LONG = {"message": "Tell me a long story", "stream": True, "max_tokens": 4000}
@@ -152,12 +151,6 @@ def plain_proxy(app: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> It
         caddy.stop()
 
 
-def events(lines) -> Iterator[dict]:
-    for line in lines:
-        if line.startswith(b"data: "):
-            yield json.loads(line[len(b"data: ") :])
-
-
 def queue(url: str, **kwargs) -> dict:
     r = requests.get(url + "/api/health", timeout=5, **kwargs)
     assert r.status_code == 200
@@ -170,7 +163,7 @@ def test_stream_passes_through_the_proxy_chunk_by_chunk(plain_proxy, app):
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith("text/event-stream")
     assert response.headers["Server"].startswith("Caddy")
-    stream = events(response.iter_lines())
+    stream = sse.events(response)
     first = next(stream)
     assert first["type"] == "delta"
     # The first piece is here while the model is still generating: the proxy did not hold it back.
@@ -192,7 +185,7 @@ def test_every_streamed_reply_arrives_whole(plain_proxy, app):
     for i in range(80):
         body = {"message": f"hi {i}", "stream": True, "max_tokens": 4}
         r = requests.post(plain_proxy + "/api/chat", json=body, timeout=30, headers=AUTH)
-        kinds = [e["type"] for e in events(r.content.split(b"\n"))]
+        kinds = [e["type"] for e in sse.events(r.content)]
         if r.status_code != 200 or kinds[-1:] != ["done"]:
             cut.append((i, r.status_code, r.content[:200]))
     assert cut == []
@@ -211,8 +204,8 @@ def test_openai_stream_through_the_proxy(plain_proxy, app):
         plain_proxy + "/v1/chat/completions", json=body, stream=True, timeout=60, headers=AUTH
     ) as r:
         assert r.status_code == 200
-        lines = [line for line in r.iter_lines() if line.startswith(b"data: ")]
-    assert lines[-1] == b"data: [DONE]" and len(lines) >= 3, lines
+        payloads = list(sse.data(r))
+    assert payloads[-1] == "[DONE]" and len(payloads) >= 3, payloads
 
 
 def app_model(app: LiveServer) -> str:
@@ -298,12 +291,9 @@ def test_https_stream_arrives_chunk_by_chunk(https_proxy, app):
             },
         )
         assert response.status == 200
-        buffered = b""
-        while not (first := re.search(rb"^data: (.*)\n", buffered, flags=re.M)):
-            more = response.read1(4096)
-            assert more, f"the stream ended before its first piece: {buffered!r}"
-            buffered += more
-        assert json.loads(first.group(1))["type"] == "delta"
+        first = next(sse.events(iter(lambda: response.read1(4096), b"")), None)
+        assert first is not None, "the stream ended before its first piece"
+        assert first["type"] == "delta"
         assert queue(app.url)["active"] == 1  # still generating: the piece was not held back
         response.release_conn()
         response.close()

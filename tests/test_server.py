@@ -6,12 +6,12 @@ behind the model, a client that goes away frees the engine, and an overfull queu
 
 from __future__ import annotations
 
-import json
 import time
 
 import requests
 
-from tests.conftest import LiveServer
+from tests.support import sse
+from tests.support.live import LiveServer, wait_for
 
 LONG = {"message": "Tell me a long story", "stream": True, "max_tokens": 4000}
 
@@ -22,25 +22,12 @@ def health(server: LiveServer) -> dict:
     return r.json()
 
 
-def wait_for(condition, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition never became true"
-        time.sleep(0.02)
-
-
 def open_stream(server: LiveServer, body: dict = LONG) -> requests.Response:
     r = requests.post(server.url + "/api/chat", json=body, stream=True, timeout=30)
     assert r.status_code == 200
     assert r.headers["Content-Type"].startswith("text/event-stream")
     assert r.headers["X-Accel-Buffering"] == "no"
     return r
-
-
-def data_events(lines):
-    for line in lines:
-        if line.startswith(b"data: "):
-            yield json.loads(line[len(b"data: ") :])
 
 
 def idle(server: LiveServer) -> bool:
@@ -57,7 +44,7 @@ def test_non_streaming_chat(live_server):
 def test_stream_arrives_chunk_by_chunk_and_health_answers_meanwhile(live_server):
     wait_for(lambda: idle(live_server))
     response = open_stream(live_server)
-    events = data_events(response.iter_lines())
+    events = sse.events(response)
     first = next(events)
     assert first["type"] == "delta"
     # The first piece of text is in our hands while the model is still generating the rest:
@@ -75,14 +62,14 @@ def test_disconnect_cancels_generation_and_frees_the_engine(live_server):
     wait_for(lambda: idle(live_server))
     cancelled_before = health(live_server)["queue"]["cancelled"]
     response = open_stream(live_server)
-    events = data_events(response.iter_lines())
+    events = sse.events(response)
     next(events)
     response.close()  # the browser tab went away
     wait_for(lambda: idle(live_server))
     assert health(live_server)["queue"]["cancelled"] == cancelled_before + 1
     # The next request is served right away, start to finish.
     after = open_stream(live_server, {"message": "next", "stream": True, "max_tokens": 3})
-    done = list(data_events(after.iter_lines()))[-1]
+    done = list(sse.events(after))[-1]
     assert done["type"] == "done" and done["usage"]["completion_tokens"] == 3
 
 

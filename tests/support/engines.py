@@ -1,6 +1,7 @@
-"""A backend whose "model" says a chosen text, for tests that need to control the output.
+"""Ready engines for tests, and a backend whose "model" says a chosen text, for tests that need to
+control the output.
 
-It uses a real tokenizer and goes through the engine's real queue, batching, detokenizer and
+ScriptedBackend uses a real tokenizer and goes through the engine's real queue, batching, detokenizer and
 streaming path; only the forward pass is replaced by the token ids of the script. The browser tests
 use it to prove that HTML in a reply stays inert and to hold a reply open long enough to press Stop.
 """
@@ -11,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from service.engine import SamplingOptions
+from service.engine import Engine, SamplingOptions
 
 
 @dataclass(eq=False)
@@ -64,3 +65,20 @@ class ScriptedBackend:
 
     def reset(self) -> None:
         self.batch.clear()
+
+
+def ready_engine(backend, queue_size: int = 8) -> Engine:
+    """An engine over `backend`, started, its model loaded (the test fails if loading fails)."""
+    engine = Engine(lambda: backend, queue_size=queue_size).start()
+    assert engine.wait_ready(30), engine.error
+    return engine
+
+
+def scripted_engine(
+    tiny_backend, script: str, delay: float = 0.0, context_length: int = 4096, queue_size: int = 8
+) -> Engine:
+    """A ready engine whose model says `script` (optionally slowly), with the tiny model's tokenizer."""
+    return ready_engine(
+        ScriptedBackend(tiny_backend.tokenizer, script, delay=delay, context_length=context_length),
+        queue_size=queue_size,
+    )

@@ -1,10 +1,13 @@
 """What the browser tests share: a headless Chromium, the app on a loopback port, and page helpers.
 
-Playwright drives Debian's /usr/bin/chromium. Each app runs in-process on 127.0.0.1 with an engine
-chosen per test: the tiny real model, or a scripted backend whose "model" says a chosen text through
-the same streaming path. Test modules import the fixtures they use from here (`browser`, `serve`,
-`page`); importing this module skips the importing module when Chromium or Playwright is missing
-(except in CI, where that is a failure).
+A pytest plugin (conftest.py loads it through `pytest_plugins`): its fixtures `browser`, `serve`, `page`
+and `phone_page` are there for every test module by name, and test modules import the helpers
+(`send`, `wait_reply`, `expect` ...) from here. Playwright drives Debian's /usr/bin/chromium. Each app
+runs in-process on 127.0.0.1 with an engine chosen per test: the tiny real model, or a scripted backend
+(tests/support/engines.py) whose "model" says a chosen text through the same streaming path.
+
+Tests marked `browser` are skipped when Chromium or Playwright is missing, except that a missing
+Chromium is a failure in CI.
 """
 
 from __future__ import annotations
@@ -20,20 +23,41 @@ from werkzeug.serving import make_server
 from service.app import create_app
 from service.config import Settings
 from service.engine import Engine
-from tests.conftest import free_port, ready_engine
-from tests.scripted import ScriptedBackend
+from tests.support.live import free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
 
-if not CHROMIUM.exists():
-    if os.environ.get("CI"):
-        raise RuntimeError("CI needs /usr/bin/chromium for the browser tests (apt-get install chromium)")
-    pytest.skip(
-        "no /usr/bin/chromium: apt-get install chromium to run the browser tests", allow_module_level=True
-    )
+try:
+    from playwright import sync_api
+except ImportError:  # the browser tests are skipped (below); the helpers are never called
+    sync_api = None  # type: ignore[assignment]
+    expect = None
+else:
+    expect = sync_api.expect
 
-sync_api = pytest.importorskip("playwright.sync_api")
-expect = sync_api.expect
+
+def missing() -> str | None:
+    """Why the browser tests cannot run here, or None."""
+    if not CHROMIUM.exists():
+        if os.environ.get("CI"):
+            raise pytest.UsageError(
+                "CI needs /usr/bin/chromium for the browser tests (apt-get install chromium)"
+            )
+        return "no /usr/bin/chromium: apt-get install chromium to run the browser tests"
+    if sync_api is None:
+        return "could not import 'playwright.sync_api': pip install playwright"
+    return None
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the selected `browser` tests where they cannot run (fail the run in CI without Chromium)."""
+    chosen = [item for item in items if item.get_closest_marker("browser")]
+    reason = missing() if chosen else None
+    if reason:
+        for item in chosen:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
 
 LAUNCH_ARGS = [
     "--no-sandbox",
@@ -115,12 +139,6 @@ def phone_page(browser) -> Iterator:
     context = browser.new_context(**PHONE)
     yield watch(context.new_page())
     context.close()
-
-
-def scripted_engine(tiny_backend, script: str, delay: float = 0.0, context_length: int = 4096) -> Engine:
-    return ready_engine(
-        ScriptedBackend(tiny_backend.tokenizer, script, delay=delay, context_length=context_length)
-    )
 
 
 def send(page, text: str) -> None:

@@ -1,0 +1,96 @@
+"""Real processes and ports on loopback: a free port, a polling wait, stopping a test's server, and the
+real production server (`python -m service`, i.e. gunicorn) as a context manager."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import requests
+
+from tests.support.paths import ROOT
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 30, interval: float = 0.02) -> None:
+    """Poll `condition` until it is true; fail the test if it is not within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition never became true"
+        time.sleep(interval)
+
+
+def stop_process(process: subprocess.Popen, log, grace: float = 15) -> None:
+    """Terminate a test's server, kill it if it lingers, and close its log."""
+    process.terminate()
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    log.close()
+
+
+class LiveServer:
+    """`python -m service` (the real gunicorn command) on a loopback port; `with` it to wait until
+    healthy and stop it afterwards."""
+
+    def __init__(self, env: dict[str, str], log_path: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        full_env = {
+            **os.environ,
+            "HOST": "127.0.0.1",
+            "PORT": str(self.port),
+            "DATA_DIR": str(log_path.parent / f"data-{self.port}"),
+            "LOG_LEVEL": "warning",
+            "RATE_LIMIT": "1000/minute",
+            **env,
+        }
+        self._log = open(log_path, "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "service"],
+            cwd=ROOT,
+            env=full_env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_healthy(self, timeout: float = 60) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log_path.read_text()[-2000:]}")
+            try:
+                r = requests.get(self.url + "/api/health", timeout=2)
+                if r.status_code == 200:
+                    return r.json()
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"server not healthy: {self.log_path.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        stop_process(self.process, self._log)
+
+    def __enter__(self) -> LiveServer:
+        try:
+            self.wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
