@@ -25,7 +25,7 @@ import pytest
 import requests
 import urllib3
 
-from infra.caddy import CERT_MODES, caddyfile, plain_caddyfile
+from infra.vm.caddy import CERT_MODES, caddyfile, plain_caddyfile
 from tests.conftest import LiveServer, free_port, stop_process
 from tests.test_server import wait_for
 
