@@ -1184,3 +1184,21 @@ def test_a_failed_update_keeps_the_old_container_and_says_why(fake, clients):
     with pytest.raises(AzureActionError, match="(?s)keeps running what it ran before.*manifest unknown"):
         run_deploy(clients, deployment(image="myreg.azurecr.io/qwen-box:9"))
     assert fake.resource("qb-test-rg", VM, "qb-test-vm")["tags"] == old_tags
+
+
+def test_a_deploy_renders_cloud_init_once_and_looks_the_vm_up_once(cli, monkeypatch):
+    renders, lookups = [], []
+    render, find_vm = cloudinit.render, provision.find_vm
+    monkeypatch.setattr(cloudinit, "render", lambda *a, **kw: renders.append(1) or render(*a, **kw))
+    monkeypatch.setattr(provision, "find_vm", lambda *a: lookups.append(1) or find_vm(*a))
+    vm = StandInVM([OK], tls=True)
+    try:
+        for _ in range(2):  # a new VM, then an existing one
+            args = ("--name", "qb-once", "--allow-from", ME, "--port", str(vm.port), "--timeout", "5")
+            assert invoke("deploy-azure", "--image", IMAGE, *args) == 0
+            assert (len(renders), len(lookups)) == (1, 1)
+            renders.clear()
+            lookups.clear()
+    finally:
+        vm.stop()
+    assert cli.count("PUT", "virtualMachines/qb-once-vm$") == 1
