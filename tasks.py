@@ -1,7 +1,8 @@
 """Invoke entry points: `invoke --list` shows them, `invoke --help TASK` explains one.
 
 Thin on purpose: each task wires a command line to the package; the logic lives in `service/` and
-`infra/` (the container tasks: `infra/docker.py`).
+`infra/` (the container tasks: `infra/docker.py`; the Azure ones: `infra/azure/cli.py`, whose
+`DeployOptions` holds deploy-azure's flags, defaults and help texts).
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ from contextlib import contextmanager
 from invoke import Context, Exit, task
 
 from infra import docker as box
+from infra.azure.deployment import DeployOptions
+from infra.image import CONTAINER, CONTAINER_PORT, IMAGE
+from infra.settings import SettingsError, parse_env
+from service.config import DEFAULT_MODEL_ID
 
 
 @task(
@@ -92,13 +97,15 @@ def _docker_errors() -> Iterator[None]:
         yield
     except box.DockerError as exc:
         raise Exit(f"error: {exc}", code=exc.code) from None
+    except SettingsError as exc:
+        raise Exit(f"error: {exc}", code=2) from None
     except KeyboardInterrupt:
         raise Exit("interrupted", code=130) from None
 
 
 _BUILD_HELP = {
-    "tag": f"image name:tag to build (default {box.IMAGE})",
-    "model": f"hub id of the model to bake in (default {box.DEFAULT_MODEL_ID})",
+    "tag": f"image name:tag to build (default {IMAGE})",
+    "model": f"hub id of the model to bake in (default {DEFAULT_MODEL_ID})",
     "revision": "branch, tag or commit of the model (default: the hub's main)",
     "bake": "download the weights into the image at build time (default); --no-bake leaves them out "
     "for a mounted folder or a cache volume",
@@ -113,8 +120,8 @@ _BUILD_HELP = {
 @task(help=_BUILD_HELP)
 def build(
     c: Context,
-    tag: str = box.IMAGE,
-    model: str = box.DEFAULT_MODEL_ID,
+    tag: str = IMAGE,
+    model: str = DEFAULT_MODEL_ID,
     revision: str = "",
     bake: bool = True,
     base_image: str = "",
@@ -140,14 +147,14 @@ def build(
     name="run-local",
     iterable=["env"],
     help={
-        "port": f"port on 127.0.0.1 to serve on (default {box.PORT})",
+        "port": f"port on 127.0.0.1 to serve on (default {CONTAINER_PORT})",
         "model": "hub id baked into the image, or a model folder on this machine to mount read-only "
-        f"(default {box.DEFAULT_MODEL_ID}, baked)",
+        f"(default {DEFAULT_MODEL_ID}, baked)",
         "model_cache": "download a hub model on first start into a volume instead of baking it "
         "(default: off)",
         "rebuild": "build the image even if it exists (default: build only when missing)",
-        "tag": f"image to run (default {box.IMAGE})",
-        "name": f"container name; its data volume is NAME-data (default {box.CONTAINER})",
+        "tag": f"image to run (default {IMAGE})",
+        "name": f"container name; its data volume is NAME-data (default {CONTAINER})",
         "timeout": f"seconds to wait for the model to load before giving up (default {box.HEALTH_TIMEOUT})",
         "env": "service setting KEY=VALUE for the container, repeatable (e.g. --env DTYPE=float32)",
         **{
@@ -159,12 +166,12 @@ def build(
 )
 def run_local(
     c: Context,
-    port: int = box.PORT,
+    port: int = CONTAINER_PORT,
     model: str = "",
     model_cache: bool = False,
     rebuild: bool = False,
-    tag: str = box.IMAGE,
-    name: str = box.CONTAINER,
+    tag: str = IMAGE,
+    name: str = CONTAINER,
     timeout: int = box.HEALTH_TIMEOUT,
     env: list | None = None,
     base_image: str = "",
@@ -175,8 +182,8 @@ def run_local(
     from infra.fit import check_local, default_precision
 
     with _docker_errors():
-        settings = box.parse_env(env or [])
-        warning = check_local(model or box.DEFAULT_MODEL_ID, settings.get("DTYPE", default_precision()))
+        settings = parse_env(env or [])
+        warning = check_local(model or DEFAULT_MODEL_ID, settings.get("DTYPE", default_precision()))
         if warning:
             print(f"warning: {warning}", file=sys.stderr)
         box.run_local(
@@ -197,10 +204,10 @@ def run_local(
 @task(
     help={
         "image": "where to push: REGISTRY/NAME:TAG (required), e.g. myregistry.azurecr.io/qwen-box:1",
-        "tag": f"local image to push (default {box.IMAGE})",
+        "tag": f"local image to push (default {IMAGE})",
     }
 )
-def push(c: Context, image: str = "", tag: str = box.IMAGE) -> None:
+def push(c: Context, image: str = "", tag: str = IMAGE) -> None:
     """Push the built image to a registry (log in first with docker login / az acr login)."""
     with _docker_errors():
         if not image:
@@ -208,8 +215,8 @@ def push(c: Context, image: str = "", tag: str = box.IMAGE) -> None:
         box.push(image, image=tag)
 
 
-@task(help={"name": f"container name (default {box.CONTAINER})"})
-def stop(c: Context, name: str = box.CONTAINER) -> None:
+@task(help={"name": f"container name (default {CONTAINER})"})
+def stop(c: Context, name: str = CONTAINER) -> None:
     """Stop and remove the container started by run-local (its data volume stays)."""
     with _docker_errors():
         box.stop(name)
@@ -217,18 +224,18 @@ def stop(c: Context, name: str = box.CONTAINER) -> None:
 
 @task(
     help={
-        "name": f"container name (default {box.CONTAINER})",
+        "name": f"container name (default {CONTAINER})",
         "tail": "how many of the last lines to show (default 100)",
         "follow": "keep printing new lines until Ctrl-C (default: off)",
     }
 )
-def logs(c: Context, name: str = box.CONTAINER, tail: int = 100, follow: bool = False) -> None:
+def logs(c: Context, name: str = CONTAINER, tail: int = 100, follow: bool = False) -> None:
     """Show the container's log (gunicorn and model loading)."""
     with _docker_errors():
         box.logs(name, tail=tail, follow=follow)
 
 
-# -- Azure (the logic is in infra/azure*.py; `invoke --help deploy-azure` lists every option) ----------
+# -- Azure (the logic is in infra/azure/; `invoke --help deploy-azure` lists every option) ----------------
 
 
 def _azure_exit(code: int) -> None:
@@ -236,87 +243,39 @@ def _azure_exit(code: int) -> None:
         raise Exit(code=code)
 
 
-@task(
-    name="deploy-azure",
-    auto_shortflags=False,
-    iterable=["env"],
-    help={
-        "image": "the image to run: REGISTRY/NAME:TAG (required; push it first with invoke push)",
-        "name": "deployment name: resource group NAME-rg, URL NAME.REGION.cloudapp.azure.com "
-        "(default: qwen-box-XXXXXX, fixed for this user and machine)",
-        "region": "Azure region (default eastus)",
-        "size": "VM size (default Standard_B2s: 2 vCPU, 4 GiB)",
-        "allow-from": "who may reach the chat port: IP or CIDR, comma-separated (default: your public IP)",
-        "public": "open the chat port to the whole Internet (say so on purpose); Let's Encrypt certificate",
-        "ssh": "open SSH (key only) from the --allow-from source or your IP (default: closed)",
-        "port": "the chat's public port (default 443 with HTTPS, 80 with --no-tls)",
-        "tls": "HTTPS through Caddy on the VM (default); --no-tls serves plain HTTP on --port",
-        "trusted-cert": "private deployment with a Let's Encrypt certificate: opens port 80 (challenge and "
-        "redirect only, no chat) to the whole Internet (default: the VM's own authority)",
-        "model": "Hugging Face hub id of the model (default: the image's own); "
-        "refused if it cannot fit --size",
-        "precision": "int8, int4, bfloat16 or float32 (default: the service's, int8); "
-        "refused if it does not fit",
-        "token": "access token (default: generated once and kept on this machine; or QWEN_BOX_ACCESS_TOKEN)",
-        "disk-gb": "OS disk size in GiB (default 64)",
-        "env": "service setting KEY=VALUE for the container, repeatable; "
-        "KEY alone: value from your environment",
-        "registry-user": "log in to the image's registry as this user; password or token from "
-        "QWEN_BOX_REGISTRY_PASSWORD",
-        "subscription": "subscription id (default: AZURE_SUBSCRIPTION_ID, else the Azure CLI's default)",
-        "timeout": "seconds to wait for the service to become healthy (default 1800)",
-        "dry-run": "print the plan (resources, exposure, monthly cost) and change nothing",
-    },
-)
+_D = DeployOptions  # the flags' defaults are its fields' defaults
+
+
+@task(name="deploy-azure", auto_shortflags=False, iterable=["env"], help=DeployOptions.flags())
 def deploy_azure(
     c: Context,
-    image: str = "",
-    name: str = "",
-    region: str = "eastus",
-    size: str = "Standard_B2s",
-    allow_from: str = "",
-    public: bool = False,
-    ssh: bool = False,
-    port: int = 0,
-    disk_gb: int = 64,
+    image: str = _D.image,
+    name: str = _D.name,
+    region: str = _D.region,
+    size: str = _D.size,
+    allow_from: str = _D.allow_from,
+    public: bool = _D.public,
+    ssh: bool = _D.ssh,
+    port: int = _D.port,
+    disk_gb: int = _D.disk_gb,
     env: list | None = None,
-    registry_user: str = "",
-    subscription: str = "",
-    timeout: float = 1800.0,
-    dry_run: bool = False,
-    tls: bool = True,
-    trusted_cert: bool = False,
-    model: str = "",
-    precision: str = "",
-    token: str = "",
+    registry_user: str = _D.registry_user,
+    subscription: str = _D.subscription,
+    timeout: float = _D.timeout,
+    dry_run: bool = _D.dry_run,
+    tls: bool = _D.tls,
+    trusted_cert: bool = _D.trusted_cert,
+    model: str = _D.model,
+    precision: str = _D.precision,
+    token: str = _D.token,
 ) -> None:
     """Deploy the image to an Azure VM over HTTPS, wait until the chat answers, print its URL and access
     token (re-run converges)."""
-    from infra import azure_cli
+    flags = dict(locals())  # exactly DeployOptions' fields (a test checks), plus the context
+    del flags["c"]
+    from infra.azure import cli
 
-    _azure_exit(
-        azure_cli.deploy(
-            image=image,
-            name=name,
-            region=region,
-            size=size,
-            allow_from=allow_from,
-            public=public,
-            ssh=ssh,
-            port=port,
-            disk_gb=disk_gb,
-            env=env or [],
-            registry_user=registry_user,
-            subscription=subscription,
-            timeout=timeout,
-            dry_run=dry_run,
-            tls=tls,
-            trusted_cert=trusted_cert,
-            model=model,
-            precision=precision,
-            token=token,
-        )
-    )
+    _azure_exit(cli.deploy(DeployOptions(**{**flags, "env": tuple(env or ())})))
 
 
 @task(
@@ -329,9 +288,9 @@ def deploy_azure(
 )
 def status_azure(c: Context, name: str = "", subscription: str = "") -> None:
     """Show a deployment's power state, URL, exposure and health."""
-    from infra import azure_cli
+    from infra.azure import cli
 
-    _azure_exit(azure_cli.status(name=name, subscription=subscription))
+    _azure_exit(cli.status(name=name, subscription=subscription))
 
 
 @task(
@@ -345,9 +304,9 @@ def status_azure(c: Context, name: str = "", subscription: str = "") -> None:
 )
 def logs_azure(c: Context, name: str = "", lines: int = 100, subscription: str = "") -> None:
     """Show the container's log on the VM (through run-command, no SSH needed)."""
-    from infra import azure_cli
+    from infra.azure import cli
 
-    _azure_exit(azure_cli.logs(name=name, lines=lines, subscription=subscription))
+    _azure_exit(cli.logs(name=name, lines=lines, subscription=subscription))
 
 
 @task(
@@ -361,6 +320,6 @@ def logs_azure(c: Context, name: str = "", lines: int = 100, subscription: str =
 )
 def destroy_azure(c: Context, name: str = "", yes: bool = False, subscription: str = "") -> None:
     """Delete the deployment's resource group and everything in it; wait until it is gone."""
-    from infra import azure_cli
+    from infra.azure import cli
 
-    _azure_exit(azure_cli.destroy(name=name, yes=yes, subscription=subscription))
+    _azure_exit(cli.destroy(name=name, yes=yes, subscription=subscription))

@@ -14,9 +14,7 @@ import os
 import shutil
 import subprocess
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,18 +23,15 @@ from typing import Any
 
 from rich.console import Console
 
+from infra import health
+from infra.image import CONTAINER, CONTAINER_PORT, IMAGE, LABEL_BAKED, LABEL_MODEL, MODELS_DIR, data_volume
 from service.config import DEFAULT_MODEL_ID
 
 ROOT = Path(__file__).resolve().parent.parent
-IMAGE = "qwen-box:latest"
-CONTAINER = "qwen-box"
-PORT = 8000
 # A 1.5B model on a small VM's disk loads in a minute or two; the first start after a pull is slower.
 HEALTH_TIMEOUT = 900
+HEALTH_POLL = 0.5  # seconds between looks at a local container: it is right here, asking is cheap
 LOG_TAIL_LINES = 40
-MODELS_DIR = "/models"  # where the image keeps its baked model, and where a model folder is mounted
-LABEL_MODEL = "io.qwen-box.model"
-LABEL_BAKED = "io.qwen-box.model-baked"
 
 NO_DOCKER = (
     "Docker is not installed here (no `docker` command on PATH).\n"
@@ -225,17 +220,6 @@ def build(
 # ---- the container
 
 
-def parse_env(pairs: Sequence[str]) -> dict[str, str]:
-    """`KEY=VALUE` strings (repeatable `--env`) as a dict, refusing anything else with the reason."""
-    env: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.isidentifier() or key.upper() != key:
-            raise DockerError(f"--env {pair!r}: give a setting as KEY=VALUE (e.g. DTYPE=float32)", code=2)
-        env[key] = value
-    return env
-
-
 @dataclass(frozen=True)
 class ModelChoice:
     """Where the container finds its model: the image's baked copy, a mounted folder, or a cache volume."""
@@ -338,7 +322,7 @@ def start_container(
         "--env",
         f"PORT={port}",
         "--volume",
-        f"{name}-data:/data",
+        f"{data_volume(name)}:/data",
     ]
     for volume in volumes:
         args += ["--volume", volume]
@@ -346,21 +330,6 @@ def start_container(
         args += ["--env", f"{key}={value}"]
     args.append(image)
     return docker(*args).stdout.strip()
-
-
-def probe_health(url: str, timeout: float = 3.0) -> tuple[int, dict[str, Any]] | None:
-    """GET /api/health: (status code, JSON body), or None while nothing answers on the port yet."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.status, json.loads(response.read() or b"{}")
-    except urllib.error.HTTPError as exc:
-        try:
-            body = json.loads(exc.read() or b"{}")
-        except ValueError:
-            body = {}
-        return exc.code, body
-    except (OSError, ValueError):
-        return None
 
 
 def _stopped(info: Mapping[str, Any]) -> bool:
@@ -372,55 +341,75 @@ def _stopped(info: Mapping[str, Any]) -> bool:
     )
 
 
+def _container_gone(name: str) -> str:
+    """Why waiting for `name` cannot help any more ("" while it runs): it was removed, or it exited."""
+    info = container_info(name)
+    if info is None:
+        return f"The container {name} disappeared while starting (removed from outside?)."
+    if _stopped(info):
+        state = info.get("State") or {}
+        return f"The container {name} stopped while starting (exit code {state.get('ExitCode', '?')})."
+    return ""
+
+
+def _phase(answer: health.Health) -> str:
+    """A local container's phase in run-local's words: nothing answers yet, or the model is loading."""
+    return "starting the server" if answer.phase == "booting" else f"loading {answer.detail or 'the model'}"
+
+
 def wait_healthy(
-    name: str, url: str, *, timeout: float = HEALTH_TIMEOUT, poll: float = 0.5, console: Console | None = None
-) -> dict[str, Any]:
-    """Wait until `url` answers 200, showing the phase (starting → loading → ok); return the health body.
+    name: str,
+    port: int,
+    *,
+    timeout: float = HEALTH_TIMEOUT,
+    poll: float = HEALTH_POLL,
+    console: Console | None = None,
+) -> health.Health:
+    """Wait until the container's port answers ok, showing the phase (starting → loading → ok).
 
     Fails as soon as the container stops or restarts, or the service reports that the model failed to
-    load, since waiting longer cannot help then.
+    load, since waiting longer cannot help then. The probe and the loop are deploy-azure's too
+    (infra/health.py); only the stop condition and the words are run-local's.
     """
     console = console or _console()
-    started = time.monotonic()
-    phase = ""
     with console.status("starting the container …") as status:
-        while True:
-            info = container_info(name)
-            if info is None:
-                raise DockerError(f"The container {name} disappeared while starting (removed from outside?).")
-            if _stopped(info):
-                state = info.get("State") or {}
-                raise DockerError(
-                    f"The container {name} stopped while starting (exit code {state.get('ExitCode', '?')})."
-                )
-            answer = probe_health(url)
-            elapsed = time.monotonic() - started
-            if answer is not None:
-                code, body = answer
-                if code == 200 and body.get("status") == "ok":
-                    console.print(f"[green]ready[/] after {elapsed:.0f} s")
-                    return body
-                if body.get("status") == "error":
-                    raise DockerError(f"The model failed to load: {body.get('detail', 'no detail')}")
-                now = f"loading {body.get('model', 'the model')}"
-            else:
-                now = "starting the server"
-            if now != phase:
-                phase = now
-                console.print(f"{elapsed:5.0f} s  {phase} …")
-            if elapsed > timeout:
-                raise DockerError(
-                    f"The service did not become healthy within {timeout:.0f} s (last state: {phase})."
-                )
-            status.update(f"{phase} … {elapsed:.0f} s")
-            time.sleep(poll)
+
+        def on_phase(answer: health.Health) -> None:
+            if answer.phase not in health.FINAL_PHASES:
+                console.print(f"{time.monotonic() - started:5.0f} s  {_phase(answer)} …")
+
+        def on_poll(answer: health.Health, elapsed: float) -> None:
+            status.update(f"{_phase(answer)} … {elapsed:.0f} s")
+
+        started = time.monotonic()
+        answer = health.wait_healthy(
+            "127.0.0.1",
+            port,
+            timeout=timeout,
+            interval=poll,
+            on_phase=on_phase,
+            on_poll=on_poll,
+            stop_if=lambda: _container_gone(name),
+            probe_timeout=3.0,
+        )
+    elapsed = time.monotonic() - started
+    if answer.phase == "ok":
+        console.print(f"[green]ready[/] after {elapsed:.0f} s")
+        return answer
+    if answer.phase == "stopped":
+        raise DockerError(answer.detail)
+    if answer.phase == "error":
+        raise DockerError(f"The model failed to load: {answer.detail or 'no detail'}")
+    raise DockerError(
+        f"The service did not become healthy within {timeout:.0f} s (last state: {_phase(answer)})."
+    )
 
 
 def run_local(
     *,
     image: str = IMAGE,
     name: str = CONTAINER,
-    port: int = PORT,
+    port: int = CONTAINER_PORT,
     model: str = "",
     model_cache: bool = False,
     rebuild: bool = False,
@@ -455,7 +444,7 @@ def run_local(
         start_container(
             image, name=name, port=port, volumes=choice.volumes, env={**dict(choice.env), **(env or {})}
         )
-        wait_healthy(name, f"{url}/api/health", timeout=timeout, console=console)
+        wait_healthy(name, port, timeout=timeout, console=console)
     except KeyboardInterrupt:
         remove_container(name)
         raise DockerError(f"Interrupted: removed the half-started container {name}.", code=130) from None
@@ -480,8 +469,8 @@ def stop(name: str = CONTAINER, console: Console | None = None) -> bool:
     docker("stop", "--time", "15", name, timeout=60)
     docker("rm", "--force", name)
     console.print(
-        f"Stopped and removed {name}; its data volume {name}-data stays "
-        f"(docker volume rm {name}-data deletes it)."
+        f"Stopped and removed {name}; its data volume {data_volume(name)} stays "
+        f"(docker volume rm {data_volume(name)} deletes it)."
     )
     return True
 

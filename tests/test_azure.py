@@ -24,10 +24,14 @@ from azure.core.exceptions import ClientAuthenticationError
 from invoke import Collection, Program
 
 import tasks
-from infra import azure, azure_cli, cloudinit, credentials, state
-from infra.azure_errors import AzureActionError
-from infra.credentials import AzureClients, Cloud, CredentialsError, RetrySettings
-from infra.plan import UBUNTU_2404, Deployment, PlanError, make_plan, parse_sources
+from infra.azure import arm, credentials, provision, remote, state
+from infra.azure import cli as azure_cli
+from infra.azure.credentials import AzureClients, Cloud, CredentialsError, RetrySettings
+from infra.azure.deployment import TOKEN_ENV, UBUNTU_2404, Deployment, PlanError, parse_sources
+from infra.azure.errors import AzureActionError
+from infra.azure.plan import make_plan
+from infra.health import wait_healthy
+from infra.vm import cloudinit
 from tests.support.fake_arm import FakeArm, succeeding_vm
 from tests.support.health import HealthServer
 from tests.support.live import free_port
@@ -93,9 +97,9 @@ def deployment(**kw) -> Deployment:
     return Deployment(**values)
 
 
-def run_deploy(clients: AzureClients, d: Deployment) -> azure.DeployResult:
+def run_deploy(clients: AzureClients, d: Deployment) -> provision.DeployResult:
     text = cloudinit.render(d.image, d.port, d.env, caddyfile=d.caddyfile, model=d.model)
-    return azure.deploy(clients, d, text, "ssh-ed25519 AAAAC3Nz test")
+    return provision.deploy(clients, d, text, "ssh-ed25519 AAAAC3Nz test")
 
 
 # The certificate authority of the stand-in VMs' HTTPS: Caddy's own on a private VM, or "Let's Encrypt"
@@ -171,7 +175,7 @@ def test_exposure_is_private_by_default_and_ssh_closed(fake, clients):
     assert inbound(fake) == {"allow-chat-https": ("443", (ME,)), "allow-http-redirect": ("80", (ME,))}
     nic = fake.resource("qb-test-rg", "Microsoft.Network/networkInterfaces", "qb-test-nic")
     assert nic["properties"]["networkSecurityGroup"]["id"].endswith("/qb-test-nsg")
-    assert fake.resource("qb-test-rg", VM, "qb-test-vm")["tags"][azure.TLS_TAG] == "internal"
+    assert fake.resource("qb-test-rg", VM, "qb-test-vm")["tags"][arm.TLS_TAG] == "internal"
 
 
 @pytest.mark.parametrize(
@@ -203,7 +207,7 @@ def test_https_and_redirect_ports_open_to_the_same_sources(fake, clients, option
     """443 and 80 from the allowed sources; 80 from the Internet only where a public CA must check it."""
     run_deploy(clients, deployment(**options))
     assert inbound(fake) == expected
-    assert fake.resource("qb-test-rg", VM, "qb-test-vm")["tags"][azure.TLS_TAG] == cert
+    assert fake.resource("qb-test-rg", VM, "qb-test-vm")["tags"][arm.TLS_TAG] == cert
 
 
 def test_https_custom_data_carries_caddy_and_binds_the_app_to_loopback(fake, clients):
@@ -287,7 +291,7 @@ def test_redeploy_with_a_new_image_updates_the_container_not_the_vm(fake, client
     digest = cloudinit.config_digest(
         "myreg.azurecr.io/qwen-box:2.0", 443, {"DTYPE": "float32"}, caddyfile=d.caddyfile
     )
-    assert tags[azure.CONFIG_TAG] == digest
+    assert tags[arm.CONFIG_TAG] == digest
     assert len(fake.resource_ids()) == 6
 
 
@@ -339,10 +343,10 @@ def test_stopped_vm_is_started_on_redeploy(fake, clients):
 def test_destroy_leaves_nothing(fake, clients):
     d = deployment()
     run_deploy(clients, d)
-    assert azure.destroy(clients, d) is True
+    assert provision.destroy(clients, d) is True
     assert fake.is_empty()
-    assert azure.destroy(clients, d) is False
-    assert azure.status(clients, d) is None
+    assert provision.destroy(clients, d) is False
+    assert provision.status(clients, d) is None
 
 
 # -- Azure's failures -------------------------------------------------------------------------------
@@ -420,7 +424,7 @@ def test_dns_name_taken_by_someone_else(fake, clients):
         "properties": {"provisioningState": "Succeeded"},
     }
     clients.network.public_ip_addresses.begin_create_or_update(
-        "someone-else", "their-ip", azure.public_ip_body(deployment())
+        "someone-else", "their-ip", arm.public_ip_body(deployment())
     ).result()
     with pytest.raises(AzureActionError, match="(?s)already taken .*choose another --name"):
         run_deploy(clients, deployment())
@@ -523,7 +527,7 @@ def test_health_wait_follows_the_phases_to_ok():
     vm = StandInVM([PULLING, LOADING, LOADING, OK])
     try:
         seen = []
-        health = azure.wait_healthy("127.0.0.1", vm.port, timeout=10, interval=0.02, on_phase=seen.append)
+        health = wait_healthy("127.0.0.1", vm.port, timeout=10, interval=0.02, on_phase=seen.append)
     finally:
         vm.stop()
     assert health.phase == "ok"
@@ -533,14 +537,14 @@ def test_health_wait_follows_the_phases_to_ok():
 def test_health_wait_sees_a_booting_vm_then_stops_at_the_timeout():
     port = free_port()
     started = time.monotonic()
-    health = azure.wait_healthy("127.0.0.1", port, timeout=0.5, interval=0.05, probe_timeout=0.2)
+    health = wait_healthy("127.0.0.1", port, timeout=0.5, interval=0.05, probe_timeout=0.2)
     assert health.phase == "booting" and time.monotonic() - started < 3
 
 
 def test_health_wait_stops_early_on_an_error():
     vm = StandInVM([(200, {"status": "error", "detail": "provisioning failed at line 42"})])
     try:
-        health = azure.wait_healthy("127.0.0.1", vm.port, timeout=30, interval=0.02)
+        health = wait_healthy("127.0.0.1", vm.port, timeout=30, interval=0.02)
     finally:
         vm.stop()
     assert health.phase == "error" and "line 42" in health.detail and vm.hits == 1
@@ -564,14 +568,14 @@ def cli(fake, monkeypatch, tmp_path):
     monkeypatch.setattr(azure_cli, "connect_default", lambda subscription="": connect_to(fake))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("COLUMNS", "200")
-    for name in ("XDG_CONFIG_HOME", azure_cli.TOKEN_ENV, "REQUESTS_CA_BUNDLE", "ACCESS_TOKEN"):
+    for name in ("XDG_CONFIG_HOME", TOKEN_ENV, "REQUESTS_CA_BUNDLE", "ACCESS_TOKEN"):
         monkeypatch.delenv(name, raising=False)
     fake.vm_shell = vm_with_caddy
     return fake
 
 
 def vm_with_caddy(script: str) -> str:
-    if azure.CADDY_ROOT_CA in script:
+    if remote.CADDY_ROOT_CA in script:
         return VM_CA.cert_pem.bytes().decode()
     if "docker logs" in script:
         return "2026-11-25T13:00:00Z qwen-box model loaded in 41.0 s"
@@ -693,7 +697,7 @@ def test_token_is_generated_printed_once_kept_private_and_never_rotated(cli, cap
 
 
 def test_a_given_token_is_used_and_not_echoed(cli, capsys, monkeypatch):
-    monkeypatch.setenv(azure_cli.TOKEN_ENV, "my-own-token-0123456789")
+    monkeypatch.setenv(TOKEN_ENV, "my-own-token-0123456789")
     vm = StandInVM([OK], tls=True)
     try:
         assert (
@@ -762,7 +766,7 @@ def test_no_tls_keeps_plain_http_on_the_chosen_port(cli, capsys):
     files = custom_files(cli, "qb-plain")
     assert "/etc/qwen-box/Caddyfile" not in files and files["/etc/qwen-box/port"] == f"{vm.port}\n"
     assert "PROXY_HOPS" not in files["/etc/qwen-box/service.env"]
-    assert cli.resource("qb-plain-rg", VM, "qb-plain-vm")["tags"][azure.TLS_TAG] == "off"
+    assert cli.resource("qb-plain-rg", VM, "qb-plain-vm")["tags"][arm.TLS_TAG] == "off"
 
 
 def deploy_public_trusting(vm: StandInVM, monkeypatch) -> int:
@@ -1142,7 +1146,7 @@ def test_logs_of_a_stopped_vm_say_what_to_do(fake, clients):
     run_deploy(clients, d)
     fake.power_state = "deallocated"
     with pytest.raises(AzureActionError, match="is deallocated.*re-run"):
-        azure.container_logs(clients, d)
+        remote.container_logs(clients, d)
     assert fake.run_commands == []
 
 
@@ -1153,3 +1157,21 @@ def test_a_failed_update_keeps_the_old_container_and_says_why(fake, clients):
     with pytest.raises(AzureActionError, match="(?s)keeps running what it ran before.*manifest unknown"):
         run_deploy(clients, deployment(image="myreg.azurecr.io/qwen-box:9"))
     assert fake.resource("qb-test-rg", VM, "qb-test-vm")["tags"] == old_tags
+
+
+def test_a_deploy_renders_cloud_init_once_and_looks_the_vm_up_once(cli, monkeypatch):
+    renders, lookups = [], []
+    render, find_vm = cloudinit.render, provision.find_vm
+    monkeypatch.setattr(cloudinit, "render", lambda *a, **kw: renders.append(1) or render(*a, **kw))
+    monkeypatch.setattr(provision, "find_vm", lambda *a: lookups.append(1) or find_vm(*a))
+    vm = StandInVM([OK], tls=True)
+    try:
+        for _ in range(2):  # a new VM, then an existing one
+            args = ("--name", "qb-once", "--allow-from", ME, "--port", str(vm.port), "--timeout", "5")
+            assert invoke("deploy-azure", "--image", IMAGE, *args) == 0
+            assert (len(renders), len(lookups)) == (1, 1)
+            renders.clear()
+            lookups.clear()
+    finally:
+        vm.stop()
+    assert cli.count("PUT", "virtualMachines/qb-once-vm$") == 1

@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from infra import cloudinit
-from infra.caddy import caddyfile
-from infra.cloudinit import CloudInitError, RegistryLogin
+from infra.settings import SettingsError, parse_env
+from infra.vm import cloudinit
+from infra.vm.caddy import caddyfile
+from infra.vm.cloudinit import CloudInitError, RegistryLogin
 
 IMAGE = "myreg.azurecr.io/qwen-box:1.2.3"
 ENV = {"DTYPE": "float32", "MODEL_ID": "Qwen/Qwen2.5-0.5B-Instruct", "QUEUE_SIZE": "4"}
@@ -164,10 +165,10 @@ def test_bad_registry_login_is_refused_without_echoing_the_password():
 
 
 def test_parse_env_and_registry_host():
-    parsed = cloudinit.parse_env(["DTYPE=float32", "LOG_LEVEL=debug"])
+    parsed = parse_env(["DTYPE=float32", "LOG_LEVEL=debug"])
     assert parsed == {"DTYPE": "float32", "LOG_LEVEL": "debug"}
-    with pytest.raises(CloudInitError):
-        cloudinit.parse_env(["DTYPE"])
+    with pytest.raises(SettingsError):
+        parse_env(["DTYPE"])
     assert cloudinit.image_registry("myreg.azurecr.io/a:1") == "myreg.azurecr.io"
     assert cloudinit.image_registry("localhost:5000/a") == "localhost:5000"
     assert cloudinit.image_registry("me/qwen-box:1") is None

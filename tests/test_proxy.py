@@ -24,7 +24,7 @@ import pytest
 import requests
 import urllib3
 
-from infra.caddy import CERT_MODES, caddyfile, plain_caddyfile
+from infra.vm.caddy import CERT_MODES, caddyfile, plain_caddyfile
 from tests.support import sse
 from tests.support.live import LiveServer, free_port, stop_process, wait_for
 

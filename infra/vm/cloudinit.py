@@ -13,7 +13,6 @@ import base64
 import dataclasses
 import hashlib
 import json
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,21 +20,13 @@ from pathlib import Path
 
 import jinja2
 
-from service.config import Settings
+from infra.image import CONTAINER, CONTAINER_PORT, LABEL_BAKED, LABEL_MODEL, MODELS_DIR, data_volume
+from infra.settings import PRINTABLE, SECRET_SETTINGS, SettingsError, validate_env
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "cloud-init.yaml"
+TEMPLATE = Path(__file__).resolve().parents[2] / "cloud-init.yaml"
 START_SCRIPT = Path(__file__).resolve().parent / "start-container.sh.j2"
 CUSTOM_DATA_LIMIT = 64 * 1024
-CONTAINER_PORT = 8000
 SWAP_SIZE = "4G"
-
-# The container must listen where the port mapping points, so these two are not the user's to set.
-FIXED_SETTINGS = {"HOST", "PORT"}
-EXTRA_SETTINGS = {"HF_HUB_OFFLINE"}
-ALLOWED_SETTINGS = ({f.name.upper() for f in dataclasses.fields(Settings)} | EXTRA_SETTINGS) - FIXED_SETTINGS
-# Settings the service keeps out of its repr (ACCESS_TOKEN): they reach the VM only inside custom_data
-# (root-only there, never returned by Azure's API), never through run-command, and are never printed.
-SECRET_SETTINGS = {f.name.upper() for f in dataclasses.fields(Settings) if not f.repr}
 
 _IMAGE = re.compile(
     r"^(?:(?P<registry>(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)(?:\.[a-zA-Z0-9-]+)*(?::[0-9]+)?)/)?"
@@ -43,7 +34,6 @@ _IMAGE = re.compile(
     r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[a-f0-9]{64})?$"
 )
 _HOST = re.compile(r"^[a-zA-Z0-9](?:[a-zA-Z0-9.-]*[a-zA-Z0-9])?(?::[0-9]{1,5})?$")
-_PRINTABLE = re.compile(r"^[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,95})/[A-Za-z0-9](?:[A-Za-z0-9._-]{0,95})$")
 LOOPBACK_PUBLISH = f"127.0.0.1:{CONTAINER_PORT}"
 
@@ -65,9 +55,9 @@ class RegistryLogin:
             raise CloudInitError(
                 f"registry server {self.server!r} is not a host name (e.g. myreg.azurecr.io)"
             )
-        if not _PRINTABLE.match(self.username):
+        if not PRINTABLE.match(self.username):
             raise CloudInitError("registry user name must be printable ASCII without surrounding spaces")
-        if not _PRINTABLE.match(self.password):
+        if not PRINTABLE.match(self.password):
             raise CloudInitError(
                 "registry password must be printable ASCII without surrounding spaces or "
                 "line breaks (its value is not shown here)"
@@ -111,46 +101,12 @@ def image_registry(image: str) -> str | None:
     return None
 
 
-def validate_env(env: Mapping[str, str]) -> dict[str, str]:
-    """Service settings for the container: known names only, single-line printable values."""
-    out = {}
-    for key, value in env.items():
-        if key in FIXED_SETTINGS:
-            raise CloudInitError(
-                f"{key} is fixed in the container (it listens on 0.0.0.0:{CONTAINER_PORT}); "
-                "use --port for the public port"
-            )
-        if key not in ALLOWED_SETTINGS:
-            raise CloudInitError(
-                f"unknown service setting {key!r}; known: {', '.join(sorted(ALLOWED_SETTINGS))}"
-            )
-        if value != "" and not _PRINTABLE.match(value):
-            raise CloudInitError(
-                f"{key}: value must be one line of printable ASCII without surrounding spaces"
-            )
-        out[key] = value
-    return out
-
-
-def parse_env(pairs: list[str] | tuple[str, ...], environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """`--env KEY=VALUE` options into a validated mapping; `--env KEY` alone takes the value from the
-    environment (as `docker run -e KEY` does), which keeps a secret out of shell history."""
-    source = os.environ if environ is None else environ
-    env = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        key = key.strip()
-        if not sep:
-            if key not in source:
-                raise CloudInitError(f"--env {key}: expected KEY=VALUE, or {key} set in the environment")
-            value = source[key]
-        env[key] = value.strip()
-    return validate_env(env)
-
-
-def shown(env: Mapping[str, str]) -> dict[str, str]:
-    """Settings as they may be printed: secret values masked."""
-    return {k: ("(set, hidden)" if k in SECRET_SETTINGS and v else v) for k, v in env.items()}
+def _settings(env: Mapping[str, str]) -> dict[str, str]:
+    """The validated settings (infra/settings.py), refused as an input that must not go in."""
+    try:
+        return validate_env(env)
+    except SettingsError as exc:
+        raise CloudInitError(str(exc)) from None
 
 
 def env_file(env: Mapping[str, str]) -> str:
@@ -194,7 +150,18 @@ def _jinja() -> jinja2.Environment:
 
 def start_script() -> str:
     """/opt/qwen-box/start-container.sh: (re)creates the container from the files in /etc/qwen-box."""
-    return _jinja().from_string(START_SCRIPT.read_text()).render(container_port=CONTAINER_PORT)
+    return (
+        _jinja()
+        .from_string(START_SCRIPT.read_text())
+        .render(
+            container=CONTAINER,
+            data_volume=data_volume(),
+            container_port=CONTAINER_PORT,
+            models_dir=MODELS_DIR,
+            label_model=LABEL_MODEL,
+            label_baked=LABEL_BAKED,
+        )
+    )
 
 
 def render(
@@ -219,7 +186,7 @@ def render(
             image=validate_image(image),
             publish=publish_spec(port, bool(caddyfile)),
             model=validate_model(model),
-            env_file=env_file(validate_env(env)),
+            env_file=env_file(_settings(env)),
             registry=registry,
             caddyfile=caddyfile.rstrip("\n"),
             start_script=start_script().rstrip("\n"),
@@ -255,7 +222,7 @@ def update_script(
     start script is rewritten too, so a VM made by an older version learns what the new files mean; with
     HTTPS the Caddyfile is rewritten and Caddy restarted if it changed.
     """
-    public = {k: v for k, v in validate_env(env).items() if k not in SECRET_SETTINGS}
+    public = {k: v for k, v in _settings(env).items() if k not in SECRET_SETTINGS}
 
     def b64(text: str) -> str:
         return base64.b64encode(text.encode()).decode()

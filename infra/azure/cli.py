@@ -1,17 +1,23 @@
-"""The Azure commands behind `invoke deploy-azure | status-azure | logs-azure | destroy-azure`.
+"""`invoke deploy-azure | status-azure | logs-azure | destroy-azure` as the user sees them: progress and
+results with rich, errors as sentences (no tracebacks for Azure's answers), an exit code.
 
-Each function turns options into plain objects, calls `infra.azure`, and shows progress and results
-with rich; it returns an exit code and prints errors as sentences (no tracebacks for Azure's answers).
+A deploy runs in phases, each a function of its own:
+
+    prepare(options)        infra/azure/deployment.py: validate, fit-check, render cloud-init; no network
+                            (--dry-run prints the plan and stops here)
+    with_my_address(...)    the deployer's public address, only when no --allow-from says who may connect
+    target.provision(...)   create or converge the resources (infra/azure/target.py, provision.py)
+    target.wait_ready(...)  poll the health endpoint through the phases to ok (infra/health.py)
+    report(...)             the URL and access token, or the diagnostics of what did not come up
+
 How clients are made is a parameter (`connect_clients`): the real one signs in with
 DefaultAzureCredential, tests pass one that points at a fake ARM on loopback.
 """
 
 from __future__ import annotations
 
-import os
-import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 from azure.core.exceptions import AzureError
@@ -19,14 +25,33 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
-from infra import azure, cloudinit, credentials, fit, state
-from infra.azure_errors import AzureActionError, explain
-from infra.credentials import AzureClients, CredentialsError
-from infra.plan import Deployment, Names, PlanError, default_name, make_plan, parse_sources, plan_lines
+from infra.azure import credentials, provision, state
+from infra.azure.credentials import AzureClients, CredentialsError
+from infra.azure.deployment import (
+    Deployment,
+    DeployOptions,
+    Names,
+    PlanError,
+    Prepared,
+    default_name,
+    prepare,
+    with_my_address,
+)
+from infra.azure.errors import AzureActionError, explain
+from infra.azure.plan import make_plan, plan_lines
+from infra.azure.provision import DeployResult
+from infra.azure.target import SingleVm, Target
+from infra.health import Health, probe
+from infra.settings import SettingsError
+from infra.vm.cloudinit import CloudInitError
 
-REGISTRY_PASSWORD_ENV = "QWEN_BOX_REGISTRY_PASSWORD"
-DEFAULT_TIMEOUT = 1800.0
 ClientFactory = Callable[[str], AzureClients]
+TargetFactory = Callable[[AzureClients], Target]
+CERT_SHORT = {
+    "acme": "Let's Encrypt certificate",
+    "acme-http": "Let's Encrypt certificate (HTTP challenge)",
+    "internal": "certificate from the VM's own authority",
+}
 
 
 def connect_default(subscription: str = "") -> AzureClients:
@@ -41,172 +66,73 @@ def _console(console: Console | None) -> Console:
     return console or Console(highlight=False)
 
 
+def _quiet(_: str) -> None:
+    pass
+
+
 def _fail(console: Console, message: str, code: int = 1) -> int:
     console.print(f"[bold red]error:[/] {message}", highlight=False)
     return code
 
 
-def _registry(image: str, user: str) -> cloudinit.RegistryLogin | None:
-    if not user:
-        return None
-    password = os.environ.get(REGISTRY_PASSWORD_ENV, "")
-    if not password:
-        raise cloudinit.CloudInitError(
-            f"--registry-user given: put the registry password (or a pull "
-            f"token) in the {REGISTRY_PASSWORD_ENV} environment variable"
-        )
-    return cloudinit.RegistryLogin(cloudinit.image_registry(image) or "docker.io", user, password)
-
-
-TOKEN_ENV = "QWEN_BOX_ACCESS_TOKEN"
-CERT_SHORT = {
-    "acme": "Let's Encrypt certificate",
-    "acme-http": "Let's Encrypt certificate (HTTP challenge)",
-    "internal": "certificate from the VM's own authority",
-}
-
-
-def _model_and_precision(
-    env: dict[str, str], model: str, precision: str, size: str
-) -> tuple[str, str, fit.Fit, bool]:
-    """--model/--precision, or the same given as --env MODEL_ID/DTYPE; the service's default precision
-    when not given. Returns (model, precision, the fit verdict, whether the precision is the default)."""
-    given_model = env.pop("MODEL_ID", "")
-    if model and given_model and model != given_model:
-        raise PlanError(f"--model {model} and --env MODEL_ID={given_model} disagree: give one")
-    model = cloudinit.validate_model(model or given_model)
-    given_dtype = env.get("DTYPE", "")
-    if precision and given_dtype and precision != given_dtype:
-        raise PlanError(f"--precision {precision} and --env DTYPE={given_dtype} disagree: give one")
-    precision = precision or given_dtype
-    if precision and precision not in fit.BYTES_ORDER:
-        raise PlanError(f"--precision {precision!r}: one of {', '.join(fit.BYTES_ORDER)}")
-    chosen = not precision
-    if chosen:
-        precision = fit.default_precision()
-    env["DTYPE"] = precision
-    return model, precision, fit.check_vm(model, precision, size), chosen
-
-
-def _given_token(token: str, env: dict[str, str]) -> str:
-    """--token, else QWEN_BOX_ACCESS_TOKEN, else --env ACCESS_TOKEN; "" when none was given."""
-    from_env = env.pop("ACCESS_TOKEN", "")
-    given = token or os.environ.get(TOKEN_ENV, "") or from_env
-    if given and (len(given) < 16 or not given.isprintable() or " " in given):
-        raise PlanError(
-            "the access token must be at least 16 printable characters without spaces "
-            "(its value is not shown here)"
-        )
-    return given
+# -- deploy-azure ------------------------------------------------------------------------------------
 
 
 def deploy(
+    options: DeployOptions,
     *,
-    image: str,
-    name: str = "",
-    region: str = "eastus",
-    size: str = "Standard_B2s",
-    allow_from: str = "",
-    public: bool = False,
-    ssh: bool = False,
-    port: int = 0,
-    disk_gb: int = 64,
-    env: Sequence[str] = (),
-    registry_user: str = "",
-    subscription: str = "",
-    model: str = "",
-    precision: str = "",
-    tls: bool = True,
-    trusted_cert: bool = False,
-    token: str = "",
-    timeout: float = DEFAULT_TIMEOUT,
-    interval: float = 5.0,
-    dry_run: bool = False,
     console: Console | None = None,
     connect_clients: ClientFactory | None = None,
+    target_for: TargetFactory = SingleVm,
     ssh_dir: Path | None = None,
 ) -> int:
-    """`invoke deploy-azure`: plan, (unless --dry-run) create or converge, wait for health, print the URL
-    and, for a new VM, its access token (once)."""
+    """`invoke deploy-azure`: prepare, (unless --dry-run) provision, wait until ready, report the URL and,
+    for a new VM, its access token (once)."""
     out = _console(console)
-    if not image:
-        return _fail(
-            out,
-            "--image is required: REGISTRY/NAME:TAG of the qwen-box image (invoke push puts it "
-            "in a registry)",
-            2,
-        )
     try:
-        settings = cloudinit.parse_env(list(env))
-        given_token = _given_token(token, settings)
-        model, precision, verdict, auto = _model_and_precision(settings, model, precision, size)
-        if not verdict.fits:
-            return _fail(out, "the model does not fit the VM: " + verdict.message, 2)
-        if tls:
-            settings.setdefault("PROXY_HOPS", "1")
-        d = Deployment(
-            name=name or default_name(),
-            image=cloudinit.validate_image(image),
-            region=region,
-            size=size,
-            port=port,
-            disk_gb=disk_gb,
-            public=public,
-            allow_from=parse_sources(allow_from) if allow_from else (),
-            ssh=ssh,
-            env=settings,
-            tls=tls,
-            trusted_cert=trusted_cert,
-            model=model,
-            dns_zone=credentials.Cloud.from_env().dns_zone,
-        )
-        registry = _registry(image, registry_user)
-        cloudinit.render(
-            d.image,
-            d.port,
-            {**d.env, "ACCESS_TOKEN": "x" * 43},
-            registry,
-            caddyfile=d.caddyfile,
-            model=d.model,
-        )
-    except (PlanError, cloudinit.CloudInitError) as exc:
+        prepared = prepare(options, dns_zone=credentials.Cloud.from_env().dns_zone)
+    except (PlanError, SettingsError, CloudInitError) as exc:
         return _fail(out, str(exc), 2)
-    shown_model = model or f"{fit.DEFAULT_MODEL_ID} (the image's own)"
-    model_line = f"{shown_model} at {precision}" + (" (the default)" if auto else "")
-    if dry_run:
-        for line in plan_lines(make_plan(d)):
-            out.print(line, highlight=False)
-        out.print(f"\nModel: {model_line}. {verdict.message}", highlight=False)
-        out.print("\n(dry run: nothing was sent to Azure)")
+    if options.dry_run:
+        show_plan(out, prepared)
         return 0
+    d = prepared.deployment
     try:
-        mine: tuple[str, ...] = ()
-        if (not d.public and not d.allow_from) or (d.ssh and not d.allow_from):
-            mine = (credentials.discover_public_ip(),)
-        http_from = d.allow_from or (() if d.public else mine)
-        d = d.with_sources(http_from, (d.allow_from or mine) if d.ssh else ())
+        prepared = with_my_address(prepared, credentials.discover_public_ip)
         key, key_path, generated = credentials.ssh_public_key(ssh_dir)
-        clients = (connect_clients or connect_default)(subscription)
-        exists = azure.vm_exists(clients, d)
-    except (CredentialsError, AzureActionError, cloudinit.CloudInitError, PlanError) as exc:
+        clients = (connect_clients or connect_default)(options.subscription)
+    except (CredentialsError, PlanError) as exc:
         return _fail(out, str(exc))
     except AzureError as exc:
         return _fail(out, explain(exc, region=d.region, size=d.size, name=d.name))
-    new_token = ""
-    if not exists:
-        new_token = given_token or state.load_token(d.name) or secrets.token_urlsafe(32)
-        state.save_token(d.name, new_token)
-    access = new_token or given_token
-    if access:
-        d = d.with_env({**d.env, "ACCESS_TOKEN": access})
-    text = cloudinit.render(d.image, d.port, d.env, registry, caddyfile=d.caddyfile, model=d.model)
-    plan = make_plan(d)
+    target = target_for(clients)
+    show_start(out, prepared, clients.subscription, key_path if generated else None)
+    started = time.monotonic()
+    result = _provision(out, target, prepared, key, started)
+    if result is None:
+        return 1
+    if result.container_updated:
+        out.print("  the container was updated to the new image/settings")
+    health = _wait_ready(out, target, prepared, result, started)
+    return report(out, target, prepared, result, health)
+
+
+def show_plan(out: Console, prepared: Prepared) -> None:
+    """--dry-run: the plan, the model's fit, and that nothing was sent."""
+    for line in plan_lines(make_plan(prepared.deployment)):
+        out.print(line, highlight=False)
+    out.print(f"\nModel: {prepared.model_line}. {prepared.fit.message}", highlight=False)
+    out.print("\n(dry run: nothing was sent to Azure)")
+
+
+def show_start(out: Console, prepared: Prepared, subscription: str, generated_key: Path | None) -> None:
+    """What is about to be deployed where, who can reach it, and the warnings worth shouting."""
+    d = prepared.deployment
     out.print(
-        f"[bold]Deploying {d.name}[/] ({d.image} on {d.size} in {d.region}, "
-        f"subscription {clients.subscription})"
+        f"[bold]Deploying {d.name}[/] ({d.image} on {d.size} in {d.region}, subscription {subscription})"
     )
-    out.print(f"  model: {model_line}. {verdict.message}", highlight=False)
-    for line in plan.exposure:
+    out.print(f"  model: {prepared.model_line}. {prepared.fit.message}", highlight=False)
+    for line in make_plan(d).exposure:
         out.print(f"  exposure: {line}")
     if d.public:
         out.print(
@@ -223,9 +149,15 @@ def deploy(
                 style="bold yellow",
             )
         )
-    if generated:
-        out.print(f"  generated an SSH key for the VM: {key_path} (private key beside it)")
-    started = time.monotonic()
+    if generated_key:
+        out.print(f"  generated an SSH key for the VM: {generated_key} (private key beside it)")
+
+
+def _provision(
+    out: Console, target: Target, prepared: Prepared, key: str, started: float
+) -> DeployResult | None:
+    """The provisioning phase with its progress lines; None (after saying why) when it failed."""
+    d = prepared.deployment
     try:
         with out.status("provisioning Azure resources") as spinner:
 
@@ -233,7 +165,7 @@ def deploy(
                 out.print(f"  [dim]{_clock(started)}[/] {message}")
                 spinner.update(f"provisioning: {message}")
 
-            result = azure.deploy(clients, d, text, key, progress=step)
+            return target.provision(prepared, key, step)
     except (AzureActionError, AzureError) as exc:
         message = (
             str(exc)
@@ -245,19 +177,35 @@ def deploy(
             f"What was created so far stays: re-run deploy-azure (it converges) or "
             f"invoke destroy-azure --name {d.name}."
         )
-        return 1
-    if result.container_updated:
-        out.print("  the container was updated to the new image/settings")
-    verify: bool | str = d.cert.startswith("acme")
-    health = _wait(out, result, d, timeout, interval, started, verify)
+        return None
+
+
+def _wait_ready(
+    out: Console, target: Target, prepared: Prepared, result: DeployResult, started: float
+) -> Health:
+    with out.status("waiting for the service") as spinner:
+
+        def phase(health: Health) -> None:
+            out.print(f"  [dim]{_clock(started)}[/] {health.label}")
+            spinner.update(health.label)
+
+        return target.wait_ready(prepared, result, phase)
+
+
+def report(out: Console, target: Target, prepared: Prepared, result: DeployResult, health: Health) -> int:
+    """The end of a deploy: the URL and how to get in when ready (exit 0), else why not and the VM's
+    diagnostics (exit 1). The access token is shown only when this run created the VM with a token this
+    machine chose."""
+    d, options = prepared.deployment, prepared.options
     if health.phase == "ok":
-        ca = _save_ca(out, clients, d, result) if d.cert == "internal" else None
+        ca = _save_ca(out, target, d, result) if d.cert == "internal" else None
         out.print(
             f"\n[bold green]Ready:[/] {result.url}  (model {health.detail})"
             if health.detail
             else f"\n[bold green]Ready:[/] {result.url}"
         )
-        _print_access(out, d, result, new_token if new_token and not given_token else "", ca)
+        shown = prepared.token if result.vm_created and not prepared.token_given else ""
+        _print_access(out, d, result, shown, ca)
         out.print(
             f"Status: invoke status-azure --name {d.name}    Tear down: invoke destroy-azure --name {d.name}"
         )
@@ -265,18 +213,18 @@ def deploy(
     why = (
         f"the service reported an error: {health.detail}"
         if health.phase == "error"
-        else f"not healthy after {int(timeout)} s (last phase: {health.label})"
+        else f"not healthy after {int(options.timeout)} s (last phase: {health.label})"
     )
     out.print(f"\n[bold red]{d.url} is not ready:[/] {why}. Collecting diagnostics...")
-    if health.phase == "booting" and allow_from and not d.public:
+    if health.phase == "booting" and options.allow_from and not d.public:
         out.print("  (the wait checks from this machine: outside --allow-from, it cannot see the VM)")
     if health.phase == "booting" and d.cert.startswith("acme"):
         out.print(
             "  (with HTTPS the VM answers once Caddy has its certificate: see `journalctl -u caddy` "
             "in the diagnostics)"
         )
-    _print_diagnostics(out, clients, d)
-    if new_token:
+    _print_diagnostics(out, target, d)
+    if result.vm_created:
         out.print(f"The access token is saved in {state.token_file(d.name)} (readable only by you).")
     out.print(
         f"The resources are still there: re-run deploy-azure to converge, or invoke destroy-azure "
@@ -285,16 +233,16 @@ def deploy(
     return 1
 
 
-def _save_ca(out: Console, clients: AzureClients, d: Deployment, result: azure.DeployResult) -> Path | None:
+def _save_ca(out: Console, target: Target, d: Deployment, result: DeployResult) -> Path | None:
     """Fetch and keep the root of the VM's own authority, and check the VM's certificate against it."""
     try:
         with out.status("fetching the VM's root certificate (run-command)"):
-            pem = azure.fetch_ca_root(clients, d)
+            pem = target.root_certificate(d)
     except (AzureActionError, AzureError) as exc:
         out.print(f"[yellow]warning:[/] could not fetch the VM's root certificate: {exc}")
         return None
     path = state.save_ca(d.name, pem)
-    check = azure.probe(result.ip, d.port, tls=True, server_name=result.fqdn, verify=str(path))
+    check = probe(result.ip, d.port, tls=True, server_name=result.fqdn, verify=str(path))
     if check.phase != "ok":
         out.print(
             f"[yellow]warning:[/] the VM's certificate did not check out against the root it gave "
@@ -303,9 +251,7 @@ def _save_ca(out: Console, clients: AzureClients, d: Deployment, result: azure.D
     return path
 
 
-def _print_access(
-    out: Console, d: Deployment, result: azure.DeployResult, token: str, ca: Path | None
-) -> None:
+def _print_access(out: Console, d: Names, result: DeployResult, token: str, ca: Path | None) -> None:
     """The one place a generated token is ever shown, and how to use it."""
     saved = state.token_file(d.name)
     if token:
@@ -342,46 +288,21 @@ def _clock(started: float) -> str:
     return f"{seconds // 60:d}:{seconds % 60:02d}"
 
 
-def _wait(
-    out: Console,
-    result: azure.DeployResult,
-    d: Deployment,
-    timeout: float,
-    interval: float,
-    started: float,
-    verify: bool | str,
-) -> azure.Health:
-    with out.status("waiting for the service") as spinner:
-
-        def phase(health: azure.Health) -> None:
-            out.print(f"  [dim]{_clock(started)}[/] {health.label}")
-            spinner.update(health.label)
-
-        return azure.wait_healthy(
-            result.ip,
-            d.port,
-            timeout=timeout,
-            interval=interval,
-            on_phase=phase,
-            probe_timeout=min(5.0, max(interval, 0.5)),
-            tls=d.tls,
-            server_name=result.fqdn,
-            verify=verify,
-        )
-
-
-def _print_diagnostics(out: Console, clients: AzureClients, names: Names) -> None:
+def _print_diagnostics(out: Console, target: Target, names: Names) -> None:
     with out.status("fetching diagnostics (run-command and boot diagnostics)"):
-        sections = azure.diagnostics(clients, names)
+        sections = target.diagnostics(names)
     for title, body in sections:
         out.print(Panel(body, title=title, title_align="left"), highlight=False)
+
+
+# -- status-azure, logs-azure, destroy-azure ----------------------------------------------------------
 
 
 def _resolve(out: Console, clients: AzureClients, name: str) -> Names | None:
     """The deployment to act on: --name, else this machine's default, else the only one there is."""
     if name:
         return Names(name)
-    found = azure.list_deployments(clients)
+    found = provision.list_deployments(clients)
     mine = default_name()
     if any(n == mine for n, _ in found):
         return Names(mine)
@@ -394,7 +315,7 @@ def _resolve(out: Console, clients: AzureClients, name: str) -> Names | None:
     return None
 
 
-def _session(out: Console, subscription: str, connect_clients: ClientFactory | None):
+def _session(out: Console, subscription: str, connect_clients: ClientFactory | None) -> AzureClients | None:
     try:
         return (connect_clients or connect_default)(subscription)
     except CredentialsError as exc:
@@ -408,6 +329,7 @@ def status(
     subscription: str = "",
     console: Console | None = None,
     connect_clients: ClientFactory | None = None,
+    target_for: TargetFactory = SingleVm,
 ) -> int:
     """`invoke status-azure`: power state, URL, exposure and health of a deployment."""
     out = _console(console)
@@ -419,7 +341,7 @@ def status(
         if names is None:
             return 1
         ca = state.ca_file(names.name)
-        st = azure.status(clients, names, ca_file=str(ca) if ca.exists() else "")
+        st = target_for(clients).status(names, ca_file=str(ca) if ca.exists() else "")
     except AzureActionError as exc:
         return _fail(out, str(exc))
     except AzureError as exc:
@@ -450,6 +372,7 @@ def logs(
     subscription: str = "",
     console: Console | None = None,
     connect_clients: ClientFactory | None = None,
+    target_for: TargetFactory = SingleVm,
 ) -> int:
     """`invoke logs-azure`: the container's log tail, through run-command."""
     out = _console(console)
@@ -461,7 +384,7 @@ def logs(
         if names is None:
             return 1
         with out.status(f"asking {names.vm} for the container log (run-command, takes ~30 s)"):
-            text = azure.container_logs(clients, names, lines)
+            text = target_for(clients).logs(names, lines)
     except AzureActionError as exc:
         return _fail(out, str(exc))
     except AzureError as exc:
@@ -485,6 +408,7 @@ def destroy(
     console: Console | None = None,
     connect_clients: ClientFactory | None = None,
     confirm: Callable[[str], bool] = _ask,
+    target_for: TargetFactory = SingleVm,
 ) -> int:
     """`invoke destroy-azure`: delete the deployment's resource group once confirmed; wait until gone."""
     out = _console(console)
@@ -505,7 +429,7 @@ def destroy(
             return 1
         started = time.monotonic()
         with out.status(f"deleting {names.group} (takes a few minutes)"):
-            azure.destroy(clients, names)
+            target_for(clients).destroy(names, _quiet)
     except AzureActionError as exc:
         return _fail(out, str(exc))
     except AzureError as exc:

@@ -15,7 +15,7 @@ from azure.core.exceptions import (
     ServiceResponseError,
 )
 
-from infra.credentials import NO_CREDENTIALS
+from infra.azure.credentials import NO_CREDENTIALS
 
 SUGGESTED_SIZES = ("Standard_B2s", "Standard_B2ms", "Standard_B2as_v2", "Standard_D2as_v5", "Standard_D2s_v5")
 SUGGESTED_REGIONS = ("eastus", "eastus2", "westus2", "northeurope", "westeurope", "uksouth")

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import re
 
+from infra.image import CONTAINER_PORT
+
 CERT_MODES = ("acme", "acme-http", "internal")
-UPSTREAM = "127.0.0.1:8000"
+UPSTREAM = f"127.0.0.1:{CONTAINER_PORT}"  # the container, published on loopback only behind Caddy
 MAX_BODY = "4MB"  # above the app's own default limit (MAX_BODY_BYTES, 1 MB), which answers 413 itself
 _SITE = re.compile(r"^[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?$")
 

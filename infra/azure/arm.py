@@ -1,0 +1,168 @@
+"""The ARM request bodies of one deployment: the REST JSON itself, so what is sent reads like Azure's
+own documentation (and tests/fake_arm.py answers it as Azure would).
+
+Pure functions of a `Deployment` (plus the ids Azure hands back), no SDK: provision.py sends them.
+The VM's tags also record what it runs (fingerprints of the container's config and secret settings,
+the certificate mode), so a re-deploy can tell what changed without anything secret in a tag.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from infra.azure.deployment import ADMIN_USER, INTERNET, SUBNET_PREFIX, UBUNTU_2404, VNET_PREFIX, Deployment
+from infra.azure.errors import AzureActionError
+from infra.vm import cloudinit
+
+Body = dict[str, Any]
+CONFIG_TAG = "qwen-box-config"
+SECRETS_TAG = "qwen-box-secrets"
+TLS_TAG = "qwen-box-tls"  # the certificate mode (infra/vm/caddy.py), "off" for plain HTTP
+HTTPS_RULE, REDIRECT_RULE, HTTP_RULE = "allow-chat-https", "allow-http-redirect", "allow-chat-http"
+
+
+def _rule(name: str, priority: int, port: int, sources: tuple[str, ...], description: str) -> Body:
+    props: Body = {
+        "priority": priority,
+        "direction": "Inbound",
+        "access": "Allow",
+        "protocol": "Tcp",
+        "sourcePortRange": "*",
+        "destinationAddressPrefix": "*",
+        "destinationPortRange": str(port),
+        "description": description,
+    }
+    if len(sources) == 1:
+        props["sourceAddressPrefix"] = sources[0]
+    else:
+        props["sourceAddressPrefixes"] = list(sources)
+    return {"name": name, "properties": props}
+
+
+def nsg_body(d: Deployment) -> Body:
+    """Inbound: the chat port from the allowed sources (or the Internet with --public); with HTTPS also
+    port 80, for the redirect and the certificate challenge (see Deployment.redirect_sources); SSH only
+    if asked."""
+    if not d.http_sources:
+        raise AzureActionError("no source address to allow: pass --allow-from CIDR or --public")
+    public = " - public" if d.public else ""
+    if d.tls:
+        rules = [
+            _rule(HTTPS_RULE, 100, d.port, d.http_sources, "qwen-box chat (HTTPS)" + public),
+            _rule(
+                REDIRECT_RULE,
+                105,
+                80,
+                d.redirect_sources,
+                "qwen-box: HTTP redirect to HTTPS and certificate challenge (no chat)",
+            ),
+        ]
+    else:
+        rules = [_rule(HTTP_RULE, 100, d.port, d.http_sources, "qwen-box chat (HTTP)" + public)]
+    if d.ssh:
+        ssh_sources = d.ssh_from or d.allow_from
+        if not ssh_sources or INTERNET in ssh_sources:
+            raise AzureActionError("--ssh needs a source address: pass --allow-from CIDR")
+        rules.append(_rule("allow-ssh", 110, 22, ssh_sources, "qwen-box SSH (key only)"))
+    return {"location": d.region, "tags": d.tags, "properties": {"securityRules": rules}}
+
+
+def vnet_body(d: Deployment) -> Body:
+    return {
+        "location": d.region,
+        "tags": d.tags,
+        "properties": {
+            "addressSpace": {"addressPrefixes": [VNET_PREFIX]},
+            "subnets": [{"name": d.subnet, "properties": {"addressPrefix": SUBNET_PREFIX}}],
+        },
+    }
+
+
+def public_ip_body(d: Deployment) -> Body:
+    """Standard SKU, static, with the DNS label that makes the stable NAME.REGION.cloudapp.azure.com."""
+    return {
+        "location": d.region,
+        "tags": d.tags,
+        "sku": {"name": "Standard", "tier": "Regional"},
+        "properties": {
+            "publicIPAllocationMethod": "Static",
+            "publicIPAddressVersion": "IPv4",
+            "idleTimeoutInMinutes": 30,
+            "dnsSettings": {"domainNameLabel": d.name},
+        },
+    }
+
+
+def nic_body(d: Deployment, subnet_id: str, ip_id: str, nsg_id: str) -> Body:
+    return {
+        "location": d.region,
+        "tags": d.tags,
+        "properties": {
+            "networkSecurityGroup": {"id": nsg_id},
+            "ipConfigurations": [
+                {
+                    "name": "ipconfig1",
+                    "properties": {
+                        "privateIPAllocationMethod": "Dynamic",
+                        "subnet": {"id": subnet_id},
+                        "publicIPAddress": {"id": ip_id},
+                    },
+                }
+            ],
+        },
+    }
+
+
+def vm_tags(d: Deployment) -> dict[str, str]:
+    """The deployment's tags plus fingerprints of what the container runs (see cloudinit.config_digest)."""
+    tags = {
+        **d.tags,
+        TLS_TAG: d.cert or "off",
+        CONFIG_TAG: cloudinit.config_digest(d.image, d.port, d.env, caddyfile=d.caddyfile, model=d.model),
+    }
+    secrets = cloudinit.secrets_digest(d.name, d.env)
+    if secrets:
+        tags[SECRETS_TAG] = secrets
+    return tags
+
+
+def vm_body(d: Deployment, nic_id: str, ssh_key: str, custom_data_b64: str) -> Body:
+    """Ubuntu 24.04 Gen2, SSH key only (no password login), boot diagnostics, disk/NIC deleted with it."""
+    return {
+        "location": d.region,
+        "tags": vm_tags(d),
+        "properties": {
+            "hardwareProfile": {"vmSize": d.size},
+            "storageProfile": {
+                "imageReference": dict(UBUNTU_2404),
+                "osDisk": {
+                    "name": d.os_disk,
+                    "createOption": "FromImage",
+                    "diskSizeGB": d.disk_gb,
+                    "caching": "ReadWrite",
+                    "deleteOption": "Delete",
+                    "managedDisk": {"storageAccountType": "StandardSSD_LRS"},
+                },
+            },
+            "osProfile": {
+                "computerName": d.name,
+                "adminUsername": ADMIN_USER,
+                "customData": custom_data_b64,
+                "linuxConfiguration": {
+                    "disablePasswordAuthentication": True,
+                    "provisionVMAgent": True,
+                    "ssh": {
+                        "publicKeys": [
+                            {"path": f"/home/{ADMIN_USER}/.ssh/authorized_keys", "keyData": ssh_key}
+                        ]
+                    },
+                },
+            },
+            "networkProfile": {
+                "networkInterfaces": [
+                    {"id": nic_id, "properties": {"primary": True, "deleteOption": "Delete"}}
+                ]
+            },
+            "diagnosticsProfile": {"bootDiagnostics": {"enabled": True}},
+        },
+    }

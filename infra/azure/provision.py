@@ -1,0 +1,350 @@
+"""Provisioning over the Azure SDK: create or converge a deployment's resources, find its status,
+destroy it. The clients (`AzureClients`) come in as a parameter: the CLI builds them from the user's
+credential, the tests against a fake ARM on loopback that speaks the real REST protocol.
+
+State lives in Azure, found by names derived from the deployment name (and the `app=qwen-box` tag),
+so status and destroy work from any machine. A VM's first-boot data (custom_data) cannot change after
+it is created, so a re-deploy converges an existing VM in place: size and tags by PUT, the container by
+Run Command (infra/azure/remote.py), refusing up front what cannot change in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
+from azure.mgmt.compute.models import VirtualMachine
+
+from infra.azure import state
+from infra.azure.arm import (
+    CONFIG_TAG,
+    HTTP_RULE,
+    HTTPS_RULE,
+    SECRETS_TAG,
+    TLS_TAG,
+    Body,
+    nic_body,
+    nsg_body,
+    public_ip_body,
+    vm_body,
+    vm_tags,
+    vnet_body,
+)
+from infra.azure.credentials import AzureClients
+from infra.azure.deployment import APP_TAG, INTERNET, Deployment, Names, Prepared, site_url
+from infra.azure.errors import SUGGESTED_SIZES, AzureActionError, explain
+from infra.azure.remote import power_state, run_command
+from infra.health import Health, probe
+from infra.settings import SECRET_SETTINGS
+from infra.vm import cloudinit
+
+Progress = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def _json(body: Body) -> Any:
+    """An ARM body as the SDK takes it: its typed overloads name only models and byte streams, but it
+    sends a dict as the JSON it is, which keeps the bodies readable as Azure's REST reference."""
+    return body
+
+
+@dataclass(frozen=True)
+class DeployResult:
+    """Where the deployment answers and what this run did to the VM."""
+
+    url: str
+    fqdn: str
+    ip: str
+    vm_created: bool
+    container_updated: bool
+
+
+@contextmanager
+def _explained(clients: AzureClients, d: Deployment) -> Iterator[None]:
+    """Azure's refusals as AzureActionError with a sentence saying what to do (infra/azure/errors.py)."""
+    try:
+        yield
+    except HttpResponseError as exc:
+        raise AzureActionError(
+            explain(
+                exc,
+                region=d.region,
+                size=d.size,
+                name=d.name,
+                available_sizes=lambda: available_sizes(clients, d.region),
+            )
+        ) from exc
+
+
+def available_sizes(clients: AzureClients, region: str) -> list[str]:
+    """VM sizes this subscription may use in `region`, from the resource SKU list (for suggestions)."""
+    usable: set[str] = set()
+    for sku in clients.compute.resource_skus.list(filter=f"location eq '{region}'"):
+        if (
+            sku.resource_type == "virtualMachines"
+            and not any(r.type == "Location" for r in (sku.restrictions or []))
+            and sku.name
+        ):
+            usable.add(sku.name)
+    preferred = [s for s in SUGGESTED_SIZES if s in usable]
+    return preferred + sorted(usable - set(preferred))
+
+
+def find_vm(clients: AzureClients, names: Names) -> VirtualMachine | None:
+    """The deployment's VM, or None when there is none yet."""
+    try:
+        return clients.compute.virtual_machines.get(names.group, names.vm)
+    except ResourceNotFoundError:
+        return None
+
+
+def provision(
+    clients: AzureClients, prepared: Prepared, ssh_key: str, progress: Progress = _quiet
+) -> DeployResult:
+    """deploy-azure's provisioning phase: look the VM up (once), then create or converge everything.
+
+    A new VM is created with the prepared cloud-init, and its access token is kept on this machine
+    first, so no VM ever holds a token this machine has lost. An existing VM keeps the token it was
+    created with (see Prepared.for_existing_vm).
+    """
+    d = prepared.deployment
+    with _explained(clients, d):
+        existing = find_vm(clients, d)
+    if existing is None:
+        state.save_token(d.name, prepared.token)
+        return converge(clients, d, prepared.cloud_init, ssh_key, None, progress)
+    return converge(clients, prepared.for_existing_vm, prepared.cloud_init, ssh_key, existing, progress)
+
+
+def deploy(
+    clients: AzureClients, d: Deployment, cloud_init_text: str, ssh_key: str, progress: Progress = _quiet
+) -> DeployResult:
+    """Create or converge every resource of `d` from its rendered cloud-init: `provision` without the
+    token keeping, for a `Deployment` made by hand."""
+    with _explained(clients, d):
+        existing = find_vm(clients, d)
+    return converge(clients, d, cloud_init_text, ssh_key, existing, progress)
+
+
+def converge(
+    clients: AzureClients,
+    d: Deployment,
+    cloud_init_text: str,
+    ssh_key: str,
+    existing: VirtualMachine | None,
+    progress: Progress = _quiet,
+) -> DeployResult:
+    """Create or converge every resource of `d`; safe to re-run (same names, PUT semantics).
+
+    `existing` is the VM as found (None: create it with `cloud_init_text`). custom_data is immutable
+    afterwards, so a re-run with another image or settings updates the running container through
+    run-command instead, and records what runs in a tag so an unchanged re-run does nothing to the VM.
+    """
+    net, compute = clients.network, clients.compute
+    with _explained(clients, d):
+        if existing is not None:
+            _refuse_fixed_changes(d, dict(existing.tags or {}))
+        progress(f"resource group {d.group}")
+        clients.resources.resource_groups.create_or_update(
+            d.group, _json({"location": d.region, "tags": d.tags})
+        )
+        progress(f"network security group {d.nsg}")
+        nsg = net.network_security_groups.begin_create_or_update(d.group, d.nsg, _json(nsg_body(d))).result()
+        progress(f"virtual network {d.vnet}")
+        vnet = net.virtual_networks.begin_create_or_update(d.group, d.vnet, _json(vnet_body(d))).result()
+        progress(f"public IP {d.public_ip}")
+        pip = net.public_ip_addresses.begin_create_or_update(
+            d.group, d.public_ip, _json(public_ip_body(d))
+        ).result()
+        fqdn = pip.dns_settings.fqdn if pip.dns_settings and pip.dns_settings.fqdn else d.fqdn
+        if d.tls and fqdn.lower() != d.fqdn.lower():
+            raise AzureActionError(
+                f"the public IP's DNS name is {fqdn}, not {d.fqdn} as the certificate "
+                "would say; deploy with --no-tls on this cloud"
+            )
+        subnet_id = next(s.id for s in vnet.subnets or [] if s.name == d.subnet)
+        progress(f"network interface {d.nic}")
+        nic = net.network_interfaces.begin_create_or_update(
+            d.group, d.nic, _json(nic_body(d, str(subnet_id), str(pip.id), str(nsg.id)))
+        ).result()
+        if existing is None:
+            progress(f"virtual machine {d.vm} ({d.size})")
+            body = vm_body(d, str(nic.id), ssh_key, cloudinit.custom_data(cloud_init_text))
+            compute.virtual_machines.begin_create_or_update(d.group, d.vm, _json(body)).result()
+            updated = False
+        else:
+            updated = _converge_vm(clients, d, existing, progress)
+    return DeployResult(
+        url=site_url(fqdn, d.port, d.tls),
+        fqdn=fqdn,
+        ip=pip.ip_address or "",
+        vm_created=existing is None,
+        container_updated=updated,
+    )
+
+
+def _refuse_fixed_changes(d: Deployment, old_tags: dict[str, str]) -> None:
+    """Refuse, before anything is touched, what an existing VM cannot change.
+
+    Secret settings only travel in custom_data, which is fixed; nor can HTTPS be added or removed (Caddy
+    is installed at first boot). The certificate's source can change, since that is only Caddy's config.
+    """
+    was_tls = old_tags.get(TLS_TAG, "off") != "off"
+    if was_tls != d.tls:
+        then, now = ("HTTPS", "--no-tls") if was_tls else ("plain HTTP", "HTTPS")
+        raise AzureActionError(
+            f"{d.vm} was created with {then}; it cannot switch to {now} in place. Re-run "
+            f"{'with' if not was_tls else 'without'} --no-tls, or `invoke destroy-azure --name {d.name}` and "
+            "deploy again."
+        )
+    secrets = cloudinit.secrets_digest(d.name, d.env)
+    if secrets and secrets != old_tags.get(SECRETS_TAG):
+        raise AzureActionError(
+            f"{', '.join(sorted(SECRET_SETTINGS))} can only be set when the VM is created (it "
+            f"travels only in custom_data). Keep the old value, or `invoke destroy-azure --name {d.name}` "
+            "and deploy again."
+        )
+
+
+def _converge_vm(clients: AzureClients, d: Deployment, existing: VirtualMachine, progress: Progress) -> bool:
+    """Bring an existing VM to `d`: size and tags by PUT (as `az vm update` does), container by run-command.
+
+    What cannot change in place was refused already (_refuse_fixed_changes).
+    """
+    compute = clients.compute
+    current = existing.as_dict(exclude_readonly=True)
+    props = current.setdefault("properties", {})
+    old_tags = dict(existing.tags or {})
+    tags = vm_tags(d)
+    if SECRETS_TAG not in tags and SECRETS_TAG in old_tags:
+        tags[SECRETS_TAG] = old_tags[SECRETS_TAG]
+    changed_size = str(props.get("hardwareProfile", {}).get("vmSize", "")).lower() != d.size.lower()
+    new_config = old_tags.get(CONFIG_TAG) != tags[CONFIG_TAG]
+    if changed_size:
+        progress(f"resizing {d.vm} to {d.size} (the VM restarts)")
+    power = power_state(clients, d)
+    if power in ("deallocated", "stopped"):
+        progress(f"starting {d.vm} (it was {power})")
+        compute.virtual_machines.begin_start(d.group, d.vm).result()
+    if new_config:
+        progress("updating the container (new image or settings) via run-command")
+        out, err = run_command(
+            clients, d, cloudinit.update_script(d.image, d.port, d.env, caddyfile=d.caddyfile, model=d.model)
+        )
+        if cloudinit.UPDATE_DONE not in out:
+            detail = "\n".join((err or out).strip().splitlines()[-8:]) or "(no output)"
+            raise AzureActionError(
+                f"updating the container on {d.vm} failed; it keeps running what it ran before:\n{detail}\n"
+                "Fix the cause (the image name, the registry login) and re-run deploy-azure."
+            )
+    if changed_size or old_tags != tags:
+        body: Body = {
+            "location": d.region,
+            "tags": tags,
+            "properties": {
+                k: v
+                for k, v in props.items()
+                if k
+                in ("hardwareProfile", "storageProfile", "osProfile", "networkProfile", "diagnosticsProfile")
+            },
+        }
+        body["properties"]["hardwareProfile"] = {"vmSize": d.size}
+        progress(f"virtual machine {d.vm} (converging)")
+        compute.virtual_machines.begin_create_or_update(d.group, d.vm, _json(body)).result()
+    else:
+        progress(f"virtual machine {d.vm} (unchanged)")
+    return new_config
+
+
+@dataclass
+class Status:
+    """A deployment as found in Azure."""
+
+    name: str
+    region: str
+    size: str = ""
+    power: str = ""
+    fqdn: str = ""
+    ip: str = ""
+    port: int = 80
+    cert: str = ""  # infra/vm/caddy.py's certificate mode; "" for plain HTTP
+    exposure: list[str] = field(default_factory=list)
+    health: Health | None = None
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.cert)
+
+    @property
+    def url(self) -> str:
+        return site_url(self.fqdn, self.port, self.tls) if self.fqdn else ""
+
+
+def list_deployments(clients: AzureClients) -> list[tuple[str, str]]:
+    """(name, region) of every qwen-box deployment in the subscription, found by tag."""
+    groups = clients.resources.resource_groups.list(filter=f"tagName eq 'app' and tagValue eq '{APP_TAG}'")
+    found = [((g.tags or {}).get("deployment", ""), g.location) for g in groups]
+    return sorted((name, location) for name, location in found if name)
+
+
+def status(
+    clients: AzureClients, names: Names, probe_health: bool = True, ca_file: str = ""
+) -> Status | None:
+    """Power state, address, exposure and health of a deployment; None if it does not exist.
+
+    `ca_file` is the root of the VM's own certificate authority (for a private deployment), when saved.
+    """
+    try:
+        group = clients.resources.resource_groups.get(names.group)
+    except ResourceNotFoundError:
+        return None
+    st = Status(name=names.name, region=group.location)
+    try:
+        vm = clients.compute.virtual_machines.get(names.group, names.vm)
+        size = vm.hardware_profile.vm_size
+        st.size = str(getattr(size, "value", size))
+        st.power = power_state(clients, names)
+        cert = (vm.tags or {}).get(TLS_TAG, "off")
+        st.cert = "" if cert == "off" else cert
+        pip = clients.network.public_ip_addresses.get(names.group, names.public_ip)
+        st.fqdn = pip.dns_settings.fqdn if pip.dns_settings else ""
+        st.ip = pip.ip_address or ""
+        nsg = clients.network.network_security_groups.get(names.group, names.nsg)
+        for rule in nsg.security_rules or []:
+            sources = rule.source_address_prefixes or [rule.source_address_prefix]
+            port = rule.destination_port_range
+            if rule.name in (HTTP_RULE, HTTPS_RULE) and port and port.isdigit():
+                st.port = int(port)
+            shown = "everyone (Internet)" if INTERNET in sources or "*" in sources else ", ".join(sources)
+            st.exposure.append(f"TCP {port} from {shown}")
+    except ResourceNotFoundError:
+        st.power = st.power or "incomplete (re-run deploy-azure)"
+    except HttpResponseError as exc:
+        raise AzureActionError(explain(exc, name=names.name)) from exc
+    if probe_health and st.ip and st.power == "running":
+        verify: bool | str = True if st.cert.startswith("acme") else ca_file or False
+        st.health = probe(st.ip, st.port, tls=st.tls, server_name=st.fqdn, verify=verify)
+    return st
+
+
+def destroy(clients: AzureClients, names: Names, progress: Progress = _quiet) -> bool:
+    """Delete the deployment's resource group and everything in it; wait until it is gone.
+
+    Returns False if there was nothing to delete. The VM is force-deleted (no graceful shutdown), which
+    is what a teardown wants and is quicker.
+    """
+    groups = clients.resources.resource_groups
+    try:
+        if not groups.check_existence(names.group):
+            return False
+        progress(f"deleting resource group {names.group} and everything in it")
+        groups.begin_delete(names.group, force_deletion_types="Microsoft.Compute/virtualMachines").result()
+    except HttpResponseError as exc:
+        raise AzureActionError(explain(exc, name=names.name)) from exc
+    return True

@@ -1,0 +1,97 @@
+"""Where a deployment runs, behind one small interface: the CLI's deploy, status, logs and destroy
+talk to a `Target`, never to the VM's specifics.
+
+Today's target is one VM (`SingleVm`): one public IP, one container, its health polled at that IP.
+A scale-set target (several VMs behind a load balancer) would sit beside it and implement the same
+methods, leaving infra/azure/cli.py and the deploy phases as they are (the shape of SkyPilot's
+provisioners: provision, wait until ready, status, teardown).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from infra import health
+from infra.azure import provision, remote
+from infra.azure.credentials import AzureClients
+from infra.azure.deployment import Names, Prepared
+from infra.azure.provision import DeployResult, Progress, Status
+from infra.health import Health
+
+
+class Target(Protocol):
+    """One kind of place a deployment runs."""
+
+    def provision(self, prepared: Prepared, ssh_key: str, progress: Progress) -> DeployResult:
+        """Create or converge every resource (safe to re-run)."""
+        ...
+
+    def wait_ready(
+        self, prepared: Prepared, result: DeployResult, on_phase: Callable[[Health], None]
+    ) -> Health:
+        """Wait until the service answers ok (or fails, or the options' timeout passes); the last answer."""
+        ...
+
+    def status(self, names: Names, ca_file: str = "") -> Status | None:
+        """The deployment as found (None: there is none); `ca_file` checks a private one's certificate."""
+        ...
+
+    def destroy(self, names: Names, progress: Progress) -> bool:
+        """Delete everything of the deployment; False when there was nothing."""
+        ...
+
+    def logs(self, names: Names, lines: int) -> str:
+        """The container's log tail."""
+        ...
+
+    def diagnostics(self, names: Names) -> list[tuple[str, str]]:
+        """(title, text) sections that say why a deploy did not come up."""
+        ...
+
+    def root_certificate(self, names: Names) -> str:
+        """The PEM root of a private deployment's own certificate authority."""
+        ...
+
+
+class SingleVm:
+    """One VM with a public IP, its container behind Caddy (or published as is with --no-tls)."""
+
+    def __init__(self, clients: AzureClients):
+        self.clients = clients
+
+    def provision(self, prepared: Prepared, ssh_key: str, progress: Progress) -> DeployResult:
+        return provision.provision(self.clients, prepared, ssh_key, progress)
+
+    def wait_ready(
+        self, prepared: Prepared, result: DeployResult, on_phase: Callable[[Health], None]
+    ) -> Health:
+        """Poll the VM's IP; with HTTPS, as its DNS name, checking the certificate when it is publicly
+        trusted (a private VM's own authority is not known yet: its root is fetched once it is ready)."""
+        d, options = prepared.deployment, prepared.options
+        return health.wait_healthy(
+            result.ip,
+            d.port,
+            timeout=options.timeout,
+            interval=options.interval,
+            on_phase=on_phase,
+            probe_timeout=min(5.0, max(options.interval, 0.5)),
+            tls=d.tls,
+            server_name=result.fqdn,
+            verify=d.cert.startswith("acme"),
+        )
+
+    def status(self, names: Names, ca_file: str = "") -> Status | None:
+        return provision.status(self.clients, names, ca_file=ca_file)
+
+    def destroy(self, names: Names, progress: Progress) -> bool:
+        return provision.destroy(self.clients, names, progress)
+
+    def logs(self, names: Names, lines: int) -> str:
+        return remote.container_logs(self.clients, names, lines)
+
+    def diagnostics(self, names: Names) -> list[tuple[str, str]]:
+        return remote.diagnostics(self.clients, names)
+
+    def root_certificate(self, names: Names) -> str:
+        return remote.fetch_ca_root(self.clients, names)
