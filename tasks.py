@@ -87,6 +87,17 @@ def test(c: Context, k: str = "", browser: bool = True) -> None:
     c.run(f"{sys.executable} -m pytest {' '.join(args)}", pty=False)
 
 
+@task(help={"fix": "let ruff fix what it can and reformat, instead of only checking (default: check)"})
+def lint(c: Context, fix: bool = False) -> None:
+    """ruff check, ruff format --check and mypy, as .ci/run and the pre-commit hooks run them."""
+    ruff = f"{sys.executable} -m ruff"
+    if fix:
+        c.run(f"{ruff} check --fix . && {ruff} format .", pty=False)
+    c.run(f"{ruff} check .", pty=False)
+    c.run(f"{ruff} format --check .", pty=False)
+    c.run(f"{sys.executable} -m mypy", pty=False)
+
+
 # ---- the container (Docker, or podman through DOCKER_HOST): logic in infra/docker.py
 
 
