@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .engine import EngineUnavailable, Generation, QueueFull, SamplingOptions
+from .inference.engine import EngineUnavailable, Generation, QueueFull, SamplingOptions
 from .models import ModelManager, UnknownModel
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")

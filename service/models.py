@@ -17,7 +17,7 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from .catalog import BYTES_PER_PARAM, CatalogEntry, lookup
-from .engine import Engine, EngineUnavailable
+from .inference.engine import Engine, EngineUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from service.app import create_app
-from service.backend import TransformersBackend
 from service.config import Settings
-from service.devmodels import build_tiny_model
-from service.engine import Engine
+from service.dev.tiny_models import build_tiny_model
+from service.inference.backend import TransformersBackend
+from service.inference.engine import Engine
+from service.web import create_app
 from tests.scripted import ScriptedBackend
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from service.engine import SamplingOptions
+from service.inference.engine import SamplingOptions
 
 
 @dataclass(eq=False)

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from service.app import create_app
-from service.engine import Engine
+from service.inference.engine import Engine
+from service.web import create_app
 
 
 def events(response) -> list[dict]:

@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from service.engine import Engine
+from service.inference.engine import Engine
 from tests import browser as shared
 from tests.browser import last_reply, scripted_engine, send, sync_api, wait_ready
 from tests.scripted import ScriptedBackend

@@ -13,12 +13,12 @@ from typing import Annotated, Any
 from flask import Blueprint, Response, current_app, jsonify
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .chat import RequestError, parse_chat_request, start
-from .config import Settings
-from .engine import Finished, Generation
-from .history_api import Transcript, with_history
-from .http import HEARTBEAT_SECONDS, KEEP_ALIVE, json_body
-from .models import ModelManager, UnknownModel
+from ..chat import RequestError, parse_chat_request, start
+from ..config import Settings
+from ..inference.engine import Finished, Generation
+from ..models import ModelManager, UnknownModel
+from .conversations import Transcript, with_history
+from .sse import HEARTBEAT_SECONDS, KEEP_ALIVE, json_body
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 

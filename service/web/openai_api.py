@@ -17,10 +17,10 @@ from typing import Annotated, Any, Literal
 from flask import Blueprint, Response, current_app, jsonify
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .chat import Content, Message, RequestError, make_request, start
-from .engine import Finished, Generation
-from .http import HEARTBEAT_SECONDS, KEEP_ALIVE, json_body
-from .models import ModelManager, UnknownModel
+from ..chat import Content, Message, RequestError, make_request, start
+from ..inference.engine import Finished, Generation
+from ..models import ModelManager, UnknownModel
+from .sse import HEARTBEAT_SECONDS, KEEP_ALIVE, json_body
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 

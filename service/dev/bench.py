@@ -1,6 +1,6 @@
 """Benchmark: load time, peak memory, time to first token, decode speed and batching, per precision.
 
-Run `invoke bench` (or `python -m service.bench`). Without `--model` it builds, once, a model with
+Run `invoke bench` (or `python -m service.dev.bench`). Without `--model` it builds, once, a model with
 the exact Qwen2.5-1.5B-Instruct architecture and random weights: it costs the same per token as the
 real one, so speed and memory figures hold (the text it writes is noise, which a benchmark ignores).
 
@@ -46,8 +46,7 @@ def build_random_model(path: Path) -> Path:
 
     if (path / "config.json").exists():
         return path
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from .devmodels import build_tokenizer  # a real tokenizer; ids past its vocab decode to ""
+    from .tiny_models import build_tokenizer  # a real tokenizer; ids past its vocab decode to ""
 
     path.mkdir(parents=True, exist_ok=True)
     build_tokenizer(path)
@@ -102,8 +101,8 @@ def measure(model: str, precision: str, threads: int, repeat: int, new_tokens: i
     """Everything for one precision, in this process (run it in a fresh one)."""
     import torch
 
-    from .backend import TransformersBackend
-    from .engine import Engine, SamplingOptions
+    from ..inference.backend import TransformersBackend
+    from ..inference.engine import Engine, SamplingOptions
 
     torch.manual_seed(0)
     # The backend is built in the engine's own thread, as the server does: the first thread to run
@@ -281,7 +280,7 @@ def table(results: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m service.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m service.dev.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="", help="model folder or hub id (default: random Qwen2.5-1.5B)")
     p.add_argument("--precisions", default="float32,bfloat16,int8,int4")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
@@ -310,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [
             sys.executable,
             "-m",
-            "service.bench",
+            "service.dev.bench",
             "--worker",
             "--model",
             model,

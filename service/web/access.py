@@ -14,8 +14,8 @@ from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from .chat import RequestError
-from .config import Settings
+from ..chat import RequestError
+from ..config import Settings
 
 log = logging.getLogger(__name__)
 

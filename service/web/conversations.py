@@ -15,11 +15,11 @@ from typing import Annotated, Any
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..chat import ChatRequest, Content, RequestError
+from ..history import DEFAULT_TITLE, TITLE_MAX, History, NotFound, StoredMessage, new_owner_id
+from ..inference.engine import Finished
 from .access import bearer_token
-from .chat import ChatRequest, Content, RequestError
-from .engine import Finished
-from .history import DEFAULT_TITLE, TITLE_MAX, History, NotFound, StoredMessage, new_owner_id
-from .http import json_body
+from .sse import json_body
 
 bp = Blueprint("history", __name__, url_prefix="/api/conversations")
 

@@ -14,15 +14,15 @@ from typing import Any
 from flask import Flask, Response, jsonify, send_from_directory
 from werkzeug.exceptions import HTTPException
 
-from . import api, history_api, openai_api
+from ..chat import RequestError
+from ..config import Settings
+from ..history import History
+from ..inference.engine import Engine
+from ..models import ModelManager
+from . import api, conversations, openai_api
 from .access import protect
-from .chat import RequestError
-from .config import Settings
-from .engine import Engine
-from .history import History
-from .models import ModelManager
 
-STATIC = Path(__file__).parent / "static"
+STATIC = Path(__file__).parent.parent / "static"
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -64,15 +64,15 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.extensions["models"] = models
     app.register_blueprint(api.bp)
     app.register_blueprint(openai_api.bp)
-    app.register_blueprint(history_api.bp)
-    history_api.install_owner_cookie(app)
+    app.register_blueprint(conversations.bp)
+    conversations.install_owner_cookie(app)
     if settings.history:
         app.extensions["history"] = History(Path(settings.data_dir) / "history.db")
     protect(app, settings)
 
     @app.get("/")
     def index() -> Response:
-        history_api.current_owner()  # a first visit gets its owner cookie with the page
+        conversations.current_owner()  # a first visit gets its owner cookie with the page
         return send_from_directory(STATIC, "index.html", max_age=0)
 
     @app.errorhandler(RequestError)
@@ -108,7 +108,7 @@ def _transformers_loader(settings: Settings, source: str) -> Callable[[], Any]:
     loading thread, so the server answers health checks while they load (they take seconds)."""
 
     def load() -> Any:
-        from .backend import TransformersBackend
+        from ..inference.backend import TransformersBackend
 
         return TransformersBackend(
             source,

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
+from ..config import DTYPES
 from . import attention
-from .config import DTYPES
 from .engine import return_freed_memory
 from .quantized import Int8Embedding, Int8Linear, quantize_rows, quantized_linear
 

@@ -7,7 +7,7 @@ from typing import Any
 from flask import request
 from werkzeug.exceptions import BadRequest
 
-from .chat import RequestError
+from ..chat import RequestError
 
 # Seconds of silence after which a stream sends a comment line, so proxies and clients keep it open
 # (and a client that left is noticed while its request still waits in the queue).
