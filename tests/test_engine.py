@@ -5,16 +5,10 @@ from __future__ import annotations
 import pytest
 
 from service.dev.tiny_models import build_tiny_model
+from service.errors import ModelUnavailable, QueueFull
 from service.inference.backend import TransformersBackend
-from service.inference.engine import (
-    Engine,
-    EngineUnavailable,
-    Finished,
-    IncrementalDetokenizer,
-    QueueFull,
-    SamplingOptions,
-    StopScanner,
-)
+from service.inference.engine import Engine, Finished, SamplingOptions
+from service.inference.text import IncrementalDetokenizer, StopScanner
 from tests.conftest import ready_engine
 from tests.scripted import ScriptedBackend
 
@@ -156,7 +150,7 @@ def test_load_failure_is_reported_and_requests_refused():
     engine = Engine(broken).start()
     assert engine.wait_ready(5) is False
     assert engine.state == "error" and "no such model folder" in engine.error
-    with pytest.raises(EngineUnavailable):
+    with pytest.raises(ModelUnavailable):
         engine.submit([1, 2], SamplingOptions(max_tokens=1))
 
 

@@ -10,7 +10,7 @@ import pytest
 from service.catalog import CATALOG, lookup
 from service.config import Settings
 from service.dev.tiny_models import build_tiny_llama, build_tiny_model
-from service.models import weights_bytes
+from service.inference.memory import weights_bytes
 from service.web import create_app
 
 

@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from ..config import DTYPES
 from . import attention
-from .engine import return_freed_memory
+from .memory import return_freed_memory
 from .quantized import Int8Embedding, Int8Linear, quantize_rows, quantized_linear
 
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}

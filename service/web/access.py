@@ -14,8 +14,8 @@ from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from ..chat import RequestError
 from ..config import Settings
+from .errors import HttpError
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +45,10 @@ def protect(app: Flask, settings: Settings) -> None:
             if path in OPEN_PATHS or not path.startswith(PROTECTED_PREFIXES):
                 return
             if not hmac.compare_digest(bearer_token().encode(), expected):
-                raise RequestError(
+                raise HttpError(
                     401,
                     "missing or wrong access token: send 'Authorization: Bearer TOKEN'",
-                    kind="authentication_error",
+                    "authentication_error",
                     code="invalid_api_key",
                     headers={"WWW-Authenticate": 'Bearer realm="qwen-box"'},
                 )

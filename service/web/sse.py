@@ -1,13 +1,13 @@
-"""Small helpers for the HTTP edge that every blueprint shares."""
+"""Server-sent events, shared by both stream formats (/api/chat and /v1/chat/completions): framing,
+the keep-alive heartbeat, and the streaming response's headers."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from typing import Any
 
-from flask import request
-from werkzeug.exceptions import BadRequest
-
-from ..chat import RequestError
+from flask import Response
 
 # Seconds of silence after which a stream sends a comment line, so proxies and clients keep it open
 # (and a client that left is noticed while its request still waits in the queue).
@@ -15,13 +15,13 @@ HEARTBEAT_SECONDS = 10.0
 KEEP_ALIVE = ": keep-alive\n\n"
 
 
-def json_body() -> Any:
-    """The request's JSON, or the 415/400 error a client should see instead."""
-    if request.mimetype != "application/json":
-        raise RequestError(
-            415, "send the body as JSON with 'Content-Type: application/json'", kind="unsupported_media_type"
-        )
-    try:
-        return request.get_json()
-    except BadRequest:
-        raise RequestError(400, "the body is not valid JSON") from None
+def data(payload: Any) -> str:
+    """One `data:` event carrying `payload` as JSON."""
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def response(events: Iterator[str]) -> Response:
+    """A streaming response that no proxy buffers or caches."""
+    return Response(
+        events, mimetype="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
