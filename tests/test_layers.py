@@ -135,3 +135,13 @@ def test_service_web_never_imports_torch_and_names_the_model_only_lazily():
         if direct or at_import:
             offenders[str(path.relative_to(SERVICE.parent))] = sorted(direct | at_import)
     assert offenders == {}
+
+
+def test_nothing_the_image_ships_needs_service_dev():
+    """service/dev is left out of the image (.dockerignore), so the service must never import it."""
+    shipped = [p for p in _modules(SERVICE) if SERVICE / "dev" not in p.parents]
+    offenders = {
+        str(p.relative_to(SERVICE.parent)): sorted(n for n in imports(p) if n.startswith("service.dev"))
+        for p in shipped
+    }
+    assert {k: v for k, v in offenders.items() if v} == {}
