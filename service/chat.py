@@ -65,7 +65,7 @@ class ChatBody(BaseModel):
             raise ValueError("give either 'messages' (a list of turns) or 'message' (one user turn)")
         if self.message is not None:
             self.messages = [Message(role="user", content=self.message)]
-        if self.messages[-1].role != "user":
+        if not self.messages or self.messages[-1].role != "user":
             raise ValueError("the last message must have role 'user'")
         return self
 

@@ -188,7 +188,8 @@ class ModelManager:
                 break
             log.info("unloading %s to make room for %s", offer.id, incoming.id)
             used -= weights_bytes(offer.source, self._dtype) or 0
-            offer.engine.close()
+            if offer.engine is not None:
+                offer.engine.close()
             offer.engine = None
             if offer.id == self._active:
                 self._active = incoming.id

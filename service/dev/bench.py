@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-QWEN25_15B = dict(
+QWEN25_15B: dict[str, Any] = dict(
     vocab_size=151936,
     hidden_size=1536,
     intermediate_size=8960,
@@ -93,6 +93,13 @@ def _median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+def _measured(seconds: float | None) -> float:
+    """A timing of a run that produced tokens, as every run here does (None would mean none came)."""
+    if seconds is None:
+        raise RuntimeError("a benchmark run produced no tokens to time")
+    return seconds
+
+
 def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
@@ -116,6 +123,7 @@ def measure(model: str, precision: str, threads: int, repeat: int, new_tokens: i
     ).start()
     engine.wait_ready()
     backend = engine.backend
+    assert isinstance(backend, TransformersBackend)  # what the engine was given: its model and caches
     load_s = engine.stats()["load_seconds"]
     rss_after_load = _peak_rss_gib()
     vocab = backend.model.config.vocab_size
@@ -130,23 +138,25 @@ def measure(model: str, precision: str, threads: int, repeat: int, new_tokens: i
 
     greedy = SamplingOptions(max_tokens=new_tokens, temperature=0)
     run(prompt(32), 4)  # warm-up: first calls pay one-off costs
-    ttft_256, decode = [], []
+    ttft_256: list[float] = []
+    decode: list[float] = []
     for _ in range(repeat):
         f = run(prompt(256))
-        ttft_256.append(f.timing.ttft_s)
-        decode.append(f.timing.tokens_per_s)
+        ttft_256.append(_measured(f.timing.ttft_s))
+        decode.append(_measured(f.timing.tokens_per_s))
     peaks = {"decode_256": _peak_rss_gib()}
-    ttft_2000 = [run(prompt(2000), 2).timing.ttft_s for _ in range(max(1, repeat - 1))]
+    ttft_2000 = [_measured(run(prompt(2000), 2).timing.ttft_s) for _ in range(max(1, repeat - 1))]
     peaks["prompt_2000"] = _peak_rss_gib()
 
-    fresh_50, next_turn_50 = [], []
+    fresh_50: list[float] = []
+    next_turn_50: list[float] = []
     for _ in range(repeat):
         history = prompt(2000)
         backend.prefix_cache.clear()
         engine.submit(history, SamplingOptions(max_tokens=1, temperature=0)).result()
         turn = engine.submit(history + prompt(50), SamplingOptions(max_tokens=2, temperature=0)).result()[1]
-        next_turn_50.append(turn.timing.ttft_s)
-        fresh_50.append(run(prompt(50), 2).timing.ttft_s)
+        next_turn_50.append(_measured(turn.timing.ttft_s))
+        fresh_50.append(_measured(run(prompt(50), 2).timing.ttft_s))
 
     peaks["next_turn"] = _peak_rss_gib()
     aggregate = {}

@@ -145,7 +145,8 @@ class Generation:
         for event in self.events():
             if isinstance(event, Finished):
                 return "".join(parts), event
-            parts.append(event)
+            if event is not None:  # no heartbeat was asked for, so this is text
+                parts.append(event)
         raise AssertionError("unreachable: events() always ends with Finished")
 
     def _put(self, event: str | Finished) -> None:

@@ -94,7 +94,12 @@ def _title(required: bool) -> str | None:
         first = exc.errors(include_url=False)[0]
         where = ".".join(map(str, first["loc"])) or "body"
         raise InvalidRequest(f"{where}: {first['msg'].removeprefix('Value error, ')}", param=where) from None
-    if required and title is None:
+    return title
+
+
+def _required_title() -> str:
+    title = _title(required=True)
+    if title is None:
         raise InvalidRequest("title: required", param="title")
     return title
 
@@ -128,7 +133,7 @@ def get_conversation(cid: str) -> Response:
 
 @bp.patch("/<cid>")
 def rename_conversation(cid: str) -> Response:
-    title = _title(required=True)
+    title = _required_title()
     return jsonify(history().rename(current_owner(), conversation_id(cid), title).to_dict())
 
 
