@@ -1,9 +1,11 @@
 """Chat requests: validated once at the edge, then turned into a prompt that fits the context.
 
 `parse_chat_request` turns raw JSON into a `ChatRequest` or raises `InvalidRequest` with the message a
-client should see; nothing below this module sees raw JSON. `build_prompt` applies the
-model's own chat template and, when a conversation is longer than the context budget, leaves out its
-oldest turns (the system prompt and the newest user turn always stay).
+client should see; nothing below this module sees raw JSON. `build_prompt` applies the model's own
+chat template and, when a conversation is longer than the context budget, leaves out its oldest turns
+(the system prompt and the newest user turn always stay). `start` is the one path from a request to a
+running generation behind both APIs: pick the model, build the prompt with its tokenizer, queue it.
+What refuses a request is a `service.errors` error; the web layer decides what HTTP says about it.
 """
 
 from __future__ import annotations

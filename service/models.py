@@ -2,7 +2,8 @@
 
 Each loaded model is its own `Engine`. Switching starts the new one loading in the background while
 the current one keeps answering, if memory holds both; if it would not, the current one is unloaded
-first (the service says "loading" meanwhile) rather than risking the whole process.
+first (the service says "loading" meanwhile) rather than risking the whole process. What a model's
+weights take and what this machine allows are `inference.memory`'s figures.
 """
 
 from __future__ import annotations

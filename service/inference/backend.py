@@ -1,4 +1,4 @@
-"""The Transformers model behind the engine: loading at a precision, and batched decoding.
+"""The Transformers model behind the engine: batched decoding of a model `loading` has loaded.
 
 Why not `model.generate()`: a chat server needs what it does not give. Several conversations decode
 together in one forward pass (a CPU reads the weights once per step whatever the batch, so four

@@ -1,7 +1,8 @@
 """The native JSON API: /api/health, /api/chat (plain JSON or a server-sent event stream), /api/models.
 
-Thin by design: parse and validate the request (`chat`), build the prompt, hand it to the engine,
-and format what comes back. Everything here is about HTTP; nothing here touches tensors.
+Thin by design: parse and validate the request (`chat`), start it (`chat.start`), and format what
+comes back; a request naming a conversation is recorded (`history`). Everything here is about HTTP;
+nothing here touches tensors, and errors are raised as they are and worded by `web/errors.py`.
 """
 
 from __future__ import annotations

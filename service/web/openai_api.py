@@ -2,8 +2,8 @@
 
 Formats only. Requests are validated into the same `ChatRequest` as /api/chat and run through the
 same `chat.start()`; only the JSON shapes differ, and the errors, which `web/errors.py` words the way
-OpenAI does for this blueprint. Parameters this service cannot honour are refused
-with OpenAI's error object rather than silently ignored, so a client learns the truth.
+OpenAI does for this blueprint. Parameters this service cannot honour are refused with OpenAI's error
+object rather than silently ignored, so a client learns the truth.
 """
 
 from __future__ import annotations
