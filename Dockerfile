@@ -95,6 +95,7 @@ RUN groupadd --gid 10001 app \
 COPY --from=model /models /models
 COPY --from=deps /opt/venv /opt/venv
 WORKDIR /app
+# Without service/dev (the benchmark and test models), which .dockerignore leaves out of the context.
 COPY service/ /app/service/
 # Numeric, so the engine (and a Kubernetes runAsNonRoot check) can tell it is not root without /etc/passwd.
 USER 10001:10001

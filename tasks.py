@@ -68,7 +68,7 @@ def bench(
         args.append(f"--isa {isa}")
     if health:
         args.append("--health")
-    c.run(f"{sys.executable} -m service.bench {' '.join(args)}", pty=False)
+    c.run(f"{sys.executable} -m service.dev.bench {' '.join(args)}", pty=False)
 
 
 @task(

@@ -39,7 +39,7 @@ def gunicorn_argv(settings: Settings) -> list[str]:
         "-",
         "--log-level",
         settings.log_level,
-        "service.app:create_app()",
+        "service.web:create_app()",
     ]
 
 

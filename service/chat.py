@@ -1,9 +1,11 @@
 """Chat requests: validated once at the edge, then turned into a prompt that fits the context.
 
-`parse_chat_request` turns raw JSON into a `ChatRequest` or raises `RequestError` with the status and
-message a client should see; nothing below this module sees raw JSON. `build_prompt` applies the
-model's own chat template and, when a conversation is longer than the context budget, leaves out its
-oldest turns (the system prompt and the newest user turn always stay).
+`parse_chat_request` turns raw JSON into a `ChatRequest` or raises `InvalidRequest` with the message a
+client should see; nothing below this module sees raw JSON. `build_prompt` applies the model's own
+chat template and, when a conversation is longer than the context budget, leaves out its oldest turns
+(the system prompt and the newest user turn always stay). `start` is the one path from a request to a
+running generation behind both APIs: pick the model, build the prompt with its tokenizer, queue it.
+What refuses a request is a `service.errors` error; the web layer decides what HTTP says about it.
 """
 
 from __future__ import annotations
@@ -14,31 +16,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .engine import EngineUnavailable, Generation, QueueFull, SamplingOptions
-from .models import ModelManager, UnknownModel
+from .errors import InvalidRequest, PromptTooLong
+from .inference.engine import Generation, SamplingOptions
+from .models import ModelManager
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-
-
-class RequestError(Exception):
-    """A request the service refuses: `status` and `kind` become the JSON error a client sees."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        kind: str = "invalid_request_error",
-        headers: dict[str, str] | None = None,
-        param: str | None = None,
-        code: str | None = None,
-    ):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.kind = kind
-        self.headers = headers or {}
-        self.param = param
-        self.code = code
 
 
 def _printable(value: str) -> str:
@@ -85,7 +67,7 @@ class ChatBody(BaseModel):
             raise ValueError("give either 'messages' (a list of turns) or 'message' (one user turn)")
         if self.message is not None:
             self.messages = [Message(role="user", content=self.message)]
-        if self.messages[-1].role != "user":
+        if not self.messages or self.messages[-1].role != "user":
             raise ValueError("the last message must have role 'user'")
         return self
 
@@ -108,13 +90,13 @@ def _describe(error: ValidationError) -> str:
 
 
 def parse_chat_request(data: Any, *, default_max_tokens: int, max_tokens_limit: int) -> ChatRequest:
-    """Validate a decoded JSON body; raise `RequestError` (422) saying exactly what is wrong."""
+    """Validate a decoded JSON body; raise `InvalidRequest` saying exactly what is wrong."""
     if not isinstance(data, dict):
-        raise RequestError(422, "the body must be a JSON object")
+        raise InvalidRequest("the body must be a JSON object")
     try:
         body = ChatBody.model_validate(data)
     except ValidationError as exc:
-        raise RequestError(422, _describe(exc)) from None
+        raise InvalidRequest(_describe(exc)) from None
     chat = make_request(
         body.messages or [],
         stream=body.stream,
@@ -145,9 +127,7 @@ def make_request(
     """The checks both API formats share, ending in the one `ChatRequest` the engine path takes."""
     max_tokens = default_max_tokens if max_tokens is None else max_tokens
     if max_tokens > max_tokens_limit:
-        raise RequestError(
-            422, f"{max_tokens_name}: must be at most {max_tokens_limit}", param=max_tokens_name
-        )
+        raise InvalidRequest(f"{max_tokens_name}: must be at most {max_tokens_limit}", param=max_tokens_name)
     stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
     options = SamplingOptions(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stops
@@ -168,7 +148,7 @@ def build_prompt(
 
     The system prompt (if first) and the newest user turn are always kept; turns are dropped so the
     remaining conversation still starts with a user turn, which strict templates require. Raises
-    `RequestError` (413) when even those cannot fit.
+    `PromptTooLong` when even those cannot fit.
     """
     budget = context_length - max_tokens
     system = messages[:1] if messages[0]["role"] == "system" else []
@@ -179,12 +159,10 @@ def build_prompt(
         if len(ids) <= budget:
             return Prompt(list(ids), dropped)
         if len(turns) == 1:
-            raise RequestError(
-                413,
+            raise PromptTooLong(
                 f"the prompt needs {len(ids)} tokens but only {max(budget, 0)} fit: the context holds "
                 f"{context_length} tokens and {max_tokens} are kept for the reply (max_tokens); "
-                "shorten the message or the system prompt, or lower max_tokens",
-                kind="context_length_exceeded",
+                "shorten the message or the system prompt, or lower max_tokens"
             )
         turns = turns[1:]
         dropped += 1
@@ -203,27 +181,16 @@ class Started:
 
 
 def start(models: ModelManager, chat: ChatRequest) -> Started:
-    """Pick the model, build the prompt and queue it: the one generation path behind every API."""
-    try:
-        offer = models.active if chat.model is None else models.find(chat.model)
-        engine = models.engine(offer.id)
-        backend = engine.backend
-        prompt = build_prompt(
-            backend.tokenizer,
-            chat.messages,
-            context_length=backend.context_length,
-            max_tokens=chat.options.max_tokens,
-        )
-        generation = engine.submit(prompt.ids, chat.options)
-    except UnknownModel as exc:
-        raise RequestError(400, str(exc), param="model", code="model_not_found") from None
-    except EngineUnavailable as exc:
-        raise RequestError(503, str(exc), kind="model_unavailable", headers={"Retry-After": "10"}) from None
-    except QueueFull as exc:
-        raise RequestError(
-            503,
-            f"{exc}; retry in {exc.retry_after} s",
-            kind="server_busy",
-            headers={"Retry-After": str(exc.retry_after)},
-        ) from None
+    """Pick the model, build the prompt and queue it: the one generation path behind every API.
+
+    Raises `UnknownModel`, `ModelUnavailable`, `PromptTooLong` or `QueueFull` (service.errors)."""
+    offer = models.active if chat.model is None else models.find(chat.model)
+    engine = models.engine(offer.id)
+    prompt = build_prompt(
+        engine.tokenizer,
+        chat.messages,
+        context_length=engine.context_length,
+        max_tokens=chat.options.max_tokens,
+    )
+    generation = engine.submit(prompt.ids, chat.options)
     return Started(generation, offer.id, prompt.dropped_messages)

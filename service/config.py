@@ -76,7 +76,7 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Build settings from environment variables (field names, upper-cased), validated."""
         env = os.environ if environ is None else environ
-        values: dict[str, object] = {}
+        values: dict[str, Any] = {}  # each parsed to its field's type just below
         for f in fields(cls):
             name = f.name.upper()
             raw = env.get(name)
@@ -135,6 +135,6 @@ def settings_table() -> str:
     """The settings as a Markdown table (variable, default, meaning), for the README and `--help`."""
     rows = ["| variable | default | meaning |", "|---|---|---|"]
     for f in fields(Settings):
-        default = {True: "on", False: "off"}.get(f.default, f.default) if f.type == "bool" else f.default
+        default = ("on" if f.default else "off") if f.type == "bool" else f.default
         rows.append(f"| `{f.name.upper()}` | `{default}` | {f.metadata['doc']} |")
     return "\n".join(rows)

@@ -1,9 +1,15 @@
-"""Conversation history in an embedded SQLite database, each conversation owned by one client.
+"""Conversation history: an embedded SQLite store, each conversation owned by one client, and the
+glue that makes a chat request part of a stored conversation (plain Python: the routes and the owner
+cookie are `web/conversations.py`'s).
 
 Why SQLite: one file on the data volume, no server to run, transactions that survive a killed
 process (WAL journal). The schema is versioned with `PRAGMA user_version` and migrated at start.
 Every read and write takes the owner, so one client can never reach another's conversations:
-a conversation that is not yours is simply not found.
+a conversation that is not yours is simply not found (`ConversationNotFound`).
+
+A chat request that names a conversation (`with_history`) is answered with the stored turns as its
+context, and a `Transcript` records the exchange: the new turns once the model has taken the request,
+the reply once it has ended, however it ended. The first turn titles a new conversation.
 """
 
 from __future__ import annotations
@@ -15,9 +21,13 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from .chat import ChatRequest
+from .errors import ConversationNotFound, InvalidRequest
+from .inference.engine import Finished
 
 # Each entry moves the schema from version i to i + 1. Never edit one that has shipped: add another.
 MIGRATIONS: list[str] = [
@@ -48,10 +58,6 @@ MIGRATIONS: list[str] = [
 
 TITLE_MAX = 200
 DEFAULT_TITLE = "New chat"
-
-
-class NotFound(LookupError):
-    """No such conversation for this owner (whether it exists for someone else is not said)."""
 
 
 @dataclass
@@ -160,7 +166,7 @@ class History:
             try:
                 args += [float(updated), float(updated), conv_id]
             except ValueError:
-                raise ValueError("invalid cursor") from None
+                raise InvalidRequest("before: not a cursor this service returned", param="before") from None
             sql += " AND (updated_at < ? OR (updated_at = ? AND id < ?))"
         if query:
             sql += " AND title LIKE ? ESCAPE '\\'"
@@ -177,7 +183,7 @@ class History:
         with self._lock:
             row = self._find(self._db, owner, conversation_id)
             if row is None:
-                raise NotFound(conversation_id)
+                raise ConversationNotFound(conversation_id)
             messages = self._db.execute(
                 "SELECT role, content, status, created_at, meta FROM messages "
                 "WHERE conversation_id = ? ORDER BY id",
@@ -203,21 +209,21 @@ class History:
                 (_title(title), conversation_id, owner),
             )
             if cur.rowcount == 0:
-                raise NotFound(conversation_id)
+                raise ConversationNotFound(conversation_id)
         return self.get(owner, conversation_id)
 
     def delete(self, owner: str, conversation_id: str) -> None:
         with self._tx() as db:
             cur = db.execute("DELETE FROM conversations WHERE id = ? AND owner = ?", (conversation_id, owner))
             if cur.rowcount == 0:
-                raise NotFound(conversation_id)
+                raise ConversationNotFound(conversation_id)
 
     def append(self, owner: str, conversation_id: str, message: StoredMessage) -> None:
         """Add one whole message (a reply is appended once, when it has ended, never in parts)."""
         now = time.time()
         with self._tx() as db:
             if self._find(db, owner, conversation_id) is None:
-                raise NotFound(conversation_id)
+                raise ConversationNotFound(conversation_id)
             db.execute(
                 "INSERT INTO messages (conversation_id, role, content, status, created_at, meta) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
@@ -242,11 +248,69 @@ class History:
 def _title(title: str) -> str:
     title = " ".join(title.split())
     if not title:
-        raise ValueError("title must not be blank")
+        raise InvalidRequest("title: must not be blank", param="title")
     if len(title) > TITLE_MAX:
-        raise ValueError(f"title must be at most {TITLE_MAX} characters")
+        raise InvalidRequest(f"title: must be at most {TITLE_MAX} characters", param="title")
     return title
 
 
 def _conversation(row: sqlite3.Row, count: int) -> Conversation:
     return Conversation(row["id"], row["title"], row["created_at"], row["updated_at"], row["model"], count)
+
+
+# --- a chat request inside a stored conversation -----------------------------------------------------
+class Transcript:
+    """Writes one exchange of a stored conversation: the new turns once the model has taken the
+    request, the reply once it has ended (however it ended)."""
+
+    def __init__(self, store: History, owner: str, conversation_id: str, new_turns: list[dict[str, str]]):
+        self.store, self.owner, self.id, self.new_turns = store, owner, conversation_id, new_turns
+        self._done = False
+
+    def accepted(self) -> None:
+        for turn in self.new_turns:
+            self.store.append(self.owner, self.id, StoredMessage(turn["role"], turn["content"]))
+        if self.new_turns:
+            conv = self.store.get(self.owner, self.id)
+            if conv.title == DEFAULT_TITLE:
+                self.store.rename(self.owner, self.id, auto_title(self.new_turns[0]["content"]))
+
+    def reply(self, text: str, finished: Finished | None, model: str) -> None:
+        """Store the reply; `finished` is None when the client left before the end."""
+        if self._done:
+            return
+        self._done = True
+        status = finished.finish_reason if finished else "cancelled"
+        meta: dict[str, Any] = {"model": model}
+        if finished:
+            meta.update(usage=finished.usage.to_dict(), timing=finished.timing.to_dict())
+            if finished.error:
+                meta["error"] = finished.error
+        try:
+            self.store.append(self.owner, self.id, StoredMessage("assistant", text, status, meta=meta))
+        except ConversationNotFound:  # deleted while the reply was being written: nothing to add it to
+            pass
+
+
+def with_history(chat: ChatRequest, store: History, owner: str) -> tuple[ChatRequest, Transcript | None]:
+    """For a request naming a conversation: the stored turns become its context, and a
+    `Transcript` records the exchange. Without one, the request goes through unchanged.
+    Raises `ConversationNotFound` when `owner` has no such conversation."""
+    if chat.conversation_id is None:
+        return chat, None
+    conv = store.get(owner, chat.conversation_id)
+    system = chat.messages[:1] if chat.messages[0]["role"] == "system" else []
+    new_turns = chat.messages[len(system) :]
+    stored = [
+        {"role": m.role, "content": m.content}
+        for m in conv.messages
+        if m.content.strip() and m.status != "error" and m.role != "system"
+    ]
+    full = replace(chat, messages=system + stored + new_turns)
+    return full, Transcript(store, owner, conv.id, new_turns)
+
+
+def auto_title(text: str, limit: int = 60) -> str:
+    """A new conversation's title: its first message on one line, cut at `limit` characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"

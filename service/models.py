@@ -2,30 +2,26 @@
 
 Each loaded model is its own `Engine`. Switching starts the new one loading in the background while
 the current one keeps answering, if memory holds both; if it would not, the current one is unloaded
-first (the service says "loading" meanwhile) rather than risking the whole process.
+first (the service says "loading" meanwhile) rather than risking the whole process. What a model's
+weights take and what this machine allows are `inference.memory`'s figures.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path, PurePath
+from pathlib import PurePath
 from typing import Any
 
-from .catalog import BYTES_PER_PARAM, CatalogEntry, lookup
-from .engine import Engine, EngineUnavailable
+from .catalog import CatalogEntry, lookup
+from .errors import ModelUnavailable, UnknownModel
+from .inference.engine import Engine
+from .inference.memory import default_budget, weights_bytes
 
 log = logging.getLogger(__name__)
-
-
-class UnknownModel(LookupError):
-    def __init__(self, model: str, offered: list[str]):
-        super().__init__(f"the model {model!r} is not offered here; offered: {', '.join(offered)}")
-        self.offered = offered
 
 
 def public_id(source: str) -> str:
@@ -48,36 +44,6 @@ class Offer:
         if self.engine is None:
             return "failed" if self.error else "available"
         return {"ok": "loaded", "loading": "loading", "error": "failed"}.get(self.engine.state, "available")
-
-
-def weights_bytes(source: str, dtype: str) -> int | None:
-    """Memory the weights will take at `dtype`: from the files of a local folder (rescaled from the
-    precision they are stored in), else from the catalog's parameter count; None if unknown."""
-    folder = Path(source).expanduser()
-    if folder.is_dir():
-        files = list(folder.glob("*.safetensors")) or list(folder.glob("*.bin"))
-        if files:
-            stored = "bfloat16"
-            config = folder / "config.json"
-            if config.exists():
-                cfg = json.loads(config.read_text())
-                stored = str(cfg.get("torch_dtype") or cfg.get("dtype") or stored)
-            ratio = BYTES_PER_PARAM.get(dtype, 2.0) / BYTES_PER_PARAM.get(stored, 2.0)
-            return int(sum(f.stat().st_size for f in files) * ratio)
-    entry = lookup(source)
-    return int(entry.params_b * 1e9 * BYTES_PER_PARAM.get(dtype, 2.0)) if entry else None
-
-
-def default_budget() -> int:
-    """Bytes the loaded models may take together: 80% of this machine's (or container's) memory."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit.isdigit():
-            total = min(total, int(limit))
-    except OSError:
-        pass
-    return int(total * 0.8)
 
 
 class ModelManager:
@@ -137,12 +103,12 @@ class ModelManager:
 
     def engine(self, model: str | None = None) -> Engine:
         """The engine for `model` (default: the active one). Raises `UnknownModel`, or
-        `EngineUnavailable` when that model is not loaded."""
+        `ModelUnavailable` when that model is not loaded."""
         offer = self.active if model is None else self.find(model)
         if offer.engine is None:
             if self._pending is not None:
-                raise EngineUnavailable(f"switching to {self._pending}: the model is still loading")
-            raise EngineUnavailable(
+                raise ModelUnavailable(f"switching to {self._pending}: the model is still loading")
+            raise ModelUnavailable(
                 offer.error
                 or f"the model {offer.id} is not loaded; select it first (POST /api/models/active)"
             )
@@ -223,7 +189,8 @@ class ModelManager:
                 break
             log.info("unloading %s to make room for %s", offer.id, incoming.id)
             used -= weights_bytes(offer.source, self._dtype) or 0
-            offer.engine.close()
+            if offer.engine is not None:
+                offer.engine.close()
             offer.engine = None
             if offer.id == self._active:
                 self._active = incoming.id

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from service.app import create_app
-from service.backend import TransformersBackend
 from service.config import Settings
-from service.devmodels import build_tiny_model
-from service.engine import Engine
+from service.dev.tiny_models import build_tiny_model
+from service.inference.backend import TransformersBackend
+from service.inference.engine import Engine
+from service.web import create_app
 from tests.support.engines import ready_engine, scripted_engine
 from tests.support.live import LiveServer
 

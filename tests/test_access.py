@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from service.app import create_app
 from service.config import Settings
+from service.web import create_app
 from tests.support.live import LiveServer
 
 TOKEN = "test-token-0123456789abcdef"

@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from service.app import create_app
-from service.engine import Engine
+from service.inference.engine import Engine
+from service.web import create_app
 from tests.support import sse
 from tests.support.engines import ScriptedBackend, ready_engine
 from tests.support.live import wait_for

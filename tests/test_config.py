@@ -36,7 +36,7 @@ def test_bad_values_name_the_variable(env, words):
 
 def test_gunicorn_command_holds_one_worker_with_threads():
     argv = gunicorn_argv(Settings(host="0.0.0.0", port=8080, web_threads=4))
-    assert argv[0] == "gunicorn" and argv[-1] == "service.app:create_app()"
+    assert argv[0] == "gunicorn" and argv[-1] == "service.web:create_app()"
     joined = " ".join(argv)
     assert "--bind 0.0.0.0:8080" in joined and "--workers 1" in joined
     assert "--worker-class gthread" in joined and "--threads 4" in joined
@@ -48,6 +48,6 @@ def test_the_app_module_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, service.app; print('torch' in sys.modules or 'transformers' in sys.modules)"
+    code = "import sys, service.web; print('torch' in sys.modules or 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from service.backend import TransformersBackend
-from service.devmodels import build_tiny_model
-from service.engine import (
-    Engine,
-    EngineUnavailable,
-    Finished,
-    IncrementalDetokenizer,
-    QueueFull,
-    SamplingOptions,
-    StopScanner,
-)
+from service.dev.tiny_models import build_tiny_model
+from service.errors import ModelUnavailable, QueueFull
+from service.inference.backend import TransformersBackend
+from service.inference.engine import Engine, Finished, SamplingOptions
+from service.inference.text import IncrementalDetokenizer, StopScanner
 from tests.support.engines import ScriptedBackend, ready_engine
 
 
@@ -155,7 +149,7 @@ def test_load_failure_is_reported_and_requests_refused():
     engine = Engine(broken).start()
     assert engine.wait_ready(5) is False
     assert engine.state == "error" and "no such model folder" in engine.error
-    with pytest.raises(EngineUnavailable):
+    with pytest.raises(ModelUnavailable):
         engine.submit([1, 2], SamplingOptions(max_tokens=1))
 
 
@@ -263,7 +257,7 @@ def test_a_prompt_read_in_chunks_leaves_the_same_cache_and_tokens(tiny_model_dir
     several chunks, each at its own positions and attending to the ones before it."""
     import torch
 
-    from service import backend as backend_module
+    from service.inference import backend as backend_module
 
     def read(backend: TransformersBackend, ids: list[int]):
         seq, first = backend.admit(ids, SamplingOptions(max_tokens=8, temperature=0))
@@ -354,7 +348,7 @@ def test_sampling_among_the_top_k_is_transformers_distribution(tiny_backend):
         TopPLogitsWarper,
     )
 
-    from service.backend import Sequence
+    from service.inference.backend import Sequence
 
     seq = Sequence([1, 2, 3], SamplingOptions(max_tokens=1, temperature=0.7, top_p=0.8))
     tiny_backend._setup_sampling(seq)
@@ -372,7 +366,7 @@ def test_int4_kernel_computes_with_the_weights_it_was_given():
     same 4-bit rounding (w = q × scale + low per group of inputs): layout, scales and offsets."""
     import torch
 
-    from service.quantized import quantize_int4
+    from service.inference.quantized import quantize_int4
 
     torch.manual_seed(0)
     weight = torch.randn(96, 256) * torch.linspace(0.1, 3, 256)  # groups of different ranges
@@ -420,7 +414,7 @@ def test_decode_attention_matches_sdpa_with_padding_and_grouped_heads():
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from service.attention import attention
+    from service.inference.attention import attention
 
     torch.manual_seed(0)
     module = torch.nn.Module()
@@ -444,7 +438,7 @@ def test_bf16_attention_matches_sdpa_whichever_products_the_cpu_does_fast(fast_b
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from service import attention as attention_module
+    from service.inference import attention as attention_module
 
     monkeypatch.setattr(attention_module, "fast_bf16_products", lambda: fast_bf16)
     torch.manual_seed(2)
@@ -466,7 +460,7 @@ def test_short_prompt_attention_matches_sdpa_over_a_cached_history(explicit_mask
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from service.attention import attention
+    from service.inference.attention import attention
 
     torch.manual_seed(1)
     module = torch.nn.Module()

@@ -10,7 +10,8 @@ import textwrap
 
 import pytest
 
-from service.history import MIGRATIONS, History, NotFound, StoredMessage, new_owner_id
+from service.errors import ConversationNotFound
+from service.history import MIGRATIONS, History, StoredMessage, new_owner_id
 from tests.support.paths import ROOT
 
 
@@ -44,7 +45,7 @@ def test_owners_cannot_reach_each_others_conversations(store):
         lambda: store.delete("mallory", conv.id),
         lambda: store.append("mallory", conv.id, StoredMessage("user", "x")),
     ):
-        with pytest.raises(NotFound):
+        with pytest.raises(ConversationNotFound):
             attempt()
     assert store.list("mallory")[0] == []
     assert store.get("alice", conv.id).title == "secret"
@@ -84,7 +85,7 @@ def test_rename_and_delete(store):
     with pytest.raises(ValueError):
         store.rename("bob", conv.id, "x" * 201)
     store.delete("bob", conv.id)
-    with pytest.raises(NotFound):
+    with pytest.raises(ConversationNotFound):
         store.get("bob", conv.id)
     with sqlite3.connect(store.path) as db:
         assert db.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 0

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from service.app import create_app
 from service.config import Settings
-from service.history_api import COOKIE
+from service.web import create_app
+from service.web.conversations import COOKIE
 from tests.support import sse
 
 

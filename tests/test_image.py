@@ -98,6 +98,7 @@ def test_build_context_leaves_out_tests_and_local_state():
     assert ignore[ignore.index("*")] == "*"  # deny by default...
     allowed = {line[1:] for line in ignore if line.startswith("!")}
     assert allowed == {"service/", "pyproject.toml", "infra/image_requirements.py", "wheels/"}
+    assert ignore.index("service/dev/") > ignore.index("!service/")  # ...and the developer tools stay out
 
 
 def test_image_installs_the_service_dependencies_and_leaves_out_host_tooling():
@@ -291,6 +292,8 @@ def test_the_image_builds_and_serves_a_mounted_model(made: Made, tiny_model_dir:
         "command -v gcc cc pip curl; ls /app; ls /opt/venv/bin | grep -c '^pip' || true",
     ).stdout
     assert lean.split() == ["service", "0"], lean
+    shipped = docker("exec", name, "ls", "-A", "/app/service").stdout.split()
+    assert "web" in shipped and "dev" not in shipped, shipped  # the developer tools stay out
     probe = (
         "import importlib.util as u; "
         "print([m for m in ('invoke', 'azure', 'pytest', 'playwright') if u.find_spec(m)])"

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from service.app import create_app
 from service.catalog import CATALOG, lookup
 from service.config import Settings
-from service.devmodels import build_tiny_llama, build_tiny_model
-from service.models import weights_bytes
+from service.dev.tiny_models import build_tiny_llama, build_tiny_model
+from service.inference.memory import weights_bytes
+from service.web import create_app
 
 
 @pytest.fixture(scope="module")

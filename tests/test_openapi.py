@@ -18,8 +18,8 @@ from openapi_spec_validator import validate as validate_openapi
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from service.app import create_app
-from service.engine import Engine
+from service.inference.engine import Engine
+from service.web import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "openapi.yaml"

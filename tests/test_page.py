@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from service.engine import Engine
+from service.inference.engine import Engine
 from tests.support.browser import last_reply, send, sync_api, wait_ready
 from tests.support.engines import ScriptedBackend, scripted_engine
 

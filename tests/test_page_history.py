@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from service.app import create_app
 from service.config import Settings
 from service.history import StoredMessage
-from service.history_api import COOKIE
+from service.web import create_app
+from service.web.conversations import COOKIE
 from tests.support.browser import expect, last_reply, send, wait_ready, wait_reply
 from tests.support.engines import scripted_engine
 
@@ -467,7 +467,7 @@ def test_sidebar_is_a_drawer_at_phone_width(app_server, phone_page):
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory) -> Path:
-    from service.devmodels import build_tiny_llama
+    from service.dev.tiny_models import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-page"))
 

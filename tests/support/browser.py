@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 from werkzeug.serving import make_server
 
-from service.app import create_app
 from service.config import Settings
-from service.engine import Engine
+from service.inference.engine import Engine
+from service.web import create_app
 from tests.support.live import free_port
 
 CHROMIUM = Path("/usr/bin/chromium")

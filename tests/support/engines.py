@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from service.engine import Engine, SamplingOptions
+from service.inference.engine import Engine, SamplingOptions
 
 
 @dataclass(eq=False)

@@ -117,7 +117,8 @@ def build_tiny_model(
         eos_token_id=im_end,
     )
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    # transformers declares PreTrainedModel.to with @wraps(torch.nn.Module.to), which types it unbound
+    model = Qwen2ForCausalLM(config).to(torch.bfloat16)  # type: ignore[arg-type]
     # Qwen2.5-Instruct's own sampling defaults, so the engine's "honour generation_config" is exercised.
     model.generation_config = GenerationConfig(
         bos_token_id=endoftext,
@@ -154,7 +155,7 @@ def build_tiny_llama(path: Path, *, hidden_size: int = 64, layers: int = 2, seed
         eos_token_id=eos,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)  # type: ignore[arg-type]  # as above
     model.generation_config = GenerationConfig(
         bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, do_sample=False
     )

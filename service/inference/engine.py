@@ -7,12 +7,12 @@ button) takes effect between two tokens. The model loads in a background thread 
 answer health checks meanwhile.
 
 The model sits behind the small `Backend` protocol (admit, step, release): `backend.TransformersBackend`
-is the real one; tests may hand in another that yields chosen tokens through this same path.
+is the real one; tests may hand in another that yields chosen tokens through this same path. Turning
+tokens into text (and cutting it at stop sequences) is `text`'s; this module never imports torch.
 """
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import logging
 import queue
@@ -21,6 +21,10 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from ..errors import ModelUnavailable, QueueFull
+from .memory import return_freed_memory
+from .text import IncrementalDetokenizer, StopScanner
 
 log = logging.getLogger(__name__)
 
@@ -84,27 +88,6 @@ class Finished:
     error: str | None = None
 
 
-def return_freed_memory() -> None:
-    """Hand memory freed by Python back to the system now (glibc keeps freed arenas otherwise):
-    on a small VM the peak is the budget, and the next model needs the room."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-class EngineUnavailable(RuntimeError):
-    """The model is not loaded (still loading, or loading failed)."""
-
-
-class QueueFull(RuntimeError):
-    """Too many requests are waiting; the caller should retry after `retry_after` seconds."""
-
-    def __init__(self, retry_after: int):
-        super().__init__("the model is busy: too many requests are waiting")
-        self.retry_after = retry_after
-
-
 class Backend(Protocol):
     """A loaded model as the engine drives it: sequences join a batch, step together, and leave."""
 
@@ -125,83 +108,6 @@ class Backend(Protocol):
 
     def reset(self) -> None:
         """Forget the whole batch (after a failed step)."""
-
-
-class StopScanner:
-    """Cuts the text at the first stop sequence, holding back what might be the start of one.
-
-    Text is released only once no stop sequence can begin in it, so a client never sees part of a
-    stop sequence that is then withdrawn.
-    """
-
-    def __init__(self, stops: tuple[str, ...]):
-        self._stops = [s for s in stops if s]
-        self._text = ""
-        self._released = 0
-        self.hit = False
-
-    def push(self, delta: str) -> str:
-        if not self._stops:
-            return delta
-        self._text += delta
-        longest = max(len(s) for s in self._stops)
-        start = max(0, self._released - longest + 1)
-        found = [i for i in (self._text.find(s, start) for s in self._stops) if i >= 0]
-        if found:
-            self.hit = True
-            end = min(found)
-        else:
-            end = len(self._text)
-            for s in self._stops:
-                for k in range(min(len(s) - 1, len(self._text)), 0, -1):
-                    if self._text.endswith(s[:k]):
-                        end = min(end, len(self._text) - k)
-                        break
-        out = self._text[self._released : max(end, self._released)]
-        self._released = max(end, self._released)
-        return out
-
-    def flush(self) -> str:
-        """At the end, a held-back tail that never became a stop sequence is released."""
-        if self.hit or not self._stops:
-            return ""
-        out = self._text[self._released :]
-        self._released = len(self._text)
-        return out
-
-
-class IncrementalDetokenizer:
-    """Turns a growing list of token ids into text deltas without splitting a UTF-8 character.
-
-    Byte-level BPE tokens can end in the middle of a multi-byte character; decoding such a prefix gives
-    U+FFFD, so a delta is only released once the text decodes cleanly. Only a short window of ids is
-    decoded each step, keeping the cost per token constant.
-    """
-
-    def __init__(self, tokenizer: Any):
-        self._tokenizer = tokenizer
-        self._ids: list[int] = []
-        self._prefix = 0
-        self._read = 0
-
-    def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True)
-
-    def push(self, token_id: int) -> str:
-        self._ids.append(token_id)
-        before = self._decode(self._ids[self._prefix : self._read])
-        after = self._decode(self._ids[self._prefix :])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self._prefix, self._read = self._read, len(self._ids)
-            return after[len(before) :]
-        return ""
-
-    def flush(self) -> str:
-        """Whatever is still held back when generation ends (an incomplete character shows as U+FFFD)."""
-        before = self._decode(self._ids[self._prefix : self._read])
-        after = self._decode(self._ids[self._prefix :])
-        self._prefix = self._read = len(self._ids)
-        return after[len(before) :]
 
 
 @dataclass(eq=False)
@@ -239,7 +145,8 @@ class Generation:
         for event in self.events():
             if isinstance(event, Finished):
                 return "".join(parts), event
-            parts.append(event)
+            if event is not None:  # no heartbeat was asked for, so this is text
+                parts.append(event)
         raise AssertionError("unreachable: events() always ends with Finished")
 
     def _put(self, event: str | Finished) -> None:
@@ -414,8 +321,23 @@ class Engine:
     @property
     def backend(self) -> Backend:
         if self._backend is None:
-            raise EngineUnavailable(self._unavailable())
+            raise ModelUnavailable(self._unavailable())
         return self._backend
+
+    @property
+    def name(self) -> str:
+        """The loaded model's name; `ModelUnavailable` until it has loaded."""
+        return self.backend.name
+
+    @property
+    def tokenizer(self) -> Any:
+        """The loaded model's tokenizer, which builds its prompts; `ModelUnavailable` until loaded."""
+        return self.backend.tokenizer
+
+    @property
+    def context_length(self) -> int:
+        """Tokens the model reads and writes in one sequence; `ModelUnavailable` until loaded."""
+        return self.backend.context_length
 
     def _unavailable(self) -> str:
         if self._state == "error":
@@ -439,10 +361,10 @@ class Engine:
     def submit(self, prompt_ids: list[int], options: SamplingOptions) -> Generation:
         """Queue a generation and return its handle at once.
 
-        Raises `EngineUnavailable` if the model is not ready and `QueueFull` if too many wait.
+        Raises `ModelUnavailable` if the model is not ready and `QueueFull` if too many wait.
         """
         if self._state != "ok":
-            raise EngineUnavailable(self._unavailable())
+            raise ModelUnavailable(self._unavailable())
         generation = Generation(list(prompt_ids), options)
         try:
             self._queue.put_nowait(generation)

@@ -1,6 +1,6 @@
 """Benchmark: load time, peak memory, time to first token, decode speed and batching, per precision.
 
-Run `invoke bench` (or `python -m service.bench`). Without `--model` it builds, once, a model with
+Run `invoke bench` (or `python -m service.dev.bench`). Without `--model` it builds, once, a model with
 the exact Qwen2.5-1.5B-Instruct architecture and random weights: it costs the same per token as the
 real one, so speed and memory figures hold (the text it writes is noise, which a benchmark ignores).
 
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-QWEN25_15B = dict(
+QWEN25_15B: dict[str, Any] = dict(
     vocab_size=151936,
     hidden_size=1536,
     intermediate_size=8960,
@@ -46,8 +46,7 @@ def build_random_model(path: Path) -> Path:
 
     if (path / "config.json").exists():
         return path
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from .devmodels import build_tokenizer  # a real tokenizer; ids past its vocab decode to ""
+    from .tiny_models import build_tokenizer  # a real tokenizer; ids past its vocab decode to ""
 
     path.mkdir(parents=True, exist_ok=True)
     build_tokenizer(path)
@@ -94,6 +93,13 @@ def _median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+def _measured(seconds: float | None) -> float:
+    """A timing of a run that produced tokens, as every run here does (None would mean none came)."""
+    if seconds is None:
+        raise RuntimeError("a benchmark run produced no tokens to time")
+    return seconds
+
+
 def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
@@ -102,8 +108,8 @@ def measure(model: str, precision: str, threads: int, repeat: int, new_tokens: i
     """Everything for one precision, in this process (run it in a fresh one)."""
     import torch
 
-    from .backend import TransformersBackend
-    from .engine import Engine, SamplingOptions
+    from ..inference.backend import TransformersBackend
+    from ..inference.engine import Engine, SamplingOptions
 
     torch.manual_seed(0)
     # The backend is built in the engine's own thread, as the server does: the first thread to run
@@ -117,6 +123,7 @@ def measure(model: str, precision: str, threads: int, repeat: int, new_tokens: i
     ).start()
     engine.wait_ready()
     backend = engine.backend
+    assert isinstance(backend, TransformersBackend)  # what the engine was given: its model and caches
     load_s = engine.stats()["load_seconds"]
     rss_after_load = _peak_rss_gib()
     vocab = backend.model.config.vocab_size
@@ -131,23 +138,25 @@ def measure(model: str, precision: str, threads: int, repeat: int, new_tokens: i
 
     greedy = SamplingOptions(max_tokens=new_tokens, temperature=0)
     run(prompt(32), 4)  # warm-up: first calls pay one-off costs
-    ttft_256, decode = [], []
+    ttft_256: list[float] = []
+    decode: list[float] = []
     for _ in range(repeat):
         f = run(prompt(256))
-        ttft_256.append(f.timing.ttft_s)
-        decode.append(f.timing.tokens_per_s)
+        ttft_256.append(_measured(f.timing.ttft_s))
+        decode.append(_measured(f.timing.tokens_per_s))
     peaks = {"decode_256": _peak_rss_gib()}
-    ttft_2000 = [run(prompt(2000), 2).timing.ttft_s for _ in range(max(1, repeat - 1))]
+    ttft_2000 = [_measured(run(prompt(2000), 2).timing.ttft_s) for _ in range(max(1, repeat - 1))]
     peaks["prompt_2000"] = _peak_rss_gib()
 
-    fresh_50, next_turn_50 = [], []
+    fresh_50: list[float] = []
+    next_turn_50: list[float] = []
     for _ in range(repeat):
         history = prompt(2000)
         backend.prefix_cache.clear()
         engine.submit(history, SamplingOptions(max_tokens=1, temperature=0)).result()
         turn = engine.submit(history + prompt(50), SamplingOptions(max_tokens=2, temperature=0)).result()[1]
-        next_turn_50.append(turn.timing.ttft_s)
-        fresh_50.append(run(prompt(50), 2).timing.ttft_s)
+        next_turn_50.append(_measured(turn.timing.ttft_s))
+        fresh_50.append(_measured(run(prompt(50), 2).timing.ttft_s))
 
     peaks["next_turn"] = _peak_rss_gib()
     aggregate = {}
@@ -281,7 +290,7 @@ def table(results: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m service.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m service.dev.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="", help="model folder or hub id (default: random Qwen2.5-1.5B)")
     p.add_argument("--precisions", default="float32,bfloat16,int8,int4")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
@@ -310,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [
             sys.executable,
             "-m",
-            "service.bench",
+            "service.dev.bench",
             "--worker",
             "--model",
             model,

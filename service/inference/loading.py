@@ -15,11 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
+from ..config import DTYPES
 from . import attention
-from .config import DTYPES
-from .engine import return_freed_memory
+from .memory import return_freed_memory
 from .quantized import Int8Embedding, Int8Linear, quantize_rows, quantized_linear
 
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
@@ -53,7 +53,7 @@ def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, torch.frombuffer(buffer, dtype=dtype).reshape(info["shape"])
 
 
-def load_model(source: str, precision: str) -> torch.nn.Module:
+def load_model(source: str, precision: str) -> PreTrainedModel:
     """The model at `precision` (one of `DTYPES`), ready for inference."""
     if precision in ("bfloat16", "float32"):
         return AutoModelForCausalLM.from_pretrained(
@@ -64,7 +64,7 @@ def load_model(source: str, precision: str) -> torch.nn.Module:
     return load_quantized(local_folder(source), bits=8 if precision == "int8" else 4)
 
 
-def load_quantized(folder: Path, bits: int) -> torch.nn.Module:
+def load_quantized(folder: Path, bits: int) -> PreTrainedModel:
     """Linear layers in `bits`-bit weights, the token table in int8 rows, the rest in bf16."""
     config = AutoConfig.from_pretrained(folder)
     with torch.device("meta"):

@@ -1,24 +1,27 @@
-"""The native JSON API: /api/health and /api/chat (plain JSON or a server-sent event stream).
+"""The native JSON API: /api/health, /api/chat (plain JSON or a server-sent event stream), /api/models.
 
-Thin by design: parse and validate the request (`chat`), build the prompt, hand it to the engine,
-and format what comes back. Everything here is about HTTP; nothing here touches tensors.
+Thin by design: parse and validate the request (`chat`), start it (`chat.start`), and format what
+comes back; a request naming a conversation is recorded (`history`). Everything here is about HTTP;
+nothing here touches tensors, and errors are raised as they are and worded by `web/errors.py`.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from typing import Annotated, Any
 
 from flask import Blueprint, Response, current_app, jsonify
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .chat import RequestError, parse_chat_request, start
-from .config import Settings
-from .engine import Finished, Generation
-from .history_api import Transcript, with_history
-from .http import HEARTBEAT_SECONDS, KEEP_ALIVE, json_body
-from .models import ModelManager, UnknownModel
+from ..chat import parse_chat_request, start
+from ..config import Settings
+from ..errors import GenerationFailed, InvalidRequest
+from ..history import Transcript
+from ..inference.engine import Finished, Generation
+from ..models import ModelManager
+from . import sse
+from .conversations import with_history
+from .errors import answer, json_body
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
@@ -35,13 +38,12 @@ def _settings() -> Settings:
 def health() -> tuple[Response, int]:
     """Never touches the model's queue, so it answers at once even mid-generation."""
     state, offer, engine = models().status()
-    if state == "ok":
-        backend = engine.backend
+    if state == "ok" and engine is not None:
         return jsonify(
             status="ok",
-            model=backend.name,
+            model=engine.name,
             model_id=offer.id,
-            context_length=backend.context_length,
+            context_length=engine.context_length,
             history="history" in current_app.extensions,
             queue=engine.stats(),
         ), 200
@@ -67,13 +69,10 @@ def select_model() -> tuple[Response, int]:
     try:
         body = SelectBody.model_validate(json_body())
     except ValidationError as exc:
-        raise RequestError(
-            422, 'give {"model": ID} with one of the ids from GET /api/models', param="model"
+        raise InvalidRequest(
+            'give {"model": ID} with one of the ids from GET /api/models', param="model"
         ) from exc
-    try:
-        offer = models().select(body.model)
-    except UnknownModel as exc:
-        raise RequestError(400, str(exc), param="model", code="model_not_found") from None
+    offer = models().select(body.model)
     status = 200 if offer.state == "loaded" else 202
     return jsonify(active=models().active.id, model=offer.id, state=offer.state), status
 
@@ -102,11 +101,7 @@ def chat() -> Response | tuple[Response, int]:
     if transcript:
         transcript.accepted()
     if parsed.stream:
-        return Response(
-            _event_stream(generation, model, dropped, transcript),
-            mimetype="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        return sse.response(_event_stream(generation, model, dropped, transcript))
     try:
         text, finished = generation.result()
     finally:
@@ -114,13 +109,9 @@ def chat() -> Response | tuple[Response, int]:
     if transcript:
         transcript.reply(text, finished, model)
     if finished.error:
-        raise RequestError(500, f"generation failed: {finished.error}", kind="server_error")
+        raise GenerationFailed(finished.error)
     body = {"message": {"role": "assistant", "content": text}, **_summary(finished, model, dropped)}
     return jsonify(body), 200
-
-
-def _sse(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
 def _event_stream(
@@ -132,24 +123,22 @@ def _event_stream(
     finished: Finished | None = None
     try:
         yield ": stream open\n\n"
-        for event in generation.events(heartbeat=HEARTBEAT_SECONDS):
+        for event in generation.events(heartbeat=sse.HEARTBEAT_SECONDS):
             if event is None:
-                yield KEEP_ALIVE
+                yield sse.KEEP_ALIVE
             elif isinstance(event, str):
                 parts.append(event)
-                yield _sse({"type": "delta", "text": event})
+                yield sse.data({"type": "delta", "text": event})
             else:
                 finished = event
                 if transcript:  # stored before `done` goes out, so a reload right after finds it
                     transcript.reply("".join(parts), finished, model)
                 if event.error:
-                    yield _sse(
-                        {
-                            "type": "error",
-                            "error": {"message": f"generation failed: {event.error}", "type": "server_error"},
-                        }
+                    failed = answer(GenerationFailed(event.error))
+                    yield sse.data(
+                        {"type": "error", "error": {"message": failed.message, "type": failed.kind}}
                     )
-                yield _sse({"type": "done", **_summary(event, model, dropped)})
+                yield sse.data({"type": "done", **_summary(event, model, dropped)})
     finally:
         generation.cancel()
         if transcript:

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import hmac
 import logging
+from typing import cast
 
 from flask import Flask, request
+from flask.typing import RouteCallable
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from .chat import RequestError
-from .config import Settings
+from ..config import Settings
+from .errors import HttpError
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,8 @@ def bearer_token() -> str:
 def protect(app: Flask, settings: Settings) -> None:
     """Install the token check, the rate limits and (behind a proxy) the real client address."""
     if settings.proxy_hops:
-        app.wsgi_app = ProxyFix(
+        # Flask's documented way to wrap WSGI middleware; its stubs declare wsgi_app a plain method.
+        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
             app.wsgi_app, x_for=settings.proxy_hops, x_proto=settings.proxy_hops, x_host=settings.proxy_hops
         )
     if settings.access_token:
@@ -45,10 +48,10 @@ def protect(app: Flask, settings: Settings) -> None:
             if path in OPEN_PATHS or not path.startswith(PROTECTED_PREFIXES):
                 return
             if not hmac.compare_digest(bearer_token().encode(), expected):
-                raise RequestError(
+                raise HttpError(
                     401,
                     "missing or wrong access token: send 'Authorization: Bearer TOKEN'",
-                    kind="authentication_error",
+                    "authentication_error",
                     code="invalid_api_key",
                     headers={"WWW-Authenticate": 'Bearer realm="qwen-box"'},
                 )
@@ -63,4 +66,5 @@ def protect(app: Flask, settings: Settings) -> None:
     )
     chat_limit = limiter.shared_limit(settings.rate_limit, scope="chat")
     for endpoint in RATE_LIMITED_ENDPOINTS:
-        app.view_functions[endpoint] = chat_limit(app.view_functions[endpoint])
+        # flask-limiter types its decorator for sync and async views alike; these views are sync.
+        app.view_functions[endpoint] = cast(RouteCallable, chat_limit(app.view_functions[endpoint]))

@@ -1,4 +1,4 @@
-"""The Transformers model behind the engine: loading at a precision, and batched decoding.
+"""The Transformers model behind the engine: batched decoding of a model `loading` has loaded.
 
 Why not `model.generate()`: a chat server needs what it does not give. Several conversations decode
 together in one forward pass (a CPU reads the weights once per step whatever the batch, so four
@@ -17,6 +17,7 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +102,22 @@ def _common_prefix(a: tuple[int, ...], b: list[int]) -> int:
     return n
 
 
+class _KVLayer(Protocol):
+    """What this backend touches of a cache layer: keys and values (batch, heads, positions, dim)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None: ...
+
+
+def _kv_layers(cache: DynamicCache) -> list[_KVLayer]:
+    """`cache`'s layers as this backend uses them. The models it loads have full-attention layers
+    only (Transformers' `DynamicLayer`), and a cache here has always read a prompt, so each layer's
+    keys and values (typed Optional for a layer not yet written) are there."""
+    return cast(list[_KVLayer], cache.layers)
+
+
 class TransformersBackend:
     """A causal LM on CPU that decodes any number of sequences together."""
 
@@ -162,15 +179,16 @@ class TransformersBackend:
     def step(self) -> list[int]:
         """One decode step for every sequence in the batch: the next token of each, in order."""
         rows = self._rows
+        cache, mask = self._batch()
         last = torch.tensor([[s.generated[-1]] for s in rows])
         positions = torch.tensor([[s.length] for s in rows])
-        self._mask = torch.cat([self._mask, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
+        self._mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
         with torch.inference_mode():
             out = self.model(
                 input_ids=last,
                 attention_mask=self._mask,
                 position_ids=positions,
-                cache=self._cache,
+                cache=cache,
                 use_cache=True,
             )
         self._cache = out.cache
@@ -183,13 +201,14 @@ class TransformersBackend:
     def release(self, seq: Sequence) -> None:
         """Take a finished sequence out of the batch, keeping its KV cache for a next turn."""
         index = self._rows.index(seq)
-        width = self._mask.shape[1]
+        cache, mask = self._batch()
+        width = mask.shape[1]
         kv = [
             (
                 layer.keys[index : index + 1, :, width - seq.length :].clone(),
                 layer.values[index : index + 1, :, width - seq.length :].clone(),
             )
-            for layer in self._cache.layers
+            for layer in _kv_layers(cache)
         ]
         self.prefix_cache.put(seq.prompt_ids + seq.generated[:-1], kv)
         keep = [i for i in range(len(self._rows)) if i != index]
@@ -198,13 +217,13 @@ class TransformersBackend:
             self._cache = self._mask = None
             return
         keep_t = torch.tensor(keep)
-        self._mask = self._mask[keep_t]
-        for layer in self._cache.layers:
+        mask = self._mask = mask[keep_t]
+        for layer in _kv_layers(cache):
             layer.batch_select_indices(keep_t)
-        unused = int((self._mask.sum(dim=0) == 0).cumprod(dim=0).sum())  # leading all-padding columns
+        unused = int((mask.sum(dim=0) == 0).cumprod(dim=0).sum())  # leading all-padding columns
         if unused:
-            self._mask = self._mask[:, unused:]
-            for layer in self._cache.layers:
+            self._mask = mask[:, unused:]
+            for layer in _kv_layers(cache):
                 layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
 
     def reset(self) -> None:
@@ -215,17 +234,24 @@ class TransformersBackend:
         return len(self._rows)
 
     # --- internals -------------------------------------------------------------------------------
+    def _batch(self) -> tuple[DynamicCache, torch.Tensor]:
+        """The running batch's KV cache and attention mask (there is a batch: a sequence is in it)."""
+        if self._cache is None or self._mask is None:
+            raise RuntimeError("no sequence is in the batch")
+        return self._cache, self._mask
+
     def _join(self, seq: Sequence, cache: DynamicCache) -> None:
         """Append `seq`'s single-row cache to the batch, left-padding whichever side is shorter."""
         mask = torch.ones(1, seq.length, dtype=torch.long)
         if self._cache is None:
             self._rows, self._cache, self._mask = [seq], cache, mask
             return
-        width = self._mask.shape[1]
+        batch_cache, batch_mask = self._batch()
+        width = batch_mask.shape[1]
         grow, pad = max(0, seq.length - width), max(0, width - seq.length)
         if grow:
-            self._mask = F.pad(self._mask, (grow, 0))
-        for mine, theirs in zip(self._cache.layers, cache.layers, strict=True):
+            batch_mask = F.pad(batch_mask, (grow, 0))
+        for mine, theirs in zip(_kv_layers(batch_cache), _kv_layers(cache), strict=True):
             keys, values = mine.keys, mine.values
             if grow:
                 keys, values = F.pad(keys, (0, 0, grow, 0)), F.pad(values, (0, 0, grow, 0))
@@ -233,7 +259,7 @@ class TransformersBackend:
             if pad:
                 new_k, new_v = F.pad(new_k, (0, 0, pad, 0)), F.pad(new_v, (0, 0, pad, 0))
             mine.keys, mine.values = torch.cat([keys, new_k]), torch.cat([values, new_v])
-        self._mask = torch.cat([self._mask, F.pad(mask, (pad, 0))])
+        self._mask = torch.cat([batch_mask, F.pad(mask, (pad, 0))])
         self._rows.append(seq)
 
     def _setup_sampling(self, seq: Sequence) -> None:
@@ -267,7 +293,10 @@ class TransformersBackend:
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> int:
         scores = logits.float().unsqueeze(0)
         if seq.penalties:
-            scores = seq.penalties(torch.tensor([seq.prompt_ids + seq.generated]), scores)
+            # transformers annotates input_ids with the legacy torch.LongTensor class, which no torch
+            # function is typed to return; this is an int64 tensor, as it expects.
+            ids_so_far = torch.tensor([seq.prompt_ids + seq.generated])
+            scores = seq.penalties(ids_so_far, scores)  # type: ignore[arg-type]
         if seq.greedy:
             token = int(scores.argmax(dim=-1))
         else:
@@ -286,5 +315,6 @@ class TransformersBackend:
         ids = None
         if 0 < seq.top_k < scores.shape[-1]:
             scores, ids = scores.topk(seq.top_k, dim=-1)
-        scores = seq.warpers(None, scores)
+        # temperature, top-p and min-p read only the scores, never the ids (annotated as required)
+        scores = seq.warpers(None, scores)  # type: ignore[arg-type]
         return torch.softmax(scores, dim=-1), ids

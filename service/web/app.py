@@ -1,7 +1,9 @@
 """The Flask app factory: wires settings and engine to the routes, errors and response headers.
 
 `create_app()` reads settings from the environment and starts loading the model in the background;
-tests call `create_app(settings, engine=...)` with their own engine and skip the environment.
+tests call `create_app(settings, engine=...)` with their own engine and skip the environment. The
+composition root: the one module of `web` that names the real backend, and only inside the loader,
+which runs in the engine's thread, so building an app never imports torch.
 """
 
 from __future__ import annotations
@@ -11,18 +13,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flask import Flask, Response, jsonify, send_from_directory
-from werkzeug.exceptions import HTTPException
+from flask import Flask, Response, send_from_directory
+from flask.json.provider import DefaultJSONProvider
 
-from . import api, history_api, openai_api
+from ..config import Settings
+from ..history import History
+from ..inference.engine import Engine
+from ..models import ModelManager
+from . import api, conversations, errors, openai_api
 from .access import protect
-from .chat import RequestError
-from .config import Settings
-from .engine import Engine
-from .history import History
-from .models import ModelManager
 
-STATIC = Path(__file__).parent / "static"
+STATIC = Path(__file__).parent.parent / "static"
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -34,8 +35,6 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "X-Frame-Options": "DENY",
 }
-
-log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> Flask:
@@ -59,40 +58,23 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     app = Flask(__name__, static_folder=str(STATIC), static_url_path="/static")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    app.json.sort_keys = False
+    app.json = _insertion_ordered_json(app)
     app.extensions["settings"] = settings
     app.extensions["models"] = models
     app.register_blueprint(api.bp)
     app.register_blueprint(openai_api.bp)
-    app.register_blueprint(history_api.bp)
-    history_api.install_owner_cookie(app)
+    app.register_blueprint(conversations.bp)
+    conversations.install_owner_cookie(app)
     if settings.history:
         app.extensions["history"] = History(Path(settings.data_dir) / "history.db")
     protect(app, settings)
 
     @app.get("/")
     def index() -> Response:
-        history_api.current_owner()  # a first visit gets its owner cookie with the page
+        conversations.current_owner()  # a first visit gets its owner cookie with the page
         return send_from_directory(STATIC, "index.html", max_age=0)
 
-    @app.errorhandler(RequestError)
-    def request_error(exc: RequestError) -> tuple[Response, int, dict[str, str]]:
-        return _error(exc.message, exc.kind, exc.param, exc.code), exc.status, exc.headers
-
-    @app.errorhandler(HTTPException)
-    def http_error(exc: HTTPException) -> tuple[Response, int]:
-        status = exc.code or 500
-        message = exc.description or exc.name
-        if status == 413:
-            message = f"the request body is larger than {settings.max_body_bytes} bytes"
-        elif status == 429:
-            message = f"rate limit exceeded ({exc.description} per client); retry later"
-        return _error(message, exc.name.lower().replace(" ", "_")), status
-
-    @app.errorhandler(Exception)
-    def unexpected(exc: Exception) -> tuple[Response, int]:
-        log.exception("unhandled error")
-        return _error("internal server error", "server_error"), 500
+    errors.install(app, max_body_bytes=settings.max_body_bytes)
 
     @app.after_request
     def security_headers(response: Response) -> Response:
@@ -108,7 +90,7 @@ def _transformers_loader(settings: Settings, source: str) -> Callable[[], Any]:
     loading thread, so the server answers health checks while they load (they take seconds)."""
 
     def load() -> Any:
-        from .backend import TransformersBackend
+        from ..inference.backend import TransformersBackend
 
         return TransformersBackend(
             source,
@@ -121,6 +103,8 @@ def _transformers_loader(settings: Settings, source: str) -> Callable[[], Any]:
     return load
 
 
-def _error(message: str, kind: str, param: str | None = None, code: str | None = None) -> Response:
-    """Every error, on every path, in OpenAI's shape, so one client-side handler reads them all."""
-    return jsonify(error={"message": message, "type": kind, "param": param, "code": code})
+def _insertion_ordered_json(app: Flask) -> DefaultJSONProvider:
+    """Flask's JSON, keeping keys in the order the code writes them (a reply reads like its docs)."""
+    provider = DefaultJSONProvider(app)
+    provider.sort_keys = False
+    return provider

@@ -1,13 +1,13 @@
 """OpenAI-compatible routes: POST /v1/chat/completions and GET /v1/models.
 
 Formats only. Requests are validated into the same `ChatRequest` as /api/chat and run through the
-same `chat.start()`; only the JSON shapes differ. Parameters this service cannot honour are refused
-with OpenAI's error object rather than silently ignored, so a client learns the truth.
+same `chat.start()`; only the JSON shapes differ, and the errors, which `web/errors.py` words the way
+OpenAI does for this blueprint. Parameters this service cannot honour are refused with OpenAI's error
+object rather than silently ignored, so a client learns the truth.
 """
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,12 +17,14 @@ from typing import Annotated, Any, Literal
 from flask import Blueprint, Response, current_app, jsonify
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .chat import Content, Message, RequestError, make_request, start
-from .engine import Finished, Generation
-from .http import HEARTBEAT_SECONDS, KEEP_ALIVE, json_body
-from .models import ModelManager, UnknownModel
+from ..chat import Content, Message, make_request, start
+from ..errors import GenerationFailed, InvalidRequest
+from ..inference.engine import Finished, Generation
+from ..models import ModelManager
+from . import sse
+from .errors import OPENAI_BLUEPRINT, answer, json_body
 
-bp = Blueprint("openai", __name__, url_prefix="/v1")
+bp = Blueprint(OPENAI_BLUEPRINT, __name__, url_prefix="/v1")
 
 UNSUPPORTED_HINT = "qwen-box does not support this parameter"
 
@@ -81,7 +83,7 @@ def _models() -> ModelManager:
     return current_app.extensions["models"]
 
 
-def _validation_error(exc: ValidationError) -> RequestError:
+def _validation_error(exc: ValidationError) -> InvalidRequest:
     first = exc.errors(include_url=False)[0]
     param = ".".join(str(p) for p in first["loc"]) or None
     if first["type"] == "extra_forbidden":
@@ -96,7 +98,7 @@ def _validation_error(exc: ValidationError) -> RequestError:
         message = f"{UNSUPPORTED_HINT}: {param} must be {first['ctx']['expected']}"
     else:
         message = f"Invalid value for '{param}': {first['msg'].removeprefix('Value error, ')}"
-    return RequestError(400, message, param=param)
+    return InvalidRequest(message, param=param)
 
 
 @bp.get("/models")
@@ -111,56 +113,40 @@ def models() -> Response:
 def chat_completions() -> Response | tuple[Response, int]:
     data = json_body()
     if not isinstance(data, dict):
-        raise RequestError(400, "The request body must be a JSON object")
+        raise InvalidRequest("The request body must be a JSON object")
     try:
         body = CompletionBody.model_validate(data)
     except ValidationError as exc:
         raise _validation_error(exc) from None
-    try:
-        model = _models().find(body.model).id
-    except UnknownModel as exc:
-        offered = ", ".join(exc.offered)
-        raise RequestError(
-            404,
-            f"The model `{body.model}` does not exist. Offered: {offered}",
-            param="model",
-            code="model_not_found",
-        ) from None
+    model = _models().find(body.model).id  # UnknownModel: a 404 in OpenAI's words (web/errors.py)
     messages = [m.to_message() for m in body.messages]
     if messages[-1].role != "user":
-        raise RequestError(400, "The last message must have role 'user'", param="messages")
+        raise InvalidRequest("The last message must have role 'user'", param="messages")
     settings = current_app.extensions["settings"]
     max_tokens_name = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
-    try:
-        chat = make_request(
-            messages,
-            stream=body.stream,
-            max_tokens=body.max_completion_tokens or body.max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            seed=body.seed,
-            stop=body.stop,
-            default_max_tokens=settings.default_max_tokens,
-            max_tokens_limit=settings.max_tokens_limit,
-            max_tokens_name=max_tokens_name,
-        )
-    except RequestError as exc:  # OpenAI answers every invalid parameter with 400
-        raise RequestError(400, exc.message, param=exc.param) from None
+    chat = make_request(
+        messages,
+        stream=body.stream,
+        max_tokens=body.max_completion_tokens or body.max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+        stop=body.stop,
+        default_max_tokens=settings.default_max_tokens,
+        max_tokens_limit=settings.max_tokens_limit,
+        max_tokens_name=max_tokens_name,
+    )
     started = start(_models(), replace(chat, model=model))
     completion = _Completion(started.model)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return Response(
-            completion.stream(started.generation, include_usage),
-            mimetype="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        return sse.response(completion.stream(started.generation, include_usage))
     try:
         text, finished = started.generation.result()
     finally:
         started.generation.cancel()
     if finished.error:
-        raise RequestError(500, f"generation failed: {finished.error}", kind="server_error")
+        raise GenerationFailed(finished.error)
     return jsonify(completion.whole(text, finished)), 200
 
 
@@ -208,29 +194,25 @@ class _Completion:
             **self._base("chat.completion.chunk"),
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
         }
-        return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+        return sse.data(chunk)
 
     def stream(self, generation: Generation, include_usage: bool) -> Iterator[str]:
         try:
             yield self._chunk({"role": "assistant", "content": ""})
-            for event in generation.events(heartbeat=HEARTBEAT_SECONDS):
+            for event in generation.events(heartbeat=sse.HEARTBEAT_SECONDS):
                 if event is None:
-                    yield KEEP_ALIVE
+                    yield sse.KEEP_ALIVE
                 elif isinstance(event, str):
                     yield self._chunk({"content": event})
                 elif event.error:
-                    error = {
-                        "message": f"generation failed: {event.error}",
-                        "type": "server_error",
-                        "param": None,
-                        "code": None,
-                    }
-                    yield f"data: {json.dumps({'error': error})}\n\n"
+                    failed = answer(GenerationFailed(event.error), openai=True)
+                    error = {"message": failed.message, "type": failed.kind, "param": None, "code": None}
+                    yield sse.data({"error": error})
                 else:
                     yield self._chunk({}, _finish_reason(event))
                     if include_usage:
                         usage = {**self._base("chat.completion.chunk"), "choices": [], "usage": _usage(event)}
-                        yield f"data: {json.dumps(usage)}\n\n"
+                        yield sse.data(usage)
             yield "data: [DONE]\n\n"
         finally:
             generation.cancel()

@@ -1,0 +1,161 @@
+"""/api/conversations: list, create, read, rename, delete and export a client's own conversations,
+and who owns a request (the store and the recording of a chat are `service.history`'s).
+
+Who "owns" a request: a browser is known by a random id in an HttpOnly, SameSite cookie that the
+service sets on first visit; an API client without that cookie is known by its access token. Another
+owner's conversation answers 404, exactly like one that does not exist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Annotated, Any
+
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..chat import ChatRequest, Content
+from ..errors import ConversationNotFound, HistoryDisabled, InvalidRequest
+from ..history import DEFAULT_TITLE, TITLE_MAX, History, Transcript, new_owner_id
+from ..history import with_history as stored_chat
+from .access import bearer_token
+from .errors import json_body
+
+bp = Blueprint("history", __name__, url_prefix="/api/conversations")
+
+COOKIE = "qwenbox_owner"
+_COOKIE_VALUE = re.compile(r"^[A-Za-z0-9_-]{32}$")
+_CONVERSATION_ID = re.compile(r"^[0-9a-f]{24}$")
+COOKIE_MAX_AGE = 2 * 365 * 24 * 3600
+
+
+def current_owner() -> str:
+    """The owner of this request; a browser without a valid cookie is given a new one."""
+    if "owner" in g:
+        return g.owner
+    cookie = request.cookies.get(COOKIE, "")
+    token = bearer_token()
+    if _COOKIE_VALUE.match(cookie):
+        g.owner = f"browser:{cookie}"
+    elif token:
+        g.owner = f"token:{hashlib.sha256(token.encode()).hexdigest()[:32]}"
+    else:
+        g.new_cookie = new_owner_id()
+        g.owner = f"browser:{g.new_cookie}"
+    return g.owner
+
+
+def install_owner_cookie(app: Flask) -> None:
+    """Set the owner cookie on the response whenever this request minted one."""
+
+    @app.after_request
+    def set_cookie(response: Response) -> Response:
+        if "new_cookie" in g:
+            response.set_cookie(
+                COOKIE,
+                g.new_cookie,
+                max_age=COOKIE_MAX_AGE,
+                httponly=True,
+                samesite="Strict",
+                secure=request.is_secure,
+                path="/",
+            )
+        return response
+
+
+def history() -> History:
+    """The store, or 404 in private mode (the service keeps nothing, so there is nothing to find)."""
+    store = current_app.extensions.get("history")
+    if store is None:
+        raise HistoryDisabled()
+    return store
+
+
+def conversation_id(value: Any) -> str:
+    """An id as the store makes them, else `ConversationNotFound` without asking the store."""
+    if not isinstance(value, str) or not _CONVERSATION_ID.match(value):
+        raise ConversationNotFound(str(value))
+    return value
+
+
+class TitleBody(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    title: Annotated[Content, Field(max_length=TITLE_MAX)] | None = None
+
+
+def _title(required: bool) -> str | None:
+    data = json_body() if (required or request.content_length) else {}
+    if not isinstance(data, dict):
+        raise InvalidRequest("the body must be a JSON object")
+    try:
+        title = TitleBody.model_validate(data).title
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(map(str, first["loc"])) or "body"
+        raise InvalidRequest(f"{where}: {first['msg'].removeprefix('Value error, ')}", param=where) from None
+    return title
+
+
+def _required_title() -> str:
+    title = _title(required=True)
+    if title is None:
+        raise InvalidRequest("title: required", param="title")
+    return title
+
+
+@bp.get("")
+def list_conversations() -> Response:
+    try:
+        limit = int(request.args.get("limit", 20))
+    except ValueError:
+        raise InvalidRequest("limit: must be a whole number", param="limit") from None
+    if not 1 <= limit <= 100:
+        raise InvalidRequest("limit: must be between 1 and 100", param="limit")
+    query = request.args.get("q") or None
+    page, cursor = history().list(
+        current_owner(), limit=limit, before=request.args.get("before"), query=query
+    )
+    return jsonify(data=[c.to_dict() for c in page], next=cursor)
+
+
+@bp.post("")
+def create_conversation() -> tuple[Response, int]:
+    title = _title(required=False) or DEFAULT_TITLE
+    conv = history().create(current_owner(), title, model=current_app.extensions["models"].active.id)
+    return jsonify(conv.to_dict()), 201
+
+
+@bp.get("/<cid>")
+def get_conversation(cid: str) -> Response:
+    return jsonify(history().get(current_owner(), conversation_id(cid)).to_dict(with_messages=True))
+
+
+@bp.patch("/<cid>")
+def rename_conversation(cid: str) -> Response:
+    title = _required_title()
+    return jsonify(history().rename(current_owner(), conversation_id(cid), title).to_dict())
+
+
+@bp.delete("/<cid>")
+def delete_conversation(cid: str) -> tuple[str, int]:
+    history().delete(current_owner(), conversation_id(cid))
+    return "", 204
+
+
+@bp.get("/<cid>/export")
+def export_conversation(cid: str) -> Response:
+    conv = history().get(current_owner(), conversation_id(cid))
+    response = jsonify(conv.to_dict(with_messages=True))
+    response.headers["Content-Disposition"] = f'attachment; filename="conversation-{conv.id}.json"'
+    return response
+
+
+def with_history(chat: ChatRequest) -> tuple[ChatRequest, Transcript | None]:
+    """`history.with_history` for this request: its store and its owner. A chat that names no
+    conversation needs neither (and gives a browser no cookie)."""
+    if chat.conversation_id is None:
+        return chat, None
+    store, owner = history(), current_owner()
+    conversation_id(chat.conversation_id)  # a malformed id is not looked up
+    return stored_chat(chat, store, owner)
