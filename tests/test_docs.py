@@ -93,3 +93,24 @@ def test_every_speed_table_says_which_cpu_it_came_from():
     assert headings[0].startswith("Native")
     for capped in headings[1:]:  # measured on the same AVX-512 CPU held to an older instruction set
         assert "capped" in capped and "not a real" in capped
+
+
+def test_contributing_names_every_module_where_it_lives():
+    """A new module is placed in the map a newcomer reads first, and a moved one leaves no stale line."""
+    text = (ROOT / "CONTRIBUTING.md").read_text()
+    named = set(re.findall(r"^((?:service|infra)/[\w/.-]+\.(?:py|j2))\s", text, flags=re.M))
+    modules = {
+        str(p.relative_to(ROOT))
+        for pattern in ("service/**/*.py", "infra/**/*.py", "infra/**/*.j2")
+        for p in ROOT.glob(pattern)
+        if p.name not in ("__init__.py", "__main__.py")
+    }
+    assert modules - named == set(), "modules missing from CONTRIBUTING.md's map"
+    assert {n for n in named if not (ROOT / n).exists()} == set(), "CONTRIBUTING.md names missing modules"
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_file_a_document_names_exists(document: Path):
+    text = document.read_text()
+    for path in re.findall(r"\b((?:service|infra|tests)/[\w/.-]*\w\.(?:py|js|j2|yaml|md))\b", text):
+        assert (ROOT / path).exists(), f"{document.name} names {path}, which does not exist"
