@@ -76,7 +76,7 @@ class LiveServer:
                 r = requests.get(self.url + "/api/health", timeout=2)
                 if r.status_code == 200:
                     return r.json()
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or too busy importing to answer in 2 s
                 pass
             time.sleep(0.1)
         raise TimeoutError(f"server not healthy: {self.log_path.read_text()[-2000:]}")
