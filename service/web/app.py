@@ -15,6 +15,7 @@ from typing import Any
 
 from flask import Flask, Response, send_from_directory
 from flask.json.provider import DefaultJSONProvider
+from flask_compress import Compress
 
 from ..config import Settings
 from ..history import History
@@ -75,6 +76,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         return send_from_directory(STATIC, "index.html", max_age=0)
 
     errors.install(app, max_body_bytes=settings.max_body_bytes)
+    _compress(app)
 
     @app.after_request
     def security_headers(response: Response) -> Response:
@@ -83,6 +85,27 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         return response
 
     return app
+
+
+def _compress(app: Flask) -> None:
+    """zstd/brotli/gzip for the page (its HTML, JS, CSS) and the JSON answers: about 200 KB that
+    would otherwise cross a slow link whole. Static files are streamed responses, so streams are
+    compressed, but only of these types: an event stream (SSE) is not among them and reaches the
+    client chunk by chunk, unaltered."""
+    app.config.update(
+        COMPRESS_MIMETYPES=[
+            "text/html",
+            "text/css",
+            "text/javascript",
+            "application/javascript",
+            "application/json",
+            "image/svg+xml",
+        ],
+        COMPRESS_ALGORITHM=["zstd", "br", "gzip"],
+        COMPRESS_STREAMS=True,
+        COMPRESS_MIN_SIZE=1024,
+    )
+    Compress(app)
 
 
 def _transformers_loader(settings: Settings, source: str) -> Callable[[], Any]:
