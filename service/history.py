@@ -86,6 +86,12 @@ class Conversation:
         return d
 
 
+# `History.list` shadows the builtin inside the class: its annotations use these names.
+_Ids = list[int]
+_Versions = list[dict[str, Any]]
+_Messages = list[StoredMessage]
+
+
 def new_owner_id() -> str:
     """A random, unguessable owner id for a browser cookie."""
     return secrets.token_urlsafe(24)
@@ -245,7 +251,7 @@ class History:
         ).fetchone()
 
     # --- editing a conversation: truncate (edit and resend), alternatives (regenerate), import -----
-    def _message_ids(self, db: sqlite3.Connection, owner: str, conversation_id: str) -> list[int]:
+    def _message_ids(self, db: sqlite3.Connection, owner: str, conversation_id: str) -> _Ids:
         if self._find(db, owner, conversation_id) is None:
             raise ConversationNotFound(conversation_id)
         rows = db.execute("SELECT id FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,))
@@ -296,7 +302,7 @@ class History:
         return self.get(owner, conversation_id)
 
     @staticmethod
-    def _show(db: sqlite3.Connection, message_id: int, versions: list[dict[str, Any]], shown: int) -> None:
+    def _show(db: sqlite3.Connection, message_id: int, versions: _Versions, shown: int) -> None:
         chosen = versions[shown]
         meta = dict(chosen["meta"] or {})
         meta.update(alternatives=versions, shown=shown)
@@ -306,7 +312,7 @@ class History:
         )
 
     def import_conversation(
-        self, owner: str, title: str, messages: list[StoredMessage], model: str | None = None
+        self, owner: str, title: str, messages: _Messages, model: str | None = None
     ) -> Conversation:
         """A new conversation of `owner` holding `messages` (an export read back), in one transaction."""
         conv = Conversation(secrets.token_hex(12), _title(title), 0.0, 0.0, model)

@@ -21,8 +21,6 @@ from tests.support.engines import ScriptedBackend, scripted_engine
 
 pytestmark = pytest.mark.browser
 
-SHOTS = Path(__file__).resolve().parent.parent / "screens"
-
 
 def api(page, path: str) -> str:
     return f"http://{page.url.split('/')[2]}{path}"
@@ -129,7 +127,8 @@ def test_regenerate_keeps_the_old_reply_as_a_version_and_a_reload_shows_both(ser
     expect(reply.get_by_test_id("versions-label")).to_have_text("1/2")
     expect(reply.get_by_test_id("prev-message")).to_be_disabled()
     page.wait_for_function(
-        "id => fetch(`/api/conversations/${id}`).then(r => r.json()).then(c => c.messages[1].meta.shown === 0)",
+        "id => fetch(`/api/conversations/${id}`).then(r => r.json())"
+        ".then(c => c.messages[1].meta.shown === 0)",
         arg=cid,
     )
     conv = stored(page, cid)
@@ -154,7 +153,12 @@ def test_regenerate_keeps_the_old_reply_as_a_version_and_a_reload_shows_both(ser
     wait_reply(page)
     assert asked.value.post_data_json["conversation_id"] == cid
     conv = stored(page, cid)
-    assert [m["content"] for m in conv["messages"]] == ["Tell me something", "Second answer.", "go on", "Third."]
+    assert [m["content"] for m in conv["messages"]] == [
+        "Tell me something",
+        "Second answer.",
+        "go on",
+        "Third.",
+    ]
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     assert real_problems(page) == []
 
@@ -377,11 +381,15 @@ def test_a_model_that_cannot_be_downloaded_says_why_with_the_raw_error_behind_de
     page.goto(server.url)
     notice = page.get_by_test_id("notice")
     expect(notice).to_contain_text(
-        "cannot be downloaded: this machine has no access to the model hub. Give a local folder", timeout=10_000
+        "cannot be downloaded: this machine has no access to the model hub. Give a local folder",
+        timeout=10_000,
     )
     status = page.get_by_test_id("status")
     expect(status).to_have_text("Model failed to load")
-    assert "OSError" not in status.inner_text() and "OSError" not in page.get_by_test_id("notice-text").inner_text()
+    assert (
+        "OSError" not in status.inner_text()
+        and "OSError" not in page.get_by_test_id("notice-text").inner_text()
+    )
     raw = page.get_by_test_id("notice-raw")
     expect(raw).to_be_hidden()
     page.get_by_test_id("notice-details").locator("summary").click()
@@ -403,7 +411,8 @@ def test_typing_dots_stay_until_the_first_visible_text(serve, tiny_backend, page
             if (!el) return;
             const body = el.querySelector('.message-body');
             if (!body.querySelector('.typing') && !body.textContent.trim()) window.__blank += 1;
-          }).observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true});
+          }).observe(document.getElementById('messages'),
+                     {subtree: true, childList: true, characterData: true});
         }"""
     )
     send(page, "hi")
@@ -438,6 +447,7 @@ def test_loading_model_is_shown_until_the_model_is_ready(serve, tiny_backend, an
     box = notice.bounding_box()
     assert box and box["y"] + box["height"] <= page.viewport_size["height"]  # in view, above the composer
     page.get_by_test_id("input").fill("typed while it loads")
+    expect(notice).to_contain_text(re.compile(r"Loading model… \(\d+ s so far\)"), timeout=8_000)
     shoot(page, f"loading-model-{page.width_name}")
     release.set()
     expect(notice).to_be_hidden(timeout=10_000)

@@ -35,7 +35,7 @@ function setHealth(next, text, detail) {
 
 function updateNotice(detail) {
   const messages = {
-    loading: 'Loading model… This can take a minute after the server starts; you can type your message meanwhile.',
+    loading: `Loading model…${loadingFor()} This can take a minute after the server starts; you can type your message meanwhile.`,
     offline: 'Can’t reach the server. Retrying…',
     error: explainLoadFailure(detail),
   };
@@ -47,6 +47,19 @@ function updateNotice(detail) {
   const raw = health === 'error' && detail ? String(detail) : '';
   els.noticeDetails.hidden = !raw;
   if (els.noticeRaw.textContent !== raw) els.noticeRaw.textContent = raw;
+}
+
+let loadingSince = 0; // when this page first saw the model loading
+
+/** " (12 s so far)" once the load has taken a while: the notice visibly moves while it waits. */
+function loadingFor() {
+  if (health !== 'loading') {
+    loadingSince = 0;
+    return '';
+  }
+  if (!loadingSince) loadingSince = Date.now();
+  const seconds = Math.round((Date.now() - loadingSince) / 1000);
+  return seconds >= 2 ? ` (${seconds} s so far)` : '';
 }
 
 /** Why a model failed to load, in a sentence that says what to do (the raw error goes in Details). */
