@@ -128,10 +128,11 @@ def _announce_when_ready(models: ModelManager, settings: Settings, poll: float =
 
 
 def _compress(app: Flask) -> None:
-    """zstd/brotli/gzip for the page (its HTML, JS, CSS) and the JSON answers: about 200 KB that
+    """gzip (or brotli, zstd) for the page (its HTML, JS, CSS) and the JSON answers: about 200 KB that
     would otherwise cross a slow link whole. Static files are streamed responses, so streams are
     compressed, but only of these types: an event stream (SSE) is not among them and reaches the
-    client chunk by chunk, unaltered."""
+    client chunk by chunk, unaltered. gzip is preferred when a browser takes all three: for these
+    files, compressed as streams, it is the smallest (229 KB → 72 KB; brotli 74, zstd 77)."""
     app.config.update(
         COMPRESS_MIMETYPES=[
             "text/html",
@@ -141,8 +142,8 @@ def _compress(app: Flask) -> None:
             "application/json",
             "image/svg+xml",
         ],
-        COMPRESS_ALGORITHM=["zstd", "br", "gzip"],
-        COMPRESS_ALGORITHM_STREAMING=["zstd", "br", "gzip"],
+        COMPRESS_ALGORITHM=["gzip", "br", "zstd"],
+        COMPRESS_ALGORITHM_STREAMING=["gzip", "br", "zstd"],
         COMPRESS_STREAMING_ENDPOINT_CONDITIONAL=["static", "index"],
         COMPRESS_STREAMS=True,
         COMPRESS_MIN_SIZE=1024,
