@@ -354,6 +354,9 @@ def _conversation(row: sqlite3.Row, count: int) -> Conversation:
     return Conversation(row["id"], row["title"], row["created_at"], row["updated_at"], row["model"], count)
 
 
+_REPLY_STATUSES = ("complete", "stop", "length", "cancelled", "error")
+
+
 def _version(content: str, status: str, meta: dict[str, Any] | None) -> dict[str, Any]:
     meta = {k: v for k, v in (meta or {}).items() if k not in ("alternatives", "shown")}
     return {"content": content, "status": status, "meta": meta or None}
@@ -363,8 +366,16 @@ def _versions(row: sqlite3.Row) -> list[dict[str, Any]]:
     """Every version of a stored reply: its `meta.alternatives`, or the reply alone."""
     meta = json.loads(row["meta"]) if row["meta"] else {}
     versions = meta.get("alternatives")
-    if isinstance(versions, list) and versions:
-        return versions
+    if isinstance(versions, list):  # an imported file may hold anything here: keep what is sound
+        versions = [
+            _version(v["content"], v["status"], v.get("meta") if isinstance(v.get("meta"), dict) else None)
+            for v in versions
+            if isinstance(v, dict)
+            and isinstance(v.get("content"), str)
+            and v.get("status") in _REPLY_STATUSES
+        ]
+        if versions:
+            return versions
     return [_version(row["content"], row["status"], meta)]
 
 

@@ -155,3 +155,23 @@ def test_import_size_and_media_type(app, settings):
     r = client.post("/api/conversations/import", data="title=x", content_type="text/plain")
     assert r.status_code == 415
     assert client.get("/api/conversations").json["data"] == []
+
+
+def test_an_imported_reply_with_malformed_versions_can_still_be_regenerated(app):
+    client = browser(app)
+    odd = {"alternatives": [{"content": 5}, "x", {"content": "kept", "status": "stop"}], "shown": 9}
+    body = {
+        "title": "odd",
+        "messages": [
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "a", "status": "stop", "meta": odd},
+        ],
+    }
+    cid = client.post("/api/conversations/import", json=body).json["id"]
+    r = client.post(f"/api/conversations/{cid}/alternatives", json={"content": "new"})
+    assert r.status_code == 201
+    assert [v["content"] for v in r.json["messages"][1]["meta"]["alternatives"]] == ["kept", "new"]
+    assert (
+        client.patch(f"/api/conversations/{cid}/messages/1", json={"shown": 0}).json["messages"][1]["content"]
+        == "kept"
+    )

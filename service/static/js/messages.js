@@ -253,10 +253,13 @@ export function renderStoredReply(message, content, position) {
   finishReply(reply, finish);
   const meta = message.meta && typeof message.meta === 'object' ? message.meta : {};
   describeEnd(reply, finish, meta);
-  if (Array.isArray(meta.alternatives) && meta.alternatives.length > 1) {
-    reply.versions = meta.alternatives;
-    const shown = Number.isInteger(meta.shown) ? meta.shown : meta.alternatives.length - 1;
-    reply.shown = Math.min(Math.max(shown, 0), meta.alternatives.length - 1);
+  const versions = Array.isArray(meta.alternatives)
+    ? meta.alternatives.filter((v) => v && typeof v === 'object' && typeof v.content === 'string')
+    : [];
+  if (versions.length > 1) {
+    reply.versions = versions;
+    const shown = Number.isInteger(meta.shown) ? meta.shown : versions.length - 1;
+    reply.shown = Math.min(Math.max(shown, 0), versions.length - 1);
     renderVersions(reply);
   }
   return reply;
