@@ -467,4 +467,11 @@ def test_actions_at_phone_width_fit_and_are_tappable(server, phone_page):
     expect(user.get_by_test_id("edit-message")).to_be_visible()
     shoot(page, "actions-phone")
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    page.get_by_test_id("chat-menu").locator("summary").click()
+    menu = page.locator(".chat-menu-list").bounding_box()
+    assert menu and menu["x"] >= 0 and menu["x"] + menu["width"] <= 390
+    expect(page.get_by_test_id("export-markdown")).to_be_visible()
+    shoot(page, "export-menu-phone")
+    page.keyboard.press("Escape")
+    expect(page.get_by_test_id("export-markdown")).to_be_hidden()
     assert re.search(r"\d+ tokens?", reply.get_by_test_id("message-meta").inner_text())
