@@ -86,6 +86,12 @@ class Conversation:
         return d
 
 
+# `History.list` shadows the builtin inside the class: its annotations use these names.
+_Ids = list[int]
+_Versions = list[dict[str, Any]]
+_Messages = list[StoredMessage]
+
+
 def new_owner_id() -> str:
     """A random, unguessable owner id for a browser cookie."""
     return secrets.token_urlsafe(24)
@@ -244,6 +250,96 @@ class History:
             "SELECT * FROM conversations WHERE id = ? AND owner = ?", (conversation_id, owner)
         ).fetchone()
 
+    # --- editing a conversation: truncate (edit and resend), alternatives (regenerate), import -----
+    def _message_ids(self, db: sqlite3.Connection, owner: str, conversation_id: str) -> _Ids:
+        if self._find(db, owner, conversation_id) is None:
+            raise ConversationNotFound(conversation_id)
+        rows = db.execute("SELECT id FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,))
+        return [r["id"] for r in rows]
+
+    def truncate(self, owner: str, conversation_id: str, start: int) -> Conversation:
+        """Delete the messages from position `start` (0-based, as `get` lists them) to the end: an
+        edited question is resent from there, and what followed it no longer belongs to the chat."""
+        with self._tx() as db:
+            ids = self._message_ids(db, owner, conversation_id)
+            if not 0 <= start < len(ids):
+                raise InvalidRequest(
+                    f"from: must be a message position, 0 to {len(ids) - 1}" if ids else "from: no messages",
+                    param="from",
+                )
+            db.execute(
+                "DELETE FROM messages WHERE conversation_id = ? AND id >= ?", (conversation_id, ids[start])
+            )
+            db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (time.time(), conversation_id))
+        return self.get(owner, conversation_id)
+
+    def add_alternative(self, owner: str, conversation_id: str, reply: StoredMessage) -> Conversation:
+        """A regenerated reply: it becomes the shown version of the last reply, and every earlier
+        version stays in its `meta.alternatives` (a reload pages through the same versions)."""
+        with self._tx() as db:
+            ids = self._message_ids(db, owner, conversation_id)
+            last = db.execute("SELECT * FROM messages WHERE id = ?", (ids[-1],)).fetchone() if ids else None
+            if last is None or last["role"] != "assistant":
+                raise InvalidRequest(
+                    "only the last reply can be regenerated, and this chat ends with a question"
+                )
+            versions = _versions(last)
+            versions.append(_version(reply.content, reply.status, reply.meta))
+            self._show(db, last["id"], versions, len(versions) - 1)
+        return self.get(owner, conversation_id)
+
+    def show_alternative(self, owner: str, conversation_id: str, position: int, shown: int) -> Conversation:
+        """Show version `shown` of the reply at `position`: it is what the next turn continues from."""
+        with self._tx() as db:
+            ids = self._message_ids(db, owner, conversation_id)
+            if not 0 <= position < len(ids):
+                raise ConversationNotFound(conversation_id)
+            row = db.execute("SELECT * FROM messages WHERE id = ?", (ids[position],)).fetchone()
+            versions = _versions(row)
+            if row["role"] != "assistant" or not 0 <= shown < len(versions):
+                raise InvalidRequest(f"shown: must be 0 to {len(versions) - 1}", param="shown")
+            self._show(db, row["id"], versions, shown)
+        return self.get(owner, conversation_id)
+
+    @staticmethod
+    def _show(db: sqlite3.Connection, message_id: int, versions: _Versions, shown: int) -> None:
+        chosen = versions[shown]
+        meta = dict(chosen["meta"] or {})
+        meta.update(alternatives=versions, shown=shown)
+        db.execute(
+            "UPDATE messages SET content = ?, status = ?, meta = ? WHERE id = ?",
+            (chosen["content"], chosen["status"], json.dumps(meta), message_id),
+        )
+
+    def import_conversation(
+        self, owner: str, title: str, messages: _Messages, model: str | None = None
+    ) -> Conversation:
+        """A new conversation of `owner` holding `messages` (an export read back), in one transaction."""
+        conv = Conversation(secrets.token_hex(12), _title(title), 0.0, 0.0, model)
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO conversations (id, owner, title, created_at, updated_at, model) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (conv.id, owner, conv.title, now, now, model),
+            )
+            db.executemany(
+                "INSERT INTO messages (conversation_id, role, content, status, created_at, meta) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        conv.id,
+                        m.role,
+                        m.content,
+                        m.status,
+                        m.created_at or now,
+                        json.dumps(m.meta) if m.meta else None,
+                    )
+                    for m in messages
+                ],
+            )
+        return self.get(owner, conv.id)
+
 
 def _title(title: str) -> str:
     title = " ".join(title.split())
@@ -256,6 +352,31 @@ def _title(title: str) -> str:
 
 def _conversation(row: sqlite3.Row, count: int) -> Conversation:
     return Conversation(row["id"], row["title"], row["created_at"], row["updated_at"], row["model"], count)
+
+
+_REPLY_STATUSES = ("complete", "stop", "length", "cancelled", "error")
+
+
+def _version(content: str, status: str, meta: dict[str, Any] | None) -> dict[str, Any]:
+    meta = {k: v for k, v in (meta or {}).items() if k not in ("alternatives", "shown")}
+    return {"content": content, "status": status, "meta": meta or None}
+
+
+def _versions(row: sqlite3.Row) -> list[dict[str, Any]]:
+    """Every version of a stored reply: its `meta.alternatives`, or the reply alone."""
+    meta = json.loads(row["meta"]) if row["meta"] else {}
+    versions = meta.get("alternatives")
+    if isinstance(versions, list):  # an imported file may hold anything here: keep what is sound
+        versions = [
+            _version(v["content"], v["status"], v.get("meta") if isinstance(v.get("meta"), dict) else None)
+            for v in versions
+            if isinstance(v, dict)
+            and isinstance(v.get("content"), str)
+            and v.get("status") in _REPLY_STATUSES
+        ]
+        if versions:
+            return versions
+    return [_version(row["content"], row["status"], meta)]
 
 
 # --- a chat request inside a stored conversation -----------------------------------------------------

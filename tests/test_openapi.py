@@ -230,6 +230,36 @@ def test_conversations_round_trip(scripted_client):
     call(c, "get", "/api/conversations/{cid}", "/api/conversations/not-an-id", status=404)
 
 
+def test_conversation_edits_regenerate_and_import(scripted_client):
+    c = scripted_client
+    conv = call(c, "post", "/api/conversations", json={}, status=201).json
+    cid = conv["id"]
+    for text in ("Hi", "Again"):
+        call(c, "post", "/api/chat", json={"conversation_id": cid, "message": text}, status=200)
+    alt = f"/api/conversations/{cid}/alternatives"
+    call(c, "post", "/api/conversations/{cid}/alternatives", alt, json={"content": "v2"}, status=201)
+    call(
+        c,
+        "post",
+        "/api/conversations/{cid}/alternatives",
+        alt,
+        json={"status": "stop"},
+        invalid=True,
+        status=422,
+    )
+    shown = f"/api/conversations/{cid}/messages/3"
+    got = call(
+        c, "patch", "/api/conversations/{cid}/messages/{position}", shown, json={"shown": 0}, status=200
+    )
+    assert got.json["messages"][3]["meta"]["shown"] == 0
+    cut = f"/api/conversations/{cid}/truncate"
+    call(c, "post", "/api/conversations/{cid}/truncate", cut, json={"from": 2}, status=200)
+    call(c, "post", "/api/conversations/{cid}/truncate", cut, json={"from": -1}, invalid=True, status=422)
+    exported = c.get(f"/api/conversations/{cid}/export").json
+    call(c, "post", "/api/conversations/import", json=exported, status=201)
+    call(c, "post", "/api/conversations/import", json={"title": "t"}, invalid=True, status=422)
+
+
 def test_history_off_answers_404(settings, scripted):
     c = create_app(replace(settings, history=False), engine=scripted()).test_client()
     r = call(c, "get", "/api/conversations", status=404)

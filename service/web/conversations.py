@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, TypeVar
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..chat import ChatRequest, Content
 from ..errors import ConversationNotFound, HistoryDisabled, InvalidRequest
-from ..history import DEFAULT_TITLE, TITLE_MAX, History, Transcript, new_owner_id
+from ..history import DEFAULT_TITLE, TITLE_MAX, History, StoredMessage, Transcript, new_owner_id
 from ..history import with_history as stored_chat
 from .access import bearer_token
 from .errors import json_body
@@ -159,3 +159,95 @@ def with_history(chat: ChatRequest) -> tuple[ChatRequest, Transcript | None]:
     store, owner = history(), current_owner()
     conversation_id(chat.conversation_id)  # a malformed id is not looked up
     return stored_chat(chat, store, owner)
+
+
+# --- editing a conversation: truncate (edit and resend), alternatives (regenerate), import ---------
+IMPORT_MAX_MESSAGES = 2000
+_M = TypeVar("_M", bound=BaseModel)
+_REPLY_STATUS = Literal["stop", "length", "cancelled", "error"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class TruncateBody(_Strict):
+    start: Annotated[int, Field(ge=0, alias="from")]
+
+
+class AlternativeBody(_Strict):
+    content: str
+    status: _REPLY_STATUS = "stop"
+    meta: dict[str, Any] | None = None
+
+
+class ShownBody(_Strict):
+    shown: Annotated[int, Field(ge=0)]
+
+
+class ImportedMessage(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str
+    status: Literal["complete", "stop", "length", "cancelled", "error"] = "complete"
+    created_at: Annotated[float, Field(ge=0)] = 0.0
+    meta: dict[str, Any] | None = None
+
+
+class ImportBody(_Strict):
+    """An export (`GET /api/conversations/ID/export`) read back: its own id, times and count are
+    accepted and ignored (the import is a new conversation of the caller's)."""
+
+    title: Annotated[Content, Field(min_length=1, max_length=TITLE_MAX)]
+    messages: Annotated[list[ImportedMessage], Field(max_length=IMPORT_MAX_MESSAGES)]
+    id: str | None = None
+    created_at: float | None = None
+    updated_at: float | None = None
+    model: str | None = None
+    message_count: int | None = None
+
+
+def _validated(model: type[_M]) -> _M:
+    data = json_body()
+    if not isinstance(data, dict):
+        raise InvalidRequest("the body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(map(str, first["loc"])) or "body"
+        raise InvalidRequest(f"{where}: {first['msg'].removeprefix('Value error, ')}", param=where) from None
+
+
+@bp.post("/<cid>/truncate")
+def truncate_conversation(cid: str) -> Response:
+    """Edit and resend: the messages from `from` on are deleted; the page then sends the edited question."""
+    body = _validated(TruncateBody)
+    return jsonify(
+        history().truncate(current_owner(), conversation_id(cid), body.start).to_dict(with_messages=True)
+    )
+
+
+@bp.post("/<cid>/alternatives")
+def add_alternative(cid: str) -> tuple[Response, int]:
+    """Regenerate: a new version of the last reply, shown from now on; the earlier ones are kept."""
+    body = _validated(AlternativeBody)
+    reply = StoredMessage("assistant", body.content, body.status, meta=body.meta)
+    conv = history().add_alternative(current_owner(), conversation_id(cid), reply)
+    return jsonify(conv.to_dict(with_messages=True)), 201
+
+
+@bp.patch("/<cid>/messages/<int:position>")
+def show_alternative(cid: str, position: int) -> Response:
+    """Page through a reply's versions: the one shown is the one the chat continues from."""
+    body = _validated(ShownBody)
+    conv = history().show_alternative(current_owner(), conversation_id(cid), position, body.shown)
+    return jsonify(conv.to_dict(with_messages=True))
+
+
+@bp.post("/import")
+def import_conversation() -> tuple[Response, int]:
+    """A new conversation of the caller's from an exported JSON (the body limit bounds its size)."""
+    body = _validated(ImportBody)
+    messages = [StoredMessage(m.role, m.content, m.status, m.created_at, m.meta) for m in body.messages]
+    conv = history().import_conversation(current_owner(), body.title, messages, body.model)
+    return jsonify(conv.to_dict(with_messages=True)), 201

@@ -96,10 +96,30 @@ function failureMessage(status, statusText, body, retryAfter) {
   if (typeof message !== 'string') message = '';
   if (!message) message = `The server answered ${status} ${statusText || ''}`.trim() + '.';
   if (status === 429 && !/too many|rate/i.test(message)) message = `Too many requests (limit: ${message}).`;
-  if (retryAfter && /^\d+$/.test(retryAfter.trim()) && !/retry/i.test(message)) {
-    message += ` Retry in ${retryAfter.trim()} s.`;
+  message = inPageTerms(status, body, message);
+  // Only a busy or rate-limited server means "wait and retry"; other answers carry the header too.
+  const waitable = status === 429 || status === 503;
+  if (waitable && retryAfter && /^\d+$/.test(retryAfter.trim()) && !/retry/i.test(message)) {
+    message = `${message.replace(/\s+$/, '')}${/[.!?]$/.test(message.trim()) ? '' : '.'} Retry in ${retryAfter.trim()} s.`;
   }
   return message;
+}
+
+/** The server names request fields (`max_tokens`); the page's user knows the Settings labels. */
+function inPageTerms(status, body, message) {
+  const kind = body?.error?.type || body?.error?.code;
+  const fit = /needs (\d+) tokens but only (\d+) fit: the context holds (\d+) tokens and (\d+) are kept/.exec(message);
+  if (kind === 'context_length_exceeded' || (status === 413 && fit)) {
+    if (fit) {
+      return `Your message doesn’t fit: it needs ${fit[1]} tokens, and the model’s context of ${fit[3]} `
+        + `tokens keeps ${fit[4]} for the reply (the “Max tokens” setting). Shorten the message or the `
+        + 'system prompt, or lower “Max tokens” in Settings.';
+    }
+    return message.replace(/\bmax_tokens\b/g, '“Max tokens” (Settings)');
+  }
+  const cap = /^max_tokens: must be at most (\d+)/.exec(message);
+  if (cap) return `“Max tokens” in Settings can be at most ${cap[1]} on this server.`;
+  return message.replace(/\bmax_tokens\b/g, '“Max tokens”');
 }
 
 /** The plain-words reason for a failed api() result. */

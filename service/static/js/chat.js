@@ -9,8 +9,9 @@ import { els } from './dom.js';
 import { api, apiFailure, errorMessageFrom, streamChat } from './api.js';
 import { isReady, pollHealth } from './health.js';
 import {
-  appendAssistantMessage, appendUserMessage, describeDone, finishReply, markStopped,
-  removeRetryButtons, renderStoredReply, scheduleRender, showReplyError,
+  appendAssistantMessage, appendUserMessage, describeDone, finishReply, markStopped, messageText,
+  removeRetryButtons, renderStoredReply, renderVersions, replyOf, scheduleRender, showReplyError,
+  showVersion,
 } from './messages.js';
 import { askForAccessToken, readSettings, systemPrompt } from './settings.js';
 import {
@@ -48,6 +49,7 @@ function chatIsEmpty() {
 /** Send/Stop and the Private switch follow the health, the stream and the chat. */
 export function updateControls() {
   const streaming = Boolean(chat.active);
+  updateActions();
   els.send.hidden = streaming;
   els.stop.hidden = !streaming;
   els.send.disabled = !isReady() || chat.opening;
@@ -89,6 +91,7 @@ function buildPayload(options, conversationId) {
   const system = systemPrompt();
   if (system) messages.push({ role: 'system', content: system });
   if (conversationId) {
+    // The stored turns are the server's: only the new one goes out.
     messages.push(chat.history[chat.history.length - 1]);
     return { conversation_id: conversationId, messages, stream: true, ...options };
   }
@@ -211,7 +214,7 @@ async function conversationFor(signal) {
     chat.conversationId = result.data.id;
     remember(result.data.id);
     addConversation(result.data);
-    return { id: result.data.id };
+    return { id: result.data.id, created: true };
   }
   if (result.status === 404) {
     setHistoryMode('off'); // the server keeps nothing (HISTORY=off): this chat is private
@@ -234,28 +237,18 @@ async function requestReply({ userEl, text, options }) {
   scrollToBottom();
 
   let outcome;
-  let response = null;
   let target = { id: null };
   try {
     target = await conversationFor(controller.signal);
-    if (target.rejected) {
-      outcome = target.rejected;
-    } else {
-      response = await streamChat(buildPayload(options, target.id), controller.signal);
-      if (!response.ok) {
-        const body = await response.clone().json().catch(() => null);
-        outcome = {
-          kind: 'rejected', message: await errorMessageFrom(response), status: response.status,
-          code: body?.error?.code,
-        };
-      } else {
-        outcome = await readReply(response, reply);
-      }
-    }
   } catch (err) {
-    if (isAbort(err)) outcome = { kind: 'cancelled' };
-    else if (!response) outcome = { kind: 'rejected', message: 'Could not reach the server. Check that it is running, then try again.' };
-    else outcome = { kind: 'error', message: 'The connection was lost while the reply was streaming.' };
+    target = { rejected: isAbort(err) ? { kind: 'cancelled' } : unreachable() };
+  }
+  if (target.rejected) outcome = target.rejected;
+  else outcome = await streamInto(reply, buildPayload(options, target.id), controller.signal);
+  if (target.created && outcome.kind === 'rejected') {
+    // The model never took the first message: the new conversation holds nothing, so it goes.
+    discardEmptyConversation(target.id);
+    target = { id: null };
   }
 
   if (epoch !== chat.epoch) {
@@ -274,6 +267,41 @@ async function requestReply({ userEl, text, options }) {
   if (target.id && outcome.kind !== 'rejected') refreshList();
 }
 
+const unreachable = () => ({
+  kind: 'rejected', message: 'Could not reach the server. Check that it is running, then try again.',
+});
+
+/** POST the chat and read its stream into `reply`; resolves the outcome (never throws). */
+async function streamInto(reply, payload, signal) {
+  let response = null;
+  try {
+    response = await streamChat(payload, signal);
+    if (!response.ok) {
+      const body = await response.clone().json().catch(() => null);
+      return {
+        kind: 'rejected', message: await errorMessageFrom(response), status: response.status,
+        code: body?.error?.code,
+      };
+    }
+    return await readReply(response, reply);
+  } catch (err) {
+    if (isAbort(err)) return { kind: 'cancelled' };
+    if (!response) return unreachable();
+    return { kind: 'error', message: 'The connection was lost while the reply was streaming.' };
+  }
+}
+
+/** A conversation created for a first message that the model never took: delete it again. */
+function discardEmptyConversation(id) {
+  removeConversation(id);
+  if (chat.conversationId === id) {
+    chat.conversationId = null;
+    remember(null);
+    markCurrent();
+  }
+  api('DELETE', `/api/conversations/${encodeURIComponent(id)}`).catch(() => {});
+}
+
 function settle(reply, outcome, ctx) {
   switch (outcome.kind) {
     case 'done': {
@@ -281,6 +309,7 @@ function settle(reply, outcome, ctx) {
       finishReply(reply, finish);
       if (finish === 'cancelled') markStopped(reply);
       else reply.meta.textContent = describeDone(outcome.event);
+      reply.doneMeta = { usage: outcome.event.usage, timing: outcome.event.timing };
       keepInHistory(reply);
       break;
     }
@@ -331,7 +360,8 @@ function conversationGone(id, outcome, { reply, userEl, text }) {
 
 function keepInHistory(reply) {
   if (!reply.text) return; // an empty turn adds nothing and may be rejected by the server
-  chat.history.push({ role: 'assistant', content: reply.text });
+  reply.entry = { role: 'assistant', content: reply.text };
+  chat.history.push(reply.entry);
   reply.inHistory = true;
 }
 
@@ -453,13 +483,13 @@ export async function openConversation(id, { restoring = false } = {}) {
 }
 
 function renderStoredConversation(conversation) {
-  for (const message of conversation.messages) {
+  for (const [position, message] of conversation.messages.entries()) {
     const content = typeof message.content === 'string' ? message.content : '';
     if (message.role === 'user') {
       appendUserMessage(content);
       chat.history.push({ role: 'user', content });
     } else if (message.role === 'assistant') {
-      const reply = renderStoredReply(message, content);
+      const reply = renderStoredReply(message, content, position);
       if (content && reply.el.dataset.finish !== 'error') keepInHistory(reply);
     }
     // System turns are context the page did not show when they were sent either.
@@ -490,4 +520,281 @@ export function onPrivateToggle() {
   }
   updatePrivacy();
   els.input.focus();
+}
+
+/* ------------------------------------------------------------------ */
+/* Message actions: copy, edit and resend, regenerate, versions        */
+/* ------------------------------------------------------------------ */
+
+function lastAssistantEl() {
+  const all = els.messages.querySelectorAll('[data-testid="message"][data-role="assistant"]');
+  return all[all.length - 1] || null;
+}
+
+/** Edit and Regenerate only while nothing streams; Regenerate only on the last reply. */
+function updateActions() {
+  const busy = Boolean(chat.active) || chat.opening;
+  const last = lastAssistantEl();
+  for (const button of els.messages.querySelectorAll('[data-action="regenerate"]')) {
+    const el = button.closest('[data-testid="message"]');
+    button.hidden = el !== last || el.nextElementSibling !== null;
+    button.disabled = busy || !isReady();
+  }
+  for (const button of els.messages.querySelectorAll('[data-action="edit"], [data-action="prev"], [data-action="next"]')) {
+    if (busy) button.dataset.busy = 'true';
+    else delete button.dataset.busy;
+  }
+}
+
+/** A click on one of a message's action buttons. */
+export function onMessageAction(button) {
+  const el = button.closest('[data-testid="message"]');
+  if (!el || button.disabled) return;
+  const action = button.dataset.action;
+  if (action === 'copy') copyMessage(button, el);
+  else if (button.dataset.busy) showError('Wait for the current reply to finish.');
+  else if (action === 'edit') startEdit(el);
+  else if (action === 'regenerate') regenerate(el);
+  else if (action === 'prev' || action === 'next') pageVersion(el, action === 'next' ? 1 : -1);
+}
+
+async function copyMessage(button, el) {
+  const text = messageText(el);
+  let ok = false;
+  try {
+    if (navigator.clipboard && window.isSecureContext) {
+      await navigator.clipboard.writeText(text);
+      ok = true;
+    }
+  } catch (_) {
+    ok = false;
+  }
+  if (!ok) {
+    // No clipboard (plain http on a LAN address): select the message so Ctrl+C copies it.
+    const range = document.createRange();
+    range.selectNodeContents(el.querySelector('.message-body'));
+    const selection = window.getSelection();
+    selection.removeAllRanges();
+    selection.addRange(range);
+    return;
+  }
+  button.dataset.copied = 'true';
+  button.title = 'Copied';
+  button.setAttribute('aria-label', 'Copied');
+  setTimeout(() => {
+    delete button.dataset.copied;
+    button.title = 'Copy';
+    button.setAttribute('aria-label', 'Copy');
+  }, 1500);
+}
+
+/** Edit an earlier question in place: Send truncates the chat there and asks again. */
+function startEdit(el) {
+  if (el.querySelector('.edit-box')) return;
+  const body = el.querySelector('.message-body');
+  const actions = el.querySelector('.message-actions');
+  const box = document.createElement('div');
+  box.className = 'edit-box';
+  box.dataset.testid = 'edit-box';
+  const area = document.createElement('textarea');
+  area.className = 'edit-input';
+  area.dataset.testid = 'edit-input';
+  area.setAttribute('aria-label', 'Edit your message');
+  area.rows = Math.min(10, Math.max(2, messageText(el).split('\n').length));
+  area.value = messageText(el);
+  const row = document.createElement('div');
+  row.className = 'edit-buttons';
+  const cancel = document.createElement('button');
+  cancel.type = 'button';
+  cancel.className = 'btn-small';
+  cancel.dataset.testid = 'edit-cancel';
+  cancel.textContent = 'Cancel';
+  const send = document.createElement('button');
+  send.type = 'button';
+  send.className = 'btn-small btn-primary-small';
+  send.dataset.testid = 'edit-send';
+  send.textContent = 'Send';
+  row.append(cancel, send);
+  box.append(area, row);
+  body.hidden = true;
+  actions.hidden = true;
+  el.append(box);
+  area.focus();
+  const close = () => {
+    box.remove();
+    body.hidden = false;
+    actions.hidden = false;
+  };
+  cancel.addEventListener('click', close);
+  const go = () => {
+    const text = area.value.replace(/^\s*\n/, '').trimEnd();
+    if (!text.trim()) return;
+    close();
+    resendEdited(el, text);
+  };
+  send.addEventListener('click', go);
+  area.addEventListener('keydown', (event) => {
+    if (event.key === 'Escape') {
+      event.preventDefault();
+      event.stopPropagation();
+      close();
+    } else if (event.key === 'Enter' && !event.shiftKey && !event.isComposing && event.keyCode !== 229) {
+      event.preventDefault();
+      go();
+    }
+  });
+}
+
+/** The edited question replaces the one at `el`; it and everything after it are dropped (on the
+ *  server too: truncated from that message), then the edited question is asked. */
+async function resendEdited(el, text) {
+  if (chat.active || chat.opening || !isReady()) {
+    showError(isReady() ? 'Wait for the current reply to finish.' : 'The model is not ready yet.');
+    return;
+  }
+  const settings = readSettings();
+  if (settings.error) {
+    showError(settings.error);
+    return;
+  }
+  hideError();
+  const turn = [...els.messages.querySelectorAll('[data-role="user"]')].indexOf(el);
+  const epoch = chat.epoch;
+  if (chat.conversationId) {
+    const id = chat.conversationId;
+    const path = `/api/conversations/${encodeURIComponent(id)}`;
+    let result = null;
+    try {
+      const stored = await api('GET', path);
+      const positions = (stored.data?.messages || []).flatMap((m, i) => (m.role === 'user' ? [i] : []));
+      result = stored.ok && turn < positions.length
+        ? await api('POST', `${path}/truncate`, { from: positions[turn] })
+        : stored;
+    } catch (_) {
+      result = null;
+    }
+    if (epoch !== chat.epoch) return;
+    if (!result?.ok) {
+      showError(result ? `Couldn’t edit that message: ${apiFailure(result)}` : 'Couldn’t edit that message: the server is unreachable.');
+      return;
+    }
+  }
+  let seen = -1;
+  const cut = chat.history.findIndex((m) => m.role === 'user' && (seen += 1) === turn);
+  if (cut >= 0) chat.history.length = cut;
+  for (let node = el; node;) {
+    const next = node.nextElementSibling;
+    node.remove();
+    node = next;
+  }
+  removeRetryButtons();
+  ask(text, settings.options);
+}
+
+/** Ask again for the last reply. The old one is kept: the new one is another version of it, and
+ *  the < 1/2 > pager goes back and forth (stored on the server for a stored chat). */
+async function regenerate(el) {
+  const old = replyOf(el);
+  if (!old || chat.active || chat.opening || !isReady() || el !== lastAssistantEl()) return;
+  const settings = readSettings();
+  if (settings.error) {
+    showError(settings.error);
+    return;
+  }
+  hideError();
+  removeRetryButtons();
+  const versions = old.versions || [{
+    content: old.text, status: old.el.dataset.finish || 'stop', meta: old.doneMeta || null,
+  }];
+  if (old.inHistory && chat.history[chat.history.length - 1] === old.entry) chat.history.pop();
+  el.hidden = true;
+  const epoch = chat.epoch;
+  const conversationId = chat.conversationId;
+  const reply = appendAssistantMessage();
+  const controller = new AbortController();
+  chat.active = { controller, reply };
+  updateControls();
+  scrollToBottom();
+  // The whole conversation goes out, so the server stores nothing by itself: the page stores the
+  // new version below, once it has ended (a regeneration the model never takes changes nothing).
+  const outcome = await streamInto(reply, buildPayload(settings.options, null), controller.signal);
+  if (epoch !== chat.epoch) return;
+  chat.active = null;
+  if (outcome.kind === 'rejected') {
+    reply.el.remove();
+    el.hidden = false;
+    if (old.inHistory) chat.history.push(old.entry);
+    showError(outcome.message);
+    if (outcome.status === 401) askForAccessToken();
+    if (outcome.status === undefined || outcome.status === 503) pollHealth();
+    updateControls();
+    return;
+  }
+  const finish = outcome.kind === 'done' ? outcome.event.finish_reason || 'stop' : (outcome.kind === 'cancelled' ? 'cancelled' : 'error');
+  finishReply(reply, finish);
+  const meta = outcome.kind === 'done' ? { usage: outcome.event.usage, timing: outcome.event.timing } : {};
+  if (outcome.kind === 'error') meta.error = outcome.message;
+  if (finish === 'cancelled') markStopped(reply);
+  else if (outcome.kind === 'done') reply.meta.textContent = describeDone(outcome.event);
+  else showReplyError(reply, outcome.message, null);
+  reply.doneMeta = meta;
+  reply.versions = [...versions, { content: reply.text, status: finish, meta }];
+  reply.shown = reply.versions.length - 1;
+  reply.position = old.position;
+  el.remove();
+  keepInHistory(reply);
+  renderVersions(reply);
+  updateControls();
+  if (conversationId) {
+    const result = await api('POST', `/api/conversations/${encodeURIComponent(conversationId)}/alternatives`,
+      { content: reply.text, status: finish, meta }).catch(() => null);
+    if (result?.ok && Array.isArray(result.data?.messages)) {
+      reply.position = result.data.messages.length - 1;
+      refreshList();
+    } else if (epoch === chat.epoch) {
+      showError(result ? `The new reply could not be saved: ${apiFailure(result)}` : 'The new reply could not be saved: the server is unreachable.');
+    }
+  }
+}
+
+/** Page through a regenerated reply's versions; the one shown is what the chat continues from. */
+async function pageVersion(el, step) {
+  const reply = replyOf(el);
+  if (!reply?.versions) return;
+  const index = reply.shown + step;
+  if (index < 0 || index >= reply.versions.length) return;
+  showVersion(reply, index);
+  if (reply.entry) reply.entry.content = reply.text;
+  else if (reply.text && el === lastAssistantEl()) keepInHistory(reply);
+  updateControls();
+  if (chat.conversationId && Number.isInteger(reply.position)) {
+    const path = `/api/conversations/${encodeURIComponent(chat.conversationId)}/messages/${reply.position}`;
+    const result = await api('PATCH', path, { shown: index }).catch(() => null);
+    if (!result?.ok) showError(result ? `Couldn’t keep that choice: ${apiFailure(result)}` : 'Couldn’t keep that choice: the server is unreachable.');
+  }
+}
+
+/** The chat on screen as an export: the server's for a stored chat, the page's own for a private one. */
+export async function chatExport() {
+  if (chat.conversationId) {
+    const result = await api('GET', `/api/conversations/${encodeURIComponent(chat.conversationId)}/export`);
+    if (!result.ok) throw new Error(apiFailure(result));
+    return result.data;
+  }
+  const first = chat.history.find((m) => m.role === 'user');
+  const title = first ? first.content.split(/\s+/).join(' ').slice(0, 60) : 'New chat';
+  const messages = [];
+  for (const el of els.messages.querySelectorAll('[data-testid="message"]')) {
+    if (el.hidden) continue;
+    const reply = replyOf(el);
+    messages.push(reply
+      ? { role: 'assistant', content: reply.text, status: el.dataset.finish || 'stop', meta: reply.doneMeta || null }
+      : { role: 'user', content: messageText(el), status: 'complete', meta: null });
+  }
+  return { title, messages };
+}
+
+/** Something is on screen to export. */
+export function hasChat() {
+  return els.messages.childElementCount > 0 && !chat.active;
 }

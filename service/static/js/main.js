@@ -7,6 +7,8 @@
  *   POST /api/chat                   {"messages": [...], "stream": true, ...} -> SSE   chat.js
  *   /api/conversations[/ID]          the sidebar: list, search, create, read, rename, delete  sidebar.js
  *   GET  /api/models, POST /api/models/active   the model dropdown                    models.js
+ *   /api/conversations/ID/truncate|alternatives|messages/N   edit, regenerate, versions chat.js
+ *   GET  /api/conversations/ID/export, POST /api/conversations/import   export, import transfer.js
  *
  * CSP-ready: no inline scripts or handlers, no eval, and no element.style writes (visibility is
  * toggled with the `hidden` attribute, looks with classes). Model output is untrusted: see
@@ -15,14 +17,15 @@
 import { els } from './dom.js';
 import { loadAccessToken, watchAccessToken } from './api.js';
 import {
-  isStreaming, newChat, onPrivateToggle, reopenAfterToken, stop, submit, updateControls, updateEmptyState,
-  useExample,
+  isStreaming, newChat, onMessageAction, onPrivateToggle, reopenAfterToken, stop, submit, updateControls,
+  updateEmptyState, useExample,
 } from './chat.js';
 import { pollHealth } from './health.js';
 import { copyCode } from './markdown.js';
 import { chooseModel, loadModels, modelsAfterToken } from './models.js';
-import { toggleSettings } from './settings.js';
+import { closeSettings, settingsOpen, toggleSettings } from './settings.js';
 import { closeDrawer, historyAfterToken, initSidebar, renderSidebar } from './sidebar.js';
+import { initTransfer } from './transfer.js';
 import { hideError, onScroll, scrollToBottom, syncInputHeight } from './ui.js';
 
 function onInputKeydown(event) {
@@ -34,7 +37,14 @@ function onInputKeydown(event) {
 
 function onGlobalKeydown(event) {
   if (event.key !== 'Escape' || event.isComposing) return;
-  if (els.app.classList.contains('drawer-open')) {
+  if (els.chatMenu.open) {
+    event.preventDefault();
+    els.chatMenu.open = false;
+    els.chatMenu.querySelector('summary').focus();
+  } else if (settingsOpen()) {
+    event.preventDefault();
+    closeSettings();
+  } else if (els.app.classList.contains('drawer-open')) {
     event.preventDefault();
     closeDrawer();
   } else if (isStreaming()) {
@@ -77,7 +87,13 @@ function init() {
   els.messages.addEventListener('click', (event) => {
     const button = event.target.closest('.copy-btn');
     if (button) copyCode(button);
+    const action = event.target.closest('.action-btn');
+    if (action) onMessageAction(action);
   });
+  document.addEventListener('click', (event) => {
+    if (els.chatMenu.open && !els.chatMenu.contains(event.target)) els.chatMenu.open = false;
+  });
+  initTransfer();
   document.addEventListener('visibilitychange', () => {
     if (document.visibilityState === 'visible') pollHealth();
   });

@@ -4,7 +4,7 @@
 
 import { els } from './dom.js';
 import { api, apiFailure } from './api.js';
-import { pollHealth, refreshReadyText } from './health.js';
+import { explainLoadFailure, pollHealth, refreshReadyText } from './health.js';
 import { askForAccessToken } from './settings.js';
 
 const MODELS_POLL_MS = 2000;
@@ -127,6 +127,7 @@ function renderModels() {
   // Next to the dropdown: progress of a load, a failure, or a refusal.
   let text = '';
   let kind = '';
+  let title = '';
   const loadingModel = models.list.find((m) => m.id === models.pending && m.state === 'loading')
     || models.list.find((m) => m.state === 'loading');
   const failed = models.list.find((m) => m.id === models.failed && m.state === 'failed')
@@ -141,12 +142,14 @@ function renderModels() {
     text = `Loading${named}…${seconds >= 2 ? ` ${seconds} s` : ''}`;
     kind = 'loading';
   } else if (failed) {
-    text = `${shortModelName(failed.id)} failed to load${failed.error ? `: ${failed.error}` : ''}`;
+    // A sentence, not the raw OSError: that one is in the hover text and the dropdown's details.
+    text = `${shortModelName(failed.id)} failed to load`;
+    title = `${explainLoadFailure(failed.error)}${failed.error ? `\n\n${failed.error}` : ''}`;
     kind = 'error';
   }
   els.modelState.hidden = !text;
   els.modelState.dataset.state = kind;
-  els.modelState.title = text;
+  els.modelState.title = title || text;
   if (els.modelStateText.textContent !== text) els.modelStateText.textContent = text;
 }
 

@@ -15,6 +15,17 @@ function openSettings() {
   setSettingsOpen(true);
 }
 
+/** The panel is open. */
+export function settingsOpen() {
+  return !els.settings.hidden;
+}
+
+/** Close the panel (Escape), giving the focus back to its button. */
+export function closeSettings() {
+  setSettingsOpen(false);
+  els.settingsToggle.focus();
+}
+
 export function toggleSettings() {
   const open = els.settings.hidden;
   setSettingsOpen(open);
@@ -32,6 +43,20 @@ export function systemPrompt() {
   return els.systemPrompt.value.trim();
 }
 
+let maxTokensCap = null; // half the model's context: the rest is left for the conversation
+
+/** The model's context is known (GET /api/health): Max tokens may use at most half of it, so a
+ *  reply can never claim the room the question needs. */
+export function capMaxTokens(contextLength) {
+  if (!Number.isInteger(contextLength) || contextLength < 2) return;
+  maxTokensCap = Math.floor(contextLength / 2);
+  els.maxTokens.max = String(maxTokensCap);
+  els.maxTokensHint.textContent = `at most ${maxTokensCap} for this model (its context holds ${contextLength} tokens)`;
+  els.maxTokensHint.hidden = false;
+  const current = Number(els.maxTokens.value);
+  if (Number.isFinite(current) && current > maxTokensCap) els.maxTokens.value = String(maxTokensCap);
+}
+
 /** Read the sampling settings; returns {options} or {error}. */
 export function readSettings() {
   const options = {};
@@ -39,7 +64,10 @@ export function readSettings() {
   if (maxRaw !== '') {
     const max = Number(maxRaw);
     if (!Number.isInteger(max) || max < 1) {
-      return { error: 'Max tokens must be a whole number of at least 1 (see Settings).' };
+      return { error: '“Max tokens” must be a whole number of at least 1 (see Settings).' };
+    }
+    if (maxTokensCap && max > maxTokensCap) {
+      return { error: `“Max tokens” can be at most ${maxTokensCap} for this model: the rest of its context is for the conversation (see Settings).` };
     }
     options.max_tokens = max;
   }
