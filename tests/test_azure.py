@@ -9,6 +9,7 @@ public-IP lookup and DefaultAzureCredential are replaced by functions that fail 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import logging
 import ssl
@@ -76,12 +77,12 @@ def fake(tmp_path) -> Iterator[FakeArm]:
     arm.stop()
 
 
-def connect_to(fake: FakeArm, credential=None) -> AzureClients:
+def connect_to(fake: FakeArm, credential=None, retry: RetrySettings = FAST) -> AzureClients:
     return credentials.connect(
         Cloud(arm_endpoint=fake.url),
         fake.subscription,
         credential or FakeCredential(),
-        retry=FAST,
+        retry=retry,
         verify=fake.ca_path,
     )
 
@@ -379,6 +380,19 @@ def test_5xx_that_persists_is_explained(fake, clients):
     fake.fail("PUT", "publicIPAddresses", 500, "InternalServerError", "boom", times=10)
     with pytest.raises(AzureActionError, match="(?s)internal error .*persisted through retries"):
         run_deploy(clients, deployment())
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("status, code", [(429, "TooManyRequests"), (503, "ServiceUnavailable")])
+def test_a_storm_of_throttling_or_5xx_gets_all_the_configured_retries(fake, status, code):
+    """azure-core stops answer retries at 3 unless retry_status is set: the 4th and 5th 429/503 must be
+    retried too, since RetrySettings.total (6) is what we configured."""
+    clients = connect_to(fake, retry=dataclasses.replace(FAST, total=6))
+    fake.fail("PUT", "networkSecurityGroups", status, code, "slow down", times=5, headers={"Retry-After": "0"})
+    fake.fail("GET", "virtualMachines/qb-test-vm$", status, code, "slow down", times=5)
+    assert run_deploy(clients, deployment()).vm_created
+    assert fake.count("PUT", "networkSecurityGroups") == 6
+    assert fake.count("GET", "virtualMachines/qb-test-vm$") >= 6
 
 
 def test_quota_exceeded_is_explained(fake, clients):
