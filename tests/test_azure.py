@@ -21,7 +21,7 @@ import pytest
 import trustme
 import yaml
 from azure.core.credentials import AccessToken
-from azure.core.exceptions import ClientAuthenticationError
+from azure.core.exceptions import ClientAuthenticationError, HttpResponseError
 from invoke import Collection, Program
 
 import tasks
@@ -522,6 +522,23 @@ def test_plan_inputs_are_validated():
     for kw in ({"name": "Bad_Name"}, {"name": "x"}, {"region": "East US"}, {"port": 22}, {"disk_gb": 10}):
         with pytest.raises(PlanError):
             deployment(**kw)
+
+
+def test_ipv6_sources_are_refused_before_anything_is_sent(cli, capsys, fake, clients):
+    """The public IP is IPv4 only, and ARM refuses one rule mixing families (the fake does too)."""
+    for sources in (f"{ME},2001:db8::1", "2001:db8::/64"):
+        assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-v6", "--allow-from", sources) == 2
+        out = capsys.readouterr().out
+        assert "IPv6" in out and "IPv4 only" in out and "2001:db8::" in out
+    assert cli.requests == []
+    with pytest.raises(PlanError, match="IPv4 only"):
+        deployment(allow_from=(ME, "2001:db8::1/128"))
+    clients.resources.resource_groups.create_or_update("qb-test-rg", {"location": "eastus"})
+    mixed = arm.nsg_body(deployment(allow_from=(ME, "198.51.100.0/24")))
+    mixed["properties"]["securityRules"][0]["properties"]["sourceAddressPrefixes"][1] = "2001:db8::/64"
+    with pytest.raises(HttpResponseError) as err:
+        clients.network.network_security_groups.begin_create_or_update("qb-test-rg", "x", mixed).result()
+    assert err.value.error.code == "ResourceCannotContainAddressPrefixesFromDifferentAddressFamilies"
 
 
 def test_plan_shows_resources_exposure_and_cost():

@@ -353,7 +353,9 @@ class FakeArm:
         )
         props = resource.setdefault("properties", {})
         kind = ptype.lower()
-        if kind == "microsoft.network/virtualnetworks":
+        if kind == "microsoft.network/networksecuritygroups":
+            self._nsg(resource)
+        elif kind == "microsoft.network/virtualnetworks":
             for subnet in props.get("subnets", []):
                 subnet["id"] = f"{rid}/subnets/{subnet['name']}"
                 subnet.setdefault("properties", {})["provisioningState"] = "Succeeded"
@@ -371,6 +373,20 @@ class FakeArm:
 
         op = self._operation(done)
         return (200 if existing else 201), resource, self._lro_headers(op)
+
+    def _nsg(self, resource: dict) -> None:
+        """One rule's source prefixes must be of one address family, as ARM checks."""
+        for rule in resource["properties"].get("securityRules", []):
+            p = rule.get("properties", {})
+            prefixes = p.get("sourceAddressPrefixes") or [p.get("sourceAddressPrefix", "")]
+            families = {":" in x for x in prefixes if x[:1].isdigit() or ":" in x}
+            if len(families) > 1:
+                raise ArmError(
+                    400,
+                    "ResourceCannotContainAddressPrefixesFromDifferentAddressFamilies",
+                    f"Security rule {rule.get('name')} has address prefixes from different address "
+                    "families (IPv4 and IPv6).",
+                )
 
     def _exists(self, rid: str) -> bool:
         parts = [p for p in rid.split("/") if p]
