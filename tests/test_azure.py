@@ -350,6 +350,38 @@ def test_destroy_leaves_nothing(fake, clients):
     assert provision.status(clients, d) is None
 
 
+@pytest.mark.reliability
+@pytest.mark.parametrize(
+    "tags", [{}, {"team": "payments"}, {"app": "qwen-box", "deployment": "someone-else"}], ids=str
+)
+def test_a_group_that_is_not_ours_is_never_touched(cli, capsys, tags):
+    """Another team's group of the same name (or another deployment's): destroy, status, logs and
+    re-deploy refuse it, name the tags found, and send no write at all."""
+    clients = connect_to(cli)
+    clients.resources.resource_groups.create_or_update("qb-test-rg", {"location": "eastus", "tags": tags})
+    clients.network.network_security_groups.begin_create_or_update(
+        "qb-test-rg", "their-nsg", {"location": "eastus", "properties": {"securityRules": []}}
+    ).result()
+    writes_before = sum(cli.count(m, ".") for m in ("PUT", "PATCH", "POST", "DELETE"))
+    shown = ", ".join(f"{k}={v}" for k, v in sorted(tags.items())) or "no tags at all"
+    for argv in (
+        ("destroy-azure", "--name", "qb-test", "--yes"),
+        ("status-azure", "--name", "qb-test"),
+        ("logs-azure", "--name", "qb-test"),
+        ("deploy-azure", "--image", IMAGE, "--name", "qb-test", "--allow-from", ME, "--timeout", "1"),
+    ):
+        assert invoke(*argv) == 1, argv
+        out = capsys.readouterr().out
+        assert f"it carries {shown}" in out and "Nothing was changed" in out, (argv, out)
+    with pytest.raises(AzureActionError, match="is not qwen-box deployment qb-test"):
+        run_deploy(clients, deployment())
+    with pytest.raises(AzureActionError, match="is not qwen-box deployment qb-test"):
+        provision.destroy(clients, deployment())
+    assert sum(cli.count(m, ".") for m in ("PUT", "PATCH", "POST", "DELETE")) == writes_before
+    assert cli.groups["qb-test-rg"]["tags"] == tags
+    assert cli.resource("qb-test-rg", NSG, "their-nsg")
+
+
 # -- Azure's failures -------------------------------------------------------------------------------
 
 

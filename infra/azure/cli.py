@@ -419,7 +419,7 @@ def destroy(
         names = _resolve(out, clients, name)
         if names is None:
             return 1
-        if not clients.resources.resource_groups.check_existence(names.group):
+        if provision.owned_group(clients, names) is None:
             out.print(f"Nothing to delete: resource group {names.group} does not exist.")
             return 0
         if not yes and not confirm(

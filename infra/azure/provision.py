@@ -10,13 +10,14 @@ Run Command (infra/azure/remote.py), refusing up front what cannot change in pla
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 from azure.mgmt.compute.models import VirtualMachine
+from azure.mgmt.resource.resources.models import ResourceGroup
 
 from infra.azure import state
 from infra.azure.arm import (
@@ -96,6 +97,33 @@ def available_sizes(clients: AzureClients, region: str) -> list[str]:
     return preferred + sorted(usable - set(preferred))
 
 
+def check_owned(names: Names, tags: Mapping[str, str] | None) -> None:
+    """Refuse a resource group that is not this deployment's: it must carry app=qwen-box and
+    deployment=NAME (tag names compare case-insensitively, as in Azure). A group of the same name made by
+    someone else, or by another deployment, is never changed, described or deleted."""
+    found = {k.lower(): v for k, v in (tags or {}).items()}
+    if found.get("app") == APP_TAG and found.get("deployment") == names.name:
+        return
+    shown = ", ".join(f"{k}={v}" for k, v in sorted((tags or {}).items())) or "no tags at all"
+    raise AzureActionError(
+        f"resource group {names.group} is not qwen-box deployment {names.name}: it carries {shown}, not "
+        f"app={APP_TAG} and deployment={names.name}. Nothing was changed. If it is not yours, choose "
+        f"another --name; if it is a qwen-box deployment that lost its tags, tag it again "
+        f"(`az group update --name {names.group} --tags app={APP_TAG} deployment={names.name}`)."
+    )
+
+
+def owned_group(clients: AzureClients, names: Names) -> ResourceGroup | None:
+    """The deployment's resource group (None when there is none), refused if it is not ours
+    (check_owned). Every action on an existing deployment starts here."""
+    try:
+        group = clients.resources.resource_groups.get(names.group)
+    except ResourceNotFoundError:
+        return None
+    check_owned(names, group.tags)
+    return group
+
+
 def find_vm(clients: AzureClients, names: Names) -> VirtualMachine | None:
     """The deployment's VM, or None when there is none yet."""
     try:
@@ -115,6 +143,7 @@ def provision(
     """
     d = prepared.deployment
     with _explained(clients, d):
+        owned_group(clients, d)
         existing = find_vm(clients, d)
     if existing is None:
         state.save_token(d.name, prepared.token)
@@ -128,6 +157,7 @@ def deploy(
     """Create or converge every resource of `d` from its rendered cloud-init: `provision` without the
     token keeping, for a `Deployment` made by hand."""
     with _explained(clients, d):
+        owned_group(clients, d)
         existing = find_vm(clients, d)
     return converge(clients, d, cloud_init_text, ssh_key, existing, progress)
 
@@ -301,8 +331,10 @@ def status(
     `ca_file` is the root of the VM's own certificate authority (for a private deployment), when saved.
     """
     try:
-        group = clients.resources.resource_groups.get(names.group)
-    except ResourceNotFoundError:
+        group = owned_group(clients, names)
+    except HttpResponseError as exc:
+        raise AzureActionError(explain(exc, name=names.name)) from exc
+    if group is None:
         return None
     st = Status(name=names.name, region=group.location)
     try:
@@ -336,12 +368,13 @@ def status(
 def destroy(clients: AzureClients, names: Names, progress: Progress = _quiet) -> bool:
     """Delete the deployment's resource group and everything in it; wait until it is gone.
 
-    Returns False if there was nothing to delete. The VM is force-deleted (no graceful shutdown), which
+    Returns False if there was nothing to delete; refuses a group that is not ours (check_owned). The
+    VM is force-deleted (no graceful shutdown), which
     is what a teardown wants and is quicker.
     """
     groups = clients.resources.resource_groups
     try:
-        if not groups.check_existence(names.group):
+        if owned_group(clients, names) is None:
             return False
         progress(f"deleting resource group {names.group} and everything in it")
         groups.begin_delete(names.group, force_deletion_types="Microsoft.Compute/virtualMachines").result()

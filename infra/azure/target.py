@@ -12,10 +12,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
+from azure.core.exceptions import HttpResponseError
+
 from infra import health
 from infra.azure import provision, remote
 from infra.azure.credentials import AzureClients
 from infra.azure.deployment import Names, Prepared
+from infra.azure.errors import AzureActionError, explain
 from infra.azure.provision import DeployResult, Progress, Status
 from infra.health import Health
 
@@ -88,6 +91,12 @@ class SingleVm:
         return provision.destroy(self.clients, names, progress)
 
     def logs(self, names: Names, lines: int) -> str:
+        try:
+            group = provision.owned_group(self.clients, names)
+        except HttpResponseError as exc:
+            raise AzureActionError(explain(exc, name=names.name)) from exc
+        if group is None:
+            raise AzureActionError(f"no deployment {names.name!r} (resource group {names.group} not found)")
         return remote.container_logs(self.clients, names, lines)
 
     def diagnostics(self, names: Names) -> list[tuple[str, str]]:
