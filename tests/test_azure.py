@@ -151,13 +151,25 @@ def test_deploy_creates_every_resource_tagged_in_one_group(fake, clients):
     )
     assert fake.groups["qb-test-rg"]["tags"] == {"app": "qwen-box", "deployment": "qb-test"}
     for rid in fake.resource_ids():
-        if "/disks/" not in rid:
-            resource = next(r for r in fake.resources.values() if r["id"] == rid)
-            assert {"app": "qwen-box", "deployment": "qb-test"}.items() <= resource["tags"].items(), rid
-            assert resource["location"] == "eastus"
+        resource = next(r for r in fake.resources.values() if r["id"] == rid)
+        assert {"app": "qwen-box", "deployment": "qb-test"}.items() <= resource.get("tags", {}).items(), rid
+        assert resource["location"] == "eastus"
     pip = fake.resource("qb-test-rg", "Microsoft.Network/publicIPAddresses", "qb-test-ip")
     assert pip["sku"]["name"] == "Standard" and pip["properties"]["publicIPAllocationMethod"] == "Static"
     assert pip["properties"]["dnsSettings"]["domainNameLabel"] == "qb-test"
+
+
+def test_the_os_disk_gets_the_tags_azure_does_not_copy_to_it(fake, clients):
+    """The fake, like Azure, creates the VM's disk untagged; deploy tags it, and a re-deploy tags the disk
+    of a VM made before that (its tags were lost), without touching the VM."""
+    run_deploy(clients, deployment())
+    disk = fake.resource("qb-test-rg", "Microsoft.Compute/disks", "qb-test-osdisk")
+    assert disk["tags"] == {"app": "qwen-box", "deployment": "qb-test"}
+    disk["tags"] = {"owner": "kept"}
+    run_deploy(clients, deployment())
+    assert disk["tags"] == {"owner": "kept", "app": "qwen-box", "deployment": "qb-test"}
+    assert fake.count("PATCH", "/disks/qb-test-osdisk$") == 2
+    assert fake.count("PUT", "virtualMachines/qb-test-vm$") == 1
 
 
 def inbound(fake: FakeArm, name: str = "qb-test") -> dict[str, tuple[str, tuple[str, ...]]]:

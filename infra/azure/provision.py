@@ -206,10 +206,12 @@ def converge(
         if existing is None:
             progress(f"virtual machine {d.vm} ({d.size})")
             body = vm_body(d, str(nic.id), ssh_key, cloudinit.custom_data(cloud_init_text))
-            compute.virtual_machines.begin_create_or_update(d.group, d.vm, _json(body)).result()
+            created = compute.virtual_machines.begin_create_or_update(d.group, d.vm, _json(body)).result()
             updated = False
         else:
             updated = _converge_vm(clients, d, existing, progress)
+            created = existing
+        _tag_os_disk(clients, d, created, progress)
     return DeployResult(
         url=site_url(fqdn, d.port, d.tls),
         fqdn=fqdn,
@@ -217,6 +219,21 @@ def converge(
         vm_created=existing is None,
         container_updated=updated,
     )
+
+
+def _tag_os_disk(clients: AzureClients, d: Deployment, vm: VirtualMachine, progress: Progress) -> None:
+    """Give the OS disk the deployment's tags. Azure creates it with the VM but copies none of the VM's
+    tags to it, and an implicit disk's tags cannot be set in the VM's body, so it is updated afterwards
+    (also for a VM made before this was done). A disk without them is invisible to a search by tag and
+    to cost reports of the deployment."""
+    profile = vm.storage_profile
+    name = (profile.os_disk.name if profile and profile.os_disk else None) or d.os_disk
+    disk = clients.compute.disks.get(d.group, name)
+    tags = dict(disk.tags or {})
+    if d.tags.items() <= tags.items():
+        return
+    progress(f"tagging the OS disk {name}")
+    clients.compute.disks.begin_update(d.group, name, _json({"tags": {**tags, **d.tags}})).result()
 
 
 def _refuse_fixed_changes(d: Deployment, old_tags: dict[str, str]) -> None:

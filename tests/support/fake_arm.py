@@ -337,6 +337,8 @@ class FakeArm:
                 return 204, None, {}
             op = self._operation(lambda: self.resources.pop(key, None))
             return 202, None, self._lro_headers(op)
+        if method == "PATCH" and ptype.lower() == "microsoft.compute/disks":
+            return self._patch_disk(existing, ptype, name, group, body)
         if method != "PUT":
             raise ArmError(405, "MethodNotAllowed", method)
         if not isinstance(body, dict) or "location" not in body:
@@ -387,6 +389,21 @@ class FakeArm:
                     f"Security rule {rule.get('name')} has address prefixes from different address "
                     "families (IPv4 and IPv6).",
                 )
+
+    def _patch_disk(self, existing, ptype, name, group, body):
+        """A disk update (PATCH): what is sent replaces what was, tags included, as in ARM."""
+        if not existing:
+            raise ArmError(
+                404,
+                "ResourceNotFound",
+                f"The Resource '{ptype}/{name}' under resource group '{group}' was not found.",
+            )
+        body = body or {}
+        if "tags" in body:
+            existing["tags"] = dict(body["tags"])
+        existing["properties"].update(body.get("properties", {}))
+        op = self._operation(None)
+        return 200, existing, self._lro_headers(op)
 
     def _exists(self, rid: str) -> bool:
         parts = [p for p in rid.split("/") if p]
