@@ -1216,6 +1216,48 @@ def test_redeploy_with_another_size_resizes_the_same_vm(fake, clients):
     assert props["osProfile"]["linuxConfiguration"]["disablePasswordAuthentication"] is True
 
 
+ALLOCATION_FAILED = (
+    "Allocation failed. We do not have sufficient capacity for the requested VM size in this region."
+)
+
+
+@pytest.mark.reliability
+def test_a_vm_whose_creation_failed_is_shown_and_recreated_keeping_its_ip(cli, capsys):
+    """AllocationFailed leaves a VM in provisioningState Failed with no power state. status-azure and
+    logs-azure say so (not "power state unknown", not "re-run" for nothing); the next deploy deletes the
+    VM alone and creates it again, with the same public IP and the disk still deleted with the VM."""
+    clients, d = connect_to(cli), deployment()
+    cli.fail("PUT", "virtualMachines/qb-test-vm$", 200, "AllocationFailed", ALLOCATION_FAILED, lro=True)
+    with pytest.raises(AzureActionError, match="no capacity"):
+        run_deploy(clients, d)
+    vm = cli.resource("qb-test-rg", VM, "qb-test-vm")
+    assert vm["properties"]["provisioningState"] == "Failed"
+    pip = cli.resource("qb-test-rg", "Microsoft.Network/publicIPAddresses", "qb-test-ip")
+
+    assert invoke("status-azure", "--name", "qb-test") == 0
+    out = capsys.readouterr().out
+    assert "AllocationFailed" in out and "sufficient capacity" in out and "unknown" not in out
+    assert "recreates the VM" in out
+    assert invoke("logs-azure", "--name", "qb-test") == 1
+    out = capsys.readouterr().out
+    assert "AllocationFailed" in out and "starts a stopped VM" not in out
+    assert cli.run_commands == []
+
+    result = run_deploy(clients, d)
+    assert result.vm_created
+    vm = cli.resource("qb-test-rg", VM, "qb-test-vm")
+    assert vm["properties"]["provisioningState"] == "Succeeded"
+    assert vm["properties"]["storageProfile"]["osDisk"]["deleteOption"] == "Delete"
+    assert cli.count("DELETE", "virtualMachines/qb-test-vm$") == 1
+    assert cli.count("DELETE", "publicIPAddresses") == 0
+    assert cli.resource("qb-test-rg", "Microsoft.Network/publicIPAddresses", "qb-test-ip")["id"] == pip["id"]
+    assert result.ip == pip["properties"]["ipAddress"]
+    st = provision.status(clients, d, probe_health=False)
+    assert st is not None and st.power == "running" and not st.failure
+    run_deploy(clients, d)
+    assert cli.count("DELETE", "virtualMachines/qb-test-vm$") == 1
+
+
 def test_logs_of_a_stopped_vm_say_what_to_do(fake, clients):
     d = deployment()
     run_deploy(clients, d)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from azure.core.exceptions import AzureError
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
@@ -354,6 +355,8 @@ def status(
     table.add_row("region", st.region)
     table.add_row("VM size", st.size or "-")
     table.add_row("power state", st.power or "-")
+    if st.failure:
+        table.add_row("provisioning", f"[bold red]failed[/]: {escape(st.failure)}")
     table.add_row("URL", st.url or "-")
     table.add_row("public IP", st.ip or "-")
     table.add_row("inbound", "; ".join(st.exposure) or "-")

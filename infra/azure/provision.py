@@ -37,7 +37,7 @@ from infra.azure.arm import (
 from infra.azure.credentials import AzureClients
 from infra.azure.deployment import APP_TAG, INTERNET, Deployment, Names, Prepared, site_url
 from infra.azure.errors import SUGGESTED_SIZES, AzureActionError, explain
-from infra.azure.remote import power_state, run_command
+from infra.azure.remote import VmState, failed_vm_advice, power_state, run_command, vm_state
 from infra.health import Health, probe
 from infra.settings import SECRET_SETTINGS
 from infra.vm import cloudinit
@@ -132,6 +132,25 @@ def find_vm(clients: AzureClients, names: Names) -> VirtualMachine | None:
         return None
 
 
+def _usable_vm(clients: AzureClients, d: Deployment, progress: Progress) -> VirtualMachine | None:
+    """The deployment's VM to converge, or None when one must be created: none yet, or one whose
+    creation failed (provisioningState Failed, e.g. AllocationFailed), which is deleted first.
+
+    A failed VM never ran, and what it was created with (custom_data) is fixed, so converging it in
+    place cannot help; deleting it takes its NIC and OS disk (deleteOption Delete) but not the public
+    IP, so the recreated VM keeps its address and DNS name. Refuses a group that is not ours.
+    """
+    owned_group(clients, d)
+    vm = find_vm(clients, d)
+    if vm is None or (vm.provisioning_state or "").lower() != "failed":
+        return vm
+    state = vm_state(clients, d)
+    why = state.failure or "provisioningState Failed"
+    progress(f"{d.vm} failed to provision ({why}): deleting it to create it again (the public IP stays)")
+    clients.compute.virtual_machines.begin_delete(d.group, d.vm).result()
+    return None
+
+
 def provision(
     clients: AzureClients, prepared: Prepared, ssh_key: str, progress: Progress = _quiet
 ) -> DeployResult:
@@ -143,8 +162,7 @@ def provision(
     """
     d = prepared.deployment
     with _explained(clients, d):
-        owned_group(clients, d)
-        existing = find_vm(clients, d)
+        existing = _usable_vm(clients, d, progress)
     if existing is None:
         state.save_token(d.name, prepared.token)
         return converge(clients, d, prepared.cloud_init, ssh_key, None, progress)
@@ -157,8 +175,7 @@ def deploy(
     """Create or converge every resource of `d` from its rendered cloud-init: `provision` without the
     token keeping, for a `Deployment` made by hand."""
     with _explained(clients, d):
-        owned_group(clients, d)
-        existing = find_vm(clients, d)
+        existing = _usable_vm(clients, d, progress)
     return converge(clients, d, cloud_init_text, ssh_key, existing, progress)
 
 
@@ -323,6 +340,7 @@ class Status:
     cert: str = ""  # infra/vm/caddy.py's certificate mode; "" for plain HTTP
     exposure: list[str] = field(default_factory=list)
     health: Health | None = None
+    failure: str = ""  # why the VM's provisioning failed, with the next step ("" if it did not)
 
     @property
     def tls(self) -> bool:
@@ -358,7 +376,11 @@ def status(
         vm = clients.compute.virtual_machines.get(names.group, names.vm)
         size = vm.hardware_profile.vm_size
         st.size = str(getattr(size, "value", size))
-        st.power = power_state(clients, names)
+        vm_now = vm_state(clients, names)
+        if not vm_now.failed and (vm.provisioning_state or "").lower() == "failed":
+            vm_now = VmState(vm_now.power, "Failed")
+        st.power = "failed to provision" if vm_now.failed else vm_now.power
+        st.failure = failed_vm_advice(names, vm_now) if vm_now.failed else ""
         cert = (vm.tags or {}).get(TLS_TAG, "off")
         st.cert = "" if cert == "off" else cert
         pip = clients.network.public_ip_addresses.get(names.group, names.public_ip)

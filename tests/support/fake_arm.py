@@ -64,6 +64,7 @@ class Fault:
 class Operation:
     polls_left: int
     on_done: Callable[[], None] | None = None
+    on_error: Callable[[], None] | None = None
     error: dict | None = None
     result: dict | None = None
     done: bool = False
@@ -105,6 +106,7 @@ class FakeArm:
         self.run_commands: list[str] = []
         self.restricted: dict[str, set[str]] = {}
         self.power_state = "running"
+        self.vm_failures: dict[str, dict[str, str]] = {}  # VM key -> the error its creation ended in
         self.serial_log = "[    0.000000] Linux version 6.8.0-azure\ncloud-init: qwen-box: pulling image\n"
         self.vm_shell: Callable[[str], str] = succeeding_vm
         self.lock = threading.RLock()
@@ -200,9 +202,20 @@ class FakeArm:
             if fault and fault.lro:
                 op_id = extra.get("Azure-AsyncOperation", "").rsplit("/", 1)[-1]
                 if op_id in self.operations:
+                    error = {"code": fault.code, "message": fault.message}
                     self.operations[op_id].on_done = None
-                    self.operations[op_id].error = {"code": fault.code, "message": fault.message}
+                    self.operations[op_id].error = error
+                    if method == "PUT" and isinstance(payload, dict) and "properties" in payload:
+                        self.operations[op_id].on_error = lambda: self._failed(payload, error)
             return status, payload, extra
+
+    def _failed(self, resource: dict, error: dict[str, str]) -> None:
+        """A PUT whose operation failed leaves the resource there in provisioningState Failed, and a VM's
+        instance view says why (as Azure does after, e.g., AllocationFailed)."""
+        resource["properties"]["provisioningState"] = "Failed"
+        if resource["type"].lower() == "microsoft.compute/virtualmachines":
+            group = resource["id"].split("/")[4]
+            self.vm_failures[_key(group, resource["type"], resource["name"])] = error
 
     def _take_fault(self, method: str, path: str) -> Fault | None:
         for fault in self.faults:
@@ -335,7 +348,10 @@ class FakeArm:
         if method == "DELETE":
             if not existing:
                 return 204, None, {}
-            op = self._operation(lambda: self.resources.pop(key, None))
+            if ptype.lower() == "microsoft.compute/virtualmachines":
+                op = self._operation(lambda: self._delete_vm(group, name, existing))
+            else:
+                op = self._operation(lambda: self.resources.pop(key, None))
             return 202, None, self._lro_headers(op)
         if method == "PATCH" and ptype.lower() == "microsoft.compute/disks":
             return self._patch_disk(existing, ptype, name, group, body)
@@ -367,6 +383,7 @@ class FakeArm:
             self._nic(resource)
         elif kind == "microsoft.compute/virtualmachines":
             self._vm(group, name, resource, existing)
+            self.vm_failures.pop(key, None)
         props["provisioningState"] = "Updating" if existing else "Creating"
         self.resources[key] = resource
 
@@ -389,6 +406,23 @@ class FakeArm:
                     f"Security rule {rule.get('name')} has address prefixes from different address "
                     "families (IPv4 and IPv6).",
                 )
+
+    def _delete_vm(self, group: str, name: str, vm: dict) -> None:
+        """A VM goes with the NICs and OS disk whose deleteOption is Delete; the rest (the public IP) stays."""
+        props = vm["properties"]
+        doomed = [n["id"] for n in props.get("networkProfile", {}).get("networkInterfaces", [])
+                  if n.get("properties", {}).get("deleteOption") == "Delete"]
+        disk = props.get("storageProfile", {}).get("osDisk", {})
+        if disk.get("deleteOption") == "Delete":
+            doomed.append(disk.get("managedDisk", {}).get("id", ""))
+        for rid in doomed:
+            parts = [p for p in rid.split("/") if p]
+            if len(parts) == 8:
+                self.resources.pop(_key(parts[3], parts[5] + "/" + parts[6], parts[7]), None)
+        key = _key(group, "Microsoft.Compute/virtualMachines", name)
+        self.resources.pop(key, None)
+        self.vm_failures.pop(key, None)
+        self.secrets.pop(_key(group, name), None)
 
     def _patch_disk(self, existing, ptype, name, group, body):
         """A disk update (PATCH): what is sent replaces what was, tags included, as in ARM."""
@@ -518,7 +552,7 @@ class FakeArm:
             )
         action = tail[0]
         if action == "instanceview" and method == "GET":
-            return 200, self._instance_view(), {}
+            return 200, self._instance_view(key), {}
         if action == "start" and method == "POST":
             op = self._operation(lambda: setattr(self, "power_state", "running"))
             return 202, None, self._lro_headers(op)
@@ -553,7 +587,19 @@ class FakeArm:
             return 202, None, self._lro_headers(op, result=True)
         raise ArmError(404, "NotFound", f"No action {action}")
 
-    def _instance_view(self) -> dict:
+    def _instance_view(self, key: str = "") -> dict:
+        failure = self.vm_failures.get(key)
+        if failure:
+            return {
+                "statuses": [
+                    {
+                        "code": f"ProvisioningState/failed/{failure['code']}",
+                        "level": "Error",
+                        "displayStatus": "Provisioning failed",
+                        "message": failure["message"],
+                    }
+                ]
+            }
         return {
             "computerName": "qwen-box",
             "osName": "ubuntu",
@@ -619,6 +665,8 @@ class FakeArm:
         op.done = True
         if op.error is None and op.on_done:
             op.on_done()
+        if op.error is not None and op.on_error:
+            op.on_error()
 
     def _fake_endpoint(self, method: str, path: str):
         parts = path.split("/")
