@@ -22,6 +22,7 @@ import trustme
 import yaml
 from azure.core.credentials import AccessToken
 from azure.core.exceptions import ClientAuthenticationError, HttpResponseError
+from azure.identity import ClientSecretCredential
 from invoke import Collection, Program
 
 import tasks
@@ -432,7 +433,9 @@ def test_a_storm_of_throttling_or_5xx_gets_all_the_configured_retries(fake, stat
     """azure-core stops answer retries at 3 unless retry_status is set: the 4th and 5th 429/503 must be
     retried too, since RetrySettings.total (6) is what we configured."""
     clients = connect_to(fake, retry=dataclasses.replace(FAST, total=6))
-    fake.fail("PUT", "networkSecurityGroups", status, code, "slow down", times=5, headers={"Retry-After": "0"})
+    fake.fail(
+        "PUT", "networkSecurityGroups", status, code, "slow down", times=5, headers={"Retry-After": "0"}
+    )
     fake.fail("GET", "virtualMachines/qb-test-vm$", status, code, "slow down", times=5)
     assert run_deploy(clients, deployment()).vm_created
     assert fake.count("PUT", "networkSecurityGroups") == 6
@@ -517,6 +520,63 @@ def test_sign_in_failure_says_az_login(fake):
     with pytest.raises(AzureActionError, match="az login"):
         run_deploy(connect_to(fake, FakeCredential(fail=True)), deployment())
     assert fake.requests == []
+
+
+def test_a_wrong_client_secret_says_so_not_no_subscription(fake):
+    """azure-identity's own ClientSecretCredential, signing in at the fake's Entra endpoint, is refused
+    with AADSTS7000215: the message names the secret and how to make a new one."""
+    credential = ClientSecretCredential(
+        "00000000-0000-0000-0000-0000000000aa",
+        "11111111-0000-0000-0000-000000000000",
+        "not-the-secret",
+        authority=fake.url,
+        connection_verify=fake.ca_path,
+        disable_instance_discovery=True,
+    )
+    with pytest.raises(AzureActionError) as err:
+        run_deploy(connect_to(fake, credential), deployment())
+    message = str(err.value)
+    assert "AADSTS7000215" in message and "AZURE_CLIENT_SECRET" in message
+    assert "az ad sp credential reset" in message and "no Azure subscription" not in message
+    assert fake.count("POST", "/oauth2/v2.0/token$") >= 1
+    assert not [r for r in fake.requests if r[1].startswith("/subscriptions/")]
+
+
+def test_a_resize_the_hardware_cluster_cannot_take_says_deallocate(fake, clients):
+    run_deploy(clients, deployment())
+    fake.fail(
+        "PUT",
+        "virtualMachines/qb-test-vm$",
+        409,
+        "OperationNotAllowed",
+        "Unable to resize the VM 'qb-test-vm' because the requested size Standard_D4s_v5 is not "
+        "available in the current hardware cluster. The available sizes in this cluster are: "
+        "Standard_B1s, Standard_B2s. Read more on VM resizing strategy at https://aka.ms/azure-resizevm.",
+    )
+    with pytest.raises(AzureActionError) as err:
+        run_deploy(clients, deployment(size="Standard_D4s_v5"))
+    message = str(err.value)
+    assert "Standard_D4s_v5 is not offered by the hardware cluster" in message
+    assert "az vm deallocate --resource-group qb-test-rg --name qb-test-vm" in message
+    assert "Another operation" not in message
+
+
+def test_a_failed_run_command_says_what_failed_and_what_to_do(fake, clients):
+    run_deploy(clients, deployment())
+    fake.fail(
+        "POST",
+        "runCommand$",
+        200,
+        "VMAgentStatusCommunicationError",
+        "VM 'qb-test-vm' has not reported status for VM agent or extensions.",
+        lro=True,
+    )
+    with pytest.raises(AzureActionError) as err:
+        remote.container_logs(clients, deployment())
+    message = str(err.value)
+    assert "Run Command on qb-test-vm failed (VMAgentStatusCommunicationError)" in message
+    assert "VM agent" in message and "az vm restart" in message
+    assert "refused the request" not in message
 
 
 # -- credentials and settings ------------------------------------------------------------------------

@@ -188,7 +188,9 @@ class Deployment(Names):
             raise PlanError(f"--disk-gb {self.disk_gb}: between 30 (the Ubuntu image) and 1024")
         for source in (*self.allow_from, *self.ssh_from):
             if ":" in source:
-                raise PlanError(f"source {source}: IPv6, but the VM's public IP is IPv4 only (see --allow-from)")
+                raise PlanError(
+                    f"source {source}: IPv6, but the VM's public IP is IPv4 only (see --allow-from)"
+                )
 
     @property
     def fqdn(self) -> str:

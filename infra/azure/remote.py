@@ -14,22 +14,44 @@ from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 
 from infra.azure.credentials import AzureClients
 from infra.azure.deployment import Names
-from infra.azure.errors import AzureActionError, explain
+from infra.azure.errors import AzureActionError, error_code, explain, explain_message
 from infra.image import CONTAINER
 
 
 def run_command(clients: AzureClients, names: Names, script: str) -> tuple[str, str]:
     """Run a shell script as root on the VM through the VM agent; returns (stdout, stderr).
 
-    Azure keeps only the last 4 KiB of each stream, so callers ask for tails, not whole logs.
+    Azure keeps only the last 4 KiB of each stream, so callers ask for tails, not whole logs. A Run
+    Command that Azure accepted but could not carry out (its operation failed: the VM agent did not
+    answer, another command still runs) raises AzureActionError saying so and what to do.
     """
-    result = clients.compute.virtual_machines.begin_run_command(
+    poller = clients.compute.virtual_machines.begin_run_command(
         names.group, names.vm, {"commandId": "RunShellScript", "script": script.splitlines()}
-    ).result()
+    )
+    try:
+        result = poller.result()
+    except HttpResponseError as exc:
+        raise AzureActionError(_run_command_failed(names, exc)) from exc
     message = "\n".join(v.message or "" for v in (result.value or []))
     stdout, _, stderr = message.partition("[stderr]")
     stdout = stdout.split("[stdout]", 1)[-1]
     return stdout.strip("\n"), stderr.strip("\n")
+
+
+def _run_command_failed(names: Names, exc: HttpResponseError) -> str:
+    code, msg = error_code(exc), explain_message(exc)
+    low = (code + " " + msg).lower()
+    if "in progress" in low or code == "Conflict":
+        step = "another Run Command is still running on the VM: wait for it to finish, then try again"
+    elif "agent" in low or "not reported status" in low:
+        step = (
+            "the VM agent, which runs the commands, did not answer: the VM may still be booting or be out "
+            f"of memory. See status-azure, wait a few minutes and try again, or restart the VM (`az vm "
+            f"restart --resource-group {names.group} --name {names.vm}`)"
+        )
+    else:
+        step = "wait a minute and try again; if it keeps failing, restart the VM (`az vm restart`)"
+    return f"Run Command on {names.vm} failed ({code}): {msg}\nNothing ran on the VM; {step}."
 
 
 DIAGNOSE_SCRIPT = f"""\
@@ -105,6 +127,8 @@ def diagnostics(clients: AzureClients, names: Names, serial_lines: int = 40) -> 
         out, err = run_command(clients, names, DIAGNOSE_SCRIPT)
         text = (out + ("\n" + err if err else "")).strip()
         sections.append(("On the VM (run-command)", text or "(no output)"))
+    except AzureActionError as exc:
+        sections.append(("On the VM (run-command)", f"unavailable: {exc}"))
     except HttpResponseError as exc:
         sections.append(("On the VM (run-command)", f"unavailable: {explain(exc)}"))
     try:

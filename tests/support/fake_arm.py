@@ -109,6 +109,7 @@ class FakeArm:
         self.vm_failures: dict[str, dict[str, str]] = {}  # VM key -> the error its creation ended in
         self.serial_log = "[    0.000000] Linux version 6.8.0-azure\ncloud-init: qwen-box: pulling image\n"
         self.vm_shell: Callable[[str], str] = succeeding_vm
+        self.client_secret = "the-right-secret"  # what the fake sign-in endpoint accepts
         self.lock = threading.RLock()
         self._ids = itertools.count(1)
         self._server: ThreadingHTTPServer | None = None
@@ -179,6 +180,44 @@ class FakeArm:
     def is_empty(self) -> bool:
         with self.lock:
             return not self.groups and not self.resources
+
+    # -- sign-in (Microsoft Entra ID's OpenID configuration and token endpoint, for azure-identity) --
+    def sign_in(self, method: str, path: str, raw: bytes) -> tuple[int, dict, dict[str, str]] | None:
+        """Answer azure-identity's ClientSecretCredential (authority = this fake's url) as Entra does:
+        the tenant's OpenID configuration, then a token for the right secret or AADSTS7000215."""
+        match = re.fullmatch(r"/([^/]+)/(v2\.0/\.well-known/openid-configuration|oauth2/v2\.0/token)", path)
+        if not match:
+            return None
+        tenant, what = match.groups()
+        with self.lock:
+            self.requests.append((method, path, ""))
+        base = f"{self.url}/{tenant}"
+        if what.startswith("v2.0"):
+            return (
+                200,
+                {
+                    "issuer": f"{base}/v2.0",
+                    "token_endpoint": f"{base}/oauth2/v2.0/token",
+                    "authorization_endpoint": f"{base}/oauth2/v2.0/authorize",
+                    "device_authorization_endpoint": f"{base}/oauth2/v2.0/devicecode",
+                },
+                {},
+            )
+        form = parse_qs(raw.decode())
+        if form.get("client_secret", [""])[0] != self.client_secret:
+            return (
+                401,
+                {
+                    "error": "invalid_client",
+                    "error_description": "AADSTS7000215: Invalid client secret provided. Ensure the "
+                    "secret being sent in the request is the client secret value, not the client secret "
+                    f"ID, for a secret added to app '{form.get('client_id', ['?'])[0]}'. Trace ID: "
+                    f"{uuid.uuid4()} Correlation ID: {uuid.uuid4()} Timestamp: 2026-12-01 09:00:00Z",
+                    "error_codes": [7000215],
+                },
+                {},
+            )
+        return 200, {"token_type": "Bearer", "expires_in": 3600, "access_token": "fake-entra-token"}, {}
 
     # -- request handling ----------------------------------------------------------------------
     def handle(
@@ -408,10 +447,13 @@ class FakeArm:
                 )
 
     def _delete_vm(self, group: str, name: str, vm: dict) -> None:
-        """A VM goes with the NICs and OS disk whose deleteOption is Delete; the rest (the public IP) stays."""
+        """A VM goes with the NICs and OS disk whose deleteOption is Delete; the public IP stays."""
         props = vm["properties"]
-        doomed = [n["id"] for n in props.get("networkProfile", {}).get("networkInterfaces", [])
-                  if n.get("properties", {}).get("deleteOption") == "Delete"]
+        doomed = [
+            n["id"]
+            for n in props.get("networkProfile", {}).get("networkInterfaces", [])
+            if n.get("properties", {}).get("deleteOption") == "Delete"
+        ]
         disk = props.get("storageProfile", {}).get("osDisk", {})
         if disk.get("deleteOption") == "Delete":
             doomed.append(disk.get("managedDisk", {}).get("id", ""))
@@ -705,8 +747,12 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(length) if length else b""
         headers = {k.lower(): v for k, v in self.headers.items()}
         try:
-            body = json.loads(raw) if raw else None
-            status, payload, extra = self.arm.handle(self.command, split.path, query, body, headers)
+            signed = self.arm.sign_in(self.command, split.path, raw)
+            if signed:
+                status, payload, extra = signed
+            else:
+                body = json.loads(raw) if raw else None
+                status, payload, extra = self.arm.handle(self.command, split.path, query, body, headers)
         except ArmError as e:
             status, payload, extra = e.status, {"error": {"code": e.code, "message": e.message}}, e.headers
         except json.JSONDecodeError as e:
