@@ -12,9 +12,11 @@ import base64
 import dataclasses
 import json
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -29,10 +31,19 @@ import tasks
 from infra.azure import arm, credentials, provision, remote, state
 from infra.azure import cli as azure_cli
 from infra.azure.credentials import AzureClients, Cloud, CredentialsError, RetrySettings
-from infra.azure.deployment import TOKEN_ENV, UBUNTU_2404, Deployment, PlanError, parse_sources
+from infra.azure.deployment import (
+    TOKEN_ENV,
+    UBUNTU_2404,
+    Deployment,
+    DeployOptions,
+    PlanError,
+    parse_sources,
+    prepare,
+)
 from infra.azure.errors import AzureActionError
 from infra.azure.plan import make_plan
-from infra.health import wait_healthy
+from infra.azure.target import SingleVm
+from infra.health import Health, probe, wait_healthy
 from infra.vm import cloudinit
 from tests.support.fake_arm import FakeArm, succeeding_vm
 from tests.support.health import HealthServer
@@ -673,7 +684,7 @@ def test_health_wait_sees_a_booting_vm_then_stops_at_the_timeout():
     port = free_port()
     started = time.monotonic()
     health = wait_healthy("127.0.0.1", port, timeout=0.5, interval=0.05, probe_timeout=0.2)
-    assert health.phase == "booting" and time.monotonic() - started < 3
+    assert health == Health("unreachable", "connection refused") and time.monotonic() - started < 3
 
 
 def test_health_wait_stops_early_on_an_error():
@@ -683,6 +694,103 @@ def test_health_wait_stops_early_on_an_error():
     finally:
         vm.stop()
     assert health.phase == "error" and "line 42" in health.detail and vm.hits == 1
+
+
+@contextmanager
+def silent_port() -> Iterator[int]:
+    """A loopback port whose connections time out, as an NSG that drops them: a listener with a full
+    backlog that never accepts (Linux then drops further SYNs). No packet leaves loopback."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.1", port))
+        fillers.append(filler)
+    time.sleep(0.05)
+    try:
+        yield port
+    finally:
+        for sock in (*fillers, listener):
+            sock.close()
+
+
+class NotTheService(HealthServer):
+    """A server answering HTML with 502, as Caddy does while the container behind it is not up."""
+
+    def __init__(self):
+        super().__init__([(502, {})])
+
+        def bad_gateway(handler) -> None:
+            handler.send_response(502)
+            handler.send_header("Content-Type", "text/html")
+            handler.send_header("Content-Length", "4")
+            handler.end_headers()
+            handler.wfile.write(b"<p/>")
+
+        self.server.RequestHandlerClass.do_GET = bad_gateway
+
+
+def test_the_probe_tells_apart_why_nothing_answers():
+    """Timed out (an NSG dropping), refused (up, nothing listening), no TLS session (Caddy without a
+    certificate), an answer that is not the service's, and the service's own 503 loading."""
+    with silent_port() as port:
+        timed_out = probe("127.0.0.1", port, timeout=0.3)
+        timed_out_tls = probe("127.0.0.1", port, timeout=0.3, tls=True, server_name="x", verify=False)
+    assert timed_out == Health("unreachable", "connection timed out") == timed_out_tls
+    assert timed_out.blocked and timed_out.label == "no answer: connection timed out"
+    refused = probe("127.0.0.1", free_port(), timeout=0.3)
+    assert refused == Health("unreachable", "connection refused") and not refused.blocked
+    with StandInVM([LOADING]) as plain:
+        no_tls = probe("127.0.0.1", plain.port, tls=True, server_name="qb.eastus.cloudapp.azure.com")
+        loading = probe("127.0.0.1", plain.port)
+    assert no_tls.phase == "tls" and "WRONG_VERSION_NUMBER" in no_tls.detail
+    assert no_tls.label.startswith("HTTPS not ready")
+    assert loading == Health("loading", "Qwen/Qwen2.5-1.5B-Instruct")
+    with NotTheService() as proxy:
+        assert probe("127.0.0.1", proxy.port).phase == "starting"
+    with StandInVM([PULLING]) as booting:
+        assert probe("127.0.0.1", booting.port) == Health("pulling", "pulling " + IMAGE)
+
+
+def test_a_deploy_nothing_can_reach_hints_at_the_detected_address(cli, capsys, monkeypatch):
+    """No --allow-from: this machine's address was detected, and the VM's port times out. The wait says
+    "no answer: connection timed out" and why that may be, naming the detected address."""
+    monkeypatch.setattr(credentials, "discover_public_ip", lambda: ME)
+    with silent_port() as port:
+        code = invoke(
+            "deploy-azure", "--image", IMAGE, "--name", "qb-blocked", "--port", str(port), "--timeout", "0.3"
+        )
+    out = " ".join(capsys.readouterr().out.split())
+    assert code == 1
+    assert "no answer: connection timed out" in out
+    assert f"lets in only {ME} (this machine's public address, detected automatically)" in out
+    assert "--allow-from YOUR.IP/32" in out
+
+
+def test_the_wait_ends_when_the_vm_is_not_running_and_shows_the_time(cli):
+    """A deallocated VM will not answer: the wait asks Azure and stops at once, saying so, instead of
+    waiting out its timeout; every look reports the phase and the seconds waited."""
+    options = DeployOptions(
+        image=IMAGE, name="qb-test", allow_from=ME, port=free_port(), timeout=60, interval=0.05
+    )
+    clients, fake = connect_to(cli), cli
+    prepared = prepare(options, environ={}, saved_token=lambda name: "t" * 20)
+    result = provision.provision(clients, prepared, "ssh-ed25519 AAAAC3Nz test")
+    target = SingleVm(clients)
+    target.power_check_every = 0.2
+    polls: list[tuple[str, float]] = []
+    started = time.monotonic()
+    fake.power_state = "deallocated"
+    health = target.wait_ready(
+        prepared, result, lambda h: None, lambda h, elapsed: polls.append((h.phase, elapsed))
+    )
+    assert health.phase == "stopped" and "qb-test-vm is deallocated" in health.detail
+    assert "re-run deploy-azure" in health.detail and time.monotonic() - started < 20
+    assert polls and all(b >= a for (_, a), (_, b) in zip(polls, polls[1:], strict=False))
 
 
 # -- the invoke tasks, end to end against the fake ------------------------------------------------------
