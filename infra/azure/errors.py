@@ -43,8 +43,8 @@ SIGN_IN_HELP = (
 )
 # Microsoft Entra sign-in codes (AADSTS...) that mean one thing to fix.
 _AADSTS = {
-    "7000215": "the client secret was refused: AZURE_CLIENT_SECRET must be the secret's Value, not its "
-    "Secret ID. Make a new one (`az ad sp credential reset --id $AZURE_CLIENT_ID`), set "
+    "7000215": "AZURE_CLIENT_SECRET is not a secret of that application: give the secret's Value, not "
+    "its Secret ID, or make a new one (`az ad sp credential reset --id $AZURE_CLIENT_ID`), set "
     "AZURE_CLIENT_SECRET to it, and re-run.",
     "7000222": "the client secret has expired. Make a new one (`az ad sp credential reset --id "
     "$AZURE_CLIENT_ID`), set AZURE_CLIENT_SECRET to it, and re-run.",
@@ -67,7 +67,8 @@ def _sign_in(exc: ClientAuthenticationError) -> str:
     if match:
         code, said = match.group(1), match.group(2).strip()
         advice = _AADSTS.get(
-            code, f"check AZURE_TENANT_ID, AZURE_CLIENT_ID and AZURE_CLIENT_SECRET. {SIGN_IN_HELP}"
+            code,
+            "check AZURE_TENANT_ID, AZURE_CLIENT_ID and AZURE_CLIENT_SECRET, or sign in with `az login`.",
         )
         return f"Azure sign-in failed (AADSTS{code}: {said}): {advice}"
     return f"Azure sign-in failed: {text.strip().splitlines()[0]}\n{SIGN_IN_HELP}"
