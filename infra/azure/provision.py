@@ -408,8 +408,7 @@ def destroy(clients: AzureClients, names: Names, progress: Progress = _quiet) ->
     """Delete the deployment's resource group and everything in it; wait until it is gone.
 
     Returns False if there was nothing to delete; refuses a group that is not ours (check_owned). The
-    VM is force-deleted (no graceful shutdown), which
-    is what a teardown wants and is quicker.
+    VM is force-deleted (no graceful shutdown), which is what a teardown wants and is quicker.
     """
     groups = clients.resources.resource_groups
     try:

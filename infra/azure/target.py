@@ -67,7 +67,7 @@ class Target(Protocol):
 class SingleVm:
     """One VM with a public IP, its container behind Caddy (or published as is with --no-tls)."""
 
-    power_check_every = 30.0  # seconds between looks at the VM's power state while it does not answer
+    power_check_every = 30.0  # seconds between asking Azure, during the health wait, whether the VM runs
 
     def __init__(self, clients: AzureClients):
         self.clients = clients
