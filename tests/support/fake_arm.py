@@ -5,8 +5,12 @@ No package emulates ARM compute and network, so this speaks the REST protocol th
 operations (201/202 + `Azure-AsyncOperation`/`Location`, polled until `Succeeded`). It keeps state, so a
 test asserts what a deployment actually created rather than what a mock was told. It also behaves like
 Azure where our code could go wrong: references between resources must exist, `customData` is
-write-only and immutable, a resource group delete takes everything in it, and faults (409, 429 with
-`Retry-After`, 5xx, quota, an operation that fails) can be injected per request.
+write-only and immutable, a resource group delete takes everything in it, a VM delete takes the NIC
+and disk marked deleteOption Delete, the OS disk is created untagged, a mixed IPv4/IPv6 rule is refused,
+and faults (409, 429 with `Retry-After`, 5xx, quota, an operation that fails) can be injected per
+request; a PUT whose operation failed leaves the resource in provisioningState Failed (a VM's instance
+view then says why). It also answers azure-identity's client-secret sign-in as Microsoft Entra ID does
+(OpenID configuration, token endpoint, AADSTS7000215 for a wrong secret).
 """
 
 from __future__ import annotations
