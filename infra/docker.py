@@ -354,7 +354,9 @@ def _container_gone(name: str) -> str:
 
 def _phase(answer: health.Health) -> str:
     """A local container's phase in run-local's words: nothing answers yet, or the model is loading."""
-    return "starting the server" if answer.phase == "booting" else f"loading {answer.detail or 'the model'}"
+    if answer.phase in (*health.NO_ANSWER_PHASES, "starting"):
+        return "starting the server"
+    return f"loading {answer.detail or 'the model'}"
 
 
 def wait_healthy(

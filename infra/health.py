@@ -5,14 +5,21 @@ ask; each caller passes what differs: where to ask (a local port, or the VM's ad
 for HTTPS), a stop condition (run-local: the container exited), and what to show on the way.
 
 The service answers 503 `loading`, 200 `ok` or 503 `error`; before the container runs on a VM,
-cloud-init's status page answers on the same port with the provisioning phase (`pulling`, ...). No
-answer at all is `booting` (nothing listens yet; with HTTPS, also while Caddy has no certificate).
+cloud-init's status page answers on the same port with the provisioning phase (`pulling`, ...). When
+nothing answers, the probe says why, since each cause has its own remedy: `unreachable` (the connection
+timed out or found no route: on Azure the NSG drops what is not from an allowed source, or the VM is
+not up; or it was refused: up, but nothing listens yet), `tls` (a TCP connection but no TLS session:
+Caddy has no certificate yet) and `starting` (an HTTP answer that is not the service's, e.g. the
+proxy's 502 while the container starts).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import socket
+import ssl
 import time
 import warnings
 from collections.abc import Callable
@@ -26,6 +33,8 @@ from tenacity import Retrying, retry_if_result, stop_after_delay, wait_exponenti
 PHASES = {
     "provisioning": "provisioning Azure resources",
     "booting": "booting the VM",
+    "unreachable": "no answer",
+    "tls": "HTTPS not ready",
     "installing": "installing Docker",
     "pulling": "pulling the image",
     "starting": "starting the container",
@@ -36,6 +45,9 @@ PHASES = {
 }
 # Waiting longer cannot change these: ready, the service's own failure, or the caller's stop condition.
 FINAL_PHASES = ("ok", "error", "stopped")
+# Nothing of the service answered yet (run-local calls all of these "starting the server").
+NO_ANSWER_PHASES = ("booting", "unreachable", "tls")
+TIMED_OUT, NO_ROUTE, REFUSED = "connection timed out", "no route to host", "connection refused"
 
 
 @dataclass(frozen=True)
@@ -44,6 +56,12 @@ class Health:
 
     phase: str
     detail: str = ""
+
+    @property
+    def blocked(self) -> bool:
+        """No connection at all (timed out, no route): a firewall, the NSG's source list, or a VM
+        that is down, rather than a service still starting."""
+        return self.phase == "unreachable" and self.detail in (TIMED_OUT, NO_ROUTE)
 
     @property
     def label(self) -> str:
@@ -96,16 +114,54 @@ def probe(
             netloc = host if port == 80 else f"{host}:{port}"
             response = requests.get(f"http://{netloc}/api/health", timeout=timeout)
             status_code, data = response.status_code, response.content
-    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError):
-        return Health("booting")
+    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+        return _no_answer(exc)
     try:
         body = json.loads(data)
     except ValueError:
-        return Health("booting", f"HTTP {status_code}")
+        return Health("starting", f"HTTP {status_code}, not the service yet")
     status = body.get("status", "") if isinstance(body, dict) else ""
     if status in PHASES:
         return Health(status, str(body.get("detail") or body.get("model") or ""))
-    return Health("booting", f"HTTP {status_code}")
+    return Health("starting", f"HTTP {status_code}, not the service yet")
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """`exc` and what it wraps (requests -> urllib3 -> socket), outermost first."""
+    seen: list[BaseException] = []
+    todo: list[object] = [exc]
+    while todo and len(seen) < 12:
+        e = todo.pop(0)
+        if not isinstance(e, BaseException) or any(e is s for s in seen):
+            continue
+        seen.append(e)
+        todo += [getattr(e, "reason", None), e.__cause__, e.__context__, *getattr(e, "args", ())]
+    return seen
+
+
+def _no_answer(exc: BaseException) -> Health:
+    """Why a probe got no HTTP answer, as a phase: unreachable (timed out, no route, refused) or tls."""
+    causes = _causes(exc)
+    for e in causes:
+        if isinstance(e, ssl.SSLError | urllib3.exceptions.SSLError | requests.exceptions.SSLError):
+            inner = next((c for c in causes if isinstance(c, ssl.SSLError)), e)
+            reason = getattr(inner, "reason", None) or str(inner).splitlines()[0][:120]
+            return Health("tls", f"no TLS session yet ({reason})")
+    for e in causes:
+        if isinstance(e, ConnectionRefusedError):
+            return Health("unreachable", REFUSED)
+        if isinstance(e, OSError) and e.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+            return Health("unreachable", NO_ROUTE)
+    for e in causes:
+        if isinstance(
+            e,
+            requests.ConnectTimeout | urllib3.exceptions.ConnectTimeoutError | socket.timeout | TimeoutError,
+        ) and not isinstance(e, requests.ReadTimeout | urllib3.exceptions.ReadTimeoutError):
+            return Health("unreachable", TIMED_OUT)
+    for e in causes:
+        if isinstance(e, requests.ReadTimeout | urllib3.exceptions.ReadTimeoutError):
+            return Health("starting", "connected, but no HTTP answer in time")
+    return Health("unreachable", str(exc).splitlines()[0][:120] if str(exc) else exc.__class__.__name__)
 
 
 def _keep_waiting() -> str:

@@ -9,28 +9,41 @@ public-IP lookup and DefaultAzureCredential are replaced by functions that fail 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import trustme
 import yaml
 from azure.core.credentials import AccessToken
-from azure.core.exceptions import ClientAuthenticationError
+from azure.core.exceptions import ClientAuthenticationError, HttpResponseError
+from azure.identity import ClientSecretCredential
 from invoke import Collection, Program
 
 import tasks
 from infra.azure import arm, credentials, provision, remote, state
 from infra.azure import cli as azure_cli
 from infra.azure.credentials import AzureClients, Cloud, CredentialsError, RetrySettings
-from infra.azure.deployment import TOKEN_ENV, UBUNTU_2404, Deployment, PlanError, parse_sources
+from infra.azure.deployment import (
+    TOKEN_ENV,
+    UBUNTU_2404,
+    Deployment,
+    DeployOptions,
+    PlanError,
+    parse_sources,
+    prepare,
+)
 from infra.azure.errors import AzureActionError
 from infra.azure.plan import make_plan
-from infra.health import wait_healthy
+from infra.azure.target import SingleVm
+from infra.health import Health, probe, wait_healthy
 from infra.vm import cloudinit
 from tests.support.fake_arm import FakeArm, succeeding_vm
 from tests.support.health import HealthServer
@@ -76,12 +89,12 @@ def fake(tmp_path) -> Iterator[FakeArm]:
     arm.stop()
 
 
-def connect_to(fake: FakeArm, credential=None) -> AzureClients:
+def connect_to(fake: FakeArm, credential=None, retry: RetrySettings = FAST) -> AzureClients:
     return credentials.connect(
         Cloud(arm_endpoint=fake.url),
         fake.subscription,
         credential or FakeCredential(),
-        retry=FAST,
+        retry=retry,
         verify=fake.ca_path,
     )
 
@@ -150,13 +163,25 @@ def test_deploy_creates_every_resource_tagged_in_one_group(fake, clients):
     )
     assert fake.groups["qb-test-rg"]["tags"] == {"app": "qwen-box", "deployment": "qb-test"}
     for rid in fake.resource_ids():
-        if "/disks/" not in rid:
-            resource = next(r for r in fake.resources.values() if r["id"] == rid)
-            assert {"app": "qwen-box", "deployment": "qb-test"}.items() <= resource["tags"].items(), rid
-            assert resource["location"] == "eastus"
+        resource = next(r for r in fake.resources.values() if r["id"] == rid)
+        assert {"app": "qwen-box", "deployment": "qb-test"}.items() <= resource.get("tags", {}).items(), rid
+        assert resource["location"] == "eastus"
     pip = fake.resource("qb-test-rg", "Microsoft.Network/publicIPAddresses", "qb-test-ip")
     assert pip["sku"]["name"] == "Standard" and pip["properties"]["publicIPAllocationMethod"] == "Static"
     assert pip["properties"]["dnsSettings"]["domainNameLabel"] == "qb-test"
+
+
+def test_the_os_disk_gets_the_tags_azure_does_not_copy_to_it(fake, clients):
+    """The fake, like Azure, creates the VM's disk untagged; deploy tags it, and a re-deploy tags the disk
+    of a VM made before that (its tags were lost), without touching the VM."""
+    run_deploy(clients, deployment())
+    disk = fake.resource("qb-test-rg", "Microsoft.Compute/disks", "qb-test-osdisk")
+    assert disk["tags"] == {"app": "qwen-box", "deployment": "qb-test"}
+    disk["tags"] = {"owner": "kept"}
+    run_deploy(clients, deployment())
+    assert disk["tags"] == {"owner": "kept", "app": "qwen-box", "deployment": "qb-test"}
+    assert fake.count("PATCH", "/disks/qb-test-osdisk$") == 2
+    assert fake.count("PUT", "virtualMachines/qb-test-vm$") == 1
 
 
 def inbound(fake: FakeArm, name: str = "qb-test") -> dict[str, tuple[str, tuple[str, ...]]]:
@@ -349,6 +374,38 @@ def test_destroy_leaves_nothing(fake, clients):
     assert provision.status(clients, d) is None
 
 
+@pytest.mark.reliability
+@pytest.mark.parametrize(
+    "tags", [{}, {"team": "payments"}, {"app": "qwen-box", "deployment": "someone-else"}], ids=str
+)
+def test_a_group_that_is_not_ours_is_never_touched(cli, capsys, tags):
+    """Another team's group of the same name (or another deployment's): destroy, status, logs and
+    re-deploy refuse it, name the tags found, and send no write at all."""
+    clients = connect_to(cli)
+    clients.resources.resource_groups.create_or_update("qb-test-rg", {"location": "eastus", "tags": tags})
+    clients.network.network_security_groups.begin_create_or_update(
+        "qb-test-rg", "their-nsg", {"location": "eastus", "properties": {"securityRules": []}}
+    ).result()
+    writes_before = sum(cli.count(m, ".") for m in ("PUT", "PATCH", "POST", "DELETE"))
+    shown = ", ".join(f"{k}={v}" for k, v in sorted(tags.items())) or "no tags at all"
+    for argv in (
+        ("destroy-azure", "--name", "qb-test", "--yes"),
+        ("status-azure", "--name", "qb-test"),
+        ("logs-azure", "--name", "qb-test"),
+        ("deploy-azure", "--image", IMAGE, "--name", "qb-test", "--allow-from", ME, "--timeout", "1"),
+    ):
+        assert invoke(*argv) == 1, argv
+        out = capsys.readouterr().out
+        assert f"it carries {shown}" in out and "Nothing was changed" in out, (argv, out)
+    with pytest.raises(AzureActionError, match="is not qwen-box deployment qb-test"):
+        run_deploy(clients, deployment())
+    with pytest.raises(AzureActionError, match="is not qwen-box deployment qb-test"):
+        provision.destroy(clients, deployment())
+    assert sum(cli.count(m, ".") for m in ("PUT", "PATCH", "POST", "DELETE")) == writes_before
+    assert cli.groups["qb-test-rg"]["tags"] == tags
+    assert cli.resource("qb-test-rg", NSG, "their-nsg")
+
+
 # -- Azure's failures -------------------------------------------------------------------------------
 
 
@@ -379,6 +436,21 @@ def test_5xx_that_persists_is_explained(fake, clients):
     fake.fail("PUT", "publicIPAddresses", 500, "InternalServerError", "boom", times=10)
     with pytest.raises(AzureActionError, match="(?s)internal error .*persisted through retries"):
         run_deploy(clients, deployment())
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("status, code", [(429, "TooManyRequests"), (503, "ServiceUnavailable")])
+def test_a_storm_of_throttling_or_5xx_gets_all_the_configured_retries(fake, status, code):
+    """azure-core stops answer retries at 3 unless retry_status is set: the 4th and 5th 429/503 must be
+    retried too, since RetrySettings.total (6) is what we configured."""
+    clients = connect_to(fake, retry=dataclasses.replace(FAST, total=6))
+    fake.fail(
+        "PUT", "networkSecurityGroups", status, code, "slow down", times=5, headers={"Retry-After": "0"}
+    )
+    fake.fail("GET", "virtualMachines/qb-test-vm$", status, code, "slow down", times=5)
+    assert run_deploy(clients, deployment()).vm_created
+    assert fake.count("PUT", "networkSecurityGroups") == 6
+    assert fake.count("GET", "virtualMachines/qb-test-vm$") >= 6
 
 
 def test_quota_exceeded_is_explained(fake, clients):
@@ -461,6 +533,63 @@ def test_sign_in_failure_says_az_login(fake):
     assert fake.requests == []
 
 
+def test_a_wrong_client_secret_says_so_not_no_subscription(fake):
+    """azure-identity's own ClientSecretCredential, signing in at the fake's Entra endpoint, is refused
+    with AADSTS7000215: the message names the secret and how to make a new one."""
+    credential = ClientSecretCredential(
+        "00000000-0000-0000-0000-0000000000aa",
+        "11111111-0000-0000-0000-000000000000",
+        "not-the-secret",
+        authority=fake.url,
+        connection_verify=fake.ca_path,
+        disable_instance_discovery=True,
+    )
+    with pytest.raises(AzureActionError) as err:
+        run_deploy(connect_to(fake, credential), deployment())
+    message = str(err.value)
+    assert "AADSTS7000215" in message and "AZURE_CLIENT_SECRET" in message
+    assert "az ad sp credential reset" in message and "no Azure subscription" not in message
+    assert fake.count("POST", "/oauth2/v2.0/token$") >= 1
+    assert not [r for r in fake.requests if r[1].startswith("/subscriptions/")]
+
+
+def test_a_resize_the_hardware_cluster_cannot_take_says_deallocate(fake, clients):
+    run_deploy(clients, deployment())
+    fake.fail(
+        "PUT",
+        "virtualMachines/qb-test-vm$",
+        409,
+        "OperationNotAllowed",
+        "Unable to resize the VM 'qb-test-vm' because the requested size Standard_D4s_v5 is not "
+        "available in the current hardware cluster. The available sizes in this cluster are: "
+        "Standard_B1s, Standard_B2s. Read more on VM resizing strategy at https://aka.ms/azure-resizevm.",
+    )
+    with pytest.raises(AzureActionError) as err:
+        run_deploy(clients, deployment(size="Standard_D4s_v5"))
+    message = str(err.value)
+    assert "Standard_D4s_v5 is not offered by the hardware cluster" in message
+    assert "az vm deallocate --resource-group qb-test-rg --name qb-test-vm" in message
+    assert "Another operation" not in message
+
+
+def test_a_failed_run_command_says_what_failed_and_what_to_do(fake, clients):
+    run_deploy(clients, deployment())
+    fake.fail(
+        "POST",
+        "runCommand$",
+        200,
+        "VMAgentStatusCommunicationError",
+        "VM 'qb-test-vm' has not reported status for VM agent or extensions.",
+        lro=True,
+    )
+    with pytest.raises(AzureActionError) as err:
+        remote.container_logs(clients, deployment())
+    message = str(err.value)
+    assert "Run Command on qb-test-vm failed (VMAgentStatusCommunicationError)" in message
+    assert "VM agent" in message and "az vm restart" in message
+    assert "refused the request" not in message
+
+
 # -- credentials and settings ------------------------------------------------------------------------
 
 
@@ -510,6 +639,23 @@ def test_plan_inputs_are_validated():
             deployment(**kw)
 
 
+def test_ipv6_sources_are_refused_before_anything_is_sent(cli, capsys, fake, clients):
+    """The public IP is IPv4 only, and ARM refuses one rule mixing families (the fake does too)."""
+    for sources in (f"{ME},2001:db8::1", "2001:db8::/64"):
+        assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-v6", "--allow-from", sources) == 2
+        out = capsys.readouterr().out
+        assert "IPv6" in out and "IPv4 only" in out and "2001:db8::" in out
+    assert cli.requests == []
+    with pytest.raises(PlanError, match="IPv4 only"):
+        deployment(allow_from=(ME, "2001:db8::1/128"))
+    clients.resources.resource_groups.create_or_update("qb-test-rg", {"location": "eastus"})
+    mixed = arm.nsg_body(deployment(allow_from=(ME, "198.51.100.0/24")))
+    mixed["properties"]["securityRules"][0]["properties"]["sourceAddressPrefixes"][1] = "2001:db8::/64"
+    with pytest.raises(HttpResponseError) as err:
+        clients.network.network_security_groups.begin_create_or_update("qb-test-rg", "x", mixed).result()
+    assert err.value.error.code == "ResourceCannotContainAddressPrefixesFromDifferentAddressFamilies"
+
+
 def test_plan_shows_resources_exposure_and_cost():
     plan = make_plan(deployment(allow_from=()))
     assert [kind for kind, _, _ in plan.resources][:2] == ["Resource group", "Network security group"]
@@ -538,7 +684,7 @@ def test_health_wait_sees_a_booting_vm_then_stops_at_the_timeout():
     port = free_port()
     started = time.monotonic()
     health = wait_healthy("127.0.0.1", port, timeout=0.5, interval=0.05, probe_timeout=0.2)
-    assert health.phase == "booting" and time.monotonic() - started < 3
+    assert health == Health("unreachable", "connection refused") and time.monotonic() - started < 3
 
 
 def test_health_wait_stops_early_on_an_error():
@@ -548,6 +694,103 @@ def test_health_wait_stops_early_on_an_error():
     finally:
         vm.stop()
     assert health.phase == "error" and "line 42" in health.detail and vm.hits == 1
+
+
+@contextmanager
+def silent_port() -> Iterator[int]:
+    """A loopback port whose connections time out, as an NSG that drops them: a listener with a full
+    backlog that never accepts (Linux then drops further SYNs). No packet leaves loopback."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.1", port))
+        fillers.append(filler)
+    time.sleep(0.05)
+    try:
+        yield port
+    finally:
+        for sock in (*fillers, listener):
+            sock.close()
+
+
+class NotTheService(HealthServer):
+    """A server answering HTML with 502, as Caddy does while the container behind it is not up."""
+
+    def __init__(self):
+        super().__init__([(502, {})])
+
+        def bad_gateway(handler) -> None:
+            handler.send_response(502)
+            handler.send_header("Content-Type", "text/html")
+            handler.send_header("Content-Length", "4")
+            handler.end_headers()
+            handler.wfile.write(b"<p/>")
+
+        self.server.RequestHandlerClass.do_GET = bad_gateway
+
+
+def test_the_probe_tells_apart_why_nothing_answers():
+    """Timed out (an NSG dropping), refused (up, nothing listening), no TLS session (Caddy without a
+    certificate), an answer that is not the service's, and the service's own 503 loading."""
+    with silent_port() as port:
+        timed_out = probe("127.0.0.1", port, timeout=0.3)
+        timed_out_tls = probe("127.0.0.1", port, timeout=0.3, tls=True, server_name="x", verify=False)
+    assert timed_out == Health("unreachable", "connection timed out") == timed_out_tls
+    assert timed_out.blocked and timed_out.label == "no answer: connection timed out"
+    refused = probe("127.0.0.1", free_port(), timeout=0.3)
+    assert refused == Health("unreachable", "connection refused") and not refused.blocked
+    with StandInVM([LOADING]) as plain:
+        no_tls = probe("127.0.0.1", plain.port, tls=True, server_name="qb.eastus.cloudapp.azure.com")
+        loading = probe("127.0.0.1", plain.port)
+    assert no_tls.phase == "tls" and "WRONG_VERSION_NUMBER" in no_tls.detail
+    assert no_tls.label.startswith("HTTPS not ready")
+    assert loading == Health("loading", "Qwen/Qwen2.5-1.5B-Instruct")
+    with NotTheService() as proxy:
+        assert probe("127.0.0.1", proxy.port).phase == "starting"
+    with StandInVM([PULLING]) as booting:
+        assert probe("127.0.0.1", booting.port) == Health("pulling", "pulling " + IMAGE)
+
+
+def test_a_deploy_nothing_can_reach_hints_at_the_detected_address(cli, capsys, monkeypatch):
+    """No --allow-from: this machine's address was detected, and the VM's port times out. The wait says
+    "no answer: connection timed out" and why that may be, naming the detected address."""
+    monkeypatch.setattr(credentials, "discover_public_ip", lambda: ME)
+    with silent_port() as port:
+        code = invoke(
+            "deploy-azure", "--image", IMAGE, "--name", "qb-blocked", "--port", str(port), "--timeout", "0.3"
+        )
+    out = " ".join(capsys.readouterr().out.split())
+    assert code == 1
+    assert "no answer: connection timed out" in out
+    assert f"lets in only {ME} (this machine's public address, detected automatically)" in out
+    assert "--allow-from YOUR.IP/32" in out
+
+
+def test_the_wait_ends_when_the_vm_is_not_running_and_shows_the_time(cli):
+    """A deallocated VM will not answer: the wait asks Azure and stops at once, saying so, instead of
+    waiting out its timeout; every look reports the phase and the seconds waited."""
+    options = DeployOptions(
+        image=IMAGE, name="qb-test", allow_from=ME, port=free_port(), timeout=60, interval=0.05
+    )
+    clients, fake = connect_to(cli), cli
+    prepared = prepare(options, environ={}, saved_token=lambda name: "t" * 20)
+    result = provision.provision(clients, prepared, "ssh-ed25519 AAAAC3Nz test")
+    target = SingleVm(clients)
+    target.power_check_every = 0.2
+    polls: list[tuple[str, float]] = []
+    started = time.monotonic()
+    fake.power_state = "deallocated"
+    health = target.wait_ready(
+        prepared, result, lambda h: None, lambda h, elapsed: polls.append((h.phase, elapsed))
+    )
+    assert health.phase == "stopped" and "qb-test-vm is deallocated" in health.detail
+    assert "re-run deploy-azure" in health.detail and time.monotonic() - started < 20
+    assert polls and all(b >= a for (_, a), (_, b) in zip(polls, polls[1:], strict=False))
 
 
 # -- the invoke tasks, end to end against the fake ------------------------------------------------------
@@ -1139,6 +1382,48 @@ def test_redeploy_with_another_size_resizes_the_same_vm(fake, clients):
     props = fake.resource("qb-test-rg", VM, "qb-test-vm")["properties"]
     assert props["hardwareProfile"]["vmSize"] == "Standard_B2ms" and props["vmId"] == vm_id
     assert props["osProfile"]["linuxConfiguration"]["disablePasswordAuthentication"] is True
+
+
+ALLOCATION_FAILED = (
+    "Allocation failed. We do not have sufficient capacity for the requested VM size in this region."
+)
+
+
+@pytest.mark.reliability
+def test_a_vm_whose_creation_failed_is_shown_and_recreated_keeping_its_ip(cli, capsys):
+    """AllocationFailed leaves a VM in provisioningState Failed with no power state. status-azure and
+    logs-azure say so (not "power state unknown", not "re-run" for nothing); the next deploy deletes the
+    VM alone and creates it again, with the same public IP and the disk still deleted with the VM."""
+    clients, d = connect_to(cli), deployment()
+    cli.fail("PUT", "virtualMachines/qb-test-vm$", 200, "AllocationFailed", ALLOCATION_FAILED, lro=True)
+    with pytest.raises(AzureActionError, match="no capacity"):
+        run_deploy(clients, d)
+    vm = cli.resource("qb-test-rg", VM, "qb-test-vm")
+    assert vm["properties"]["provisioningState"] == "Failed"
+    pip = cli.resource("qb-test-rg", "Microsoft.Network/publicIPAddresses", "qb-test-ip")
+
+    assert invoke("status-azure", "--name", "qb-test") == 0
+    out = capsys.readouterr().out
+    assert "AllocationFailed" in out and "sufficient capacity" in out and "unknown" not in out
+    assert "recreates the VM" in out
+    assert invoke("logs-azure", "--name", "qb-test") == 1
+    out = capsys.readouterr().out
+    assert "AllocationFailed" in out and "starts a stopped VM" not in out
+    assert cli.run_commands == []
+
+    result = run_deploy(clients, d)
+    assert result.vm_created
+    vm = cli.resource("qb-test-rg", VM, "qb-test-vm")
+    assert vm["properties"]["provisioningState"] == "Succeeded"
+    assert vm["properties"]["storageProfile"]["osDisk"]["deleteOption"] == "Delete"
+    assert cli.count("DELETE", "virtualMachines/qb-test-vm$") == 1
+    assert cli.count("DELETE", "publicIPAddresses") == 0
+    assert cli.resource("qb-test-rg", "Microsoft.Network/publicIPAddresses", "qb-test-ip")["id"] == pip["id"]
+    assert result.ip == pip["properties"]["ipAddress"]
+    st = provision.status(clients, d, probe_health=False)
+    assert st is not None and st.power == "running" and not st.failure
+    run_deploy(clients, d)
+    assert cli.count("DELETE", "virtualMachines/qb-test-vm$") == 1
 
 
 def test_logs_of_a_stopped_vm_say_what_to_do(fake, clients):

@@ -175,9 +175,10 @@ class RecordingTarget:
         d = prepared.deployment
         return DeployResult(d.url, d.fqdn, "192.0.2.1", vm_created=True, container_updated=False)
 
-    def wait_ready(self, prepared, result, on_phase):
+    def wait_ready(self, prepared, result, on_phase, on_poll):
         self.calls.append("wait_ready")
         on_phase(Health("loading", "m"))
+        on_poll(Health("loading", "m"), 1.0)
         return Health("ok", "m")
 
 

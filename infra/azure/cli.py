@@ -22,6 +22,7 @@ from pathlib import Path
 
 from azure.core.exceptions import AzureError
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
@@ -183,13 +184,45 @@ def _provision(
 def _wait_ready(
     out: Console, target: Target, prepared: Prepared, result: DeployResult, started: float
 ) -> Health:
+    """The health wait with its progress: a line per new phase, the spinner showing the phase and the
+    time waited so far, and once the VM cannot be reached at all, why that may be (reach_hint)."""
+    hinted: list[int] = []
+    waiting = time.monotonic()
     with out.status("waiting for the service") as spinner:
 
         def phase(health: Health) -> None:
-            out.print(f"  [dim]{_clock(started)}[/] {health.label}")
-            spinner.update(health.label)
+            out.print(f"  [dim]{_clock(started)}[/] {escape(health.label)}")
+            if health.blocked and not hinted:
+                hinted.append(1)
+                out.print(f"  [dim]{escape(reach_hint(prepared))}[/]")
 
-        return target.wait_ready(prepared, result, phase)
+        def poll(health: Health, elapsed: float) -> None:
+            spinner.update(f"{escape(health.label)} (waiting {_clock(waiting)}, {_clock(started)} in all)")
+
+        return target.wait_ready(prepared, result, phase, poll)
+
+
+def reach_hint(prepared: Prepared) -> str:
+    """Why this machine may not reach the VM: the NSG lets in only the sources it names, and this
+    machine's address, as the VM sees it, may not be one of them (it was detected automatically, or
+    given; a VPN or a proxy changes it)."""
+    d, options = prepared.deployment, prepared.options
+    if d.public:
+        return (
+            f"(no connection to port {d.port}: the VM may still be booting; the NSG lets everyone in, "
+            "so a firewall on this side could also block it)"
+        )
+    sources = ", ".join(d.allow_from) or "-"
+    how = (
+        "given by --allow-from"
+        if options.allow_from
+        else "this machine's public address, detected automatically"
+    )
+    return (
+        f"(no connection to port {d.port}: the NSG lets in only {sources} ({how}). The VM may still be "
+        "booting; if this machine reaches the Internet from another address (VPN, proxy, a new IP), "
+        f"re-run with --allow-from YOUR.IP/32 (`curl -4 https://api.ipify.org` shows it))"
+    )
 
 
 def report(out: Console, target: Target, prepared: Prepared, result: DeployResult, health: Health) -> int:
@@ -210,15 +243,16 @@ def report(out: Console, target: Target, prepared: Prepared, result: DeployResul
             f"Status: invoke status-azure --name {d.name}    Tear down: invoke destroy-azure --name {d.name}"
         )
         return 0
-    why = (
-        f"the service reported an error: {health.detail}"
-        if health.phase == "error"
-        else f"not healthy after {int(options.timeout)} s (last phase: {health.label})"
-    )
-    out.print(f"\n[bold red]{d.url} is not ready:[/] {why}. Collecting diagnostics...")
-    if health.phase == "booting" and options.allow_from and not d.public:
-        out.print("  (the wait checks from this machine: outside --allow-from, it cannot see the VM)")
-    if health.phase == "booting" and d.cert.startswith("acme"):
+    if health.phase == "error":
+        why = f"the service reported an error: {health.detail}"
+    elif health.phase == "stopped":
+        why = health.detail
+    else:
+        why = f"not healthy after {int(options.timeout)} s (last phase: {health.label})"
+    out.print(f"\n[bold red]{d.url} is not ready:[/] {escape(why)}. Collecting diagnostics...")
+    if health.blocked:
+        out.print(f"  {escape(reach_hint(prepared))}")
+    if health.phase == "tls" and d.cert.startswith("acme"):
         out.print(
             "  (with HTTPS the VM answers once Caddy has its certificate: see `journalctl -u caddy` "
             "in the diagnostics)"
@@ -354,6 +388,8 @@ def status(
     table.add_row("region", st.region)
     table.add_row("VM size", st.size or "-")
     table.add_row("power state", st.power or "-")
+    if st.failure:
+        table.add_row("provisioning", f"[bold red]failed[/]: {escape(st.failure)}")
     table.add_row("URL", st.url or "-")
     table.add_row("public IP", st.ip or "-")
     table.add_row("inbound", "; ".join(st.exposure) or "-")
@@ -419,7 +455,7 @@ def destroy(
         names = _resolve(out, clients, name)
         if names is None:
             return 1
-        if not clients.resources.resource_groups.check_existence(names.group):
+        if provision.owned_group(clients, names) is None:
             out.print(f"Nothing to delete: resource group {names.group} does not exist.")
             return 0
         if not yes and not confirm(

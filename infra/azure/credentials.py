@@ -77,7 +77,8 @@ class RetrySettings:
     """Knobs for the SDK's own retry (429 with Retry-After, 408, 5xx) and long-running-operation polling.
 
     The SDK's RetryPolicy already honours Retry-After and backs off exponentially; we only size it.
-    Tests shrink the waits to near zero.
+    `total` bounds every kind of retry: azure-core counts answers (429, 5xx) separately and stops those
+    at 3 unless told otherwise, so `connect` passes it as `retry_status` too. Tests shrink the waits.
     """
 
     total: int = 6
@@ -143,6 +144,7 @@ def connect(
         base_url=cloud.arm_endpoint,
         credential_scopes=[cloud.scope],
         retry_total=r.total,
+        retry_status=r.total,
         retry_backoff_factor=r.backoff_factor,
         retry_backoff_max=r.backoff_max,
         polling_interval=r.polling_interval,

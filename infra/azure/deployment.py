@@ -75,6 +75,12 @@ def parse_sources(text: str) -> tuple[str, ...]:
                 f"--allow-from: {part!r} is not an IP address or CIDR block (e.g. 203.0.113.7 or "
                 "203.0.113.0/24)"
             ) from None
+        if net.version != 4:
+            raise PlanError(
+                f"--allow-from {part}: an IPv6 source cannot reach the VM, whose public IP is IPv4 only "
+                "(and Azure refuses a rule that mixes IPv4 and IPv6). Give your IPv4 address or block: "
+                "`curl -4 https://api.ipify.org` shows it"
+            )
         if net.prefixlen == 0:
             raise PlanError("--allow-from 0.0.0.0/0 means everyone: say --public instead, on purpose")
         out.append(str(net))
@@ -180,6 +186,11 @@ class Deployment(Names):
             raise PlanError(f"--port {self.port}: must be 1-65535 and not 22")
         if not 30 <= self.disk_gb <= 1024:
             raise PlanError(f"--disk-gb {self.disk_gb}: between 30 (the Ubuntu image) and 1024")
+        for source in (*self.allow_from, *self.ssh_from):
+            if ":" in source:
+                raise PlanError(
+                    f"source {source}: IPv6, but the VM's public IP is IPv4 only (see --allow-from)"
+                )
 
     @property
     def fqdn(self) -> str:

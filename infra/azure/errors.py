@@ -6,6 +6,7 @@ exception reaches here, so each answer says what to do next rather than "try aga
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from azure.core.exceptions import (
@@ -14,8 +15,6 @@ from azure.core.exceptions import (
     ServiceRequestError,
     ServiceResponseError,
 )
-
-from infra.azure.credentials import NO_CREDENTIALS
 
 SUGGESTED_SIZES = ("Standard_B2s", "Standard_B2ms", "Standard_B2as_v2", "Standard_D2as_v5", "Standard_D2s_v5")
 SUGGESTED_REGIONS = ("eastus", "eastus2", "westus2", "northeurope", "westeurope", "uksouth")
@@ -32,10 +31,47 @@ def error_code(exc: HttpResponseError) -> str:
     return code or (f"HTTP{exc.status_code}" if exc.status_code else "Unknown")
 
 
-def _message(exc: HttpResponseError) -> str:
+def explain_message(exc: HttpResponseError) -> str:
     err = getattr(exc, "error", None)
     msg = getattr(err, "message", None) if err is not None else None
     return (msg or exc.message or str(exc)).strip().splitlines()[0]
+
+
+SIGN_IN_HELP = (
+    "Sign in with `az login`, or for a service principal set AZURE_TENANT_ID, AZURE_CLIENT_ID and "
+    "AZURE_CLIENT_SECRET."
+)
+# Microsoft Entra sign-in codes (AADSTS...) that mean one thing to fix.
+_AADSTS = {
+    "7000215": "AZURE_CLIENT_SECRET is not a secret of that application: give the secret's Value, not "
+    "its Secret ID, or make a new one (`az ad sp credential reset --id $AZURE_CLIENT_ID`), set "
+    "AZURE_CLIENT_SECRET to it, and re-run.",
+    "7000222": "the client secret has expired. Make a new one (`az ad sp credential reset --id "
+    "$AZURE_CLIENT_ID`), set AZURE_CLIENT_SECRET to it, and re-run.",
+    "700016": "no application with AZURE_CLIENT_ID exists in the tenant AZURE_TENANT_ID: check both "
+    "(`az ad sp show --id $AZURE_CLIENT_ID`).",
+    "90002": "the tenant AZURE_TENANT_ID does not exist: check it (`az account show --query tenantId`).",
+    "900023": "AZURE_TENANT_ID is not a valid tenant id or domain: check it "
+    "(`az account show --query tenantId`).",
+    "50076": "the sign-in needs multi-factor authentication: run `az login` again, then re-run.",
+    "70043": "the Azure CLI's sign-in has expired: run `az login` again, then re-run.",
+    "700082": "the Azure CLI's sign-in has expired: run `az login` again, then re-run.",
+}
+
+
+def _sign_in(exc: ClientAuthenticationError) -> str:
+    """A refused sign-in: which credential is wrong and how to fix it, from Entra's AADSTS code; not
+    "no subscription found", which sends the user looking in the wrong place."""
+    text = str(exc)
+    match = re.search(r"AADSTS(\d+):?([^\n]*?(?:\.(?=\s)|$))", text)
+    if match:
+        code, said = match.group(1), match.group(2).strip()
+        advice = _AADSTS.get(
+            code,
+            "check AZURE_TENANT_ID, AZURE_CLIENT_ID and AZURE_CLIENT_SECRET, or sign in with `az login`.",
+        )
+        return f"Azure sign-in failed (AADSTS{code}: {said}): {advice}"
+    return f"Azure sign-in failed: {text.strip().splitlines()[0]}\n{SIGN_IN_HELP}"
 
 
 def explain(
@@ -48,13 +84,7 @@ def explain(
 ) -> str:
     """A one-paragraph explanation of `exc` with the next step to take."""
     if isinstance(exc, ClientAuthenticationError):
-        return (
-            "Azure sign-in failed: "
-            + str(exc).strip().splitlines()[0]
-            + "\n"
-            + NO_CREDENTIALS
-            + ". For a service principal set AZURE_TENANT_ID, AZURE_CLIENT_ID and AZURE_CLIENT_SECRET."
-        )
+        return _sign_in(exc)
     if isinstance(exc, ServiceRequestError | ServiceResponseError) and not isinstance(exc, HttpResponseError):
         return (
             f"could not reach Azure Resource Manager ({exc.__class__.__name__}: {exc}). Check the "
@@ -63,7 +93,7 @@ def explain(
         )
     if not isinstance(exc, HttpResponseError):
         return f"{exc.__class__.__name__}: {exc}"
-    code, msg, status = error_code(exc), _message(exc), exc.status_code
+    code, msg, status = error_code(exc), explain_message(exc), exc.status_code
     low = (code + " " + msg).lower()
     where = f" in {region}" if region else ""
     if code in ("AuthorizationFailed", "LinkedAuthorizationFailed") or status == 403:
@@ -86,6 +116,14 @@ def explain(
         return (
             f"{msg}\nRegister the provider once: `az provider register --namespace Microsoft.Compute` "
             "(and Microsoft.Network), then re-run."
+        )
+    if "hardware cluster" in low:
+        return (
+            f"{size or 'the new size'} is not offered by the hardware cluster the VM runs on, so it cannot "
+            f"be resized there while allocated ({code}): {msg}\nDeallocate it first (`az vm deallocate "
+            f"--resource-group {name}-rg --name {name}-vm`), then re-run deploy-azure: a deallocated VM "
+            "can move to any size the region offers, and deploy-azure starts it again. Or pick a size "
+            "the message lists."
         )
     if "quota" in low or code in ("QuotaExceeded", "OperationNotAllowed") and "cores" in low:
         return (
@@ -143,5 +181,10 @@ def explain(
         return (
             f"Azure had an internal error ({status} {code}) that persisted through retries: {msg}\n"
             "Re-run in a few minutes; deploy-azure converges, so nothing is duplicated."
+        )
+    if status in (200, 201, 202):
+        return (
+            f"an Azure operation was accepted but then failed ({code}): {msg}\nSee the message for the "
+            "cause; re-run deploy-azure once it is fixed (it converges)."
         )
     return f"Azure refused the request ({status} {code}): {msg}"

@@ -10,13 +10,14 @@ Run Command (infra/azure/remote.py), refusing up front what cannot change in pla
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 from azure.mgmt.compute.models import VirtualMachine
+from azure.mgmt.resource.resources.models import ResourceGroup
 
 from infra.azure import state
 from infra.azure.arm import (
@@ -36,7 +37,7 @@ from infra.azure.arm import (
 from infra.azure.credentials import AzureClients
 from infra.azure.deployment import APP_TAG, INTERNET, Deployment, Names, Prepared, site_url
 from infra.azure.errors import SUGGESTED_SIZES, AzureActionError, explain
-from infra.azure.remote import power_state, run_command
+from infra.azure.remote import VmState, failed_vm_advice, power_state, run_command, vm_state
 from infra.health import Health, probe
 from infra.settings import SECRET_SETTINGS
 from infra.vm import cloudinit
@@ -96,12 +97,58 @@ def available_sizes(clients: AzureClients, region: str) -> list[str]:
     return preferred + sorted(usable - set(preferred))
 
 
+def check_owned(names: Names, tags: Mapping[str, str] | None) -> None:
+    """Refuse a resource group that is not this deployment's: it must carry app=qwen-box and
+    deployment=NAME (tag names compare case-insensitively, as in Azure). A group of the same name made by
+    someone else, or by another deployment, is never changed, described or deleted."""
+    found = {k.lower(): v for k, v in (tags or {}).items()}
+    if found.get("app") == APP_TAG and found.get("deployment") == names.name:
+        return
+    shown = ", ".join(f"{k}={v}" for k, v in sorted((tags or {}).items())) or "no tags at all"
+    raise AzureActionError(
+        f"resource group {names.group} is not qwen-box deployment {names.name}: it carries {shown}, not "
+        f"app={APP_TAG} and deployment={names.name}. Nothing was changed. If it is not yours, choose "
+        f"another --name; if it is a qwen-box deployment that lost its tags, tag it again "
+        f"(`az group update --name {names.group} --tags app={APP_TAG} deployment={names.name}`)."
+    )
+
+
+def owned_group(clients: AzureClients, names: Names) -> ResourceGroup | None:
+    """The deployment's resource group (None when there is none), refused if it is not ours
+    (check_owned). Every action on an existing deployment starts here."""
+    try:
+        group = clients.resources.resource_groups.get(names.group)
+    except ResourceNotFoundError:
+        return None
+    check_owned(names, group.tags)
+    return group
+
+
 def find_vm(clients: AzureClients, names: Names) -> VirtualMachine | None:
     """The deployment's VM, or None when there is none yet."""
     try:
         return clients.compute.virtual_machines.get(names.group, names.vm)
     except ResourceNotFoundError:
         return None
+
+
+def _usable_vm(clients: AzureClients, d: Deployment, progress: Progress) -> VirtualMachine | None:
+    """The deployment's VM to converge, or None when one must be created: none yet, or one whose
+    creation failed (provisioningState Failed, e.g. AllocationFailed), which is deleted first.
+
+    A failed VM never ran, and what it was created with (custom_data) is fixed, so converging it in
+    place cannot help; deleting it takes its NIC and OS disk (deleteOption Delete) but not the public
+    IP, so the recreated VM keeps its address and DNS name. Refuses a group that is not ours.
+    """
+    owned_group(clients, d)
+    vm = find_vm(clients, d)
+    if vm is None or (vm.provisioning_state or "").lower() != "failed":
+        return vm
+    state = vm_state(clients, d)
+    why = state.failure or "provisioningState Failed"
+    progress(f"{d.vm} failed to provision ({why}): deleting it to create it again (the public IP stays)")
+    clients.compute.virtual_machines.begin_delete(d.group, d.vm).result()
+    return None
 
 
 def provision(
@@ -115,7 +162,7 @@ def provision(
     """
     d = prepared.deployment
     with _explained(clients, d):
-        existing = find_vm(clients, d)
+        existing = _usable_vm(clients, d, progress)
     if existing is None:
         state.save_token(d.name, prepared.token)
         return converge(clients, d, prepared.cloud_init, ssh_key, None, progress)
@@ -128,7 +175,7 @@ def deploy(
     """Create or converge every resource of `d` from its rendered cloud-init: `provision` without the
     token keeping, for a `Deployment` made by hand."""
     with _explained(clients, d):
-        existing = find_vm(clients, d)
+        existing = _usable_vm(clients, d, progress)
     return converge(clients, d, cloud_init_text, ssh_key, existing, progress)
 
 
@@ -176,10 +223,12 @@ def converge(
         if existing is None:
             progress(f"virtual machine {d.vm} ({d.size})")
             body = vm_body(d, str(nic.id), ssh_key, cloudinit.custom_data(cloud_init_text))
-            compute.virtual_machines.begin_create_or_update(d.group, d.vm, _json(body)).result()
+            created = compute.virtual_machines.begin_create_or_update(d.group, d.vm, _json(body)).result()
             updated = False
         else:
             updated = _converge_vm(clients, d, existing, progress)
+            created = existing
+        _tag_os_disk(clients, d, created, progress)
     return DeployResult(
         url=site_url(fqdn, d.port, d.tls),
         fqdn=fqdn,
@@ -187,6 +236,21 @@ def converge(
         vm_created=existing is None,
         container_updated=updated,
     )
+
+
+def _tag_os_disk(clients: AzureClients, d: Deployment, vm: VirtualMachine, progress: Progress) -> None:
+    """Give the OS disk the deployment's tags. Azure creates it with the VM but copies none of the VM's
+    tags to it, and an implicit disk's tags cannot be set in the VM's body, so it is updated afterwards
+    (also for a VM made before this was done). A disk without them is invisible to a search by tag and
+    to cost reports of the deployment."""
+    profile = vm.storage_profile
+    name = (profile.os_disk.name if profile and profile.os_disk else None) or d.os_disk
+    disk = clients.compute.disks.get(d.group, name)
+    tags = dict(disk.tags or {})
+    if d.tags.items() <= tags.items():
+        return
+    progress(f"tagging the OS disk {name}")
+    clients.compute.disks.begin_update(d.group, name, _json({"tags": {**tags, **d.tags}})).result()
 
 
 def _refuse_fixed_changes(d: Deployment, old_tags: dict[str, str]) -> None:
@@ -276,6 +340,7 @@ class Status:
     cert: str = ""  # infra/vm/caddy.py's certificate mode; "" for plain HTTP
     exposure: list[str] = field(default_factory=list)
     health: Health | None = None
+    failure: str = ""  # why the VM's provisioning failed, with the next step ("" if it did not)
 
     @property
     def tls(self) -> bool:
@@ -301,15 +366,21 @@ def status(
     `ca_file` is the root of the VM's own certificate authority (for a private deployment), when saved.
     """
     try:
-        group = clients.resources.resource_groups.get(names.group)
-    except ResourceNotFoundError:
+        group = owned_group(clients, names)
+    except HttpResponseError as exc:
+        raise AzureActionError(explain(exc, name=names.name)) from exc
+    if group is None:
         return None
     st = Status(name=names.name, region=group.location)
     try:
         vm = clients.compute.virtual_machines.get(names.group, names.vm)
         size = vm.hardware_profile.vm_size
         st.size = str(getattr(size, "value", size))
-        st.power = power_state(clients, names)
+        vm_now = vm_state(clients, names)
+        if not vm_now.failed and (vm.provisioning_state or "").lower() == "failed":
+            vm_now = VmState(vm_now.power, "Failed")
+        st.power = "failed to provision" if vm_now.failed else vm_now.power
+        st.failure = failed_vm_advice(names, vm_now) if vm_now.failed else ""
         cert = (vm.tags or {}).get(TLS_TAG, "off")
         st.cert = "" if cert == "off" else cert
         pip = clients.network.public_ip_addresses.get(names.group, names.public_ip)
@@ -336,12 +407,12 @@ def status(
 def destroy(clients: AzureClients, names: Names, progress: Progress = _quiet) -> bool:
     """Delete the deployment's resource group and everything in it; wait until it is gone.
 
-    Returns False if there was nothing to delete. The VM is force-deleted (no graceful shutdown), which
-    is what a teardown wants and is quicker.
+    Returns False if there was nothing to delete; refuses a group that is not ours (check_owned). The
+    VM is force-deleted (no graceful shutdown), which is what a teardown wants and is quicker.
     """
     groups = clients.resources.resource_groups
     try:
-        if not groups.check_existence(names.group):
+        if owned_group(clients, names) is None:
             return False
         progress(f"deleting resource group {names.group} and everything in it")
         groups.begin_delete(names.group, force_deletion_types="Microsoft.Compute/virtualMachines").result()

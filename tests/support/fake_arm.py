@@ -5,8 +5,12 @@ No package emulates ARM compute and network, so this speaks the REST protocol th
 operations (201/202 + `Azure-AsyncOperation`/`Location`, polled until `Succeeded`). It keeps state, so a
 test asserts what a deployment actually created rather than what a mock was told. It also behaves like
 Azure where our code could go wrong: references between resources must exist, `customData` is
-write-only and immutable, a resource group delete takes everything in it, and faults (409, 429 with
-`Retry-After`, 5xx, quota, an operation that fails) can be injected per request.
+write-only and immutable, a resource group delete takes everything in it, a VM delete takes the NIC
+and disk marked deleteOption Delete, the OS disk is created untagged, a mixed IPv4/IPv6 rule is refused,
+and faults (409, 429 with `Retry-After`, 5xx, quota, an operation that fails) can be injected per
+request; a PUT whose operation failed leaves the resource in provisioningState Failed (a VM's instance
+view then says why). It also answers azure-identity's client-secret sign-in as Microsoft Entra ID does
+(OpenID configuration, token endpoint, AADSTS7000215 for a wrong secret).
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ class Fault:
 class Operation:
     polls_left: int
     on_done: Callable[[], None] | None = None
+    on_error: Callable[[], None] | None = None
     error: dict | None = None
     result: dict | None = None
     done: bool = False
@@ -105,8 +110,10 @@ class FakeArm:
         self.run_commands: list[str] = []
         self.restricted: dict[str, set[str]] = {}
         self.power_state = "running"
+        self.vm_failures: dict[str, dict[str, str]] = {}  # VM key -> the error its creation ended in
         self.serial_log = "[    0.000000] Linux version 6.8.0-azure\ncloud-init: qwen-box: pulling image\n"
         self.vm_shell: Callable[[str], str] = succeeding_vm
+        self.client_secret = "the-right-secret"  # what the fake sign-in endpoint accepts
         self.lock = threading.RLock()
         self._ids = itertools.count(1)
         self._server: ThreadingHTTPServer | None = None
@@ -178,6 +185,44 @@ class FakeArm:
         with self.lock:
             return not self.groups and not self.resources
 
+    # -- sign-in (Microsoft Entra ID's OpenID configuration and token endpoint, for azure-identity) --
+    def sign_in(self, method: str, path: str, raw: bytes) -> tuple[int, dict, dict[str, str]] | None:
+        """Answer azure-identity's ClientSecretCredential (authority = this fake's url) as Entra does:
+        the tenant's OpenID configuration, then a token for the right secret or AADSTS7000215."""
+        match = re.fullmatch(r"/([^/]+)/(v2\.0/\.well-known/openid-configuration|oauth2/v2\.0/token)", path)
+        if not match:
+            return None
+        tenant, what = match.groups()
+        with self.lock:
+            self.requests.append((method, path, ""))
+        base = f"{self.url}/{tenant}"
+        if what.startswith("v2.0"):
+            return (
+                200,
+                {
+                    "issuer": f"{base}/v2.0",
+                    "token_endpoint": f"{base}/oauth2/v2.0/token",
+                    "authorization_endpoint": f"{base}/oauth2/v2.0/authorize",
+                    "device_authorization_endpoint": f"{base}/oauth2/v2.0/devicecode",
+                },
+                {},
+            )
+        form = parse_qs(raw.decode())
+        if form.get("client_secret", [""])[0] != self.client_secret:
+            return (
+                401,
+                {
+                    "error": "invalid_client",
+                    "error_description": "AADSTS7000215: Invalid client secret provided. Ensure the "
+                    "secret being sent in the request is the client secret value, not the client secret "
+                    f"ID, for a secret added to app '{form.get('client_id', ['?'])[0]}'. Trace ID: "
+                    f"{uuid.uuid4()} Correlation ID: {uuid.uuid4()} Timestamp: 2026-12-01 09:00:00Z",
+                    "error_codes": [7000215],
+                },
+                {},
+            )
+        return 200, {"token_type": "Bearer", "expires_in": 3600, "access_token": "fake-entra-token"}, {}
+
     # -- request handling ----------------------------------------------------------------------
     def handle(
         self, method: str, path: str, query: dict[str, str], body: dict | None, headers: dict[str, str]
@@ -200,9 +245,20 @@ class FakeArm:
             if fault and fault.lro:
                 op_id = extra.get("Azure-AsyncOperation", "").rsplit("/", 1)[-1]
                 if op_id in self.operations:
+                    error = {"code": fault.code, "message": fault.message}
                     self.operations[op_id].on_done = None
-                    self.operations[op_id].error = {"code": fault.code, "message": fault.message}
+                    self.operations[op_id].error = error
+                    if method == "PUT" and isinstance(payload, dict) and "properties" in payload:
+                        self.operations[op_id].on_error = lambda: self._failed(payload, error)
             return status, payload, extra
+
+    def _failed(self, resource: dict, error: dict[str, str]) -> None:
+        """A PUT whose operation failed leaves the resource there in provisioningState Failed, and a VM's
+        instance view says why (as Azure does after, e.g., AllocationFailed)."""
+        resource["properties"]["provisioningState"] = "Failed"
+        if resource["type"].lower() == "microsoft.compute/virtualmachines":
+            group = resource["id"].split("/")[4]
+            self.vm_failures[_key(group, resource["type"], resource["name"])] = error
 
     def _take_fault(self, method: str, path: str) -> Fault | None:
         for fault in self.faults:
@@ -335,8 +391,13 @@ class FakeArm:
         if method == "DELETE":
             if not existing:
                 return 204, None, {}
-            op = self._operation(lambda: self.resources.pop(key, None))
+            if ptype.lower() == "microsoft.compute/virtualmachines":
+                op = self._operation(lambda: self._delete_vm(group, name, existing))
+            else:
+                op = self._operation(lambda: self.resources.pop(key, None))
             return 202, None, self._lro_headers(op)
+        if method == "PATCH" and ptype.lower() == "microsoft.compute/disks":
+            return self._patch_disk(existing, ptype, name, group, body)
         if method != "PUT":
             raise ArmError(405, "MethodNotAllowed", method)
         if not isinstance(body, dict) or "location" not in body:
@@ -353,7 +414,9 @@ class FakeArm:
         )
         props = resource.setdefault("properties", {})
         kind = ptype.lower()
-        if kind == "microsoft.network/virtualnetworks":
+        if kind == "microsoft.network/networksecuritygroups":
+            self._nsg(resource)
+        elif kind == "microsoft.network/virtualnetworks":
             for subnet in props.get("subnets", []):
                 subnet["id"] = f"{rid}/subnets/{subnet['name']}"
                 subnet.setdefault("properties", {})["provisioningState"] = "Succeeded"
@@ -363,6 +426,7 @@ class FakeArm:
             self._nic(resource)
         elif kind == "microsoft.compute/virtualmachines":
             self._vm(group, name, resource, existing)
+            self.vm_failures.pop(key, None)
         props["provisioningState"] = "Updating" if existing else "Creating"
         self.resources[key] = resource
 
@@ -371,6 +435,55 @@ class FakeArm:
 
         op = self._operation(done)
         return (200 if existing else 201), resource, self._lro_headers(op)
+
+    def _nsg(self, resource: dict) -> None:
+        """One rule's source prefixes must be of one address family, as ARM checks."""
+        for rule in resource["properties"].get("securityRules", []):
+            p = rule.get("properties", {})
+            prefixes = p.get("sourceAddressPrefixes") or [p.get("sourceAddressPrefix", "")]
+            families = {":" in x for x in prefixes if x[:1].isdigit() or ":" in x}
+            if len(families) > 1:
+                raise ArmError(
+                    400,
+                    "ResourceCannotContainAddressPrefixesFromDifferentAddressFamilies",
+                    f"Security rule {rule.get('name')} has address prefixes from different address "
+                    "families (IPv4 and IPv6).",
+                )
+
+    def _delete_vm(self, group: str, name: str, vm: dict) -> None:
+        """A VM goes with the NICs and OS disk whose deleteOption is Delete; the public IP stays."""
+        props = vm["properties"]
+        doomed = [
+            n["id"]
+            for n in props.get("networkProfile", {}).get("networkInterfaces", [])
+            if n.get("properties", {}).get("deleteOption") == "Delete"
+        ]
+        disk = props.get("storageProfile", {}).get("osDisk", {})
+        if disk.get("deleteOption") == "Delete":
+            doomed.append(disk.get("managedDisk", {}).get("id", ""))
+        for rid in doomed:
+            parts = [p for p in rid.split("/") if p]
+            if len(parts) == 8:
+                self.resources.pop(_key(parts[3], parts[5] + "/" + parts[6], parts[7]), None)
+        key = _key(group, "Microsoft.Compute/virtualMachines", name)
+        self.resources.pop(key, None)
+        self.vm_failures.pop(key, None)
+        self.secrets.pop(_key(group, name), None)
+
+    def _patch_disk(self, existing, ptype, name, group, body):
+        """A disk update (PATCH): what is sent replaces what was, tags included, as in ARM."""
+        if not existing:
+            raise ArmError(
+                404,
+                "ResourceNotFound",
+                f"The Resource '{ptype}/{name}' under resource group '{group}' was not found.",
+            )
+        body = body or {}
+        if "tags" in body:
+            existing["tags"] = dict(body["tags"])
+        existing["properties"].update(body.get("properties", {}))
+        op = self._operation(None)
+        return 200, existing, self._lro_headers(op)
 
     def _exists(self, rid: str) -> bool:
         parts = [p for p in rid.split("/") if p]
@@ -485,7 +598,7 @@ class FakeArm:
             )
         action = tail[0]
         if action == "instanceview" and method == "GET":
-            return 200, self._instance_view(), {}
+            return 200, self._instance_view(key), {}
         if action == "start" and method == "POST":
             op = self._operation(lambda: setattr(self, "power_state", "running"))
             return 202, None, self._lro_headers(op)
@@ -520,7 +633,19 @@ class FakeArm:
             return 202, None, self._lro_headers(op, result=True)
         raise ArmError(404, "NotFound", f"No action {action}")
 
-    def _instance_view(self) -> dict:
+    def _instance_view(self, key: str = "") -> dict:
+        failure = self.vm_failures.get(key)
+        if failure:
+            return {
+                "statuses": [
+                    {
+                        "code": f"ProvisioningState/failed/{failure['code']}",
+                        "level": "Error",
+                        "displayStatus": "Provisioning failed",
+                        "message": failure["message"],
+                    }
+                ]
+            }
         return {
             "computerName": "qwen-box",
             "osName": "ubuntu",
@@ -586,6 +711,8 @@ class FakeArm:
         op.done = True
         if op.error is None and op.on_done:
             op.on_done()
+        if op.error is not None and op.on_error:
+            op.on_error()
 
     def _fake_endpoint(self, method: str, path: str):
         parts = path.split("/")
@@ -624,8 +751,12 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(length) if length else b""
         headers = {k.lower(): v for k, v in self.headers.items()}
         try:
-            body = json.loads(raw) if raw else None
-            status, payload, extra = self.arm.handle(self.command, split.path, query, body, headers)
+            signed = self.arm.sign_in(self.command, split.path, raw)
+            if signed:
+                status, payload, extra = signed
+            else:
+                body = json.loads(raw) if raw else None
+                status, payload, extra = self.arm.handle(self.command, split.path, query, body, headers)
         except ArmError as e:
             status, payload, extra = e.status, {"error": {"code": e.code, "message": e.message}}, e.headers
         except json.JSONDecodeError as e:
