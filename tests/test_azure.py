@@ -32,6 +32,7 @@ from infra.azure.errors import AzureActionError
 from infra.azure.plan import make_plan
 from infra.health import wait_healthy
 from infra.vm import cloudinit
+from infra.vm.caddy import http_caddyfile
 from tests.support.fake_arm import FakeArm, succeeding_vm
 from tests.support.health import HealthServer
 from tests.support.live import free_port
@@ -246,8 +247,10 @@ def test_custom_data_is_the_rendered_cloud_init_with_image_and_settings(fake, cl
     text = base64.b64decode(fake.custom_data("qb-test-rg", "qb-test-vm")).decode()
     assert text == cloudinit.render(IMAGE, 8080, {"DTYPE": "float32", "QUEUE_SIZE": "4"})
     assert text.startswith("#cloud-config") and f"      {IMAGE}\n" in text
-    assert "DTYPE=float32" in text and "QUEUE_SIZE=4" in text and "      8080\n" in text
-    assert "Caddyfile" not in text.split("write_files:")[1].split("provision.sh")[0]
+    assert "DTYPE=float32" in text and "QUEUE_SIZE=4" in text and "      127.0.0.1:8000\n" in text
+    assert (
+        "http://:8080 {" in text
+    )  # --no-tls: Caddy serves plain HTTP on the port, the app stays on loopback
     assert "customData" not in json.dumps(fake.resource("qb-test-rg", VM, "qb-test-vm"))
 
 
@@ -764,8 +767,9 @@ def test_no_tls_keeps_plain_http_on_the_chosen_port(cli, capsys):
     assert f"Ready: http://qb-plain.eastus.cloudapp.azure.com:{vm.port}/" in out and "unencrypted" in out
     assert inbound(cli, "qb-plain") == {"allow-chat-http": (str(vm.port), (ME,))}
     files = custom_files(cli, "qb-plain")
-    assert "/etc/qwen-box/Caddyfile" not in files and files["/etc/qwen-box/port"] == f"{vm.port}\n"
-    assert "PROXY_HOPS" not in files["/etc/qwen-box/service.env"]
+    assert files["/etc/qwen-box/Caddyfile"] == http_caddyfile(vm.port)  # Caddy in front, plain HTTP
+    assert files["/etc/qwen-box/port"] == "127.0.0.1:8000\n"
+    assert "PROXY_HOPS=1" in files["/etc/qwen-box/service.env"]
     assert cli.resource("qb-plain-rg", VM, "qb-plain-vm")["tags"][arm.TLS_TAG] == "off"
 
 

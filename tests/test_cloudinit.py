@@ -19,7 +19,7 @@ import yaml
 
 from infra.settings import SettingsError, parse_env
 from infra.vm import cloudinit
-from infra.vm.caddy import caddyfile
+from infra.vm.caddy import caddyfile, http_caddyfile
 from infra.vm.cloudinit import CloudInitError, RegistryLogin
 
 IMAGE = "myreg.azurecr.io/qwen-box:1.2.3"
@@ -97,7 +97,7 @@ def test_rendered_config_carries_image_settings_swap_and_runs_provisioning():
     data = yaml.safe_load(cloudinit.render(IMAGE, 8080, ENV))
     files = {f["path"]: f for f in data["write_files"]}
     assert files["/etc/qwen-box/image"]["content"] == IMAGE + "\n"
-    assert files["/etc/qwen-box/port"]["content"] == "8080\n"
+    assert files["/etc/qwen-box/port"]["content"] == "127.0.0.1:8000\n"  # behind Caddy, see below
     env_lines = files["/etc/qwen-box/service.env"]["content"].splitlines()
     assert [line for line in env_lines if not line.startswith("#")] == [
         "DTYPE=float32",
@@ -242,10 +242,12 @@ def test_provisioning_installs_logs_in_pulls_and_runs_in_order(vm_root):
     assert not any(SECRET in line for line in result.stdout.splitlines() + result.stderr.splitlines())
     assert not (root / "etc/qwen-box/registry/password").exists()
     run = next(c for c in calls if c.startswith("docker run"))
-    assert "--restart unless-stopped" in run and "--publish 80:8000" in run
+    assert "--restart unless-stopped" in run and "--publish 127.0.0.1:8000:8000" in run
     assert "--volume qwen-box-data:/data" in run and run.endswith(IMAGE)
     assert f"--env-file {root}/etc/qwen-box/service.env" in run
-    assert "python3 -m http.server 80 --bind 0.0.0.0" in next(c for c in calls if c.startswith("systemd-run"))
+    assert "python3 -m http.server 8000 --bind 127.0.0.1" in next(
+        c for c in calls if c.startswith("systemd-run")
+    )
     assert "qwen-box: pulling: pulling " + IMAGE in result.stdout
     assert json.loads((root / "www/api/health").read_text())["status"] == "starting"
 
@@ -274,13 +276,15 @@ def test_update_pulls_first_then_rewrites_settings_and_keeps_the_secret(vm_root)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith(cloudinit.UPDATE_DONE)
     etc = root / "etc/qwen-box"
-    assert (etc / "image").read_text().strip() == new_image and (etc / "port").read_text().strip() == "8080"
+    assert (etc / "image").read_text().strip() == new_image
+    assert (etc / "port").read_text().strip() == "127.0.0.1:8000"
     settings = (etc / "service.env").read_text().splitlines()
     assert "DTYPE=bfloat16" in settings and "ACCESS_TOKEN=tok-secret" in settings
     assert "QUEUE_SIZE=4" not in settings
     calls = [c.split()[:2] for c in (root / "calls.log").read_text().splitlines()]
     assert calls.index(["docker", "pull"]) < calls.index(["docker", "run"])
-    assert "--publish 8080:8000" in (root / "calls.log").read_text()
+    assert "--publish 127.0.0.1:8000:8000" in (root / "calls.log").read_text()
+    assert "http://:8080 {" in (root / "etc/caddy/Caddyfile").read_text()
 
 
 def test_a_failed_update_pull_changes_nothing(vm_root):
@@ -322,15 +326,37 @@ def test_https_installs_caddy_with_its_config_and_keeps_the_app_on_loopback(vm_r
     status = next(c for c in calls if c.startswith("systemd-run"))
     assert "python3 -m http.server 8000 --bind 127.0.0.1" in status  # behind Caddy, like the app
     assert "PROXY_HOPS=1" in (root / "etc/qwen-box/service.env").read_text()
-    assert "Caddy serves HTTPS" in result.stdout
+    assert "Caddy serves the chat port" in result.stdout
 
 
-def test_plain_http_installs_no_caddy(vm_root):
-    root, env = vm_root(cloudinit.render(IMAGE, 80, ENV))
+def test_plain_http_keeps_caddy_in_front_and_the_app_on_loopback(vm_root):
+    """--no-tls too: Caddy holds the public port (plain HTTP) and the app listens on loopback only, so a
+    few dozen slow clients cannot take all of gunicorn's threads (tests/test_proxy.py shows it)."""
+    root, env = vm_root(cloudinit.render(IMAGE, 8080, ENV))
     run_provision(root, env)
-    calls = (root / "calls.log").read_text()
-    assert "apt-get install -y -q docker.io\n" in calls and "caddy" not in calls
-    assert not (root / "etc/caddy/Caddyfile").exists()
+    calls = (root / "calls.log").read_text().splitlines()
+    assert "apt-get install -y -q docker.io caddy" in calls
+    assert (root / "etc/caddy/Caddyfile").read_text() == http_caddyfile(8080)
+    run = next(c for c in calls if c.startswith("docker run"))
+    assert calls.index("systemctl restart caddy") < calls.index(run)
+    assert "--publish 127.0.0.1:8000:8000" in run and "8080" not in run
+
+
+def test_update_puts_caddy_in_front_of_a_vm_made_without_it(vm_root):
+    """A --no-tls VM from before Caddy fronted plain HTTP: the update installs Caddy, moves the container
+    to loopback, and only then restarts Caddy (the container held the port until then)."""
+    root, env = vm_root(cloudinit.render(IMAGE, 80, ENV))
+    (root / "etc/qwen-box/port").write_text("80\n")
+    script = cloudinit.update_script(IMAGE, 80, ENV)
+    result = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    calls = (root / "calls.log").read_text().splitlines()
+    run = next(c for c in calls if c.startswith("docker run"))
+    assert "apt-get install -y -q caddy" in calls and "--publish 127.0.0.1:8000:8000" in run
+    assert (
+        calls.index("apt-get install -y -q caddy") < calls.index(run) < calls.index("systemctl restart caddy")
+    )
+    assert (root / "etc/caddy/Caddyfile").read_text() == http_caddyfile(80)
 
 
 def test_the_token_reaches_only_the_root_only_settings_file_never_the_logged_output(vm_root):

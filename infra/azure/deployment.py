@@ -26,7 +26,7 @@ from infra.azure.sizes import DEFAULT_SIZE, Fit, check_vm
 from infra.fit import BYTES_ORDER, default_precision
 from infra.settings import parse_env
 from infra.vm import cloudinit
-from infra.vm.caddy import caddyfile
+from infra.vm.caddy import caddyfile, http_caddyfile
 from service.config import DEFAULT_MODEL_ID
 
 APP_TAG = "qwen-box"
@@ -215,8 +215,11 @@ class Deployment(Names):
 
     @property
     def caddyfile(self) -> str:
-        """The reverse proxy's config on the VM ("" without HTTPS)."""
-        return caddyfile(self.fqdn, self.cert, https_port=self.port) if self.tls else ""
+        """The reverse proxy's config on the VM: HTTPS, or plain HTTP on the port with --no-tls (the app is
+        never the public listener)."""
+        return (
+            caddyfile(self.fqdn, self.cert, https_port=self.port) if self.tls else http_caddyfile(self.port)
+        )
 
     def with_sources(self, allow_from: tuple[str, ...], ssh_from: tuple[str, ...]) -> Deployment:
         """The same deployment with the deployer's address filled in (looked up only when needed)."""
@@ -420,8 +423,7 @@ def prepare(
     model, _, verdict, auto = _model_and_precision(settings, options.model, options.precision, options.size)
     if not verdict.fits:
         raise PlanError("the model does not fit the VM: " + verdict.message)
-    if options.tls:
-        settings.setdefault("PROXY_HOPS", "1")
+    settings.setdefault("PROXY_HOPS", "1")  # Caddy is in front in every mode
     names = Names(options.name or default_name())
     token = given_token or saved_token(names.name) or secrets.token_urlsafe(32)
     d = Deployment(

@@ -22,6 +22,7 @@ import jinja2
 
 from infra.image import CONTAINER, CONTAINER_PORT, LABEL_BAKED, LABEL_MODEL, MODELS_DIR, data_volume
 from infra.settings import PRINTABLE, SECRET_SETTINGS, SettingsError, validate_env
+from infra.vm.caddy import http_caddyfile
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "cloud-init.yaml"
 START_SCRIPT = Path(__file__).resolve().parent / "start-container.sh.j2"
@@ -87,10 +88,10 @@ def validate_model(model: str) -> str:
     return model
 
 
-def publish_spec(port: int, https: bool) -> str:
-    """Where the container's port is published on the VM: loopback only behind Caddy (HTTPS), else the
-    public port itself."""
-    return LOOPBACK_PUBLISH if https else str(int(port))
+def proxy_config(port: int, caddyfile: str) -> str:
+    """The VM's Caddyfile: the one given (HTTPS), else plain HTTP on `port`. Caddy is in front in every
+    mode, so the container is always published on loopback only (LOOPBACK_PUBLISH)."""
+    return caddyfile or http_caddyfile(port)
 
 
 def image_registry(image: str) -> str | None:
@@ -176,19 +177,19 @@ def render(
 ) -> str:
     """The cloud-config text for a VM: validated inputs in, YAML out (checked against the size limit).
 
-    With a `caddyfile` (HTTPS), cloud-init installs Caddy with it and the container is published on
-    loopback only; without, the container is published on `port` as is.
+    cloud-init installs Caddy with `caddyfile` (HTTPS; without one, plain HTTP on `port`) and publishes
+    the container on loopback only.
     """
     text = (
         _jinja()
         .from_string(template.read_text())
         .render(
             image=validate_image(image),
-            publish=publish_spec(port, bool(caddyfile)),
+            publish=LOOPBACK_PUBLISH,
             model=validate_model(model),
             env_file=env_file(_settings(env)),
             registry=registry,
-            caddyfile=caddyfile.rstrip("\n"),
+            caddyfile=proxy_config(port, caddyfile).rstrip("\n"),
             start_script=start_script().rstrip("\n"),
             swap_size=SWAP_SIZE,
         )
@@ -219,8 +220,9 @@ def update_script(
     UPDATE_DONE, which run-command's caller looks for (run-command reports success whatever the exit
     code). Values travel base64-encoded, so they are data to the shell, never code. Secret settings are
     not sent (run-command scripts are not secret storage): the ones already on the VM are kept. The
-    start script is rewritten too, so a VM made by an older version learns what the new files mean; with
-    HTTPS the Caddyfile is rewritten and Caddy restarted if it changed.
+    start script is rewritten too, so a VM made by an older version learns what the new files mean; the
+    Caddyfile is rewritten and Caddy restarted if it changed (installed first on a VM made when plain
+    HTTP had no Caddy in front).
     """
     public = {k: v for k, v in _settings(env).items() if k not in SECRET_SETTINGS}
 
@@ -236,8 +238,15 @@ def update_script(
         f"image=$(echo {b64(validate_image(image))} | base64 -d)",
         'echo "qwen-box: pulling $image"',
         'docker pull --quiet "$image"',
+        "caddy_conf=${QWEN_BOX_CADDYFILE:-/etc/caddy/Caddyfile}",
+        'if [ ! -e "$caddy_conf" ]; then',
+        '  echo "qwen-box: installing Caddy (it fronts plain HTTP too now)"',
+        "  apt-get update -q",
+        "  DEBIAN_FRONTEND=noninteractive apt-get install -y -q caddy",
+        "  systemctl enable caddy",
+        "fi",
         'printf \'%s\\n\' "$image" > "$etc/image.new"',
-        f'echo {b64(publish_spec(port, bool(caddyfile)))} | base64 -d > "$etc/port.new"',
+        f'echo {b64(LOOPBACK_PUBLISH)} | base64 -d > "$etc/port.new"',
         f'echo {b64(validate_model(model) + chr(10))} | base64 -d > "$etc/model.new"',
         f'echo {b64(start_script())} | base64 -d > "$opt/start-container.sh.new"',
         f"{{ echo {b64(env_file(public) + chr(10))} | base64 -d; "
@@ -247,15 +256,17 @@ def update_script(
         'for f in image port model service.env; do mv "$etc/$f.new" "$etc/$f"; done',
         'mv "$opt/start-container.sh.new" "$opt/start-container.sh"',
     ]
-    if caddyfile:
-        lines += [
-            "caddy_conf=${QWEN_BOX_CADDYFILE:-/etc/caddy/Caddyfile}",
-            f'echo {b64(caddyfile)} | base64 -d > "$etc/Caddyfile"',
-            'chmod 644 "$etc/Caddyfile"',
-            'if ! cmp -s "$etc/Caddyfile" "$caddy_conf"; then',
-            '  install -m 0644 "$etc/Caddyfile" "$caddy_conf"',
-            "  systemctl restart caddy",
-            "fi",
-        ]
-    lines += ['"$opt/start-container.sh"', f'echo "{UPDATE_DONE}"']
+    lines += [
+        f'echo {b64(proxy_config(port, caddyfile))} | base64 -d > "$etc/Caddyfile"',
+        'chmod 644 "$etc/Caddyfile"',
+        "restart_caddy=0",
+        'if ! cmp -s "$etc/Caddyfile" "$caddy_conf"; then',
+        '  install -m 0644 "$etc/Caddyfile" "$caddy_conf"',
+        "  restart_caddy=1",
+        "fi",
+        # The container first: on a VM that served plain HTTP without Caddy it still holds the port.
+        '"$opt/start-container.sh"',
+        'if [ "$restart_caddy" = 1 ]; then systemctl restart caddy; fi',
+        f'echo "{UPDATE_DONE}"',
+    ]
     return "\n".join(lines) + "\n"
