@@ -27,6 +27,7 @@ PHASES = {
     "provisioning": "provisioning Azure resources",
     "booting": "booting the VM",
     "installing": "installing Docker",
+    "secrets": "waiting for the secrets (Custom Script extension)",
     "pulling": "pulling the image",
     "starting": "starting the container",
     "loading": "loading the model",
