@@ -44,7 +44,7 @@ def scripts(text: str) -> dict[str, str]:
     return standin_vm.write_files(text)
 
 
-@pytest.fixture(params=["public-image", "private-registry", "https-and-model"])
+@pytest.fixture(params=["plain-http", "https-and-model"])
 def rendered(request) -> str:
     if request.param == "https-and-model":
         return cloudinit.render(
