@@ -36,6 +36,7 @@ PHASES = {
     "unreachable": "no answer",
     "tls": "HTTPS not ready",
     "installing": "installing Docker",
+    "secrets": "waiting for the secrets (Custom Script extension)",
     "pulling": "pulling the image",
     "starting": "starting the container",
     "loading": "loading the model",

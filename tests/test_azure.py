@@ -12,6 +12,7 @@ import base64
 import dataclasses
 import json
 import logging
+import re
 import socket
 import ssl
 import time
@@ -45,6 +46,7 @@ from infra.azure.plan import make_plan
 from infra.azure.target import SingleVm
 from infra.health import Health, probe, wait_healthy
 from infra.vm import cloudinit
+from infra.vm.caddy import http_caddyfile
 from tests.support.fake_arm import FakeArm, succeeding_vm
 from tests.support.health import HealthServer
 from tests.support.live import free_port
@@ -271,8 +273,10 @@ def test_custom_data_is_the_rendered_cloud_init_with_image_and_settings(fake, cl
     text = base64.b64decode(fake.custom_data("qb-test-rg", "qb-test-vm")).decode()
     assert text == cloudinit.render(IMAGE, 8080, {"DTYPE": "float32", "QUEUE_SIZE": "4"})
     assert text.startswith("#cloud-config") and f"      {IMAGE}\n" in text
-    assert "DTYPE=float32" in text and "QUEUE_SIZE=4" in text and "      8080\n" in text
-    assert "Caddyfile" not in text.split("write_files:")[1].split("provision.sh")[0]
+    assert "DTYPE=float32" in text and "QUEUE_SIZE=4" in text and "      127.0.0.1:8000\n" in text
+    assert (
+        "http://:8080 {" in text
+    )  # --no-tls: Caddy serves plain HTTP on the port, the app stays on loopback
     assert "customData" not in json.dumps(fake.resource("qb-test-rg", VM, "qb-test-vm"))
 
 
@@ -344,18 +348,6 @@ def test_https_cannot_be_switched_on_or_off_in_place(fake, clients):
         run_deploy(clients, deployment())
     assert fake.run_commands == []
     assert inbound(fake) == {"allow-chat-http": ("80", (ME,))}  # refused before anything changed
-
-
-def test_secret_settings_go_only_into_custom_data(fake, clients):
-    d = deployment(env={"ACCESS_TOKEN": "tok-123-secret"})
-    run_deploy(clients, d)
-    data = base64.b64decode(fake.custom_data("qb-test-rg", "qb-test-vm")).decode()
-    assert "ACCESS_TOKEN=tok-123-secret" in data
-    assert "tok-123-secret" not in json.dumps(fake.resources)
-    run_deploy(clients, deployment(image="myreg.azurecr.io/qwen-box:2.0", env={}))
-    assert "tok-123-secret" not in fake.run_commands[0] and "ACCESS_TOKEN" in fake.run_commands[0]
-    with pytest.raises(AzureActionError, match="only be set when the VM is created"):
-        run_deploy(clients, deployment(env={"ACCESS_TOKEN": "another"}))
 
 
 def test_stopped_vm_is_started_on_redeploy(fake, clients):
@@ -825,6 +817,21 @@ def vm_with_caddy(script: str) -> str:
     return succeeding_vm(script)
 
 
+def delivered_script(fake: FakeArm, name: str) -> str:
+    """The script the Custom Script extension was given in protectedSettings (never returned by GET)."""
+    protected = fake.protected_settings(f"{name}-rg", f"{name}-vm", arm.SECRETS_EXTENSION)
+    return base64.b64decode(protected["script"]).decode()
+
+
+def delivered_secrets(fake: FakeArm, name: str) -> str:
+    """Everything the delivered script carries, its base64 parts decoded."""
+    script = delivered_script(fake, name)
+    return script + "\n".join(
+        base64.b64decode(m).decode(errors="replace")
+        for m in re.findall(r"printf %s ([A-Za-z0-9+/=]+)", script)
+    )
+
+
 def custom_files(fake: FakeArm, name: str) -> dict[str, str]:
     text = base64.b64decode(fake.custom_data(f"{name}-rg", f"{name}-vm")).decode()
     return {f["path"]: f["content"] for f in yaml.safe_load(text)["write_files"]}
@@ -910,7 +917,9 @@ def test_token_is_generated_printed_once_kept_private_and_never_rotated(cli, cap
         assert saved.parent.stat().st_mode & 0o777 == 0o700
         assert first.count(token) == 1
         assert "api_key=TOKEN" in first and "asks for the token" in first
-        assert custom_files(cli, "qb-tok")["/etc/qwen-box/service.env"].count(f"ACCESS_TOKEN={token}\n") == 1
+        assert delivered_script(cli, "qb-tok").count(token) == 0  # base64 in the protected script:
+        assert f"ACCESS_TOKEN={token}\n" in delivered_secrets(cli, "qb-tok")
+        assert token not in base64.b64decode(cli.custom_data("qb-tok-rg", "qb-tok-vm")).decode()
         assert token not in json.dumps(cli.resources) and token not in caplog.text
 
         # Again with a new image: the VM keeps its token, the token never travels, nothing shows it.
@@ -962,8 +971,8 @@ def test_a_given_token_is_used_and_not_echoed(cli, capsys, monkeypatch):
     finally:
         vm.stop()
     assert "my-own-token-0123456789" not in capsys.readouterr().out
-    env_file = custom_files(cli, "qb-given")["/etc/qwen-box/service.env"]
-    assert "ACCESS_TOKEN=my-own-token-0123456789" in env_file
+    assert "ACCESS_TOKEN=my-own-token-0123456789" in delivered_secrets(cli, "qb-given")
+    assert "ACCESS_TOKEN" not in custom_files(cli, "qb-given")["/etc/qwen-box/service.env"]
     assert (
         invoke(
             "deploy-azure",
@@ -1007,8 +1016,9 @@ def test_no_tls_keeps_plain_http_on_the_chosen_port(cli, capsys):
     assert f"Ready: http://qb-plain.eastus.cloudapp.azure.com:{vm.port}/" in out and "unencrypted" in out
     assert inbound(cli, "qb-plain") == {"allow-chat-http": (str(vm.port), (ME,))}
     files = custom_files(cli, "qb-plain")
-    assert "/etc/qwen-box/Caddyfile" not in files and files["/etc/qwen-box/port"] == f"{vm.port}\n"
-    assert "PROXY_HOPS" not in files["/etc/qwen-box/service.env"]
+    assert files["/etc/qwen-box/Caddyfile"] == http_caddyfile(vm.port)  # Caddy in front, plain HTTP
+    assert files["/etc/qwen-box/port"] == "127.0.0.1:8000\n"
+    assert "PROXY_HOPS=1" in files["/etc/qwen-box/service.env"]
     assert cli.resource("qb-plain-rg", VM, "qb-plain-vm")["tags"][arm.TLS_TAG] == "off"
 
 
@@ -1371,7 +1381,9 @@ def test_private_registry_login_without_showing_the_password(cli, capsys, monkey
         vm.stop()
     assert "pull-token-xyz" not in capsys.readouterr().out
     data = base64.b64decode(cli.custom_data("qb-reg-rg", "qb-reg-vm")).decode()
-    assert "/etc/qwen-box/registry/password" in data and "pull-token-xyz" in data
+    files = {f["path"] for f in yaml.safe_load(data)["write_files"]}
+    assert "pull-token-xyz" not in data and not any("registry" in f for f in files)
+    assert "pull-token-xyz" in delivered_secrets(cli, "qb-reg")
     assert "myreg.azurecr.io" in data
 
 

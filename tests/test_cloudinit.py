@@ -19,8 +19,9 @@ import yaml
 
 from infra.settings import SettingsError, parse_env
 from infra.vm import cloudinit
-from infra.vm.caddy import caddyfile
+from infra.vm.caddy import caddyfile, http_caddyfile
 from infra.vm.cloudinit import CloudInitError, RegistryLogin
+from tests.support import standin_vm
 
 IMAGE = "myreg.azurecr.io/qwen-box:1.2.3"
 ENV = {"DTYPE": "float32", "MODEL_ID": "Qwen/Qwen2.5-0.5B-Instruct", "QUEUE_SIZE": "4"}
@@ -40,13 +41,11 @@ def need(tool: str) -> str:
 
 
 def scripts(text: str) -> dict[str, str]:
-    return {f["path"]: f["content"] for f in yaml.safe_load(text)["write_files"]}
+    return standin_vm.write_files(text)
 
 
-@pytest.fixture(params=["public-image", "private-registry", "https-and-model"])
+@pytest.fixture(params=["plain-http", "https-and-model"])
 def rendered(request) -> str:
-    private = request.param == "private-registry"
-    registry = RegistryLogin("myreg.azurecr.io", "puller", SECRET) if private else None
     if request.param == "https-and-model":
         return cloudinit.render(
             IMAGE,
@@ -55,7 +54,7 @@ def rendered(request) -> str:
             caddyfile=CADDYFILE,
             model="Qwen/Qwen2.5-0.5B-Instruct",
         )
-    return cloudinit.render(IMAGE, 80, ENV, registry)
+    return cloudinit.render(IMAGE, 80, ENV)
 
 
 def test_cloud_init_schema_accepts_the_rendered_config(rendered, tmp_path):
@@ -91,13 +90,18 @@ def test_shell_parts_parse_and_pass_shellcheck(rendered, tmp_path):
             [shellcheck, "-s", "bash", *map(str, tmp_path.glob("*.sh"))], capture_output=True, text=True
         )
         assert result.returncode == 0, result.stdout
+        secrets = tmp_path / "secrets.sh"
+        registry = RegistryLogin("myreg.azurecr.io", "puller", SECRET)
+        secrets.write_text("#!/bin/sh\n" + cloudinit.secrets_script({"ACCESS_TOKEN": TOKEN}, registry))
+        result = subprocess.run([shellcheck, "-s", "sh", str(secrets)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout
 
 
 def test_rendered_config_carries_image_settings_swap_and_runs_provisioning():
     data = yaml.safe_load(cloudinit.render(IMAGE, 8080, ENV))
     files = {f["path"]: f for f in data["write_files"]}
     assert files["/etc/qwen-box/image"]["content"] == IMAGE + "\n"
-    assert files["/etc/qwen-box/port"]["content"] == "8080\n"
+    assert files["/etc/qwen-box/port"]["content"] == "127.0.0.1:8000\n"  # behind Caddy, see below
     env_lines = files["/etc/qwen-box/service.env"]["content"].splitlines()
     assert [line for line in env_lines if not line.startswith("#")] == [
         "DTYPE=float32",
@@ -109,12 +113,15 @@ def test_rendered_config_carries_image_settings_swap_and_runs_provisioning():
     assert not any("registry" in p for p in files)
 
 
-def test_registry_secret_only_in_a_root_only_file():
-    text = cloudinit.render(IMAGE, 80, ENV, RegistryLogin("myreg.azurecr.io", "puller", SECRET))
-    files = {f["path"]: f for f in yaml.safe_load(text)["write_files"]}
-    password = files["/etc/qwen-box/registry/password"]
-    assert password["content"] == SECRET + "\n" and password["permissions"] == "0600"
-    assert text.count(SECRET) == 1
+def test_no_secret_is_rendered_into_custom_data():
+    """The token and the registry password travel in the Custom Script extension's protected settings;
+    the rendered user data (which cloud-init keeps a copy of on the VM) has neither."""
+    registry = RegistryLogin("myreg.azurecr.io", "puller", SECRET)
+    text = cloudinit.render(IMAGE, 443, {**ENV, "ACCESS_TOKEN": TOKEN}, caddyfile=CADDYFILE)
+    assert TOKEN not in text and "ACCESS_TOKEN" not in text and SECRET not in text
+    script = cloudinit.secrets_script({**ENV, "ACCESS_TOKEN": TOKEN}, registry)
+    assert TOKEN not in script and SECRET not in script  # base64 there: data to the shell, never code
+    assert "DTYPE" not in script  # only the secret settings
     assert SECRET not in repr(RegistryLogin("myreg.azurecr.io", "puller", SECRET))
 
 
@@ -183,49 +190,21 @@ def test_custom_data_limit(tmp_path):
 
 # -- running the scripts with stand-in commands ---------------------------------------------------
 
-STUB = """#!/bin/bash
-{ printf '%s' "$(basename "$0")"; printf ' %s' "$@"; printf '\\n'; } >> "$CALLS"
-if [ "$(basename "$0")" = docker ] && [ "$1" = login ]; then echo "stdin: $(cat)" >> "$CALLS"; fi
-if [ "$(basename "$0")" = systemctl ] && [ "$1" = is-active ]; then exit 1; fi
-if [ "$(basename "$0")" = docker ] && [ "$1" = pull ] && [ -n "${FAIL_PULL:-}" ]; then exit 1; fi
-if [ "$(basename "$0")" = shred ]; then rm -f "${@: -1}"; fi
-if [ "$(basename "$0")" = docker ] && [ "$1" = image ]; then echo "${IMAGE_LABELS:-}"; fi
-exit 0
-"""
-
 
 @pytest.fixture
 def vm_root(tmp_path):
     """Lay the rendered files out under a scratch root, with recording stand-ins on PATH."""
 
     def lay_out(text: str) -> tuple[Path, dict[str, str]]:
-        for path, content in scripts(text).items():
-            target = tmp_path / path.lstrip("/")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(content)
-            target.chmod(0o755 if path.endswith(".sh") else 0o600)
-        bindir = tmp_path / "stubs"
-        bindir.mkdir()
-        for tool in ("apt-get", "systemctl", "systemd-run", "docker", "shred", "python3"):
-            (bindir / tool).write_text(STUB)
-            (bindir / tool).chmod(0o755)
-        env = {
-            **os.environ,
-            "PATH": f"{bindir}:{os.environ['PATH']}",
-            "CALLS": str(tmp_path / "calls.log"),
-            "QWEN_BOX_ETC": str(tmp_path / "etc/qwen-box"),
-            "QWEN_BOX_OPT": str(tmp_path / "opt/qwen-box"),
-            "QWEN_BOX_WWW": str(tmp_path / "www"),
-            "QWEN_BOX_CADDYFILE": str(tmp_path / "etc/caddy/Caddyfile"),
-        }
-        (tmp_path / "etc/caddy").mkdir(parents=True, exist_ok=True)
-        return tmp_path, env
+        return tmp_path, standin_vm.lay_out(tmp_path, text)
 
     return lay_out
 
 
 def test_provisioning_installs_logs_in_pulls_and_runs_in_order(vm_root):
-    root, env = vm_root(cloudinit.render(IMAGE, 80, ENV, RegistryLogin("myreg.azurecr.io", "puller", SECRET)))
+    root, env = vm_root(cloudinit.render(IMAGE, 80, ENV))
+    registry = RegistryLogin("myreg.azurecr.io", "puller", SECRET)
+    assert standin_vm.run_sh(cloudinit.secrets_script(ENV, registry), env).returncode == 0
     result = subprocess.run(
         ["bash", str(root / "opt/qwen-box/provision.sh")], env=env, capture_output=True, text=True, timeout=30
     )
@@ -240,18 +219,21 @@ def test_provisioning_installs_logs_in_pulls_and_runs_in_order(vm_root):
     )
     assert f"stdin: {SECRET}" in calls
     assert not any(SECRET in line for line in result.stdout.splitlines() + result.stderr.splitlines())
-    assert not (root / "etc/qwen-box/registry/password").exists()
+    assert not (root / "etc/qwen-box/secrets/registry-password").exists()
     run = next(c for c in calls if c.startswith("docker run"))
-    assert "--restart unless-stopped" in run and "--publish 80:8000" in run
+    assert "--restart unless-stopped" in run and "--publish 127.0.0.1:8000:8000" in run
     assert "--volume qwen-box-data:/data" in run and run.endswith(IMAGE)
     assert f"--env-file {root}/etc/qwen-box/service.env" in run
-    assert "python3 -m http.server 80 --bind 0.0.0.0" in next(c for c in calls if c.startswith("systemd-run"))
+    assert "python3 -m http.server 8000 --bind 127.0.0.1" in next(
+        c for c in calls if c.startswith("systemd-run")
+    )
     assert "qwen-box: pulling: pulling " + IMAGE in result.stdout
     assert json.loads((root / "www/api/health").read_text())["status"] == "starting"
 
 
 def test_a_failed_pull_leaves_an_error_on_the_status_page(vm_root):
     root, env = vm_root(cloudinit.render(IMAGE, 80, ENV))
+    standin_vm.run_sh(cloudinit.secrets_script({}), env)
     result = subprocess.run(
         ["bash", str(root / "opt/qwen-box/provision.sh")],
         env={**env, "FAIL_PULL": "1"},
@@ -266,7 +248,9 @@ def test_a_failed_pull_leaves_an_error_on_the_status_page(vm_root):
 
 
 def test_update_pulls_first_then_rewrites_settings_and_keeps_the_secret(vm_root):
-    root, env = vm_root(cloudinit.render(IMAGE, 80, {**ENV, "ACCESS_TOKEN": "tok-secret"}))
+    root, env = vm_root(cloudinit.render(IMAGE, 80, ENV))
+    with open(root / "etc/qwen-box/service.env", "a") as f:  # a VM made when the token was in custom data
+        f.write("ACCESS_TOKEN=tok-secret\n")
     new_image = "myreg.azurecr.io/qwen-box:2.0"
     script = cloudinit.update_script(new_image, 8080, {"DTYPE": "bfloat16", "ACCESS_TOKEN": "ignored"})
     assert "tok-secret" not in script and "ignored" not in script
@@ -274,13 +258,15 @@ def test_update_pulls_first_then_rewrites_settings_and_keeps_the_secret(vm_root)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith(cloudinit.UPDATE_DONE)
     etc = root / "etc/qwen-box"
-    assert (etc / "image").read_text().strip() == new_image and (etc / "port").read_text().strip() == "8080"
+    assert (etc / "image").read_text().strip() == new_image
+    assert (etc / "port").read_text().strip() == "127.0.0.1:8000"
     settings = (etc / "service.env").read_text().splitlines()
     assert "DTYPE=bfloat16" in settings and "ACCESS_TOKEN=tok-secret" in settings
     assert "QUEUE_SIZE=4" not in settings
     calls = [c.split()[:2] for c in (root / "calls.log").read_text().splitlines()]
     assert calls.index(["docker", "pull"]) < calls.index(["docker", "run"])
-    assert "--publish 8080:8000" in (root / "calls.log").read_text()
+    assert "--publish 127.0.0.1:8000:8000" in (root / "calls.log").read_text()
+    assert "http://:8080 {" in (root / "etc/caddy/Caddyfile").read_text()
 
 
 def test_a_failed_update_pull_changes_nothing(vm_root):
@@ -299,6 +285,9 @@ def test_a_failed_update_pull_changes_nothing(vm_root):
 
 
 def run_provision(root: Path, env: dict[str, str], **extra: str) -> subprocess.CompletedProcess:
+    """provision.sh, the secrets delivered first (unless they are already)."""
+    if not (root / "etc/qwen-box/secrets/ready").exists():
+        assert standin_vm.run_sh(cloudinit.secrets_script({}), env).returncode == 0
     result = subprocess.run(
         ["bash", str(root / "opt/qwen-box/provision.sh")],
         env={**env, **extra},
@@ -322,38 +311,66 @@ def test_https_installs_caddy_with_its_config_and_keeps_the_app_on_loopback(vm_r
     status = next(c for c in calls if c.startswith("systemd-run"))
     assert "python3 -m http.server 8000 --bind 127.0.0.1" in status  # behind Caddy, like the app
     assert "PROXY_HOPS=1" in (root / "etc/qwen-box/service.env").read_text()
-    assert "Caddy serves HTTPS" in result.stdout
+    assert "Caddy serves the chat port" in result.stdout
 
 
-def test_plain_http_installs_no_caddy(vm_root):
-    root, env = vm_root(cloudinit.render(IMAGE, 80, ENV))
+def test_plain_http_keeps_caddy_in_front_and_the_app_on_loopback(vm_root):
+    """--no-tls too: Caddy holds the public port (plain HTTP) and the app listens on loopback only, so a
+    few dozen slow clients cannot take all of gunicorn's threads (tests/test_proxy.py shows it)."""
+    root, env = vm_root(cloudinit.render(IMAGE, 8080, ENV))
     run_provision(root, env)
-    calls = (root / "calls.log").read_text()
-    assert "apt-get install -y -q docker.io\n" in calls and "caddy" not in calls
-    assert not (root / "etc/caddy/Caddyfile").exists()
+    calls = (root / "calls.log").read_text().splitlines()
+    assert "apt-get install -y -q docker.io caddy" in calls
+    assert (root / "etc/caddy/Caddyfile").read_text() == http_caddyfile(8080)
+    run = next(c for c in calls if c.startswith("docker run"))
+    assert calls.index("systemctl restart caddy") < calls.index(run)
+    assert "--publish 127.0.0.1:8000:8000" in run and "8080" not in run
 
 
-def test_the_token_reaches_only_the_root_only_settings_file_never_the_logged_output(vm_root):
+def test_update_puts_caddy_in_front_of_a_vm_made_without_it(vm_root):
+    """A --no-tls VM from before Caddy fronted plain HTTP: the update installs Caddy, moves the container
+    to loopback, and only then restarts Caddy (the container held the port until then)."""
+    root, env = vm_root(cloudinit.render(IMAGE, 80, ENV))
+    (root / "etc/qwen-box/port").write_text("80\n")
+    script = cloudinit.update_script(IMAGE, 80, ENV)
+    result = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    calls = (root / "calls.log").read_text().splitlines()
+    run = next(c for c in calls if c.startswith("docker run"))
+    assert "apt-get install -y -q caddy" in calls and "--publish 127.0.0.1:8000:8000" in run
+    assert (
+        calls.index("apt-get install -y -q caddy") < calls.index(run) < calls.index("systemctl restart caddy")
+    )
+    assert (root / "etc/caddy/Caddyfile").read_text() == http_caddyfile(80)
+
+
+def test_the_token_reaches_only_the_root_only_secrets_file_never_the_logged_output(vm_root):
     """cloud-init copies runcmd's output to /var/log/cloud-init-output.log and the serial console (which
-    boot diagnostics keeps in Azure): the token must appear in neither, only in service.env (0600)."""
+    boot diagnostics keeps in Azure), and the extension reports its output to Azure: the token must
+    appear in none of them, only in /etc/qwen-box/secrets/service.env (0600, in a 0700 folder)."""
     text = cloudinit.render(
         IMAGE, 443, {**ENV, "ACCESS_TOKEN": TOKEN}, caddyfile=CADDYFILE, model="Qwen/Qwen2.5-0.5B-Instruct"
     )
-    data = yaml.safe_load(text)
-    files = {f["path"]: f for f in data["write_files"]}
-    assert files["/etc/qwen-box/service.env"]["permissions"] == "0600"
-    assert text.count(TOKEN) == 1 and TOKEN in files["/etc/qwen-box/service.env"]["content"]
-    assert TOKEN not in json.dumps(data["runcmd"]) and TOKEN not in data["final_message"]
+    assert TOKEN not in text
     root, env = vm_root(text)
+    delivered = standin_vm.run_sh(cloudinit.secrets_script({**ENV, "ACCESS_TOKEN": TOKEN}), env)
+    assert delivered.returncode == 0 and TOKEN not in delivered.stdout + delivered.stderr
+    assert delivered.stdout.strip() == cloudinit.SECRETS_DONE
+    secrets = root / "etc/qwen-box/secrets"
+    assert (secrets / "service.env").read_text().splitlines()[1:] == [f"ACCESS_TOKEN={TOKEN}"]
+    assert (
+        secrets / "service.env"
+    ).stat().st_mode & 0o777 == 0o600 and secrets.stat().st_mode & 0o777 == 0o700
     result = run_provision(root, env)
     assert TOKEN not in result.stdout + result.stderr
     run = next(c for c in (root / "calls.log").read_text().splitlines() if c.startswith("docker run"))
-    assert TOKEN not in run and "--env-file" in run  # not on a command line (ps would show it)
+    assert TOKEN not in run and f"--env-file {secrets}/service.env" in run  # not on a command line
     update = cloudinit.update_script(IMAGE, 443, {**ENV, "ACCESS_TOKEN": TOKEN}, caddyfile=CADDYFILE)
     assert TOKEN not in update
     result = subprocess.run(["bash", "-c", update], env=env, capture_output=True, text=True, timeout=30)
     assert result.returncode == 0 and TOKEN not in result.stdout + result.stderr
-    assert f"ACCESS_TOKEN={TOKEN}" in (root / "etc/qwen-box/service.env").read_text().splitlines()
+    assert f"ACCESS_TOKEN={TOKEN}" in (secrets / "service.env").read_text().splitlines()
+    assert "ACCESS_TOKEN" not in (root / "etc/qwen-box/service.env").read_text()
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import yaml
 from invoke import Collection, Program
 from rich.console import Console
 
@@ -52,22 +51,18 @@ def no_network(monkeypatch, tmp_path):
         monkeypatch.delenv(name, raising=False)
 
 
-def service_env(text: str) -> str:
-    files = {f["path"]: f["content"] for f in yaml.safe_load(text)["write_files"]}
-    return files["/etc/qwen-box/service.env"]
+# -- prepare: pure, and cloud-init rendered once, with no secret in it ---------------------------------
 
 
-# -- prepare: pure, and cloud-init rendered once with the real token -----------------------------------
-
-
-def test_prepare_sends_nothing_and_renders_cloud_init_once_with_the_token(monkeypatch):
+def test_prepare_sends_nothing_and_renders_cloud_init_once_without_the_token(monkeypatch):
     renders = []
     real_render = cloudinit.render
     monkeypatch.setattr(cloudinit, "render", lambda *a, **kw: renders.append(a) or real_render(*a, **kw))
     prepared = prepare(DeployOptions(image=IMAGE, name="qb-seam", allow_from=ME), environ={})
     assert len(renders) == 1
     assert len(prepared.token) >= 43 and not prepared.token_given
-    assert service_env(prepared.cloud_init).count(f"ACCESS_TOKEN={prepared.token}\n") == 1
+    assert prepared.token not in prepared.cloud_init  # it goes through the Custom Script extension
+    assert prepared.deployment.env["ACCESS_TOKEN"] == prepared.token
     assert prepared.deployment.allow_from == (ME,) and prepared.deployment.name == "qb-seam"
     assert not state.token_file("qb-seam").exists()  # kept only once provisioning creates the VM
     assert prepared.token not in repr(prepared)
@@ -79,14 +74,14 @@ def test_prepare_takes_the_token_given_or_kept_and_existing_vms_keep_theirs():
         environ={deployment.TOKEN_ENV: "a-given-token-0123456789"},
     )
     assert given.token == "a-given-token-0123456789" and given.token_given
-    assert given.for_existing_vm.env["ACCESS_TOKEN"] == given.token  # refused later if not the VM's
+    assert given.for_existing_vm.env["ACCESS_TOKEN"] == given.token  # delivered if not the VM's
     kept = prepare(
         DeployOptions(image=IMAGE, name="qb-seam", allow_from=ME),
         environ={},
         saved_token=lambda name: "the-kept-token-0123456789" if name == "qb-seam" else "",
     )
     assert kept.token == "the-kept-token-0123456789" and not kept.token_given
-    assert "ACCESS_TOKEN" not in kept.for_existing_vm.env  # a VM's token is fixed when it is made
+    assert "ACCESS_TOKEN" not in kept.for_existing_vm.env  # a re-deploy keeps the VM's token
 
 
 def test_prepare_refuses_bad_options_before_anything_else():

@@ -23,8 +23,11 @@ from pathlib import Path
 import pytest
 import requests
 import urllib3
+import yaml
 
-from infra.vm.caddy import CERT_MODES, caddyfile, plain_caddyfile
+from infra.azure.deployment import Deployment
+from infra.vm import cloudinit
+from infra.vm.caddy import CERT_MODES, caddyfile, http_caddyfile, plain_caddyfile
 from tests.support import sse
 from tests.support.live import LiveServer, free_port, stop_process, wait_for
 
@@ -328,3 +331,143 @@ def test_the_openai_client_over_https_as_the_readme_shows(https_proxy, app):
     )
     with pytest.raises(AuthenticationError):
         wrong.models.list()
+
+
+# -- what the proxy advertises: no HTTP/3 (the NSG lets TCP only), HSTS only with a public certificate ---
+
+
+def adapted(text: str, tmp_path: Path) -> dict:
+    """The JSON config Caddy's own adapter makes of `text`: what Caddy will actually run."""
+    path = tmp_path / "Caddyfile"
+    path.write_text(text)
+    env = {**os.environ, "HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path / "d")}
+    result = subprocess.run(
+        offline([caddy_exe(), "adapt", "--config", str(path), "--adapter", "caddyfile"]),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def hsts_values(config: dict) -> list[str]:
+    found: list[str] = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            if node.get("handler") == "headers":
+                found.extend(node.get("response", {}).get("set", {}).get("Strict-Transport-Security", []))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(config)
+    return found
+
+
+@pytest.mark.parametrize("cert", CERT_MODES)
+def test_every_server_speaks_tcp_only_and_hsts_needs_a_public_certificate(cert, tmp_path):
+    servers = adapted(caddyfile(SITE, cert), tmp_path)["apps"]["http"]["servers"]
+    assert servers and all(s.get("protocols") == ["h1", "h2"] for s in servers.values()), servers
+    assert all(s.get("read_header_timeout") for s in servers.values())
+    hsts = hsts_values({"servers": servers})
+    if cert.startswith("acme"):
+        assert len(hsts) == 1 and hsts[0].startswith("max-age=31536000"), hsts
+    else:
+        assert hsts == []  # the VM's own authority: a browser must stay free to refuse it later
+
+
+def udp_ports() -> set[int]:
+    ports = set()
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        if os.path.exists(table):
+            for line in Path(table).read_text().splitlines()[1:]:
+                ports.add(int(line.split()[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def test_https_advertises_no_http3_and_listens_on_no_udp(https_proxy):
+    with https_pool(https_proxy) as pool:
+        r = pool.request("GET", "/api/health", headers={"Host": f"{SITE}:{https_proxy['https_port']}"})
+    assert r.status == 200
+    assert "alt-svc" not in {k.lower() for k in r.headers}, dict(r.headers)
+    assert "strict-transport-security" not in {k.lower() for k in r.headers}
+    assert https_proxy["https_port"] not in udp_ports()
+
+
+def test_a_public_certificate_brings_hsts_over_https(app, tmp_path):
+    """The acme config as deployed, run with `local_certs` added so the certificate comes from Caddy's own
+    authority on this machine instead of Let's Encrypt (no request leaves loopback)."""
+    http_port, https_port = free_port(), free_port()
+    storage = tmp_path / "storage"
+    text = caddyfile(
+        SITE,
+        "acme",
+        upstream=f"127.0.0.1:{app.port}",
+        http_port=http_port,
+        https_port=https_port,
+        storage=str(storage),
+        bind="127.0.0.1",
+    ).replace("\tadmin off\n", "\tadmin off\n\tlocal_certs\n\tskip_install_trust\n", 1)
+    caddy = Caddy(text, tmp_path / "caddy", https_port)
+    try:
+        root = storage / "pki/authorities/local/root.crt"
+        wait_for(root.exists, timeout=30)
+        proxy = {"https_port": https_port, "root": str(root)}
+        wait_for(lambda: https_get(proxy, "/api/health").status == 200, timeout=30)
+        r = https_get(proxy, "/api/health")
+        assert r.headers["Strict-Transport-Security"].startswith("max-age=31536000")
+        assert "alt-svc" not in {k.lower() for k in r.headers}
+        plain = requests.get(
+            f"http://127.0.0.1:{http_port}/", headers={"Host": SITE}, allow_redirects=False, timeout=10
+        )
+        assert plain.status_code == 308 and "Strict-Transport-Security" not in plain.headers
+    finally:
+        caddy.stop()
+
+
+# -- --no-tls: Caddy still holds the public port, and slow clients cannot starve the app --------------
+
+
+def test_slow_clients_on_the_plain_http_port_cannot_starve_health(app, tmp_path):
+    """28 connections that hold a gunicorn thread each when they reach it (idle, headers half sent, a body
+    half sent: the app has 16 threads) go to the port a --no-tls VM exposes; health still answers
+    through it within a few seconds, because Caddy reads every request whole before the app sees it."""
+    d = Deployment(
+        name="qb-test", image="myreg.azurecr.io/qwen-box:1", allow_from=("203.0.113.7/32",), tls=False
+    )
+    assert d.caddyfile == http_caddyfile(80)  # the deployed config: Caddy in front, not gunicorn
+    rendered = yaml.safe_load(cloudinit.render(d.image, d.port, {}, caddyfile=d.caddyfile))
+    files = {f["path"]: f["content"] for f in rendered["write_files"]}
+    assert files["/etc/qwen-box/port"] == "127.0.0.1:8000\n" and files["/etc/qwen-box/Caddyfile"]
+
+    port = free_port()
+    caddy = Caddy(http_caddyfile(port, upstream=f"127.0.0.1:{app.port}", bind="127.0.0.1"), tmp_path, port)
+    slow: list[socket.socket] = []
+    try:
+        for i in range(28):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            if i % 3 == 1:
+                s.sendall(b"GET /api/health HTTP/1.1\r\nHost: qb-test\r\nX-Slow: ")
+            elif i % 3 == 2:
+                s.sendall(
+                    b"POST /api/chat HTTP/1.1\r\nHost: qb-test\r\nContent-Type: application/json\r\n"
+                    b'Content-Length: 100000\r\n\r\n{"message": "'
+                )
+            slow.append(s)
+        time.sleep(0.5)
+        for _ in range(5):
+            started = time.monotonic()
+            r = requests.get(f"http://127.0.0.1:{port}/api/health", timeout=3)
+            assert r.status_code == 200 and r.json()["status"] == "ok"
+            assert time.monotonic() - started < 3
+            assert requests.get(app.url + "/api/health", timeout=3).status_code == 200
+            time.sleep(0.2)
+    finally:
+        for s in slow:
+            s.close()
+        caddy.stop()

@@ -8,6 +8,8 @@ the certificate mode), so a re-deploy can tell what changed without anything sec
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from typing import Any
 
 from infra.azure.deployment import ADMIN_USER, INTERNET, SUBNET_PREFIX, UBUNTU_2404, VNET_PREFIX, Deployment
@@ -17,6 +19,9 @@ from infra.vm import cloudinit
 Body = dict[str, Any]
 CONFIG_TAG = "qwen-box-config"
 SECRETS_TAG = "qwen-box-secrets"
+REGISTRY_TAG = "qwen-box-registry"
+DELIVERY_TAG = "qwen-box-secrets-via"  # "extension": the VM waits for its secrets from SECRETS_EXTENSION
+SECRETS_EXTENSION = "qwen-box-secrets"
 TLS_TAG = "qwen-box-tls"  # the certificate mode (infra/vm/caddy.py), "off" for plain HTTP
 HTTPS_RULE, REDIRECT_RULE, HTTP_RULE = "allow-chat-https", "allow-http-redirect", "allow-chat-http"
 
@@ -123,14 +128,43 @@ def vm_tags(d: Deployment) -> dict[str, str]:
     secrets = cloudinit.secrets_digest(d.name, d.env)
     if secrets:
         tags[SECRETS_TAG] = secrets
+    registry = cloudinit.registry_digest(d.name, d.registry)
+    if registry:
+        tags[REGISTRY_TAG] = registry
     return tags
 
 
-def vm_body(d: Deployment, nic_id: str, ssh_key: str, custom_data_b64: str) -> Body:
-    """Ubuntu 24.04 Gen2, SSH key only (no password login), boot diagnostics, disk/NIC deleted with it."""
+def secrets_extension_body(d: Deployment, retry: str = "") -> Body:
+    """The Custom Script extension (Linux, v2.1) that writes the VM's secrets (cloudinit.secrets_script).
+
+    The script goes in protectedSettings, which Azure encrypts to a certificate only the VM holds and never
+    returns by GET; custom_data stays free of secrets. `forceUpdateTag` is the secrets' salted
+    fingerprint (the same as the VM's tags), so a changed secret runs the script again and a re-deploy
+    with the same ones does not (`retry` changes it for a delivery that failed). No public `settings`
+    at all: they would be readable.
+    """
+    script = cloudinit.secrets_script(d.env, d.registry)
+    tag = cloudinit.secrets_digest(d.name, d.env) + cloudinit.registry_digest(d.name, d.registry) + retry
     return {
         "location": d.region,
-        "tags": vm_tags(d),
+        "tags": d.tags,
+        "properties": {
+            "publisher": "Microsoft.Azure.Extensions",
+            "type": "CustomScript",
+            "typeHandlerVersion": "2.1",
+            "autoUpgradeMinorVersion": True,
+            "forceUpdateTag": hashlib.sha256(tag.encode()).hexdigest()[:16],
+            "protectedSettings": {"script": base64.b64encode(script.encode()).decode()},
+        },
+    }
+
+
+def vm_body(d: Deployment, nic_id: str, ssh_key: str, custom_data_b64: str) -> Body:
+    """Ubuntu 24.04 Gen2, SSH key only (no password login), boot diagnostics, disk/NIC deleted with it.
+    Its custom_data holds no secret: they follow in secrets_extension_body."""
+    return {
+        "location": d.region,
+        "tags": {**vm_tags(d), DELIVERY_TAG: "extension"},
         "properties": {
             "hardwareProfile": {"vmSize": d.size},
             "storageProfile": {

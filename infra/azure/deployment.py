@@ -26,7 +26,7 @@ from infra.azure.sizes import DEFAULT_SIZE, Fit, check_vm
 from infra.fit import BYTES_ORDER, default_precision
 from infra.settings import parse_env
 from infra.vm import cloudinit
-from infra.vm.caddy import caddyfile
+from infra.vm.caddy import caddyfile, http_caddyfile
 from service.config import DEFAULT_MODEL_ID
 
 APP_TAG = "qwen-box"
@@ -161,6 +161,7 @@ class Deployment(Names):
     trusted_cert: bool = False
     model: str = ""
     dns_zone: str = PUBLIC_DNS_ZONE
+    registry: cloudinit.RegistryLogin | None = field(default=None, repr=False)  # never in custom_data
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -226,8 +227,11 @@ class Deployment(Names):
 
     @property
     def caddyfile(self) -> str:
-        """The reverse proxy's config on the VM ("" without HTTPS)."""
-        return caddyfile(self.fqdn, self.cert, https_port=self.port) if self.tls else ""
+        """The reverse proxy's config on the VM: HTTPS, or plain HTTP on the port with --no-tls (the app is
+        never the public listener)."""
+        return (
+            caddyfile(self.fqdn, self.cert, https_port=self.port) if self.tls else http_caddyfile(self.port)
+        )
 
     def with_sources(self, allow_from: tuple[str, ...], ssh_from: tuple[str, ...]) -> Deployment:
         """The same deployment with the deployer's address filled in (looked up only when needed)."""
@@ -326,12 +330,13 @@ class DeployOptions:
 
 @dataclass(frozen=True)
 class Prepared:
-    """A deployment ready to provision: validated, fit-checked, cloud-init rendered (once, with the access
-    token a new VM gets). Made by `prepare`, which sends nothing anywhere."""
+    """A deployment ready to provision: validated, fit-checked, cloud-init rendered (once; it holds no
+    secret: the access token a new VM gets travels in the Custom Script extension). Made by `prepare`,
+    which sends nothing anywhere."""
 
     options: DeployOptions
     deployment: Deployment  # as a new VM gets it: env holds its ACCESS_TOKEN
-    cloud_init: str = field(repr=False)  # the first-boot data of a new VM (it holds the token)
+    cloud_init: str = field(repr=False)  # the first-boot data of a new VM (no secret in it)
     token_given: (
         bool  # the token came from the user (--token, QWEN_BOX_ACCESS_TOKEN, --env), not this machine
     )
@@ -345,9 +350,9 @@ class Prepared:
 
     @property
     def for_existing_vm(self) -> Deployment:
-        """What an existing VM converges to. Its token was fixed when it was created (it travels only in
-        custom_data), so one this machine chose is not sent; one the user gave is, and is refused if it is
-        not the VM's."""
+        """What an existing VM converges to. It keeps the token it has: one this machine chose is not sent
+        again (another machine may have chosen another); one the user gave is, and is delivered through
+        the Custom Script extension when it is not the VM's (provision.py)."""
         if self.token_given:
             return self.deployment
         return self.deployment.with_env({k: v for k, v in self.deployment.env.items() if k != "ACCESS_TOKEN"})
@@ -431,8 +436,8 @@ def prepare(
     model, _, verdict, auto = _model_and_precision(settings, options.model, options.precision, options.size)
     if not verdict.fits:
         raise PlanError("the model does not fit the VM: " + verdict.message)
-    if options.tls:
-        settings.setdefault("PROXY_HOPS", "1")
+    settings.setdefault("PROXY_HOPS", "1")  # Caddy is in front in every mode
+    registry = _registry(options.image, options.registry_user, environ)
     names = Names(options.name or default_name())
     token = given_token or saved_token(names.name) or secrets.token_urlsafe(32)
     d = Deployment(
@@ -450,9 +455,9 @@ def prepare(
         trusted_cert=options.trusted_cert,
         model=model,
         dns_zone=dns_zone,
+        registry=registry,
     )
-    registry = _registry(options.image, options.registry_user, environ)
-    text = cloudinit.render(d.image, d.port, d.env, registry, caddyfile=d.caddyfile, model=d.model)
+    text = cloudinit.render(d.image, d.port, d.env, caddyfile=d.caddyfile, model=d.model)
     return Prepared(options, d, text, bool(given_token), verdict, auto)
 
 

@@ -5,11 +5,13 @@ credential, the tests against a fake ARM on loopback that speaks the real REST p
 State lives in Azure, found by names derived from the deployment name (and the `app=qwen-box` tag),
 so status and destroy work from any machine. A VM's first-boot data (custom_data) cannot change after
 it is created, so a re-deploy converges an existing VM in place: size and tags by PUT, the container by
-Run Command (infra/azure/remote.py), refusing up front what cannot change in place.
+Run Command (infra/azure/remote.py), refusing up front what cannot change in place. Secrets never go in
+custom_data: they follow the VM in the Custom Script extension's protected settings (deliver_secrets).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,14 +24,18 @@ from azure.mgmt.resource.resources.models import ResourceGroup
 from infra.azure import state
 from infra.azure.arm import (
     CONFIG_TAG,
+    DELIVERY_TAG,
     HTTP_RULE,
     HTTPS_RULE,
+    REGISTRY_TAG,
+    SECRETS_EXTENSION,
     SECRETS_TAG,
     TLS_TAG,
     Body,
     nic_body,
     nsg_body,
     public_ip_body,
+    secrets_extension_body,
     vm_body,
     vm_tags,
     vnet_body,
@@ -39,7 +45,6 @@ from infra.azure.deployment import APP_TAG, INTERNET, Deployment, Names, Prepare
 from infra.azure.errors import SUGGESTED_SIZES, AzureActionError, explain
 from infra.azure.remote import VmState, failed_vm_advice, power_state, run_command, vm_state
 from infra.health import Health, probe
-from infra.settings import SECRET_SETTINGS
 from infra.vm import cloudinit
 
 Progress = Callable[[str], None]
@@ -166,7 +171,13 @@ def provision(
     if existing is None:
         state.save_token(d.name, prepared.token)
         return converge(clients, d, prepared.cloud_init, ssh_key, None, progress)
-    return converge(clients, prepared.for_existing_vm, prepared.cloud_init, ssh_key, existing, progress)
+    target = prepared.for_existing_vm
+    with _explained(clients, d):
+        if not secrets_delivered(clients, d, existing):
+            target = d  # its first delivery failed: the VM still waits for the token this machine kept
+    if "ACCESS_TOKEN" in target.env and secrets_changed(target, existing):
+        state.save_token(d.name, prepared.token)  # kept here before the VM has it, as for a new VM
+    return converge(clients, target, prepared.cloud_init, ssh_key, existing, progress)
 
 
 def deploy(
@@ -224,6 +235,7 @@ def converge(
             progress(f"virtual machine {d.vm} ({d.size})")
             body = vm_body(d, str(nic.id), ssh_key, cloudinit.custom_data(cloud_init_text))
             created = compute.virtual_machines.begin_create_or_update(d.group, d.vm, _json(body)).result()
+            deliver_secrets(clients, d, progress)
             updated = False
         else:
             updated = _converge_vm(clients, d, existing, progress)
@@ -256,8 +268,8 @@ def _tag_os_disk(clients: AzureClients, d: Deployment, vm: VirtualMachine, progr
 def _refuse_fixed_changes(d: Deployment, old_tags: dict[str, str]) -> None:
     """Refuse, before anything is touched, what an existing VM cannot change.
 
-    Secret settings only travel in custom_data, which is fixed; nor can HTTPS be added or removed (Caddy
-    is installed at first boot). The certificate's source can change, since that is only Caddy's config.
+    HTTPS cannot be added or removed. The certificate's source can change, since that is only Caddy's
+    config, and so can the secrets (deliver_secrets).
     """
     was_tls = old_tags.get(TLS_TAG, "off") != "off"
     if was_tls != d.tls:
@@ -266,13 +278,6 @@ def _refuse_fixed_changes(d: Deployment, old_tags: dict[str, str]) -> None:
             f"{d.vm} was created with {then}; it cannot switch to {now} in place. Re-run "
             f"{'with' if not was_tls else 'without'} --no-tls, or `invoke destroy-azure --name {d.name}` and "
             "deploy again."
-        )
-    secrets = cloudinit.secrets_digest(d.name, d.env)
-    if secrets and secrets != old_tags.get(SECRETS_TAG):
-        raise AzureActionError(
-            f"{', '.join(sorted(SECRET_SETTINGS))} can only be set when the VM is created (it "
-            f"travels only in custom_data). Keep the old value, or `invoke destroy-azure --name {d.name}` "
-            "and deploy again."
         )
 
 
@@ -286,8 +291,9 @@ def _converge_vm(clients: AzureClients, d: Deployment, existing: VirtualMachine,
     props = current.setdefault("properties", {})
     old_tags = dict(existing.tags or {})
     tags = vm_tags(d)
-    if SECRETS_TAG not in tags and SECRETS_TAG in old_tags:
-        tags[SECRETS_TAG] = old_tags[SECRETS_TAG]
+    for kept in (SECRETS_TAG, REGISTRY_TAG, DELIVERY_TAG):
+        if kept not in tags and kept in old_tags:
+            tags[kept] = old_tags[kept]
     changed_size = str(props.get("hardwareProfile", {}).get("vmSize", "")).lower() != d.size.lower()
     new_config = old_tags.get(CONFIG_TAG) != tags[CONFIG_TAG]
     if changed_size:
@@ -296,6 +302,10 @@ def _converge_vm(clients: AzureClients, d: Deployment, existing: VirtualMachine,
     if power in ("deallocated", "stopped"):
         progress(f"starting {d.vm} (it was {power})")
         compute.virtual_machines.begin_start(d.group, d.vm).result()
+    delivered = secrets_delivered(clients, d, existing)
+    if secrets_changed(d, existing) or not delivered:
+        deliver_secrets(clients, d, progress, retry="" if delivered else str(int(time.time())))
+        tags[DELIVERY_TAG] = "extension"
     if new_config:
         progress("updating the container (new image or settings) via run-command")
         out, err = run_command(
@@ -324,6 +334,54 @@ def _converge_vm(clients: AzureClients, d: Deployment, existing: VirtualMachine,
     else:
         progress(f"virtual machine {d.vm} (unchanged)")
     return new_config
+
+
+# -- the secrets: the Custom Script extension's protectedSettings, never custom_data ---------------------
+
+
+def deliver_secrets(
+    clients: AzureClients, d: Deployment, progress: Progress = _quiet, retry: str = ""
+) -> None:
+    """Send the VM its secret settings and registry login through the Custom Script extension and wait
+    until the VM agent has run it (the first boot waits for them before it logs in and starts the
+    container). Azure encrypts protectedSettings to the VM's certificate and never returns them.
+    """
+    progress(f"secrets for {d.vm} (Custom Script extension, protected settings)")
+    try:
+        clients.compute.virtual_machine_extensions.begin_create_or_update(
+            d.group, d.vm, SECRETS_EXTENSION, _json(secrets_extension_body(d, retry))
+        ).result()
+    except HttpResponseError as exc:
+        code = getattr(exc.error, "code", "") or ""
+        if code.startswith("VMExtension") or "extension" in str(exc.message or "").lower():
+            raise AzureActionError(
+                f"the VM agent on {d.vm} could not run the extension that gives it its access token "
+                f"({code or 'failed'}: {(exc.message or '').strip()[:300]}). The VM waits for it up to 20 "
+                "minutes: re-run deploy-azure to send it again (nothing else is recreated)."
+            ) from exc
+        raise
+
+
+def secrets_changed(d: Deployment, existing: VirtualMachine) -> bool:
+    """Whether `d` brings secrets (settings or registry login) other than those the VM's tags record."""
+    tags = dict(existing.tags or {})
+    secrets = cloudinit.secrets_digest(d.name, d.env)
+    registry = cloudinit.registry_digest(d.name, d.registry)
+    return bool(secrets and secrets != tags.get(SECRETS_TAG)) or bool(
+        registry and registry != tags.get(REGISTRY_TAG)
+    )
+
+
+def secrets_delivered(clients: AzureClients, d: Deployment, existing: VirtualMachine) -> bool:
+    """False only for a VM that waits for its secrets from the extension (DELIVERY_TAG) whose extension
+    is missing or did not succeed; a VM made before the extension was used has them already."""
+    if (existing.tags or {}).get(DELIVERY_TAG) != "extension":
+        return True
+    try:
+        ext = clients.compute.virtual_machine_extensions.get(d.group, d.vm, SECRETS_EXTENSION)
+    except ResourceNotFoundError:
+        return False
+    return str(ext.provisioning_state or "").lower() == "succeeded"
 
 
 @dataclass

@@ -2,10 +2,10 @@
 the VM's own certificate authority.
 
 Azure holds everything else (found by name), but the token cannot be read back from Azure: it travels
-only in the VM's first-boot data, which Azure never returns. So the token is kept here, readable by
-this user only (0600 in a 0700 folder under the user's config folder, as ~/.azure and ~/.docker keep
-their credentials), so that a re-deploy never rotates it silently and the user can look it up later.
-destroy-azure deletes it with the deployment.
+only in the Custom Script extension's protected settings, which Azure never returns. So it is kept
+here, readable by this user only (0600 in a 0700 folder under the user's config folder, as ~/.azure
+and ~/.docker keep their credentials), so that a re-deploy never rotates it silently and the user
+can look it up later. destroy-azure deletes it with the deployment.
 """
 
 from __future__ import annotations

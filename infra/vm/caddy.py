@@ -1,4 +1,5 @@
-"""The Caddyfile of the VM's reverse proxy: HTTPS in front of the chat service, which listens on loopback.
+"""The Caddyfile of the VM's reverse proxy: HTTPS (or, with --no-tls, plain HTTP) in front of the chat
+service, which listens on loopback in every mode.
 
 Caddy (Debian/Ubuntu's `caddy` package, the same 2.6 series in Debian bookworm, where the tests run it,
 and Ubuntu 24.04, where the VM runs it) terminates TLS for the VM's DNS name, redirects HTTP to HTTPS,
@@ -27,6 +28,19 @@ CERT_MODES = ("acme", "acme-http", "internal")
 UPSTREAM = f"127.0.0.1:{CONTAINER_PORT}"  # the container, published on loopback only behind Caddy
 MAX_BODY = "4MB"  # above the app's own default limit (MAX_BODY_BYTES, 1 MB), which answers 413 itself
 _SITE = re.compile(r"^[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?$")
+HSTS = "max-age=31536000"  # one year; no includeSubDomains (cloudapp.azure.com names are not ours)
+READ_HEADER_TIMEOUT = "10s"
+
+
+def _servers() -> str:
+    """Global server options: HTTP/1.1 and HTTP/2 only, so no HTTP/3 is advertised (Alt-Svc) on UDP 443,
+    which the NSG does not open; and a deadline for a request's headers, so half-sent ones are dropped.
+
+    No whole-request deadline (`read_body`): Go applies it to the connection for the whole exchange,
+    and it would cut a streamed reply that lasts longer.
+    """
+    timeouts = f"\t\ttimeouts {{\n\t\t\tread_header {READ_HEADER_TIMEOUT}\n\t\t}}"
+    return f"\tservers {{\n\t\tprotocols h1 h2\n{timeouts}\n\t}}"
 
 
 def _proxy(upstream: str) -> str:
@@ -64,7 +78,7 @@ def caddyfile(
         raise ValueError(f"certificate mode {cert!r}: one of {', '.join(CERT_MODES)}")
     if not _SITE.match(site):
         raise ValueError(f"{site!r} is not a DNS name")
-    options = ["\tadmin off"]
+    options = ["\tadmin off", _servers()]
     if bind:
         options.append(f"\tdefault_bind {bind}")
     if http_port != 80:
@@ -76,6 +90,10 @@ def caddyfile(
     if storage:
         options.append(f"\tstorage file_system {{\n\t\troot {storage}\n\t}}")
     site_lines = []
+    if cert.startswith("acme"):
+        # Only with a publicly trusted certificate: pinning browsers to HTTPS for a name whose
+        # certificate they cannot check (the VM's own authority) would lock them out for a year.
+        site_lines.append(f'\theader Strict-Transport-Security "{HSTS}"')
     if cert == "internal":
         site_lines.append("\ttls internal")
     elif cert == "acme-http":
@@ -91,10 +109,25 @@ def caddyfile(
     )
 
 
-def plain_caddyfile(listen_port: int, *, upstream: str = UPSTREAM) -> str:
-    """Plain HTTP on one loopback port with the same proxying as `caddyfile`: for testing the proxying
-    itself (streaming, forwarded headers) without any certificate."""
+def http_caddyfile(port: int, *, upstream: str = UPSTREAM, bind: str = "") -> str:
+    """--no-tls: plain HTTP on `port` for any host name, with the same proxying as `caddyfile`.
+
+    Caddy stays in front without HTTPS too, so the app is never the public listener: gunicorn gives each
+    connection that has started a request one of its threads, and a few dozen slow or half-sent
+    requests would hold them all; Caddy reads each request whole (headers within a deadline, the body
+    into a buffer) before the app sees it. `bind` is for tests (the VM listens on every address).
+    """
+    options = ["\tadmin off", "\tauto_https off", _servers()]
+    if bind:
+        options.append(f"\tdefault_bind {bind}")
     return (
-        "{\n\tadmin off\n\tauto_https off\n}\n\n"
-        f"http://127.0.0.1:{int(listen_port)} {{\n{_proxy(upstream)}\n}}\n"
+        "# qwen-box: plain HTTP (--no-tls) for the chat service on loopback; written by deploy-azure.\n"
+        "{\n" + "\n".join(options) + "\n}\n\n"
+        f"http://:{int(port)} {{\n{_proxy(upstream)}\n}}\n"
     )
+
+
+def plain_caddyfile(listen_port: int, *, upstream: str = UPSTREAM) -> str:
+    """The --no-tls config on one loopback port: for testing the proxying itself (streaming, forwarded
+    headers) without any certificate."""
+    return http_caddyfile(listen_port, upstream=upstream, bind="127.0.0.1")

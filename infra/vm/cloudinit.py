@@ -2,9 +2,12 @@
 
 Every value is validated before it goes in, and the template only ever places values in files (read by
 the scripts with `cat`), never into shell text, so an odd image name or setting cannot become a command.
-Azure keeps custom_data on the VM (root-readable) and never returns it through the API; registry
-credentials are the only secret that ever goes in, into a 0600 file that is shredded after `docker login`.
-Nothing here logs the rendered text.
+
+No secret goes into custom_data: Azure's API reference says not to put secrets there, and cloud-init
+keeps a copy of it on the VM. The secret settings (the access token) and registry credentials travel in
+the Custom Script extension's protectedSettings instead (`secrets_script`, sent by infra/azure/arm.py):
+encrypted to the VM's own certificate, never returned by Azure's API, written by the VM agent into
+/etc/qwen-box/secrets (root-only), which the first boot waits for. Nothing here logs the rendered text.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import jinja2
 
 from infra.image import CONTAINER, CONTAINER_PORT, LABEL_BAKED, LABEL_MODEL, MODELS_DIR, data_volume
 from infra.settings import PRINTABLE, SECRET_SETTINGS, SettingsError, validate_env
+from infra.vm.caddy import http_caddyfile
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "cloud-init.yaml"
 START_SCRIPT = Path(__file__).resolve().parent / "start-container.sh.j2"
@@ -87,10 +91,10 @@ def validate_model(model: str) -> str:
     return model
 
 
-def publish_spec(port: int, https: bool) -> str:
-    """Where the container's port is published on the VM: loopback only behind Caddy (HTTPS), else the
-    public port itself."""
-    return LOOPBACK_PUBLISH if https else str(int(port))
+def proxy_config(port: int, caddyfile: str) -> str:
+    """The VM's Caddyfile: the one given (HTTPS), else plain HTTP on `port`. Caddy is in front in every
+    mode, so the container is always published on loopback only (LOOPBACK_PUBLISH)."""
+    return caddyfile or http_caddyfile(port)
 
 
 def image_registry(image: str) -> str | None:
@@ -144,6 +148,86 @@ def secrets_digest(salt: str, env: Mapping[str, str]) -> str:
     return hashlib.pbkdf2_hmac("sha256", blob, f"qwen-box:{salt}".encode(), 200_000).hex()[:32]
 
 
+def registry_digest(salt: str, registry: RegistryLogin | None) -> str:
+    """secrets_digest for the registry login ("" if none)."""
+    if registry is None:
+        return ""
+    blob = json.dumps([registry.server, registry.username, registry.password]).encode()
+    return hashlib.pbkdf2_hmac("sha256", blob, f"qwen-box-registry:{salt}".encode(), 200_000).hex()[:32]
+
+
+SECRETS_DONE = "qwen-box: secrets delivered"
+BOOT_FINISHED = "/var/lib/cloud/instance/boot-finished"
+
+
+def secrets_script(env: Mapping[str, str], registry: RegistryLogin | None = None) -> str:
+    """The POSIX sh script the Custom Script extension runs as root (its protectedSettings.script): the
+    secret settings and the registry login into /etc/qwen-box/secrets (0700, files 0600), then `ready`.
+
+    Only the parts given are written, so a later delivery of one part keeps the other. At first boot
+    provision.sh waits for `ready` and does the rest; once the first boot is over (cloud-init's
+    boot-finished), the script applies what changed itself: a new registry login is used at once, new
+    secret settings restart the container (with the start script rewritten first, for a VM made before
+    the secrets lived apart, whose service.env then loses its own copy of them). Values are base64 in
+    the script, data to the shell; nothing secret is echoed (the extension reports its output to Azure).
+    """
+    secret = {k: v for k, v in _settings(env).items() if k in SECRET_SETTINGS}
+
+    def put(text: str, path: str) -> str:
+        data = base64.b64encode(text.encode()).decode()
+        return f'printf %s {data} | base64 -d > "{path}.new" && mv "{path}.new" "{path}"'
+
+    keys = "|".join(sorted(SECRET_SETTINGS)) or "^$"
+    lines = [
+        "set -eu",
+        "umask 077",
+        "etc=${QWEN_BOX_ETC:-/etc/qwen-box}",
+        "opt=${QWEN_BOX_OPT:-/opt/qwen-box}",
+        f"booted=${{QWEN_BOX_BOOT_FINISHED:-{BOOT_FINISHED}}}",
+        'dir="$etc/secrets"',
+        'mkdir -p "$dir"',
+        'chmod 700 "$dir"',
+        "restart=0",
+    ]
+    if secret:
+        data = base64.b64encode((env_file(secret) + "\n").encode()).decode()
+        lines += [
+            f'printf %s {data} | base64 -d > "$dir/service.env.new"',
+            'cmp -s "$dir/service.env.new" "$dir/service.env" || restart=1',
+            'mv "$dir/service.env.new" "$dir/service.env"',
+        ]
+    if registry:
+        lines += [
+            put(registry.server + "\n", "$dir/registry-server"),
+            put(registry.username + "\n", "$dir/registry-username"),
+            put(registry.password, "$dir/registry-password"),
+        ]
+    lines += [
+        ': > "$dir/ready"',
+        'if [ -e "$booted" ]; then',
+    ]
+    if registry:
+        lines += [
+            '  docker login --username "$(cat "$dir/registry-username")" --password-stdin '
+            '"$(cat "$dir/registry-server")" < "$dir/registry-password" >/dev/null',
+            '  shred --remove "$dir/registry-password"',
+        ]
+    start = base64.b64encode(start_script().encode()).decode()
+    lines += [
+        '  if [ "$restart" = 1 ]; then',
+        f'    printf %s {start} | base64 -d > "$opt/start-container.sh.new"',
+        '    chmod 755 "$opt/start-container.sh.new"',
+        '    mv "$opt/start-container.sh.new" "$opt/start-container.sh"',
+        f'    grep -v -E \'^({keys})=\' "$etc/service.env" > "$etc/service.env.new" || true',
+        '    mv "$etc/service.env.new" "$etc/service.env"',
+        '    "$opt/start-container.sh" >/dev/null',
+        "  fi",
+        "fi",
+        f'echo "{SECRETS_DONE}"',
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def _jinja() -> jinja2.Environment:
     return jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
 
@@ -168,7 +252,6 @@ def render(
     image: str,
     port: int,
     env: Mapping[str, str],
-    registry: RegistryLogin | None = None,
     template: Path = TEMPLATE,
     *,
     caddyfile: str = "",
@@ -176,19 +259,19 @@ def render(
 ) -> str:
     """The cloud-config text for a VM: validated inputs in, YAML out (checked against the size limit).
 
-    With a `caddyfile` (HTTPS), cloud-init installs Caddy with it and the container is published on
-    loopback only; without, the container is published on `port` as is.
+    cloud-init installs Caddy with `caddyfile` (HTTPS; without one, plain HTTP on `port`) and publishes
+    the container on loopback only. Secret settings in `env` are left out (see `secrets_script`).
     """
+    public = {k: v for k, v in _settings(env).items() if k not in SECRET_SETTINGS}
     text = (
         _jinja()
         .from_string(template.read_text())
         .render(
             image=validate_image(image),
-            publish=publish_spec(port, bool(caddyfile)),
+            publish=LOOPBACK_PUBLISH,
             model=validate_model(model),
-            env_file=env_file(_settings(env)),
-            registry=registry,
-            caddyfile=caddyfile.rstrip("\n"),
+            env_file=env_file(public),
+            caddyfile=proxy_config(port, caddyfile).rstrip("\n"),
             start_script=start_script().rstrip("\n"),
             swap_size=SWAP_SIZE,
         )
@@ -219,8 +302,9 @@ def update_script(
     UPDATE_DONE, which run-command's caller looks for (run-command reports success whatever the exit
     code). Values travel base64-encoded, so they are data to the shell, never code. Secret settings are
     not sent (run-command scripts are not secret storage): the ones already on the VM are kept. The
-    start script is rewritten too, so a VM made by an older version learns what the new files mean; with
-    HTTPS the Caddyfile is rewritten and Caddy restarted if it changed.
+    start script is rewritten too, so a VM made by an older version learns what the new files mean; the
+    Caddyfile is rewritten and Caddy restarted if it changed (installed first on a VM made when plain
+    HTTP had no Caddy in front).
     """
     public = {k: v for k, v in _settings(env).items() if k not in SECRET_SETTINGS}
 
@@ -236,8 +320,15 @@ def update_script(
         f"image=$(echo {b64(validate_image(image))} | base64 -d)",
         'echo "qwen-box: pulling $image"',
         'docker pull --quiet "$image"',
+        "caddy_conf=${QWEN_BOX_CADDYFILE:-/etc/caddy/Caddyfile}",
+        'if [ ! -e "$caddy_conf" ]; then',
+        '  echo "qwen-box: installing Caddy (it fronts plain HTTP too now)"',
+        "  apt-get update -q",
+        "  DEBIAN_FRONTEND=noninteractive apt-get install -y -q caddy",
+        "  systemctl enable caddy",
+        "fi",
         'printf \'%s\\n\' "$image" > "$etc/image.new"',
-        f'echo {b64(publish_spec(port, bool(caddyfile)))} | base64 -d > "$etc/port.new"',
+        f'echo {b64(LOOPBACK_PUBLISH)} | base64 -d > "$etc/port.new"',
         f'echo {b64(validate_model(model) + chr(10))} | base64 -d > "$etc/model.new"',
         f'echo {b64(start_script())} | base64 -d > "$opt/start-container.sh.new"',
         f"{{ echo {b64(env_file(public) + chr(10))} | base64 -d; "
@@ -247,15 +338,17 @@ def update_script(
         'for f in image port model service.env; do mv "$etc/$f.new" "$etc/$f"; done',
         'mv "$opt/start-container.sh.new" "$opt/start-container.sh"',
     ]
-    if caddyfile:
-        lines += [
-            "caddy_conf=${QWEN_BOX_CADDYFILE:-/etc/caddy/Caddyfile}",
-            f'echo {b64(caddyfile)} | base64 -d > "$etc/Caddyfile"',
-            'chmod 644 "$etc/Caddyfile"',
-            'if ! cmp -s "$etc/Caddyfile" "$caddy_conf"; then',
-            '  install -m 0644 "$etc/Caddyfile" "$caddy_conf"',
-            "  systemctl restart caddy",
-            "fi",
-        ]
-    lines += ['"$opt/start-container.sh"', f'echo "{UPDATE_DONE}"']
+    lines += [
+        f'echo {b64(proxy_config(port, caddyfile))} | base64 -d > "$etc/Caddyfile"',
+        'chmod 644 "$etc/Caddyfile"',
+        "restart_caddy=0",
+        'if ! cmp -s "$etc/Caddyfile" "$caddy_conf"; then',
+        '  install -m 0644 "$etc/Caddyfile" "$caddy_conf"',
+        "  restart_caddy=1",
+        "fi",
+        # The container first: on a VM that served plain HTTP without Caddy it still holds the port.
+        '"$opt/start-container.sh"',
+        'if [ "$restart_caddy" = 1 ]; then systemctl restart caddy; fi',
+        f'echo "{UPDATE_DONE}"',
+    ]
     return "\n".join(lines) + "\n"

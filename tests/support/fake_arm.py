@@ -104,6 +104,8 @@ class FakeArm:
         self.groups: dict[str, dict] = {}
         self.resources: dict[str, dict] = {}
         self.secrets: dict[str, dict] = {}
+        self.extensions: dict[str, dict] = {}
+        self.bodies: list[tuple[str, str, dict | None]] = []
         self.operations: dict[str, Operation] = {}
         self.faults: list[Fault] = []
         self.requests: list[tuple[str, str, str]] = []
@@ -229,6 +231,7 @@ class FakeArm:
     ) -> tuple[int, dict | None, dict[str, str]]:
         with self.lock:
             self.requests.append((method, path, query.get("api-version", "")))
+            self.bodies.append((method, path, json.loads(json.dumps(body))))
             if path.startswith("/fake/"):
                 return self._fake_endpoint(method, path)
             if not headers.get("authorization", "").startswith("Bearer "):
@@ -303,6 +306,8 @@ class FakeArm:
             ptype = "/".join(lrest[3:5])
             name = rest[5]
             tail = lrest[6:]
+            if ptype == "microsoft.compute/virtualmachines" and len(tail) == 2 and tail[0] == "extensions":
+                return self._extension(method, group, name, rest[7], body)
             if ptype == "microsoft.compute/virtualmachines" and tail:
                 return self._vm_action(method, group, name, tail, body)
             if tail:
@@ -632,6 +637,68 @@ class FakeArm:
             }
             return 202, None, self._lro_headers(op, result=True)
         raise ArmError(404, "NotFound", f"No action {action}")
+
+    # -- VM extensions (the Custom Script extension) ---------------------------------------------------
+    def protected_settings(self, group: str, vm: str, name: str) -> dict:
+        """What an extension was given in protectedSettings: write-only in Azure, so only the fake has it."""
+        with self.lock:
+            return self.secrets[_key(group, vm, "extensions", name)]["protectedSettings"]
+
+    def _extension(self, method, group, vm_name, name, body):
+        """Azure's VM extension resource: a PUT is an LRO that ends when the VM agent has run it (here at
+        once), protectedSettings are kept apart and never returned, and an extension goes with its VM (a
+        VM made again under the same name has none)."""
+        vm = self.resources.get(_key(group, "Microsoft.Compute/virtualMachines", vm_name))
+        if not vm:
+            raise ArmError(
+                404,
+                "ParentResourceNotFound",
+                f"Can not perform requested operation on nested resource. "
+                f"Parent resource '{vm_name}' not found.",
+            )
+        key = _key(group, vm_name, "extensions", name)
+        found = self.extensions.get(key)
+        if found and found["vmId"] != vm["properties"]["vmId"]:
+            found = None
+        if method == "GET":
+            if not found:
+                raise ArmError(
+                    404,
+                    "NotFound",
+                    f"The entity was not found in this Azure location. Extension '{name}' of VM '{vm_name}'.",
+                )
+            return 200, found["resource"], {}
+        if method == "DELETE":
+            self.extensions.pop(key, None)
+            self.secrets.pop(key, None)
+            op = self._operation(None)
+            return 202, None, self._lro_headers(op)
+        if method != "PUT":
+            raise ArmError(405, "MethodNotAllowed", method)
+        if not isinstance(body, dict) or "location" not in body:
+            raise ArmError(400, "LocationRequired", "The location property is required for this definition.")
+        resource = json.loads(json.dumps(body))
+        props = resource.setdefault("properties", {})
+        for required in ("publisher", "type", "typeHandlerVersion"):
+            if not props.get(required):
+                raise ArmError(400, "InvalidParameter", f"Required parameter '{required}' is missing (null).")
+        self.secrets[key] = {"protectedSettings": props.pop("protectedSettings", None)}
+        resource.update(
+            {
+                "id": f"{vm['id']}/extensions/{name}",
+                "name": name,
+                "type": "Microsoft.Compute/virtualMachines/extensions",
+                "location": body["location"].lower(),
+            }
+        )
+        props["provisioningState"] = "Updating" if found else "Creating"
+        self.extensions[key] = {"vmId": vm["properties"]["vmId"], "resource": resource}
+
+        def done():
+            props["provisioningState"] = "Succeeded"
+
+        op = self._operation(done)
+        return (200 if found else 201), resource, self._lro_headers(op)
 
     def _instance_view(self, key: str = "") -> dict:
         failure = self.vm_failures.get(key)
