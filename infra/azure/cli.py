@@ -294,6 +294,8 @@ def _print_access(out: Console, d: Names, result: DeployResult, token: str, ca: 
             highlight=False,
         )
         out.print(f"  {token}", highlight=False, markup=False, soft_wrap=True)
+    elif result.token_changed:
+        out.print(f"Access token: changed to the one you gave, kept in {saved}.", highlight=False)
     elif saved.exists():
         out.print(f"Access token: unchanged, kept in {saved}.", highlight=False)
     else:

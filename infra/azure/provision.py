@@ -11,6 +11,7 @@ custom_data: they follow the VM in the Custom Script extension's protected setti
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -69,6 +70,7 @@ class DeployResult:
     ip: str
     vm_created: bool
     container_updated: bool
+    token_changed: bool = False  # an existing VM was given another access token (--token)
 
 
 @contextmanager
@@ -175,9 +177,11 @@ def provision(
     with _explained(clients, d):
         if not secrets_delivered(clients, d, existing):
             target = d  # its first delivery failed: the VM still waits for the token this machine kept
-    if "ACCESS_TOKEN" in target.env and secrets_changed(target, existing):
+    token_changed = "ACCESS_TOKEN" in target.env and secrets_changed(target, existing)
+    if token_changed:
         state.save_token(d.name, prepared.token)  # kept here before the VM has it, as for a new VM
-    return converge(clients, target, prepared.cloud_init, ssh_key, existing, progress)
+    result = converge(clients, target, prepared.cloud_init, ssh_key, existing, progress)
+    return dataclasses.replace(result, token_changed=token_changed)
 
 
 def deploy(
