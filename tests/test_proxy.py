@@ -180,6 +180,15 @@ def test_stream_passes_through_the_proxy_chunk_by_chunk(plain_proxy, app):
     assert queue(app.url)["cancelled"] == cancelled + 1
 
 
+def test_the_page_arrives_compressed_through_the_proxy(plain_proxy):
+    """The app compresses the page and its scripts; Caddy passes that through as it is (no `encode` of
+    its own, which would also match event streams)."""
+    for path in ("/", "/static/js/main.js", "/static/style.css"):
+        r = requests.get(plain_proxy + path, headers={"Accept-Encoding": "gzip"}, timeout=10)
+        assert r.status_code == 200 and r.headers.get("Content-Encoding") == "gzip", path
+        assert len(r.content) > 0 and int(r.raw.headers.get("Content-Length", 1 << 30)) < len(r.content)
+
+
 def test_every_streamed_reply_arrives_whole(plain_proxy, app):
     """Many short streams in a row, each to its `done`: a proxy that now and then cuts a stream after its
     first chunk (Caddy 2.6 without buffer_requests: 1 stream in 30 to 100 here) most likely fails this."""
