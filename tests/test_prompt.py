@@ -91,7 +91,9 @@ def test_the_prompt_is_the_template_of_the_kept_turns_and_as_long_as_fits(tokeni
         assert len(prompt.ids) <= budget
         system = messages[:1] if messages[0]["role"] == "system" else []
         kept = system + messages[len(system) + prompt.dropped_messages :]
-        assert prompt.ids == tokenizer.apply_chat_template(kept, add_generation_prompt=True, return_dict=False)
+        assert prompt.ids == tokenizer.apply_chat_template(
+            kept, add_generation_prompt=True, return_dict=False
+        )
         if regular:
             assert (prompt.ids, prompt.dropped_messages) == expected, case
 

@@ -6,12 +6,16 @@ behind the model, a client that goes away frees the engine, and an overfull queu
 
 from __future__ import annotations
 
+import json
+import socket
 import time
 
+import pytest
 import requests
 
 from tests.support import sse
 from tests.support.live import LiveServer, wait_for
+from tests.support.slow_app import SLOW_APP
 
 LONG = {"message": "Tell me a long story", "stream": True, "max_tokens": 4000}
 
@@ -33,6 +37,36 @@ def open_stream(server: LiveServer, body: dict = LONG) -> requests.Response:
 def idle(server: LiveServer) -> bool:
     queue = health(server)["queue"]
     return queue["active"] == 0 and queue["waiting"] == 0
+
+
+@pytest.fixture(scope="module")
+def slow_server(tiny_model_dir, tmp_path_factory):
+    """gunicorn with a scripted model writing a token every 50 ms: one at a time, two may wait."""
+    with LiveServer(
+        {
+            "MODEL_ID": str(tiny_model_dir),
+            "QUEUE_SIZE": "2",
+            "MAX_BATCH": "1",
+            "CONTEXT_TOKENS": "4096",
+            "MAX_TOKENS_LIMIT": "4000",
+            "SCRIPT_DELAY": "0.05",
+        },
+        tmp_path_factory.mktemp("slow-logs") / "gunicorn.log",
+        app=SLOW_APP,
+    ) as server:
+        yield server
+
+
+def send_chat(server: LiveServer, body: dict, path: str = "/api/chat", cookie: str = "") -> socket.socket:
+    """A POST written by hand on a socket of our own, so the test can drop the connection at will."""
+    data = json.dumps(body).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n" + (f"Cookie: {cookie}\r\n" if cookie else "") + "\r\n"
+    )
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    sock.sendall(head.encode() + data)
+    return sock
 
 
 def test_non_streaming_chat(live_server):
@@ -128,3 +162,44 @@ def test_port_answers_before_the_model_is_loaded(tmp_path):
         assert r.status_code == 503 and "failed to load" in r.json()["error"]["message"]
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/v1/chat/completions"])
+def test_a_non_streaming_client_that_leaves_stops_its_generation(slow_server, path):
+    """Nothing is written to a plain JSON request until the end, so only watching the socket tells
+    that its client left: the generation (800 tokens, 40 s) must end within a few seconds of it."""
+    wait_for(lambda: idle(slow_server))
+    cancelled_before = health(slow_server)["queue"]["cancelled"]
+    body = {"messages": [{"role": "user", "content": "Tell me a long story"}], "max_tokens": 800}
+    if path.startswith("/v1"):
+        body["model"] = requests.get(slow_server.url + "/v1/models", timeout=5).json()["data"][0]["id"]
+    client = send_chat(slow_server, body, path)
+    wait_for(lambda: health(slow_server)["queue"]["active"] == 1, timeout=10)
+    client.close()
+    left = time.monotonic()
+    wait_for(lambda: idle(slow_server), timeout=5)
+    assert time.monotonic() - left < 5
+    assert health(slow_server)["queue"]["cancelled"] == cancelled_before + 1
+
+
+def test_a_stored_reply_whose_client_left_is_marked_cancelled(slow_server):
+    wait_for(lambda: idle(slow_server))
+    session = requests.Session()
+    conversation = session.post(slow_server.url + "/api/conversations", json={}, timeout=5).json()
+    cookie = "; ".join(f"{k}={v}" for k, v in session.cookies.items())
+    body = {"message": "Tell me a long story", "max_tokens": 800, "conversation_id": conversation["id"]}
+    client = send_chat(slow_server, body, cookie=cookie)
+    wait_for(lambda: health(slow_server)["queue"]["active"] == 1, timeout=10)
+    time.sleep(0.3)  # a few words written
+    client.close()
+    wait_for(lambda: idle(slow_server), timeout=5)
+
+    def stored() -> list[dict]:
+        url = f"{slow_server.url}/api/conversations/{conversation['id']}"
+        return session.get(url, timeout=5).json()["messages"]
+
+    wait_for(lambda: len(stored()) == 2, timeout=5)
+    question, reply = stored()
+    assert question["content"] == "Tell me a long story"
+    assert reply["role"] == "assistant" and reply["status"] == "cancelled"
+    assert reply["content"].startswith("word")
