@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 
 import pytest
@@ -203,3 +204,61 @@ def test_a_stored_reply_whose_client_left_is_marked_cancelled(slow_server):
     assert question["content"] == "Tell me a long story"
     assert reply["role"] == "assistant" and reply["status"] == "cancelled"
     assert reply["content"].startswith("word")
+
+
+@pytest.mark.reliability
+def test_a_disconnect_storm_leaves_health_answering_and_the_queue_drained(slow_server):
+    """30 clients, streaming and not, on both APIs, in three waves of ten: each starts a long
+    generation (or is refused, the queue holding two) and vanishes. Health answers every probe within
+    2 s throughout, the engine is idle within 10 s of the last one leaving, and a chat then completes."""
+    wait_for(lambda: idle(slow_server))
+    began = time.monotonic()
+    model = requests.get(slow_server.url + "/v1/models", timeout=5).json()["data"][0]["id"]
+    stop = threading.Event()
+    probes: list[float] = []
+    failures: list[str] = []
+
+    def probe() -> None:
+        while not stop.is_set() and time.monotonic() - began < 90:
+            t0 = time.monotonic()
+            try:
+                r = requests.get(slow_server.url + "/api/health", timeout=2)
+                if r.status_code != 200:
+                    failures.append(f"health answered {r.status_code}")
+            except requests.RequestException as exc:
+                failures.append(repr(exc))
+            probes.append(time.monotonic() - t0)
+            time.sleep(0.1)
+
+    prober = threading.Thread(target=probe, daemon=True)
+    prober.start()
+    seen: dict[str, int] = {}
+    for wave in range(3):
+        clients = []
+        for i in range(10):
+            stream, openai = i % 2 == 0, i % 4 >= 2
+            body = {"messages": [{"role": "user", "content": f"story {wave}.{i}"}], "max_tokens": 800}
+            body.update({"stream": stream, **({"model": model} if openai else {})})
+            clients.append(send_chat(slow_server, body, "/v1/chat/completions" if openai else "/api/chat"))
+        for client in clients:
+            client.settimeout(0.5)  # a plain JSON request that was admitted says nothing until the end
+            try:
+                head = client.recv(64)
+                status = head[9:12].decode() if head else "closed"
+            except TimeoutError:
+                status = "waiting"
+            seen[status] = seen.get(status, 0) + 1
+            client.close()
+    left = time.monotonic()
+    wait_for(lambda: idle(slow_server), timeout=10)
+    drained = time.monotonic() - left
+    stop.set()
+    prober.join(5)
+
+    assert not failures, failures[:3]
+    assert len(probes) >= 10 and max(probes) < 2, (len(probes), max(probes))
+    assert seen.get("503", 0) >= 3 and seen.get("200", 0) + seen.get("waiting", 0) >= 3, seen
+    r = requests.post(slow_server.url + "/api/chat", json={"message": "hi", "max_tokens": 3}, timeout=30)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+    assert time.monotonic() - began < 60, f"the storm took {time.monotonic() - began:.0f} s"
+    print(f"storm: {seen}, {len(probes)} health probes, slowest {max(probes):.3f} s, drained in {drained:.2f} s")
