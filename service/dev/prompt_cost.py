@@ -42,7 +42,7 @@ def conversation(case: str) -> list[dict[str, str]]:
     else:
         raise SystemExit(f"unknown case {case}")
     roles = ["user", "assistant"]
-    return [{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)]
+    return [{"role": roles[(len(turns) - 1 - i) % 2], "content": t} for i, t in enumerate(turns)]
 
 
 def qwenlike_tokenizer(path: Path):
