@@ -11,6 +11,7 @@ What refuses a request is a `service.errors` error; the web layer decides what H
 from __future__ import annotations
 
 import re
+import weakref
 from dataclasses import dataclass, replace
 from typing import Annotated, Any, Literal
 
@@ -135,40 +136,156 @@ def make_request(
     return ChatRequest(messages=[m.model_dump() for m in messages], options=options, stream=stream)
 
 
+# A token of a byte-level BPE vocabulary holds ~4 characters of prose and rarely more than 16 of
+# anything; a prompt is also refused past this many characters per context token, so a megabyte is
+# never tokenized to learn that it cannot fit.
+CHARS_PER_TOKEN = 16
+# Re-renders of the chat template allowed to correct the per-message estimate (usually one is needed).
+_MAX_RENDERS = 8
+
+
 @dataclass(frozen=True)
 class Prompt:
     ids: list[int]
     dropped_messages: int
 
 
+class _Costs:
+    """What the chat template adds around messages, in tokens, measured once per tokenizer.
+
+    A conversation's prompt costs about `first + sum(tokens of each content) + per_message * (n - 1)`
+    (+ `system` with a system prompt). With ChatML-like templates, whose special tokens separate the
+    messages, that is exact for alternating turns; `build_prompt` checks it with one real render."""
+
+    def __init__(self, tokenizer: Any):
+        def render(messages: list[dict[str, str]]) -> int:
+            return len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
+
+        def count(text: str) -> int:
+            return len(tokenizer.encode(text, add_special_tokens=False))
+
+        x, y, z, w = "hello", "fine thanks", "and you", "be brief"
+        one = render([{"role": "user", "content": x}])
+        three = render(
+            [
+                {"role": "user", "content": x},
+                {"role": "assistant", "content": y},
+                {"role": "user", "content": z},
+            ]
+        )
+        with_system = render([{"role": "system", "content": w}, {"role": "user", "content": x}])
+        self.first = one - count(x)
+        self.per_message = (three - one - count(y) - count(z)) / 2
+        self.system = with_system - one - count(w)
+
+
+_COSTS: weakref.WeakKeyDictionary[Any, _Costs] = weakref.WeakKeyDictionary()
+
+
+def _costs(tokenizer: Any) -> _Costs:
+    try:
+        return _COSTS[tokenizer]
+    except KeyError:
+        costs = _COSTS[tokenizer] = _Costs(tokenizer)
+        return costs
+    except TypeError:  # a tokenizer that cannot be weakly referenced: measure it each time
+        return _Costs(tokenizer)
+
+
+def _too_long(needs: str, budget: int, context_length: int, max_tokens: int) -> PromptTooLong:
+    return PromptTooLong(
+        f"{needs}, but only {max(budget, 0)} tokens fit: the context holds {context_length} tokens and "
+        f"{max_tokens} are kept for the reply (max_tokens); shorten the message or the system prompt, "
+        "or lower max_tokens"
+    )
+
+
 def build_prompt(
-    tokenizer: Any, messages: list[dict[str, str]], *, context_length: int, max_tokens: int
+    tokenizer: Any,
+    messages: list[dict[str, str]],
+    *,
+    context_length: int,
+    max_tokens: int,
+    chars_per_token: int = CHARS_PER_TOKEN,
 ) -> Prompt:
     """Apply the chat template, dropping the oldest turns until prompt + reply fit the context.
 
     The system prompt (if first) and the newest user turn are always kept; turns are dropped so the
     remaining conversation still starts with a user turn, which strict templates require. Raises
     `PromptTooLong` when even those cannot fit.
+
+    Linear in the conversation, and bounded whatever its length: only the newest turns within
+    `chars_per_token` characters per token of room are read at all, each is tokenized once, and the
+    oldest are dropped from a running total, newest kept first. The template is then rendered for the
+    kept turns alone (the prompt is exactly `apply_chat_template` of them), a few times at most when
+    the estimate was off by a turn.
     """
     budget = context_length - max_tokens
     system = messages[:1] if messages[0]["role"] == "system" else []
     turns = messages[len(system) :]
-    dropped = 0
-    while True:
-        ids = tokenizer.apply_chat_template(system + turns, add_generation_prompt=True, return_dict=False)
+    char_budget = max(budget, 0) * chars_per_token
+    chars = sum(len(m["content"]) for m in system) + len(turns[-1]["content"])
+    if chars > char_budget:
+        raise _too_long(
+            f"the newest message and the system prompt hold {chars} characters, more than the "
+            f"{char_budget} that can fit ({chars_per_token} characters per token at most)",
+            budget,
+            context_length,
+            max_tokens,
+        )
+    oldest = len(turns) - 1  # the oldest turn within the character budget
+    while oldest > 0 and chars + len(turns[oldest - 1]["content"]) <= char_budget:
+        oldest -= 1
+        chars += len(turns[oldest]["content"])
+    window = turns[oldest:]
+    counts = tokenizer([m["content"] for m in window], add_special_tokens=False)["input_ids"]
+    costs = _costs(tokenizer)
+    fixed = costs.first
+    if system:
+        fixed += costs.system + len(tokenizer.encode(system[0]["content"], add_special_tokens=False))
+    # estimate[i]: the prompt's tokens when turns[oldest + i:] are kept
+    estimate = [0.0] * len(window)
+    total = fixed - costs.per_message
+    for i in range(len(window) - 1, -1, -1):
+        total += len(counts[i]) + costs.per_message
+        estimate[i] = total
+    starts = [i for i, m in enumerate(window) if i == 0 and oldest == 0 or m["role"] == "user"]
+
+    def render(i: int) -> list[int]:
+        return list(
+            tokenizer.apply_chat_template(system + window[i:], add_generation_prompt=True, return_dict=False)
+        )
+
+    fitting = [i for i in starts if estimate[i] <= budget]
+    k = starts.index(fitting[0]) if fitting else len(starts) - 1
+    best: tuple[int, list[int]] | None = None
+    renders = 0
+    while renders < _MAX_RENDERS:
+        ids = render(starts[k])
+        renders += 1
         if len(ids) <= budget:
-            return Prompt(list(ids), dropped)
-        if len(turns) == 1:
-            raise PromptTooLong(
-                f"the prompt needs {len(ids)} tokens but only {max(budget, 0)} fit: the context holds "
-                f"{context_length} tokens and {max_tokens} are kept for the reply (max_tokens); "
-                "shorten the message or the system prompt, or lower max_tokens"
-            )
-        turns = turns[1:]
-        dropped += 1
-        while turns[0]["role"] != "user":
-            turns = turns[1:]
-            dropped += 1
+            best = (starts[k], ids)
+            # the estimate may have been high: see whether one more exchange fits after all
+            if k == 0 or estimate[starts[k - 1]] > budget + max(8, budget // 50):
+                break
+            k -= 1
+            continue
+        if best is not None or k == len(starts) - 1:
+            break
+        # too long: skip ahead past as many turns as the excess calls for (at least one)
+        target = estimate[starts[k]] - (len(ids) - budget)
+        k += 1
+        while k < len(starts) - 1 and estimate[starts[k]] > target:
+            k += 1
+    if best is None:
+        while k < len(starts) - 1 and len(ids) > budget:  # out of renders: take the newest turns
+            k += 1
+            ids = render(starts[k])
+        if len(ids) > budget:
+            raise _too_long(f"the prompt needs {len(ids)} tokens", budget, context_length, max_tokens)
+        best = (starts[k], ids)
+    start_at, ids = best
+    return Prompt(ids, oldest + start_at)
 
 
 @dataclass(frozen=True)

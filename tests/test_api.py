@@ -120,6 +120,17 @@ def test_single_message_too_long_for_context_is_413_with_limits(client):
     assert r.json["error"]["type"] == "context_length_exceeded"
 
 
+def test_a_newest_message_far_beyond_the_context_is_413_before_tokenizing(client):
+    """900 KB cannot fit 4,096 tokens at 16 characters a token: refused on its length alone."""
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    body = {"messages": [*history, {"role": "user", "content": "x y z " * 150_000}], "max_tokens": 100}
+    r = client.post("/api/chat", json=body)
+    assert r.status_code == 413
+    msg = r.json["error"]["message"]
+    assert "900000 characters" in msg and "4096" in msg and "100" in msg
+    assert r.json["error"]["type"] == "context_length_exceeded"
+
+
 BAD_JSON_BODIES = [
     # (body, status, words the message must contain)
     ({}, 422, "either 'messages'"),

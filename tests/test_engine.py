@@ -475,3 +475,18 @@ def test_short_prompt_attention_matches_sdpa_over_a_cached_history(explicit_mask
 def test_unknown_precision_is_refused(tiny_model_dir):
     with pytest.raises(ValueError, match="int3"):
         TransformersBackend(str(tiny_model_dir), dtype="int3")
+
+
+def test_an_abandoned_generation_is_cancelled(scripted):
+    """`abandoned` is asked while the caller waits, even while events keep arriving, and cancels."""
+    engine = scripted("word " * 500, delay=0.02)
+    gone = {"flag": False}
+    running = engine.submit([1, 2, 3], SamplingOptions(max_tokens=400))
+    waiting = engine.submit([1, 2, 3], SamplingOptions(max_tokens=400))
+    events = running.events(abandoned=lambda: gone["flag"], poll=0.05)
+    assert isinstance(next(events), str)  # generating
+    gone["flag"] = True
+    *_, finished = events
+    assert finished.finish_reason == "cancelled" and finished.usage.completion_tokens < 100
+    _, finished = waiting.result(abandoned=lambda: True, poll=0.05)
+    assert finished.finish_reason == "cancelled"

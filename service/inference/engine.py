@@ -126,23 +126,50 @@ class Generation:
         self.cancelled = True
         self.halt.set()
 
-    def events(self, heartbeat: float | None = None) -> Iterator[str | Finished | None]:
+    def events(
+        self,
+        heartbeat: float | None = None,
+        *,
+        abandoned: Callable[[], bool] | None = None,
+        poll: float = 0.25,
+    ) -> Iterator[str | Finished | None]:
         """Yield text deltas (`str`), then one `Finished`. With `heartbeat`, yield `None` whenever that
-        many seconds pass without an event, so a streaming caller can write a keep-alive."""
+        many seconds pass without an event, so a streaming caller can write a keep-alive.
+
+        With `abandoned`, ask it every `poll` seconds (while waiting in the queue as while generating)
+        whether the caller is still wanted, and cancel when it is not: the caller knows how to tell
+        that its client left, the engine does not."""
+        wait = heartbeat
+        if abandoned is not None:
+            wait = poll if heartbeat is None else min(poll, heartbeat)
+        now = time.monotonic()
+        silent_since, next_check = now, now + poll
         while True:
             try:
-                event = self._events.get(timeout=heartbeat)
+                event: str | Finished | None = self._events.get(timeout=wait)
             except queue.Empty:
-                yield None
+                event = None
+            now = time.monotonic()
+            if abandoned is not None and not self.cancelled and now >= next_check:
+                next_check = now + poll
+                if abandoned():
+                    self.cancel()
+            if event is None:
+                if heartbeat is not None and now - silent_since >= heartbeat:
+                    silent_since = now
+                    yield None
                 continue
+            silent_since = now
             yield event
             if isinstance(event, Finished):
                 return
 
-    def result(self) -> tuple[str, Finished]:
-        """Wait for the whole reply: (text, Finished)."""
+    def result(
+        self, *, abandoned: Callable[[], bool] | None = None, poll: float = 0.25
+    ) -> tuple[str, Finished]:
+        """Wait for the whole reply: (text, Finished); `abandoned` as for `events()`."""
         parts: list[str] = []
-        for event in self.events():
+        for event in self.events(abandoned=abandoned, poll=poll):
             if isinstance(event, Finished):
                 return "".join(parts), event
             if event is not None:  # no heartbeat was asked for, so this is text

@@ -7,10 +7,10 @@ nothing here touches tensors, and errors are raised as they are and worded by `w
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Annotated, Any
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, current_app, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..chat import parse_chat_request, start
@@ -19,7 +19,7 @@ from ..errors import GenerationFailed, InvalidRequest
 from ..history import Transcript
 from ..inference.engine import Finished, Generation
 from ..models import ModelManager
-from . import sse
+from . import disconnect, sse
 from .conversations import with_history
 from .errors import answer, json_body
 
@@ -100,10 +100,11 @@ def chat() -> Response | tuple[Response, int]:
     generation, model, dropped = started.generation, started.model, started.dropped_messages
     if transcript:
         transcript.accepted()
+    gone = disconnect.watcher(request.environ)
     if parsed.stream:
-        return sse.response(_event_stream(generation, model, dropped, transcript))
+        return sse.response(_event_stream(generation, model, dropped, transcript, gone))
     try:
-        text, finished = generation.result()
+        text, finished = generation.result(abandoned=gone)
     finally:
         generation.cancel()
     if transcript:
@@ -115,15 +116,20 @@ def chat() -> Response | tuple[Response, int]:
 
 
 def _event_stream(
-    generation: Generation, model: str, dropped: int, transcript: Transcript | None
+    generation: Generation,
+    model: str,
+    dropped: int,
+    transcript: Transcript | None,
+    gone: Callable[[], bool],
 ) -> Iterator[str]:
     """One `delta` event per piece of text, then `done`. Closing the connection cancels the
-    generation: the server notices on its next write, and `finally` runs when it closes us."""
+    generation: `gone` sees it within a fraction of a second (even while the request is queued and
+    nothing is written), else the server on its next write; `finally` runs when it closes us."""
     parts: list[str] = []
     finished: Finished | None = None
     try:
         yield ": stream open\n\n"
-        for event in generation.events(heartbeat=sse.HEARTBEAT_SECONDS):
+        for event in generation.events(heartbeat=sse.HEARTBEAT_SECONDS, abandoned=gone):
             if event is None:
                 yield sse.KEEP_ALIVE
             elif isinstance(event, str):

@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Annotated, Any, Literal
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, current_app, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..chat import Content, Message, make_request, start
 from ..errors import GenerationFailed, InvalidRequest
 from ..inference.engine import Finished, Generation
 from ..models import ModelManager
-from . import sse
+from . import disconnect, sse
 from .errors import OPENAI_BLUEPRINT, answer, json_body
 
 bp = Blueprint(OPENAI_BLUEPRINT, __name__, url_prefix="/v1")
@@ -138,11 +138,12 @@ def chat_completions() -> Response | tuple[Response, int]:
     )
     started = start(_models(), replace(chat, model=model))
     completion = _Completion(started.model)
+    gone = disconnect.watcher(request.environ)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse.response(completion.stream(started.generation, include_usage))
+        return sse.response(completion.stream(started.generation, include_usage, gone))
     try:
-        text, finished = started.generation.result()
+        text, finished = started.generation.result(abandoned=gone)
     finally:
         started.generation.cancel()
     if finished.error:
@@ -196,10 +197,10 @@ class _Completion:
         }
         return sse.data(chunk)
 
-    def stream(self, generation: Generation, include_usage: bool) -> Iterator[str]:
+    def stream(self, generation: Generation, include_usage: bool, gone: Callable[[], bool]) -> Iterator[str]:
         try:
             yield self._chunk({"role": "assistant", "content": ""})
-            for event in generation.events(heartbeat=sse.HEARTBEAT_SECONDS):
+            for event in generation.events(heartbeat=sse.HEARTBEAT_SECONDS, abandoned=gone):
                 if event is None:
                     yield sse.KEEP_ALIVE
                 elif isinstance(event, str):

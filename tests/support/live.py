@@ -13,6 +13,8 @@ from pathlib import Path
 
 import requests
 
+from service.__main__ import gunicorn_argv
+from service.config import Settings
 from tests.support.paths import ROOT
 
 
@@ -43,9 +45,9 @@ def stop_process(process: subprocess.Popen, log, grace: float = 15) -> None:
 
 class LiveServer:
     """`python -m service` (the real gunicorn command) on a loopback port; `with` it to wait until
-    healthy and stop it afterwards."""
+    healthy and stop it afterwards. With `app`, the same gunicorn command serves that app factory."""
 
-    def __init__(self, env: dict[str, str], log_path: Path):
+    def __init__(self, env: dict[str, str], log_path: Path, app: str | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -58,9 +60,13 @@ class LiveServer:
             "RATE_LIMIT": "1000/minute",
             **env,
         }
+        command = [sys.executable, "-m", "service"]
+        if app is not None:  # the same gunicorn command line, serving another app factory
+            argv = gunicorn_argv(Settings.from_env(full_env))
+            command = [sys.executable, "-m", "gunicorn", *argv[1:-1], app]
         self._log = open(log_path, "wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "service"],
+            command,
             cwd=ROOT,
             env=full_env,
             stdout=self._log,
