@@ -324,7 +324,7 @@ def test_health_names_the_model_by_its_id_never_its_folder(client, tiny_model_di
 
 def test_v1_refuses_a_lone_surrogate_with_400(client, tiny_model_dir):
     """The official client cannot even send one (tests/test_openai.py has the rest of /v1's table)."""
-    body = '{"model": "%s", "messages": [{"role": "user", "content": "hi \\ud800"}]}' % tiny_model_dir.name
+    body = json.dumps({"model": tiny_model_dir.name, "messages": [{"role": "user", "content": "hi \ud800"}]})
     r = client.post("/v1/chat/completions", data=body, content_type="application/json")
     assert r.status_code == 400 and "surrogate" in r.json["error"]["message"]
     assert r.json["error"]["param"] == "messages.0.content"

@@ -96,8 +96,18 @@ def _parts(content) -> dict:
             "role",
         ),
         (_parts([]), openai.BadRequestError, "messages.0.content", "at least 1"),
-        (_parts([{"type": "text", "text": ""}]), openai.BadRequestError, "messages.0.content.0.text", "blank"),
-        (_parts([{"type": "text", "text": "  "}]), openai.BadRequestError, "messages.0.content.0.text", "blank"),
+        (
+            _parts([{"type": "text", "text": ""}]),
+            openai.BadRequestError,
+            "messages.0.content.0.text",
+            "blank",
+        ),
+        (
+            _parts([{"type": "text", "text": "  "}]),
+            openai.BadRequestError,
+            "messages.0.content.0.text",
+            "blank",
+        ),
         (
             _parts([{"type": "text", "text": "hi"}, {"type": "text", "text": "a\x00b"}]),
             openai.BadRequestError,

@@ -23,7 +23,14 @@ def write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None
     """gunicorn's `util.write_error`, answering in the service's JSON error shape."""
     kind = "server_error" if status_int >= 500 else "invalid_request_error"
     body = json.dumps(
-        {"error": {"message": mesg or reason, "type": kind, "param": None, "code": reason.lower().replace(" ", "_")}}
+        {
+            "error": {
+                "message": mesg or reason,
+                "type": kind,
+                "param": None,
+                "code": reason.lower().replace(" ", "_"),
+            }
+        }
     ).encode()
     head = (
         f"HTTP/1.1 {status_int} {reason}\r\n"
