@@ -35,7 +35,7 @@ from tests.support.paths import ROOT
 pytestmark = pytest.mark.reliability
 
 FUZZ = settings(
-    max_examples=120,
+    max_examples=300,
     deadline=5000,  # ms per example: generous, the 2 cores are shared; a hang still fails
     derandomize=True,
     database=None,
@@ -181,7 +181,7 @@ def fuzz_target(tiny_model_dir, tmp_path_factory, tiny_backend, request):
     yield app, client, cid, seen
     line = (
         f"reliability fuzz: {seen['requests']} requests, {seen['5xx']} 5xx, "
-        f"{seen['4xx']} 4xx, {seen['2xx']} 2xx"
+        f"{seen['4xx']} 4xx, {seen['3xx']} 3xx, {seen['2xx']} 2xx"
     )
     capture = request.config.pluginmanager.get_plugin("capturemanager")
     with capture.global_and_fixture_disabled():  # what capsys.disabled() does: shown under -q too
