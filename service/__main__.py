@@ -23,7 +23,8 @@ def gunicorn_argv(settings: Settings) -> list[str]:
         "--workers",
         "1",
         "--worker-class",
-        "gthread",
+        # gthread, answering gunicorn's own errors (414 request line, 431 headers) in JSON
+        "service.web.gunicorn_worker.JsonErrorWorker",
         "--threads",
         str(settings.web_threads),
         # The worker's heartbeat runs on its main thread, so long generations don't trip this;

@@ -8,6 +8,7 @@ Each field's `doc` is what the README's settings table says.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -71,6 +72,16 @@ class Settings:
     )
     rate_limit: str = _setting("30/minute", "chat requests per client address (Flask-Limiter syntax)")
     proxy_hops: int = _setting(0, "reverse proxies in front whose X-Forwarded-For to trust (1 behind Caddy)")
+    allowed_hosts: str = _setting(
+        "127.0.0.1,localhost,[::1]",
+        "comma-separated host names the service answers to, any port (`.example.com` = its subdomains "
+        "too, `*` = any); loopback names always; others get 400 (stops DNS rebinding). A public "
+        "server sets its DNS name",
+    )
+
+    def allowed_host_names(self) -> tuple[str, ...]:
+        """ALLOWED_HOSTS as a tuple of names (loopback names are added by the check itself)."""
+        return tuple(h.strip() for h in self.allowed_hosts.split(",") if h.strip())
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -123,6 +134,9 @@ class Settings:
             raise SettingsError("PROXY_HOPS must be 0 or more")
         if self.access_token and len(self.access_token) < 16:
             raise SettingsError("ACCESS_TOKEN must be at least 16 characters")
+        for host in self.allowed_host_names():
+            if host != "*" and not re.fullmatch(r"\.?[A-Za-z0-9.-]+(:\d+)?|\[[0-9A-Fa-f:.]+\](:\d+)?", host):
+                raise SettingsError(f"ALLOWED_HOSTS: {host!r} is not a host name or address")
         if self.torch_threads < 0:
             raise SettingsError("TORCH_THREADS must be 0 (all cores) or more")
         if self.default_max_tokens > self.max_tokens_limit:

@@ -15,6 +15,8 @@ the reply once it has ended, however it ended. The first turn titles a new conve
 from __future__ import annotations
 
 import json
+import os
+import re
 import secrets
 import sqlite3
 import threading
@@ -102,7 +104,8 @@ class History:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _owner_only(self.path)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._lock = threading.Lock()
@@ -341,10 +344,25 @@ class History:
         return self.get(owner, conv.id)
 
 
+def _owner_only(path: Path) -> None:
+    """Create the database file readable by its owner alone (0600), and narrow an existing one and
+    its WAL and shared-memory files: the conversations are private. SQLite creates the -wal and
+    -shm files with the database file's own mode, so a new store is 0600 throughout."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if file.exists() and file.stat().st_mode & 0o077:
+            file.chmod(0o600)
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _title(title: str) -> str:
     title = " ".join(title.split())
     if not title:
         raise InvalidRequest("title: must not be blank", param="title")
+    if _LONE_SURROGATE.search(title):
+        raise InvalidRequest("title: holds a lone UTF-16 surrogate, which is not text", param="title")
     if len(title) > TITLE_MAX:
         raise InvalidRequest(f"title: must be at most {TITLE_MAX} characters", param="title")
     return title

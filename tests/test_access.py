@@ -69,8 +69,9 @@ def test_rate_limit_per_client_is_429_with_retry_after(settings, scripted):
     over = client.post("/v1/chat/completions", json=v1(settings))  # one budget for both APIs
     assert codes == [200, 200, 200]
     assert over.status_code == 429
-    assert int(over.headers["Retry-After"]) > 0
-    assert "rate limit" in over.json["error"]["message"]
+    wait = int(over.headers["Retry-After"])
+    assert 0 < wait <= 61
+    assert f"retry in {wait} s" in over.json["error"]["message"]
     other = client.post("/api/chat", json=CHAT, environ_base={"REMOTE_ADDR": "10.9.8.7"})
     assert other.status_code == 200  # another client has its own budget
     assert client.get("/api/health").status_code == 200  # health is never limited
@@ -93,3 +94,80 @@ def test_token_stays_out_of_the_server_log(tiny_model_dir, tmp_path):
     log = server.log_path.read_text()
     assert "POST /api/chat" in log  # the access log is there...
     assert TOKEN not in log  # ...and the token is not
+
+
+def test_retry_after_only_where_a_client_is_told_to_wait(settings, scripted):
+    """Flask-Limiter's own headers put a Retry-After on every response it counted."""
+    client = create_app(settings, engine=scripted("ok")).test_client()
+    ok = client.post("/api/chat", json=CHAT)
+    big = client.post("/api/chat", data="x" * 1_100_000, content_type="application/json")
+    bad = client.post("/v1/chat/completions", json={"model": "nope"})
+    assert (ok.status_code, big.status_code, bad.status_code) == (200, 413, 400)
+    assert not any("Retry-After" in r.headers for r in (ok, big, bad))
+
+
+def _with_hosts(settings, hosts: str, **more):
+    return Settings(**{**settings.__dict__, "allowed_hosts": hosts, **more})
+
+
+@pytest.mark.parametrize(
+    "host,status",
+    [
+        ("127.0.0.1:8000", 200),
+        ("localhost", 200),
+        ("LOCALHOST:1234", 200),
+        ("[::1]:8000", 200),
+        ("qwen.example.org", 200),
+        ("qwen.example.org:443", 200),
+        ("a.lab.example.net", 200),
+        ("attacker.example.com", 400),
+        ("attacker.example.com:8000", 400),
+        ("qwen.example.org.attacker.com", 400),
+        ("127.0.0.1.nip.io", 400),
+        ("example.net", 400),
+    ],
+)
+@pytest.mark.parametrize("path", ["/api/models", "/api/health", "/"])
+def test_only_configured_and_loopback_host_names_are_answered(settings, scripted, host, status, path):
+    """DNS rebinding: a page served as attacker.example.com, whose name now points at 127.0.0.1."""
+    app = create_app(_with_hosts(settings, "qwen.example.org, .lab.example.net"), engine=scripted("ok"))
+    r = app.test_client().get(path, headers={"Host": host})
+    assert r.status_code == status
+    if status == 400:
+        assert r.json["error"]["code"] == "host_not_allowed" and "ALLOWED_HOSTS" in r.json["error"]["message"]
+
+
+def test_by_default_only_loopback_names_are_answered(client):
+    assert client.get("/api/models", headers={"Host": "127.0.0.1:8000"}).status_code == 200
+    r = client.post("/api/chat", json=CHAT, headers={"Host": "rebound.example.com"})
+    assert r.status_code == 400 and r.is_json
+
+
+def test_behind_a_proxy_the_forwarded_host_is_checked(settings, scripted):
+    app = create_app(_with_hosts(settings, "qwen.example.org", proxy_hops=1), engine=scripted("ok"))
+    client = app.test_client()
+    good = {"Host": "127.0.0.1:8000", "X-Forwarded-Host": "qwen.example.org"}
+    bad = {"Host": "127.0.0.1:8000", "X-Forwarded-Host": "attacker.example.com"}
+    assert client.get("/api/models", headers=good).status_code == 200
+    assert client.get("/api/models", headers=bad).status_code == 400
+
+
+def test_a_star_answers_any_host(settings, scripted):
+    app = create_app(_with_hosts(settings, "*"), engine=scripted("ok"))
+    assert app.test_client().get("/api/models", headers={"Host": "any.example.com"}).status_code == 200
+
+
+def test_health_shows_why_loading_failed_only_to_token_holders(settings):
+    from service.inference.engine import Engine
+
+    def broken():
+        raise OSError("no model in /srv/secret/models/qwen")
+
+    engine = Engine(broken).start()
+    engine.wait_ready(5)
+    app = create_app(Settings(**{**settings.__dict__, "access_token": TOKEN}), engine=engine)
+    anonymous = app.test_client().get("/api/health")
+    holder = app.test_client().get("/api/health", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert anonymous.status_code == holder.status_code == 503
+    assert "/srv/secret" not in anonymous.get_data(as_text=True)
+    assert "/srv/secret" in holder.json["detail"]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 
 import pytest
+from werkzeug.test import EnvironBuilder, run_wsgi_app
+from werkzeug.wrappers import Response
 
 from service.inference.engine import Engine
 from service.web import create_app
@@ -17,7 +20,7 @@ from tests.support.live import wait_for
 def test_health_ok(client, tiny_model_dir):
     r = client.get("/api/health")
     assert r.status_code == 200
-    assert r.json["status"] == "ok" and r.json["model"] == str(tiny_model_dir)
+    assert r.json["status"] == "ok" and r.json["model"] == tiny_model_dir.name
     assert {"active", "waiting"} <= set(r.json["queue"])
 
 
@@ -257,3 +260,82 @@ def test_page_and_security_headers(client):
     assert r.headers["X-Content-Type-Options"] == "nosniff"
     api = client.post("/api/chat", data="{", content_type="application/json")
     assert api.headers["X-Content-Type-Options"] == "nosniff"
+
+
+HOSTILE_BODIES = [
+    # (raw JSON text, status, words the message must contain): each was a 500 once
+    ("[" * 100_000 + "]" * 100_000, 400, "not valid JSON"),
+    ('{"message": ' + "[" * 500 + "]" * 500 + "}", 422, "message"),
+    ('{"message": "hi \\ud800"}', 422, "surrogate"),
+    ('{"messages": [{"role": "user", "content": "\\udfff"}]}', 422, "surrogate"),
+    ('{"message": "hi", "stop": "\\ud800"}', 422, "surrogate"),
+    ('{"message": "hi", "\\ud800": 1}', 422, "surrogate"),
+]
+
+
+@pytest.mark.parametrize("data,status,words", HOSTILE_BODIES)
+def test_hostile_bodies_are_4xx_not_500(client, engine, data, status, words):
+    before = engine.stats()["completed"]
+    r = client.post("/api/chat", data=data, content_type="application/json")
+    assert r.status_code == status, r.json
+    assert words.lower() in r.json["error"]["message"].lower()
+    assert engine.stats()["completed"] == before
+    assert client.post("/api/chat", json={"message": "hi", "max_tokens": 1}).status_code == 200
+
+
+@pytest.mark.parametrize("size,status", [(5_000_000, 413), (1_000_001, 413), (1_000_000, 422)])
+def test_a_chunked_body_over_the_limit_is_413(client, size, status):
+    """As gunicorn passes a chunked body: no Content-Length, and `wsgi.input_terminated` set."""
+    prefix = b'{"message": "hi", "x": "'
+    body = prefix + b"a" * (size - len(prefix) - 2) + b'"}'  # valid JSON, refused for "x" if read whole
+    assert len(body) == size
+    environ = EnvironBuilder("/api/chat", method="POST", content_type="application/json").get_environ()
+    environ.pop("CONTENT_LENGTH", None)
+    environ.update({"wsgi.input": io.BytesIO(body), "wsgi.input_terminated": True})
+    r = Response(*run_wsgi_app(client.application, environ, buffered=True))
+    assert r.status_code == status, r.json
+    if status == 413:
+        assert "larger than 1000000 bytes" in r.json["error"]["message"]
+        assert "Retry-After" not in r.headers
+
+
+def test_retry_after_only_on_refusals_and_equal_to_the_message(settings, scripted):
+    engine = scripted("a b c d e f g h", delay=0.2, queue_size=1)
+    client = create_app(settings, engine=engine).test_client()
+    ok = client.post("/api/chat", json={"message": "0"})
+    assert ok.status_code == 200 and "Retry-After" not in ok.headers
+    first = client.post("/api/chat", json={"message": "1", "stream": True})
+    wait_for(lambda: engine.stats()["active"] == 1, timeout=10, interval=0.01)
+    second = client.post("/api/chat", json={"message": "2", "stream": True})
+    third = client.post("/api/chat", json={"message": "3"})
+    assert third.status_code == 503
+    assert f"retry in {third.headers['Retry-After']} s" in third.json["error"]["message"]
+    assert "Retry-After" not in client.get("/api/health").headers
+    first.close()
+    second.close()
+
+
+def test_private_json_is_never_cached(client):
+    for r in (
+        client.post("/api/chat", json={"message": "hi", "max_tokens": 1}),
+        client.get("/api/models"),
+        client.get("/v1/models"),
+        client.post("/api/conversations"),
+        client.get("/api/conversations"),
+        client.post("/api/chat", data="{", content_type="application/json"),
+    ):
+        assert r.is_json and r.headers["Cache-Control"] == "no-store", r.request.path
+
+
+def test_health_names_the_model_by_its_id_never_its_folder(client, tiny_model_dir):
+    r = client.get("/api/health")
+    assert r.json["model"] == tiny_model_dir.name == r.json["model_id"]
+    assert str(tiny_model_dir) not in r.get_data(as_text=True)
+
+
+def test_v1_refuses_a_lone_surrogate_with_400(client, tiny_model_dir):
+    """The official client cannot even send one (tests/test_openai.py has the rest of /v1's table)."""
+    body = json.dumps({"model": tiny_model_dir.name, "messages": [{"role": "user", "content": "hi \ud800"}]})
+    r = client.post("/v1/chat/completions", data=body, content_type="application/json")
+    assert r.status_code == 400 and "surrogate" in r.json["error"]["message"]
+    assert r.json["error"]["param"] == "messages.0.content"

@@ -39,7 +39,7 @@ def test_gunicorn_command_holds_one_worker_with_threads():
     assert argv[0] == "gunicorn" and argv[-1] == "service.web:create_app()"
     joined = " ".join(argv)
     assert "--bind 0.0.0.0:8080" in joined and "--workers 1" in joined
-    assert "--worker-class gthread" in joined and "--threads 4" in joined
+    assert "--worker-class service.web.gunicorn_worker.JsonErrorWorker" in joined and "--threads 4" in joined
 
 
 def test_the_app_module_does_not_import_torch():

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from service.errors import ConversationNotFound
+from service.errors import ConversationNotFound, InvalidRequest
 from service.history import MIGRATIONS, History, StoredMessage, new_owner_id
 from tests.support.paths import ROOT
 
@@ -139,6 +139,32 @@ def test_a_writer_killed_mid_conversation_loses_nothing_it_committed(tmp_path):
     turns = [m.content for m in store.get("alice", conv_id).messages]
     assert len(turns) >= confirmed + 1
     assert turns[: confirmed + 1] == [f"turn {i}" for i in range(confirmed + 1)]
+
+
+def test_the_database_and_its_journal_files_are_the_owners_alone(tmp_path):
+    store = History(tmp_path / "data" / "history.db")
+    store.append("alice", store.create("alice", "private").id, StoredMessage("user", "secret"))
+    files = [tmp_path / "data" / name for name in ("history.db", "history.db-wal", "history.db-shm")]
+    assert all(f.exists() for f in files)
+    assert {oct(f.stat().st_mode & 0o777) for f in files} == {"0o600"}
+    store.close()
+
+
+def test_an_existing_readable_database_is_narrowed_to_its_owner(tmp_path):
+    path = tmp_path / "history.db"
+    History(path).close()
+    path.chmod(0o644)
+    History(path).close()
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_title_with_a_lone_surrogate_is_refused(store):
+    with pytest.raises(InvalidRequest, match="surrogate"):
+        store.create("alice", "x \ud800")
+    conv = store.create("alice", "ok")
+    with pytest.raises(InvalidRequest, match="surrogate"):
+        store.rename("alice", conv.id, "\udfff")
+    assert store.get("alice", conv.id).title == "ok"
 
 
 def test_owner_ids_are_random_and_long():

@@ -140,6 +140,9 @@ def test_rename_delete_export(app):
         ("post", "/api/conversations", {"name": "typo"}, 422),
         ("post", "/api/chat", {"conversation_id": "../../etc", "message": "hi"}, 404),
         ("post", "/api/chat", {"conversation_id": 7, "message": "hi"}, 422),
+        ("post", "/api/conversations", {"title": "x \ud800"}, 422),
+        ("post", "/api/conversations", {"title": "\udfff"}, 422),
+        ("post", "/api/conversations", {"title": "a\x00b"}, 422),
     ],
 )
 def test_bad_requests(app, method, path, body, status):
@@ -155,6 +158,9 @@ def test_bad_json_and_blank_title_on_rename(app):
     assert r.status_code == 400
     r = client.patch(f"/api/conversations/{cid}", json={"title": "   "})
     assert r.status_code == 422
+    r = client.patch(f"/api/conversations/{cid}", json={"title": "half \ud83d pair"})
+    assert r.status_code == 422 and "surrogate" in r.json["error"]["message"]
+    assert client.get(f"/api/conversations/{cid}").json["title"] == "New chat"
 
 
 def test_private_mode_stores_nothing(settings, scripted, tmp_path):

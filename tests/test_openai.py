@@ -73,6 +73,10 @@ def test_stream_without_usage_option_has_no_usage_chunk(client, model):
     assert all(c.choices for c in chunks)
 
 
+def _parts(content) -> dict:
+    return {"messages": [{"role": "user", "content": content}]}
+
+
 @pytest.mark.parametrize(
     "kwargs,error,param,words",
     [
@@ -90,6 +94,25 @@ def test_stream_without_usage_option_has_no_usage_chunk(client, model):
             openai.BadRequestError,
             "messages.0.role",
             "role",
+        ),
+        (_parts([]), openai.BadRequestError, "messages.0.content", "at least 1"),
+        (
+            _parts([{"type": "text", "text": ""}]),
+            openai.BadRequestError,
+            "messages.0.content.0.text",
+            "blank",
+        ),
+        (
+            _parts([{"type": "text", "text": "  "}]),
+            openai.BadRequestError,
+            "messages.0.content.0.text",
+            "blank",
+        ),
+        (
+            _parts([{"type": "text", "text": "hi"}, {"type": "text", "text": "a\x00b"}]),
+            openai.BadRequestError,
+            "messages.0.content.1.text",
+            "NUL",
         ),
     ],
 )

@@ -134,6 +134,7 @@ def app(endless_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
             "MAX_TOKENS_LIMIT": "4000",
             "PROXY_HOPS": "1",
             "ACCESS_TOKEN": TOKEN,
+            "ALLOWED_HOSTS": SITE,  # as deploy-azure sets it: the VM's DNS name
         },
         tmp_path_factory.mktemp("proxy-app") / "gunicorn.log",
     ) as server:

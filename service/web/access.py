@@ -1,4 +1,5 @@
-"""Who may call what: the access token, per-client rate limits, and the client address behind proxies.
+"""Who may call what: the Host a request names, the access token, per-client rate limits, and the
+client address behind proxies.
 
 Kept apart from the routes so every route gets the same rules: `protect(app, settings)` installs
 them on a built app.
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 OPEN_PATHS = ("/api/health",)
 PROTECTED_PREFIXES = ("/api/", "/v1/")
 RATE_LIMITED_ENDPOINTS = ("api.chat", "openai.chat_completions")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 
 
 def bearer_token() -> str:
@@ -32,22 +34,68 @@ def bearer_token() -> str:
     return token.strip() if scheme.lower() == "bearer" else ""
 
 
+def token_ok(settings: Settings) -> bool:
+    """Whether this request may see what the token protects: no token is set, or it sent it."""
+    if not settings.access_token:
+        return True
+    return hmac.compare_digest(bearer_token().encode(), settings.access_token.encode())
+
+
+def host_name(host: str) -> str:
+    """`host` (a Host header, `name[:port]`) without its port, lower-cased; IPv6 keeps its brackets."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host.partition("]")[0] + "]"
+    return host.rpartition(":")[0] if ":" in host else host
+
+
+def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
+    """Whether a Host header names one of `allowed` (or a loopback name), on any port. An entry
+    starting with a dot also allows every subdomain of it; "*" allows any host."""
+    if "*" in allowed:
+        return True
+    name = host_name(host)
+    if not name:
+        return False
+    for entry in (*LOOPBACK_HOSTS, *allowed):
+        entry = host_name(entry) if not entry.startswith(".") else entry.lower()
+        if name == entry or (entry.startswith(".") and name.endswith(entry)):
+            return True
+    return False
+
+
 def protect(app: Flask, settings: Settings) -> None:
-    """Install the token check, the rate limits and (behind a proxy) the real client address."""
+    """Install the Host check, the token check, the rate limits and (behind a proxy) the real
+    client address."""
+    allowed = settings.allowed_host_names()
+
+    @app.before_request
+    def require_known_host() -> None:
+        # DNS rebinding: a page of another site whose name now resolves to 127.0.0.1 reaches this
+        # server with its own name in Host; the browser treats it as same-origin. Checked first, on
+        # every path, health included: every probe of ours names 127.0.0.1 or the configured name.
+        host = request.host  # after ProxyFix: the name the client used, from X-Forwarded-Host
+        if not host_allowed(host, allowed):
+            raise HttpError(
+                400,
+                f"this server does not answer to the host name {host_name(host)!r}; "
+                "add it to ALLOWED_HOSTS if it is yours",
+                code="host_not_allowed",
+            )
+
     if settings.proxy_hops:
         # Flask's documented way to wrap WSGI middleware; its stubs declare wsgi_app a plain method.
         app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
             app.wsgi_app, x_for=settings.proxy_hops, x_proto=settings.proxy_hops, x_host=settings.proxy_hops
         )
     if settings.access_token:
-        expected = settings.access_token.encode()
 
         @app.before_request
         def require_token() -> None:
             path = request.path
             if path in OPEN_PATHS or not path.startswith(PROTECTED_PREFIXES):
                 return
-            if not hmac.compare_digest(bearer_token().encode(), expected):
+            if not token_ok(settings):
                 raise HttpError(
                     401,
                     "missing or wrong access token: send 'Authorization: Bearer TOKEN'",
@@ -61,9 +109,12 @@ def protect(app: Flask, settings: Settings) -> None:
             settings.host,
         )
 
+    # No rate-limit headers: Flask-Limiter's would overwrite the queue's Retry-After and put one on
+    # every response; the 429 handler (web/errors.py) sets the one Retry-After a refusal needs.
     limiter = Limiter(
-        get_remote_address, app=app, storage_uri="memory://", headers_enabled=True, strategy="moving-window"
+        get_remote_address, app=app, storage_uri="memory://", headers_enabled=False, strategy="moving-window"
     )
+    app.extensions["rate_limiter"] = limiter
     chat_limit = limiter.shared_limit(settings.rate_limit, scope="chat")
     for endpoint in RATE_LIMITED_ENDPOINTS:
         # flask-limiter types its decorator for sync and async views alike; these views are sync.

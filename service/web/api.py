@@ -20,6 +20,7 @@ from ..history import Transcript
 from ..inference.engine import Finished, Generation
 from ..models import ModelManager
 from . import disconnect, sse
+from .access import token_ok
 from .conversations import with_history
 from .errors import answer, json_body
 
@@ -36,12 +37,14 @@ def _settings() -> Settings:
 
 @bp.get("/health")
 def health() -> tuple[Response, int]:
-    """Never touches the model's queue, so it answers at once even mid-generation."""
+    """Never touches the model's queue, so it answers at once even mid-generation. Open to all, so
+    it names the model by its public id only (never its folder on disk); why a load failed (which
+    may quote paths) is shown only to a caller the access token would admit."""
     state, offer, engine = models().status()
     if state == "ok" and engine is not None:
         return jsonify(
             status="ok",
-            model=engine.name,
+            model=offer.id,
             model_id=offer.id,
             context_length=engine.context_length,
             history="history" in current_app.extensions,
@@ -49,8 +52,10 @@ def health() -> tuple[Response, int]:
         ), 200
     if state == "error":
         detail = offer.error or (engine.error if engine else None)
-        return jsonify(status="error", model=offer.source, model_id=offer.id, detail=detail), 503
-    return jsonify(status="loading", model=offer.source, model_id=offer.id), 503
+        if not token_ok(_settings()):
+            detail = "the model failed to load; the server log says why"
+        return jsonify(status="error", model=offer.id, model_id=offer.id, detail=detail), 503
+    return jsonify(status="loading", model=offer.id, model_id=offer.id), 503
 
 
 @bp.get("/models")

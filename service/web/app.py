@@ -61,7 +61,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         _announce_when_ready(models, settings)
 
     app = Flask(__name__, static_folder=str(STATIC), static_url_path="/static")
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    # One byte more than allowed, so reading a chunked body shows it is too large (errors.json_body).
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes + 1
     app.json = _insertion_ordered_json(app)
     app.extensions["settings"] = settings
     app.extensions["models"] = models
@@ -85,6 +86,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     def security_headers(response: Response) -> Response:
         for name, value in SECURITY_HEADERS.items():
             response.headers.setdefault(name, value)
+        if response.mimetype == "application/json":
+            # Conversations, exports, replies and errors are one client's own: no cache keeps them.
+            response.headers.setdefault("Cache-Control", "no-store")
         return response
 
     return app

@@ -10,12 +10,15 @@ them all. `install(app)` registers the handlers.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from flask import Flask, Response, jsonify, request
-from werkzeug.exceptions import BadRequest, HTTPException
+from flask import Flask, Response, current_app, jsonify, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from ..errors import (
     ConversationNotFound,
@@ -98,16 +101,75 @@ def _respond(a: Answer) -> tuple[Response, int, dict[str, str]]:
     return error_body(a.message, a.kind, a.param, a.code), a.status, a.headers
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def json_body() -> Any:
-    """The request's JSON, or the 415/400 error a client should see instead."""
+    """The request's JSON, or the 415/413/400/422 error a client should see instead.
+
+    The body is read here, at most MAX_BODY_BYTES + 1 bytes of it, so a chunked body (no
+    Content-Length) that is too large is a 413 like any other, not a cut-off "invalid JSON". JSON
+    too deeply nested for the parser is invalid JSON, and a string holding half of a surrogate pair
+    (valid JSON, but no UTF-8 can carry it: the tokenizer and SQLite would fail on it) is refused
+    before anything tries to use it."""
     if request.mimetype != "application/json":
         raise HttpError(
             415, "send the body as JSON with 'Content-Type: application/json'", "unsupported_media_type"
         )
+    raw = _bounded_body()
     try:
-        return request.get_json()
-    except BadRequest:
+        data = json.loads(raw)
+    except RecursionError:
+        raise HttpError(400, "the body is not valid JSON: it is nested too deeply") from None
+    except ValueError:
         raise HttpError(400, "the body is not valid JSON") from None
+    where = _lone_surrogate(data)
+    if where is not None:
+        raise InvalidRequest(
+            f"{where or 'body'}: holds a lone UTF-16 surrogate (half of a \\ud83d\\ude00 pair), "
+            "which is not text",
+            param=where or None,
+        )
+    return data
+
+
+def _bounded_body() -> bytes:
+    limit = current_app.extensions["settings"].max_body_bytes
+    # MAX_CONTENT_LENGTH is limit + 1 (app.py): werkzeug refuses a larger Content-Length itself and
+    # otherwise stops reading one byte past the limit, which is how a chunked body shows it is too big.
+    data = request.get_data(cache=True)
+    if len(data) > limit:
+        raise RequestEntityTooLarge()
+    return data
+
+
+def _lone_surrogate(data: Any) -> str | None:
+    """The dotted path of the first string (or key) holding a lone surrogate, "" for the body
+    itself, None when there is none. Iterative: the parser's nesting depth is no bound here."""
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            if _LONE_SURROGATE.search(value):
+                return path
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                child = f"{path}.{key}" if path else str(key)
+                if _LONE_SURROGATE.search(key):
+                    return child
+                stack.append((item, child))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}.{i}" if path else str(i)) for i, item in enumerate(value))
+    return None
+
+
+def retry_after_seconds() -> int:
+    """Seconds until the rate limit that refused this request lets the client in again."""
+    limiter = current_app.extensions.get("rate_limiter")
+    current = limiter.current_limit if limiter is not None else None
+    if current is None:
+        return 60
+    return max(1, int(current.reset_at - time.time()) + 1)
 
 
 def install(app: Flask, *, max_body_bytes: int) -> None:
@@ -122,14 +184,17 @@ def install(app: Flask, *, max_body_bytes: int) -> None:
         return _respond(exc.answer)
 
     @app.errorhandler(HTTPException)
-    def http_error(exc: HTTPException) -> tuple[Response, int]:
+    def http_error(exc: HTTPException) -> tuple[Response, int, dict[str, str]]:
         status = exc.code or 500
         message = exc.description or exc.name
+        headers: dict[str, str] = {}
         if status == 413:
             message = f"the request body is larger than {max_body_bytes} bytes"
         elif status == 429:
-            message = f"rate limit exceeded ({exc.description} per client); retry later"
-        return error_body(message, exc.name.lower().replace(" ", "_")), status
+            wait = retry_after_seconds()
+            message = f"rate limit exceeded ({exc.description} per client); retry in {wait} s"
+            headers["Retry-After"] = str(wait)
+        return error_body(message, exc.name.lower().replace(" ", "_")), status, headers
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> tuple[Response, int]:

@@ -8,6 +8,7 @@ object rather than silently ignored, so a client learns the truth.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -30,9 +31,12 @@ UNSUPPORTED_HINT = "qwen-box does not support this parameter"
 
 
 class TextPart(BaseModel):
+    """One part of a message's content: held to the same rules as a whole message (not empty, not
+    blank, no NUL or control characters), so joining the parts cannot make an invalid message."""
+
     model_config = ConfigDict(strict=True, extra="forbid")
     type: Literal["text"]
-    text: str
+    text: Content
 
 
 class ChatMessage(BaseModel):
@@ -83,9 +87,21 @@ def _models() -> ModelManager:
     return current_app.extensions["models"]
 
 
+_FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]+")
+
+
+def _is_field(part: object) -> bool:
+    return bool(_FIELD.fullmatch(str(part))) and str(part) not in ("str", "list")
+
+
 def _validation_error(exc: ValidationError) -> InvalidRequest:
-    first = exc.errors(include_url=False)[0]
-    param = ".".join(str(p) for p in first["loc"]) or None
+    errors = exc.errors(include_url=False)
+    # Content is text or a list of parts: for a list, "should be a valid string" is the wrong half.
+    wrong_half = [e for e in errors if e["type"] == "string_type" and not all(map(_is_field, e["loc"]))]
+    first = next((e for e in errors if e not in wrong_half), errors[0])
+    # A union's error names the member it tried (`function-after[...]`, `list[TextPart]`): not a field.
+    loc = [str(p) for p in first["loc"] if _is_field(p)]
+    param = ".".join(loc) or None
     if first["type"] == "extra_forbidden":
         message = f"Unrecognized request argument supplied: {param}"
     elif first["type"] == "literal_error" and param in (
