@@ -113,7 +113,9 @@ def probe(
             status_code, data = _get_health_https(host, port, server_name or host, verify, timeout)
         else:
             netloc = host if port == 80 else f"{host}:{port}"
-            response = requests.get(f"http://{netloc}/api/health", timeout=timeout)
+            # As from the VM's name: the service answers only to the host names it was given.
+            named = {"Host": server_name if port == 80 else f"{server_name}:{port}"} if server_name else {}
+            response = requests.get(f"http://{netloc}/api/health", timeout=timeout, headers=named)
             status_code, data = response.status_code, response.content
     except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
         return _no_answer(exc)

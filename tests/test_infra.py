@@ -84,6 +84,17 @@ def test_prepare_takes_the_token_given_or_kept_and_existing_vms_keep_theirs():
     assert "ACCESS_TOKEN" not in kept.for_existing_vm.env  # a re-deploy keeps the VM's token
 
 
+def test_prepare_lets_the_service_answer_to_the_vms_name_only_unless_told_otherwise():
+    prepared = prepare(DeployOptions(image=IMAGE, name="qb-hosts", allow_from=ME), environ={})
+    d = prepared.deployment
+    assert d.env["ALLOWED_HOSTS"] == d.fqdn == "qb-hosts.eastus.cloudapp.azure.com"
+    own = prepare(
+        DeployOptions(image=IMAGE, name="qb-hosts", allow_from=ME, env=("ALLOWED_HOSTS=chat.example.org",)),
+        environ={},
+    )
+    assert own.deployment.env["ALLOWED_HOSTS"] == "chat.example.org"
+
+
 def test_prepare_refuses_bad_options_before_anything_else():
     with pytest.raises(PlanError, match="--image is required"):
         prepare(DeployOptions(), environ={})

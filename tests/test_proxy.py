@@ -26,6 +26,7 @@ import urllib3
 import yaml
 
 from infra.azure.deployment import Deployment
+from infra.health import probe
 from infra.vm import cloudinit
 from infra.vm.caddy import CERT_MODES, caddyfile, http_caddyfile, plain_caddyfile
 from tests.support import sse
@@ -188,6 +189,15 @@ def test_the_page_arrives_compressed_through_the_proxy(plain_proxy):
         r = requests.get(plain_proxy + path, headers={"Accept-Encoding": "gzip"}, timeout=10)
         assert r.status_code == 200 and r.headers.get("Content-Encoding") == "gzip", path
         assert len(r.content) > 0 and int(r.raw.headers.get("Content-Length", 1 << 30)) < len(r.content)
+
+
+def test_the_deploys_plain_http_probe_asks_as_the_vms_name(plain_proxy):
+    """The service answers only to the names in ALLOWED_HOSTS (the VM's DNS name), so deploy-azure's
+    health probe over plain HTTP (--no-tls), which connects to the VM's IP, must send that name."""
+    port = int(plain_proxy.rsplit(":", 1)[1])
+    assert probe("127.0.0.1", port, server_name=SITE).phase == "ok"
+    as_another = probe("127.0.0.1", port, server_name="qb-other.eastus.cloudapp.azure.com")
+    assert as_another.phase != "ok" and "400" in as_another.detail  # the name went as Host, and counted
 
 
 def test_every_streamed_reply_arrives_whole(plain_proxy, app):

@@ -457,6 +457,8 @@ def prepare(
         dns_zone=dns_zone,
         registry=registry,
     )
+    if "ALLOWED_HOSTS" not in settings:  # the service answers only to its own name (no DNS rebinding)
+        d = dataclasses.replace(d, env={**d.env, "ALLOWED_HOSTS": d.fqdn})
     text = cloudinit.render(d.image, d.port, d.env, caddyfile=d.caddyfile, model=d.model)
     return Prepared(options, d, text, bool(given_token), verdict, auto)
 
