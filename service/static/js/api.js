@@ -108,7 +108,8 @@ function failureMessage(status, statusText, body, retryAfter) {
 /** The server names request fields (`max_tokens`); the page's user knows the Settings labels. */
 function inPageTerms(status, body, message) {
   const kind = body?.error?.type || body?.error?.code;
-  const fit = /needs (\d+) tokens but only (\d+) fit: the context holds (\d+) tokens and (\d+) are kept/.exec(message);
+  const fit = /needs (\d+) tokens,? but only (\d+) (?:tokens )?fit: the context holds (\d+) tokens and (\d+) are kept/
+    .exec(message);
   if (kind === 'context_length_exceeded' || (status === 413 && fit)) {
     if (fit) {
       return `Your message doesn’t fit: it needs ${fit[1]} tokens, and the model’s context of ${fit[3]} `

@@ -18,7 +18,7 @@ import {
   addConversation, closeDrawer, historyMode, markCurrent, refreshList, removeConversation, setHistoryMode,
 } from './sidebar.js';
 import { readEvents } from './sse.js';
-import { hideError, restoreInput, scrollToBottom, setInput, showError } from './ui.js';
+import { copyOrSelect, hideError, restoreInput, scrollToBottom, setInput, showError } from './ui.js';
 
 const CONVERSATION_KEY = 'qwen-box.conversation';
 
@@ -559,25 +559,7 @@ export function onMessageAction(button) {
 }
 
 async function copyMessage(button, el) {
-  const text = messageText(el);
-  let ok = false;
-  try {
-    if (navigator.clipboard && window.isSecureContext) {
-      await navigator.clipboard.writeText(text);
-      ok = true;
-    }
-  } catch (_) {
-    ok = false;
-  }
-  if (!ok) {
-    // No clipboard (plain http on a LAN address): select the message so Ctrl+C copies it.
-    const range = document.createRange();
-    range.selectNodeContents(el.querySelector('.message-body'));
-    const selection = window.getSelection();
-    selection.removeAllRanges();
-    selection.addRange(range);
-    return;
-  }
+  if (!(await copyOrSelect(messageText(el), el.querySelector('.message-body')))) return;
   button.dataset.copied = 'true';
   button.title = 'Copied';
   button.setAttribute('aria-label', 'Copied');

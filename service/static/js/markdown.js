@@ -4,6 +4,8 @@
  * links keep only http(s) and mailto. Code blocks get a language label and a Copy button.
  * Without either library the text is shown as plain text. */
 
+import { copyOrSelect } from './ui.js';
+
 // The vendored libraries are UMD builds that set these globals (see vendor/README.md).
 const { marked, DOMPurify } = globalThis;
 
@@ -114,25 +116,7 @@ function languageOf(code) {
 export async function copyCode(button) {
   const pre = button.closest('.code-block')?.querySelector('pre');
   if (!pre) return;
-  const text = pre.textContent;
-  let ok = false;
-  try {
-    if (navigator.clipboard && window.isSecureContext) {
-      await navigator.clipboard.writeText(text);
-      ok = true;
-    }
-  } catch (_) {
-    ok = false;
-  }
-  if (!ok) {
-    // No clipboard API (e.g. plain http on a LAN address): select the code so Ctrl+C works.
-    const range = document.createRange();
-    range.selectNodeContents(pre);
-    const selection = window.getSelection();
-    selection.removeAllRanges();
-    selection.addRange(range);
-    return;
-  }
+  if (!(await copyOrSelect(pre.textContent, pre))) return;
   button.textContent = 'Copied';
   setTimeout(() => { button.textContent = 'Copy'; }, 1500);
 }

@@ -54,3 +54,22 @@ export function restoreInput(text) {
   setInput(current.trim() ? `${text}\n${current}` : text);
   els.input.focus();
 }
+
+/** Copy `text` to the clipboard; without one (plain http on a LAN address) select `node` instead, so
+ * Ctrl+C copies it. True when the clipboard took it. */
+export async function copyOrSelect(text, node) {
+  try {
+    if (navigator.clipboard && window.isSecureContext) {
+      await navigator.clipboard.writeText(text);
+      return true;
+    }
+  } catch (_) {
+    // refused (no permission, page not focused): fall back to a selection
+  }
+  const range = document.createRange();
+  range.selectNodeContents(node);
+  const selection = window.getSelection();
+  selection.removeAllRanges();
+  selection.addRange(range);
+  return false;
+}
