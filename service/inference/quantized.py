@@ -59,6 +59,28 @@ class Int4Linear(torch.nn.Module):
         self.packed, self.scales_zeros = quantize_int4(weight.detach(), self.group)
         self.bias = None if bias is None else bias.detach().to(torch.bfloat16)
 
+    @classmethod
+    def from_groups(
+        cls, q4: torch.Tensor, scales: torch.Tensor, lows: torch.Tensor, bias: torch.Tensor | None
+    ) -> Int4Linear:
+        """The layer from `quantize`'s int4 form (packed here for the kernel, 64 rows at a time)."""
+        layer = cls.__new__(cls)
+        torch.nn.Module.__init__(layer)
+        rows, half = q4.shape
+        layer.out_features, layer.in_features = rows, half * 2
+        layer.group = layer.in_features // scales.shape[1]
+        layer.packed = torch.empty(rows, half, dtype=torch.uint8)
+        for start in range(0, rows, 2048):
+            block = q4[start : start + 2048]
+            unpacked = torch.stack([block & 15, block >> 4], dim=-1).view(block.shape[0], -1)
+            layer.packed[start : start + block.shape[0]] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                unpacked.to(torch.int32), 1
+            )
+        zeros = lows.float() + 8 * scales.float()
+        layer.scales_zeros = torch.stack([scales.T.to(torch.bfloat16), zeros.T.to(torch.bfloat16)], dim=-1)
+        layer.bias = None if bias is None else bias.detach().to(torch.bfloat16)
+        return layer
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, self.group, self.scales_zeros)
@@ -78,9 +100,30 @@ def int4_group(shape: tuple[int, ...] | torch.Size) -> int | None:
 def quantized_linear(bits: int, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Module:
     """An int8 or int4 Linear from float weights; int4 falls back to int8 for shapes its kernel
     does not take (a vocabulary that is not a multiple of 16, say)."""
-    if bits == 4 and int4_group(weight.shape):
-        return Int4Linear(weight, bias)
-    return Int8Linear.from_float(weight, bias)
+    return from_quantized(quantize(bits, weight), bias)
+
+
+def quantize(bits: int, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A Linear weight in its stored quantized form, independent of any kernel's packing: what a
+    pre-quantized checkpoint holds, and what `from_quantized` turns into a layer.
+
+    - int8: ``values`` int8 (outputs, inputs) and ``scales`` float32 (outputs,): w ≈ values × scale.
+    - int4: ``q4`` uint8 (outputs, inputs / 2), two 4-bit values per byte (even input in the low
+      nibble), and ``scales`` / ``lows`` bfloat16 (outputs, inputs / group): w ≈ q × scale + low.
+      A shape the int4 kernel cannot take is stored in the int8 form instead.
+    """
+    if bits == 4 and (group := int4_group(weight.shape)):
+        q, scales, lows = quantize_int4_groups(weight.detach(), group)
+        return {"q4": q, "scales": scales, "lows": lows}
+    values, scales = quantize_rows(weight.detach())
+    return {"values": values, "scales": scales}
+
+
+def from_quantized(tensors: dict[str, torch.Tensor], bias: torch.Tensor | None) -> torch.nn.Module:
+    """The layer for tensors in `quantize`'s form, packed for this machine's kernel."""
+    if "q4" in tensors:
+        return Int4Linear.from_groups(tensors["q4"], tensors["scales"], tensors["lows"], bias)
+    return Int8Linear(tensors["values"], tensors["scales"], bias)
 
 
 class Int8Embedding(torch.nn.Module):
@@ -131,3 +174,23 @@ def quantize_int4(weight: torch.Tensor, group: int, chunk: int = 2048) -> tuple[
         scales_zeros[:, start : start + n, 0] = scale.T
         scales_zeros[:, start : start + n, 1] = (low + 8 * scale).T
     return packed, scales_zeros
+
+
+def quantize_int4_groups(
+    weight: torch.Tensor, group: int, chunk: int = 2048
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """4-bit values two per byte in plain order (even input in the low nibble) with a bf16 scale and
+    low per group of `group` inputs: w ≈ q × scale + low, q in 0..15."""
+    rows, cols = weight.shape
+    q4 = torch.empty(rows, cols // 2, dtype=torch.uint8)
+    scales = torch.empty(rows, cols // group, dtype=torch.bfloat16)
+    lows = torch.empty(rows, cols // group, dtype=torch.bfloat16)
+    for start in range(0, rows, chunk):
+        w = weight[start : start + chunk].to(torch.float32, copy=True).view(-1, cols // group, group)
+        low, high = w.amin(dim=-1), w.amax(dim=-1)
+        scale = ((high - low) / 15).clamp_(min=1e-8)
+        q = w.sub_(low[..., None]).div_(scale[..., None]).round_().clamp_(0, 15).to(torch.uint8)
+        q = q.view(q.shape[0], cols // 2, 2)
+        q4[start : start + chunk] = q[..., 0] | (q[..., 1] << 4)
+        scales[start : start + chunk], lows[start : start + chunk] = scale, low
+    return q4, scales, lows
