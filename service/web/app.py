@@ -71,7 +71,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.register_blueprint(conversations.bp)
     conversations.install_owner_cookie(app)
     if settings.history:
-        app.extensions["history"] = History(Path(settings.data_dir) / "history.db")
+        store = History(settings.database_url or Path(settings.data_dir) / "history.db")
+        logging.getLogger(__name__).info("conversation history in %s", store.describe())
+        app.extensions["history"] = store
     protect(app, settings)
 
     @app.get("/")
