@@ -1,7 +1,8 @@
 # Sourced by .ci/run (or by hand as root: `. .ci/postgres.sh`) to give the history tests a real PostgreSQL:
 # Debian's server package, a throwaway cluster under /tmp listening on 127.0.0.1 only (a free port), a
-# random password, and a database the tests own. Exports QWENBOX_TEST_DATABASE_URL, which the tests read
-# (tests/support/postgres.py); stops the cluster when the calling shell exits.
+# random password, and a database the tests own (room for 300 connections: every test app keeps a
+# pool). Exports QWENBOX_TEST_DATABASE_URL, which the tests read (tests/support/postgres.py); stops the
+# cluster when the calling shell exits.
 
 apt-get install -y -qq postgresql >/dev/null
 
@@ -16,7 +17,7 @@ chmod 700 "$QB_PG_DIR"
 runuser -u postgres -- "$QB_PG_BIN/initdb" -D "$QB_PG_DIR/data" -U qwenbox --pwfile="$QB_PG_DIR/pwfile" \
   --auth=scram-sha-256 -E UTF8 --locale=C.UTF-8 >"$QB_PG_DIR/initdb.log"
 runuser -u postgres -- "$QB_PG_BIN/pg_ctl" -D "$QB_PG_DIR/data" -l "$QB_PG_DIR/server.log" -w \
-  -o "-c listen_addresses=127.0.0.1 -c port=$QB_PG_PORT -c unix_socket_directories=$QB_PG_DIR -c fsync=off" \
+  -o "-c listen_addresses=127.0.0.1 -c port=$QB_PG_PORT -c unix_socket_directories=$QB_PG_DIR -c fsync=off -c max_connections=300" \
   start >/dev/null
 PGPASSWORD="$QB_PG_PASSWORD" "$QB_PG_BIN/psql" -q -h 127.0.0.1 -p "$QB_PG_PORT" -U qwenbox -d postgres \
   -c "CREATE DATABASE qwenbox_test"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import json
 
 import pytest
@@ -10,6 +12,12 @@ from service.config import Settings
 from service.web import create_app
 from service.web.conversations import COOKIE
 from tests.support import sse
+
+
+@pytest.fixture
+def settings(settings, history_database):
+    """Every test here twice: history in SQLite (the default) and in PostgreSQL."""
+    return replace(settings, database_url=history_database)
 
 
 @pytest.fixture
