@@ -64,17 +64,11 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
 
 
-class Cursor(Protocol):
-    rowcount: int
-
-    def fetchone(self) -> Any: ...
-    def fetchall(self) -> list[Any]: ...
-    def __iter__(self) -> Iterator[Any]: ...
-
-
 class Connection(Protocol):
-    def execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor: ...
-    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> Any: ...
+    """What `History` uses of a connection: sqlite3's own, or `_PostgresConnection`."""
+
+    def execute(self, sql: str, args: Any = (), /) -> Any: ...
+    def executemany(self, sql: str, rows: Any, /) -> Any: ...
 
 
 def _statements(sql: str) -> list[str]:
@@ -151,10 +145,10 @@ class _PostgresConnection:
     def _args(args: Sequence[Any]) -> list[Any]:
         return [a.replace("\x00", "\ufffd") if isinstance(a, str) else a for a in args]
 
-    def execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor:
+    def execute(self, sql: str, args: Sequence[Any] = (), /) -> Any:
         return self._conn.execute(_PLACEHOLDER.sub("%s", sql), self._args(args))
 
-    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> Any:
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]], /) -> Any:
         cursor = self._conn.cursor()
         cursor.executemany(_PLACEHOLDER.sub("%s", sql), [self._args(r) for r in rows])
         return cursor

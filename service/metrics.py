@@ -40,7 +40,9 @@ class _EngineCollector(Collector):
         self._engines = engines
 
     def collect(self) -> Iterator[Metric]:
-        active = GaugeMetricFamily("qwenbox_generations_active", "generations being decoded", labels=["model"])
+        active = GaugeMetricFamily(
+            "qwenbox_generations_active", "generations being decoded", labels=["model"]
+        )
         waiting = GaugeMetricFamily(
             "qwenbox_queue_depth", "requests waiting for the model (not yet decoding)", labels=["model"]
         )

@@ -101,7 +101,8 @@ def test_rename_and_delete(store):
 
 FIRST_ROWS = (
     "INSERT INTO conversations VALUES ('c1', 'alice', 'kept', 1.0, 2.0)",
-    "INSERT INTO messages (conversation_id, role, content, created_at) VALUES ('c1', 'user', 'still here', 1.5)",
+    "INSERT INTO messages (conversation_id, role, content, created_at) "
+    "VALUES ('c1', 'user', 'still here', 1.5)",
 )
 
 

@@ -96,8 +96,13 @@ def test_metrics_count_exactly_what_a_bounded_load_run_did(server):
     )
     next(e for e in sse.events(r) if e["type"] == "delta")
     r.close()
-    wait_for(lambda: value(scrape(server), "qwenbox_generations_total", model=model, finish_reason="cancelled")
-             - value(before, "qwenbox_generations_total", model=model, finish_reason="cancelled") == 1)
+    wait_for(
+        lambda: (
+            value(scrape(server), "qwenbox_generations_total", model=model, finish_reason="cancelled")
+            - value(before, "qwenbox_generations_total", model=model, finish_reason="cancelled")
+            == 1
+        )
+    )
     after = scrape(server)
 
     def moved(name: str, **labels: str) -> float:

@@ -15,7 +15,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
 import requests
 
 from tests.support import sse
@@ -57,7 +56,9 @@ def test_two_instances_sharing_postgresql_show_each_owner_their_own_and_nothing_
         ):
             alice = requests.Session()
             alice.headers.update(AUTH)  # the token admits; the cookie (set on first visit) owns
-            alice.get(one.url + "/", headers={"Authorization": None}, timeout=10)  # the page, as a browser loads it
+            alice.get(
+                one.url + "/", headers={"Authorization": None}, timeout=10
+            )  # the page, as a browser loads it
             assert alice.cookies.get("qwenbox_owner")
             cid = alice.post(one.url + "/api/conversations", json={}, timeout=10).json()["id"]
             chat = {"conversation_id": cid, "message": "first, on one", "max_tokens": 5}
@@ -76,7 +77,9 @@ def test_two_instances_sharing_postgresql_show_each_owner_their_own_and_nothing_
 
             api = requests.Session()  # no cookie: owned by the token, the same on every instance
             api.headers.update(AUTH)
-            api_cid = api.post(two.url + "/api/conversations", json={"title": "by token"}, timeout=10).json()["id"]
+            api_cid = api.post(two.url + "/api/conversations", json={"title": "by token"}, timeout=10).json()[
+                "id"
+            ]
             assert [c["id"] for c in api.get(one.url + "/api/conversations", timeout=10).json()["data"]] == [
                 api_cid
             ]
@@ -90,7 +93,9 @@ def test_two_instances_sharing_postgresql_show_each_owner_their_own_and_nothing_
                 assert bob.get(server.url + "/api/conversations", timeout=10).json()["data"] == []
                 for other in (cid, api_cid):
                     assert bob.get(f"{server.url}/api/conversations/{other}", timeout=10).status_code == 404
-                    assert bob.delete(f"{server.url}/api/conversations/{other}", timeout=10).status_code == 404
+                    assert (
+                        bob.delete(f"{server.url}/api/conversations/{other}", timeout=10).status_code == 404
+                    )
             assert len(alice.get(f"{two.url}/api/conversations/{cid}", timeout=10).json()["messages"]) == 4
 
 
@@ -126,7 +131,9 @@ def test_a_loading_instance_gets_no_traffic_until_it_is_healthy(tiny_model_dir, 
         ready.stop()
 
 
-def test_killing_an_instance_mid_run_loses_no_request_that_had_not_started_streaming(tiny_model_dir, tmp_path):
+def test_killing_an_instance_mid_run_loses_no_request_that_had_not_started_streaming(
+    tiny_model_dir, tmp_path
+):
     """Two streams open (one on each instance) and 16 JSON chats, 4 at a time, through HAProxy; one
     instance is killed (SIGKILL) while its share is generating. Every JSON chat gets its whole reply
     (the killed instance's in-flight ones and those sent before it was marked down are retried on the
@@ -182,8 +189,8 @@ def test_killing_an_instance_mid_run_loses_no_request_that_had_not_started_strea
         for t in readers:
             t.join(90)
         assert killed.is_set()
-        assert balancer.retries() >= 1  # the test did what it is for: some request was sent again
         assert [(status, tokens) for status, _, tokens in results] == [(200, 30)] * 16, results
+        assert balancer.retries() >= 1  # the test did what it is for: some request was sent again
         assert {by for _, by, _ in results} <= {"one", "two"} and any(by == "two" for _, by, _ in results)
         assert outcomes["two"][-1] == "done" and outcomes["two"].count("delta") == 400
         assert "done" not in outcomes["one"] and "delta" in outcomes["one"]  # started, then cut

@@ -75,7 +75,9 @@ class HAProxy:
         checked = subprocess.run([exe, "-c", "-f", str(config)], capture_output=True, text=True)
         assert checked.returncode == 0, checked.stdout + checked.stderr
         self._log = open(workdir / "haproxy.log", "wb")
-        self.process = subprocess.Popen([exe, "-db", "-f", str(config)], stdout=self._log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            [exe, "-db", "-f", str(config)], stdout=self._log, stderr=subprocess.STDOUT
+        )
         wait_for(self._listening, timeout=10)
 
     def _listening(self) -> bool:

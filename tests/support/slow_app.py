@@ -12,8 +12,8 @@ import time
 from flask import Flask
 
 from service.config import Settings
-from service.web import create_app as create_production_app
 from service.inference.engine import Engine
+from service.web import create_app as create_production_app
 from tests.support.engines import ScriptedBackend, ready_engine
 
 SLOW_APP = "tests.support.slow_app:create_app()"
