@@ -161,13 +161,14 @@ class PostgresDatabase:
     like = "ILIKE"  # PostgreSQL's LIKE is case-sensitive; titles are searched without case
     for_update = " FOR UPDATE"  # a write locks the conversation it checks, as SQLite's lock would
 
-    def __init__(self, url: str, *, max_connections: int = 4, connect_timeout: float = 30):
+    def __init__(self, url: str, *, max_connections: int = 4, connect_timeout: float = 10):
         # Imported here: a SQLite-only service never loads psycopg.
         from psycopg.rows import dict_row
         from psycopg_pool import ConnectionPool
 
+        # `connect_timeout`: how long a request (or the start) waits for a connection before the
+        # database counts as unreachable (a 503 the client may retry), while the pool keeps trying.
         self.url = url
-        self._timeout = connect_timeout
         self._pool = ConnectionPool(
             url,
             min_size=1,
