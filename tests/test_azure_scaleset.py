@@ -9,6 +9,7 @@ Nothing leaves this machine: the public-IP lookup and DefaultAzureCredential fai
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import re
 import ssl
@@ -29,6 +30,7 @@ from infra.azure.credentials import AzureClients, Cloud, RetrySettings
 from infra.azure.deployment import TOKEN_ENV, DeployOptions, PlanError, parse_instances, prepare
 from infra.azure.errors import AzureActionError
 from infra.vm.caddy import caddyfile
+from tests.support import standin_vm
 from tests.support.fake_arm import FakeArm, succeeding_vm
 from tests.support.health import HealthServer
 
@@ -546,3 +548,61 @@ def test_deploy_status_logs_destroy_of_a_scale_set_through_invoke(cli, capsys, m
     assert cli.is_empty()
     assert not state.token_file(NAME).exists() and not state.ca_file(NAME).exists()
     assert state.load_tls(NAME) == {}
+
+
+# -- an instance's first boot and a later rollout, with stand-in commands ----------------------------------
+
+
+def test_an_instance_starts_caddy_with_the_delivered_certificate_then_takes_a_new_image(tmp_path):
+    """provision.sh (cloud-init) on a scale set's instance: Caddy waits for the certificate that comes
+    with the secrets; once booted, the extension's next delivery moves the container to the new image."""
+    prepared = prepare(options(), environ={})
+    d = prepared.deployment.with_env({**prepared.deployment.env, "DATABASE_URL": "postgresql://u:p@h/db"})
+    assert prepared.tls is not None
+    root = tmp_path / "vm"
+    env = standin_vm.lay_out(root, prepared.cloud_init)
+    shim = tmp_path / "shim"  # `install -o caddy` as root on the instance; here without the owner
+    shim.mkdir()
+    (shim / "install").write_text(
+        "#!/bin/bash\nargs=()\n"
+        'while [ $# -gt 0 ]; do case "$1" in -o|-g) shift 2;; *) args+=("$1"); shift;; esac; done\n'
+        'exec /usr/bin/install "${args[@]}"\n'
+    )
+    (shim / "install").chmod(0o755)
+    env = {**env, "PATH": f"{shim}:{env['PATH']}", "QWEN_BOX_CADDY_TLS": str(root / "etc/caddy/qwen-box-tls")}
+    tls = (prepared.tls.cert, prepared.tls.key)
+    first = standin_vm.run_sh(scale_arm.extension_script(d, tls), env)
+    assert first.returncode == 0, first.stderr
+    boot = subprocess.run(
+        ["bash", str(root / "opt/qwen-box/provision.sh")], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert boot.returncode == 0, boot.stderr
+    assert "Caddy starts once its certificate arrives" in boot.stdout
+    calls = (root / "calls.log").read_text().splitlines()
+    restarts = [i for i, c in enumerate(calls) if c == "systemctl restart caddy"]
+    assert len(restarts) == 1 and restarts[0] > calls.index("systemctl enable caddy")
+    installed = root / "etc/caddy/qwen-box-tls"
+    assert (installed / "key.pem").read_text() == prepared.tls.key
+    assert oct((installed / "key.pem").stat().st_mode & 0o777) == "0o600"
+    assert "DATABASE_URL=postgresql://u:p@h/db" in (root / "etc/qwen-box/secrets/service.env").read_text()
+    assert "DATABASE_URL" not in (root / "etc/qwen-box/service.env").read_text()
+    assert not any(prepared.tls.key.splitlines()[1] in line for line in boot.stdout.splitlines())
+
+    (root / "var/lib/cloud/instance").mkdir(parents=True)
+    (root / "var/lib/cloud/instance/boot-finished").write_text("")
+    newer = dataclasses.replace(d, image="myreg.azurecr.io/qwen-box:1.1")
+    later = standin_vm.run_sh(scale_arm.extension_script(newer, tls), env)
+    assert later.returncode == 0, later.stderr
+    assert "qwen-box: update done" in later.stdout and "qwen-box: secrets delivered" in later.stdout
+    calls = (root / "calls.log").read_text().splitlines()
+    assert "docker pull --quiet myreg.azurecr.io/qwen-box:1.1" in calls
+    assert (root / "etc/qwen-box/image").read_text().strip() == "myreg.azurecr.io/qwen-box:1.1"
+
+
+def test_a_new_token_goes_to_every_instance_through_the_model(fake, clients):
+    _, first = provision(clients)
+    assert not first.token_changed
+    new = "a-new-token-for-every-instance-0123"
+    prepared, again = provision(clients, token=new)
+    assert again.token_changed and state.load_token(NAME) == new
+    assert f"ACCESS_TOKEN={new}" in protected_script(fake) and puts(fake, "virtualMachineScaleSets") == 2

@@ -101,6 +101,7 @@ def provision(
                 f"the scale set {d.vmss} exists but this machine does not keep its access token, and "
                 "every instance must share one: give it with --token or QWEN_BOX_ACCESS_TOKEN"
             )
+        token_changed = existing is not None and state.load_token(d.name) != prepared.token
         state.save_token(d.name, prepared.token)  # kept here before any instance has it
         if tls.generated:
             state.save_tls(d.name, tls.as_dict())
@@ -157,7 +158,12 @@ def provision(
             d.group, d.autoscale, _json(autoscale_body(d, str(vmss.id)))
         )
     return DeployResult(
-        url=d.url, fqdn=fqdn, ip=pip.ip_address or "", vm_created=existing is None, container_updated=False
+        url=d.url,
+        fqdn=fqdn,
+        ip=pip.ip_address or "",
+        vm_created=existing is None,
+        container_updated=False,
+        token_changed=token_changed,
     )
 
 

@@ -74,10 +74,12 @@ def caddyfile(
     https_port: int = 443,
     storage: str = "",
     bind: str = "",
+    tls_dir: str = PROVIDED_DIR,
 ) -> str:
     """The Caddyfile serving `site` over HTTPS on `https_port`, redirecting `http_port` to it.
 
-    `storage` (a folder for certificates and keys) and `bind` (an address to listen on) are for tests;
+    `storage` (a folder for certificates and keys), `bind` (an address to listen on) and `tls_dir` (where
+    the `provided` certificate is) are for tests;
     on the VM Caddy listens on every address and keeps its keys in its own data folder
     (/var/lib/caddy). The admin API is off: nothing changes the config but a restart.
     """
@@ -106,7 +108,7 @@ def caddyfile(
     if cert == "internal":
         site_lines.append("\ttls internal")
     elif cert == "provided":
-        site_lines.append(f"\ttls {PROVIDED_DIR}/cert.pem {PROVIDED_DIR}/key.pem")
+        site_lines.append(f"\ttls {tls_dir}/cert.pem {tls_dir}/key.pem")
     elif cert == "acme-http":
         site_lines.append("\ttls {\n\t\tissuer acme {\n\t\t\tdisable_tlsalpn_challenge\n\t\t}\n\t}")
     site_lines.append(_proxy(upstream))
@@ -114,11 +116,13 @@ def caddyfile(
     probe = ""
     if cert == "provided":
         # Health probes ask by address (no SNI, Host = an IP or localhost): only /api/health, sent on as
-        # the site's name so the service's ALLOWED_HOSTS accepts it; anything else is 404 here.
+        # the site's name (Host and X-Forwarded-Host, which the service reads behind its proxy) so its
+        # ALLOWED_HOSTS accepts it; anything else is 404 here.
         probe = (
             f"# Health probes of the load balancer and the scale set, by address, not by name.\n"
-            f"https://:{int(https_port)} {{\n\ttls {PROVIDED_DIR}/cert.pem {PROVIDED_DIR}/key.pem\n"
+            f"https://:{int(https_port)} {{\n\ttls {tls_dir}/cert.pem {tls_dir}/key.pem\n"
             f"\thandle /api/health {{\n\t\treverse_proxy {upstream} {{\n\t\t\theader_up Host {site}\n"
+            f"\t\t\theader_up X-Forwarded-Host {site}\n"
             f"\t\t}}\n\t}}\n\trespond 404\n}}\n\n"
         )
     return (
