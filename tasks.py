@@ -279,9 +279,12 @@ def deploy_azure(
     model: str = _D.model,
     precision: str = _D.precision,
     token: str = _D.token,
+    instances: str = _D.instances,
+    tls_cert: str = _D.tls_cert,
+    tls_key: str = _D.tls_key,
 ) -> None:
-    """Deploy the image to an Azure VM over HTTPS, wait until the chat answers, print its URL and access
-    token (re-run converges)."""
+    """Deploy the image to an Azure VM (or with --instances a scale set behind a load balancer) over HTTPS,
+    wait until the chat answers, print its URL and access token (re-run converges)."""
     flags = dict(locals())  # exactly DeployOptions' fields (a test checks), plus the context
     del flags["c"]
     from infra.azure import cli
@@ -311,13 +314,16 @@ def status_azure(c: Context, name: str = "", subscription: str = "") -> None:
         "name": "deployment name (default: this machine's, or the only one)",
         "lines": "how many of the last lines (default 100; Azure keeps 4 KiB at most)",
         "subscription": "subscription id (default as for deploy-azure)",
+        "instance": "a scale set's instance: its number in status-azure (0, 1, ...) or its name",
     },
 )
-def logs_azure(c: Context, name: str = "", lines: int = 100, subscription: str = "") -> None:
+def logs_azure(
+    c: Context, name: str = "", lines: int = 100, subscription: str = "", instance: str = ""
+) -> None:
     """Show the container's log on the VM (through run-command, no SSH needed)."""
     from infra.azure import cli
 
-    _azure_exit(cli.logs(name=name, lines=lines, subscription=subscription))
+    _azure_exit(cli.logs(name=name, lines=lines, subscription=subscription, instance=instance))
 
 
 @task(
