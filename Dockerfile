@@ -43,10 +43,21 @@ RUN pip install --no-cache-dir --find-links /tmp/wheels ${TORCH_INDEX_URL:+--ind
 
 # The rest of [project].dependencies, less those only the host's tasks use (invoke, Azure SDK ...):
 # infra/image_requirements.py reads both lists from pyproject.toml, so they live in one place.
-COPY pyproject.toml infra/image_requirements.py /tmp/
+# infra/image_prune.py then drops the bytecode of Transformers' model packages the service never imports
+# (about 55 MB; their .py stays, so another architecture still loads).
+COPY pyproject.toml infra/image_requirements.py infra/image_prune.py /tmp/
 RUN python /tmp/image_requirements.py /tmp/pyproject.toml > /tmp/requirements.txt \
  && pip install --no-cache-dir --find-links /tmp/wheels -r /tmp/requirements.txt \
+ && python /tmp/image_prune.py qwen2 llama \
  && pip uninstall --yes pip
+
+# Symbol tables are for debuggers, not for the dynamic loader: torch's shared libraries without them
+# (strip --strip-unneeded keeps what linking needs) are about 100 MB smaller, nearly all libtorch_cpu.so.
+# binutils is installed in this stage only; the final stage copies the venv, not the tools.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends binutils=2.40-2 \
+ && strip --strip-unneeded /opt/venv/lib/python3*/site-packages/torch/lib/*.so* \
+ && rm -rf /var/lib/apt/lists/*
 
 # ---- download: the float weights, fetched with huggingface_hub at build time (nothing when not baking).
 # Its own stage on the bare base, so changing the service's dependencies never downloads the model again.
@@ -80,8 +91,10 @@ COPY service/inference/__init__.py service/inference/attention.py service/infere
      service/inference/loading.py service/inference/memory.py service/inference/quantized.py \
      /opt/quantize/service/inference/
 WORKDIR /opt/quantize
-RUN --mount=type=bind,from=download,source=/src,target=/src \
-    mkdir -p "/models/$MODEL_ID" \
+# A copy, not a bind mount of the stage: buildah cannot bind a cached stage's files. This stage is thrown
+# away; the runtime copies only /models from it.
+COPY --from=download /src /src
+RUN mkdir -p "/models/$MODEL_ID" \
  && if [ "$BAKE_MODEL" = 1 ]; then \
       HF_HUB_OFFLINE=1 python -m service.inference.checkpoint "/src/$MODEL_ID" \
         "/models/$MODEL_ID" --precision "$PRECISION" --model-id "$MODEL_ID"; \

@@ -69,7 +69,8 @@ def test_the_folder_is_complete_and_holds_no_float_weights(written, tiny_model_d
 
 
 class FloatMatrices(TorchDispatchMode):
-    """Records every op that makes a float tensor as large as a weight matrix."""
+    """Records every op that makes a float tensor as large as a weight matrix (in memory: the empty
+    network on the meta device holds none)."""
 
     def __init__(self, numel: int):
         super().__init__()
@@ -79,7 +80,12 @@ class FloatMatrices(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() >= self.numel:
+            if (
+                isinstance(t, torch.Tensor)
+                and t.is_floating_point()
+                and not t.is_meta
+                and t.numel() >= self.numel
+            ):
                 self.seen.append(f"{func} {tuple(t.shape)} {t.dtype}")
         return out
 

@@ -97,7 +97,13 @@ def test_build_context_leaves_out_tests_and_local_state():
     ignore = (ROOT / ".dockerignore").read_text().split()
     assert ignore[ignore.index("*")] == "*"  # deny by default...
     allowed = {line[1:] for line in ignore if line.startswith("!")}
-    assert allowed == {"service/", "pyproject.toml", "infra/image_requirements.py", "wheels/"}
+    assert allowed == {
+        "service/",
+        "pyproject.toml",
+        "infra/image_requirements.py",
+        "infra/image_prune.py",
+        "wheels/",
+    }
     assert ignore.index("service/dev/") > ignore.index("!service/")  # ...and the developer tools stay out
 
 

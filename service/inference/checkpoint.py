@@ -311,9 +311,11 @@ def load(folder: Path, bits: int) -> PreTrainedModel:
     for name, tensor in read_safetensors(folder / manifest["weights"]["file"]):
         module, _, key = name.rpartition(".")
         if module != owner and parts:
+            big = sum(t.nbytes for t in parts.values()) >= 1 << 24
             build(owner, parts)
-            return_freed_memory()
             parts = {}
+            if big:  # what packing freed goes back now (glibc would keep it), so the peak stays low
+                return_freed_memory()
         owner, parts[key] = module, tensor
     if parts:
         build(owner, parts)

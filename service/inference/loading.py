@@ -55,8 +55,10 @@ def local_folder(source: str) -> Path:
 
 
 def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Tensors of a .safetensors file, one at a time, read into fresh memory (no mmap)."""
-    with open(path, "rb") as f:
+    """Tensors of a .safetensors file, one at a time, read into fresh memory (no mmap: nothing of the
+    file stays resident once its tensor is packed and dropped). Straight into uninitialised tensors,
+    unbuffered: one copy from the page cache, no zero-fill first."""
+    with open(path, "rb", buffering=0) as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(header_len))
         header.pop("__metadata__", None)
@@ -64,10 +66,15 @@ def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             start, end = info["data_offsets"]
             f.seek(base + start)
-            buffer = bytearray(end - start)
-            f.readinto(buffer)
+            data = torch.empty(end - start, dtype=torch.uint8)
+            view, done = data.numpy().data, 0
+            while done < len(view):
+                n = f.readinto(view[done:])
+                if not n:
+                    raise ValueError(f"{path} ends inside {name}: truncated")
+                done += n
             dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            yield name, torch.frombuffer(buffer, dtype=dtype).reshape(info["shape"])
+            yield name, data.view(dtype).reshape(info["shape"])
 
 
 def load_model(source: str, precision: str) -> PreTrainedModel:
