@@ -63,6 +63,9 @@ PRECISIONS = {"int8": 8, "int4": 4}
 COMPANION_PATTERNS = ("*.json", "*.txt", "*.model", "*.jinja")
 _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 _CHUNK = 16 << 20
+# Loading hands freed memory back to the system after this many bytes of stored tensors: often enough
+# that the peak stays the model plus a few matrices, rarely enough that trimming costs little.
+TRIM_EVERY = 64 << 20
 
 
 class CheckpointMismatch(ValueError):
@@ -307,15 +310,16 @@ def load(folder: Path, bits: int) -> PreTrainedModel:
             for key, tensor in parts.items():
                 module._parameters[key] = torch.nn.Parameter(tensor, requires_grad=False)
 
-    owner, parts = "", dict[str, torch.Tensor]()
+    owner, parts, unreturned = "", dict[str, torch.Tensor](), 0
     for name, tensor in read_safetensors(folder / manifest["weights"]["file"]):
         module, _, key = name.rpartition(".")
         if module != owner and parts:
-            big = sum(t.nbytes for t in parts.values()) >= 1 << 24
+            unreturned += sum(t.nbytes for t in parts.values())
             build(owner, parts)
             parts = {}
-            if big:  # what packing freed goes back now (glibc would keep it), so the peak stays low
+            if unreturned >= TRIM_EVERY:  # what packing freed goes back (glibc keeps small frees)
                 return_freed_memory()
+                unreturned = 0
         owner, parts[key] = module, tensor
     if parts:
         build(owner, parts)
