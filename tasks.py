@@ -125,6 +125,8 @@ _BUILD_HELP = {
     "'' = PyPI plus --wheels",
     "wheels": "folder of wheels (e.g. a CPU torch wheel) to offer pip during the build (default: none)",
     "hf_endpoint": "Hugging Face hub mirror to download the model from (default: the hub itself)",
+    "precision": "int8 or int4: the baked weights are quantized to it once, at build time, and it is the "
+    "image's DTYPE (default int8)",
 }
 
 
@@ -139,6 +141,7 @@ def build(
     torch_index: str | None = None,
     wheels: str = "",
     hf_endpoint: str = "",
+    precision: str = "int8",
 ) -> None:
     """Build the image (CPU PyTorch, the service, the model baked in by default) and print its size."""
     with _docker_errors():
@@ -151,6 +154,7 @@ def build(
             torch_index=torch_index,
             wheels=wheels,
             hf_endpoint=hf_endpoint,
+            precision=precision,
         )
 
 
