@@ -61,6 +61,16 @@ class Settings:
     default_max_tokens: int = _setting(512, "reply length when a request gives no max_tokens")
     max_tokens_limit: int = _setting(2048, "largest max_tokens a request may ask for")
     max_body_bytes: int = _setting(1_000_000, "largest request body accepted (413 beyond)")
+    image_max_pixels: int = _setting(
+        1_048_576,
+        "resolution cap: an image with more pixels is scaled down to this many before the model reads it "
+        "(bounds prefill time: see Images in the README)",
+    )
+    max_images: int = _setting(4, "images one chat request may carry, over all its turns (400 beyond)")
+    image_max_bytes: int = _setting(
+        5_000_000, "largest image accepted, as encoded bytes (400 beyond); chat bodies may exceed "
+        "MAX_BODY_BYTES by MAX_IMAGES of these"
+    )
     log_level: str = _setting("info", "gunicorn and service log level")
     data_dir: str = _setting("data", "folder for the history database (the image uses a /data volume)")
     history: bool = _setting(True, "keep conversations on disk; off = private mode, nothing is written")
@@ -78,6 +88,11 @@ class Settings:
         "too, `*` = any); loopback names always; others get 400 (stops DNS rebinding). A public "
         "server sets its DNS name",
     )
+
+    @property
+    def chat_body_bytes(self) -> int:
+        """The largest chat request body: MAX_BODY_BYTES of text plus MAX_IMAGES images in base64."""
+        return self.max_body_bytes + self.max_images * (self.image_max_bytes * 4 // 3 + 100)
 
     def allowed_host_names(self) -> tuple[str, ...]:
         """ALLOWED_HOSTS as a tuple of names (loopback names are added by the check itself)."""
@@ -123,6 +138,8 @@ class Settings:
             "default_max_tokens",
             "max_tokens_limit",
             "max_body_bytes",
+            "image_max_pixels",
+            "image_max_bytes",
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name.upper()} must be at least 1")
@@ -137,6 +154,8 @@ class Settings:
         for host in self.allowed_host_names():
             if host != "*" and not re.fullmatch(r"\.?[A-Za-z0-9.-]+(:\d+)?|\[[0-9A-Fa-f:.]+\](:\d+)?", host):
                 raise SettingsError(f"ALLOWED_HOSTS: {host!r} is not a host name or address")
+        if self.max_images < 0:
+            raise SettingsError("MAX_IMAGES must be 0 (no images) or more")
         if self.torch_threads < 0:
             raise SettingsError("TORCH_THREADS must be 0 (all cores) or more")
         if self.default_max_tokens > self.max_tokens_limit:

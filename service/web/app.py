@@ -161,7 +161,16 @@ def _transformers_loader(settings: Settings, source: str) -> Callable[[], Any]:
 
     def load() -> Any:
         from ..inference.backend import TransformersBackend
+        from ..inference.vision import VisionBackend, is_vision
 
+        if is_vision(source):
+            return VisionBackend(
+                source,
+                dtype=settings.dtype,
+                threads=settings.torch_threads,
+                context_tokens=settings.context_tokens,
+                max_pixels=settings.image_max_pixels,
+            )
         return TransformersBackend(
             source,
             dtype=settings.dtype,
