@@ -34,11 +34,14 @@ class CatalogEntry:
     def accepts_images(self) -> bool:
         return self.vision_params_b > 0
 
+    def weights_bytes(self, dtype: str = "bfloat16") -> int:
+        """The weights at `dtype` (a vision encoder in float32 beside a quantized language part)."""
+        vision = BYTES_PER_PARAM[dtype if dtype in ("bfloat16", "float32") else "float32"]
+        return int((self.params_b * BYTES_PER_PARAM[dtype] + self.vision_params_b * vision) * 1e9)
+
     def memory_gb(self, dtype: str = "bfloat16") -> float:
         """Resident memory to expect with the weights held at `dtype`."""
-        vision_bytes = BYTES_PER_PARAM[dtype if dtype in ("bfloat16", "float32") else "float32"]
-        weights = self.params_b * BYTES_PER_PARAM[dtype] + self.vision_params_b * vision_bytes
-        return round(weights + RUNTIME_OVERHEAD_GB, 1)
+        return round(self.weights_bytes(dtype) / 1e9 + RUNTIME_OVERHEAD_GB, 1)
 
     def to_dict(self) -> dict[str, Any]:
         return {

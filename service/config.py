@@ -66,10 +66,13 @@ class Settings:
         "resolution cap: an image with more pixels is scaled down to this many before the model reads it "
         "(bounds prefill time: see Images in the README)",
     )
-    max_images: int = _setting(4, "images one chat request may carry, over all its turns (400 beyond)")
+    max_images: int = _setting(
+        4, "images one chat request may carry, over all its turns (refused beyond; 0 = none)"
+    )
     image_max_bytes: int = _setting(
-        5_000_000, "largest image accepted, as encoded bytes (400 beyond); chat bodies may exceed "
-        "MAX_BODY_BYTES by MAX_IMAGES of these"
+        5_000_000,
+        "largest image accepted, as encoded bytes (refused beyond); a chat body may exceed "
+        "MAX_BODY_BYTES by MAX_IMAGES of these in base64, and only by its images",
     )
     log_level: str = _setting("info", "gunicorn and service log level")
     data_dir: str = _setting("data", "folder for the history database (the image uses a /data volume)")
@@ -90,9 +93,9 @@ class Settings:
     )
 
     @property
-    def chat_body_bytes(self) -> int:
-        """The largest chat request body: MAX_BODY_BYTES of text plus MAX_IMAGES images in base64."""
-        return self.max_body_bytes + self.max_images * (self.image_max_bytes * 4 // 3 + 100)
+    def image_body_bytes(self) -> int:
+        """What a chat body may carry in images beyond MAX_BODY_BYTES: MAX_IMAGES of them in base64."""
+        return self.max_images * (self.image_max_bytes * 4 // 3 + 100)
 
     def allowed_host_names(self) -> tuple[str, ...]:
         """ALLOWED_HOSTS as a tuple of names (loopback names are added by the check itself)."""

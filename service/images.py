@@ -34,6 +34,15 @@ _DATA_URL = re.compile(r"data:(image/[a-z0-9.+-]+)?(;[a-z0-9=._-]+)*;base64,", r
 
 
 @dataclass(frozen=True)
+class ImageLimits:
+    """The settings that bound images (IMAGE_MAX_PIXELS, MAX_IMAGES, IMAGE_MAX_BYTES); defaults as there."""
+
+    max_pixels: int = 1_048_576
+    max_images: int = 4
+    max_bytes: int = 5_000_000
+
+
+@dataclass(frozen=True)
 class Picture:
     """One checked image: the RGB pixels a model reads (capped) and the bytes as sent (to store)."""
 

@@ -24,10 +24,10 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, DynamicCache
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, DynamicCache, PreTrainedModel
 
 from ..catalog import accepts_images
 from .backend import Sequence, TransformersBackend
@@ -53,15 +53,16 @@ def is_vision(source: str) -> bool:
     return accepts_images(source)
 
 
-def _language_model(model: torch.nn.Module) -> torch.nn.Module:
+def _language_model(model: PreTrainedModel) -> PreTrainedModel:
+    """The language part: Idefics3 names it `text_model`, Qwen2-VL and most others `language_model`."""
     inner = model.get_submodule("model")
     for name in ("text_model", "language_model"):
         if hasattr(inner, name):
-            return getattr(inner, name)
+            return cast(PreTrainedModel, getattr(inner, name))
     raise ValueError(f"cannot find the language model inside {type(model).__name__}")
 
 
-def load_vision_model(source: str, precision: str) -> torch.nn.Module:
+def load_vision_model(source: str, precision: str) -> PreTrainedModel:
     """The model at `precision`: int8/int4 quantize the language part and keep the vision encoder
     and connector in float32; bfloat16 and float32 hold everything at that precision."""
     if precision in ("bfloat16", "float32"):
@@ -76,7 +77,7 @@ def load_vision_model(source: str, precision: str) -> torch.nn.Module:
     for name, module in list(language.named_modules()):
         if isinstance(module, torch.nn.Linear):
             _replace(language, name, quantized_linear(bits, module.weight.data, module.bias))
-    values, scales = quantize_rows(embedding.weight.data)
+    values, scales = quantize_rows(cast(torch.Tensor, embedding.weight).detach())
     language.set_input_embeddings(Int8Embedding(values, scales, torch.float32))
     if head is not None:
         model.set_output_embeddings(quantized_linear(bits, head.weight.data, None))
@@ -207,4 +208,3 @@ class VisionBackend(TransformersBackend):
     @property
     def batch_size(self) -> int:
         return 0 if self._seq is None else 1
-

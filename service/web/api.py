@@ -17,6 +17,7 @@ from ..chat import parse_chat_request, start
 from ..config import Settings
 from ..errors import GenerationFailed, InvalidRequest
 from ..history import Transcript
+from ..images import ImageLimits
 from ..inference.engine import Finished, Generation
 from ..models import ModelManager
 from . import disconnect, sse
@@ -82,6 +83,10 @@ def select_model() -> tuple[Response, int]:
     return jsonify(active=models().active.id, model=offer.id, state=offer.state), status
 
 
+def image_limits(settings: Settings) -> ImageLimits:
+    return ImageLimits(settings.image_max_pixels, settings.max_images, settings.image_max_bytes)
+
+
 def _summary(finished: Finished, model: str, dropped: int) -> dict[str, Any]:
     return {
         "model": model,
@@ -96,9 +101,10 @@ def _summary(finished: Finished, model: str, dropped: int) -> dict[str, Any]:
 def chat() -> Response | tuple[Response, int]:
     settings = _settings()
     parsed = parse_chat_request(
-        json_body(),
+        json_body(settings.image_body_bytes),
         default_max_tokens=settings.default_max_tokens,
         max_tokens_limit=settings.max_tokens_limit,
+        images=image_limits(settings),
     )
     parsed, transcript = with_history(parsed)
     started = start(models(), parsed)
