@@ -220,8 +220,9 @@ def install(app: Flask, *, max_body_bytes: int) -> None:
         headers: dict[str, str] = {}
         if status == 413:
             message = f"the request body is larger than {max_body_bytes} bytes"
-            if (request.max_content_length or 0) > max_body_bytes + 1:
-                message += f" (besides images: {request.max_content_length - max_body_bytes - 1} bytes more)"
+            extra = (request.max_content_length or max_body_bytes + 1) - max_body_bytes - 1
+            if extra > 0:
+                message += f" besides its images (up to {extra} bytes more of them)"
         elif status == 429:
             wait = retry_after_seconds()
             message = f"rate limit exceeded ({exc.description} per client); retry in {wait} s"
