@@ -65,7 +65,7 @@ class ChatBody(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
     messages: Annotated[list[Message], Field(min_length=1, max_length=1000)] | None = None
-    message: Content | None = None
+    message: MaybeContent | None = None  # blank only beside images
     images: Annotated[list[str], Field(max_length=64)] | None = None  # with `message`: its images
     stream: bool = False
     max_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -87,6 +87,8 @@ class ChatBody(BaseModel):
         if self.images is not None and self.message is None:
             raise ValueError("'images' goes with 'message'; with 'messages', put them on a user turn")
         if self.message is not None:
+            if not self.images and not self.message.strip():
+                raise ValueError("message: must not be blank")
             self.messages = [Message(role="user", content=self.message, images=self.images)]
         if not self.messages or self.messages[-1].role != "user":
             raise ValueError("the last message must have role 'user'")
@@ -359,7 +361,8 @@ def start(models: ModelManager, chat: ChatRequest) -> Started:
     backend = engine.backend
     if getattr(backend, "accepts_images", False):
         return _start_vision(engine, backend, offer.id, chat)
-    if any(m.get("images") for m in chat.messages):
+    # a stored conversation's earlier images ("stored") are context a text model simply does not see
+    if any(m.get("images") and not m.get("stored") for m in chat.messages):
         seeing = models.accepting_images()
         raise InvalidRequest(
             f"the model {offer.id} cannot see images; "
@@ -373,12 +376,17 @@ def start(models: ModelManager, chat: ChatRequest) -> Started:
         )
     prompt = build_prompt(
         engine.tokenizer,
-        chat.messages,
+        [_text(m) for m in chat.messages],
         context_length=engine.context_length,
         max_tokens=chat.options.max_tokens,
     )
     generation = engine.submit(prompt.ids, chat.options)
     return Started(generation, offer.id, prompt.dropped_messages)
+
+
+def _text(message: dict[str, Any]) -> dict[str, str]:
+    """A turn as a chat template takes it: role and content (no images, no stored meta)."""
+    return {"role": message["role"], "content": message["content"]}
 
 
 def _start_vision(engine: Any, backend: Any, model: str, chat: ChatRequest) -> Started:
@@ -394,7 +402,7 @@ def _start_vision(engine: Any, backend: Any, model: str, chat: ChatRequest) -> S
         if k < len(starts) - 1 and k >= _MAX_RENDERS - 1:
             first = starts[-1]  # out of renders: keep the newest turn alone
         ids, inputs = backend.prepare(
-            [{**m, "images": [p.image for p in m.get("images") or ()]} for m in system + turns[first:]]
+            [{**_text(m), "images": [p.image for p in m.get("images") or ()]} for m in system + turns[first:]]
         )
         if len(ids) <= budget:
             break

@@ -49,6 +49,7 @@ class Picture:
     image: Image.Image
     data: bytes
     mime: str
+    original_size: tuple[int, int]  # as sent, before the cap
 
     @property
     def size(self) -> tuple[int, int]:
@@ -115,4 +116,4 @@ def open_picture(data: bytes, *, where: str, max_bytes: int, max_pixels: int) ->
         scale = math.sqrt(max_pixels / (width * height))
         target = (max(1, int(width * scale)), max(1, int(height * scale)))
         rgb = rgb.resize(target, Image.Resampling.LANCZOS)
-    return Picture(rgb, data, mime)
+    return Picture(rgb, data, mime, (width, height))

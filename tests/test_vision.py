@@ -254,3 +254,46 @@ def test_a_body_may_exceed_max_body_bytes_only_by_its_images(client, app):
     r = client.post("/api/chat", json={"message": padding, "images": [photo], "max_tokens": 1})
     assert r.status_code == 413
     assert "larger than 1000000 bytes" in r.get_json()["error"]["message"]
+
+
+# --- history -----------------------------------------------------------------------------------------
+def test_images_are_stored_with_their_message_and_deleted_with_the_conversation(client, app):
+    data_dir = Path(app.extensions["settings"].data_dir)
+    cid = client.post("/api/conversations", json={}).get_json()["id"]
+    picture = png(color=(10, 200, 10))
+    # a refused image stores nothing: no message, no file
+    bad = client.post(
+        "/api/chat", json={"message": "x", "images": [b64(picture[:40])], "conversation_id": cid}
+    )
+    assert bad.status_code == 422
+    assert client.get(f"/api/conversations/{cid}").get_json()["messages"] == []
+    assert not (data_dir / "images" / cid).exists()
+
+    r = client.post(
+        "/api/chat", json={"message": "", "images": [b64(picture)], "conversation_id": cid, "max_tokens": 2}
+    )
+    assert r.status_code == 200, r.get_json()
+    first_prompt = r.get_json()["usage"]["prompt_tokens"]
+    conv = client.get(f"/api/conversations/{cid}").get_json()
+    question = conv["messages"][0]
+    assert conv["title"] == "Image"
+    [ref] = question["meta"]["images"]
+    assert ref["mime"] == "image/png" and (ref["width"], ref["height"]) == (96, 64)
+    stored = data_dir / "images" / cid / ref["id"]
+    assert stored.read_bytes() == picture
+    assert stored.stat().st_mode & 0o777 == 0o600
+    assert stored.parent.stat().st_mode & 0o777 == 0o700
+    # shown again on reload, to its owner only
+    served = client.get(f"/api/conversations/{cid}/images/{ref['id']}")
+    assert served.status_code == 200 and served.data == picture and served.mimetype == "image/png"
+    stranger = app.test_client()
+    assert stranger.get(f"/api/conversations/{cid}/images/{ref['id']}").status_code == 404
+    assert client.get(f"/api/conversations/{cid}/images/{'0' * 64}").status_code == 404
+    # the export references the image (id and type), it does not carry the bytes
+    export = client.get(f"/api/conversations/{cid}/export").get_json()
+    assert export["messages"][0]["meta"]["images"] == [ref]
+    # the next turn sees the stored image again: its prompt holds the image tokens plus the new turn
+    r = client.post("/api/chat", json={"message": "and now?", "conversation_id": cid, "max_tokens": 2})
+    assert r.get_json()["usage"]["prompt_tokens"] > first_prompt + 2
+    assert client.delete(f"/api/conversations/{cid}").status_code == 204
+    assert not stored.parent.exists()

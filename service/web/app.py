@@ -19,6 +19,7 @@ from flask import Flask, Response, send_from_directory
 from flask.json.provider import DefaultJSONProvider
 from flask_compress import Compress
 
+from ..attachments import Attachments
 from ..config import Settings
 from ..history import History
 from ..inference.engine import Engine
@@ -72,6 +73,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     conversations.install_owner_cookie(app)
     if settings.history:
         app.extensions["history"] = History(Path(settings.data_dir) / "history.db")
+        app.extensions["attachments"] = Attachments(Path(settings.data_dir) / "images")
     protect(app, settings)
 
     @app.get("/")

@@ -24,6 +24,7 @@ from ..errors import (
     ConversationNotFound,
     GenerationFailed,
     HistoryDisabled,
+    ImageNotFound,
     InvalidRequest,
     ModelUnavailable,
     PromptTooLong,
@@ -87,7 +88,7 @@ def answer(exc: ServiceError, *, openai: bool = False) -> Answer:
         return Answer(500, exc.message, "server_error")
     if isinstance(exc, HistoryDisabled):
         return Answer(404, exc.message, "not_found", code="history_disabled")
-    if isinstance(exc, ConversationNotFound):
+    if isinstance(exc, (ConversationNotFound, ImageNotFound)):
         return Answer(404, exc.message, "not_found")
     return Answer(500, exc.message, "server_error")
 
