@@ -61,7 +61,9 @@ def health() -> tuple[Response, int]:
 
 @bp.get("/models")
 def list_models() -> Response:
-    return jsonify(active=models().active.id, data=models().describe())
+    s = _settings()
+    limits = {"max_images": s.max_images, "max_bytes": s.image_max_bytes, "max_pixels": s.image_max_pixels}
+    return jsonify(active=models().active.id, data=models().describe(), image_limits=limits)
 
 
 class SelectBody(BaseModel):
