@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 import time
 from pathlib import Path
 
@@ -96,13 +97,14 @@ def _drop_or_paste(page, how: str, data: bytes) -> None:
             const file = new File([new Uint8Array(bytes)], 'drawn.png', { type: 'image/png' });
             const transfer = new DataTransfer();
             transfer.items.add(file);
+            const init = { bubbles: true, cancelable: true };
             if (how === 'paste') {
                 document.getElementById('input').dispatchEvent(
-                    new ClipboardEvent('paste', { clipboardData: transfer, bubbles: true, cancelable: true }));
+                    new ClipboardEvent('paste', { clipboardData: transfer, ...init }));
             } else {
                 const area = document.querySelector('.composer-area');
-                area.dispatchEvent(new DragEvent('dragover', { dataTransfer: transfer, bubbles: true, cancelable: true }));
-                area.dispatchEvent(new DragEvent('drop', { dataTransfer: transfer, bubbles: true, cancelable: true }));
+                area.dispatchEvent(new DragEvent('dragover', { dataTransfer: transfer, ...init }));
+                area.dispatchEvent(new DragEvent('drop', { dataTransfer: transfer, ...init }));
             }
         }""",
         [how, list(data)],
