@@ -103,7 +103,7 @@ CATALOG: tuple[CatalogEntry, ...] = (
     CatalogEntry(
         "HuggingFaceTB/SmolVLM-500M-Instruct",
         "SmolVLM 500M Instruct (images)",
-        0.37,
+        0.42,
         8192,
         "Apache-2.0",
         "Reads images (SigLIP encoder + SmolLM2-360M); English. The small vision model: fits a B2s.",

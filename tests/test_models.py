@@ -64,7 +64,7 @@ def test_catalog_has_the_promised_models_with_memory_figures():
     small, large = lookup("HuggingFaceTB/SmolVLM-500M-Instruct"), lookup("Qwen/Qwen2.5-VL-7B-Instruct")
     assert small.accepts_images and large.accepts_images and not qwen.accepts_images
     # the vision encoder stays float32 at int8: a quantized vision model is not simply params/2
-    assert small.memory_gb("int8") == round((0.37 + 0.09 * 4) + 0.6, 1)
+    assert small.memory_gb("int8") == round((0.42 + 0.09 * 4) + 0.6, 1)
     assert small.memory_gb("int8") <= 4 - 1 - 1.5  # a B2s: 4 GiB less the OS, with room to spare
 
 

@@ -72,6 +72,7 @@ SMOLVLM_500M: dict[str, Any] = {
     "scale_factor": 4,
     "tile": 512,
     "longest_edge": 2048,
+    "tie_word_embeddings": False,  # its own output head: 507M parameters in all
 }
 
 
@@ -107,7 +108,7 @@ def build_tiny_vision(
         text_config={
             "model_type": "llama",
             "max_position_embeddings": 8192,
-            "tie_word_embeddings": True,
+            "tie_word_embeddings": dims.get("tie_word_embeddings", True),
             "pad_token_id": pad,
             "eos_token_id": end,
             **text,
@@ -115,7 +116,7 @@ def build_tiny_vision(
         vision_config=vision,
         scale_factor=dims["scale_factor"],
         image_token_id=processor.image_token_id,
-        tie_word_embeddings=True,
+        tie_word_embeddings=dims.get("tie_word_embeddings", True),
     )
     torch.manual_seed(seed)
     model = Idefics3ForConditionalGeneration(config).to(torch.bfloat16)  # type: ignore[arg-type]

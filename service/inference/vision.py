@@ -21,13 +21,22 @@ and streaming are the text path's. What differs:
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 import torch
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, DynamicCache, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    DynamicCache,
+    PreTrainedModel,
+    ProcessorMixin,
+)
 
 from ..catalog import accepts_images
 from .backend import Sequence, TransformersBackend
@@ -91,6 +100,46 @@ def _replace(root: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
+def images_only_processor(processor_class: type) -> type:
+    """`processor_class` without its video processor. Qwen2-VL's processors take one, and in
+    Transformers 5 every video processor needs torchvision (which cannot be installed beside this
+    torch); images need only the PIL image processor and the tokenizer."""
+
+    class ImagesOnly(processor_class):
+        def __init__(
+            self, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None, **kw: Any
+        ):
+            self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+            self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    ImagesOnly.__name__ = processor_class.__name__
+    return ImagesOnly
+
+
+def load_processor(source: str) -> Any:
+    """The model's processor with the PIL image processor (`backend="pil"`); for a Qwen2-VL family
+    model, built from its image processor and tokenizer without the video part."""
+    config = AutoConfig.from_pretrained(source)
+    if config.model_type in ("qwen2_vl", "qwen2_5_vl"):
+        from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLProcessor, Qwen2VLProcessor
+
+        cls = Qwen2_5_VLProcessor if config.model_type == "qwen2_5_vl" else Qwen2VLProcessor
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        images = AutoImageProcessor.from_pretrained(source, backend="pil")
+        template = getattr(tokenizer, "chat_template", None)
+        for name in ("chat_template.jinja", "chat_template.json"):
+            path = Path(source) / name
+            if path.is_file():
+                text = path.read_text()
+                template = json.loads(text)["chat_template"] if name.endswith(".json") else text
+                break
+        return images_only_processor(cls)(image_processor=images, tokenizer=tokenizer, chat_template=template)
+    return AutoProcessor.from_pretrained(source, backend="pil")
+
+
 class VisionBackend(TransformersBackend):
     """A vision-language model on CPU, one sequence at a time, with the text backend's sampling."""
 
@@ -111,7 +160,7 @@ class VisionBackend(TransformersBackend):
         self.name = model_id
         self.max_batch = 1
         self.max_pixels = max_pixels
-        self.processor = AutoProcessor.from_pretrained(model_id, backend="pil")
+        self.processor = load_processor(model_id)
         self.tokenizer = self.processor.tokenizer
         self.model = load_vision_model(model_id, dtype)
         config = AutoConfig.from_pretrained(model_id)
