@@ -18,28 +18,45 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import InvalidRequest, PromptTooLong
+from .images import ImageLimits, decode_base64, open_picture
 from .inference.engine import Generation, SamplingOptions
 from .models import ModelManager
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
-def _printable(value: str) -> str:
+def _no_control(value: str) -> str:
     if _CONTROL.search(value):
         raise ValueError("must not contain NUL or control characters (tab and newlines are fine)")
-    if not value.strip():
+    return value
+
+
+def _printable(value: str) -> str:
+    if not _no_control(value).strip():
         raise ValueError("must not be blank")
     return value
 
 
 Content = Annotated[str, AfterValidator(_printable)]
+# A turn's text when it may carry images instead: blank is fine beside a picture.
+MaybeContent = Annotated[str, AfterValidator(_no_control)]
 
 
 class Message(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
     role: Literal["system", "user", "assistant"]
-    content: Content
+    content: MaybeContent
+    # base64 image data (or data: URLs), on a user turn; decoded and checked by make_request
+    images: Annotated[list[str], Field(max_length=64)] | None = None
+
+    @model_validator(mode="after")
+    def _images_from_user(self) -> Message:
+        if self.images and self.role != "user":
+            raise ValueError("only a user turn may carry images")
+        if not self.images and not self.content.strip():
+            raise ValueError("content: must not be blank")
+        return self
 
 
 class ChatBody(BaseModel):
@@ -48,7 +65,8 @@ class ChatBody(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
     messages: Annotated[list[Message], Field(min_length=1, max_length=1000)] | None = None
-    message: Content | None = None
+    message: MaybeContent | None = None  # blank only beside images
+    images: Annotated[list[str], Field(max_length=64)] | None = None  # with `message`: its images
     stream: bool = False
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
@@ -66,8 +84,12 @@ class ChatBody(BaseModel):
     def _one_conversation(self) -> ChatBody:
         if (self.messages is None) == (self.message is None):
             raise ValueError("give either 'messages' (a list of turns) or 'message' (one user turn)")
+        if self.images is not None and self.message is None:
+            raise ValueError("'images' goes with 'message'; with 'messages', put them on a user turn")
         if self.message is not None:
-            self.messages = [Message(role="user", content=self.message)]
+            if not self.images and not self.message.strip():
+                raise ValueError("message: must not be blank")
+            self.messages = [Message(role="user", content=self.message, images=self.images)]
         if not self.messages or self.messages[-1].role != "user":
             raise ValueError("the last message must have role 'user'")
         return self
@@ -75,7 +97,7 @@ class ChatBody(BaseModel):
 
 @dataclass(frozen=True)
 class ChatRequest:
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]  # role, content, and on a user turn maybe "images": [Picture]
     options: SamplingOptions
     stream: bool
     conversation_id: str | None = None
@@ -90,7 +112,9 @@ def _describe(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def parse_chat_request(data: Any, *, default_max_tokens: int, max_tokens_limit: int) -> ChatRequest:
+def parse_chat_request(
+    data: Any, *, default_max_tokens: int, max_tokens_limit: int, images: ImageLimits | None = None
+) -> ChatRequest:
     """Validate a decoded JSON body; raise `InvalidRequest` saying exactly what is wrong."""
     if not isinstance(data, dict):
         raise InvalidRequest("the body must be a JSON object")
@@ -108,6 +132,7 @@ def parse_chat_request(data: Any, *, default_max_tokens: int, max_tokens_limit: 
         stop=body.stop,
         default_max_tokens=default_max_tokens,
         max_tokens_limit=max_tokens_limit,
+        images=images,
     )
     return replace(chat, conversation_id=body.conversation_id, model=body.model)
 
@@ -124,8 +149,11 @@ def make_request(
     default_max_tokens: int,
     max_tokens_limit: int,
     max_tokens_name: str = "max_tokens",
+    images: ImageLimits | None = None,
+    images_name: str = "messages.{i}.images.{j}",
 ) -> ChatRequest:
-    """The checks both API formats share, ending in the one `ChatRequest` the engine path takes."""
+    """The checks both API formats share, ending in the one `ChatRequest` the engine path takes.
+    Images are decoded and checked here (`images.open_picture`), before anything runs or is stored."""
     max_tokens = default_max_tokens if max_tokens is None else max_tokens
     if max_tokens > max_tokens_limit:
         raise InvalidRequest(f"{max_tokens_name}: must be at most {max_tokens_limit}", param=max_tokens_name)
@@ -133,7 +161,34 @@ def make_request(
     options = SamplingOptions(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stops
     )
-    return ChatRequest(messages=[m.model_dump() for m in messages], options=options, stream=stream)
+    return ChatRequest(
+        messages=_with_pictures(messages, images or ImageLimits(), images_name),
+        options=options,
+        stream=stream,
+    )
+
+
+def _with_pictures(messages: list[Message], limits: ImageLimits, name: str) -> list[dict[str, Any]]:
+    count = sum(len(m.images or ()) for m in messages)
+    if count > limits.max_images:
+        raise InvalidRequest(
+            f"the request carries {count} images; at most {limits.max_images} are accepted (MAX_IMAGES)",
+            param="images",
+        )
+    out: list[dict[str, Any]] = []
+    for i, m in enumerate(messages):
+        turn: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.images:
+            pictures = []
+            for j, text in enumerate(m.images):
+                where = name.format(i=i, j=j)
+                data = decode_base64(text, where=where, max_bytes=limits.max_bytes)
+                pictures.append(
+                    open_picture(data, where=where, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels)
+                )
+            turn["images"] = pictures
+        out.append(turn)
+    return out
 
 
 # A token of a byte-level BPE vocabulary holds ~4 characters of prose and rarely more than 16 of
@@ -303,11 +358,66 @@ def start(models: ModelManager, chat: ChatRequest) -> Started:
     Raises `UnknownModel`, `ModelUnavailable`, `PromptTooLong` or `QueueFull` (service.errors)."""
     offer = models.active if chat.model is None else models.find(chat.model)
     engine = models.engine(offer.id)
+    backend = engine.backend
+    if getattr(backend, "accepts_images", False):
+        return _start_vision(engine, backend, offer.id, chat)
+    # a stored conversation's earlier images ("stored") are context a text model simply does not see
+    if any(m.get("images") and not m.get("stored") for m in chat.messages):
+        seeing = models.accepting_images()
+        raise InvalidRequest(
+            f"the model {offer.id} cannot see images; "
+            + (
+                f"models that can: {', '.join(seeing)} (choose one with 'model')"
+                if seeing
+                else "no model offered here reads images (add one to MODELS, e.g. "
+                "HuggingFaceTB/SmolVLM-500M-Instruct)"
+            ),
+            param="images",
+        )
     prompt = build_prompt(
         engine.tokenizer,
-        chat.messages,
+        [_text(m) for m in chat.messages],
         context_length=engine.context_length,
         max_tokens=chat.options.max_tokens,
     )
     generation = engine.submit(prompt.ids, chat.options)
     return Started(generation, offer.id, prompt.dropped_messages)
+
+
+def _text(message: dict[str, Any]) -> dict[str, str]:
+    """A turn as a chat template takes it: role and content (no images, no stored meta)."""
+    return {"role": message["role"], "content": message["content"]}
+
+
+def _start_vision(engine: Any, backend: Any, model: str, chat: ChatRequest) -> Started:
+    """The prompt of a vision model: its processor renders the turns and the pixels together. The
+    oldest turns are dropped (their images with them) until prompt + reply fit the context."""
+    from .inference.vision import VisionOptions  # only here: a vision model is loaded, so torch is
+
+    budget = engine.context_length - chat.options.max_tokens
+    system = chat.messages[:1] if chat.messages[0]["role"] == "system" else []
+    turns = chat.messages[len(system) :]
+    starts = [i for i, m in enumerate(turns) if m["role"] == "user"] or [0]
+    for k, first in enumerate(starts):
+        if k < len(starts) - 1 and k >= _MAX_RENDERS - 1:
+            first = starts[-1]  # out of renders: keep the newest turn alone
+        ids, inputs = backend.prepare(
+            [{**_text(m), "images": [p.image for p in m.get("images") or ()]} for m in system + turns[first:]]
+        )
+        if len(ids) <= budget:
+            break
+        if first == starts[-1]:
+            raise _too_long(
+                f"the prompt needs {len(ids)} tokens (images included)",
+                budget,
+                engine.context_length,
+                chat.options.max_tokens,
+            )
+    images = sum(len(m.get("images") or ()) for m in turns[first:])
+    options = VisionOptions(
+        **{f: getattr(chat.options, f) for f in SamplingOptions.__dataclass_fields__},
+        inputs=inputs,
+        images=images,
+    )
+    generation = engine.submit(ids, options)
+    return Started(generation, model, first)

@@ -63,6 +63,19 @@ class Settings:
     default_max_tokens: int = _setting(512, "reply length when a request gives no max_tokens")
     max_tokens_limit: int = _setting(2048, "largest max_tokens a request may ask for")
     max_body_bytes: int = _setting(1_000_000, "largest request body accepted (413 beyond)")
+    image_max_pixels: int = _setting(
+        1_048_576,
+        "resolution cap: an image with more pixels is scaled down to this many before the model reads it "
+        "(bounds prefill time: see Images in the README)",
+    )
+    max_images: int = _setting(
+        4, "images one chat request may carry, over all its turns (refused beyond; 0 = none)"
+    )
+    image_max_bytes: int = _setting(
+        5_000_000,
+        "largest image accepted, as encoded bytes (refused beyond); a chat body may exceed "
+        "MAX_BODY_BYTES by MAX_IMAGES of these in base64, and only by its images",
+    )
     log_level: str = _setting("info", "gunicorn and service log level")
     data_dir: str = _setting("data", "folder for the history database (the image uses a /data volume)")
     history: bool = _setting(True, "keep conversations on disk; off = private mode, nothing is written")
@@ -86,6 +99,11 @@ class Settings:
         "too, `*` = any); loopback names always; others get 400 (stops DNS rebinding). A public "
         "server sets its DNS name",
     )
+
+    @property
+    def image_body_bytes(self) -> int:
+        """What a chat body may carry in images beyond MAX_BODY_BYTES: MAX_IMAGES of them in base64."""
+        return self.max_images * (self.image_max_bytes * 4 // 3 + 100)
 
     def allowed_host_names(self) -> tuple[str, ...]:
         """ALLOWED_HOSTS as a tuple of names (loopback names are added by the check itself)."""
@@ -131,6 +149,8 @@ class Settings:
             "default_max_tokens",
             "max_tokens_limit",
             "max_body_bytes",
+            "image_max_pixels",
+            "image_max_bytes",
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name.upper()} must be at least 1")
@@ -147,6 +167,8 @@ class Settings:
                 raise SettingsError(f"ALLOWED_HOSTS: {host!r} is not a host name or address")
         if self.database_url and not is_postgres_url(self.database_url):
             raise SettingsError("DATABASE_URL must be a postgresql:// URL (or empty for SQLite in DATA_DIR)")
+        if self.max_images < 0:
+            raise SettingsError("MAX_IMAGES must be 0 (no images) or more")
         if self.torch_threads < 0:
             raise SettingsError("TORCH_THREADS must be 0 (all cores) or more")
         if self.default_max_tokens > self.max_tokens_limit:

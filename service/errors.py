@@ -59,6 +59,13 @@ class GenerationFailed(ServiceError):
         self.error = error
 
 
+class ImageNotFound(ServiceError, LookupError):
+    """No such stored image in this (existing, owned) conversation."""
+
+    def __init__(self) -> None:
+        super().__init__("no such image in this conversation")
+
+
 class ConversationNotFound(ServiceError, LookupError):
     """No such conversation for this owner (whether it exists for someone else is not said)."""
 

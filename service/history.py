@@ -401,17 +401,20 @@ class Transcript:
     """Writes one exchange of a stored conversation: the new turns once the model has taken the
     request, the reply once it has ended (however it ended)."""
 
-    def __init__(self, store: History, owner: str, conversation_id: str, new_turns: list[dict[str, str]]):
+    def __init__(self, store: History, owner: str, conversation_id: str, new_turns: list[dict[str, Any]]):
         self.store, self.owner, self.id, self.new_turns = store, owner, conversation_id, new_turns
         self._done = False
 
     def accepted(self) -> None:
         for turn in self.new_turns:
-            self.store.append(self.owner, self.id, StoredMessage(turn["role"], turn["content"]))
+            # meta: a user turn's stored images (service/attachments.py)
+            meta = turn.get("meta")
+            self.store.append(self.owner, self.id, StoredMessage(turn["role"], turn["content"], meta=meta))
         if self.new_turns:
             conv = self.store.get(self.owner, self.id)
             if conv.title == DEFAULT_TITLE:
-                self.store.rename(self.owner, self.id, auto_title(self.new_turns[0]["content"]))
+                title = auto_title(self.new_turns[0]["content"]) or "Image"
+                self.store.rename(self.owner, self.id, title)
 
     def reply(self, text: str, finished: Finished | None, model: str) -> None:
         """Store the reply; `finished` is None when the client left before the end."""
@@ -440,12 +443,17 @@ def with_history(chat: ChatRequest, store: History, owner: str) -> tuple[ChatReq
     system = chat.messages[:1] if chat.messages[0]["role"] == "system" else []
     new_turns = chat.messages[len(system) :]
     stored = [
-        {"role": m.role, "content": m.content}
+        {"role": m.role, "content": m.content, **({"meta": m.meta} if _has_images(m) else {})}
         for m in conv.messages
-        if m.content.strip() and m.status != "error" and m.role != "system"
+        if (m.content.strip() or _has_images(m)) and m.status != "error" and m.role != "system"
     ]
     full = replace(chat, messages=system + stored + new_turns)
     return full, Transcript(store, owner, conv.id, new_turns)
+
+
+def _has_images(message: StoredMessage) -> bool:
+    """A user turn that carried images (their references are in its meta: service/attachments.py)."""
+    return message.role == "user" and bool((message.meta or {}).get("images"))
 
 
 def auto_title(text: str, limit: int = 60) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Any
 
-from .catalog import CatalogEntry, lookup
+from .catalog import CatalogEntry, accepts_images, lookup
 from .errors import ModelUnavailable, UnknownModel
 from .inference.engine import Engine
 from .inference.memory import default_budget, weights_bytes
@@ -38,6 +38,10 @@ class Offer:
     catalog: CatalogEntry | None
     engine: Engine | None = None
     error: str | None = None
+
+    @property
+    def accepts_images(self) -> bool:
+        return self.catalog.accepts_images if self.catalog else accepts_images(self.source)
 
     @property
     def state(self) -> str:
@@ -95,6 +99,10 @@ class ModelManager:
             raise UnknownModel(model, self.offered)
         return offer
 
+    def accepting_images(self) -> list[str]:
+        """Ids of the offered models that read images (for the error a text model gives an image)."""
+        return [o.id for o in self._offers.values() if o.accepts_images]
+
     @property
     def active(self) -> Offer:
         with self._lock:
@@ -148,6 +156,7 @@ class ModelManager:
                     "licence": entry.licence if entry else None,
                     "notes": entry.notes if entry else None,
                     "memory_gb": entry.memory_gb(self._dtype) if entry else None,
+                    "accepts_images": offer.accepts_images,
                 }
             )
         return out

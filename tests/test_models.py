@@ -52,6 +52,8 @@ def test_catalog_has_the_promised_models_with_memory_figures():
         "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
         "microsoft/Phi-3-mini-4k-instruct",
         "HuggingFaceTB/SmolLM2-1.7B-Instruct",
+        "HuggingFaceTB/SmolVLM-500M-Instruct",
+        "Qwen/Qwen2.5-VL-7B-Instruct",
     ]
     assert [e.hub_id for e in CATALOG] == wanted
     qwen = lookup("qwen/qwen2.5-1.5b-instruct")
@@ -59,6 +61,11 @@ def test_catalog_has_the_promised_models_with_memory_figures():
     assert 3.0 < qwen.memory_gb("bfloat16") < 4.5
     assert lookup("/models/Qwen2.5-1.5B-Instruct") is qwen  # a local copy is recognised by name
     assert lookup("someone/else") is None
+    small, large = lookup("HuggingFaceTB/SmolVLM-500M-Instruct"), lookup("Qwen/Qwen2.5-VL-7B-Instruct")
+    assert small.accepts_images and large.accepts_images and not qwen.accepts_images
+    # the vision encoder stays float32 at int8: a quantized vision model is not simply params/2
+    assert small.memory_gb("int8") == round((0.42 + 0.09 * 4) + 0.6, 1)
+    assert small.memory_gb("int8") <= 4 - 1 - 1.5  # a B2s: 4 GiB less the OS, with room to spare
 
 
 def test_weights_size_is_read_from_the_folder(tiny_model_dir):

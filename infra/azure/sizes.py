@@ -156,7 +156,14 @@ def check_vm(model: str, precision: str, size: str) -> Fit:
     for other in BYTES_ORDER[BYTES_ORDER.index(precision) + 1 :]:
         if entry.memory_gb(other) <= room:
             lines.append(f"  --precision {other} ({entry.memory_gb(other)} GB)")
-    smaller = [e for e in CATALOG if e.memory_gb(precision) <= room and e.hub_id != entry.hub_id]
+    # a smaller model of the same kind: one that reads images in place of one that does
+    smaller = [
+        e
+        for e in CATALOG
+        if e.memory_gb(precision) <= room
+        and e.hub_id != entry.hub_id
+        and e.accepts_images == entry.accepts_images
+    ]
     if smaller:
         best = max(smaller, key=lambda e: e.params_b)
         lines.append(f"  --model {best.hub_id} ({best.memory_gb(precision)} GB at {precision})")

@@ -40,7 +40,7 @@ def weights_bytes(source: str, dtype: str) -> int | None:
             ratio = BYTES_PER_PARAM.get(dtype, 2.0) / BYTES_PER_PARAM.get(stored, 2.0)
             return int(sum(f.stat().st_size for f in files) * ratio)
     entry = lookup(source)
-    return int(entry.params_b * 1e9 * BYTES_PER_PARAM.get(dtype, 2.0)) if entry else None
+    return entry.weights_bytes(dtype) if entry and dtype in BYTES_PER_PARAM else None
 
 
 def default_budget() -> int:

@@ -17,11 +17,12 @@ from ..chat import parse_chat_request, start
 from ..config import Settings
 from ..errors import GenerationFailed, InvalidRequest
 from ..history import Transcript
+from ..images import ImageLimits
 from ..inference.engine import Finished, Generation
 from ..models import ModelManager
 from . import disconnect, sse
 from .access import token_ok
-from .conversations import with_history
+from .conversations import save_images, with_history
 from .errors import answer, json_body
 
 bp = Blueprint("api", __name__, url_prefix="/api")
@@ -60,7 +61,9 @@ def health() -> tuple[Response, int]:
 
 @bp.get("/models")
 def list_models() -> Response:
-    return jsonify(active=models().active.id, data=models().describe())
+    s = _settings()
+    limits = {"max_images": s.max_images, "max_bytes": s.image_max_bytes, "max_pixels": s.image_max_pixels}
+    return jsonify(active=models().active.id, data=models().describe(), image_limits=limits)
 
 
 class SelectBody(BaseModel):
@@ -82,6 +85,10 @@ def select_model() -> tuple[Response, int]:
     return jsonify(active=models().active.id, model=offer.id, state=offer.state), status
 
 
+def image_limits(settings: Settings) -> ImageLimits:
+    return ImageLimits(settings.image_max_pixels, settings.max_images, settings.image_max_bytes)
+
+
 def _summary(finished: Finished, model: str, dropped: int) -> dict[str, Any]:
     return {
         "model": model,
@@ -96,14 +103,16 @@ def _summary(finished: Finished, model: str, dropped: int) -> dict[str, Any]:
 def chat() -> Response | tuple[Response, int]:
     settings = _settings()
     parsed = parse_chat_request(
-        json_body(),
+        json_body(settings.image_body_bytes),
         default_max_tokens=settings.default_max_tokens,
         max_tokens_limit=settings.max_tokens_limit,
+        images=image_limits(settings),
     )
     parsed, transcript = with_history(parsed)
     started = start(models(), parsed)
     generation, model, dropped = started.generation, started.model, started.dropped_messages
     if transcript:
+        save_images(transcript)
         transcript.accepted()
     gone = disconnect.watcher(request.environ)
     if parsed.stream:

@@ -20,6 +20,7 @@ from flask import Flask, Response, request, send_from_directory
 from flask.json.provider import DefaultJSONProvider
 from flask_compress import Compress
 
+from ..attachments import Attachments
 from ..config import Settings
 from ..history import History
 from ..inference.engine import Engine
@@ -84,6 +85,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         store = History(settings.database_url or Path(settings.data_dir) / "history.db")
         logging.getLogger(__name__).info("conversation history in %s", store.describe())
         app.extensions["history"] = store
+        app.extensions["attachments"] = Attachments(Path(settings.data_dir) / "images")
     protect(app, settings)
 
     @app.get("/")
@@ -185,7 +187,16 @@ def _transformers_loader(settings: Settings, source: str) -> Callable[[], Any]:
 
     def load() -> Any:
         from ..inference.backend import TransformersBackend
+        from ..inference.vision import VisionBackend, is_vision
 
+        if is_vision(source):
+            return VisionBackend(
+                source,
+                dtype=settings.dtype,
+                threads=settings.torch_threads,
+                context_tokens=settings.context_tokens,
+                max_pixels=settings.image_max_pixels,
+            )
         return TransformersBackend(
             source,
             dtype=settings.dtype,

@@ -15,10 +15,12 @@ from typing import Annotated, Any, Literal, TypeVar
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..attachments import Attachments
 from ..chat import ChatRequest, Content
-from ..errors import ConversationNotFound, HistoryDisabled, InvalidRequest
+from ..errors import ConversationNotFound, HistoryDisabled, ImageNotFound, InvalidRequest
 from ..history import DEFAULT_TITLE, TITLE_MAX, History, StoredMessage, Transcript, new_owner_id
 from ..history import with_history as stored_chat
+from ..images import ImageLimits
 from .access import bearer_token
 from .errors import json_body
 
@@ -140,6 +142,7 @@ def rename_conversation(cid: str) -> Response:
 @bp.delete("/<cid>")
 def delete_conversation(cid: str) -> tuple[str, int]:
     history().delete(current_owner(), conversation_id(cid))
+    attachments().delete(cid)
     return "", 204
 
 
@@ -158,7 +161,33 @@ def with_history(chat: ChatRequest) -> tuple[ChatRequest, Transcript | None]:
         return chat, None
     store, owner = history(), current_owner()
     conversation_id(chat.conversation_id)  # a malformed id is not looked up
-    return stored_chat(chat, store, owner)
+    full, transcript = stored_chat(chat, store, owner)
+    settings = current_app.extensions["settings"]
+    limits = ImageLimits(settings.image_max_pixels, settings.max_images, settings.image_max_bytes)
+    attachments().context(chat.conversation_id, full.messages, limits)
+    return full, transcript
+
+
+def attachments() -> Attachments:
+    return current_app.extensions["attachments"]
+
+
+def save_images(transcript: Transcript) -> None:
+    """Store the new turns' images with them (called once the model has taken the request)."""
+    attachments().save(transcript.id, transcript.new_turns)
+
+
+@bp.get("/<cid>/images/<image_id>")
+def conversation_image(cid: str, image_id: str) -> Response:
+    """An image of the caller's own conversation, as sent (the page's thumbnails after a reload)."""
+    conv = history().get(current_owner(), conversation_id(cid))
+    refs = [r for m in conv.messages for r in (m.meta or {}).get("images", []) if r.get("id") == image_id]
+    data = attachments().read(conv.id, image_id) if refs else None
+    if data is None:
+        raise ImageNotFound()
+    response = Response(data, mimetype=refs[0]["mime"])
+    response.headers["Cache-Control"] = "private, max-age=86400"
+    return response
 
 
 # --- editing a conversation: truncate (edit and resend), alternatives (regenerate), import ---------

@@ -25,6 +25,7 @@ from ..errors import (
     GenerationFailed,
     HistoryDisabled,
     HistoryUnavailable,
+    ImageNotFound,
     InvalidRequest,
     ModelUnavailable,
     PromptTooLong,
@@ -90,7 +91,7 @@ def answer(exc: ServiceError, *, openai: bool = False) -> Answer:
         return Answer(404, exc.message, "not_found", code="history_disabled")
     if isinstance(exc, HistoryUnavailable):
         return Answer(503, exc.message, "server_busy", headers={"Retry-After": str(exc.retry_after)})
-    if isinstance(exc, ConversationNotFound):
+    if isinstance(exc, (ConversationNotFound, ImageNotFound)):
         return Answer(404, exc.message, "not_found")
     return Answer(500, exc.message, "server_error")
 
@@ -107,25 +108,36 @@ def _respond(a: Answer) -> tuple[Response, int, dict[str, str]]:
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def json_body() -> Any:
+def json_body(image_bytes: int = 0) -> Any:
     """The request's JSON, or the 415/413/400/422 error a client should see instead.
 
     The body is read here, at most MAX_BODY_BYTES + 1 bytes of it, so a chunked body (no
     Content-Length) that is too large is a 413 like any other, not a cut-off "invalid JSON". JSON
     too deeply nested for the parser is invalid JSON, and a string holding half of a surrogate pair
     (valid JSON, but no UTF-8 can carry it: the tokenizer and SQLite would fail on it) is refused
-    before anything tries to use it."""
+    before anything tries to use it.
+
+    `image_bytes` lets a chat body carry that many bytes of images (base64) beyond MAX_BODY_BYTES:
+    only a body that mentions images is read past MAX_BODY_BYTES at all, and once parsed, what is
+    not image data is held to MAX_BODY_BYTES as before."""
+    limit = current_app.extensions["settings"].max_body_bytes
+    if image_bytes:
+        request.max_content_length = limit + image_bytes + 1
     if request.mimetype != "application/json":
         raise HttpError(
             415, "send the body as JSON with 'Content-Type: application/json'", "unsupported_media_type"
         )
-    raw = _bounded_body()
+    raw = _bounded_body(limit + image_bytes)
+    if len(raw) > limit and (not image_bytes or not _mentions_images(raw)):
+        raise RequestEntityTooLarge()
     try:
         data = json.loads(raw)
     except RecursionError:
         raise HttpError(400, "the body is not valid JSON: it is nested too deeply") from None
     except ValueError:
         raise HttpError(400, "the body is not valid JSON") from None
+    if len(raw) > limit and len(raw) - _image_data_bytes(data) > limit:
+        raise RequestEntityTooLarge()
     where = _lone_surrogate(data)
     if where is not None:
         raise InvalidRequest(
@@ -136,8 +148,27 @@ def json_body() -> Any:
     return data
 
 
-def _bounded_body() -> bytes:
-    limit = current_app.extensions["settings"].max_body_bytes
+def _mentions_images(raw: bytes) -> bool:
+    return b'"images"' in raw or b'"image_url"' in raw
+
+
+def _image_data_bytes(data: Any) -> int:
+    """Characters of image data in a chat body: /api's "images" lists and /v1's image_url URLs."""
+    total = 0
+    turns = data.get("messages") if isinstance(data, dict) else None
+    for turn in [data, *(turns if isinstance(turns, list) else [])]:
+        if not isinstance(turn, dict):
+            continue
+        images = turn.get("images")
+        total += sum(len(i) for i in images if isinstance(i, str)) if isinstance(images, list) else 0
+        content = turn.get("content")
+        for part in content if isinstance(content, list) else []:
+            url = part.get("image_url") if isinstance(part, dict) else None
+            total += len(url["url"]) if isinstance(url, dict) and isinstance(url.get("url"), str) else 0
+    return total
+
+
+def _bounded_body(limit: int) -> bytes:
     # MAX_CONTENT_LENGTH is limit + 1 (app.py): werkzeug refuses a larger Content-Length itself and
     # otherwise stops reading one byte past the limit, which is how a chunked body shows it is too big.
     data = request.get_data(cache=True)
@@ -193,6 +224,9 @@ def install(app: Flask, *, max_body_bytes: int) -> None:
         headers: dict[str, str] = {}
         if status == 413:
             message = f"the request body is larger than {max_body_bytes} bytes"
+            extra = (request.max_content_length or max_body_bytes + 1) - max_body_bytes - 1
+            if extra > 0:
+                message += f" besides its images (up to {extra} bytes more of them)"
         elif status == 429:
             wait = retry_after_seconds()
             message = f"rate limit exceeded ({exc.description} per client); retry in {wait} s"

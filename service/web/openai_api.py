@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..chat import Content, Message, make_request, start
 from ..errors import GenerationFailed, InvalidRequest
+from ..images import ImageLimits
 from ..inference.engine import Finished, Generation
 from ..models import ModelManager
 from . import disconnect, sse
@@ -39,16 +40,39 @@ class TextPart(BaseModel):
     text: Content
 
 
+class ImageUrl(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    url: Annotated[str, Field(min_length=1)]
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(BaseModel):
+    """An image: a `data:` URL only. A remote URL is refused by `images.decode_base64`, never
+    fetched: a server that fetched what clients name could be made to reach its own network."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
     role: Literal["system", "developer", "user", "assistant"]
-    content: Content | Annotated[list[TextPart], Field(min_length=1)]
+    content: Content | Annotated[list[TextPart | ImagePart], Field(min_length=1)]
     name: str | None = None
 
     def to_message(self) -> Message:
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        if isinstance(self.content, str):
+            text, images = self.content, []
+        else:
+            text = "".join(p.text for p in self.content if isinstance(p, TextPart))
+            images = [p.image_url.url for p in self.content if isinstance(p, ImagePart)]
         role = "system" if self.role == "developer" else self.role
-        return Message(role=role, content=text)
+        try:
+            return Message(role=role, content=text, images=images or None)
+        except ValidationError as exc:
+            reason = exc.errors(include_url=False)[0]["msg"].removeprefix("Value error, ")
+            raise InvalidRequest(f"Invalid value for 'messages': {reason}", param="messages") from None
 
 
 class StreamOptions(BaseModel):
@@ -91,7 +115,7 @@ _FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]+")
 
 
 def _is_field(part: object) -> bool:
-    return bool(_FIELD.fullmatch(str(part))) and str(part) not in ("str", "list")
+    return bool(_FIELD.fullmatch(str(part))) and str(part) not in ("str", "list", "TextPart", "ImagePart")
 
 
 def _validation_error(exc: ValidationError) -> InvalidRequest:
@@ -127,7 +151,7 @@ def models() -> Response:
 
 @bp.post("/chat/completions")
 def chat_completions() -> Response | tuple[Response, int]:
-    data = json_body()
+    data = json_body(current_app.extensions["settings"].image_body_bytes)
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object")
     try:
@@ -151,6 +175,8 @@ def chat_completions() -> Response | tuple[Response, int]:
         default_max_tokens=settings.default_max_tokens,
         max_tokens_limit=settings.max_tokens_limit,
         max_tokens_name=max_tokens_name,
+        images=ImageLimits(settings.image_max_pixels, settings.max_images, settings.image_max_bytes),
+        images_name="messages[{i}].content.image_url",
     )
     started = start(_models(), replace(chat, model=model))
     completion = _Completion(started.model)

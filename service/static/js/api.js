@@ -58,6 +58,13 @@ export async function api(method, path, body, signal) {
   return { ok: response.ok, status: response.status, data, response };
 }
 
+/** GET a binary route of this service (a stored image) with the access token; resolves a Blob, or
+ *  null when the server refuses. */
+export async function fetchBlob(path) {
+  const response = await fetch(path, { headers: authHeaders({}), cache: 'force-cache' });
+  return response.ok ? response.blob() : null;
+}
+
 /** POST /api/chat asking for a text/event-stream reply; resolves the raw Response. */
 export function streamChat(payload, signal) {
   return fetch('/api/chat', {

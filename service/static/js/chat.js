@@ -6,6 +6,7 @@
  * controls, whose state follows from the chat's. */
 
 import { els } from './dom.js';
+import { hasPending, renderThumbnails, takePending } from './attach.js';
 import { api, apiFailure, errorMessageFrom, streamChat } from './api.js';
 import { isReady, pollHealth } from './health.js';
 import {
@@ -85,6 +86,18 @@ export function updateEmptyState() {
   els.messages.setAttribute('aria-busy', String(chat.opening));
 }
 
+/** A private chat sends every turn: older turns keep their images only while the request stays
+ *  within the server's MAX_IMAGES (4 unless the menu says otherwise), newest first. */
+function newestImages(turns, max = 4) {
+  let room = max;
+  return [...turns].reverse().map((turn) => {
+    if (!turn.images) return turn;
+    const images = turn.images.slice(Math.max(0, turn.images.length - room));
+    room -= images.length;
+    return images.length ? { ...turn, images } : { role: turn.role, content: turn.content };
+  }).reverse();
+}
+
 /** The chat request: stored chats send only the new turn (the server has the rest). */
 function buildPayload(options, conversationId) {
   const messages = [];
@@ -95,7 +108,7 @@ function buildPayload(options, conversationId) {
     messages.push(chat.history[chat.history.length - 1]);
     return { conversation_id: conversationId, messages, stream: true, ...options };
   }
-  messages.push(...chat.history);
+  messages.push(...newestImages(chat.history));
   return { messages, stream: true, ...options };
 }
 
@@ -179,7 +192,7 @@ async function readReply(response, reply) {
 export function submit() {
   const raw = els.input.value;
   const text = raw.replace(/^\s*\n/, '').trimEnd();
-  if (!text.trim() || chat.active || chat.opening || !isReady()) return;
+  if ((!text.trim() && !hasPending()) || chat.active || chat.opening || !isReady()) return;
 
   const settings = readSettings();
   if (settings.error) {
@@ -190,14 +203,16 @@ export function submit() {
   removeRetryButtons();
   setInput('');
   els.input.focus();
-  ask(text, settings.options);
+  ask(text, settings.options, takePending());
 }
 
-/** Show `text` as the user's turn and ask for the reply; a refused request gives the text back. */
-function ask(text, options) {
+/** Show `text` (and its images) as the user's turn and ask for the reply; a refused request gives
+ *  the text back. */
+function ask(text, options, images = []) {
   const userEl = appendUserMessage(text);
+  renderThumbnails(userEl, { urls: images });
   updateEmptyState();
-  chat.history.push({ role: 'user', content: text });
+  chat.history.push(images.length ? { role: 'user', content: text, images } : { role: 'user', content: text });
   requestReply({ userEl, text, options });
 }
 
@@ -486,7 +501,9 @@ function renderStoredConversation(conversation) {
   for (const [position, message] of conversation.messages.entries()) {
     const content = typeof message.content === 'string' ? message.content : '';
     if (message.role === 'user') {
-      appendUserMessage(content);
+      const userEl = appendUserMessage(content);
+      const stored = Array.isArray(message.meta?.images) ? message.meta.images : [];
+      renderThumbnails(userEl, { stored, conversationId: conversation.id });
       chat.history.push({ role: 'user', content });
     } else if (message.role === 'assistant') {
       const reply = renderStoredReply(message, content, position);

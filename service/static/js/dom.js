@@ -55,4 +55,11 @@ export const els = {
   importFile: $('import-file'),
   noticeDetails: $('notice-details'),
   noticeRaw: $('notice-raw'),
+  attach: $('attach'),
+  attachFile: $('attach-file'),
+  attachments: $('attachments'),
+  attachError: $('attach-error'),
+  visionNotice: $('vision-notice'),
+  visionNoticeText: $('vision-notice-text'),
+  visionSwitch: $('vision-switch'),
 };

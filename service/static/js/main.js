@@ -23,6 +23,7 @@ import {
 import { pollHealth } from './health.js';
 import { copyCode } from './markdown.js';
 import { chooseModel, loadModels, modelsAfterToken } from './models.js';
+import { initAttachments } from './attach.js';
 import { closeSettings, settingsOpen, toggleSettings } from './settings.js';
 import { closeDrawer, historyAfterToken, initSidebar, renderSidebar } from './sidebar.js';
 import { initTransfer } from './transfer.js';
@@ -94,6 +95,7 @@ function init() {
     if (els.chatMenu.open && !els.chatMenu.contains(event.target)) els.chatMenu.open = false;
   });
   initTransfer();
+  initAttachments();
   document.addEventListener('visibilitychange', () => {
     if (document.visibilityState === 'visible') pollHealth();
   });

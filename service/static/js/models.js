@@ -85,6 +85,11 @@ export async function loadModels() {
   const serverPending = models.list.find((m) => m.pending === true && m.state === 'loading');
   if (serverPending && !models.pending) models.pending = serverPending.id;
   renderModels();
+  document.dispatchEvent(
+    new CustomEvent('models-changed', {
+      detail: { list: models.list, active: models.active, limits: result.data.image_limits },
+    }),
+  );
   if (loading || models.pending) models.timer = setTimeout(loadModels, MODELS_POLL_MS);
   // The active model changed or finished loading: the status line and welcome text follow health.
   if ((previousActive && previousActive !== models.active) || (wasLoading && !loading)) pollHealth();

@@ -1,0 +1,134 @@
+"""The vision row of the benchmark: one picture at the resolution cap plus a short question.
+
+`python -m service.dev.vision_bench` (or `vision_row()` from another benchmark) builds, once, a
+model with HuggingFaceTB/SmolVLM-500M-Instruct's exact architecture and random weights
+(`tiny_vision.SMOLVLM_500M`: it costs what the real one costs per image and per token), loads it the
+way the service does (`VisionBackend`: language model int8, vision encoder float32), and measures in
+a process of its own (so its peak RSS, loading included, is its own):
+
+- time to first token for one image of IMAGE_MAX_PIXELS (1024 x 1024 by default) and a short
+  question: the image processor, the vision encoder over its tiles, and the prefill of the prompt;
+- decode tokens per second after it;
+- peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+DEFAULT_DIR = CACHE / "qwen-box" / "bench-smolvlm-500m"
+QUESTION = "What is in this picture? Answer in one sentence."
+
+
+def build(path: Path = DEFAULT_DIR) -> Path:
+    """The random SmolVLM-500M architecture on disk (about 1 GB in bf16), built once."""
+    if (path / "config.json").exists():
+        return path
+    import torch
+
+    from .tiny_vision import SMOLVLM_500M, build_tiny_vision
+
+    path.mkdir(parents=True, exist_ok=True)
+    torch.set_default_dtype(torch.bfloat16)  # the random init in bf16: half the memory
+    try:
+        return build_tiny_vision(path, dims=SMOLVLM_500M, endless=True)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def _measure(folder: str, precision: str, max_pixels: int, new_tokens: int, threads: int) -> dict[str, Any]:
+    """In this process: load, then one question with one image at the cap. Returns the figures."""
+    from PIL import Image
+
+    from ..inference.vision import VisionBackend, VisionOptions
+
+    t0 = time.perf_counter()
+    backend = VisionBackend(folder, dtype=precision, threads=threads, max_pixels=max_pixels)
+    load_s = time.perf_counter() - t0
+    side = int(math.sqrt(max_pixels))
+    image = Image.effect_noise((side, side), 64).convert("RGB")  # a photo-like picture at the cap
+    started = time.perf_counter()
+    ids, inputs = backend.prepare([{"role": "user", "content": QUESTION, "images": [image]}])
+    prepared = time.perf_counter()
+    seq, _ = backend.admit(ids, VisionOptions(max_tokens=new_tokens, inputs=inputs, images=1))
+    first = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        backend.step()
+    done = time.perf_counter()
+    backend.release(seq)
+    return {
+        "model": "SmolVLM-500M architecture, random weights",
+        "precision": f"{precision} language model, float32 vision encoder",
+        "image": f"{side}x{side}",
+        "prompt_tokens": len(ids),
+        "image_tiles": int(inputs["pixel_values"].shape[1]),
+        "load_s": round(load_s, 2),
+        "preprocess_s": round(prepared - started, 3),
+        "ttft_s": round(first - started, 3),
+        "decode_tokens_per_s": round((new_tokens - 1) / (done - first), 2),
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "threads": threads or os.cpu_count(),
+    }
+
+
+def vision_row(
+    precision: str = "int8",
+    *,
+    max_pixels: int = 1_048_576,
+    new_tokens: int = 32,
+    threads: int = 0,
+    folder: Path | None = None,
+    timeout: float = 600,
+) -> dict[str, Any]:
+    """The vision row, measured in a fresh process (its peak RSS is its own): a dict of figures."""
+    folder = build(folder or DEFAULT_DIR)
+    command = [
+        sys.executable, "-m", "service.dev.vision_bench", "--measure", str(folder),
+        "--precision", precision, "--max-pixels", str(max_pixels),
+        "--new-tokens", str(new_tokens), "--threads", str(threads),
+    ]  # fmt: skip
+    out = subprocess.run(command, check=True, capture_output=True, text=True, timeout=timeout)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def markdown(row: dict[str, Any]) -> str:
+    """The row as the benchmark table shows it."""
+    return (
+        "| model | image | prompt tokens | TTFT | decode tok/s | peak RSS GiB |\n|---|---|---|---|---|---|\n"
+        f"| {row['model']} ({row['precision']}) | {row['image']} ({row['image_tiles']} tiles) | "
+        f"{row['prompt_tokens']} | {row['ttft_s']} s | {row['decode_tokens_per_s']} | {row['peak_rss_gib']} |"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--measure", help=argparse.SUPPRESS)  # the child process: measure this folder
+    parser.add_argument("--precision", default="int8", choices=["int8", "int4", "bfloat16", "float32"])
+    parser.add_argument("--max-pixels", type=int, default=1_048_576)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.measure:
+        row = _measure(args.measure, args.precision, args.max_pixels, args.new_tokens, args.threads)
+        print(json.dumps(row))
+        return 0
+    row = vision_row(
+        args.precision, max_pixels=args.max_pixels, new_tokens=args.new_tokens, threads=args.threads
+    )
+    print(json.dumps(row, indent=2))
+    print(markdown(row))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""Images: a tiny random SmolVLM (Idefics3) answering questions about pictures the tests draw with
+Pillow, through /api/chat, /v1 with the official openai client, and every bad input refused."""
+
+from __future__ import annotations
+
+import base64
+import io
+import struct
+import sys
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+from PIL import Image
+
+from service.config import Settings
+from service.dev.tiny_vision import build_tiny_vision
+from service.images import BOMB_PIXELS
+from service.inference.vision import VisionBackend
+from service.web import create_app
+from tests.support.live import LiveServer
+
+
+def png(
+    size: tuple[int, int] = (96, 64), color: tuple[int, int, int] = (200, 30, 30), fmt: str = "PNG"
+) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def noisy_png() -> bytes:
+    """A PNG whose pixel data is most of the file, so cutting it short cuts pixels."""
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", (64, 64), bytes(range(256)) * 48).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{b64(data)}"
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid PNG header claiming `width` x `height` pixels, with a tiny (incomplete) body."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+
+
+@pytest.fixture(scope="module")
+def vision_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_vision(tmp_path_factory.mktemp("tiny-smolvlm"), endless=True)
+
+
+@pytest.fixture(scope="module")
+def app(vision_dir: Path, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The real loading path: the text model is the default, the vision model is offered beside it
+    and made active here (so requests naming no model go to it)."""
+    settings = Settings(
+        model_id=str(tiny_model_dir),
+        models=str(vision_dir),
+        log_level="warning",
+        data_dir=str(tmp_path_factory.mktemp("data")),
+        rate_limit="1000/minute",
+    )
+    app = create_app(settings)
+    models = app.extensions["models"]
+    assert models.engine().wait_ready(60)
+    models.select(vision_dir.name)
+    deadline = time.monotonic() + 60
+    while models.active.id != vision_dir.name and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert models.active.id == vision_dir.name
+    return app
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def test_a_question_about_a_picture_is_answered(client, vision_dir):
+    r = client.post(
+        "/api/chat", json={"message": "What colour is this?", "images": [b64(png())], "max_tokens": 4}
+    )
+    assert r.status_code == 200, r.get_json()
+    body = r.get_json()
+    assert body["model"] == vision_dir.name
+    assert body["usage"]["completion_tokens"] == 4
+    # the image became image tokens in the prompt: far more than the question's few words
+    text_only = client.post("/api/chat", json={"message": "What colour is this?", "max_tokens": 4}).get_json()
+    assert body["usage"]["prompt_tokens"] > text_only["usage"]["prompt_tokens"] + 20
+
+
+def test_the_image_reaches_the_model(vision_dir):
+    """Different pictures, same question: the model's first-token scores differ (greedy tokens of a
+    random model may not), so the pixels are read, not dropped on the way."""
+    import torch
+
+    backend = VisionBackend(str(vision_dir), dtype="int8")
+    logits = []
+    for color in ((255, 0, 0), (0, 0, 255)):
+        picture = Image.open(io.BytesIO(png(color=color)))
+        ids, inputs = backend.prepare([{"role": "user", "content": "colour?", "images": [picture]}])
+        with torch.inference_mode():
+            logits.append(backend.model(input_ids=torch.tensor([ids]), **inputs).logits[0, -1])
+    assert not torch.allclose(logits[0], logits[1])
+    assert "torchvision" not in sys.modules
+
+
+def test_streamed_answer_with_images_in_messages(client):
+    body = {
+        "messages": [{"role": "user", "content": "", "images": [data_url(png()), b64(png(fmt="JPEG"))]}],
+        "stream": True,
+        "max_tokens": 3,
+    }
+    r = client.post("/api/chat", json=body)
+    assert r.status_code == 200
+    assert '"type": "done"' in r.get_data(as_text=True).replace('":"', '": "')
+
+
+@pytest.mark.parametrize(
+    ("image", "words"),
+    [
+        (b64(b"GIF89a" + b"\0" * 20), "images.0"),
+        (b64(noisy_png()[: len(noisy_png()) // 2]), "corrupt or truncated"),
+        (b64(b"%PDF-1.4 hello"), "supported format"),
+        (b64(bomb_png(20_000, 20_000)), "too many pixels"),
+        ("not base64!!", "base64"),
+        ("https://example.com/cat.png", "not fetched"),
+        (b64(png(fmt="BMP")), "supported format"),
+    ],
+)
+def test_bad_images_are_refused_with_a_clear_422(client, app, image, words):
+    """/api answers a request it cannot accept with 422 (as for any invalid field), /v1 with 400."""
+    r = client.post("/api/chat", json={"message": "what is it?", "images": [image], "max_tokens": 2})
+    assert r.status_code == 422, r.get_json()
+    assert words in r.get_json()["error"]["message"]
+    # and the service goes on serving
+    assert client.post("/api/chat", json={"message": "hi", "max_tokens": 1}).status_code == 200
+
+
+def test_image_limits(client, app):
+    settings: Settings = app.extensions["settings"]
+    too_many = [b64(png())] * (settings.max_images + 1)
+    r = client.post("/api/chat", json={"message": "hi", "images": too_many})
+    assert r.status_code == 422 and "at most 4" in r.get_json()["error"]["message"]
+    big = b64(b"\x89PNG" + b"\0" * (settings.image_max_bytes + 10))
+    r = client.post("/api/chat", json={"message": "hi", "images": [big]})
+    assert (
+        r.status_code == 422 and f"larger than {settings.image_max_bytes}" in r.get_json()["error"]["message"]
+    )
+    assert BOMB_PIXELS == Image.MAX_IMAGE_PIXELS  # Pillow's own limit, named
+
+
+def test_a_text_model_given_an_image_names_the_models_that_can_see(client, tiny_model_dir, vision_dir):
+    r = client.post(
+        "/api/chat", json={"message": "what?", "images": [b64(png())], "model": tiny_model_dir.name}
+    )
+    assert r.status_code == 422
+    message = r.get_json()["error"]["message"]
+    assert "cannot see images" in message and vision_dir.name in message
+
+
+def test_models_say_which_accept_images(client, tiny_model_dir, vision_dir):
+    data = {m["id"]: m for m in client.get("/api/models").get_json()["data"]}
+    assert data[vision_dir.name]["accepts_images"] is True
+    assert data[tiny_model_dir.name]["accepts_images"] is False
+
+
+# --- /v1 with the official client over a real gunicorn -----------------------------------------------
+@pytest.fixture(scope="module")
+def server(vision_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    with LiveServer({"MODEL_ID": str(vision_dir)}, tmp_path_factory.mktemp("logs") / "gunicorn.log") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def oai(server: LiveServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _image_message(url: str, text: str = "What is in this picture?") -> list[dict]:
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": url}}],
+        }
+    ]
+
+
+def test_openai_client_streams_an_answer_about_an_image(oai, vision_dir):
+    stream = oai.chat.completions.create(
+        model=vision_dir.name,
+        messages=_image_message(data_url(png(fmt="WEBP"), "image/webp")),
+        max_tokens=3,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
+    assert chunks[-1].usage.prompt_tokens > 30  # the image's tokens
+
+
+def test_openai_client_remote_urls_are_refused(oai, vision_dir):
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.chat.completions.create(
+            model=vision_dir.name, messages=_image_message("http://169.254.169.254/latest"), max_tokens=2
+        )
+    assert "not fetched" in str(caught.value)
+
+
+def test_openai_client_corrupt_image(oai, vision_dir):
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.chat.completions.create(
+            model=vision_dir.name,
+            messages=_image_message(data_url(noisy_png()[: len(noisy_png()) // 2])),
+            max_tokens=2,
+        )
+    assert "image_url" in str(caught.value)
+
+
+def test_the_fit_check_names_the_vm_size_a_vision_model_needs():
+    from infra.azure.sizes import check_vm
+
+    assert check_vm("HuggingFaceTB/SmolVLM-500M-Instruct", "int8", "Standard_B2s").fits
+    large = check_vm("Qwen/Qwen2.5-VL-7B-Instruct", "int8", "Standard_B2s")
+    assert not large.fits
+    assert "--size Standard_B4ms" in large.message
+    assert "--model HuggingFaceTB/SmolVLM-500M-Instruct" in large.message  # a model that also sees
+    assert check_vm("Qwen/Qwen2.5-VL-7B-Instruct", "int8", "Standard_B4ms").fits
+
+
+def test_a_body_may_exceed_max_body_bytes_only_by_its_images(client, app):
+    settings: Settings = app.extensions["settings"]
+    big = Image.effect_noise((700, 700), 80).convert("RGB")
+    buffer = io.BytesIO()
+    big.save(buffer, "PNG")
+    photo = b64(buffer.getvalue())
+    assert settings.max_body_bytes < len(photo) < settings.image_max_bytes
+    r = client.post("/api/chat", json={"message": "describe", "images": [photo], "max_tokens": 1})
+    assert r.status_code == 200, r.get_json()
+    padding = "x" * settings.max_body_bytes
+    r = client.post("/api/chat", json={"message": padding, "images": [photo], "max_tokens": 1})
+    assert r.status_code == 413
+    assert "larger than 1000000 bytes" in r.get_json()["error"]["message"]
+
+
+# --- history -----------------------------------------------------------------------------------------
+def test_images_are_stored_with_their_message_and_deleted_with_the_conversation(client, app):
+    data_dir = Path(app.extensions["settings"].data_dir)
+    cid = client.post("/api/conversations", json={}).get_json()["id"]
+    picture = png(color=(10, 200, 10))
+    # a refused image stores nothing: no message, no file
+    bad = client.post(
+        "/api/chat", json={"message": "x", "images": [b64(picture[:40])], "conversation_id": cid}
+    )
+    assert bad.status_code == 422
+    assert client.get(f"/api/conversations/{cid}").get_json()["messages"] == []
+    assert not (data_dir / "images" / cid).exists()
+
+    r = client.post(
+        "/api/chat", json={"message": "", "images": [b64(picture)], "conversation_id": cid, "max_tokens": 2}
+    )
+    assert r.status_code == 200, r.get_json()
+    first_prompt = r.get_json()["usage"]["prompt_tokens"]
+    conv = client.get(f"/api/conversations/{cid}").get_json()
+    question = conv["messages"][0]
+    assert conv["title"] == "Image"
+    [ref] = question["meta"]["images"]
+    assert ref["mime"] == "image/png" and (ref["width"], ref["height"]) == (96, 64)
+    stored = data_dir / "images" / cid / ref["id"]
+    assert stored.read_bytes() == picture
+    assert stored.stat().st_mode & 0o777 == 0o600
+    assert stored.parent.stat().st_mode & 0o777 == 0o700
+    # shown again on reload, to its owner only
+    served = client.get(f"/api/conversations/{cid}/images/{ref['id']}")
+    assert served.status_code == 200 and served.data == picture and served.mimetype == "image/png"
+    stranger = app.test_client()
+    assert stranger.get(f"/api/conversations/{cid}/images/{ref['id']}").status_code == 404
+    assert client.get(f"/api/conversations/{cid}/images/{'0' * 64}").status_code == 404
+    # the export references the image (id and type), it does not carry the bytes
+    export = client.get(f"/api/conversations/{cid}/export").get_json()
+    assert export["messages"][0]["meta"]["images"] == [ref]
+    # the next turn sees the stored image again: its prompt holds the image tokens plus the new turn
+    r = client.post("/api/chat", json={"message": "and now?", "conversation_id": cid, "max_tokens": 2})
+    assert r.get_json()["usage"]["prompt_tokens"] > first_prompt + 2
+    assert client.delete(f"/api/conversations/{cid}").status_code == 204
+    assert not stored.parent.exists()
