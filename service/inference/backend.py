@@ -41,10 +41,13 @@ log = logging.getLogger(__name__)
 PREFIX_CACHE_ENTRIES = 4
 # Prompts are read this many tokens at a time (as llama.cpp's batch size does), and the engine runs
 # a decode step of the running chats between two pieces: so a chat that is answering waits at most
-# one piece for its next token while another's prompt is read. Smaller pieces cost more forward
-# passes and more decode steps in between (both delay the prompt's first token); larger ones stall
-# the running chats longer, and a 2,000-token prompt's activations at once would take hundreds of MB.
-PREFILL_CHUNK = 512
+# one piece for its next token while another's prompt is read (128 tokens: about 1.5 s at int8 on a
+# 2-core AVX2 host, where 512 stalled it 6 s). Smaller pieces cost more forward passes and more decode
+# steps in between (both delay the prompt's first token: reading is compute-bound, so a piece of 128
+# already keeps the cores busy); larger ones stall the running chats longer and hold more activation
+# memory at once. Four 256-token prompts sent together then give the first chat 7 tokens before the
+# fourth's first. Compare sizes with `python -m service.dev.concurrency --prefill-chunks 64,128,256`.
+PREFILL_CHUNK = 128
 MIN_PREFIX_REUSE = 16
 
 
