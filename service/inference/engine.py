@@ -14,7 +14,7 @@ A backend that can also read a prompt a piece at a time (`PromptReader`: begin, 
 its prompts read between decode steps, as llama.cpp's server and vLLM do: each turn of the scheduler
 reads one piece of one waiting prompt, then advances every running chat by a token. So a chat that
 is answering keeps answering while another's prompt is read (reading a whole 2,000-token prompt at
-once stalled it for half a minute on a 2-core host), and a short prompt does not wait behind a long
+once stalled it for 25 s on a 2-core AVX2 host), and a short prompt does not wait behind a long
 one: the prompt with the fewest tokens left to read goes first, which gives the lowest mean wait for
 a first token (four equal prompts sent together get theirs after one, two, three and four prompts'
 time, where taking turns would give all four theirs after four) and lets a conversation's next turn,
