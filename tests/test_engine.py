@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from service.dev.tiny_models import build_tiny_model
@@ -9,7 +11,7 @@ from service.errors import ModelUnavailable, QueueFull
 from service.inference.backend import TransformersBackend
 from service.inference.engine import Engine, Finished, SamplingOptions
 from service.inference.text import IncrementalDetokenizer, StopScanner
-from tests.support.engines import ScriptedBackend, ready_engine
+from tests.support.engines import PromptReadingBackend, ScriptedBackend, ready_engine
 
 
 def prompt(backend, text: str = "Hello there") -> list[int]:
@@ -490,3 +492,196 @@ def test_an_abandoned_generation_is_cancelled(scripted):
     assert finished.finish_reason == "cancelled" and finished.usage.completion_tokens < 100
     _, finished = waiting.result(abandoned=lambda: True, poll=0.05)
     assert finished.finish_reason == "cancelled"
+
+
+def where(log, entry) -> int:
+    return log.index(entry)
+
+
+def test_four_prompts_sent_together_all_start_before_any_chat_has_64_tokens(tiny_backend):
+    """Four chats of 256-token prompts, read 64 tokens a piece: every first token comes before any
+    chat's 64th, and a chat already answering gets a token between two pieces of the next prompt."""
+    hold = threading.Event()
+    backend = PromptReadingBackend(tiny_backend.tokenizer, chunk=64, hold=hold)
+    engine = ready_engine(backend)
+    gens = [engine.submit([5] * 256, SamplingOptions(max_tokens=100)) for _ in range(4)]
+    hold.set()
+    results = [g.result()[1] for g in gens]
+    assert [r.usage.completion_tokens for r in results] == [100] * 4
+    assert all(r.usage.prompt_tokens == 256 and r.timing.ttft_s is not None for r in results)
+    log = backend.log
+    firsts = [where(log, ("token", c, 1)) for c in range(4)]
+    sixty_fourths = [where(log, ("token", c, 64)) for c in range(4)]
+    assert max(firsts) < min(sixty_fourths)
+    assert sorted(firsts) == firsts  # equal prompts: read one after the other, not all at the end
+    for chat in (1, 2, 3):
+        pieces = [i for i, e in enumerate(log) if e[:2] == ("piece", chat)]
+        assert len(pieces) == 4
+        for a, b in zip(pieces, pieces[1:], strict=False):
+            assert ("token", 0) in {e[:2] for e in log[a:b]}  # chat 0 answered meanwhile
+
+
+def test_a_short_prompt_is_read_before_a_long_one_already_being_read(tiny_backend):
+    """Shortest unread first: a next turn's few tokens do not wait behind a long prompt."""
+    submitted = []
+
+    def on_piece(chat):
+        if chat.number == 0 and len([e for e in backend.log if e[0] == "piece"]) == 2:
+            submitted.append(engine.submit([5] * 10, SamplingOptions(max_tokens=3)))
+
+    backend = PromptReadingBackend(tiny_backend.tokenizer, chunk=64, on_piece=on_piece)
+    engine = ready_engine(backend)
+    long = engine.submit([5] * 640, SamplingOptions(max_tokens=3))
+    assert long.result()[1].usage.completion_tokens == 3
+    assert submitted[0].result()[1].usage.completion_tokens == 3
+    pieces = [e[1] for e in backend.log if e[0] == "piece"]
+    assert pieces == [0, 0, 1] + [0] * 8
+
+
+def test_a_prompt_passed_over_too_often_is_read_next(tiny_backend, monkeypatch):
+    """Short prompts arriving one after another cannot hold a long one back for ever."""
+    from service.inference import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "STARVATION_LIMIT", 3)
+    extra = []
+
+    def on_piece(chat):
+        if chat.number != 0 and len(extra) < 12:  # each short one brings the next
+            extra.append(engine.submit([5] * 10, SamplingOptions(max_tokens=1)))
+
+    backend = PromptReadingBackend(tiny_backend.tokenizer, chunk=10, on_piece=on_piece, max_batch=2)
+    engine = ready_engine(backend)
+    long = engine.submit([5] * 100, SamplingOptions(max_tokens=1))
+    extra.append(engine.submit([5] * 10, SamplingOptions(max_tokens=1)))
+    assert long.result()[1].finish_reason == "length"
+    assert all(g.result()[1].finish_reason == "length" for g in extra)
+    pieces = [e[1] for e in backend.log if e[0] == "piece"]
+    long_at = [i for i, c in enumerate(pieces) if c == 0]
+    assert len(long_at) == 10
+    assert max(b - a for a, b in zip(long_at, long_at[1:], strict=False)) <= 4  # 3 others at most
+
+
+def test_a_cancelled_prompt_stops_being_read_at_once_and_the_others_go_on(tiny_backend):
+    hold = threading.Event()
+    gens = []
+
+    def on_piece(chat):
+        if chat.number == 1 and chat.unread == 256 - 2 * 64:
+            gens[1].cancel()  # during its second piece
+
+    backend = PromptReadingBackend(tiny_backend.tokenizer, chunk=64, on_piece=on_piece, hold=hold)
+    engine = ready_engine(backend)
+    gens += [engine.submit([5] * 256, SamplingOptions(max_tokens=20)) for _ in range(3)]
+    hold.set()
+    finished = [g.result()[1] for g in gens]
+    assert [f.finish_reason for f in finished] == ["length", "cancelled", "length"]
+    assert finished[1].usage.completion_tokens == 0 and finished[1].timing.ttft_s is None
+    log = backend.log
+    pieces = [i for i, e in enumerate(log) if e[:2] == ("piece", 1)]
+    assert [log[i] for i in pieces] == [("piece", 1, 64)] * 2
+    assert log[pieces[-1] + 1][:2] == ("token", 0) and log[pieces[-1] + 2] == ("release", 1)
+    assert engine.stats()["active"] == 0 and engine.stats()["cancelled"] == 1
+
+
+def test_a_failing_piece_is_reported_to_its_request_and_the_engine_goes_on(tiny_backend):
+    class Failing(PromptReadingBackend):
+        def prefill(self, chat):
+            if chat.number == 0 and chat.unread < 256:
+                raise RuntimeError("out of memory")
+            return super().prefill(chat)
+
+    engine = ready_engine(Failing(tiny_backend.tokenizer, chunk=64))
+    _, first = engine.submit([5] * 256, SamplingOptions(max_tokens=5)).result()
+    assert first.finish_reason == "error" and "out of memory" in first.error
+    _, second = engine.submit([5] * 256, SamplingOptions(max_tokens=5)).result()
+    assert (second.finish_reason, second.usage.completion_tokens) == ("length", 5)
+
+
+@pytest.mark.parametrize("temperature", [0, 1.0])
+def test_prompts_read_in_pieces_between_decode_steps_give_the_tokens_of_reading_them_at_once(
+    tiny_model_dir, monkeypatch, temperature
+):
+    """The real backend, driven as the engine drives it: prompts of several 7-token pieces (one of
+    them a next turn whose history comes from the prefix cache) read one piece at a time with a
+    decode step of the running batch after each, get exactly the tokens each gets when its whole
+    prompt is read at once, alone (float32, so no rounding can flip a choice). Greedy, and sampled
+    with a seed: the tiny random model's greedy choice is its last input token again and again, so
+    sampling is what shows a wrong cache (a position off by one changes every distribution)."""
+    import torch
+
+    from service.inference import backend as backend_module
+
+    greedy = SamplingOptions(max_tokens=10, temperature=temperature, top_p=1.0, seed=3)
+    alone = TransformersBackend(str(tiny_model_dir), dtype="float32")
+    first_turn = prompt(alone, "First question about Docker images and their layers")
+    first_reply = greedy_tokens(alone, first_turn, 10)
+    next_turn = first_turn + first_reply + prompt(alone, "And a follow-up about volumes, please")
+    texts = ["Tell me about Docker and containers", "A much longer prompt " * 6]
+    prompts = [prompt(alone, t) for t in texts] + [next_turn]
+
+    def kv(backend: TransformersBackend, seq) -> list:
+        """The released sequence's keys and values, as its next turn would reuse them."""
+        return backend.prefix_cache._entries[tuple(seq.prompt_ids + seq.generated[:-1])]
+
+    def at_once(ids: list[int]) -> tuple[list[int], list]:
+        fresh = TransformersBackend(str(tiny_model_dir), dtype="float32")
+        seq, first = fresh.admit(ids, greedy)
+        tokens = [first] + [fresh.step()[0] for _ in range(9)]
+        fresh.release(seq)
+        return tokens, kv(fresh, seq)
+
+    expected, expected_kv = zip(*[at_once(p) for p in prompts], strict=True)
+    if temperature:
+        assert all(len(set(tokens)) > 3 for tokens in expected)  # it can tell a different cache
+
+    monkeypatch.setattr(backend_module, "PREFILL_CHUNK", 7)
+    backend = TransformersBackend(str(tiny_model_dir), dtype="float32")
+    assert greedy_tokens(backend, first_turn, 10) == first_reply  # now in its prefix cache
+    assert all(len(p) > 3 * 7 for p in prompts)
+    reading = {i: backend.begin(p, greedy) for i, p in enumerate(prompts)}
+    assert reading[2].reused >= len(first_turn) and backend.unread(reading[2]) < len(next_turn) - 20
+    running: dict = {}  # in the order they joined the batch, as step() answers
+    got: dict[int, list[int]] = {}
+    released = {}
+    pieces = 0
+    while reading or running:
+        if reading:  # one piece of the prompt with the fewest tokens left, as the engine picks
+            i = min(reading, key=lambda i: backend.unread(reading[i]))
+            token = backend.prefill(reading[i])
+            pieces += 1
+            if token is not None:
+                running[i], got[i] = reading.pop(i), [token]
+        if running:
+            for i, token in zip(list(running), backend.step(), strict=True):
+                got[i].append(token)
+                if len(got[i]) == 10:
+                    released[i] = running.pop(i)
+                    backend.release(released[i])
+    assert pieces >= 3 * len(prompts)
+    assert [got[i] for i in range(len(prompts))] == list(expected)
+    assert backend.batch_size == 0
+    for i, want in enumerate(expected_kv):  # the cache itself, which a sampled token might not show
+        for (k, v), (wk, wv) in zip(kv(backend, released[i]), want, strict=True):
+            torch.testing.assert_close(k, wk, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(v, wv, atol=1e-5, rtol=1e-4)
+
+
+def test_engine_reads_prompts_in_pieces_and_each_chat_gets_its_tokens_alone(tiny_model_dir, monkeypatch):
+    """Through the engine on the real backend: three chats sent together, prompts read 7 tokens a
+    piece, each writes the text it writes alone (sampled with its seed), with its usage counted."""
+    from service.inference import backend as backend_module
+
+    alone = ready_engine(TransformersBackend(str(tiny_model_dir), dtype="float32"))
+    texts = ["Hi there, how are you today?", "Tell me about Docker and containers", "A longer one " * 8]
+    seeded = SamplingOptions(max_tokens=12, temperature=1.0, top_p=1.0, seed=5)
+    prompts = [prompt(alone.backend, t) for t in texts]
+    expected = [alone.submit(p, seeded).result() for p in prompts]
+    assert len({text for text, _ in expected}) == 3
+
+    monkeypatch.setattr(backend_module, "PREFILL_CHUNK", 7)
+    engine = ready_engine(TransformersBackend(str(tiny_model_dir), dtype="float32"))
+    gens = [engine.submit(p, seeded) for p in prompts]
+    results = [g.result() for g in gens]
+    assert [text for text, _ in results] == [text for text, _ in expected]
+    assert [f.usage for _, f in results] == [f.usage for _, f in expected]
+    assert all(f.timing.ttft_s is not None and f.timing.ttft_s <= f.timing.total_s for _, f in results)

@@ -8,7 +8,9 @@ seed inside the batch. The pieces are Transformers' own (model forward, `Dynamic
 processors); only the scheduling is ours.
 
 Sequences join a running batch left-padded to its length, leave it when they end, and the padding
-that no row needs any more is trimmed.
+that no row needs any more is trimmed. Before joining, a sequence reads its prompt into a cache of its
+own, `PREFILL_CHUNK` tokens per `prefill` call, so the engine can run decode steps of the batch
+between two pieces of a prompt (`admit` reads it all at once, for callers that do not interleave).
 """
 
 from __future__ import annotations
@@ -37,9 +39,15 @@ from .loading import load_model
 log = logging.getLogger(__name__)
 
 PREFIX_CACHE_ENTRIES = 4
-# Prompts are read this many tokens at a time (as llama.cpp's batch size does): a 2,000-token
-# prompt's activations would otherwise take hundreds of MB at once on a 4 GiB machine.
-PREFILL_CHUNK = 512
+# Prompts are read this many tokens at a time (as llama.cpp's batch size does), and the engine runs
+# a decode step of the running chats between two pieces: so a chat that is answering waits at most
+# one piece for its next token while another's prompt is read (128 tokens: about 1.5 s at int8 on a
+# 2-core AVX2 host, where 512 stalled it 6 s). Smaller pieces cost more forward passes and more decode
+# steps in between (both delay the prompt's first token: reading is compute-bound, so a piece of 128
+# already keeps the cores busy); larger ones stall the running chats longer and hold more activation
+# memory at once. Four 256-token prompts sent together then give the first chat 7 tokens before the
+# fourth's first. Compare sizes with `python -m service.dev.concurrency --prefill-chunks 64,128,256`.
+PREFILL_CHUNK = 128
 MIN_PREFIX_REUSE = 16
 
 
@@ -52,6 +60,7 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     length: int = 0  # tokens held in the KV cache for this row
     reused: int = 0  # prompt tokens served from the prefix cache
+    cache: DynamicCache | None = None  # its own cache while its prompt is read, before it joins the batch
     penalties: LogitsProcessorList = field(default_factory=LogitsProcessorList)  # on the whole vocabulary
     top_k: int = 0  # sample among this many best tokens (0: all)
     warpers: LogitsProcessorList = field(default_factory=LogitsProcessorList)  # on those candidates
@@ -152,29 +161,47 @@ class TransformersBackend:
 
     # --- the engine's interface ------------------------------------------------------------------
     def admit(self, prompt_ids: list[int], options: SamplingOptions) -> tuple[Sequence, int]:
-        """Read the prompt (reusing a cached prefix when there is one), join the batch, and
+        """Read the whole prompt (reusing a cached prefix when there is one), join the batch, and
         return the sequence with its first token."""
+        seq = self.begin(prompt_ids, options)
+        while (token := self.prefill(seq)) is None:
+            pass
+        return seq, token
+
+    def begin(self, prompt_ids: list[int], options: SamplingOptions) -> Sequence:
+        """A new sequence, its cached prefix (if any) taken, its prompt not read yet."""
         seq = Sequence(list(prompt_ids), options)
         self._setup_sampling(seq)
-        reused, cache = self.prefix_cache.take(seq.prompt_ids)
-        cache = cache or DynamicCache()
+        seq.reused, seq.cache = self.prefix_cache.take(seq.prompt_ids)
+        seq.length = seq.reused
+        return seq
+
+    def prefill(self, seq: Sequence) -> int | None:
+        """Read the next `PREFILL_CHUNK` tokens of the prompt into the sequence's own cache; after
+        the last piece, sample its first token and join the batch (returning the token)."""
         total = len(seq.prompt_ids)
+        start = seq.length
+        end = min(start + PREFILL_CHUNK, total)
         with torch.inference_mode():
-            for start in range(reused, total, PREFILL_CHUNK):
-                end = min(start + PREFILL_CHUNK, total)
-                out = self.model(
-                    input_ids=torch.tensor([seq.prompt_ids[start:end]]),
-                    attention_mask=torch.ones(1, end, dtype=torch.long),
-                    position_ids=torch.arange(start, end).unsqueeze(0),
-                    cache=cache,
-                    use_cache=True,
-                    logits_to_keep=1,
-                )
-                cache = out.cache
-        seq.length, seq.reused = total, reused
+            out = self.model(
+                input_ids=torch.tensor([seq.prompt_ids[start:end]]),
+                attention_mask=torch.ones(1, end, dtype=torch.long),
+                position_ids=torch.arange(start, end).unsqueeze(0),
+                cache=seq.cache if seq.cache is not None else DynamicCache(),
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        seq.cache, seq.length = out.cache, end
+        if end < total:
+            return None
         token = self._sample(seq, out.logits[0, -1])
+        cache, seq.cache = out.cache, None
         self._join(seq, cache)
-        return seq, token
+        return token
+
+    def unread(self, seq: Sequence) -> int:
+        """Prompt tokens `seq` has still to read (0 once it has joined the batch)."""
+        return max(0, len(seq.prompt_ids) - seq.length)
 
     def step(self) -> list[int]:
         """One decode step for every sequence in the batch: the next token of each, in order."""
@@ -199,7 +226,11 @@ class TransformersBackend:
         return tokens
 
     def release(self, seq: Sequence) -> None:
-        """Take a finished sequence out of the batch, keeping its KV cache for a next turn."""
+        """Take a finished sequence out of the batch, keeping its KV cache for a next turn; or drop
+        the cache of one whose prompt was still being read (its client left)."""
+        if seq not in self._rows:
+            seq.cache = None
+            return
         index = self._rows.index(seq)
         cache, mask = self._batch()
         width = mask.shape[1]

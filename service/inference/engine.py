@@ -9,6 +9,17 @@ answer health checks meanwhile.
 The model sits behind the small `Backend` protocol (admit, step, release): `backend.TransformersBackend`
 is the real one; tests may hand in another that yields chosen tokens through this same path. Turning
 tokens into text (and cutting it at stop sequences) is `text`'s; this module never imports torch.
+
+A backend that can also read a prompt a piece at a time (`PromptReader`: begin, prefill, unread) has
+its prompts read between decode steps, as llama.cpp's server and vLLM do: each turn of the scheduler
+reads one piece of one waiting prompt, then advances every running chat by a token. So a chat that
+is answering keeps answering while another's prompt is read (reading a whole 2,000-token prompt at
+once stalled it for 25 s on a 2-core AVX2 host), and a short prompt does not wait behind a long
+one: the prompt with the fewest tokens left to read goes first, which gives the lowest mean wait for
+a first token (four equal prompts sent together get theirs after one, two, three and four prompts'
+time, where taking turns would give all four theirs after four) and lets a conversation's next turn,
+whose history is already cached, through at once. A prompt passed over for `STARVATION_LIMIT`
+pieces goes next whatever its length, so a stream of short ones cannot hold a long one back forever.
 """
 
 from __future__ import annotations
@@ -20,13 +31,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from ..errors import ModelUnavailable, QueueFull
 from .memory import return_freed_memory
 from .text import IncrementalDetokenizer, StopScanner
 
 log = logging.getLogger(__name__)
+
+# Pieces of other prompts a waiting prompt lets go first before it is read next, whatever its length.
+STARVATION_LIMIT = 32
 
 
 @dataclass(frozen=True)
@@ -104,10 +118,26 @@ class Backend(Protocol):
         """One more token for every sequence in the batch, in the order they joined."""
 
     def release(self, sequence: Any) -> None:
-        """Take a sequence out of the batch (it ended, or its client left)."""
+        """Take a sequence out of the batch (it ended, or its client left), or stop reading its prompt."""
 
     def reset(self) -> None:
         """Forget the whole batch (after a failed step)."""
+
+
+@runtime_checkable
+class PromptReader(Protocol):
+    """What a backend offers besides `Backend` to have its prompts read in pieces between decode
+    steps; the engine then calls these instead of `admit`."""
+
+    def begin(self, prompt_ids: list[int], options: SamplingOptions) -> Any:
+        """A handle on a new sequence whose prompt is still to be read (nothing is computed yet)."""
+
+    def prefill(self, sequence: Any) -> int | None:
+        """Read the next piece of the prompt: its first token once all of it is read (the sequence
+        has then joined the batch, last), None while some is left."""
+
+    def unread(self, sequence: Any) -> int:
+        """Prompt tokens still to read."""
 
 
 @dataclass(eq=False)
@@ -198,7 +228,8 @@ class Engine:
         self._backend: Backend | None = None
         self._state = "loading"
         self._error: str | None = None
-        self._running: list[_Run] = []
+        self._running: list[_Run] = []  # decoding, in the order they joined the backend's batch
+        self._reading: list[_Run] = []  # on the model, their prompts still being read
         self._counts = {"completed": 0, "cancelled": 0, "failed": 0}
         self._load_seconds: float | None = None
         self._started = False
@@ -244,20 +275,24 @@ class Engine:
         self._release()  # here, once no frame holds the model any more, so its memory can go back
 
     def _serve(self, backend: Backend) -> None:
-        """The scheduler: admit waiting requests while the batch has room, then advance every
-        running one by a token, until `close()`."""
+        """The scheduler: admit waiting requests while the batch has room, read a piece of one
+        admitted prompt (with a `PromptReader`), then advance every running one by a token, until
+        `close()`."""
+        reader = backend if isinstance(backend, PromptReader) else None
         while True:
-            while len(self._running) < backend.max_batch:
+            while len(self._running) + len(self._reading) < backend.max_batch:
                 try:
-                    generation = self._queue.get(block=not self._running)
+                    generation = self._queue.get(block=not (self._running or self._reading))
                 except queue.Empty:
                     break
                 if generation is None:
-                    self._drop_running("the model was unloaded")
+                    self._drop_running("the model was unloaded", reading=True)
                     return
-                self._admit(backend, generation)
-            for run in [r for r in self._running if r.generation.halt.is_set()]:
+                self._admit(backend, reader, generation)
+            for run in [r for r in self._reading + self._running if r.generation.halt.is_set()]:
                 self._end(backend, run)
+            if reader is not None and self._reading:
+                self._read_prompt(reader, backend)
             if not self._running:
                 continue
             try:
@@ -270,12 +305,17 @@ class Engine:
                 if run.push(token):
                     self._end(backend, run)
 
-    def _admit(self, backend: Backend, generation: Generation) -> None:
+    def _admit(self, backend: Backend, reader: PromptReader | None, generation: Generation) -> None:
         if generation.cancelled:
             self._finish(generation, "cancelled", 0, time.perf_counter(), None, None)
             return
         run = _Run(generation, backend)
         try:
+            if reader is not None:
+                run.sequence = reader.begin(generation.prompt_ids, generation.options)
+                with self._lock:
+                    self._reading.append(run)
+                return
             run.sequence, token = backend.admit(generation.prompt_ids, generation.options)
         except Exception as exc:  # noqa: BLE001 - reported to the one request, the engine goes on
             log.exception("prefill failed")
@@ -283,6 +323,34 @@ class Engine:
                 generation, "error", 0, run.started, None, None, error=f"{type(exc).__name__}: {exc}"
             )
             return
+        self._joined(backend, run, token)
+
+    def _read_prompt(self, reader: PromptReader, backend: Backend) -> None:
+        """One piece of the prompt with the fewest tokens left to read (or of one passed over too
+        often); once a prompt is read, its chat joins the running ones with its first token."""
+        overdue = [r for r in self._reading if r.passed >= STARVATION_LIMIT]
+        run = overdue[0] if overdue else min(self._reading, key=lambda r: reader.unread(r.sequence))
+        for other in self._reading:
+            other.passed = 0 if other is run else other.passed + 1
+        try:
+            token = reader.prefill(run.sequence)
+        except Exception as exc:  # noqa: BLE001 - reported to the one request, the engine goes on
+            log.exception("prefill failed")
+            with self._lock:
+                self._reading.remove(run)
+            backend.release(run.sequence)
+            self._finish(
+                run.generation, "error", 0, run.started, None, None, error=f"{type(exc).__name__}: {exc}"
+            )
+            return
+        if token is None:
+            return
+        with self._lock:
+            self._reading.remove(run)
+        self._joined(backend, run, token)
+
+    def _joined(self, backend: Backend, run: _Run, token: int) -> None:
+        """`run` is in the backend's batch now (last), with `token` its first."""
         with self._lock:
             self._running.append(run)
         if run.push(token):
@@ -290,20 +358,23 @@ class Engine:
 
     def _end(self, backend: Backend, run: _Run) -> None:
         with self._lock:
-            self._running.remove(run)
+            (self._running if run in self._running else self._reading).remove(run)
         backend.release(run.sequence)
         self._finish(run.generation, run.finish_reason(), len(run.tokens), run.started, run.first, run.last)
-        if not self._running:
+        if not self._running and not self._reading:
             # A generation's caches grow a little every step, and glibc keeps what they leave
             # behind: without this, each long chat started from a higher floor (+0.5 GiB over the
             # benchmark's run). Idle is when it costs no one anything (a few ms).
             return_freed_memory()
 
-    def _drop_running(self, error: str, backend: Backend | None = None) -> None:
+    def _drop_running(self, error: str, backend: Backend | None = None, *, reading: bool = False) -> None:
         """End every running request with `error`; with `backend`, also clear its batch (after a
-        failed step its state cannot be trusted)."""
+        failed step its state cannot be trusted: the prompts being read have their own, and go on);
+        with `reading`, also the requests whose prompts are being read."""
         with self._lock:
             runs, self._running = self._running, []
+            if reading:
+                runs, self._reading = runs + self._reading, []
         for run in runs:
             self._finish(
                 run.generation, "error", len(run.tokens), run.started, run.first, run.last, error=error
@@ -321,7 +392,7 @@ class Engine:
         if self._state == "ok":
             self._state = "unloaded"
         with self._lock:
-            for run in self._running:
+            for run in self._running + self._reading:
                 run.generation.cancel()
         self._fail_waiting("the model was unloaded")
         if self._started:
@@ -385,7 +456,7 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         """Queue depth and counters, cheap enough for every health check."""
         with self._lock:
-            active = len(self._running)
+            active = len(self._running) + len(self._reading)
         return {
             "active": active,
             "waiting": self._queue.qsize(),
@@ -458,6 +529,7 @@ class _Run:
         self.started = time.perf_counter()
         self.first: float | None = None
         self.last: float | None = None
+        self.passed = 0  # pieces of other prompts read since this one's last (while it is read)
 
     def push(self, token_id: int) -> bool:
         """Take the next token; True when this generation has ended."""
