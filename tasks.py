@@ -7,6 +7,7 @@ Thin on purpose: each task wires a command line to the package; the logic lives 
 
 from __future__ import annotations
 
+import shlex
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,32 +43,51 @@ def serve(c: Context, model: str = "", port: int = 0, host: str = "") -> None:
 @task(
     help={
         "model": "model folder or hub id (default: random weights, exact Qwen2.5-1.5B architecture)",
-        "precisions": "comma-separated: float32, bfloat16, int8, int4 (default: all four)",
+        "quick": "the default precision's main figures only, in minutes (no 2,000-token prompt, repeat 2)",
+        "precisions": "comma-separated: float32, bfloat16, int8, int4 (default: all four; --quick: int8)",
         "threads": "compute threads (default: this machine's cores)",
-        "repeat": "runs per figure; medians are reported (default 3)",
+        "repeat": "runs per figure; medians are reported (default 3, --quick 2)",
+        "all": "also what cannot matter on this CPU (bfloat16's long prompts without bf16 instructions)",
         "isa": "compute as an older CPU: AVX2 or AVX512_CORE (oneDNN, fbgemm and ATen capped)",
         "health": "also measure /api/health latency under 4 concurrent streams",
-    }
+        "peer": "add a peer's rows measured the same way: llama.cpp",
+        "peer_bin": "llama.cpp's build folder (or its llama-server)",
+        "peer_model": "a GGUF file for the peer (give it again for several)",
+    },
+    iterable=["peer_model"],
+    auto_shortflags=False,
 )
 def bench(
     c: Context,
     model: str = "",
-    precisions: str = "float32,bfloat16,int8,int4",
+    quick: bool = False,
+    precisions: str = "",
     threads: int = 0,
-    repeat: int = 3,
+    repeat: int = 0,
+    all_: bool = False,
     isa: str = "",
     health: bool = False,
+    peer: str = "",
+    peer_bin: str = "",
+    peer_model: list[str] | None = None,
 ) -> None:
-    """Measure load time, peak memory, time to first token and tokens/s per precision."""
-    args = [f"--precisions {precisions}", f"--repeat {repeat}"]
-    if model:
-        args.append(f"--model {model}")
-    if threads:
-        args.append(f"--threads {threads}")
-    if isa:
-        args.append(f"--isa {isa}")
-    if health:
-        args.append("--health")
+    """Measure load time, peak memory, time to first token, tokens/s and 4 chats per precision."""
+    args = []
+    for flag, on in (("--quick", quick), ("--all", all_), ("--health", health)):
+        if on:
+            args.append(flag)
+    for flag, value in (
+        ("--model", model),
+        ("--precisions", precisions),
+        ("--threads", threads),
+        ("--repeat", repeat),
+        ("--isa", isa),
+        ("--peer", peer),
+        ("--peer-bin", peer_bin),
+    ):
+        if value:
+            args.append(f"{flag} {shlex.quote(str(value))}")
+    args += [f"--peer-model {shlex.quote(m)}" for m in peer_model or []]
     c.run(f"{sys.executable} -m service.dev.bench {' '.join(args)}", pty=False)
 
 

@@ -84,15 +84,22 @@ def test_documents_speak_to_readers_not_to_the_project_history(document: Path):
 
 
 def test_every_speed_table_says_which_cpu_it_came_from():
+    from service.dev.bench import HEADER
+
     text = (ROOT / "docs" / "performance.md").read_text()
-    assert "AMD EPYC" in text
     sections = re.split(r"^## ", text, flags=re.M)
-    tables = [s for s in sections if "| precision | load s |" in s]
-    assert len(tables) == 3
+    tables = [s for s in sections if re.search(r"^\| (precision|engine) \| load s \|", s, flags=re.M)]
+    assert len(tables) == 4
+    for section in tables:  # the bench's own CPU line: model name and the flags that choose kernels
+        assert re.search(r"^CPU: (\w+ cap on )?AMD EPYC\b.*\bavx2\b", section, flags=re.M), section[:80]
     headings = [s.splitlines()[0] for s in tables]
-    assert headings[0].startswith("Native")
-    for capped in headings[1:]:  # measured on the same AVX-512 CPU held to an older instruction set
-        assert "capped" in capped and "not a real" in capped
+    real, native, *capped = headings
+    assert real.startswith("Real AVX2 host") and native.startswith("Native")
+    assert HEADER in tables[0]  # the table the bench prints today, with the command that prints it
+    assert re.search(r"^CPU: AMD EPYC \(family \d+, model \d+\): avx2; no avx512f", tables[0], flags=re.M)
+    for heading, section in zip(capped, tables[2:], strict=True):  # the AVX-512 CPU held to an older set
+        assert "cap on" in heading and "not a real" in heading
+        assert re.search(r"^CPU: \w+ cap on AMD EPYC", section, flags=re.M)
 
 
 def test_contributing_names_every_module_where_it_lives():
