@@ -361,12 +361,13 @@ def test_sampling_among_the_top_k_is_transformers_distribution(tiny_backend):
     assert 1 < int((ours > 0).sum()) < 20  # top-p did cut some of the 20
 
 
-def test_int4_kernel_computes_with_the_weights_it_was_given():
-    """Pack a matrix in row chunks, then check the kernel against a plain float reference of the
-    same 4-bit rounding (w = q × scale + low per group of inputs): layout, scales and offsets."""
+def test_int4_fallback_packing_computes_with_the_weights_it_was_given():
+    """The stored int4 form packed for PyTorch's own int4 kernel (the path without the compiled
+    kernels) against a plain float reference of the same 4-bit rounding (w = q × scale + low per
+    group of inputs): layout, scales and offsets, over a block of 64 rows and then 32."""
     import torch
 
-    from service.inference.quantized import quantize_int4
+    from service.inference.quantized import pack_int4_for_aten, quantize_int4_groups
 
     torch.manual_seed(0)
     weight = torch.randn(96, 256) * torch.linspace(0.1, 3, 256)  # groups of different ranges
@@ -374,7 +375,7 @@ def test_int4_kernel_computes_with_the_weights_it_was_given():
     low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
     scale = (high - low) / 15
     dequantized = (((groups - low) / scale).round() * scale + low).view(96, 256)
-    packed, scales_zeros = quantize_int4(weight, 64, chunk=64)  # a block of 64 rows, then 32
+    packed, scales_zeros = pack_int4_for_aten(*quantize_int4_groups(weight, 64, chunk=64))
     x = torch.randn(5, 256, dtype=torch.bfloat16)
     got = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 64, scales_zeros).float()
     want = x.float() @ dequantized.T
