@@ -14,6 +14,8 @@ PyTorch's own (slower) kernels; which ones is logged once.
 from __future__ import annotations
 
 import functools
+import hashlib
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -42,15 +44,31 @@ def cpu_supported() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
+
+
+def fingerprint() -> str:
+    """What the built library depends on: the source, the flags and the torch it was built against.
+    A library whose stamp differs is built again."""
+    text = "\n".join([SOURCE.read_text(), " ".join(FLAGS), torch.__version__])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 @functools.cache
 def library() -> ModuleType | None:
-    """The built kernels, compiling them first if this cache has none; None if they cannot be built
-    here (no compiler, no AVX2), after logging why once."""
+    """The built kernels: a library already in the cache folder with this source's stamp is loaded
+    as is (no compiler, headers or ninja needed, as in the image); otherwise they are compiled first.
+    None if they cannot be had here (no AVX2, no compiler), after logging why once."""
     if not cpu_supported():
-        log.info("quantized kernels: CPU capability %s lacks AVX2, using PyTorch's kernels",
-                 torch.backends.cpu.get_cpu_capability())
+        log.info(
+            "quantized kernels: CPU capability %s lacks AVX2, using PyTorch's kernels",
+            torch.backends.cpu.get_cpu_capability(),
+        )
         return None
+    built, stamp = _directory / f"{NAME}.so", _directory / f"{NAME}.sha256"
     try:
+        if built.exists() and stamp.exists() and stamp.read_text().strip() == fingerprint():
+            return _import(built)
         from torch.utils import cpp_extension
 
         _directory.mkdir(parents=True, exist_ok=True)
@@ -58,14 +76,24 @@ def library() -> ModuleType | None:
             name=NAME,
             cpp_sources=[SOURCE.read_text()],
             functions=["int8_matmul", "int4_matmul"],
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+            extra_cflags=FLAGS,
             extra_ldflags=["-fopenmp"],
             build_directory=str(_directory),
             verbose=False,
         )
+        stamp.write_text(fingerprint())
     except Exception as error:  # no compiler, no headers, a failed build: run without them
         log.warning("quantized kernels unavailable (%s); using PyTorch's slower kernels", error)
         return None
+    return module
+
+
+def _import(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(NAME, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
     return module
 
 
