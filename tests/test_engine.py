@@ -337,6 +337,40 @@ def test_int8_picks_the_same_next_tokens_as_bf16(tiny_model_dir):
     assert finished.usage.completion_tokens >= 1
 
 
+@pytest.mark.parametrize("kernels", ["compiled", "fallback"])
+@pytest.mark.parametrize("dtype,least", [("int8", 0.9), ("int4", 0.8)])
+def test_decoding_one_token_at_a_time_picks_the_same_next_tokens_as_bf16(
+    tiny_model_dir, monkeypatch, kernels, dtype, least
+):
+    """The decode kernels (one row per step, through the KV cache), compiled and PyTorch's own
+    fallback, agree with bf16's full forward as the whole-prompt test above does."""
+    import torch
+    from transformers import DynamicCache
+
+    from service.inference import kernels as compiled
+    from service.inference import quantized
+
+    if kernels == "compiled" and not compiled.available():
+        pytest.skip("no compiled kernels here")
+    plan = quantized.choose_kernels(compiled=kernels == "compiled", onednn=True)
+    monkeypatch.setattr(quantized, "kernel_plan", lambda: plan)
+    backend = TransformersBackend(str(tiny_model_dir), dtype=dtype)
+    ref = TransformersBackend(str(tiny_model_dir), dtype="bfloat16")
+    ids = torch.tensor(
+        [ref.tokenizer("Docker packages an application and everything it needs into one image.")["input_ids"]]
+    )
+    with torch.inference_mode():
+        want = ref.model(ids).logits.argmax(-1)[0]
+        cache, got = DynamicCache(), []
+        for position in range(ids.shape[1]):
+            out = backend.model(
+                input_ids=ids[:, position : position + 1], past_key_values=cache, use_cache=True
+            )
+            cache = out.cache
+            got.append(int(out.logits[0, -1].argmax()))
+    assert float((torch.tensor(got) == want).float().mean()) >= least
+
+
 def test_sampling_among_the_top_k_is_transformers_distribution(tiny_backend):
     """Temperature and top-p applied to the k best scores only give the distribution Transformers'
     chain (temperature, top-k, top-p over the whole vocabulary) gives."""
