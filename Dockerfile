@@ -1,6 +1,6 @@
 # qwen-box in one image: the chat service, CPU-only PyTorch and (by default) the model's weights.
 #
-#   docker build -t qwen-box .                            bakes Qwen/Qwen2.5-1.5B-Instruct into the image
+#   docker build -t qwen-box .                            bakes Qwen/Qwen2.5-1.5B-Instruct into the image, int8
 #   docker build -t qwen-box --build-arg BAKE_MODEL=0 .   no weights: mount a folder or a cache at run time
 #
 # `invoke build` and `invoke run-local` wrap these (README, "Run in Docker"). Build arguments:
@@ -11,7 +11,10 @@
 #   MODEL_ID         hub id of the model, kept in /models/<MODEL_ID>
 #   MODEL_REVISION   branch, tag or commit of the model (empty: the hub's main)
 #   HF_ENDPOINT      a Hugging Face hub mirror to download from (empty: the hub itself)
-#   BAKE_MODEL       1: download the weights at build time; 0: leave /models/<MODEL_ID> empty for a mount
+#   BAKE_MODEL       1: download the weights at build time and bake them in pre-quantized; 0: leave
+#                    /models/<MODEL_ID> empty for a mount
+#   PRECISION        int8 or int4: the precision the baked weights are quantized to, once, at build time
+#                    (the image's DTYPE; a mounted float model is quantized at load to DTYPE instead)
 # A gated model's token, if one is ever needed, goes in as a build secret (`--secret id=hf_token,src=FILE`),
 # which is mounted for one step and never stored in a layer.
 
@@ -40,14 +43,25 @@ RUN pip install --no-cache-dir --find-links /tmp/wheels ${TORCH_INDEX_URL:+--ind
 
 # The rest of [project].dependencies, less those only the host's tasks use (invoke, Azure SDK ...):
 # infra/image_requirements.py reads both lists from pyproject.toml, so they live in one place.
-COPY pyproject.toml infra/image_requirements.py /tmp/
+# infra/image_prune.py then drops the bytecode of Transformers' model packages the service never imports
+# (about 55 MB; their .py stays, so another architecture still loads).
+COPY pyproject.toml infra/image_requirements.py infra/image_prune.py /tmp/
 RUN python /tmp/image_requirements.py /tmp/pyproject.toml > /tmp/requirements.txt \
  && pip install --no-cache-dir --find-links /tmp/wheels -r /tmp/requirements.txt \
+ && python /tmp/image_prune.py qwen2 llama \
  && pip uninstall --yes pip
 
-# ---- model: the weights, fetched with huggingface_hub at build time (or an empty folder to mount over).
+# Symbol tables are for debuggers, not for the dynamic loader: torch's shared libraries without them
+# (strip --strip-unneeded keeps what linking needs) are about 100 MB smaller, nearly all libtorch_cpu.so.
+# binutils is installed in this stage only; the final stage copies the venv, not the tools.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends binutils=2.40-2 \
+ && strip --strip-unneeded /opt/venv/lib/python3*/site-packages/torch/lib/*.so* \
+ && rm -rf /var/lib/apt/lists/*
+
+# ---- download: the float weights, fetched with huggingface_hub at build time (nothing when not baking).
 # Its own stage on the bare base, so changing the service's dependencies never downloads the model again.
-FROM ${BASE_IMAGE} AS model
+FROM ${BASE_IMAGE} AS download
 ARG MODEL_ID=Qwen/Qwen2.5-1.5B-Instruct
 ARG MODEL_REVISION=
 ARG BAKE_MODEL=1
@@ -55,25 +69,49 @@ ARG HF_ENDPOINT=
 ARG HF_HUB_VERSION=2.4.0
 # Only what Transformers loads: config, tokenizer, safetensors weights (no .bin/.gguf/ONNX copies).
 RUN --mount=type=secret,id=hf_token \
-    mkdir -p "/models/$MODEL_ID" \
+    mkdir -p "/src/$MODEL_ID" \
  && if [ "$BAKE_MODEL" = 1 ]; then \
       if [ -z "$HF_ENDPOINT" ]; then unset HF_ENDPOINT; fi \
       && python3 -m venv /tmp/hf \
       && /tmp/hf/bin/pip install --no-cache-dir --disable-pip-version-check "huggingface_hub==$HF_HUB_VERSION" \
-      && HF_TOKEN_PATH=/run/secrets/hf_token HF_HUB_DISABLE_TELEMETRY=1 /tmp/hf/bin/python -c "import os; from huggingface_hub import snapshot_download; snapshot_download(os.environ['MODEL_ID'], revision=os.environ['MODEL_REVISION'] or None, local_dir='/models/' + os.environ['MODEL_ID'], allow_patterns=['*.json', '*.safetensors', '*.txt', '*.model', '*.jinja'])" \
-      && rm -rf "/models/$MODEL_ID/.cache" /tmp/hf; \
+      && HF_TOKEN_PATH=/run/secrets/hf_token HF_HUB_DISABLE_TELEMETRY=1 /tmp/hf/bin/python -c "import os; from huggingface_hub import snapshot_download; snapshot_download(os.environ['MODEL_ID'], revision=os.environ['MODEL_REVISION'] or None, local_dir='/src/' + os.environ['MODEL_ID'], allow_patterns=['*.json', '*.safetensors', '*.txt', '*.model', '*.jinja'])" \
+      && rm -rf "/src/$MODEL_ID/.cache" /tmp/hf; \
+    fi
+
+# ---- model: the weights quantized once, here, in the layout the service loads in seconds
+# (service/inference/checkpoint.py), with the tokenizer and config beside them. Only this folder goes
+# into the image: no float copy of the model. Built on the deps stage (torch) with just the modules
+# that write a checkpoint, so a change to the rest of the service does not quantize again.
+FROM deps AS model
+ARG MODEL_ID=Qwen/Qwen2.5-1.5B-Instruct
+ARG BAKE_MODEL=1
+ARG PRECISION=int8
+COPY service/__init__.py service/config.py service/catalog.py /opt/quantize/service/
+COPY service/inference/__init__.py service/inference/attention.py service/inference/checkpoint.py \
+     service/inference/loading.py service/inference/memory.py service/inference/quantized.py \
+     /opt/quantize/service/inference/
+WORKDIR /opt/quantize
+# A copy, not a bind mount of the stage: buildah cannot bind a cached stage's files. This stage is thrown
+# away; the runtime copies only /models from it.
+COPY --from=download /src /src
+RUN mkdir -p "/models/$MODEL_ID" \
+ && if [ "$BAKE_MODEL" = 1 ]; then \
+      HF_HUB_OFFLINE=1 python -m service.inference.checkpoint "/src/$MODEL_ID" \
+        "/models/$MODEL_ID" --precision "$PRECISION" --model-id "$MODEL_ID"; \
     fi
 
 # ---- runtime: no compilers, no pip, no caches, no tests; runs as an unprivileged user
 FROM ${BASE_IMAGE} AS runtime
 ARG MODEL_ID=Qwen/Qwen2.5-1.5B-Instruct
 ARG BAKE_MODEL=1
+ARG PRECISION=int8
 # Before ENV MODEL_ID, which would shadow the build argument of the same name. `invoke run-local` reads
 # these to know whether the image can serve a model by itself.
 LABEL org.opencontainers.image.title="qwen-box" \
       org.opencontainers.image.description="Private local LLM chat service (Flask + Transformers on CPU)" \
       io.qwen-box.model="${MODEL_ID}" \
-      io.qwen-box.model-baked="${BAKE_MODEL}"
+      io.qwen-box.model-baked="${BAKE_MODEL}" \
+      io.qwen-box.precision="${PRECISION}"
 # HOST 0.0.0.0 so the published port reaches the server; HF_HUB_OFFLINE because the model is baked or
 # mounted (a run that wants downloads into a cache volume sets HF_HUB_OFFLINE=0 itself).
 ENV PATH=/opt/venv/bin:$PATH \
@@ -82,6 +120,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     HOST=0.0.0.0 \
     PORT=8000 \
     MODEL_ID=/models/${MODEL_ID} \
+    DTYPE=${PRECISION} \
     DATA_DIR=/data \
     HF_HOME=/cache/huggingface \
     HF_HUB_OFFLINE=1 \

@@ -125,6 +125,8 @@ _BUILD_HELP = {
     "'' = PyPI plus --wheels",
     "wheels": "folder of wheels (e.g. a CPU torch wheel) to offer pip during the build (default: none)",
     "hf_endpoint": "Hugging Face hub mirror to download the model from (default: the hub itself)",
+    "precision": "int8 or int4: the baked weights are quantized to it once, at build time, and it is the "
+    "image's DTYPE (default int8)",
 }
 
 
@@ -139,6 +141,7 @@ def build(
     torch_index: str | None = None,
     wheels: str = "",
     hf_endpoint: str = "",
+    precision: str = "int8",
 ) -> None:
     """Build the image (CPU PyTorch, the service, the model baked in by default) and print its size."""
     with _docker_errors():
@@ -151,6 +154,7 @@ def build(
             torch_index=torch_index,
             wheels=wheels,
             hf_endpoint=hf_endpoint,
+            precision=precision,
         )
 
 
@@ -279,9 +283,12 @@ def deploy_azure(
     model: str = _D.model,
     precision: str = _D.precision,
     token: str = _D.token,
+    instances: str = _D.instances,
+    tls_cert: str = _D.tls_cert,
+    tls_key: str = _D.tls_key,
 ) -> None:
-    """Deploy the image to an Azure VM over HTTPS, wait until the chat answers, print its URL and access
-    token (re-run converges)."""
+    """Deploy the image to an Azure VM (or with --instances a scale set behind a load balancer) over HTTPS,
+    wait until the chat answers, print its URL and access token (re-run converges)."""
     flags = dict(locals())  # exactly DeployOptions' fields (a test checks), plus the context
     del flags["c"]
     from infra.azure import cli
@@ -311,13 +318,16 @@ def status_azure(c: Context, name: str = "", subscription: str = "") -> None:
         "name": "deployment name (default: this machine's, or the only one)",
         "lines": "how many of the last lines (default 100; Azure keeps 4 KiB at most)",
         "subscription": "subscription id (default as for deploy-azure)",
+        "instance": "a scale set's instance: its number in status-azure (0, 1, ...) or its name",
     },
 )
-def logs_azure(c: Context, name: str = "", lines: int = 100, subscription: str = "") -> None:
+def logs_azure(
+    c: Context, name: str = "", lines: int = 100, subscription: str = "", instance: str = ""
+) -> None:
     """Show the container's log on the VM (through run-command, no SSH needed)."""
     from infra.azure import cli
 
-    _azure_exit(cli.logs(name=name, lines=lines, subscription=subscription))
+    _azure_exit(cli.logs(name=name, lines=lines, subscription=subscription, instance=instance))
 
 
 @task(

@@ -166,6 +166,7 @@ def build(
     torch_index: str | None = None,
     wheels: str = "",
     hf_endpoint: str = "",
+    precision: str = "int8",
     context: Path = ROOT,
     console: Console | None = None,
 ) -> int:
@@ -186,6 +187,8 @@ def build(
         f"MODEL_ID={model}",
         "--build-arg",
         f"BAKE_MODEL={1 if bake else 0}",
+        "--build-arg",
+        f"PRECISION={precision}",
     ]
     if revision:
         args += ["--build-arg", f"MODEL_REVISION={revision}"]
@@ -198,7 +201,11 @@ def build(
         if urllib.parse.urlsplit(hf_endpoint).hostname in ("127.0.0.1", "localhost", "::1"):
             args += ["--network", "host"]
     args.append(str(context))
-    what = f"with {model} baked in" if bake else "without a model (mount one at run time)"
+    what = (
+        f"with {model} baked in ({precision}, quantized once)"
+        if bake
+        else "without a model (mount one at run time)"
+    )
     console.print(f"Building {image} {what} …")
     started = time.monotonic()
     if wheels:

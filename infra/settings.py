@@ -21,12 +21,15 @@ from service.config import Settings
 
 # The container must listen where the port mapping points, so these two are not the user's to set.
 FIXED_SETTINGS = {"HOST", "PORT"}
-EXTRA_SETTINGS = {"HF_HUB_OFFLINE"}
+# DATABASE_URL: the shared history's PostgreSQL URL (a secret: it holds the password), which the service
+# learns alongside this change (service/config.py); named here too so the scale set can deliver it.
+DATABASE_SETTING = "DATABASE_URL"
+EXTRA_SETTINGS = {"HF_HUB_OFFLINE", DATABASE_SETTING}
 ALLOWED_SETTINGS = ({f.name.upper() for f in dataclasses.fields(Settings)} | EXTRA_SETTINGS) - FIXED_SETTINGS
 # Settings the service keeps out of its repr (ACCESS_TOKEN): on the VM they travel only inside
 # custom_data (root-only there, never returned by Azure's API), never through run-command, and they are
 # never printed.
-SECRET_SETTINGS = {f.name.upper() for f in dataclasses.fields(Settings) if not f.repr}
+SECRET_SETTINGS = {f.name.upper() for f in dataclasses.fields(Settings) if not f.repr} | {DATABASE_SETTING}
 
 PRINTABLE = re.compile(r"^[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?$")
 

@@ -15,6 +15,8 @@ from typing import Any
 
 from limits import parse_many
 
+from .database import is_postgres_url
+
 DEFAULT_MODEL_ID = "Qwen/Qwen2.5-1.5B-Instruct"
 DTYPES = ("bfloat16", "float32", "int8", "int4")
 
@@ -64,6 +66,12 @@ class Settings:
     log_level: str = _setting("info", "gunicorn and service log level")
     data_dir: str = _setting("data", "folder for the history database (the image uses a /data volume)")
     history: bool = _setting(True, "keep conversations on disk; off = private mode, nothing is written")
+    database_url: str = _setting(
+        "",
+        "where the history is kept: empty = SQLite in DATA_DIR; a `postgresql://USER:PASSWORD@HOST/DB` "
+        "URL = PostgreSQL, shared by every instance (`?sslmode=require` for TLS, as Azure requires)",
+        secret=True,
+    )
     access_token: str = _setting(
         "",
         "when set, /api/* (but health) and /v1/* need `Authorization: Bearer "
@@ -137,6 +145,8 @@ class Settings:
         for host in self.allowed_host_names():
             if host != "*" and not re.fullmatch(r"\.?[A-Za-z0-9.-]+(:\d+)?|\[[0-9A-Fa-f:.]+\](:\d+)?", host):
                 raise SettingsError(f"ALLOWED_HOSTS: {host!r} is not a host name or address")
+        if self.database_url and not is_postgres_url(self.database_url):
+            raise SettingsError("DATABASE_URL must be a postgresql:// URL (or empty for SQLite in DATA_DIR)")
         if self.torch_threads < 0:
             raise SettingsError("TORCH_THREADS must be 0 (all cores) or more")
         if self.default_max_tokens > self.max_tokens_limit:

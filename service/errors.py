@@ -72,3 +72,13 @@ class HistoryDisabled(ServiceError):
 
     def __init__(self) -> None:
         super().__init__("history is off on this service (private mode): nothing is stored")
+
+
+class HistoryUnavailable(ServiceError):
+    """The shared history database (PostgreSQL) cannot be reached just now; the caller may retry.
+    The message never names the database's address or password."""
+
+    retry_after = 5
+
+    def __init__(self) -> None:
+        super().__init__("the conversation history is unreachable just now; retry in a few seconds")

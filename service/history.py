@@ -1,9 +1,13 @@
-"""Conversation history: an embedded SQLite store, each conversation owned by one client, and the
-glue that makes a chat request part of a stored conversation (plain Python: the routes and the owner
-cookie are `web/conversations.py`'s).
+"""Conversation history: a store of conversations, each owned by one client, and the glue that
+makes a chat request part of a stored conversation (plain Python: the routes and the owner cookie are
+`web/conversations.py`'s).
 
-Why SQLite: one file on the data volume, no server to run, transactions that survive a killed
-process (WAL journal). The schema is versioned with `PRAGMA user_version` and migrated at start.
+Two databases behind one class. SQLite by default: one file on the data volume, no server to run,
+transactions that survive a killed process (WAL journal). PostgreSQL when DATABASE_URL names one
+(`service/database.py` connects): several instances behind a load balancer then share one history,
+so a conversation started on one is continued on another. The same SQL serves both but for a few
+words (`Dialect`); the schema is versioned (SQLite's `PRAGMA user_version`, PostgreSQL's one-row
+`qwenbox_schema` table) and migrated at start by the same `MIGRATIONS`.
 Every read and write takes the owner, so one client can never reach another's conversations:
 a conversation that is not yours is simply not found (`ConversationNotFound`).
 
@@ -15,42 +19,63 @@ the reply once it has ended, however it ended. The first turn titles a new conve
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
-import sqlite3
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .chat import ChatRequest
+from .database import Connection, Database, Migration, SQLiteDatabase, open_database
 from .errors import ConversationNotFound, InvalidRequest
 from .inference.engine import Finished
 
-# Each entry moves the schema from version i to i + 1. Never edit one that has shipped: add another.
-MIGRATIONS: list[str] = [
-    """
-    CREATE TABLE conversations (
-        id TEXT PRIMARY KEY,
-        owner TEXT NOT NULL,
-        title TEXT NOT NULL,
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL
-    );
-    CREATE INDEX conversations_by_owner ON conversations (owner, updated_at DESC, id);
-    CREATE TABLE messages (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
-        role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
-        content TEXT NOT NULL,
-        created_at REAL NOT NULL
-    );
-    CREATE INDEX messages_by_conversation ON messages (conversation_id, id);
-    """,
+# Each entry moves the schema from version i to i + 1, on SQLite and PostgreSQL alike. Never edit one
+# that has shipped: add another. A plain string runs as it is on both (write portable SQL: TEXT,
+# INTEGER, ALTER TABLE ... ADD COLUMN); a `Migration(sqlite=..., postgresql=...)` where they differ.
+MIGRATIONS: list[str | Migration] = [
+    Migration(
+        sqlite="""
+        CREATE TABLE conversations (
+            id TEXT PRIMARY KEY,
+            owner TEXT NOT NULL,
+            title TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        );
+        CREATE INDEX conversations_by_owner ON conversations (owner, updated_at DESC, id);
+        CREATE TABLE messages (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+            role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
+            content TEXT NOT NULL,
+            created_at REAL NOT NULL
+        );
+        CREATE INDEX messages_by_conversation ON messages (conversation_id, id);
+        """,
+        # PostgreSQL's REAL is 4 bytes (a timestamp to the minute): DOUBLE PRECISION is SQLite's
+        # REAL. Ids compare bytewise (COLLATE "C"), as SQLite's do, so paging cursors agree.
+        postgresql="""
+        CREATE TABLE conversations (
+            id TEXT COLLATE "C" PRIMARY KEY,
+            owner TEXT NOT NULL,
+            title TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL
+        );
+        CREATE INDEX conversations_by_owner ON conversations (owner, updated_at DESC, id);
+        CREATE TABLE messages (
+            id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            conversation_id TEXT COLLATE "C" NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+            role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
+            content TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL
+        );
+        CREATE INDEX messages_by_conversation ON messages (conversation_id, id);
+        """,
+    ),
     """
     ALTER TABLE messages ADD COLUMN status TEXT NOT NULL DEFAULT 'complete';
     ALTER TABLE messages ADD COLUMN meta TEXT;
@@ -100,54 +125,35 @@ def new_owner_id() -> str:
 
 
 class History:
-    """The store. One connection shared by the server's threads, serialised by a lock."""
+    """The store, over a SQLite file (a path) or PostgreSQL (a postgresql:// URL), migrated on open."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _owner_only(self.path)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._lock = threading.Lock()
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self.migrate()
+    def __init__(self, location: Path | str):
+        self._db: Database = open_database(location)
+        self.path = self._db.path if isinstance(self._db, SQLiteDatabase) else None
+        self.dialect = self._db.dialect
+        try:
+            self.migrate()
+        except BaseException:
+            self._db.close()
+            raise
+
+    def describe(self) -> str:
+        """Where the history is kept, for the log (a URL without its password)."""
+        return self._db.describe()
 
     @property
     def version(self) -> int:
-        return self._db.execute("PRAGMA user_version").fetchone()[0]
+        return self._db.version
 
     def migrate(self) -> None:
-        """Bring the schema to the newest version, each step in its own transaction."""
-        with self._lock:
-            for target in range(self.version + 1, len(MIGRATIONS) + 1):
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    for statement in MIGRATIONS[target - 1].split(";"):
-                        if statement.strip():
-                            self._db.execute(statement)
-                    self._db.execute(f"PRAGMA user_version = {target}")
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
+        """Bring the schema to the newest version (several instances may start at once)."""
+        self._db.migrate(MIGRATIONS)
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._db.close()
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    def _tx(self) -> AbstractContextManager[Connection]:
+        return self._db.transaction()
 
     # --- conversations -----------------------------------------------------------------------------
     def create(self, owner: str, title: str = DEFAULT_TITLE, model: str | None = None) -> Conversation:
@@ -178,22 +184,22 @@ class History:
                 raise InvalidRequest("before: not a cursor this service returned", param="before") from None
             sql += " AND (updated_at < ? OR (updated_at = ? AND id < ?))"
         if query:
-            sql += " AND title LIKE ? ESCAPE '\\'"
+            sql += f" AND title {self._db.like} ? ESCAPE '\\'"
             args.append("%" + query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
         sql += " ORDER BY updated_at DESC, id DESC LIMIT ?"
         args.append(limit + 1)
-        with self._lock:
-            rows = self._db.execute(sql, args).fetchall()
+        with self._db.read() as db:
+            rows = db.execute(sql, args).fetchall()
         page = [_conversation(r, r["n"]) for r in rows[:limit]]
         cursor = f"{page[-1].updated_at!r}_{page[-1].id}" if len(rows) > limit else None
         return page, cursor
 
     def get(self, owner: str, conversation_id: str) -> Conversation:
-        with self._lock:
-            row = self._find(self._db, owner, conversation_id)
+        with self._db.read() as db:
+            row = self._find(db, owner, conversation_id)
             if row is None:
                 raise ConversationNotFound(conversation_id)
-            messages = self._db.execute(
+            messages = db.execute(
                 "SELECT role, content, status, created_at, meta FROM messages "
                 "WHERE conversation_id = ? ORDER BY id",
                 (conversation_id,),
@@ -231,7 +237,7 @@ class History:
         """Add one whole message (a reply is appended once, when it has ended, never in parts)."""
         now = time.time()
         with self._tx() as db:
-            if self._find(db, owner, conversation_id) is None:
+            if self._find(db, owner, conversation_id, lock=True) is None:
                 raise ConversationNotFound(conversation_id)
             db.execute(
                 "INSERT INTO messages (conversation_id, role, content, status, created_at, meta) "
@@ -247,15 +253,18 @@ class History:
             )
             db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id))
 
-    @staticmethod
-    def _find(db: sqlite3.Connection, owner: str, conversation_id: str) -> sqlite3.Row | None:
+    def _find(self, db: Connection, owner: str, conversation_id: str, *, lock: bool = False) -> Any:
+        """The conversation's row if `owner` has it. With `lock`, inside a write, PostgreSQL holds the
+        row until the transaction ends, so two instances editing one conversation take turns (and a
+        delete cannot slip between the check and the write), as SQLite's one writer does."""
         return db.execute(
-            "SELECT * FROM conversations WHERE id = ? AND owner = ?", (conversation_id, owner)
+            "SELECT * FROM conversations WHERE id = ? AND owner = ?" + (self._db.for_update if lock else ""),
+            (conversation_id, owner),
         ).fetchone()
 
     # --- editing a conversation: truncate (edit and resend), alternatives (regenerate), import -----
-    def _message_ids(self, db: sqlite3.Connection, owner: str, conversation_id: str) -> _Ids:
-        if self._find(db, owner, conversation_id) is None:
+    def _message_ids(self, db: Connection, owner: str, conversation_id: str) -> _Ids:
+        if self._find(db, owner, conversation_id, lock=True) is None:
             raise ConversationNotFound(conversation_id)
         rows = db.execute("SELECT id FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,))
         return [r["id"] for r in rows]
@@ -305,7 +314,7 @@ class History:
         return self.get(owner, conversation_id)
 
     @staticmethod
-    def _show(db: sqlite3.Connection, message_id: int, versions: _Versions, shown: int) -> None:
+    def _show(db: Connection, message_id: int, versions: _Versions, shown: int) -> None:
         chosen = versions[shown]
         meta = dict(chosen["meta"] or {})
         meta.update(alternatives=versions, shown=shown)
@@ -344,16 +353,6 @@ class History:
         return self.get(owner, conv.id)
 
 
-def _owner_only(path: Path) -> None:
-    """Create the database file readable by its owner alone (0600), and narrow an existing one and
-    its WAL and shared-memory files: the conversations are private. SQLite creates the -wal and
-    -shm files with the database file's own mode, so a new store is 0600 throughout."""
-    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
-        if file.exists() and file.stat().st_mode & 0o077:
-            file.chmod(0o600)
-
-
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -368,7 +367,7 @@ def _title(title: str) -> str:
     return title
 
 
-def _conversation(row: sqlite3.Row, count: int) -> Conversation:
+def _conversation(row: Any, count: int) -> Conversation:
     return Conversation(row["id"], row["title"], row["created_at"], row["updated_at"], row["model"], count)
 
 
@@ -380,7 +379,7 @@ def _version(content: str, status: str, meta: dict[str, Any] | None) -> dict[str
     return {"content": content, "status": status, "meta": meta or None}
 
 
-def _versions(row: sqlite3.Row) -> list[dict[str, Any]]:
+def _versions(row: Any) -> list[dict[str, Any]]:
     """Every version of a stored reply: its `meta.alternatives`, or the reply alone."""
     meta = json.loads(row["meta"]) if row["meta"] else {}
     versions = meta.get("alternatives")

@@ -125,6 +125,10 @@ class ModelManager:
         state = {"ok": "ok", "error": "error"}.get(engine.state, "loading")
         return state, offer, engine
 
+    def engines(self) -> list[tuple[str, Engine]]:
+        """Every offer that has an engine (loading, loaded or failed), by id: what /metrics reports."""
+        return [(o.id, o.engine) for o in list(self._offers.values()) if o.engine is not None]
+
     def describe(self) -> list[dict[str, Any]]:
         active = self.active.id
         out = []

@@ -16,6 +16,7 @@ from service.inference.engine import Engine
 from service.web import create_app
 from tests.support.engines import ready_engine, scripted_engine
 from tests.support.live import LiveServer
+from tests.support.postgres import fresh_schema
 
 pytest_plugins = ["tests.support.browser"]  # the Chromium fixtures: browser, serve, page, phone_page
 
@@ -45,6 +46,17 @@ def engine(tiny_backend: TransformersBackend) -> Engine:
 @pytest.fixture
 def settings(tiny_model_dir: Path, tmp_path: Path) -> Settings:
     return Settings(model_id=str(tiny_model_dir), log_level="warning", data_dir=str(tmp_path / "data"))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def history_database(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Each history test twice: "" (SQLite under DATA_DIR, the default) and a postgresql:// URL of a
+    fresh schema in the test PostgreSQL (skipped locally when none is set up, a failure in CI)."""
+    if request.param == "sqlite":
+        yield ""
+    else:
+        with fresh_schema() as url:
+            yield url
 
 
 @pytest.fixture

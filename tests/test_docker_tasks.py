@@ -473,6 +473,8 @@ def test_build_passes_its_options_and_puts_wheels_in_the_context_only_for_the_bu
         "--build-arg",
         "BAKE_MODEL=0",
         "--build-arg",
+        "PRECISION=int8",
+        "--build-arg",
         "BASE_IMAGE=localhost/base:1",
         "--build-arg",
         "TORCH_INDEX_URL=",
@@ -488,9 +490,17 @@ def test_build_defaults_bake_the_default_model(fake):
     proc = fake.invoke("build", "--revision", "abc123")
     assert proc.returncode == 0, proc.stderr
     build = next(c for c in fake.calls() if c[0] == "build")
-    assert "BAKE_MODEL=1" in build and "MODEL_REVISION=abc123" in build
+    assert "BAKE_MODEL=1" in build and "MODEL_REVISION=abc123" in build and "PRECISION=int8" in build
     assert not any(arg.startswith(("BASE_IMAGE=", "TORCH_INDEX_URL=")) for arg in build)
-    assert "with Qwen/Qwen2.5-1.5B-Instruct baked in" in proc.stderr and "4.23 GB" in proc.stderr
+    assert "with Qwen/Qwen2.5-1.5B-Instruct baked in (int8" in proc.stderr and "4.23 GB" in proc.stderr
+
+
+def test_build_bakes_at_the_precision_asked(fake):
+    fake.script(**{"image inspect {{.Size}}": [{"out": "2230000000\n"}]})
+    proc = fake.invoke("build", "--precision", "int4")
+    assert proc.returncode == 0, proc.stderr
+    build = next(c for c in fake.calls() if c[0] == "build")
+    assert "PRECISION=int4" in build and "PRECISION=int8" not in build
 
 
 @pytest.mark.parametrize(

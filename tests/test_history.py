@@ -1,4 +1,6 @@
-"""The history store on its own: ownership, paging, search, migrations, and surviving kill -9."""
+"""The history store on its own, on SQLite and on PostgreSQL (`history_database`): ownership, paging,
+search, migrations, surviving kill -9; and what only a shared database meets: several instances
+migrating at once, two writers on one conversation, TLS as the URL says, a password never shown."""
 
 from __future__ import annotations
 
@@ -7,19 +9,26 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+from urllib.parse import urlsplit
 
 import pytest
 
-from service.errors import ConversationNotFound, InvalidRequest
+from service.errors import ConversationNotFound, HistoryUnavailable, InvalidRequest
 from service.history import MIGRATIONS, History, StoredMessage, new_owner_id
 from tests.support.paths import ROOT
+from tests.support.postgres import base_url, fresh_schema, with_options
 
 
 @pytest.fixture
-def store(tmp_path):
-    h = History(tmp_path / "history.db")
+def store(tmp_path, history_database):
+    h = History(history_database or tmp_path / "history.db")
     yield h
     h.close()
+
+
+def count(store: History, table: str) -> int:
+    with store._db.read() as db:
+        return db.execute(f"SELECT COUNT(*) AS n FROM {table}").fetchone()["n"]
 
 
 def test_create_append_get(store):
@@ -87,27 +96,44 @@ def test_rename_and_delete(store):
     store.delete("bob", conv.id)
     with pytest.raises(ConversationNotFound):
         store.get("bob", conv.id)
-    with sqlite3.connect(store.path) as db:
-        assert db.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 0
+    assert count(store, "messages") == 0  # the delete cascades to its messages
 
 
-def test_migrates_a_database_from_the_first_schema(tmp_path):
-    path = tmp_path / "old.db"
-    with sqlite3.connect(path) as db:
-        db.executescript(MIGRATIONS[0])
-        db.execute("PRAGMA user_version = 1")
-        db.execute("INSERT INTO conversations VALUES ('c1', 'alice', 'kept', 1.0, 2.0)")
-        db.execute(
-            "INSERT INTO messages (conversation_id, role, content, created_at) "
-            "VALUES ('c1', 'user', 'still here', 1.5)"
-        )
+FIRST_ROWS = (
+    "INSERT INTO conversations VALUES ('c1', 'alice', 'kept', 1.0, 2.0)",
+    "INSERT INTO messages (conversation_id, role, content, created_at) "
+    "VALUES ('c1', 'user', 'still here', 1.5)",
+)
+
+
+def test_migrates_a_database_from_the_first_schema(tmp_path, history_database):
+    path = history_database or tmp_path / "old.db"
+    if history_database:
+        import psycopg
+
+        with psycopg.connect(history_database) as db:
+            for statement in MIGRATIONS[0].postgresql.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute("CREATE TABLE qwenbox_schema (version INTEGER NOT NULL)")
+            db.execute("INSERT INTO qwenbox_schema VALUES (1)")
+            for statement in FIRST_ROWS:
+                db.execute(statement)
+    else:
+        with sqlite3.connect(path) as db:
+            db.executescript(MIGRATIONS[0].sqlite)
+            db.execute("PRAGMA user_version = 1")
+            for statement in FIRST_ROWS:
+                db.execute(statement)
     store = History(path)
     assert store.version == len(MIGRATIONS)
     conv = store.get("alice", "c1")
     assert conv.title == "kept" and conv.model is None
     assert [(m.content, m.status) for m in conv.messages] == [("still here", "complete")]
     store.close()
-    assert History(path).version == len(MIGRATIONS)  # opening again changes nothing
+    again = History(path)
+    assert again.version == len(MIGRATIONS)  # opening again changes nothing
+    again.close()
 
 
 WRITER = textwrap.dedent("""
@@ -124,8 +150,8 @@ WRITER = textwrap.dedent("""
 """)
 
 
-def test_a_writer_killed_mid_conversation_loses_nothing_it_committed(tmp_path):
-    path = tmp_path / "history.db"
+def test_a_writer_killed_mid_conversation_loses_nothing_it_committed(tmp_path, history_database):
+    path = history_database or str(tmp_path / "history.db")
     writer = subprocess.Popen(
         [sys.executable, "-c", WRITER, str(path)], cwd=ROOT, stdout=subprocess.PIPE, text=True
     )
@@ -133,12 +159,14 @@ def test_a_writer_killed_mid_conversation_loses_nothing_it_committed(tmp_path):
     confirmed = [int(writer.stdout.readline()) for _ in range(200)][-1]
     writer.send_signal(signal.SIGKILL)
     writer.wait()
-    with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    if not history_database:
+        with sqlite3.connect(path) as db:
+            assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     store = History(path)
     turns = [m.content for m in store.get("alice", conv_id).messages]
     assert len(turns) >= confirmed + 1
     assert turns[: confirmed + 1] == [f"turn {i}" for i in range(confirmed + 1)]
+    store.close()
 
 
 def test_the_database_and_its_journal_files_are_the_owners_alone(tmp_path):
@@ -170,3 +198,113 @@ def test_a_title_with_a_lone_surrogate_is_refused(store):
 def test_owner_ids_are_random_and_long():
     ids = {new_owner_id() for _ in range(100)}
     assert len(ids) == 100 and all(len(i) >= 32 for i in ids)
+
+
+def test_text_postgresql_cannot_hold_is_stored_not_refused(store):
+    """A reply may hold NUL (a byte-level model can write one); SQLite keeps it, PostgreSQL's text
+    cannot, so it is stored as U+FFFD there, and neither fails the write."""
+    conv = store.create("alice", "nul")
+    store.append("alice", conv.id, StoredMessage("assistant", "a\x00b", "stop"))
+    stored = store.get("alice", conv.id).messages[0].content
+    assert stored == ("a\ufffdb" if store.dialect == "postgresql" else "a\x00b")
+
+
+# --- only a shared database (PostgreSQL) -------------------------------------------------------------
+MIGRATE_AT_ONCE = textwrap.dedent("""
+    import sys, time
+    from service.history import History
+    start = float(sys.argv[2])
+    time.sleep(max(0.0, start - time.time()))  # every process opens the store at the same moment
+    store = History(sys.argv[1])
+    print(store.version, flush=True)
+    store.close()
+""")
+
+
+def test_instances_starting_together_migrate_once():
+    """Four processes open a new database at the same instant: one migrates under the advisory lock,
+    the others wait for it and find the schema current (without the lock, two would both run
+    CREATE TABLE and one would fail)."""
+    import time
+
+    with fresh_schema() as url:
+        at = time.time() + 3
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", MIGRATE_AT_ONCE, url, str(at)],
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(4)
+        ]
+        results = [p.communicate(timeout=60) for p in procs]
+        assert [p.returncode for p in procs] == [0] * 4, [err[-800:] for _, err in results]
+        assert [out.strip() for out, _ in results] == [str(len(MIGRATIONS))] * 4
+        store = History(url)
+        assert count(store, "qwenbox_schema") == 1
+        store.close()
+
+
+def test_two_instances_writing_one_conversation_take_turns():
+    """Two stores (two instances' pools) append to one conversation from many threads; a third
+    deletes another conversation while replies are still being written to it: every append lands
+    once, in order per writer, and a write to the deleted one is `ConversationNotFound`, never a
+    database error."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with fresh_schema() as url:
+        a, b = History(url), History(url)
+        conv = a.create("alice", "busy")
+
+        def write(store: History, who: str) -> None:
+            for i in range(20):
+                store.append("alice", conv.id, StoredMessage("user", f"{who} {i}"))
+
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda args: write(*args), [(a, "a"), (b, "b"), (a, "c"), (b, "d")]))
+        turns = [m.content for m in b.get("alice", conv.id).messages]
+        assert len(turns) == 80
+        for who in "abcd":
+            assert [t for t in turns if t.startswith(who)] == [f"{who} {i}" for i in range(20)]
+
+        doomed = a.create("alice", "doomed")
+        errors: list[BaseException] = []
+
+        def keep_writing() -> None:
+            for i in range(200):
+                try:
+                    b.append("alice", doomed.id, StoredMessage("assistant", f"part {i}"))
+                except ConversationNotFound:
+                    return
+                except BaseException as exc:  # anything else is the bug this test is for
+                    errors.append(exc)
+                    return
+
+        with ThreadPoolExecutor(1) as pool:
+            future = pool.submit(keep_writing)
+            a.delete("alice", doomed.id)
+            future.result()
+        assert errors == []
+        with pytest.raises(ConversationNotFound):
+            a.get("alice", doomed.id)
+        a.close()
+        b.close()
+
+
+def test_tls_follows_the_url_and_the_password_is_never_shown(caplog):
+    """sslmode in the URL is libpq's: `require` against this test server (no TLS) refuses to
+    connect rather than talk in the clear; and neither `describe()` (the start-up log line) nor the
+    failure's log names the password."""
+    url = base_url()
+    password = urlsplit(url).password
+    assert password
+    with pytest.raises(HistoryUnavailable):
+        History(with_options(url, sslmode="require"))
+    assert "server does not support SSL" in caplog.text
+    assert password not in caplog.text and "***" in caplog.text
+    with fresh_schema() as fresh:
+        store = History(fresh)
+        assert password not in store.describe() and store.describe().startswith("PostgreSQL postgresql://")
+        store.close()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -10,6 +12,14 @@ from service.config import Settings
 from service.web import create_app
 from service.web.conversations import COOKIE
 from tests.support import sse
+from tests.support.live import wait_for
+from tests.support.postgres import Cuttable, fresh_schema
+
+
+@pytest.fixture
+def settings(settings, history_database):
+    """Every test here twice: history in SQLite (the default) and in PostgreSQL."""
+    return replace(settings, database_url=history_database)
 
 
 @pytest.fixture
@@ -172,3 +182,29 @@ def test_private_mode_stores_nothing(settings, scripted, tmp_path):
     r = client.post("/api/conversations")
     assert r.status_code == 404 and r.json["error"]["code"] == "history_disabled"
     assert not (tmp_path / "nothing").exists()
+
+
+def test_an_unreachable_database_is_a_503_to_retry_and_health_stays_up(tiny_model_dir, tmp_path, scripted):
+    """PostgreSQL gone while the service runs (a failover, a network cut): the history answers 503 with
+    Retry-After and names no address or password; health, which the load balancer probes, still says
+    ok (the model is fine, and taking every instance out would not bring the database back); once the
+    database is back, the same app serves the history again."""
+    with fresh_schema() as url:
+        link = Cuttable(url)
+        settings = Settings(model_id=str(tiny_model_dir), log_level="warning", database_url=link.url)
+        app = create_app(settings, engine=scripted("Stored reply."))
+        client = browser(app)
+        assert client.get("/api/conversations").status_code == 200
+        link.cut()
+        r = client.get("/api/conversations")
+        assert r.status_code == 503 and r.headers["Retry-After"] == "5"
+        assert "unreachable" in r.json["error"]["message"]
+        assert (
+            urlsplit(url).password not in r.get_data(as_text=True)
+            and "127.0.0.1" not in r.json["error"]["message"]
+        )
+        assert client.get("/api/health").status_code == 200
+        link.mend()
+        wait_for(lambda: client.get("/api/conversations").status_code == 200, timeout=60, interval=0.5)
+        app.extensions["history"].close()
+        link.cut()

@@ -3,10 +3,18 @@ alternatives of the last reply (regenerate) and importing an export, each owner-
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from service.web import create_app
 from service.web.conversations import COOKIE
+
+
+@pytest.fixture
+def settings(settings, history_database):
+    """Every test here twice: history in SQLite (the default) and in PostgreSQL."""
+    return replace(settings, database_url=history_database)
 
 
 @pytest.fixture

@@ -97,7 +97,13 @@ def test_build_context_leaves_out_tests_and_local_state():
     ignore = (ROOT / ".dockerignore").read_text().split()
     assert ignore[ignore.index("*")] == "*"  # deny by default...
     allowed = {line[1:] for line in ignore if line.startswith("!")}
-    assert allowed == {"service/", "pyproject.toml", "infra/image_requirements.py", "wheels/"}
+    assert allowed == {
+        "service/",
+        "pyproject.toml",
+        "infra/image_requirements.py",
+        "infra/image_prune.py",
+        "wheels/",
+    }
     assert ignore.index("service/dev/") > ignore.index("!service/")  # ...and the developer tools stay out
 
 
@@ -387,6 +393,7 @@ def test_the_default_path_bakes_the_model_and_starts_offline(made: Made, tiny_mo
     assert f"GET /{repo}/resolve/{FakeHub.COMMIT}/model.safetensors" in hub.requests
     labels = json.loads(docker("image", "inspect", "--format", "{{json .Config.Labels}}", tag).stdout)
     assert labels["io.qwen-box.model"] == repo and labels["io.qwen-box.model-baked"] == "1"
+    assert labels["io.qwen-box.precision"] == "int8"
 
     # run-local with the hub id the image baked: no mount, no network (the hub is gone by now).
     ran = invoke(
@@ -406,8 +413,14 @@ def test_the_default_path_bakes_the_model_and_starts_offline(made: Made, tiny_mo
     assert ran.returncode == 0, ran.stderr[-4000:]
     assert "baked into the image" in ran.stderr
     assert "tiny-qwen" in chat(port)["model"]
-    listing = docker("exec", name, "sh", "-c", f"echo $HF_HUB_OFFLINE $MODEL_ID; ls -A /models/{repo}").stdout
-    assert listing.split()[:2] == ["1", f"/models/{repo}"]
-    assert "model.safetensors" in listing and ".cache" not in listing
+    listing = docker(
+        "exec", name, "sh", "-c", f"echo $HF_HUB_OFFLINE $MODEL_ID $DTYPE; ls -A /models/{repo}"
+    ).stdout.split()
+    assert listing[:3] == ["1", f"/models/{repo}", "int8"]
+    # Baked pre-quantized: the int8 weights and their manifest, no float copy, no download cache.
+    assert "model.int8.safetensors" in listing and "quantized.json" in listing and "tokenizer.json" in listing
+    assert "model.safetensors" not in listing and ".cache" not in listing
+    logged = docker("logs", name).stdout + docker("logs", name).stderr
+    assert re.search(r"loaded /models/\S+ \(int8\) in \d+\.\d s", logged), logged[-2000:]
     assert docker("container", "inspect", "--format", "{{json .Mounts}}", name).stdout.count("/models") == 0
     assert invoke("stop", "--name", name, timeout=120).returncode == 0

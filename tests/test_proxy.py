@@ -25,6 +25,7 @@ import requests
 import urllib3
 import yaml
 
+from infra.azure import certs
 from infra.azure.deployment import Deployment
 from infra.health import probe
 from infra.vm import cloudinit
@@ -75,9 +76,20 @@ def validate(text: str, tmp_path: Path) -> subprocess.CompletedProcess:
     )
 
 
+def delivered(tmp_path: Path) -> tuple[str, certs.ServerCertificate]:
+    """A scale set's certificate for SITE, in a folder as cloud-init installs it for Caddy."""
+    made = certs.generate(SITE)
+    folder = tmp_path / "tls"
+    folder.mkdir(exist_ok=True)
+    (folder / "cert.pem").write_text(made.cert)
+    (folder / "key.pem").write_text(made.key)
+    return str(folder), made
+
+
 @pytest.mark.parametrize("cert", CERT_MODES)
 def test_caddy_validates_the_deployed_config(cert, tmp_path):
-    result = validate(caddyfile(SITE, cert), tmp_path)
+    extra = {"tls_dir": delivered(tmp_path)[0]} if cert == "provided" else {}
+    result = validate(caddyfile(SITE, cert, **extra), tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Valid configuration" in result.stdout + result.stderr
 
@@ -490,4 +502,42 @@ def test_slow_clients_on_the_plain_http_port_cannot_starve_health(app, tmp_path)
     finally:
         for s in slow:
             s.close()
+        caddy.stop()
+
+
+@pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
+def test_a_scale_set_instance_serves_its_name_and_answers_probes_by_address(app, tmp_path):
+    """The `provided` certificate (a scale set's, delivered with the secrets): the chat by name, checked
+    against the generated root; /api/health also by address without SNI, as the load balancer's probe
+    and the health extension ask, passed on as the site's name (so ALLOWED_HOSTS lets it in); nothing
+    else by address."""
+    caddy_exe()
+    tls_dir, made = delivered(tmp_path)
+    (tmp_path / "root.pem").write_text(made.ca)
+    http_port, https_port = free_port(), free_port()
+    text = caddyfile(
+        SITE,
+        "provided",
+        upstream=f"127.0.0.1:{app.port}",
+        http_port=http_port,
+        https_port=https_port,
+        storage=str(tmp_path / "storage"),
+        bind="127.0.0.1",
+        tls_dir=tls_dir,
+    )
+    caddy = Caddy(text, tmp_path / "caddy", https_port)
+    try:
+        proxy = {"https_port": https_port, "root": str(tmp_path / "root.pem")}
+        wait_for(lambda: https_get(proxy, "/api/health").status == 200, timeout=30)
+        by_address = urllib3.HTTPSConnectionPool(
+            "127.0.0.1", https_port, cert_reqs="CERT_NONE", assert_hostname=False, retries=False, timeout=30
+        )
+        with by_address as pool:
+            health = pool.request("GET", "/api/health", headers={"Host": "10.42.0.4"})
+            page = pool.request("GET", "/", headers={"Host": "10.42.0.4"})
+        assert health.status == 200 and json.loads(health.data)["status"] == "ok", health.data
+        assert page.status == 404
+        health = probe("127.0.0.1", https_port, tls=True, server_name=SITE, verify=str(tmp_path / "root.pem"))
+        assert health.phase == "ok"
+    finally:
         caddy.stop()

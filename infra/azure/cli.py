@@ -26,7 +26,7 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
-from infra.azure import credentials, provision, state
+from infra.azure import credentials, provision, scaleset, state
 from infra.azure.credentials import AzureClients, CredentialsError
 from infra.azure.deployment import (
     Deployment,
@@ -41,6 +41,7 @@ from infra.azure.deployment import (
 from infra.azure.errors import AzureActionError, explain
 from infra.azure.plan import make_plan, plan_lines
 from infra.azure.provision import DeployResult
+from infra.azure.scaleset import ScaleSet
 from infra.azure.target import SingleVm, Target
 from infra.health import Health, probe
 from infra.settings import SettingsError
@@ -52,6 +53,7 @@ CERT_SHORT = {
     "acme": "Let's Encrypt certificate",
     "acme-http": "Let's Encrypt certificate (HTTP challenge)",
     "internal": "certificate from the VM's own authority",
+    "provided": "certificate delivered to every instance (generated CA, or your own)",
 }
 
 
@@ -84,7 +86,7 @@ def deploy(
     *,
     console: Console | None = None,
     connect_clients: ClientFactory | None = None,
-    target_for: TargetFactory = SingleVm,
+    target_for: TargetFactory | None = None,
     ssh_dir: Path | None = None,
 ) -> int:
     """`invoke deploy-azure`: prepare, (unless --dry-run) provision, wait until ready, report the URL and,
@@ -106,7 +108,7 @@ def deploy(
         return _fail(out, str(exc))
     except AzureError as exc:
         return _fail(out, explain(exc, region=d.region, size=d.size, name=d.name))
-    target = target_for(clients)
+    target = (target_for or (ScaleSet if d.scale_set else SingleVm))(clients)
     show_start(out, prepared, clients.subscription, key_path if generated else None)
     started = time.monotonic()
     result = _provision(out, target, prepared, key, started)
@@ -232,6 +234,8 @@ def report(out: Console, target: Target, prepared: Prepared, result: DeployResul
     d, options = prepared.deployment, prepared.options
     if health.phase == "ok":
         ca = _save_ca(out, target, d, result) if d.cert == "internal" else None
+        if d.cert == "provided" and prepared.tls and prepared.tls.generated:
+            ca = state.ca_file(d.name)  # saved when provisioning, before any instance had the certificate
         out.print(
             f"\n[bold green]Ready:[/] {result.url}  (model {health.detail})"
             if health.detail
@@ -359,16 +363,29 @@ def _session(out: Console, subscription: str, connect_clients: ClientFactory | N
         return None
 
 
-def status(
-    *,
-    name: str = "",
-    subscription: str = "",
-    console: Console | None = None,
-    connect_clients: ClientFactory | None = None,
-    target_for: TargetFactory = SingleVm,
+def target_of(clients: AzureClients, names: Names) -> TargetFactory:
+    """The kind of an existing deployment, from its resource group's tag: a scale set's says so."""
+    try:
+        group = provision.owned_group(clients, names)
+    except AzureActionError:
+        group = None  # not ours: the target refuses it again, saying why
+    return ScaleSet if group is not None and scaleset.is_scale_set(group.tags) else SingleVm
+
+
+Action = Callable[[AzureClients, Names, Target], int]
+
+
+def _on_existing(
+    out: Console,
+    name: str,
+    subscription: str,
+    connect_clients: ClientFactory | None,
+    target_for: TargetFactory | None,
+    act: Action,
 ) -> int:
-    """`invoke status-azure`: power state, URL, exposure and health of a deployment."""
-    out = _console(console)
+    """What status, logs and destroy share: sign in, find the deployment (--name, else this machine's,
+    else the only one), its kind (one VM or a scale set), then `act` on it; Azure's refusals end as a
+    sentence and exit 1."""
     clients = _session(out, subscription, connect_clients)
     if clients is None:
         return 1
@@ -376,15 +393,39 @@ def status(
         names = _resolve(out, clients, name)
         if names is None:
             return 1
-        ca = state.ca_file(names.name)
-        st = target_for(clients).status(names, ca_file=str(ca) if ca.exists() else "")
+        target = (target_for or target_of(clients, names))(clients)
+        return act(clients, names, target)
     except AzureActionError as exc:
         return _fail(out, str(exc))
     except AzureError as exc:
         return _fail(out, explain(exc, name=name))
-    if st is None:
-        out.print(f"No deployment named {names.name!r} (resource group {names.group} does not exist).")
-        return 1
+
+
+def status(
+    *,
+    name: str = "",
+    subscription: str = "",
+    console: Console | None = None,
+    connect_clients: ClientFactory | None = None,
+    target_for: TargetFactory | None = None,
+) -> int:
+    """`invoke status-azure`: power state, URL, exposure and health of a deployment (and of a scale set,
+    its capacity and each instance's health)."""
+    out = _console(console)
+
+    def show(clients: AzureClients, names: Names, target: Target) -> int:
+        ca = state.ca_file(names.name)
+        st = target.status(names, ca_file=str(ca) if ca.exists() else "")
+        if st is None:
+            out.print(f"No deployment named {names.name!r} (resource group {names.group} does not exist).")
+            return 1
+        _print_status(out, names, st)
+        return 0
+
+    return _on_existing(out, name, subscription, connect_clients, target_for, show)
+
+
+def _print_status(out: Console, names: Names, st: provision.Status) -> None:
     table = Table(show_header=False, box=None)
     table.add_row("deployment", st.name)
     table.add_row("region", st.region)
@@ -392,6 +433,10 @@ def status(
     table.add_row("power state", st.power or "-")
     if st.failure:
         table.add_row("provisioning", f"[bold red]failed[/]: {escape(st.failure)}")
+    if st.capacity:
+        table.add_row("instances", st.capacity)
+        for i, (vm, power, verdict) in enumerate(st.instances):
+            table.add_row(f"  {i}", f"{vm}: {power}, health {verdict}")
     table.add_row("URL", st.url or "-")
     table.add_row("public IP", st.ip or "-")
     table.add_row("inbound", "; ".join(st.exposure) or "-")
@@ -400,7 +445,6 @@ def status(
     table.add_row("access token", f"kept in {saved}" if saved.exists() else "not kept on this machine")
     table.add_row("health", st.health.label if st.health else "not checked (VM not running)")
     out.print(table)
-    return 0
 
 
 def logs(
@@ -408,27 +452,21 @@ def logs(
     name: str = "",
     lines: int = 100,
     subscription: str = "",
+    instance: str = "",
     console: Console | None = None,
     connect_clients: ClientFactory | None = None,
-    target_for: TargetFactory = SingleVm,
+    target_for: TargetFactory | None = None,
 ) -> int:
-    """`invoke logs-azure`: the container's log tail, through run-command."""
+    """`invoke logs-azure`: the container's log tail, through run-command (of a scale set's `instance`)."""
     out = _console(console)
-    clients = _session(out, subscription, connect_clients)
-    if clients is None:
-        return 1
-    try:
-        names = _resolve(out, clients, name)
-        if names is None:
-            return 1
-        with out.status(f"asking {names.vm} for the container log (run-command, takes ~30 s)"):
-            text = target_for(clients).logs(names, lines)
-    except AzureActionError as exc:
-        return _fail(out, str(exc))
-    except AzureError as exc:
-        return _fail(out, explain(exc, name=name))
-    out.print(text, highlight=False, markup=False)
-    return 0
+
+    def show(clients: AzureClients, names: Names, target: Target) -> int:
+        with out.status(f"asking {names.name} for the container log (run-command, takes ~30 s)"):
+            text = target.logs(names, lines, instance) if instance else target.logs(names, lines)
+        out.print(text, highlight=False, markup=False)
+        return 0
+
+    return _on_existing(out, name, subscription, connect_clients, target_for, show)
 
 
 def _ask(question: str) -> bool:
@@ -446,32 +484,26 @@ def destroy(
     console: Console | None = None,
     connect_clients: ClientFactory | None = None,
     confirm: Callable[[str], bool] = _ask,
-    target_for: TargetFactory = SingleVm,
+    target_for: TargetFactory | None = None,
 ) -> int:
     """`invoke destroy-azure`: delete the deployment's resource group once confirmed; wait until gone."""
     out = _console(console)
-    clients = _session(out, subscription, connect_clients)
-    if clients is None:
-        return 1
-    try:
-        names = _resolve(out, clients, name)
-        if names is None:
-            return 1
+
+    def delete(clients: AzureClients, names: Names, target: Target) -> int:
         if provision.owned_group(clients, names) is None:
             out.print(f"Nothing to delete: resource group {names.group} does not exist.")
             return 0
         if not yes and not confirm(
-            f"Delete resource group {names.group} and everything in it (VM, disk, IP, network)? [y/N] "
+            f"Delete resource group {names.group} and everything in it (VM, disk, IP, network"
+            f"{', database' if isinstance(target, ScaleSet) else ''})? [y/N] "
         ):
             out.print("Not deleted (answer y, or pass --yes).")
             return 1
         started = time.monotonic()
         with out.status(f"deleting {names.group} (takes a few minutes)"):
-            target_for(clients).destroy(names, _quiet)
-    except AzureActionError as exc:
-        return _fail(out, str(exc))
-    except AzureError as exc:
-        return _fail(out, explain(exc, name=name))
-    state.forget(names.name)
-    out.print(f"Deleted {names.group} in {_clock(started)}: nothing of {names.name} is left to bill.")
-    return 0
+            target.destroy(names, _quiet)
+        state.forget(names.name)
+        out.print(f"Deleted {names.group} in {_clock(started)}: nothing of {names.name} is left to bill.")
+        return 0
+
+    return _on_existing(out, name, subscription, connect_clients, target_for, delete)

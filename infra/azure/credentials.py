@@ -19,7 +19,10 @@ from typing import Any
 import requests
 from azure.core.credentials import TokenCredential
 from azure.mgmt.compute import ComputeManagementClient
+from azure.mgmt.monitor import MonitorManagementClient
 from azure.mgmt.network import NetworkManagementClient
+from azure.mgmt.postgresqlflexibleservers import PostgreSQLManagementClient
+from azure.mgmt.privatedns import PrivateDnsManagementClient
 from azure.mgmt.resource.resources import ResourceManagementClient
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -89,13 +92,17 @@ class RetrySettings:
 
 @dataclass
 class AzureClients:
-    """The three management clients for one subscription, plus TLS settings for blob downloads."""
+    """The management clients for one subscription, plus TLS settings for blob downloads. The last three
+    only a scale set uses (autoscale, its database, the database's private DNS zone)."""
 
     subscription: str
     resources: ResourceManagementClient
     network: NetworkManagementClient
     compute: ComputeManagementClient
     verify: bool | str = True
+    monitor: MonitorManagementClient | None = None
+    postgres: PostgreSQLManagementClient | None = None
+    private_dns: PrivateDnsManagementClient | None = None
 
 
 def resolve_subscription(
@@ -157,6 +164,9 @@ def connect(
         network=NetworkManagementClient(credential, subscription, **common),
         compute=ComputeManagementClient(credential, subscription, **common),
         verify=verify,
+        monitor=MonitorManagementClient(credential, subscription, **common),
+        postgres=PostgreSQLManagementClient(credential, subscription, **common),
+        private_dns=PrivateDnsManagementClient(credential, subscription, **common),
     )
 
 

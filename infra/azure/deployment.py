@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from infra.azure import state
+from infra.azure import certs, state
 from infra.azure.sizes import DEFAULT_SIZE, Fit, check_vm
 from infra.fit import BYTES_ORDER, default_precision
 from infra.settings import parse_env
@@ -38,6 +38,11 @@ ADMIN_USER = "azureuser"
 UBUNTU_2404 = {"publisher": "Canonical", "offer": "ubuntu-24_04-lts", "sku": "server", "version": "latest"}
 VNET_PREFIX = "10.42.0.0/16"
 SUBNET_PREFIX = "10.42.0.0/24"
+DB_SUBNET_PREFIX = "10.42.1.0/24"  # delegated to PostgreSQL Flexible Server (a scale set's history)
+MAX_INSTANCES = 10  # a sane cap: 10 B2s are 20 vCPUs, about a new subscription's regional B-family quota
+DB_ADMIN = "qwenbox"
+DB_NAME = "qwenbox"
+DB_PASSWORD_KEY = "database_password"
 INTERNET = "Internet"
 PUBLIC_DNS_ZONE = "cloudapp.azure.com"
 TOKEN_ENV = "QWEN_BOX_ACCESS_TOKEN"
@@ -138,6 +143,41 @@ class Names:
     def os_disk(self) -> str:
         return f"{self.name}-osdisk"
 
+    # -- a scale set's (--instances): the VMs are the scale set's, the public IP is the load balancer's
+    @property
+    def vmss(self) -> str:
+        return f"{self.name}-vmss"
+
+    @property
+    def lb(self) -> str:
+        return f"{self.name}-lb"
+
+    @property
+    def nat(self) -> str:
+        return f"{self.name}-nat"
+
+    @property
+    def nat_ip(self) -> str:
+        return f"{self.name}-nat-ip"
+
+    @property
+    def autoscale(self) -> str:
+        return f"{self.name}-autoscale"
+
+    @property
+    def db_server(self) -> str:
+        """Also a DNS name (NAME-db.postgres.database.azure.com), unique in Azure as the deployment's is."""
+        return f"{self.name}-db"
+
+    @property
+    def db_subnet(self) -> str:
+        return "postgres"
+
+    @property
+    def db_zone(self) -> str:
+        """The private DNS zone the server's name resolves in from the virtual network."""
+        return f"{self.name}.private.postgres.database.azure.com"
+
     @property
     def tags(self) -> dict[str, str]:
         return {"app": APP_TAG, "deployment": self.name}
@@ -162,9 +202,26 @@ class Deployment(Names):
     model: str = ""
     dns_zone: str = PUBLIC_DNS_ZONE
     registry: cloudinit.RegistryLogin | None = field(default=None, repr=False)  # never in custom_data
+    instances: tuple[int, int] = (0, 0)  # (MIN, MAX) of a scale set; (0, 0): one VM (the default)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.instances != (0, 0):
+            low, high = self.instances
+            if not 1 <= low <= high <= MAX_INSTANCES:
+                raise PlanError(
+                    f"--instances {low}-{high}: MIN and MAX between 1 and {MAX_INSTANCES}, MIN <= MAX"
+                )
+            if not self.tls:
+                raise PlanError(
+                    "--instances with --no-tls: a scale set is served over HTTPS only (its certificate is "
+                    "delivered to every instance); drop --no-tls"
+                )
+            if self.trusted_cert:
+                raise PlanError(
+                    "--trusted-cert with --instances: one name in front of many instances cannot get a "
+                    "Let's Encrypt certificate per instance; give a trusted one with --tls-cert/--tls-key"
+                )
         if self.port == 0:
             object.__setattr__(self, "port", 443 if self.tls else 80)
         if self.tls and self.port == 80:
@@ -216,9 +273,16 @@ class Deployment(Names):
         """
         if not self.tls:
             return ""
+        if self.scale_set:
+            return "provided"
         if self.public:
             return "acme"
         return "acme-http" if self.trusted_cert else "internal"
+
+    @property
+    def scale_set(self) -> bool:
+        """Whether this is a scale set behind a load balancer (--instances), not one VM."""
+        return self.instances != (0, 0)
 
     @property
     def redirect_sources(self) -> tuple[str, ...]:
@@ -316,6 +380,15 @@ class DeployOptions:
     token: str = _option(
         "", f"access token (default: generated once and kept on this machine; or {TOKEN_ENV})", secret=True
     )
+    instances: str = _option(
+        "",
+        f"MIN or MIN-MAX (1-{MAX_INSTANCES}): a VM scale set behind a load balancer, autoscaled on CPU, "
+        "with its history in PostgreSQL (default: one VM)",
+    )
+    tls_cert: str = _option(
+        "", "with --instances: PEM file of your certificate (chain) for the name (default: generated)"
+    )
+    tls_key: str = _option("", "with --instances: PEM file of --tls-cert's private key", secret=True)
     interval: float = _option(DEFAULT_INTERVAL)  # the longest pause between health checks
 
     @classmethod
@@ -342,6 +415,8 @@ class Prepared:
     )
     fit: Fit
     precision_is_default: bool
+    tls: certs.ServerCertificate | None = None  # a scale set's certificate (secret key: never shown)
+    database_password: str = field(default="", repr=False)  # a scale set's PostgreSQL admin password
 
     @property
     def token(self) -> str:
@@ -387,6 +462,41 @@ def _model_and_precision(
     return model, precision, check_vm(model, precision, size), chosen
 
 
+def parse_instances(text: str) -> tuple[int, int]:
+    """`--instances MIN` or `MIN-MAX` into (MIN, MAX), refused unless 1 <= MIN <= MAX <= MAX_INSTANCES."""
+    low, sep, high = text.strip().partition("-")
+    try:
+        pair = (int(low), int(high) if sep else int(low))
+    except ValueError:
+        raise PlanError(f"--instances {text!r}: MIN or MIN-MAX, whole numbers (e.g. 2 or 2-4)") from None
+    if not 1 <= pair[0] <= pair[1] <= MAX_INSTANCES:
+        raise PlanError(
+            f"--instances {text}: MIN and MAX between 1 and {MAX_INSTANCES}, MIN no more than MAX "
+            f"(more than {MAX_INSTANCES} needs a quota and a budget this kit does not assume)"
+        )
+    return pair
+
+
+def _scale_set_certificate(
+    options: DeployOptions, fqdn: str, name: str, saved: Callable[[str], dict[str, str]]
+) -> certs.ServerCertificate:
+    """--tls-cert/--tls-key when given, else the one made for this deployment before, else a new one."""
+    if bool(options.tls_cert) != bool(options.tls_key):
+        raise PlanError("--tls-cert and --tls-key go together")
+    if options.tls_cert:
+        try:
+            with open(options.tls_cert) as c, open(options.tls_key) as k:
+                return certs.load_given(c.read(), k.read(), fqdn)
+        except OSError as exc:
+            raise PlanError(f"cannot read {exc.filename}: {exc.strerror}") from None
+        except certs.CertificateError as exc:
+            raise PlanError(str(exc)) from None
+    kept = saved(name)
+    if kept.get("cert") and kept.get("key") and kept.get("ca"):
+        return certs.ServerCertificate(kept["cert"], kept["key"], kept["ca"], generated=True)
+    return certs.generate(fqdn)
+
+
 def _given_token(token: str, env: dict[str, str], environ: Mapping[str, str]) -> str:
     """--token, else QWEN_BOX_ACCESS_TOKEN, else --env ACCESS_TOKEN; "" when none was given."""
     from_env = env.pop("ACCESS_TOKEN", "")
@@ -417,6 +527,8 @@ def prepare(
     dns_zone: str = PUBLIC_DNS_ZONE,
     environ: Mapping[str, str] | None = None,
     saved_token: Callable[[str], str] = state.load_token,
+    saved_tls: Callable[[str], dict[str, str]] = state.load_tls,
+    saved_secret: Callable[[str, str], str] = state.load_secret,
 ) -> Prepared:
     """Validate `options`, check the model fits the size, and render the VM's cloud-init once.
 
@@ -431,6 +543,9 @@ def prepare(
         raise PlanError(
             "--image is required: REGISTRY/NAME:TAG of the qwen-box image (invoke push puts it in a registry)"
         )
+    instances = parse_instances(options.instances) if options.instances else (0, 0)
+    if (options.tls_cert or options.tls_key) and not options.instances:
+        raise PlanError("--tls-cert/--tls-key are for a scale set (--instances); one VM gets its own")
     settings = parse_env(options.env, environ)
     given_token = _given_token(options.token, settings, environ)
     model, _, verdict, auto = _model_and_precision(settings, options.model, options.precision, options.size)
@@ -456,11 +571,16 @@ def prepare(
         model=model,
         dns_zone=dns_zone,
         registry=registry,
+        instances=instances,
     )
     if "ALLOWED_HOSTS" not in settings:  # the service answers only to its own name (no DNS rebinding)
         d = dataclasses.replace(d, env={**d.env, "ALLOWED_HOSTS": d.fqdn})
     text = cloudinit.render(d.image, d.port, d.env, caddyfile=d.caddyfile, model=d.model)
-    return Prepared(options, d, text, bool(given_token), verdict, auto)
+    if not d.scale_set:
+        return Prepared(options, d, text, bool(given_token), verdict, auto)
+    tls = _scale_set_certificate(options, d.fqdn, d.name, saved_tls)
+    password = saved_secret(d.name, DB_PASSWORD_KEY) or secrets.token_urlsafe(24)
+    return Prepared(options, d, text, bool(given_token), verdict, auto, tls, password)
 
 
 def needs_my_address(d: Deployment) -> bool:

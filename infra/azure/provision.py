@@ -403,6 +403,8 @@ class Status:
     exposure: list[str] = field(default_factory=list)
     health: Health | None = None
     failure: str = ""  # why the VM's provisioning failed, with the next step ("" if it did not)
+    capacity: str = ""  # a scale set's: how many instances now, and autoscale's bounds
+    instances: list[tuple[str, str, str]] = field(default_factory=list)  # a scale set's (name, power, health)
 
     @property
     def tls(self) -> bool:

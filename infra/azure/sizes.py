@@ -52,6 +52,13 @@ SIZE_NAMES = {
     )
 }
 PUBLIC_IP_PER_HOUR = 0.005
+# A scale set's other parts (East US pay-as-you-go list prices, late 2025; estimates, not quotes; the
+# per-GB charges of the load balancer and NAT gateway and DNS queries come on top, with traffic):
+LOAD_BALANCER_PER_HOUR = 0.025  # Standard, the first 5 rules (we have 2), plus $0.005 per GB processed
+NAT_GATEWAY_PER_HOUR = 0.045  # plus $0.045 per GB processed
+POSTGRES_B1MS_PER_HOUR = 0.017  # Flexible Server, Burstable B1ms compute
+POSTGRES_STORAGE_GB_MONTH = 0.115  # its provisioned storage; backups up to that size are free
+PRIVATE_DNS_ZONE_PER_MONTH = 0.50  # plus $0.40 per million queries
 STANDARD_SSD_PER_MONTH = [(32, 2.40), (64, 4.80), (128, 9.60), (256, 19.20), (512, 38.40), (1024, 76.80)]
 
 

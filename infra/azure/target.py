@@ -1,10 +1,10 @@
 """Where a deployment runs, behind one small interface: the CLI's deploy, status, logs and destroy
 talk to a `Target`, never to the VM's specifics.
 
-Today's target is one VM (`SingleVm`): one public IP, one container, its health polled at that IP.
-A scale-set target (several VMs behind a load balancer) would sit beside it and implement the same
-methods, leaving infra/azure/cli.py and the deploy phases as they are (the shape of SkyPilot's
-provisioners: provision, wait until ready, status, teardown).
+The default target is one VM (`SingleVm`): one public IP, one container, its health polled at that IP.
+The scale-set target (`infra.azure.scaleset.ScaleSet`: VMs behind a load balancer, `--instances`)
+sits beside it and implements the same methods, leaving infra/azure/cli.py and the deploy phases as
+they are (the shape of SkyPilot's provisioners: provision, wait until ready, status, teardown).
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ class Target(Protocol):
         """Delete everything of the deployment; False when there was nothing."""
         ...
 
-    def logs(self, names: Names, lines: int) -> str:
-        """The container's log tail."""
+    def logs(self, names: Names, lines: int, instance: str = "") -> str:
+        """The container's log tail (of a scale set's `instance`: its number or name; "" the first)."""
         ...
 
     def diagnostics(self, names: Names) -> list[tuple[str, str]]:
@@ -129,7 +129,9 @@ class SingleVm:
     def destroy(self, names: Names, progress: Progress) -> bool:
         return provision.destroy(self.clients, names, progress)
 
-    def logs(self, names: Names, lines: int) -> str:
+    def logs(self, names: Names, lines: int, instance: str = "") -> str:
+        if instance:
+            raise AzureActionError(f"--instance {instance}: {names.name} is one VM, not a scale set")
         try:
             group = provision.owned_group(self.clients, names)
         except HttpResponseError as exc:

@@ -16,6 +16,12 @@ Where the certificate comes from (`cert`):
   are public).
 - `internal`: Caddy's own certificate authority on the VM, for a VM that no public authority can reach.
   Encrypted all the same, but not trusted by browsers until its root certificate is trusted.
+- `provided`: a certificate given to the VM with its secrets (PROVIDED_DIR), for a scale set, where one
+  name stands in front of many instances: each instance running its own ACME order for the same name
+  would race the others through the load balancer, and each its own authority would give every
+  instance another root. deploy-azure generates a CA and a server certificate (or takes the user's).
+  With it Caddy also answers `/api/health` for any host name and without SNI (`default_sni`), since the
+  load balancer's probe and the application health extension ask by address, not by name.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ import re
 
 from infra.image import CONTAINER_PORT
 
-CERT_MODES = ("acme", "acme-http", "internal")
+CERT_MODES = ("acme", "acme-http", "internal", "provided")
+PROVIDED_DIR = "/etc/caddy/qwen-box-tls"  # cert.pem, key.pem: owned by caddy, installed by cloud-init.yaml
 UPSTREAM = f"127.0.0.1:{CONTAINER_PORT}"  # the container, published on loopback only behind Caddy
 MAX_BODY = "4MB"  # above the app's own default limit (MAX_BODY_BYTES, 1 MB), which answers 413 itself
 _SITE = re.compile(r"^[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?$")
@@ -67,10 +74,12 @@ def caddyfile(
     https_port: int = 443,
     storage: str = "",
     bind: str = "",
+    tls_dir: str = PROVIDED_DIR,
 ) -> str:
     """The Caddyfile serving `site` over HTTPS on `https_port`, redirecting `http_port` to it.
 
-    `storage` (a folder for certificates and keys) and `bind` (an address to listen on) are for tests;
+    `storage` (a folder for certificates and keys), `bind` (an address to listen on) and `tls_dir` (where
+    the `provided` certificate is) are for tests;
     on the VM Caddy listens on every address and keeps its keys in its own data folder
     (/var/lib/caddy). The admin API is off: nothing changes the config but a restart.
     """
@@ -94,17 +103,36 @@ def caddyfile(
         # Only with a publicly trusted certificate: pinning browsers to HTTPS for a name whose
         # certificate they cannot check (the VM's own authority) would lock them out for a year.
         site_lines.append(f'\theader Strict-Transport-Security "{HSTS}"')
+    if cert == "provided":
+        options.append(f"\tdefault_sni {site}")
     if cert == "internal":
         site_lines.append("\ttls internal")
+    elif cert == "provided":
+        site_lines.append(f"\ttls {tls_dir}/cert.pem {tls_dir}/key.pem")
     elif cert == "acme-http":
         site_lines.append("\ttls {\n\t\tissuer acme {\n\t\t\tdisable_tlsalpn_challenge\n\t\t}\n\t}")
     site_lines.append(_proxy(upstream))
     target = site if https_port == 443 else f"{site}:{int(https_port)}"
+    probe = ""
+    if cert == "provided":
+        # Health probes ask by address (no SNI, Host = an IP or localhost): only /api/health, sent on as
+        # the site's name (Host and X-Forwarded-Host, which the service reads behind its proxy) so its
+        # ALLOWED_HOSTS accepts it; anything else is 404 here.
+        probe = (
+            f"# Health probes of the load balancer and the scale set, by address, not by name.\n"
+            f"https://:{int(https_port)} {{\n\ttls {tls_dir}/cert.pem {tls_dir}/key.pem\n"
+            f"\thandle /api/health {{\n\t\treverse_proxy {upstream} {{\n\t\t\theader_up Host {site}\n"
+            f"\t\t\theader_up X-Forwarded-Host {site}\n"
+            f"\t\t}}\n\t}}\n\trespond 404\n}}\n\n"
+        )
     return (
         "# qwen-box: HTTPS for the chat service on loopback; written by invoke deploy-azure.\n"
         "{\n" + "\n".join(options) + "\n}\n\n"
-        f"{site} {{\n" + "\n".join(site_lines) + "\n}\n\n"
-        "# Plain HTTP only redirects (Caddy answers certificate challenges on it before any route).\n"
+        f"{site} {{\n"
+        + "\n".join(site_lines)
+        + "\n}\n\n"
+        + probe
+        + "# Plain HTTP only redirects (Caddy answers certificate challenges on it before any route).\n"
         f"http://{site} {{\n\tredir https://{target}{{uri}} 308\n}}\n"
     )
 

@@ -25,7 +25,7 @@ import jinja2
 
 from infra.image import CONTAINER, CONTAINER_PORT, LABEL_BAKED, LABEL_MODEL, MODELS_DIR, data_volume
 from infra.settings import PRINTABLE, SECRET_SETTINGS, SettingsError, validate_env
-from infra.vm.caddy import http_caddyfile
+from infra.vm.caddy import PROVIDED_DIR, http_caddyfile
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "cloud-init.yaml"
 START_SCRIPT = Path(__file__).resolve().parent / "start-container.sh.j2"
@@ -157,10 +157,16 @@ def registry_digest(salt: str, registry: RegistryLogin | None) -> str:
 
 
 SECRETS_DONE = "qwen-box: secrets delivered"
+CADDY_TLS_DIR = PROVIDED_DIR
 BOOT_FINISHED = "/var/lib/cloud/instance/boot-finished"
 
 
-def secrets_script(env: Mapping[str, str], registry: RegistryLogin | None = None) -> str:
+def secrets_script(
+    env: Mapping[str, str],
+    registry: RegistryLogin | None = None,
+    tls: tuple[str, str] | None = None,
+    then: str = "",
+) -> str:
     """The POSIX sh script the Custom Script extension runs as root (its protectedSettings.script): the
     secret settings and the registry login into /etc/qwen-box/secrets (0700, files 0600), then `ready`.
 
@@ -170,6 +176,11 @@ def secrets_script(env: Mapping[str, str], registry: RegistryLogin | None = None
     secret settings restart the container (with the start script rewritten first, for a VM made before
     the secrets lived apart, whose service.env then loses its own copy of them). Values are base64 in
     the script, data to the shell; nothing secret is echoed (the extension reports its output to Azure).
+
+    A scale set's instances also get `tls` (certificate chain, key: PEM) for Caddy, installed for it by
+    provision.sh at first boot or here afterwards, and `then`, a bash script run once the first boot is
+    over (the scale set's update_script: its image and settings change through this extension, which
+    the rolling upgrade policy applies instance by instance).
     """
     secret = {k: v for k, v in _settings(env).items() if k in SECRET_SETTINGS}
 
@@ -196,6 +207,8 @@ def secrets_script(env: Mapping[str, str], registry: RegistryLogin | None = None
             'cmp -s "$dir/service.env.new" "$dir/service.env" || restart=1',
             'mv "$dir/service.env.new" "$dir/service.env"',
         ]
+    if tls:
+        lines += [put(tls[0], "$dir/tls.crt"), put(tls[1], "$dir/tls.key")]
     if registry:
         lines += [
             put(registry.server + "\n", "$dir/registry-server"),
@@ -211,6 +224,19 @@ def secrets_script(env: Mapping[str, str], registry: RegistryLogin | None = None
             '  docker login --username "$(cat "$dir/registry-username")" --password-stdin '
             '"$(cat "$dir/registry-server")" < "$dir/registry-password" >/dev/null',
             '  shred --remove "$dir/registry-password"',
+        ]
+    if tls:
+        lines += [
+            f"  tls_dir=${{QWEN_BOX_CADDY_TLS:-{CADDY_TLS_DIR}}}",
+            '  install -d -o caddy -g caddy -m 0700 "$tls_dir"',
+            '  install -o caddy -g caddy -m 0600 "$dir/tls.crt" "$tls_dir/cert.pem"',
+            '  install -o caddy -g caddy -m 0600 "$dir/tls.key" "$tls_dir/key.pem"',
+            "  systemctl restart caddy",
+        ]
+    if then:
+        lines += [
+            f'  printf %s {base64.b64encode(then.encode()).decode()} | base64 -d > "$dir/update.sh"',
+            '  bash "$dir/update.sh"',
         ]
     start = base64.b64encode(start_script().encode()).decode()
     lines += [

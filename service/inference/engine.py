@@ -183,8 +183,17 @@ class Generation:
 class Engine:
     """Owns the model and the single worker thread that runs generations one after another."""
 
-    def __init__(self, load: Callable[[], Backend], *, queue_size: int = 8):
+    def __init__(
+        self,
+        load: Callable[[], Backend],
+        *,
+        queue_size: int = 8,
+        on_finish: Callable[[Finished], None] | None = None,
+    ):
+        """`on_finish` sees every generation's end, however it ended (the metrics' hook); it runs on
+        the scheduler thread, so it must be quick, and its failure never reaches a generation."""
         self._load = load
+        self._on_finish = on_finish
         self._queue: queue.Queue[Generation | None] = queue.Queue(maxsize=queue_size)
         self._backend: Backend | None = None
         self._state = "loading"
@@ -427,7 +436,13 @@ class Engine:
         usage = Usage(len(generation.prompt_ids), n_tokens)
         key = {"cancelled": "cancelled", "error": "failed"}.get(reason, "completed")
         self._counts[key] += 1
-        generation._put(Finished(reason, usage, timing, error))
+        finished = Finished(reason, usage, timing, error)
+        if self._on_finish is not None:
+            try:
+                self._on_finish(finished)
+            except Exception:  # noqa: BLE001 - an observer's fault must not lose a reply
+                log.exception("on_finish failed")
+        generation._put(finished)
 
 
 class _Run:

@@ -12,17 +12,34 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GenerationConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 
 from ..config import DTYPES
 from . import attention
 from .memory import return_freed_memory
 from .quantized import Int8Embedding, Int8Linear, quantize_rows, quantized_linear
 
-SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+SAFETENSORS_DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+}
 
 
 def local_folder(source: str) -> Path:
@@ -38,8 +55,10 @@ def local_folder(source: str) -> Path:
 
 
 def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Tensors of a .safetensors file, one at a time, read into fresh memory (no mmap)."""
-    with open(path, "rb") as f:
+    """Tensors of a .safetensors file, one at a time, read into fresh memory (no mmap: nothing of the
+    file stays resident once its tensor is packed and dropped). Straight into uninitialised tensors,
+    unbuffered: one copy from the page cache, no zero-fill first."""
+    with open(path, "rb", buffering=0) as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(header_len))
         header.pop("__metadata__", None)
@@ -47,15 +66,24 @@ def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             start, end = info["data_offsets"]
             f.seek(base + start)
-            buffer = bytearray(end - start)
-            f.readinto(buffer)
+            data = torch.empty(end - start, dtype=torch.uint8)
+            view, done = data.numpy().data, 0
+            while done < len(view):
+                n = f.readinto(view[done:])
+                if not n:
+                    raise ValueError(f"{path} ends inside {name}: truncated")
+                done += n
             dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            yield name, torch.frombuffer(buffer, dtype=dtype).reshape(info["shape"])
+            yield name, data.view(dtype).reshape(info["shape"])
 
 
 def load_model(source: str, precision: str) -> PreTrainedModel:
     """The model at `precision` (one of `DTYPES`), ready for inference."""
     if precision in ("bfloat16", "float32"):
+        from . import checkpoint
+
+        if checkpoint.is_prequantized(Path(source)):  # its float weights are gone: say so, do not guess
+            checkpoint.check(Path(source), precision)
         return AutoModelForCausalLM.from_pretrained(
             source, dtype=getattr(torch, precision), attn_implementation=attention.NAME
         ).eval()
@@ -64,21 +92,34 @@ def load_model(source: str, precision: str) -> PreTrainedModel:
     return load_quantized(local_folder(source), bits=8 if precision == "int8" else 4)
 
 
+@dataclass
+class Skeleton:
+    """The network built empty (on the meta device), and which of its modules get quantized."""
+
+    config: PretrainedConfig
+    model: PreTrainedModel
+    linears: set[str]  # Linear modules whose weights the checkpoint holds (a tied head excluded)
+    embedding_name: str
+    head_name: str
+    tied: bool  # the output head is the token table (Qwen2.5-1.5B: the checkpoint has no head)
+
+
 def activation_dtype() -> torch.dtype:
     """What a quantized model computes in between its products: bf16 where the CPU multiplies bf16
     natively (AVX-512 BF16, AMX), else float32. Without those instructions a bf16 product is ten
     times slower than float32 (measured on an AVX2 EPYC) and every layer would convert twice; the
-    price is a KV cache twice as large per token (see memory.kv_bytes_per_token)."""
+    price is a KV cache twice as large per token (56 KiB instead of 28 for Qwen2.5-1.5B)."""
     return torch.bfloat16 if attention.fast_bf16_products() else torch.float32
 
 
-def load_quantized(folder: Path, bits: int) -> PreTrainedModel:
-    """Linear layers in `bits`-bit weights, the token table in int8 rows, the rest (norms, biases,
-    the KV cache) in `activation_dtype()`."""
+def skeleton(folder: Path) -> Skeleton:
+    """The model of `folder`'s config.json with no weights yet (in `activation_dtype()`): what
+    loading fills in."""
     config = AutoConfig.from_pretrained(folder)
-    work = activation_dtype()
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=work, attn_implementation=attention.NAME)
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=activation_dtype(), attn_implementation=attention.NAME
+        )
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     head = model.get_output_embeddings()
     head_name = next(n for n, m in model.named_modules() if m is head)
@@ -87,6 +128,21 @@ def load_quantized(folder: Path, bits: int) -> PreTrainedModel:
     tied = bool(getattr(config, "tie_word_embeddings", False))
     if tied:
         linears.discard(head_name)  # tied checkpoints omit the head: it is the embedding matrix
+    return Skeleton(config, model, linears, embedding_name, head_name, tied)
+
+
+def load_quantized(folder: Path, bits: int) -> PreTrainedModel:
+    """Linear layers in `bits`-bit weights, the token table in int8 rows, the rest in bf16: from a
+    pre-quantized checkpoint (service/inference/checkpoint.py) when `folder` is one, else quantized
+    here from the float weights."""
+    from . import checkpoint
+
+    if checkpoint.is_prequantized(folder):
+        return checkpoint.load(folder, bits)
+    s = skeleton(folder)
+    config, model, linears, tied = s.config, s.model, s.linears, s.tied
+    head_name, embedding_name = s.head_name, s.embedding_name
+    embedding = model.get_submodule(embedding_name)
     pending: dict[str, dict[str, torch.Tensor]] = {}
     files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -109,7 +165,7 @@ def load_quantized(folder: Path, bits: int) -> PreTrainedModel:
             module = model.get_submodule(owner)
             if module is embedding and attr == "weight":
                 values, scales = quantize_rows(tensor)
-                _replace(model, embedding_name, Int8Embedding(values, scales, work))
+                _replace(model, embedding_name, Int8Embedding(values, scales, model.dtype))
                 if tied:  # the head is the same matrix (in int8, quantized once for both)
                     head = (
                         Int8Linear(values, scales, None)
@@ -120,10 +176,18 @@ def load_quantized(folder: Path, bits: int) -> PreTrainedModel:
                 del values, scales, tensor
                 return_freed_memory()
                 continue
-            module._parameters[attr] = torch.nn.Parameter(tensor.to(work), requires_grad=False)
+            module._parameters[attr] = torch.nn.Parameter(tensor.to(model.dtype), requires_grad=False)
     return_freed_memory()
-    linears.discard(head_name)
-    if pending or any(
+    if pending:
+        raise ValueError(f"the checkpoint in {folder} is missing weights")
+    return finish(model, config, folder, linears - {head_name})
+
+
+def finish(
+    model: PreTrainedModel, config: PretrainedConfig, folder: Path, linears: set[str]
+) -> PreTrainedModel:
+    """Check that every weight arrived, build the computed buffers, attach the generation config."""
+    if any(
         model.get_submodule(n).weight.is_meta
         for n in linears
         if isinstance(model.get_submodule(n), torch.nn.Linear)

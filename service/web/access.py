@@ -23,7 +23,7 @@ from .errors import HttpError
 log = logging.getLogger(__name__)
 
 OPEN_PATHS = ("/api/health",)
-PROTECTED_PREFIXES = ("/api/", "/v1/")
+PROTECTED_PREFIXES = ("/api/", "/v1/", "/metrics")
 RATE_LIMITED_ENDPOINTS = ("api.chat", "openai.chat_completions")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 

@@ -12,17 +12,20 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from flask import Flask, Response, send_from_directory
+from flask import Flask, Response, request, send_from_directory
 from flask.json.provider import DefaultJSONProvider
 from flask_compress import Compress
 
 from ..config import Settings
 from ..history import History
 from ..inference.engine import Engine
-from ..models import ModelManager
+from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from ..metrics import Metrics
+from ..models import ModelManager, public_id
 from . import api, conversations, errors, openai_api
 from .access import protect
 
@@ -44,6 +47,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     """Build the app. Without `engine`, the models named by `settings` are offered and the default
     one starts loading at once; with one, it is the only model (tests hand in their own)."""
     settings = settings or Settings.from_env()
+    metrics = Metrics()
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -54,7 +58,11 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         models = ModelManager(
             sources,
             settings.model_id,
-            lambda source: Engine(_transformers_loader(settings, source), queue_size=settings.queue_size),
+            lambda source: Engine(
+                _transformers_loader(settings, source),
+                queue_size=settings.queue_size,
+                on_finish=partial(metrics.generation_finished, public_id(source)),
+            ),
             dtype=settings.dtype,
             budget_bytes=settings.memory_budget_mb * 2**20 if settings.memory_budget_mb else None,
         ).start()
@@ -66,18 +74,34 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.json = _insertion_ordered_json(app)
     app.extensions["settings"] = settings
     app.extensions["models"] = models
+    app.extensions["metrics"] = metrics
+    metrics.watch_engines(lambda: [(model, engine.stats()) for model, engine in models.engines()])
     app.register_blueprint(api.bp)
     app.register_blueprint(openai_api.bp)
     app.register_blueprint(conversations.bp)
     conversations.install_owner_cookie(app)
     if settings.history:
-        app.extensions["history"] = History(Path(settings.data_dir) / "history.db")
+        store = History(settings.database_url or Path(settings.data_dir) / "history.db")
+        logging.getLogger(__name__).info("conversation history in %s", store.describe())
+        app.extensions["history"] = store
     protect(app, settings)
 
     @app.get("/")
     def index() -> Response:
         conversations.current_owner()  # a first visit gets its owner cookie with the page
         return send_from_directory(STATIC, "index.html", max_age=0)
+
+    @app.get("/metrics")
+    def prometheus_metrics() -> Response:
+        """Prometheus' text format, behind the access token like the API (web/access.py)."""
+        return Response(metrics.render(), mimetype=None, content_type=METRICS_CONTENT_TYPE)
+
+    @app.after_request
+    def count_request(response: Response) -> Response:
+        # The URL rule, not the path: ids and unknown paths must not grow the label set.
+        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        metrics.request_done(route, request.method, response.status_code)
+        return response
 
     errors.install(app, max_body_bytes=settings.max_body_bytes)
     _compress(app)

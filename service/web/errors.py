@@ -24,6 +24,7 @@ from ..errors import (
     ConversationNotFound,
     GenerationFailed,
     HistoryDisabled,
+    HistoryUnavailable,
     InvalidRequest,
     ModelUnavailable,
     PromptTooLong,
@@ -87,6 +88,8 @@ def answer(exc: ServiceError, *, openai: bool = False) -> Answer:
         return Answer(500, exc.message, "server_error")
     if isinstance(exc, HistoryDisabled):
         return Answer(404, exc.message, "not_found", code="history_disabled")
+    if isinstance(exc, HistoryUnavailable):
+        return Answer(503, exc.message, "server_busy", headers={"Retry-After": str(exc.retry_after)})
     if isinstance(exc, ConversationNotFound):
         return Answer(404, exc.message, "not_found")
     return Answer(500, exc.message, "server_error")

@@ -7,4 +7,7 @@ health    the one stand-in /api/health server (run-local's and deploy-azure's he
 engines   ready_engine, ScriptedBackend, scripted_engine
 fake_arm  a fake Azure Resource Manager on loopback
 browser   headless Chromium fixtures (a pytest plugin, loaded by conftest) and page helpers
+postgres  the test PostgreSQL (QWENBOX_TEST_DATABASE_URL): a fresh schema per test
+haproxy   HAProxy on loopback in front of live servers, the load balancer's stand-in
+slow_app  the production app with a scripted, slow (and optionally slow-loading) model
 """

@@ -9,8 +9,13 @@ write-only and immutable, a resource group delete takes everything in it, a VM d
 and disk marked deleteOption Delete, the OS disk is created untagged, a mixed IPv4/IPv6 rule is refused,
 and faults (409, 429 with `Retry-After`, 5xx, quota, an operation that fails) can be injected per
 request; a PUT whose operation failed leaves the resource in provisioningState Failed (a VM's instance
-view then says why). It also answers azure-identity's client-secret sign-in as Microsoft Entra ID does
-(OpenID configuration, token endpoint, AADSTS7000215 for a wrong secret).
+view then says why). For a scale set it also keeps a Flexible VM scale set (its instances are VMs of
+their own, as many as its capacity, whose instance view carries the health extension's verdict), a
+load balancer, a NAT gateway, an autoscale setting (not long-running, as in ARM), a PostgreSQL flexible
+server (PUT answered 202 without a body, password write-only, the delegated subnet checked) with its
+databases and settings, and a private DNS zone with its network links. It also answers
+azure-identity's client-secret sign-in as Microsoft Entra ID does (OpenID configuration, token
+endpoint, AADSTS7000215 for a wrong secret).
 """
 
 from __future__ import annotations
@@ -32,8 +37,18 @@ import trustme
 API_VERSIONS = {
     "resourcegroups": {"2025-04-01"},
     "microsoft.network": {"2026-03-01"},
+    "microsoft.network/privatednszones": {"2024-06-01"},
+    "microsoft.insights": {"2022-10-01"},
+    "microsoft.dbforpostgresql": {"2026-10-01"},
     "microsoft.compute": {"2026-04-01", "2026-03-03", "2026-03-02"},
     "microsoft.compute/skus": {"2021-07-01"},
+}
+
+# Child resources this fake keeps (provider type, child collection), beside VM extensions.
+NESTED = {
+    ("microsoft.network/privatednszones", "virtualnetworklinks"),
+    ("microsoft.dbforpostgresql/flexibleservers", "databases"),
+    ("microsoft.dbforpostgresql/flexibleservers", "configurations"),
 }
 
 SKUS = [
@@ -112,6 +127,8 @@ class FakeArm:
         self.run_commands: list[str] = []
         self.restricted: dict[str, set[str]] = {}
         self.power_state = "running"
+        self.instance_health: dict[str, str] = {}  # a scale set instance's name -> healthy/unhealthy/...
+        self.public_instances = False  # whether a scale set was ever given a public IP per instance
         self.vm_failures: dict[str, dict[str, str]] = {}  # VM key -> the error its creation ended in
         self.serial_log = "[    0.000000] Linux version 6.8.0-azure\ncloud-init: qwen-box: pulling image\n"
         self.vm_shell: Callable[[str], str] = succeeding_vm
@@ -251,14 +268,26 @@ class FakeArm:
                     error = {"code": fault.code, "message": fault.message}
                     self.operations[op_id].on_done = None
                     self.operations[op_id].error = error
-                    if method == "PUT" and isinstance(payload, dict) and "properties" in payload:
-                        self.operations[op_id].on_error = lambda: self._failed(payload, error)
+                    stored = payload if isinstance(payload, dict) else self._stored(path)
+                    if method == "PUT" and isinstance(stored, dict) and "properties" in stored:
+                        self.operations[op_id].on_error = lambda: self._failed(stored, error)
             return status, payload, extra
+
+    def _stored(self, path: str) -> dict | None:
+        """The resource a path names, for a PUT answered without a body (202)."""
+        parts = [p for p in path.split("/") if p]
+        if len(parts) == 8:
+            return self.resources.get(_key(parts[3], parts[5] + "/" + parts[6], parts[7]))
+        if len(parts) == 10:
+            return self.resources.get(_key(parts[3], parts[5] + "/" + parts[6], parts[7], parts[8], parts[9]))
+        return None
 
     def _failed(self, resource: dict, error: dict[str, str]) -> None:
         """A PUT whose operation failed leaves the resource there in provisioningState Failed, and a VM's
         instance view says why (as Azure does after, e.g., AllocationFailed)."""
         resource["properties"]["provisioningState"] = "Failed"
+        if resource["type"].lower() == "microsoft.dbforpostgresql/flexibleservers":
+            resource["properties"]["state"] = "Disabled"
         if resource["type"].lower() == "microsoft.compute/virtualmachines":
             group = resource["id"].split("/")[4]
             self.vm_failures[_key(group, resource["type"], resource["name"])] = error
@@ -274,8 +303,14 @@ class FakeArm:
         low = path.lower()
         if "/providers/microsoft.compute/skus" in low:
             family = "microsoft.compute/skus"
+        elif "/providers/microsoft.network/privatednszones/" in low:
+            family = "microsoft.network/privatednszones"
         elif "/providers/microsoft.network/" in low:
             family = "microsoft.network"
+        elif "/providers/microsoft.insights/" in low:
+            family = "microsoft.insights"
+        elif "/providers/microsoft.dbforpostgresql/" in low:
+            family = "microsoft.dbforpostgresql"
         elif "/providers/microsoft.compute/" in low:
             family = "microsoft.compute"
         else:
@@ -299,6 +334,8 @@ class FakeArm:
             return 200, {"value": self._list_groups(query.get("$filter", ""))}, {}
         if len(lrest) == 2 and lrest[0] == "resourcegroups":
             return self._group(method, rest[1], body)
+        if len(lrest) == 5 and lrest[0] == "resourcegroups" and lrest[2] == "providers" and method == "GET":
+            return 200, {"value": self._list(rest[1], rest[3] + "/" + rest[4], query.get("$filter", ""))}, {}
         if len(lrest) >= 6 and lrest[0] == "resourcegroups" and lrest[2] == "providers":
             group = rest[1]
             if _key(group) not in self.groups:
@@ -310,6 +347,8 @@ class FakeArm:
                 return self._extension(method, group, name, rest[7], body)
             if ptype == "microsoft.compute/virtualmachines" and tail:
                 return self._vm_action(method, group, name, tail, body)
+            if len(tail) == 2 and (ptype, tail[0]) in NESTED:
+                return self._nested(method, group, rest[3] + "/" + rest[4], name, rest[6], rest[7], body)
             if tail:
                 raise ArmError(404, "NotFound", f"No route for {path}")
             return self._resource(method, path, group, rest[3] + "/" + rest[4], name, body)
@@ -398,6 +437,14 @@ class FakeArm:
                 return 204, None, {}
             if ptype.lower() == "microsoft.compute/virtualmachines":
                 op = self._operation(lambda: self._delete_vm(group, name, existing))
+            elif ptype.lower() == "microsoft.compute/virtualmachinescalesets":
+
+                def gone() -> None:
+                    existing["sku"]["capacity"] = 0
+                    self._reconcile_instances(group, existing)
+                    self.resources.pop(key, None)
+
+                op = self._operation(gone)
             else:
                 op = self._operation(lambda: self.resources.pop(key, None))
             return 202, None, self._lro_headers(op)
@@ -432,13 +479,232 @@ class FakeArm:
         elif kind == "microsoft.compute/virtualmachines":
             self._vm(group, name, resource, existing)
             self.vm_failures.pop(key, None)
+        elif kind == "microsoft.network/natgateways":
+            for ip in props.get("publicIpAddresses", []):
+                self._require(ip.get("id"), "the NAT gateway")
+        elif kind == "microsoft.network/loadbalancers":
+            self._load_balancer(resource)
+        elif kind == "microsoft.compute/virtualmachinescalesets":
+            self._scale_set(group, name, resource)
+        elif kind == "microsoft.dbforpostgresql/flexibleservers":
+            self._postgres(group, name, resource, existing)
+        elif kind == "microsoft.insights/autoscalesettings":
+            return self._autoscale(key, resource, existing)
         props["provisioningState"] = "Updating" if existing else "Creating"
         self.resources[key] = resource
 
         def done():
             resource["properties"]["provisioningState"] = "Succeeded"
+            if kind == "microsoft.compute/virtualmachinescalesets":
+                self._reconcile_instances(group, resource)
+            if kind == "microsoft.dbforpostgresql/flexibleservers":
+                resource["properties"]["state"] = "Ready"
 
         op = self._operation(done)
+        if kind.startswith("microsoft.dbforpostgresql/"):
+            return 202, None, self._lro_headers(op)  # this API accepts a PUT with 202 and no body
+        return (200 if existing else 201), resource, self._lro_headers(op)
+
+    # -- a scale set's resources (tests/test_azure_scaleset.py) -----------------------------------------
+    def _list(self, group: str, ptype: str, filt: str) -> list[dict]:
+        """A collection GET (e.g. the group's VMs, which for a Flexible scale set are its instances)."""
+        if _key(group) not in self.groups:
+            raise ArmError(404, "ResourceGroupNotFound", f"Resource group '{group}' could not be found.")
+        prefix = _key(group, ptype) + "/"
+        found = [
+            r for k, r in self.resources.items() if k.startswith(prefix) and k.count("/") == prefix.count("/")
+        ]
+        match = re.search(r"'virtualMachineScaleSet/id' eq '([^']*)'", filt)
+        if match:
+            owner = match.group(1).lower()
+            found = [
+                r
+                for r in found
+                if r["properties"].get("virtualMachineScaleSet", {}).get("id", "").lower() == owner
+            ]
+        return sorted(found, key=lambda r: r["name"])
+
+    def _children(self, resource: dict, *collections: str) -> None:
+        for collection in collections:
+            for child in resource["properties"].get(collection, []):
+                child["id"] = f"{resource['id']}/{collection}/{child['name']}"
+
+    def _load_balancer(self, resource: dict) -> None:
+        """Its parts get ids, and every reference among them (and to the public IP) must resolve."""
+        props = resource["properties"]
+        if resource.get("sku", {}).get("name") != "Standard":
+            raise ArmError(400, "InvalidParameter", "Only the Standard load balancer SKU is supported here.")
+        self._children(
+            resource, "frontendIPConfigurations", "backendAddressPools", "probes", "loadBalancingRules"
+        )
+        for front in props.get("frontendIPConfigurations", []):
+            self._require(
+                front.get("properties", {}).get("publicIPAddress", {}).get("id"), "the load balancer"
+            )
+        own = {
+            c["id"].lower()
+            for k in ("frontendIPConfigurations", "backendAddressPools", "probes")
+            for c in props.get(k, [])
+        }
+        for rule in props.get("loadBalancingRules", []):
+            for ref in ("frontendIPConfiguration", "backendAddressPool", "probe"):
+                rid = rule.get("properties", {}).get(ref, {}).get("id", "")
+                if rid and rid.lower() not in own:
+                    raise ArmError(
+                        400, "InvalidResourceReference", f"{ref} {rid} of rule {rule['name']} not found."
+                    )
+
+    def _scale_set(self, group: str, name: str, resource: dict) -> None:
+        """Flexible orchestration only, networkApiVersion required, references resolved; customData and
+        the extensions' protectedSettings kept apart and never returned, as Azure does (unlike one VM's,
+        a scale set's customData may change: it applies to the instances made afterwards)."""
+        props = resource["properties"]
+        if props.get("orchestrationMode") != "Flexible":
+            raise ArmError(400, "InvalidParameter", "This fake knows Flexible orchestration only.")
+        profile = props.get("virtualMachineProfile", {})
+        network = profile.get("networkProfile", {})
+        if not network.get("networkApiVersion"):
+            raise ArmError(
+                400,
+                "VmssFlexRequiresNetworkApiVersion",
+                "networkApiVersion is required for Virtual Machine Scale Sets with Flexible orchestration.",
+            )
+        for nic in network.get("networkInterfaceConfigurations", []):
+            nprops = nic.get("properties", {})
+            self._require(nprops.get("networkSecurityGroup", {}).get("id"), "the scale set")
+            for conf in nprops.get("ipConfigurations", []):
+                cprops = conf.get("properties", {})
+                if "publicIPAddressConfiguration" in cprops:
+                    self.public_instances = True
+                self._require(cprops.get("subnet", {}).get("id"), "the scale set")
+                for pool in cprops.get("loadBalancerBackendAddressPools", []):
+                    self._require(pool.get("id"), "the scale set")
+        skey = _key(group, name)
+        self.secrets[skey] = {"customData": profile.get("osProfile", {}).pop("customData", "")}
+        for ext in profile.get("extensionProfile", {}).get("extensions", []):
+            eprops = ext.get("properties", {})
+            self.secrets[_key(group, name, "extensions", ext["name"])] = {
+                "protectedSettings": eprops.pop("protectedSettings", None)
+            }
+        props["uniqueId"] = props.get("uniqueId") or str(uuid.uuid4())
+
+    def _reconcile_instances(self, group: str, vmss: dict) -> None:
+        """A Flexible scale set's instances are VMs of their own, named NAME_xxxxxxxx, as many as its
+        capacity (autoscale or a PUT changes it)."""
+        capacity = int(vmss.get("sku", {}).get("capacity", 0))
+        mine = [
+            r
+            for r in self._list(group, "Microsoft.Compute/virtualMachines", "")
+            if r["properties"].get("virtualMachineScaleSet", {}).get("id", "").lower() == vmss["id"].lower()
+        ]
+        for extra in mine[capacity:]:
+            self.resources.pop(_key(group, "Microsoft.Compute/virtualMachines", extra["name"]), None)
+        for _ in range(capacity - len(mine)):
+            name = f"{vmss['name']}_{uuid.uuid4().hex[:8]}"
+            rid = (
+                f"/subscriptions/{self.subscription}/resourceGroups/{group}/providers/"
+                f"Microsoft.Compute/virtualMachines/{name}"
+            )
+            self.resources[_key(group, "Microsoft.Compute/virtualMachines", name)] = {
+                "id": rid,
+                "name": name,
+                "type": "Microsoft.Compute/virtualMachines",
+                "location": vmss["location"],
+                "properties": {
+                    "virtualMachineScaleSet": {"id": vmss["id"]},
+                    "hardwareProfile": {"vmSize": vmss["sku"]["name"]},
+                    "provisioningState": "Succeeded",
+                    "vmId": str(uuid.uuid4()),
+                    "osProfile": {"adminUsername": "azureuser", "computerName": name},
+                },
+            }
+
+    def set_capacity(self, group: str, vmss: str, capacity: int) -> None:
+        """What autoscale does between deploys: change the scale set's capacity (and its instances)."""
+        with self.lock:
+            resource = self.resources[_key(group, "Microsoft.Compute/virtualMachineScaleSets", vmss)]
+            resource["sku"]["capacity"] = capacity
+            self._reconcile_instances(group, resource)
+
+    def _postgres(self, group: str, name: str, resource: dict, existing: dict | None) -> None:
+        """PostgreSQL Flexible Server with private access: the delegated subnet and the private DNS zone
+        must exist (the subnet delegated to it), the admin password is write-only, the name is a DNS name."""
+        props = resource["properties"]
+        net = props.get("network", {})
+        subnet_id = net.get("delegatedSubnetResourceId", "")
+        self._require(subnet_id, "the flexible server")
+        self._require(net.get("privateDnsZoneArmResourceId"), "the flexible server")
+        if subnet_id:
+            parts = [p for p in subnet_id.split("/") if p]
+            vnet = self.resources[_key(parts[3], parts[5] + "/" + parts[6], parts[7])]
+            subnet = next(x for x in vnet["properties"]["subnets"] if x["name"].lower() == parts[9].lower())
+            services = [
+                d.get("properties", {}).get("serviceName")
+                for d in subnet["properties"].get("delegations", [])
+            ]
+            if "Microsoft.DBforPostgreSQL/flexibleServers" not in services:
+                raise ArmError(
+                    400,
+                    "SubnetNotDelegated",
+                    f"Subnet {parts[9]} must be delegated to Microsoft.DBforPostgreSQL/flexibleServers.",
+                )
+        password = props.pop("administratorLoginPassword", None)
+        if existing is None and not password:
+            raise ArmError(400, "InvalidParameterValue", "administratorLoginPassword is required.")
+        self.secrets[_key(group, name, "password")] = {"password": password or self.db_password(group, name)}
+        props["fullyQualifiedDomainName"] = f"{name}.postgres.database.azure.com"
+        props["state"] = "Updating" if existing else "Creating"
+
+    def db_password(self, group: str, server: str) -> str:
+        with self.lock:
+            return (self.secrets.get(_key(group, server, "password")) or {}).get("password", "")
+
+    def _autoscale(self, key: str, resource: dict, existing: dict | None):
+        """Autoscale settings are not long-running: ARM answers the PUT at once. The target must exist
+        and the bounds make sense."""
+        props = resource["properties"]
+        self._require(props.get("targetResourceUri"), "the autoscale setting")
+        for profile in props.get("profiles", []):
+            cap = profile.get("capacity", {})
+            low, high, default = (int(cap.get(k, -1)) for k in ("minimum", "maximum", "default"))
+            if not 0 <= low <= default <= high:
+                raise ArmError(
+                    400, "InvalidParameter", f"capacity {cap} is not minimum <= default <= maximum"
+                )
+        self.resources[key] = resource
+        return (200 if existing else 201), resource, {}
+
+    def _nested(self, method, group, ptype, parent, child_type, name, body):
+        """A child resource of another (a private zone's network link, a server's database or setting)."""
+        parent_key = _key(group, ptype, parent)
+        if parent_key not in self.resources:
+            raise ArmError(404, "ParentResourceNotFound", f"Parent resource '{parent}' not found.")
+        key = _key(group, ptype, parent, child_type, name)
+        existing = self.resources.get(key)
+        rid = f"{self.resources[parent_key]['id']}/{child_type}/{name}"
+        if method == "GET":
+            if not existing:
+                raise ArmError(404, "ResourceNotFound", f"The Resource '{rid}' was not found.")
+            return 200, existing, {}
+        if method == "DELETE":
+            self.resources.pop(key, None)
+            return 202, None, self._lro_headers(self._operation(None))
+        if method != "PUT":
+            raise ArmError(405, "MethodNotAllowed", method)
+        resource = json.loads(json.dumps(body or {}))
+        resource.update({"id": rid, "name": name, "type": f"{ptype}/{child_type}"})
+        props = resource.setdefault("properties", {})
+        if child_type.lower() == "virtualnetworklinks":
+            self._require(props.get("virtualNetwork", {}).get("id"), "the virtual network link")
+        props["provisioningState"] = "Updating" if existing else "Creating"
+        self.resources[key] = resource
+
+        def done():
+            props["provisioningState"] = "Succeeded"
+
+        op = self._operation(done)
+        if ptype.lower().startswith("microsoft.dbforpostgresql/"):
+            return 202, None, self._lro_headers(op)  # this API accepts a PUT with 202 and no body
         return (200 if existing else 201), resource, self._lro_headers(op)
 
     def _nsg(self, resource: dict) -> None:
@@ -494,10 +760,10 @@ class FakeArm:
         parts = [p for p in rid.split("/") if p]
         if len(parts) == 8:
             return _key(parts[3], parts[5] + "/" + parts[6], parts[7]) in self.resources
-        if len(parts) == 10 and parts[8].lower() == "subnets":
-            vnet = self.resources.get(_key(parts[3], parts[5] + "/" + parts[6], parts[7]))
-            return bool(vnet) and any(
-                s["name"].lower() == parts[9].lower() for s in vnet["properties"].get("subnets", [])
+        if len(parts) == 10:  # a part listed in its parent (a subnet, a load balancer's pool or probe)
+            parent = self.resources.get(_key(parts[3], parts[5] + "/" + parts[6], parts[7]))
+            return bool(parent) and any(
+                s["name"].lower() == parts[9].lower() for s in parent["properties"].get(parts[8], [])
             )
         return False
 
@@ -713,7 +979,7 @@ class FakeArm:
                     }
                 ]
             }
-        return {
+        view = {
             "computerName": "qwen-box",
             "osName": "ubuntu",
             "osVersion": "24.04",
@@ -730,6 +996,11 @@ class FakeArm:
                 },
             ],
         }
+        vm = self.resources.get(key) or {}
+        if vm.get("properties", {}).get("virtualMachineScaleSet"):
+            verdict = self.instance_health.get(vm["name"], "healthy")
+            view["vmHealth"] = {"status": {"code": f"HealthState/{verdict}", "level": "Info"}}
+        return view
 
     def _skus(self, filt: str) -> list[dict]:
         match = re.search(r"location eq '([^']*)'", filt)

@@ -4,6 +4,7 @@ real production server (`python -m service`, i.e. gunicorn) as a context manager
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -89,6 +90,19 @@ class LiveServer:
 
     def stop(self) -> None:
         stop_process(self.process, self._log)
+
+    def kill(self) -> None:
+        """SIGKILL gunicorn's master and its worker together, as an instance that crashes or loses
+        its machine dies: no graceful shutdown, open connections simply end."""
+        pid = self.process.pid
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        for victim in (pid, *map(int, children)):
+            try:
+                os.kill(victim, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.process.wait()
+        self._log.close()
 
     def __enter__(self) -> LiveServer:
         try:

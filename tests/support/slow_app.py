@@ -1,14 +1,18 @@
 """The production app behind the real gunicorn, but with a scripted model that writes one token every
 `SCRIPT_DELAY` seconds (default 0.05) and never runs out of words: a generation lasts as long as its
-max_tokens says, on a loaded machine as on an idle one. Served by `LiveServer(..., app=SLOW_APP)`."""
+max_tokens says, on a loaded machine as on an idle one. Served by `LiveServer(..., app=SLOW_APP)`.
+With `LOAD_DELAY` seconds, the model "loads" that long first (health answers 503 meanwhile), as a
+real instance does while it reads its weights."""
 
 from __future__ import annotations
 
 import os
+import time
 
 from flask import Flask
 
 from service.config import Settings
+from service.inference.engine import Engine
 from service.web import create_app as create_production_app
 from tests.support.engines import ScriptedBackend, ready_engine
 
@@ -27,4 +31,14 @@ def create_app() -> Flask:
         context_length=settings.context_tokens,
         max_batch=settings.max_batch,
     )
-    return create_production_app(settings, engine=ready_engine(backend, queue_size=settings.queue_size))
+    load_delay = float(os.environ.get("LOAD_DELAY", "0"))
+    if load_delay:
+
+        def load() -> ScriptedBackend:
+            time.sleep(load_delay)
+            return backend
+
+        engine = Engine(load, queue_size=settings.queue_size).start()
+    else:
+        engine = ready_engine(backend, queue_size=settings.queue_size)
+    return create_production_app(settings, engine=engine)
