@@ -339,6 +339,40 @@ def test_int8_picks_the_same_next_tokens_as_bf16(tiny_model_dir):
     assert finished.usage.completion_tokens >= 1
 
 
+@pytest.mark.parametrize("kernels", ["compiled", "fallback"])
+@pytest.mark.parametrize("dtype,least", [("int8", 0.9), ("int4", 0.8)])
+def test_decoding_one_token_at_a_time_picks_the_same_next_tokens_as_bf16(
+    tiny_model_dir, monkeypatch, kernels, dtype, least
+):
+    """The decode kernels (one row per step, through the KV cache), compiled and PyTorch's own
+    fallback, agree with bf16's full forward as the whole-prompt test above does."""
+    import torch
+    from transformers import DynamicCache
+
+    from service.inference import kernels as compiled
+    from service.inference import quantized
+
+    if kernels == "compiled" and not compiled.available():
+        pytest.skip("no compiled kernels here")
+    plan = quantized.choose_kernels(compiled=kernels == "compiled", onednn=True)
+    monkeypatch.setattr(quantized, "kernel_plan", lambda: plan)
+    backend = TransformersBackend(str(tiny_model_dir), dtype=dtype)
+    ref = TransformersBackend(str(tiny_model_dir), dtype="bfloat16")
+    ids = torch.tensor(
+        [ref.tokenizer("Docker packages an application and everything it needs into one image.")["input_ids"]]
+    )
+    with torch.inference_mode():
+        want = ref.model(ids).logits.argmax(-1)[0]
+        cache, got = DynamicCache(), []
+        for position in range(ids.shape[1]):
+            out = backend.model(
+                input_ids=ids[:, position : position + 1], past_key_values=cache, use_cache=True
+            )
+            cache = out.cache
+            got.append(int(out.logits[0, -1].argmax()))
+    assert float((torch.tensor(got) == want).float().mean()) >= least
+
+
 def test_sampling_among_the_top_k_is_transformers_distribution(tiny_backend):
     """Temperature and top-p applied to the k best scores only give the distribution Transformers'
     chain (temperature, top-k, top-p over the whole vocabulary) gives."""
@@ -363,12 +397,13 @@ def test_sampling_among_the_top_k_is_transformers_distribution(tiny_backend):
     assert 1 < int((ours > 0).sum()) < 20  # top-p did cut some of the 20
 
 
-def test_int4_kernel_computes_with_the_weights_it_was_given():
-    """Pack a matrix in row chunks, then check the kernel against a plain float reference of the
-    same 4-bit rounding (w = q × scale + low per group of inputs): layout, scales and offsets."""
+def test_int4_fallback_packing_computes_with_the_weights_it_was_given():
+    """The stored int4 form packed for PyTorch's own int4 kernel (the path without the compiled
+    kernels) against a plain float reference of the same 4-bit rounding (w = q × scale + low per
+    group of inputs): layout, scales and offsets, over a block of 64 rows and then 32."""
     import torch
 
-    from service.inference.quantized import quantize_int4
+    from service.inference.quantized import pack_int4_for_aten, quantize_int4_groups
 
     torch.manual_seed(0)
     weight = torch.randn(96, 256) * torch.linspace(0.1, 3, 256)  # groups of different ranges
@@ -376,7 +411,7 @@ def test_int4_kernel_computes_with_the_weights_it_was_given():
     low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
     scale = (high - low) / 15
     dequantized = (((groups - low) / scale).round() * scale + low).view(96, 256)
-    packed, scales_zeros = quantize_int4(weight, 64, chunk=64)  # a block of 64 rows, then 32
+    packed, scales_zeros = pack_int4_for_aten(*quantize_int4_groups(weight, 64, chunk=64))
     x = torch.randn(5, 256, dtype=torch.bfloat16)
     got = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 64, scales_zeros).float()
     want = x.float() @ dequantized.T

@@ -301,14 +301,14 @@ def load(folder: Path, bits: int) -> PreTrainedModel:
     def build(owner: str, parts: dict[str, torch.Tensor]) -> None:
         if owner == s.embedding_name:
             table.update(parts)
-            _replace(model, owner, Int8Embedding(parts["values"], parts["scales"], torch.bfloat16))
+            _replace(model, owner, Int8Embedding(parts["values"], parts["scales"], model.dtype))
         elif owner in s.linears or owner == s.head_name:
             bias = parts.pop("bias", None)
             _replace(model, owner, from_quantized(parts, bias))
         else:
             module = model.get_submodule(owner)
             for key, tensor in parts.items():
-                module._parameters[key] = torch.nn.Parameter(tensor, requires_grad=False)
+                module._parameters[key] = torch.nn.Parameter(tensor.to(model.dtype), requires_grad=False)
 
     owner, parts, unreturned = "", dict[str, torch.Tensor](), 0
     for name, tensor in read_safetensors(folder / manifest["weights"]["file"]):

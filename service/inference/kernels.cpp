@@ -1,0 +1,297 @@
+// Quantized matrix products for x86 CPUs with AVX2 + FMA: float32 activations times int8 weights
+// (one scale per output row) or 4-bit weights (a scale and a low per group of inputs), in exactly
+// the stored form of service/inference/quantized.py's `quantize`, so nothing is repacked at load.
+//
+// Decoding a token is a product with one activation row per sequence (M <= 8), which reads every
+// weight once: the pace is memory bandwidth, so the weights are read once, converted to float in
+// registers and multiplied with fused multiply-adds. Rows of the output are split over PyTorch's
+// own thread pool (at::parallel_for); within a block of rows, the activation rows are taken up to 4
+// at a time while the block's weights stay in the core's cache, so larger M reads memory once too.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t BLOCK_ROWS = 16;  // output rows per parallel task: 16 x K int8 bytes stay in L1/L2
+
+inline float hsum(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v);
+  __m128 hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+}
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// int8 weights: the product in integers, as llama.cpp's and fbgemm's AVX2 paths compute it: activation rows
+// quantized to int8 (one scale per row), then per 32 inputs |x| (unsigned) times w with x's sign
+// (vpmaddubsw: pairs into int16, at most 2 x 127 x 127, so nothing saturates), pairs of those into
+// int32 (vpmaddwd) and added up: five instructions per 32 weights, where converting the weights to
+// float took sixteen and could not keep up with memory on the big matrices (9 GB/s against fbgemm's 15).
+inline int32_t hsum_i32(__m256i v) {
+  __m128i lo = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  lo = _mm_add_epi32(lo, _mm_shuffle_epi32(lo, 0x4e));
+  lo = _mm_add_epi32(lo, _mm_shuffle_epi32(lo, 0xb1));
+  return _mm_cvtsi128_si32(lo);
+}
+
+template <int MB, int R>
+inline void int8q_tile(const int8_t* xq, int64_t K, const int8_t* w, int32_t out[MB][R]) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[MB][R];
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_si256();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m256i wv[R];
+    for (int r = 0; r < R; ++r) {
+      // the rows two tiles ahead: the big matrices come from memory, not cache
+      _mm_prefetch(reinterpret_cast<const char*>(w + (r + 2 * R) * K + k), _MM_HINT_T0);
+      wv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * K + k));
+    }
+    for (int m = 0; m < MB; ++m) {
+      __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + k));
+      __m256i ax = _mm256_sign_epi8(xv, xv);
+      for (int r = 0; r < R; ++r) {
+        __m256i pairs = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv[r], xv));
+        acc[m][r] = _mm256_add_epi32(acc[m][r], _mm256_madd_epi16(pairs, ones));
+      }
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < R; ++r) {
+      int32_t s = hsum_i32(acc[m][r]);
+      for (int64_t t = k; t < K; ++t) s += static_cast<int32_t>(xq[m * K + t]) * w[r * K + t];
+      out[m][r] = s;
+    }
+}
+
+template <int MB, int R>
+inline void int8q_rows(const int8_t* xq, const float* xs, int64_t K, int64_t N, const int8_t* w,
+                       const float* scales, const float* bias, float* y, int64_t n) {
+  int32_t out[MB][R];
+  int8q_tile<MB, R>(xq, K, w + n * K, out);
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < R; ++r)
+      y[m * N + n + r] = static_cast<float>(out[m][r]) * xs[m] * scales[n + r] + (bias ? bias[n + r] : 0.0f);
+}
+
+template <int MB>
+void int8q_block(const int8_t* xq, const float* xs, int64_t K, int64_t N, const int8_t* w,
+                 const float* scales, const float* bias, float* y, int64_t n0, int64_t n1) {
+  constexpr int R = MB <= 2 ? 4 : 2;
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) int8q_rows<MB, R>(xq, xs, K, N, w, scales, bias, y, n);
+  for (; n < n1; ++n) int8q_rows<MB, 1>(xq, xs, K, N, w, scales, bias, y, n);
+}
+
+// 4-bit weights: byte i of a row holds input 2i in its low nibble and 2i+1 in its high one. Each
+// 16 inputs (8 bytes) become two vectors of 8 floats, the even inputs and the odd ones, so the
+// activations are first reordered the same way (`xp`: per 16 inputs, the 8 even then the 8 odd).
+// w = q x scale + low per group: sum_k w x = scale x sum_k q x  +  low x sum_k x, the second term
+// from per-group sums of the activations (`xs`, one per row and group).
+template <int MB, int R>
+inline void int4_tile(const float* xp, const float* xs, int64_t K, int64_t group, const uint8_t* q,
+                      const uint16_t* scales, const uint16_t* lows, float out[MB][R]) {
+  const int64_t groups = K / group;
+  const int64_t half = K / 2;
+  const __m256i nibble = _mm256_set1_epi32(15);
+  __m256 acc[MB][R];
+  float low_part[MB][R];
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < R; ++r) {
+      acc[m][r] = _mm256_setzero_ps();
+      low_part[m][r] = 0.0f;
+    }
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256 part[MB][R];
+    for (int m = 0; m < MB; ++m)
+      for (int r = 0; r < R; ++r) part[m][r] = _mm256_setzero_ps();
+    for (int64_t k = g * group; k < (g + 1) * group; k += 16) {
+      __m256 even[R], odd[R];
+      for (int r = 0; r < R; ++r) {
+        __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + r * half + k / 2));
+        __m256i v = _mm256_cvtepu8_epi32(b);
+        even[r] = _mm256_cvtepi32_ps(_mm256_and_si256(v, nibble));
+        odd[r] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+      }
+      for (int m = 0; m < MB; ++m) {
+        __m256 xe = _mm256_loadu_ps(xp + m * K + k);
+        __m256 xo = _mm256_loadu_ps(xp + m * K + k + 8);
+        for (int r = 0; r < R; ++r) {
+          part[m][r] = _mm256_fmadd_ps(xe, even[r], part[m][r]);
+          part[m][r] = _mm256_fmadd_ps(xo, odd[r], part[m][r]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      float s = bf16_to_float(scales[r * groups + g]);
+      float l = bf16_to_float(lows[r * groups + g]);
+      __m256 sv = _mm256_set1_ps(s);
+      for (int m = 0; m < MB; ++m) {
+        acc[m][r] = _mm256_fmadd_ps(part[m][r], sv, acc[m][r]);
+        low_part[m][r] += l * xs[m * groups + g];
+      }
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < R; ++r) out[m][r] = hsum(acc[m][r]) + low_part[m][r];
+}
+
+template <int MB, int R>
+inline void int4_rows(const float* xp, const float* xs, int64_t K, int64_t N, int64_t group,
+                      const uint8_t* q, const uint16_t* scales, const uint16_t* lows, const float* bias,
+                      float* y, int64_t n) {
+  const int64_t groups = K / group;
+  float out[MB][R];
+  int4_tile<MB, R>(xp, xs, K, group, q + n * (K / 2), scales + n * groups, lows + n * groups, out);
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < R; ++r) y[m * N + n + r] = out[m][r] + (bias ? bias[n + r] : 0.0f);
+}
+
+template <int MB>
+void int4_block(const float* xp, const float* xs, int64_t K, int64_t N, int64_t group, const uint8_t* q,
+                const uint16_t* scales, const uint16_t* lows, const float* bias, float* y, int64_t n0,
+                int64_t n1) {
+  constexpr int R = MB == 1 ? 4 : (MB == 2 ? 2 : 1);
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) int4_rows<MB, R>(xp, xs, K, N, group, q, scales, lows, bias, y, n);
+  for (; n < n1; ++n) int4_rows<MB, 1>(xp, xs, K, N, group, q, scales, lows, bias, y, n);
+}
+
+void check_x(const torch::Tensor& x, int64_t K) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
+              "activations must be contiguous float32 (rows, inputs)");
+  TORCH_CHECK(x.size(1) == K, "activations have ", x.size(1), " inputs, the weights ", K);
+}
+
+const float* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t N) {
+  if (!bias.has_value()) return nullptr;
+  TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == N,
+              "bias must be contiguous float32 (outputs,)");
+  return bias->data_ptr<float>();
+}
+
+}  // namespace
+
+// y (M, N) = x (M, K) @ (values (N, K) int8 x scales (N,) float32)^T + bias
+torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor values, torch::Tensor scales,
+                          c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(values.dim() == 2 && values.scalar_type() == torch::kInt8 && values.is_contiguous(),
+              "values must be contiguous int8 (outputs, inputs)");
+  const int64_t N = values.size(0), K = values.size(1), M = x.size(0);
+  check_x(x, K);
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && scales.is_contiguous() && scales.numel() == N,
+              "scales must be contiguous float32 (outputs,)");
+  auto y = torch::empty({M, N}, x.options());
+  const float* xd = x.data_ptr<float>();
+  const int8_t* w = values.data_ptr<int8_t>();
+  const float* s = scales.data_ptr<float>();
+  const float* b = bias_ptr(bias, N);
+  float* yd = y.data_ptr<float>();
+  // activation rows in int8, one scale each (symmetric: x ~ xq x xs)
+  std::vector<int8_t> xq(static_cast<size_t>(M * K));
+  std::vector<float> xs(static_cast<size_t>(M));
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = xd + m * K;
+    float amax = 0.0f;
+    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(row[k]));
+    const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
+    const float inv = 1.0f / scale;
+    for (int64_t k = 0; k < K; ++k)
+      xq[m * K + k] = static_cast<int8_t>(std::max(-127.0f, std::min(127.0f, std::nearbyint(row[k] * inv))));
+    xs[m] = scale;
+  }
+  const int8_t* xqd = xq.data();
+  const float* xsd = xs.data();
+  const int64_t blocks = (N + BLOCK_ROWS - 1) / BLOCK_ROWS;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t n0 = blk * BLOCK_ROWS, n1 = std::min(N, n0 + BLOCK_ROWS);
+      for (int64_t m = 0; m < M;) {
+        const int64_t mb = std::min<int64_t>(4, M - m);
+        const int8_t* xm = xqd + m * K;
+        float* ym = yd + m * N;
+        switch (mb) {
+          case 1: int8q_block<1>(xm, xsd + m, K, N, w, s, b, ym, n0, n1); break;
+          case 2: int8q_block<2>(xm, xsd + m, K, N, w, s, b, ym, n0, n1); break;
+          case 3: int8q_block<3>(xm, xsd + m, K, N, w, s, b, ym, n0, n1); break;
+          default: int8q_block<4>(xm, xsd + m, K, N, w, s, b, ym, n0, n1); break;
+        }
+        m += mb;
+      }
+    }
+  });
+  return y;
+}
+
+// y (M, N) = x (M, K) @ w^T + bias, w[n, k] = q(n, k) x scales[n, k / group] + lows[n, k / group]
+torch::Tensor int4_matmul(torch::Tensor x, torch::Tensor q4, torch::Tensor scales, torch::Tensor lows,
+                          c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(q4.dim() == 2 && q4.scalar_type() == torch::kUInt8 && q4.is_contiguous(),
+              "q4 must be contiguous uint8 (outputs, inputs / 2)");
+  const int64_t N = q4.size(0), K = q4.size(1) * 2, M = x.size(0);
+  check_x(x, K);
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.scalar_type() == torch::kBFloat16 &&
+                  scales.is_contiguous() && lows.sizes() == scales.sizes() &&
+                  lows.scalar_type() == torch::kBFloat16 && lows.is_contiguous(),
+              "scales and lows must be contiguous bfloat16 (outputs, groups)");
+  const int64_t groups = scales.size(1);
+  TORCH_CHECK(groups > 0 && K % groups == 0 && (K / groups) % 16 == 0, "group size must divide by 16");
+  const int64_t group = K / groups;
+  // activations reordered as the nibbles come (even inputs, then odd, per 16) and their group sums
+  auto xp = torch::empty({M, K}, x.options());
+  auto xs = x.view({M, groups, group}).sum(-1).contiguous();
+  {
+    const float* src = x.data_ptr<float>();
+    float* dst = xp.data_ptr<float>();
+    for (int64_t i = 0; i < M * K; i += 16)
+      for (int j = 0; j < 8; ++j) {
+        dst[i + j] = src[i + 2 * j];
+        dst[i + 8 + j] = src[i + 2 * j + 1];
+      }
+  }
+  auto y = torch::empty({M, N}, x.options());
+  const float* xpd = xp.data_ptr<float>();
+  const float* xsd = xs.data_ptr<float>();
+  const uint8_t* qd = q4.data_ptr<uint8_t>();
+  const uint16_t* sd = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
+  const uint16_t* ld = reinterpret_cast<const uint16_t*>(lows.data_ptr<at::BFloat16>());
+  const float* b = bias_ptr(bias, N);
+  float* yd = y.data_ptr<float>();
+  const int64_t blocks = (N + BLOCK_ROWS - 1) / BLOCK_ROWS;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t n0 = blk * BLOCK_ROWS, n1 = std::min(N, n0 + BLOCK_ROWS);
+      for (int64_t m = 0; m < M;) {
+        const int64_t mb = std::min<int64_t>(4, M - m);
+        const float* xm = xpd + m * K;
+        const float* sm = xsd + m * groups;
+        float* ym = yd + m * N;
+        switch (mb) {
+          case 1: int4_block<1>(xm, sm, K, N, group, qd, sd, ld, b, ym, n0, n1); break;
+          case 2: int4_block<2>(xm, sm, K, N, group, qd, sd, ld, b, ym, n0, n1); break;
+          case 3: int4_block<3>(xm, sm, K, N, group, qd, sd, ld, b, ym, n0, n1); break;
+          default: int4_block<4>(xm, sm, K, N, group, qd, sd, ld, b, ym, n0, n1); break;
+        }
+        m += mb;
+      }
+    }
+  });
+  return y;
+}

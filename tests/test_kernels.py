@@ -1,0 +1,109 @@
+"""The quantized products against a float reference of the same quantized weights: the compiled
+kernels at every decode row count and odd shapes, the prompt paths, and PyTorch's fallback kernels."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+
+import pytest
+import torch
+
+from service.inference import kernels, quantized
+from service.inference.quantized import Int4Linear, Int8Linear, choose_kernels, dequantize_int4, quantize
+
+COMPILED = choose_kernels(compiled=True, onednn=True)
+FALLBACK = choose_kernels(compiled=False, onednn=False)
+FALLBACK_ONEDNN = choose_kernels(compiled=False, onednn=True)
+
+
+def reference(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The float weights the stored form stands for."""
+    if "q4" in tensors:
+        return dequantize_int4(tensors["q4"], tensors["scales"], tensors["lows"])
+    return tensors["values"].float() * tensors["scales"][:, None]
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want).norm() / want.norm())
+
+
+def int8_rows(x: torch.Tensor) -> torch.Tensor:
+    """`x` as the int8 decode kernel sees it: each row rounded to int8 steps of max|row| / 127."""
+    scale = (x.abs().amax(dim=-1, keepdim=True) / 127).clamp(min=1e-30)
+    return (x / scale).round().clamp(-127, 127) * scale
+
+
+def test_the_kernels_build_on_an_x86_machine_with_a_compiler():
+    """CI and the image have g++: the compiled kernels must be there, not silently the fallback."""
+    if platform.machine() != "x86_64" or not shutil.which("g++") or not kernels.cpu_supported():
+        pytest.skip("the compiled kernels are for x86 CPUs with AVX2 and a C++ compiler")
+    assert kernels.available()
+    assert quantized.kernel_plan()["int8 decode"] == "qwenbox"
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("shape", [(37, 96), (130, 256), (16, 32)])  # odd row counts, K / group tails
+@pytest.mark.parametrize("bias", [False, True])
+def test_compiled_kernels_match_a_float_reference_at_every_decode_row_count(bits, shape, bias, monkeypatch):
+    if not kernels.available():
+        pytest.skip("no compiled kernels here")
+    monkeypatch.setattr(quantized, "kernel_plan", lambda: COMPILED)
+    if bits == 4:  # the stored int4 form takes multiples of 16 outputs (else it is stored as int8)
+        shape = (shape[0] + -shape[0] % 16, shape[1])
+    torch.manual_seed(bits + shape[0])
+    weight = torch.randn(shape) * torch.linspace(0.1, 3, shape[1])
+    b = torch.randn(shape[0]) if bias else None
+    tensors = quantize(bits, weight)
+    assert ("q4" in tensors) == (bits == 4)
+    layer = quantized.from_quantized(tensors, b)
+    w = reference(tensors)
+    for rows in range(1, 10):  # 1..8 through the decode kernel, 9 through the prompt path
+        x = torch.randn(rows, shape[1])
+        want = x @ w.T + (b if bias else 0)
+        got = layer(x)
+        if bits == 8:  # int8 products quantize the activations too: 8 bits per row (decode), 7 (prompts)
+            assert relative_error(got, want) < 2e-2, rows
+            if rows <= quantized.DECODE_ROWS:  # exactly the integer product of int8 rows, rescaled
+                assert relative_error(got, int8_rows(x) @ w.T + (b if bias else 0)) < 1e-5, rows
+        else:
+            assert relative_error(got, want) < 1e-5, rows
+
+
+def test_int8_kernel_takes_odd_input_counts_and_keeps_the_activation_dtype(monkeypatch):
+    """K not a multiple of 8 (the kernel's vector width) goes through its scalar tail; a bf16
+    input gives a bf16 output, leading dimensions are kept."""
+    if not kernels.available():
+        pytest.skip("no compiled kernels here")
+    monkeypatch.setattr(quantized, "kernel_plan", lambda: COMPILED)
+    torch.manual_seed(1)
+    tensors = quantize(8, torch.randn(21, 45))
+    layer = quantized.from_quantized(tensors, None)
+    x = torch.randn(2, 3, 45)
+    got = layer(x)
+    assert got.shape == (2, 3, 21) and got.dtype == torch.float32
+    assert relative_error(got, int8_rows(x.reshape(6, 45)).reshape(2, 3, 45) @ reference(tensors).T) < 1e-5
+    assert layer(x.bfloat16()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("plan", [FALLBACK, FALLBACK_ONEDNN], ids=["no-kernels", "no-kernels-onednn"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fallback_kernels_match_the_same_reference(plan, bits, monkeypatch):
+    """Without a compiler the layers use PyTorch's weight-only kernels on bf16 rows: same answers
+    to within bf16 rounding."""
+    monkeypatch.setattr(quantized, "kernel_plan", lambda: plan)
+    torch.manual_seed(2)
+    weight = torch.randn(96, 256)
+    tensors = quantize(bits, weight)
+    layer = quantized.from_quantized(tensors, torch.randn(96))
+    assert not hasattr(layer, "q4")  # packed for PyTorch's kernel, not kept for the compiled one
+    for rows in (1, 4, 9, 40):
+        x = torch.randn(rows, 256)
+        want = x @ reference(tensors).T + layer.bias
+        assert relative_error(layer(x), want) < 2e-2, rows
+
+
+def test_int4_needs_a_group_the_kernels_take():
+    with pytest.raises(ValueError):
+        Int4Linear(torch.randn(20, 64), None)  # 20 outputs: not a multiple of 16
+    assert isinstance(quantized.from_quantized(quantize(4, torch.randn(20, 64)), None), Int8Linear)
