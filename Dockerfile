@@ -36,8 +36,17 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 # `import torch` never reads: about 190 MB left out (torch_shm_manager stays, DataLoader may use it).
 # torch is pinned (torch==$TORCH_VERSION); hadolint reads the optional `--index-url` expansion as a package.
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir --find-links /tmp/wheels ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==$TORCH_VERSION" \
- && rm -rf /opt/venv/lib/python3*/site-packages/torch/include /opt/venv/lib/python3*/site-packages/torch/test \
+RUN pip install --no-cache-dir --find-links /tmp/wheels ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==$TORCH_VERSION"
+# The int8/int4 decode kernels (service/inference/kernels.cpp) are compiled here, once, against this
+# torch's headers, into the folder the runtime's user finds them in (~/.cache/qwen-box/kernels with
+# HOME=/app); the runtime stage has no compiler and loads the built library by its stamp.
+COPY service/inference/kernels.py service/inference/kernels.cpp /tmp/kernels/
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends g++=4:12.2.0-3 ninja-build=1.11.1-2~deb12u1 \
+ && rm -rf /var/lib/apt/lists/* \
+ && PYTHONPATH=/tmp/kernels python -c "import kernels; kernels.configure('/opt/qwen-box-kernels'); assert kernels.available(), 'the kernels did not build'" \
+ && find /opt/qwen-box-kernels -type f ! -name '*.so' ! -name '*.sha256' -delete
+RUN rm -rf /opt/venv/lib/python3*/site-packages/torch/include /opt/venv/lib/python3*/site-packages/torch/test \
            /opt/venv/lib/python3*/site-packages/torch/share \
  && find /opt/venv/lib/python3*/site-packages/torch/bin -mindepth 1 ! -name torch_shm_manager -delete
 
@@ -133,6 +142,7 @@ RUN groupadd --gid 10001 app \
 # Slowest-changing first: the weights (GBs), then the libraries, then the code (a code change: seconds).
 COPY --from=model /models /models
 COPY --from=deps /opt/venv /opt/venv
+COPY --from=deps --chown=app:app /opt/qwen-box-kernels /app/.cache/qwen-box/kernels
 WORKDIR /app
 # Without service/dev (the benchmark and test models), which .dockerignore leaves out of the context.
 COPY service/ /app/service/
