@@ -43,6 +43,9 @@ RUN pip install --no-cache-dir --find-links /tmp/wheels ${TORCH_INDEX_URL:+--ind
 COPY service/inference/kernels.py service/inference/kernels.cpp /tmp/kernels/
 RUN apt-get update \
  && apt-get install -y --no-install-recommends g++=4:12.2.0-3 ninja-build=1.11.1-2~deb12u1 \
+ && if ! python -c "import sysconfig, os, sys; sys.exit(not os.path.exists(sysconfig.get_paths()['include'] + '/Python.h'))"; then \
+      apt-get install -y --no-install-recommends python3-dev=3.11.2-1+b1; \
+    fi \
  && rm -rf /var/lib/apt/lists/* \
  && PYTHONPATH=/tmp/kernels python -c "import kernels; kernels.configure('/opt/qwen-box-kernels'); assert kernels.available(), 'the kernels did not build'" \
  && find /opt/qwen-box-kernels -type f ! -name '*.so' ! -name '*.sha256' -delete

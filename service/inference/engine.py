@@ -10,7 +10,7 @@ The model sits behind the small `Backend` protocol (admit, step, release): `back
 is the real one; tests may hand in another that yields chosen tokens through this same path. Turning
 tokens into text (and cutting it at stop sequences) is `text`'s; this module never imports torch.
 
-A backend that can also read a prompt a piece at a time (`PromptReader`: begin, prefill, unread) has
+A backend that can also read a prompt a piece at a time (`PromptReader`: begin, prefill, unread; unless its `prompt_in_pieces` is False) has
 its prompts read between decode steps, as llama.cpp's server and vLLM do: each turn of the scheduler
 reads one piece of one waiting prompt, then advances every running chat by a token. So a chat that
 is answering keeps answering while another's prompt is read (reading a whole 2,000-token prompt at
@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 from ..errors import ModelUnavailable, QueueFull
 from .memory import return_freed_memory
@@ -278,7 +278,8 @@ class Engine:
         """The scheduler: admit waiting requests while the batch has room, read a piece of one
         admitted prompt (with a `PromptReader`), then advance every running one by a token, until
         `close()`."""
-        reader = backend if isinstance(backend, PromptReader) else None
+        pieces = isinstance(backend, PromptReader) and getattr(backend, "prompt_in_pieces", True)
+        reader = cast(PromptReader, backend) if pieces else None
         while True:
             while len(self._running) + len(self._reading) < backend.max_batch:
                 try:

@@ -144,6 +144,8 @@ class VisionBackend(TransformersBackend):
     """A vision-language model on CPU, one sequence at a time, with the text backend's sampling."""
 
     accepts_images = True
+    # a prompt's images enter the model with its text, in one forward pass (`admit`), never in pieces
+    prompt_in_pieces = False
 
     def __init__(
         self,
