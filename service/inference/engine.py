@@ -10,7 +10,8 @@ The model sits behind the small `Backend` protocol (admit, step, release): `back
 is the real one; tests may hand in another that yields chosen tokens through this same path. Turning
 tokens into text (and cutting it at stop sequences) is `text`'s; this module never imports torch.
 
-A backend that can also read a prompt a piece at a time (`PromptReader`: begin, prefill, unread; unless its `prompt_in_pieces` is False) has
+A backend that can also read a prompt a piece at a time (`PromptReader`: begin, prefill, unread;
+unless its `prompt_in_pieces` is False) has
 its prompts read between decode steps, as llama.cpp's server and vLLM do: each turn of the scheduler
 reads one piece of one waiting prompt, then advances every running chat by a token. So a chat that
 is answering keeps answering while another's prompt is read (reading a whole 2,000-token prompt at
