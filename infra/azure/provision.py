@@ -131,6 +131,14 @@ def owned_group(clients: AzureClients, names: Names) -> ResourceGroup | None:
     return group
 
 
+def existing_group(clients: AzureClients, names: Names) -> ResourceGroup | None:
+    """`owned_group`, with Azure's refusals told in the deployment's terms (what status shows)."""
+    try:
+        return owned_group(clients, names)
+    except HttpResponseError as exc:
+        raise AzureActionError(explain(exc, name=names.name)) from exc
+
+
 def find_vm(clients: AzureClients, names: Names) -> VirtualMachine | None:
     """The deployment's VM, or None when there is none yet."""
     try:
@@ -429,10 +437,7 @@ def status(
 
     `ca_file` is the root of the VM's own certificate authority (for a private deployment), when saved.
     """
-    try:
-        group = owned_group(clients, names)
-    except HttpResponseError as exc:
-        raise AzureActionError(explain(exc, name=names.name)) from exc
+    group = existing_group(clients, names)
     if group is None:
         return None
     st = Status(name=names.name, region=group.location)

@@ -31,7 +31,16 @@ from infra.azure.arm import HTTPS_RULE, TLS_TAG, public_ip_body
 from infra.azure.credentials import AzureClients
 from infra.azure.deployment import DB_NAME, DB_PASSWORD_KEY, INTERNET, Deployment, Names, Prepared
 from infra.azure.errors import AzureActionError, explain
-from infra.azure.provision import DeployResult, Progress, Status, _explained, _json, _quiet, owned_group
+from infra.azure.provision import (
+    DeployResult,
+    Progress,
+    Status,
+    _explained,
+    _json,
+    _quiet,
+    existing_group,
+    owned_group,
+)
 from infra.azure.scale_arm import (
     MODEL_TAG,
     POOL,
@@ -291,10 +300,7 @@ def status(
 ) -> Status | None:
     """The scale set's capacity, each instance's power and health, the address and exposure, and the
     service's health through the load balancer."""
-    try:
-        group = owned_group(clients, names)
-    except HttpResponseError as exc:
-        raise AzureActionError(explain(exc, name=names.name)) from exc
+    group = existing_group(clients, names)
     if group is None:
         return None
     st = Status(name=names.name, region=group.location)
