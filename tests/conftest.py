@@ -18,7 +18,8 @@ from tests.support.engines import ready_engine, scripted_engine
 from tests.support.live import LiveServer
 from tests.support.postgres import fresh_schema
 
-pytest_plugins = ["tests.support.browser"]  # the Chromium fixtures: browser, serve, page, phone_page
+# The Chromium fixtures (browser, serve, page, phone_page); the fake ARM ones (fake, clients, azure_offline).
+pytest_plugins = ["tests.support.browser", "tests.support.azure"]
 
 
 @pytest.fixture(scope="session")

@@ -23,15 +23,12 @@ from pathlib import Path
 import pytest
 import trustme
 import yaml
-from azure.core.credentials import AccessToken
-from azure.core.exceptions import ClientAuthenticationError, HttpResponseError
+from azure.core.exceptions import HttpResponseError
 from azure.identity import ClientSecretCredential
-from invoke import Collection, Program
 
-import tasks
 from infra.azure import arm, credentials, provision, remote, state
 from infra.azure import cli as azure_cli
-from infra.azure.credentials import AzureClients, Cloud, CredentialsError, RetrySettings
+from infra.azure.credentials import AzureClients, Cloud, CredentialsError
 from infra.azure.deployment import (
     TOKEN_ENV,
     UBUNTU_2404,
@@ -47,63 +44,16 @@ from infra.azure.target import SingleVm
 from infra.health import Health, probe, wait_healthy
 from infra.vm import cloudinit
 from infra.vm.caddy import http_caddyfile
+from tests.support.azure import FAST, FakeCredential, connect_to, invoke
 from tests.support.fake_arm import FakeArm, succeeding_vm
 from tests.support.health import HealthServer
 from tests.support.live import free_port
 
-FAST = RetrySettings(total=3, backoff_factor=0.01, backoff_max=0.05, polling_interval=0)
+pytestmark = pytest.mark.usefixtures("azure_offline")
 IMAGE = "myreg.azurecr.io/qwen-box:1.0"
 ME = "203.0.113.7/32"
 VM = "Microsoft.Compute/virtualMachines"
 NSG = "Microsoft.Network/networkSecurityGroups"
-
-
-class FakeCredential:
-    """Stands in for DefaultAzureCredential: a token, and a record of the scopes asked for."""
-
-    def __init__(self, fail: bool = False):
-        self.scopes: list[str] = []
-        self.fail = fail
-
-    def get_token(self, *scopes: str, **kwargs) -> AccessToken:
-        self.scopes += scopes
-        if self.fail:
-            raise ClientAuthenticationError("DefaultAzureCredential failed to retrieve a token")
-        return AccessToken("fake-token", int(time.time()) + 3600)
-
-
-@pytest.fixture(autouse=True)
-def nothing_leaves_this_machine(monkeypatch):
-    def no_lookup(*args, **kwargs):
-        raise AssertionError("tests must never look up the public IP (pass --allow-from)")
-
-    def no_default_credential(*args, **kwargs):
-        raise AssertionError("DefaultAzureCredential must not run in tests (it calls 169.254.169.254)")
-
-    monkeypatch.setattr(credentials, "discover_public_ip", no_lookup)
-    monkeypatch.setattr(credentials, "default_credential", no_default_credential)
-
-
-@pytest.fixture
-def fake(tmp_path) -> Iterator[FakeArm]:
-    arm = FakeArm().start(tmp_path)
-    yield arm
-    arm.stop()
-
-
-def connect_to(fake: FakeArm, credential=None, retry: RetrySettings = FAST) -> AzureClients:
-    return credentials.connect(
-        Cloud(arm_endpoint=fake.url),
-        fake.subscription,
-        credential or FakeCredential(),
-        retry=retry,
-        verify=fake.ca_path,
-    )
-
-
-@pytest.fixture
-def clients(fake) -> AzureClients:
-    return connect_to(fake)
 
 
 def deployment(**kw) -> Deployment:
@@ -788,23 +738,11 @@ def test_the_wait_ends_when_the_vm_is_not_running_and_shows_the_time(cli):
 # -- the invoke tasks, end to end against the fake ------------------------------------------------------
 
 
-def invoke(*argv: str) -> int:
-    try:
-        Program(namespace=Collection.from_module(tasks), version="test").run(["invoke", *argv])
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
-
-
 @pytest.fixture
 def cli(fake, monkeypatch, tmp_path):
     """The tasks wired to the fake: clients from it, HOME in a scratch folder, a wide terminal, and a VM
     whose Caddy authority's root is VM_CA (what run-command's `cat root.crt` prints)."""
     monkeypatch.setattr(azure_cli, "connect_default", lambda subscription="": connect_to(fake))
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("COLUMNS", "200")
-    for name in ("XDG_CONFIG_HOME", TOKEN_ENV, "REQUESTS_CA_BUNDLE", "ACCESS_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
     fake.vm_shell = vm_with_caddy
     return fake
 

@@ -14,27 +14,23 @@ import json
 import re
 import ssl
 import subprocess
-import time
-from collections.abc import Iterator
 
 import pytest
 import trustme
 import yaml
-from azure.core.credentials import AccessToken
-from invoke import Collection, Program
 
-import tasks
-from infra.azure import arm, certs, credentials, scale_arm, scaleset, state
+from infra.azure import arm, certs, scale_arm, scaleset, state
 from infra.azure import cli as azure_cli
-from infra.azure.credentials import AzureClients, Cloud, RetrySettings
-from infra.azure.deployment import TOKEN_ENV, DeployOptions, PlanError, parse_instances, prepare
+from infra.azure.credentials import AzureClients
+from infra.azure.deployment import DeployOptions, PlanError, parse_instances, prepare
 from infra.azure.errors import AzureActionError
 from infra.vm.caddy import caddyfile
 from tests.support import standin_vm
+from tests.support.azure import connect_to, invoke
 from tests.support.fake_arm import FakeArm, succeeding_vm
 from tests.support.health import HealthServer
 
-FAST = RetrySettings(total=3, backoff_factor=0.01, backoff_max=0.05, polling_interval=0)
+pytestmark = pytest.mark.usefixtures("azure_offline")
 IMAGE = "myreg.azurecr.io/qwen-box:1.0"
 ME = "203.0.113.7/32"
 NAME = "qb-scale"
@@ -43,45 +39,6 @@ FQDN = f"{NAME}.eastus.cloudapp.azure.com"
 VMSS = "Microsoft.Compute/virtualMachineScaleSets"
 OK = (200, {"status": "ok", "model": "Qwen/Qwen2.5-1.5B-Instruct"})
 LOADING = (503, {"status": "loading", "model": "Qwen/Qwen2.5-1.5B-Instruct"})
-
-
-class FakeCredential:
-    def get_token(self, *scopes: str, **kwargs) -> AccessToken:
-        return AccessToken("fake-token", int(time.time()) + 3600)
-
-
-@pytest.fixture(autouse=True)
-def nothing_leaves_this_machine(monkeypatch, tmp_path):
-    def no_lookup(*args, **kwargs):
-        raise AssertionError("tests must never look up the public IP (pass --allow-from)")
-
-    def no_default_credential(*args, **kwargs):
-        raise AssertionError("DefaultAzureCredential must not run in tests")
-
-    monkeypatch.setattr(credentials, "discover_public_ip", no_lookup)
-    monkeypatch.setattr(credentials, "default_credential", no_default_credential)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("COLUMNS", "200")
-    for name in ("XDG_CONFIG_HOME", TOKEN_ENV, "REQUESTS_CA_BUNDLE", "ACCESS_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-
-
-@pytest.fixture
-def fake(tmp_path) -> Iterator[FakeArm]:
-    arm_ = FakeArm().start(tmp_path)
-    yield arm_
-    arm_.stop()
-
-
-def connect_to(fake: FakeArm) -> AzureClients:
-    return credentials.connect(
-        Cloud(arm_endpoint=fake.url), fake.subscription, FakeCredential(), retry=FAST, verify=fake.ca_path
-    )
-
-
-@pytest.fixture
-def clients(fake) -> AzureClients:
-    return connect_to(fake)
 
 
 @pytest.fixture
@@ -104,14 +61,6 @@ def options(**kw) -> DeployOptions:
 def provision(clients: AzureClients, **kw):
     prepared = prepare(options(**kw), environ={})
     return prepared, scaleset.provision(clients, prepared, "ssh-ed25519 AAAAC3Nz test")
-
-
-def invoke(*argv: str) -> int:
-    try:
-        Program(namespace=Collection.from_module(tasks), version="test").run(["invoke", *argv])
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 def protected_script(fake: FakeArm, name: str = NAME) -> str:

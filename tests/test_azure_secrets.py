@@ -15,53 +15,21 @@ import subprocess
 import time
 
 import pytest
-from azure.core.credentials import AccessToken
 
-from infra.azure import arm, credentials, provision, state
-from infra.azure.credentials import AzureClients, Cloud, RetrySettings
+from infra.azure import arm, provision, state
 from infra.azure.deployment import DeployOptions, prepare
 from infra.azure.errors import AzureActionError
 from infra.vm import cloudinit
 from tests.support import standin_vm
 from tests.support.fake_arm import FakeArm
 
-FAST = RetrySettings(total=3, backoff_factor=0.01, backoff_max=0.05, polling_interval=0)
+pytestmark = pytest.mark.usefixtures("azure_offline")
 IMAGE = "myreg.azurecr.io/qwen-box:1.0"
 ME = "203.0.113.7/32"
 TOKEN = "tok-Zx8_very-secret-access-token-0123456789"
 OTHER_TOKEN = "tok-another-secret-access-token-9876543210"
 PASSWORD = "pull-token-Qq9_secret"
 SSH = "ssh-ed25519 AAAAC3Nz test"
-
-
-class FakeCredential:
-    def get_token(self, *scopes: str, **kwargs) -> AccessToken:
-        return AccessToken("fake-token", int(time.time()) + 3600)
-
-
-@pytest.fixture(autouse=True)
-def nothing_leaves_this_machine(monkeypatch, tmp_path):
-    def refuse(*args, **kwargs):
-        raise AssertionError("tests must not look up the public IP or run DefaultAzureCredential")
-
-    monkeypatch.setattr(credentials, "discover_public_ip", refuse)
-    monkeypatch.setattr(credentials, "default_credential", refuse)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
-
-
-@pytest.fixture
-def fake(tmp_path):
-    arm_ = FakeArm().start(tmp_path)
-    yield arm_
-    arm_.stop()
-
-
-@pytest.fixture
-def clients(fake) -> AzureClients:
-    return credentials.connect(
-        Cloud(arm_endpoint=fake.url), fake.subscription, FakeCredential(), retry=FAST, verify=fake.ca_path
-    )
 
 
 def prepared(token: str = TOKEN, image: str = IMAGE, registry: bool = True, **kw):

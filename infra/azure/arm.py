@@ -159,6 +159,26 @@ def secrets_extension_body(d: Deployment, retry: str = "") -> Body:
     }
 
 
+def os_disk(d: Deployment) -> dict[str, Any]:
+    """The OS disk every instance gets (a VM's also carries its name): deleted with the VM."""
+    return {
+        "createOption": "FromImage",
+        "diskSizeGB": d.disk_gb,
+        "caching": "ReadWrite",
+        "deleteOption": "Delete",
+        "managedDisk": {"storageAccountType": "StandardSSD_LRS"},
+    }
+
+
+def linux_configuration(ssh_key: str) -> dict[str, Any]:
+    """SSH keys only (no password), and the VM agent that runs the secrets extension."""
+    return {
+        "disablePasswordAuthentication": True,
+        "provisionVMAgent": True,
+        "ssh": {"publicKeys": [{"path": f"/home/{ADMIN_USER}/.ssh/authorized_keys", "keyData": ssh_key}]},
+    }
+
+
 def vm_body(d: Deployment, nic_id: str, ssh_key: str, custom_data_b64: str) -> Body:
     """Ubuntu 24.04 Gen2, SSH key only (no password login), boot diagnostics, disk/NIC deleted with it.
     Its custom_data holds no secret: they follow in secrets_extension_body."""
@@ -169,28 +189,13 @@ def vm_body(d: Deployment, nic_id: str, ssh_key: str, custom_data_b64: str) -> B
             "hardwareProfile": {"vmSize": d.size},
             "storageProfile": {
                 "imageReference": dict(UBUNTU_2404),
-                "osDisk": {
-                    "name": d.os_disk,
-                    "createOption": "FromImage",
-                    "diskSizeGB": d.disk_gb,
-                    "caching": "ReadWrite",
-                    "deleteOption": "Delete",
-                    "managedDisk": {"storageAccountType": "StandardSSD_LRS"},
-                },
+                "osDisk": {"name": d.os_disk, **os_disk(d)},
             },
             "osProfile": {
                 "computerName": d.name,
                 "adminUsername": ADMIN_USER,
                 "customData": custom_data_b64,
-                "linuxConfiguration": {
-                    "disablePasswordAuthentication": True,
-                    "provisionVMAgent": True,
-                    "ssh": {
-                        "publicKeys": [
-                            {"path": f"/home/{ADMIN_USER}/.ssh/authorized_keys", "keyData": ssh_key}
-                        ]
-                    },
-                },
+                "linuxConfiguration": linux_configuration(ssh_key),
             },
             "networkProfile": {
                 "networkInterfaces": [

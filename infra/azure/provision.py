@@ -430,6 +430,22 @@ def list_deployments(clients: AzureClients) -> list[tuple[str, str]]:
     return sorted((name, location) for name, location in found if name)
 
 
+def read_address(clients: AzureClients, names: Names, st: Status, served_by: tuple[str, ...]) -> None:
+    """Fills in the deployment's DNS name and IP (its public IP) and, from its NSG, who may reach which
+    port; the port of a rule named in `served_by` is the one the service answers on."""
+    pip = clients.network.public_ip_addresses.get(names.group, names.public_ip)
+    st.fqdn = pip.dns_settings.fqdn if pip.dns_settings else ""
+    st.ip = pip.ip_address or ""
+    nsg = clients.network.network_security_groups.get(names.group, names.nsg)
+    for rule in nsg.security_rules or []:
+        sources = rule.source_address_prefixes or [rule.source_address_prefix]
+        port = rule.destination_port_range
+        if rule.name in served_by and port and port.isdigit():
+            st.port = int(port)
+        shown = "everyone (Internet)" if INTERNET in sources or "*" in sources else ", ".join(sources)
+        st.exposure.append(f"TCP {port} from {shown}")
+
+
 def status(
     clients: AzureClients, names: Names, probe_health: bool = True, ca_file: str = ""
 ) -> Status | None:
@@ -452,17 +468,7 @@ def status(
         st.failure = failed_vm_advice(names, vm_now) if vm_now.failed else ""
         cert = (vm.tags or {}).get(TLS_TAG, "off")
         st.cert = "" if cert == "off" else cert
-        pip = clients.network.public_ip_addresses.get(names.group, names.public_ip)
-        st.fqdn = pip.dns_settings.fqdn if pip.dns_settings else ""
-        st.ip = pip.ip_address or ""
-        nsg = clients.network.network_security_groups.get(names.group, names.nsg)
-        for rule in nsg.security_rules or []:
-            sources = rule.source_address_prefixes or [rule.source_address_prefix]
-            port = rule.destination_port_range
-            if rule.name in (HTTP_RULE, HTTPS_RULE) and port and port.isdigit():
-                st.port = int(port)
-            shown = "everyone (Internet)" if INTERNET in sources or "*" in sources else ", ".join(sources)
-            st.exposure.append(f"TCP {port} from {shown}")
+        read_address(clients, names, st, served_by=(HTTP_RULE, HTTPS_RULE))
     except ResourceNotFoundError:
         st.power = st.power or "incomplete (re-run deploy-azure)"
     except HttpResponseError as exc:

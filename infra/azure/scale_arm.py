@@ -26,7 +26,7 @@ from __future__ import annotations
 import base64
 import hashlib
 
-from infra.azure.arm import SECRETS_EXTENSION, TLS_TAG, Body, _rule, nsg_body
+from infra.azure.arm import SECRETS_EXTENSION, TLS_TAG, Body, _rule, linux_configuration, nsg_body, os_disk
 from infra.azure.deployment import (
     ADMIN_USER,
     DB_ADMIN,
@@ -279,27 +279,13 @@ def vmss_body(
             "virtualMachineProfile": {
                 "storageProfile": {
                     "imageReference": dict(UBUNTU_2404),
-                    "osDisk": {
-                        "createOption": "FromImage",
-                        "diskSizeGB": d.disk_gb,
-                        "caching": "ReadWrite",
-                        "deleteOption": "Delete",
-                        "managedDisk": {"storageAccountType": "StandardSSD_LRS"},
-                    },
+                    "osDisk": os_disk(d),
                 },
                 "osProfile": {
                     "computerNamePrefix": d.name[:15],
                     "adminUsername": ADMIN_USER,
                     "customData": custom_data_b64,
-                    "linuxConfiguration": {
-                        "disablePasswordAuthentication": True,
-                        "provisionVMAgent": True,
-                        "ssh": {
-                            "publicKeys": [
-                                {"path": f"/home/{ADMIN_USER}/.ssh/authorized_keys", "keyData": ssh_key}
-                            ]
-                        },
-                    },
+                    "linuxConfiguration": linux_configuration(ssh_key),
                 },
                 "networkProfile": {
                     "networkApiVersion": "2020-11-01",  # what Flexible orchestration requires

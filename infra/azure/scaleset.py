@@ -29,7 +29,7 @@ from infra import health
 from infra.azure import remote, state
 from infra.azure.arm import HTTPS_RULE, TLS_TAG, public_ip_body
 from infra.azure.credentials import AzureClients
-from infra.azure.deployment import DB_NAME, DB_PASSWORD_KEY, INTERNET, Deployment, Names, Prepared
+from infra.azure.deployment import DB_NAME, DB_PASSWORD_KEY, Deployment, Names, Prepared
 from infra.azure.errors import AzureActionError, explain
 from infra.azure.provision import (
     DeployResult,
@@ -40,6 +40,7 @@ from infra.azure.provision import (
     _quiet,
     existing_group,
     owned_group,
+    read_address,
 )
 from infra.azure.scale_arm import (
     MODEL_TAG,
@@ -320,17 +321,7 @@ def status(
             power, verdict = instance_health(clients, names, vm)
             st.instances.append((vm, power, verdict))
         st.power = "failed to provision" if str(vmss.provisioning_state).lower() == "failed" else "running"
-        pip = clients.network.public_ip_addresses.get(names.group, names.public_ip)
-        st.fqdn = pip.dns_settings.fqdn if pip.dns_settings else ""
-        st.ip = pip.ip_address or ""
-        nsg = clients.network.network_security_groups.get(names.group, names.nsg)
-        for rule in nsg.security_rules or []:
-            sources = rule.source_address_prefixes or [rule.source_address_prefix]
-            port = rule.destination_port_range
-            if rule.name == HTTPS_RULE and port and port.isdigit():
-                st.port = int(port)
-            shown = "everyone (Internet)" if INTERNET in sources or "*" in sources else ", ".join(sources)
-            st.exposure.append(f"TCP {port} from {shown}")
+        read_address(clients, names, st, served_by=(HTTPS_RULE,))
     except ResourceNotFoundError:
         st.power = st.power or "incomplete (re-run deploy-azure)"
     except HttpResponseError as exc:
