@@ -738,6 +738,16 @@ def test_the_wait_ends_when_the_vm_is_not_running_and_shows_the_time(cli):
 # -- the invoke tasks, end to end against the fake ------------------------------------------------------
 
 
+def deploy(
+    name: str, *extra: str, image: str = IMAGE, vm: StandInVM | None = None, timeout: str = "5"
+) -> int:
+    """`invoke deploy-azure` of `name` from this machine's address (and to the stand-in VM's port)."""
+    argv = ["deploy-azure", "--image", image, "--name", name, "--allow-from", ME, *extra]
+    if vm is not None:
+        argv += ["--port", str(vm.port), "--timeout", timeout]
+    return invoke(*argv)
+
+
 @pytest.fixture
 def cli(fake, monkeypatch, tmp_path):
     """The tasks wired to the fake: clients from it, HOME in a scratch folder, a wide terminal, and a VM
@@ -778,23 +788,7 @@ def custom_files(fake: FakeArm, name: str) -> dict[str, str]:
 def test_deploy_status_logs_destroy_through_invoke(cli, capsys, monkeypatch):
     vm = StandInVM([PULLING, LOADING, OK], tls=True)
     try:
-        code = invoke(
-            "deploy-azure",
-            "--image",
-            IMAGE,
-            "--name",
-            "qb-e2e",
-            "--allow-from",
-            ME,
-            "--port",
-            str(vm.port),
-            "--env",
-            "DTYPE=float32",
-            "--size",
-            "Standard_D4s_v5",
-            "--timeout",
-            "10",
-        )
+        code = deploy("qb-e2e", "--env", "DTYPE=float32", "--size", "Standard_D4s_v5", vm=vm, timeout="10")
         out = capsys.readouterr().out
         assert code == 0, out
         assert f"Ready: https://qb-e2e.eastus.cloudapp.azure.com:{vm.port}/" in out
@@ -832,22 +826,7 @@ def test_token_is_generated_printed_once_kept_private_and_never_rotated(cli, cap
     caplog.set_level(logging.DEBUG)
     vm = StandInVM([OK], tls=True)
     try:
-        assert (
-            invoke(
-                "deploy-azure",
-                "--image",
-                IMAGE,
-                "--name",
-                "qb-tok",
-                "--allow-from",
-                ME,
-                "--port",
-                str(vm.port),
-                "--timeout",
-                "5",
-            )
-            == 0
-        )
+        assert deploy("qb-tok", vm=vm) == 0
         first = capsys.readouterr().out
         saved = state.token_file("qb-tok")
         token = json.loads(saved.read_text())["access_token"]
@@ -861,22 +840,7 @@ def test_token_is_generated_printed_once_kept_private_and_never_rotated(cli, cap
         assert token not in json.dumps(cli.resources) and token not in caplog.text
 
         # Again with a new image: the VM keeps its token, the token never travels, nothing shows it.
-        assert (
-            invoke(
-                "deploy-azure",
-                "--image",
-                "myreg.azurecr.io/qwen-box:2.0",
-                "--name",
-                "qb-tok",
-                "--allow-from",
-                ME,
-                "--port",
-                str(vm.port),
-                "--timeout",
-                "5",
-            )
-            == 0
-        )
+        assert deploy("qb-tok", image="myreg.azurecr.io/qwen-box:2.0", vm=vm) == 0
         again = capsys.readouterr().out
     finally:
         vm.stop()
@@ -890,64 +854,19 @@ def test_a_given_token_is_used_and_not_echoed(cli, capsys, monkeypatch):
     monkeypatch.setenv(TOKEN_ENV, "my-own-token-0123456789")
     vm = StandInVM([OK], tls=True)
     try:
-        assert (
-            invoke(
-                "deploy-azure",
-                "--image",
-                IMAGE,
-                "--name",
-                "qb-given",
-                "--allow-from",
-                ME,
-                "--port",
-                str(vm.port),
-                "--timeout",
-                "5",
-            )
-            == 0
-        )
+        assert deploy("qb-given", vm=vm) == 0
     finally:
         vm.stop()
     assert "my-own-token-0123456789" not in capsys.readouterr().out
     assert "ACCESS_TOKEN=my-own-token-0123456789" in delivered_secrets(cli, "qb-given")
     assert "ACCESS_TOKEN" not in custom_files(cli, "qb-given")["/etc/qwen-box/service.env"]
-    assert (
-        invoke(
-            "deploy-azure",
-            "--image",
-            IMAGE,
-            "--name",
-            "qb-given",
-            "--allow-from",
-            ME,
-            "--token",
-            "short",
-            "--dry-run",
-        )
-        == 2
-    )
+    assert deploy("qb-given", "--token", "short", "--dry-run") == 2
 
 
 def test_no_tls_keeps_plain_http_on_the_chosen_port(cli, capsys):
     vm = StandInVM([LOADING, OK])
     try:
-        assert (
-            invoke(
-                "deploy-azure",
-                "--image",
-                IMAGE,
-                "--name",
-                "qb-plain",
-                "--allow-from",
-                ME,
-                "--no-tls",
-                "--port",
-                str(vm.port),
-                "--timeout",
-                "5",
-            )
-            == 0
-        )
+        assert deploy("qb-plain", "--no-tls", vm=vm) == 0
     finally:
         vm.stop()
     out = capsys.readouterr().out
@@ -1010,41 +929,13 @@ def test_https_sets_proxy_hops_and_checks_the_certificate(cli, capsys, monkeypat
 
 
 def test_a_model_that_cannot_fit_is_refused_with_what_would(cli, capsys):
-    assert (
-        invoke(
-            "deploy-azure",
-            "--image",
-            IMAGE,
-            "--name",
-            "qb-fit",
-            "--allow-from",
-            ME,
-            "--model",
-            "microsoft/Phi-3-mini-4k-instruct",
-            "--precision",
-            "bfloat16",
-        )
-        == 2
-    )
+    assert deploy("qb-fit", "--model", "microsoft/Phi-3-mini-4k-instruct", "--precision", "bfloat16") == 2
     out = capsys.readouterr().out
     assert "does not fit" in out and "8.2 GB" in out and "Standard_B2s has 4 GiB" in out
     assert "--size Standard_B4ms" in out and "--model TinyLlama/TinyLlama-1.1B-Chat-v1.0" in out
     assert "swap does not count" in out
     assert cli.requests == []
-    assert (
-        invoke(
-            "deploy-azure",
-            "--image",
-            IMAGE,
-            "--name",
-            "qb-fit",
-            "--allow-from",
-            ME,
-            "--precision",
-            "bfloat16",
-        )
-        == 2
-    )
+    assert deploy("qb-fit", "--precision", "bfloat16") == 2
     assert "--precision int8 (2.1 GB)" in capsys.readouterr().out
 
 
@@ -1052,39 +943,9 @@ def test_the_default_precision_is_checked_and_the_model_goes_to_the_vm(cli, caps
     assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-fit", "--allow-from", ME, "--dry-run") == 0
     out = capsys.readouterr().out
     assert "at int8 (the default)" in out and "needs about 2.1 GB; Standard_B2s leaves 3 GiB" in out
-    assert (
-        invoke(
-            "deploy-azure",
-            "--image",
-            IMAGE,
-            "--name",
-            "qb-fit",
-            "--allow-from",
-            ME,
-            "--dry-run",
-            "--size",
-            "Standard_B2ms",
-            "--precision",
-            "bfloat16",
-        )
-        == 0
-    )
+    assert deploy("qb-fit", "--dry-run", "--size", "Standard_B2ms", "--precision", "bfloat16") == 0
     assert "needs about 3.7 GB; Standard_B2ms leaves 7 GiB" in capsys.readouterr().out
-    assert (
-        invoke(
-            "deploy-azure",
-            "--image",
-            IMAGE,
-            "--name",
-            "qb-fit",
-            "--allow-from",
-            ME,
-            "--dry-run",
-            "--model",
-            "someone/Unknown-7B",
-        )
-        == 0
-    )
+    assert deploy("qb-fit", "--dry-run", "--model", "someone/Unknown-7B") == 0
     assert "not in the catalog" in capsys.readouterr().out
     assert (
         invoke(
@@ -1094,24 +955,7 @@ def test_the_default_precision_is_checked_and_the_model_goes_to_the_vm(cli, caps
     )
     vm = StandInVM([OK], tls=True)
     try:
-        assert (
-            invoke(
-                "deploy-azure",
-                "--image",
-                IMAGE,
-                "--name",
-                "qb-model",
-                "--allow-from",
-                ME,
-                "--model",
-                "Qwen/Qwen2.5-0.5B-Instruct",
-                "--port",
-                str(vm.port),
-                "--timeout",
-                "5",
-            )
-            == 0
-        )
+        assert deploy("qb-model", "--model", "Qwen/Qwen2.5-0.5B-Instruct", vm=vm) == 0
     finally:
         vm.stop()
     files = custom_files(cli, "qb-model")
@@ -1161,19 +1005,7 @@ def test_deploy_that_never_gets_healthy_prints_diagnostics(cli, capsys):
         "status: running\nqwen-box: pulling: pulling " + IMAGE if "cloud-init status --long" in script else ""
     )
     try:
-        code = invoke(
-            "deploy-azure",
-            "--image",
-            IMAGE,
-            "--name",
-            "qb-stuck",
-            "--allow-from",
-            ME,
-            "--port",
-            str(vm.port),
-            "--timeout",
-            "0.5",
-        )
+        code = deploy("qb-stuck", vm=vm, timeout="0.5")
     finally:
         vm.stop()
     out = capsys.readouterr().out
@@ -1249,23 +1081,7 @@ def test_your_address_is_looked_up_only_when_no_allow_from_is_given(cli, capsys,
             )
             == 0
         )
-        assert (
-            invoke(
-                "deploy-azure",
-                "--image",
-                IMAGE,
-                "--name",
-                "qb-mine",
-                "--ssh",
-                "--allow-from",
-                ME,
-                "--port",
-                str(vm.port),
-                "--timeout",
-                "5",
-            )
-            == 0
-        )
+        assert deploy("qb-mine", "--ssh", vm=vm) == 0
     finally:
         vm.stop()
     assert lookups == [1]
@@ -1278,43 +1094,12 @@ def test_your_address_is_looked_up_only_when_no_allow_from_is_given(cli, capsys,
 
 
 def test_private_registry_login_without_showing_the_password(cli, capsys, monkeypatch):
-    assert (
-        invoke(
-            "deploy-azure",
-            "--image",
-            IMAGE,
-            "--name",
-            "qb-reg",
-            "--allow-from",
-            ME,
-            "--registry-user",
-            "puller",
-            "--dry-run",
-        )
-        == 2
-    )
+    assert deploy("qb-reg", "--registry-user", "puller", "--dry-run") == 2
     assert "QWEN_BOX_REGISTRY_PASSWORD" in capsys.readouterr().out
     monkeypatch.setenv("QWEN_BOX_REGISTRY_PASSWORD", "pull-token-xyz")
     vm = StandInVM([OK], tls=True)
     try:
-        assert (
-            invoke(
-                "deploy-azure",
-                "--image",
-                IMAGE,
-                "--name",
-                "qb-reg",
-                "--allow-from",
-                ME,
-                "--registry-user",
-                "puller",
-                "--port",
-                str(vm.port),
-                "--timeout",
-                "5",
-            )
-            == 0
-        )
+        assert deploy("qb-reg", "--registry-user", "puller", vm=vm) == 0
     finally:
         vm.stop()
     assert "pull-token-xyz" not in capsys.readouterr().out
