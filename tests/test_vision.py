@@ -17,9 +17,9 @@ import pytest
 from PIL import Image
 
 from service.config import Settings
-from service.dev.tiny_vision import build_tiny_vision
+from service.dev.tiny_vision import build_tiny_qwen_vl, build_tiny_vision
 from service.images import BOMB_PIXELS
-from service.inference.vision import VisionBackend
+from service.inference.vision import VisionBackend, VisionOptions
 from service.web import create_app
 from tests.support.live import LiveServer
 
@@ -297,3 +297,85 @@ def test_images_are_stored_with_their_message_and_deleted_with_the_conversation(
     assert r.get_json()["usage"]["prompt_tokens"] > first_prompt + 2
     assert client.delete(f"/api/conversations/{cid}").status_code == 204
     assert not stored.parent.exists()
+
+
+# --- Qwen2.5-VL: the catalog's larger vision model, on a tiny random network of its architecture ----
+@pytest.fixture(scope="module")
+def qwen_vl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_qwen_vl(tmp_path_factory.mktemp("tiny-qwen2.5-vl"), endless=True)
+
+
+@pytest.fixture(scope="module")
+def qwen_client(qwen_vl_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    settings = Settings(
+        model_id=str(qwen_vl_dir),
+        log_level="warning",
+        data_dir=str(tmp_path_factory.mktemp("qwen-data")),
+        rate_limit="1000/minute",
+    )
+    app = create_app(settings)
+    assert app.extensions["models"].engine().wait_ready(60)
+    return app.test_client()
+
+
+def test_qwen_vl_answers_about_a_picture_through_api_and_v1(qwen_client, qwen_vl_dir):
+    r = qwen_client.post(
+        "/api/chat", json={"message": "What colour is this?", "images": [b64(png())], "max_tokens": 5}
+    )
+    assert r.status_code == 200, r.get_json()
+    body = r.get_json()
+    assert body["model"] == qwen_vl_dir.name and body["usage"]["completion_tokens"] == 5
+    # 96 x 64 pixels → resized to 84 x 56 (multiples of 28) → 6 x 4 patches of 14 pixels, merged 2 x 2:
+    # 6 image tokens between <|vision_start|> and <|vision_end|>
+    text_only = qwen_client.post("/api/chat", json={"message": "What colour is this?", "max_tokens": 5})
+    assert text_only.status_code == 200
+    assert body["usage"]["prompt_tokens"] == text_only.get_json()["usage"]["prompt_tokens"] + 6 + 2
+    r = qwen_client.post(
+        "/v1/chat/completions",
+        json={
+            "model": qwen_vl_dir.name,
+            "messages": _image_message(data_url(png(fmt="JPEG"))),
+            "max_tokens": 4,
+        },
+    )
+    assert r.status_code == 200, r.get_json()
+    assert r.get_json()["usage"]["completion_tokens"] == 4
+    # a conversation: the stored picture is read again on the next turn
+    cid = qwen_client.post("/api/conversations", json={}).get_json()["id"]
+    first = qwen_client.post(
+        "/api/chat",
+        json={"message": "and this?", "images": [b64(png())], "conversation_id": cid, "max_tokens": 2},
+    ).get_json()
+    again = qwen_client.post(
+        "/api/chat", json={"message": "more", "conversation_id": cid, "max_tokens": 2}
+    ).get_json()
+    assert again["usage"]["prompt_tokens"] > first["usage"]["prompt_tokens"]
+    assert "torchvision" not in sys.modules
+
+
+def test_qwen_vl_decodes_at_the_positions_a_full_pass_would_use(qwen_vl_dir):
+    """Each decode step's scores equal those of one forward pass over the prompt and the tokens so
+    far: Qwen2.5-VL's 3-D rotary positions are carried into decoding (they once were the attention
+    mask's count, a shape error), and a text-only prompt after a picture does not inherit its offset."""
+    import torch
+
+    backend = VisionBackend(str(qwen_vl_dir), dtype="float32")
+    seen: list[torch.Tensor] = []
+    sample = backend._sample
+    backend._sample = lambda seq, logits: (seen.append(logits.clone()), sample(seq, logits))[1]  # type: ignore[method-assign]
+    for picture in (Image.effect_noise((300, 200), 60).convert("RGB"), None):
+        seen.clear()
+        ids, inputs = backend.prepare(
+            [{"role": "user", "content": "what?", "images": [picture] if picture else []}]
+        )
+        seq, token = backend.admit(ids, VisionOptions(max_tokens=8, inputs=inputs))
+        tokens = [token] + [backend.step()[0] for _ in range(3)]
+        backend.release(seq)
+        whole = dict(inputs)
+        if "mm_token_type_ids" in whole:  # the generated tokens are text
+            kinds = whole["mm_token_type_ids"]
+            whole["mm_token_type_ids"] = torch.cat([kinds, torch.zeros(1, 3, dtype=kinds.dtype)], dim=1)
+        backend.model.get_submodule("model").rope_deltas = None
+        with torch.inference_mode():
+            reference = backend.model(input_ids=torch.tensor([ids + tokens[:-1]]), **whole).logits[0, -1]
+        assert torch.allclose(seen[-1], reference, atol=1e-5), (seen[-1] - reference).abs().max()
