@@ -53,6 +53,7 @@ def serve(c: Context, model: str = "", port: int = 0, host: str = "") -> None:
         "peer": "add a peer's rows measured the same way: llama.cpp",
         "peer_bin": "llama.cpp's build folder (or its llama-server)",
         "peer_model": "a GGUF file for the peer (give it again for several)",
+        "vision": "the vision row: one picture + a question on SmolVLM-500M's architecture (default: yes)",
     },
     iterable=["peer_model"],
     auto_shortflags=False,
@@ -70,9 +71,11 @@ def bench(
     peer: str = "",
     peer_bin: str = "",
     peer_model: list[str] | None = None,
+    vision: bool = True,
 ) -> None:
-    """Measure load time, peak memory, time to first token, tokens/s and 4 chats per precision."""
-    args = []
+    """Measure load time, peak memory, time to first token, tokens/s and 4 chats per precision, and
+    the vision row (one picture and a question)."""
+    args = [] if vision else ["--no-vision"]
     for flag, on in (("--quick", quick), ("--all", all_), ("--health", health)):
         if on:
             args.append(flag)

@@ -1,99 +1,81 @@
-"""Images of stored conversations: files beside the history database, named in the message's meta.
+"""Images of stored conversations: kept in the history database, named in their message's meta.
 
-An image a user sent in a stored conversation is written once the model has taken the request
-(never for a refused one), as the bytes the client sent, to ``DATA_DIR/images/<conversation>/<sha256>``
-(folders 0700, files 0600, like the database: the conversations are private). The user turn's
-`meta` (a column every store already has, SQLite or PostgreSQL) lists them as
-``{"images": [{"id": sha256, "mime": "image/png", "width": w, "height": h}]}``, so the store itself
-needs no new table. Deleting the conversation deletes its folder. An export carries these references
-(ids and types), not the bytes: `GET /api/conversations/ID/images/IMAGE` serves each to its owner.
+An image a user sent in a stored conversation is stored once the model has taken the request (never
+for a refused one), as the bytes the client sent, in the history database's `images` table beside
+its message and in the same transaction (`History.append`): SQLite's file or PostgreSQL, so every
+instance sharing a PostgreSQL history shows it and gives it back to the model, whichever instance
+stored it. The user turn's `meta` lists them as
+``{"images": [{"id": sha256, "mime": "image/png", "width": w, "height": h}]}``. An image is deleted
+with its conversation (the table's foreign key), and when a truncate leaves no message naming it.
+An export carries these references (ids and types), not the bytes:
+`GET /api/conversations/ID/images/IMAGE` serves each to its owner.
 
 On the next turn of the conversation, the stored images come back as the model's context (the
 newest MAX_IMAGES of them), so a follow-up question about the picture sees it again.
+
+What it costs: each picture its bytes as sent (at most IMAGE_MAX_BYTES, 5 MB; a phone photo's JPEG
+is typically 1 to 4 MB), once per conversation however often it is sent. SQLite reuses the pages of
+deleted images but does not shrink its file; PostgreSQL stores them compressed out of line (TOAST).
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import re
-import shutil
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from .errors import InvalidRequest
 from .images import ImageLimits, Picture, open_picture
 
-_ID = re.compile(r"[0-9a-f]{64}")
-_SAFE_CONVERSATION = re.compile(r"[A-Za-z0-9_-]{1,64}")
+if TYPE_CHECKING:
+    from .history import History
 
 
-class Attachments:
-    """The image files of stored conversations, under one folder."""
+@dataclass(frozen=True)
+class StoredImage:
+    """A picture of a stored user turn: its SHA-256 (the id its message's meta names), type and bytes."""
 
-    def __init__(self, root: Path):
-        self.root = Path(root)
+    id: str
+    mime: str
+    data: bytes
 
-    def _folder(self, conversation_id: str) -> Path:
-        if not _SAFE_CONVERSATION.fullmatch(conversation_id):
-            raise InvalidRequest("not a conversation id")
-        return self.root / conversation_id
 
-    def save(self, conversation_id: str, turns: list[dict[str, Any]]) -> None:
-        """Write the pictures of `turns` (chat turns with "images": [Picture]) and note them in each
-        turn's "meta", which the transcript stores with the message."""
-        for turn in turns:
-            pictures: list[Picture] = turn.get("images") or []
-            if not pictures:
-                continue
-            folder = self._folder(conversation_id)
-            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-            folder.mkdir(mode=0o700, exist_ok=True)
-            refs = []
-            for picture in pictures:
-                digest = hashlib.sha256(picture.data).hexdigest()
-                path = folder / digest
-                if not path.exists():
-                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                    with os.fdopen(fd, "wb") as f:
-                        f.write(picture.data)
-                width, height = picture.original_size
-                refs.append({"id": digest, "mime": picture.mime, "width": width, "height": height})
-            turn["meta"] = {**(turn.get("meta") or {}), "images": refs}
+def stored_images(turn: dict[str, Any]) -> list[StoredImage]:
+    """The pictures of a new chat turn ("images": [Picture]) to store with it; each is noted in the
+    turn's "meta", which the transcript stores with the message."""
+    pictures: list[Picture] = turn.get("images") or []
+    if not pictures or turn.get("stored"):
+        return []
+    images, refs = [], []
+    for picture in pictures:
+        digest = hashlib.sha256(picture.data).hexdigest()
+        width, height = picture.original_size
+        images.append(StoredImage(digest, picture.mime, picture.data))
+        refs.append({"id": digest, "mime": picture.mime, "width": width, "height": height})
+    turn["meta"] = {**(turn.get("meta") or {}), "images": refs}
+    return images
 
-    def read(self, conversation_id: str, image_id: str) -> bytes | None:
-        """An image's bytes, or None when there is no such image."""
-        if not _ID.fullmatch(image_id):
-            return None
-        path = self._folder(conversation_id) / image_id
-        try:
-            return path.read_bytes()
-        except OSError:
-            return None
 
-    def context(self, conversation_id: str, turns: list[dict[str, Any]], limits: ImageLimits) -> None:
-        """Give stored turns (with their "meta") their pictures back, the newest `limits.max_images`
-        at most, less those the new turns bring. A file that has gone is left out."""
-        room = limits.max_images - sum(len(t.get("images") or ()) for t in turns if not t.get("meta"))
-        for turn in reversed(turns):
-            refs = (turn.get("meta") or {}).get("images") or []
-            if not refs or turn.get("images"):
-                continue
-            pictures = []
-            for ref in reversed(refs):
-                if room <= 0:
-                    break
-                data = self.read(conversation_id, str(ref.get("id", "")))
-                if data is None:
-                    continue
-                pictures.append(
-                    open_picture(
-                        data, where="stored image", max_bytes=len(data), max_pixels=limits.max_pixels
-                    )
-                )
-                room -= 1
-            turn["images"], turn["stored"] = pictures[::-1], True
-
-    def delete(self, conversation_id: str) -> None:
-        """Remove a conversation's images (when the conversation is deleted)."""
-        shutil.rmtree(self._folder(conversation_id), ignore_errors=True)
+def give_back(
+    store: History, owner: str, conversation_id: str, turns: list[dict[str, Any]], limits: ImageLimits
+) -> None:
+    """Give stored turns (with their "meta") their pictures back, the newest `limits.max_images` at
+    most, less those the new turns bring. An image the store no longer has is left out."""
+    room = limits.max_images - sum(len(t.get("images") or ()) for t in turns if not t.get("meta"))
+    wanted: list[tuple[dict[str, Any], list[str]]] = []
+    for turn in reversed(turns):
+        refs = (turn.get("meta") or {}).get("images") or []
+        if not refs or turn.get("images") or room <= 0:
+            continue
+        ids = [str(r.get("id", "")) for r in refs if isinstance(r, dict)][::-1][:room]
+        wanted.append((turn, ids))
+        room -= len(ids)
+    found = store.images(owner, conversation_id, sorted({i for _, ids in wanted for i in ids}))
+    for turn, ids in wanted:
+        pictures = [
+            open_picture(
+                found[i], where="stored image", max_bytes=len(found[i]), max_pixels=limits.max_pixels
+            )
+            for i in reversed(ids)
+            if i in found
+        ]
+        turn["images"], turn["stored"] = pictures, True

@@ -22,11 +22,13 @@ import json
 import re
 import secrets
 import time
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .attachments import StoredImage, stored_images
 from .chat import ChatRequest
 from .database import Connection, Database, Migration, SQLiteDatabase, open_database
 from .errors import ConversationNotFound, InvalidRequest
@@ -81,6 +83,32 @@ MIGRATIONS: list[str | Migration] = [
     ALTER TABLE messages ADD COLUMN meta TEXT;
     ALTER TABLE conversations ADD COLUMN model TEXT;
     """,
+    # The images of stored user turns (service/attachments.py), in the database beside their messages
+    # so that every instance sharing a PostgreSQL history can show them; one row per picture and
+    # conversation (`id` is the bytes' SHA-256), dropped with the conversation and when no message
+    # refers to it any longer.
+    Migration(
+        sqlite="""
+        CREATE TABLE images (
+            conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+            id TEXT NOT NULL,
+            mime TEXT NOT NULL,
+            data BLOB NOT NULL,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (conversation_id, id)
+        );
+        """,
+        postgresql="""
+        CREATE TABLE images (
+            conversation_id TEXT COLLATE "C" NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+            id TEXT COLLATE "C" NOT NULL,
+            mime TEXT NOT NULL,
+            data BYTEA NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (conversation_id, id)
+        );
+        """,
+    ),
 ]
 
 TITLE_MAX = 200
@@ -233,12 +261,21 @@ class History:
             if cur.rowcount == 0:
                 raise ConversationNotFound(conversation_id)
 
-    def append(self, owner: str, conversation_id: str, message: StoredMessage) -> None:
-        """Add one whole message (a reply is appended once, when it has ended, never in parts)."""
+    def append(
+        self, owner: str, conversation_id: str, message: StoredMessage, images: Sequence[StoredImage] = ()
+    ) -> None:
+        """Add one whole message (a reply is appended once, when it has ended, never in parts), with
+        the pictures its meta refers to, in one transaction (a picture already stored is kept)."""
         now = time.time()
         with self._tx() as db:
             if self._find(db, owner, conversation_id, lock=True) is None:
                 raise ConversationNotFound(conversation_id)
+            if images:
+                db.executemany(
+                    "INSERT INTO images (conversation_id, id, mime, data, created_at) VALUES (?, ?, ?, ?, ?) "
+                    "ON CONFLICT (conversation_id, id) DO NOTHING",
+                    [(conversation_id, i.id, i.mime, i.data, now) for i in images],
+                )
             db.execute(
                 "INSERT INTO messages (conversation_id, role, content, status, created_at, meta) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
@@ -252,6 +289,45 @@ class History:
                 ),
             )
             db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id))
+
+    def images(self, owner: str, conversation_id: str, image_ids: Sequence[str]) -> dict[str, bytes]:
+        """The bytes of those of `image_ids` that `owner`'s conversation holds, by id."""
+        if not image_ids:
+            return {}
+        marks = ", ".join("?" for _ in image_ids)
+        with self._db.read() as db:
+            rows = db.execute(
+                "SELECT i.id, i.data FROM images i JOIN conversations c ON c.id = i.conversation_id "
+                f"WHERE c.id = ? AND c.owner = ? AND i.id IN ({marks})",
+                (conversation_id, owner, *image_ids),
+            ).fetchall()
+        return {r["id"]: bytes(r["data"]) for r in rows}
+
+    def image_bytes(self, conversation_id: str | None = None) -> int:
+        """What the stored pictures take in the database (of one conversation, or all): for tests
+        and the operator's question "how big has it grown"."""
+        sql, args = "SELECT COALESCE(SUM(LENGTH(data)), 0) AS n FROM images", []
+        if conversation_id is not None:
+            sql, args = sql + " WHERE conversation_id = ?", [conversation_id]
+        with self._db.read() as db:
+            return int(db.execute(sql, args).fetchone()["n"])
+
+    @staticmethod
+    def _drop_unreferenced_images(db: Connection, conversation_id: str) -> None:
+        """Delete the conversation's pictures that no message's meta names any longer (after a
+        truncate), so nothing stays behind that the chat cannot show."""
+        kept = {
+            str(ref.get("id"))
+            for row in db.execute("SELECT meta FROM messages WHERE conversation_id = ?", (conversation_id,))
+            if row["meta"]
+            for ref in (json.loads(row["meta"]).get("images") or [])
+            if isinstance(ref, dict)
+        }
+        sql, args = "DELETE FROM images WHERE conversation_id = ?", [conversation_id]
+        if kept:
+            sql += f" AND id NOT IN ({', '.join('?' for _ in kept)})"
+            args += sorted(kept)
+        db.execute(sql, args)
 
     def _find(self, db: Connection, owner: str, conversation_id: str, *, lock: bool = False) -> Any:
         """The conversation's row if `owner` has it. With `lock`, inside a write, PostgreSQL holds the
@@ -282,6 +358,7 @@ class History:
             db.execute(
                 "DELETE FROM messages WHERE conversation_id = ? AND id >= ?", (conversation_id, ids[start])
             )
+            self._drop_unreferenced_images(db, conversation_id)
             db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (time.time(), conversation_id))
         return self.get(owner, conversation_id)
 
@@ -407,9 +484,9 @@ class Transcript:
 
     def accepted(self) -> None:
         for turn in self.new_turns:
-            # meta: a user turn's stored images (service/attachments.py)
-            meta = turn.get("meta")
-            self.store.append(self.owner, self.id, StoredMessage(turn["role"], turn["content"], meta=meta))
+            images = stored_images(turn)  # a user turn's pictures, named in its meta
+            message = StoredMessage(turn["role"], turn["content"], meta=turn.get("meta"))
+            self.store.append(self.owner, self.id, message, images)
         if self.new_turns:
             conv = self.store.get(self.owner, self.id)
             if conv.title == DEFAULT_TITLE:

@@ -303,10 +303,14 @@ def test_quick_bench_on_the_tiny_model_prints_progress_then_the_labelled_table(
 ):
     import subprocess
 
+    from service.dev.tiny_vision import build_tiny_vision
+
     out = tmp_path / "bench.json"
+    vision = build_tiny_vision(tmp_path / "tiny-smolvlm", endless=True)
     done = subprocess.run(
         [sys.executable, "-m", "service.dev.bench", "--model", str(endless_model_dir), "--quick"]
-        + ["--repeat", "1", "--new-tokens", "4", "--chat-tokens", "66", "--json", str(out)],
+        + ["--repeat", "1", "--new-tokens", "4", "--chat-tokens", "66", "--json", str(out)]
+        + ["--vision-model", str(vision)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -323,6 +327,7 @@ def test_quick_bench_on_the_tiny_model_prints_progress_then_the_labelled_table(
     ):
         assert expected in progress
     assert "skipping TTFT 2000 and next turn: --quick" in progress
+    assert "vision: plan int8: one picture of 1,048,576 pixels + a question" in progress
     report = done.stdout.splitlines()
     assert report[0].startswith("CPU: ") and "family" in report[0] and "torch CPU capability" in report[0]
     assert bench.HEADER in report
@@ -336,3 +341,12 @@ def test_quick_bench_on_the_tiny_model_prints_progress_then_the_labelled_table(
         and result["ttft_2000_s"] is None
         and result["chats"]["aggregate_tok_s"] > 0
     )
+    # the vision row, under the text default's row, labelled with the same CPU
+    assert f"Images (CPU: {saved['cpu_label']}):" in report
+    text_row = next(
+        line for line in report if line.startswith("| qwen-box int8 (text default) | 256 tokens |")
+    )
+    vision_row = report[report.index(text_row) + 1]
+    assert vision_row.startswith("| tiny-smolvlm (int8 language model, float32 vision encoder) | 1024x1024 ")
+    assert saved["vision"]["ttft_s"] > 0 and saved["vision"]["decode_tokens_per_s"] > 0
+    assert saved["vision"]["image_tokens"] > 0 and saved["vision"]["peak_rss_gib"] > 0

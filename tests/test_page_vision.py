@@ -125,3 +125,43 @@ def test_paste_and_drop_add_thumbnails_which_can_be_removed(page, serve, app):
     expect(page.get_by_test_id("vision-notice")).to_be_hidden()
     time.sleep(0.1)
     assert page.problems == []
+
+
+def test_a_refused_send_keeps_its_images_in_the_composer(page, serve, app, vision_dir):
+    """Sent to the text model anyway, the picture is refused (422): the question and the picture are
+    back in the composer, so switching to the model that sees and sending again needs no re-attach."""
+    served = serve(app=app)
+    page.goto(served.url)
+    wait_ready(page)
+    page.get_by_test_id("attach-file").set_input_files(
+        [
+            {"name": "one.png", "mimeType": "image/png", "buffer": png()},
+            {"name": "two.png", "mimeType": "image/png", "buffer": png((0, 90, 200))},
+        ]
+    )
+    pending = page.get_by_test_id("attachments").get_by_test_id("thumbnail")
+    expect(pending).to_have_count(2)
+    page.get_by_test_id("input").fill("What is in the picture?")
+    with page.expect_response(lambda r: r.url.endswith("/api/chat")) as refused:
+        page.get_by_test_id("input").press("Enter")
+    assert refused.value.status == 422
+    expect(page.get_by_test_id("error")).to_contain_text("cannot see images")
+    expect(pending).to_have_count(2)
+    assert [pending.nth(i).get_attribute("src") for i in range(2)] == [
+        "data:image/png;base64," + base64.b64encode(png()).decode(),
+        "data:image/png;base64," + base64.b64encode(png((0, 90, 200))).decode(),
+    ]
+    expect(page.get_by_test_id("input")).to_have_value("What is in the picture?")
+    expect(page.locator('[data-testid="message"][data-role="user"]')).to_have_count(0)
+    expect(page.get_by_test_id("vision-notice")).to_be_visible()
+
+    page.get_by_test_id("vision-switch").click()
+    expect(page.get_by_test_id("vision-notice")).to_be_hidden(timeout=30_000)
+    wait_ready(page)
+    with page.expect_request(lambda r: r.url.endswith("/api/chat") and r.method == "POST") as info:
+        page.get_by_test_id("input").press("Enter")
+    wait_reply(page, timeout=30_000)
+    assert len(info.value.post_data_json["messages"][-1]["images"]) == 2
+    expect(page.get_by_test_id("attachments")).to_be_hidden()
+    user = page.locator('[data-testid="message"][data-role="user"]')
+    expect(user.get_by_test_id("thumbnail")).to_have_count(2)

@@ -17,9 +17,9 @@ import pytest
 from PIL import Image
 
 from service.config import Settings
-from service.dev.tiny_vision import build_tiny_vision
+from service.dev.tiny_vision import build_tiny_qwen_vl, build_tiny_vision
 from service.images import BOMB_PIXELS
-from service.inference.vision import VisionBackend
+from service.inference.vision import VisionBackend, VisionOptions
 from service.web import create_app
 from tests.support.live import LiveServer
 
@@ -258,16 +258,17 @@ def test_a_body_may_exceed_max_body_bytes_only_by_its_images(client, app):
 
 # --- history -----------------------------------------------------------------------------------------
 def test_images_are_stored_with_their_message_and_deleted_with_the_conversation(client, app):
+    store = app.extensions["history"]
     data_dir = Path(app.extensions["settings"].data_dir)
     cid = client.post("/api/conversations", json={}).get_json()["id"]
     picture = png(color=(10, 200, 10))
-    # a refused image stores nothing: no message, no file
+    # a refused image stores nothing: no message, no image
     bad = client.post(
         "/api/chat", json={"message": "x", "images": [b64(picture[:40])], "conversation_id": cid}
     )
     assert bad.status_code == 422
     assert client.get(f"/api/conversations/{cid}").get_json()["messages"] == []
-    assert not (data_dir / "images" / cid).exists()
+    assert store.image_bytes(cid) == 0
 
     r = client.post(
         "/api/chat", json={"message": "", "images": [b64(picture)], "conversation_id": cid, "max_tokens": 2}
@@ -279,10 +280,10 @@ def test_images_are_stored_with_their_message_and_deleted_with_the_conversation(
     assert conv["title"] == "Image"
     [ref] = question["meta"]["images"]
     assert ref["mime"] == "image/png" and (ref["width"], ref["height"]) == (96, 64)
-    stored = data_dir / "images" / cid / ref["id"]
-    assert stored.read_bytes() == picture
-    assert stored.stat().st_mode & 0o777 == 0o600
-    assert stored.parent.stat().st_mode & 0o777 == 0o700
+    # in the history database (0600 like the rest of it), not in files beside it
+    assert store.images(client_owner(client), cid, [ref["id"]]) == {ref["id"]: picture}
+    assert store.image_bytes(cid) == len(picture)
+    assert not (data_dir / "images").exists()
     # shown again on reload, to its owner only
     served = client.get(f"/api/conversations/{cid}/images/{ref['id']}")
     assert served.status_code == 200 and served.data == picture and served.mimetype == "image/png"
@@ -296,4 +297,165 @@ def test_images_are_stored_with_their_message_and_deleted_with_the_conversation(
     r = client.post("/api/chat", json={"message": "and now?", "conversation_id": cid, "max_tokens": 2})
     assert r.get_json()["usage"]["prompt_tokens"] > first_prompt + 2
     assert client.delete(f"/api/conversations/{cid}").status_code == 204
-    assert not stored.parent.exists()
+    assert store.image_bytes(cid) == 0
+
+
+def client_owner(client) -> str:
+    """The owner id the service gave this test client (its cookie), as the store knows it."""
+    from service.web.conversations import COOKIE
+
+    return "browser:" + client.get_cookie(COOKIE).value
+
+
+def _instance(vision_dir: Path, data_dir: Path, database_url: str):
+    app = create_app(
+        Settings(
+            model_id=str(vision_dir),
+            log_level="warning",
+            data_dir=str(data_dir),
+            database_url=database_url,
+            rate_limit="1000/minute",
+        )
+    )
+    assert app.extensions["models"].engine().wait_ready(60)
+    return app
+
+
+def test_a_picture_one_instance_stored_is_shown_and_read_by_another(vision_dir, tmp_path, history_database):
+    """Instances behind a load balancer share the history (PostgreSQL; on SQLite, one DATA_DIR): the
+    image is in the database, so any of them shows it after a reload and gives it back to the model,
+    a truncate through either drops the pictures no message names, and a delete drops the rest."""
+    from service.web.conversations import COOKIE
+
+    shared = tmp_path / "shared"
+    first = _instance(vision_dir, shared if not history_database else tmp_path / "a", history_database)
+    second = _instance(vision_dir, shared if not history_database else tmp_path / "b", history_database)
+    a, b = first.test_client(), second.test_client()
+    cid = a.post("/api/conversations", json={}).get_json()["id"]
+    b.set_cookie(COOKIE, a.get_cookie(COOKIE).value)  # the same browser, sent elsewhere by the balancer
+    red, blue = png(color=(250, 0, 0)), png(color=(0, 0, 250))
+    for picture, text in ((red, "this one?"), (blue, "and this?")):
+        body = {"message": text, "images": [b64(picture)], "conversation_id": cid, "max_tokens": 2}
+        assert a.post("/api/chat", json=body).status_code == 200
+    messages = b.get(f"/api/conversations/{cid}").get_json()["messages"]
+    red_id, blue_id = (m["meta"]["images"][0]["id"] for m in messages if m["role"] == "user")
+    assert b.get(f"/api/conversations/{cid}/images/{blue_id}").data == blue
+    # the other instance gives both pictures back to the model on the next turn
+    alone = b.post("/api/chat", json={"message": "more", "max_tokens": 2}).get_json()
+    more = b.post("/api/chat", json={"message": "more", "conversation_id": cid, "max_tokens": 2}).get_json()
+    assert more["usage"]["prompt_tokens"] > alone["usage"]["prompt_tokens"] + 2 * 30
+    # edit and resend the second question: its picture goes with it, the first stays
+    assert b.post(f"/api/conversations/{cid}/truncate", json={"from": 2}).status_code == 200
+    assert a.get(f"/api/conversations/{cid}/images/{blue_id}").status_code == 404
+    assert a.get(f"/api/conversations/{cid}/images/{red_id}").data == red
+    store = first.extensions["history"]
+    assert store.image_bytes(cid) == len(red)
+    assert b.delete(f"/api/conversations/{cid}").status_code == 204
+    assert store.image_bytes(cid) == 0 and not (tmp_path / "a" / "images").exists()
+
+
+def test_a_truncate_keeps_a_picture_a_remaining_message_still_names(tmp_path, history_database):
+    """No orphans, and no loss: one picture sent twice is one row, kept while either message stays."""
+    from service.attachments import StoredImage
+    from service.history import History, StoredMessage
+
+    store = History(history_database or tmp_path / "history.db")
+    try:
+        conv = store.create("alice")
+        picture = StoredImage("a" * 64, "image/png", png())
+        other = StoredImage("b" * 64, "image/png", png(color=(1, 2, 3)))
+        meta = {"images": [{"id": picture.id, "mime": "image/png", "width": 96, "height": 64}]}
+        for images in ([picture], [picture, other]):
+            names = {"images": [{**meta["images"][0], "id": i.id} for i in images]}
+            store.append("alice", conv.id, StoredMessage("user", "look", meta=names), images)
+            store.append("alice", conv.id, StoredMessage("assistant", "ok"))
+        assert store.image_bytes(conv.id) == len(picture.data) + len(other.data)
+        assert store.images("bob", conv.id, [picture.id]) == {}  # another owner's
+        store.truncate("alice", conv.id, 2)  # the second question and its reply
+        assert store.images("alice", conv.id, [picture.id, other.id]) == {picture.id: picture.data}
+        store.truncate("alice", conv.id, 0)
+        assert store.image_bytes(conv.id) == 0
+    finally:
+        store.close()
+
+
+# --- Qwen2.5-VL: the catalog's larger vision model, on a tiny random network of its architecture ----
+@pytest.fixture(scope="module")
+def qwen_vl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_qwen_vl(tmp_path_factory.mktemp("tiny-qwen2.5-vl"), endless=True)
+
+
+@pytest.fixture(scope="module")
+def qwen_client(qwen_vl_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    settings = Settings(
+        model_id=str(qwen_vl_dir),
+        log_level="warning",
+        data_dir=str(tmp_path_factory.mktemp("qwen-data")),
+        rate_limit="1000/minute",
+    )
+    app = create_app(settings)
+    assert app.extensions["models"].engine().wait_ready(60)
+    return app.test_client()
+
+
+def test_qwen_vl_answers_about_a_picture_through_api_and_v1(qwen_client, qwen_vl_dir):
+    r = qwen_client.post(
+        "/api/chat", json={"message": "What colour is this?", "images": [b64(png())], "max_tokens": 5}
+    )
+    assert r.status_code == 200, r.get_json()
+    body = r.get_json()
+    assert body["model"] == qwen_vl_dir.name and body["usage"]["completion_tokens"] == 5
+    # 96 x 64 pixels → resized to 84 x 56 (multiples of 28) → 6 x 4 patches of 14 pixels, merged 2 x 2:
+    # 6 image tokens between <|vision_start|> and <|vision_end|>
+    text_only = qwen_client.post("/api/chat", json={"message": "What colour is this?", "max_tokens": 5})
+    assert text_only.status_code == 200
+    assert body["usage"]["prompt_tokens"] == text_only.get_json()["usage"]["prompt_tokens"] + 6 + 2
+    r = qwen_client.post(
+        "/v1/chat/completions",
+        json={
+            "model": qwen_vl_dir.name,
+            "messages": _image_message(data_url(png(fmt="JPEG"))),
+            "max_tokens": 4,
+        },
+    )
+    assert r.status_code == 200, r.get_json()
+    assert r.get_json()["usage"]["completion_tokens"] == 4
+    # a conversation: the stored picture is read again on the next turn
+    cid = qwen_client.post("/api/conversations", json={}).get_json()["id"]
+    first = qwen_client.post(
+        "/api/chat",
+        json={"message": "and this?", "images": [b64(png())], "conversation_id": cid, "max_tokens": 2},
+    ).get_json()
+    again = qwen_client.post(
+        "/api/chat", json={"message": "more", "conversation_id": cid, "max_tokens": 2}
+    ).get_json()
+    assert again["usage"]["prompt_tokens"] > first["usage"]["prompt_tokens"]
+    assert "torchvision" not in sys.modules
+
+
+def test_qwen_vl_decodes_at_the_positions_a_full_pass_would_use(qwen_vl_dir):
+    """Each decode step's scores equal those of one forward pass over the prompt and the tokens so
+    far: Qwen2.5-VL's 3-D rotary positions are carried into decoding (they once were the attention
+    mask's count, a shape error), and a text-only prompt after a picture does not inherit its offset."""
+    import torch
+
+    backend = VisionBackend(str(qwen_vl_dir), dtype="float32")
+    seen: list[torch.Tensor] = []
+    sample = backend._sample
+    backend._sample = lambda seq, logits: (seen.append(logits.clone()), sample(seq, logits))[1]  # type: ignore[method-assign]
+    for picture in (Image.effect_noise((300, 200), 60).convert("RGB"), None):
+        seen.clear()
+        ids, inputs = backend.prepare(
+            [{"role": "user", "content": "what?", "images": [picture] if picture else []}]
+        )
+        seq, token = backend.admit(ids, VisionOptions(max_tokens=8, inputs=inputs))
+        tokens = [token] + [backend.step()[0] for _ in range(3)]
+        backend.release(seq)
+        whole = dict(inputs)
+        if "mm_token_type_ids" in whole:  # the generated tokens are text
+            kinds = whole["mm_token_type_ids"]
+            whole["mm_token_type_ids"] = torch.cat([kinds, torch.zeros(1, 3, dtype=kinds.dtype)], dim=1)
+        backend.model.get_submodule("model").rope_deltas = None
+        with torch.inference_mode():
+            reference = backend.model(input_ids=torch.tensor([ids + tokens[:-1]]), **whole).logits[0, -1]
+        assert torch.allclose(seen[-1], reference, atol=1e-5), (seen[-1] - reference).abs().max()

@@ -12,6 +12,11 @@ measured in the same run. Every table says which CPU it came from (model name, f
 that decide which kernels run, and torch's own view), and an instruction-set cap (`--isa`) is
 labelled as a cap on that CPU, never as another machine. `--peer llama.cpp` adds llama.cpp's rows,
 measured the same way (`service/dev/peer.py`).
+
+Then the vision row (`service/dev/vision_bench.py`, in the full run and in `--quick`, `--no-vision`
+leaves it out): one picture at the service's resolution cap plus a short question on SmolVLM-500M's
+exact architecture with random weights, at the default precision, printed under the text default's
+row. It adds about two minutes on a 2-core AVX2 host (building the model once, about 1 GB, more).
 """
 
 from __future__ import annotations
@@ -702,6 +707,24 @@ def run_worker(cmd: list[str], env: dict[str, str], who: str, progress: Progress
     return result
 
 
+def measure_vision(folder: str, threads: int, env: dict[str, str], progress: Progress) -> dict[str, Any]:
+    """The vision row at the default precision, in a process of its own (vision_bench.vision_row)."""
+    from .vision_bench import default_max_pixels, vision_row
+
+    precision = default_precision()
+    pixels = default_max_pixels()
+    progress.note("vision", f"plan {precision}: one picture of {pixels:,} pixels + a question, 32 new tokens")
+    row = vision_row(
+        precision, max_pixels=pixels, threads=threads, folder=Path(folder) if folder else None, env=env
+    )
+    progress.note(
+        "vision",
+        f"load {row['load_s']} s, TTFT {row['ttft_s']} s ({row['prompt_tokens']} prompt tokens), "
+        f"decode {row['decode_tokens_per_s']} tok/s, peak RSS {row['peak_rss_gib']} GiB",
+    )
+    return row
+
+
 def _vocab(model: str) -> int:
     try:
         return int(json.loads((Path(model) / "config.json").read_text())["vocab_size"])
@@ -751,6 +774,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--peer-bin", default="", help="llama.cpp's build folder or its llama-server")
     p.add_argument("--peer-model", action="append", default=[], help="a GGUF file (repeat for several)")
+    p.add_argument(
+        "--no-vision", action="store_true", help="leave out the vision row (one picture + question)"
+    )
+    p.add_argument("--vision-model", default="", help="vision model folder (default: random SmolVLM-500M)")
     p.add_argument("--json", default="bench-results.json", help="where to write the figures")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -834,6 +861,16 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
 
+    vision, vision_failed = None, False
+    if not args.no_vision:
+        from .vision_bench import VisionRowFailed
+
+        try:
+            vision = measure_vision(args.vision_model, args.threads, env, progress)
+        except VisionRowFailed as exc:  # the text rows still print; the exit status says it failed
+            print(exc, file=sys.stderr)
+            vision_failed = True
+
     capability = next((r["torch_capability"] for r in results), "")
     cpu_label = cpu.label(args.isa, capability)
     setup = (
@@ -841,6 +878,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{new_tokens} new tokens greedy (4 chats: {args.chat_tokens} each)"
     )
     print(report(cpu_label, setup, results, peers, args.isa), end="")
+    if vision is not None:
+        from .vision_bench import markdown
+
+        text = next((r for r in results if r["precision"] == default_precision()), None)
+        print(f"\nImages (CPU: {cpu_label}):\n{markdown(vision, text)}")
     Path(args.json).write_text(
         json.dumps(
             {
@@ -850,11 +892,12 @@ def main(argv: list[str] | None = None) -> int:
                 "setup": setup,
                 "results": results,
                 "peers": peers,
+                "vision": vision,
             },
             indent=2,
         )
     )
-    return 0
+    return 1 if vision_failed else 0
 
 
 if __name__ == "__main__":

@@ -210,7 +210,11 @@ class VisionBackend(TransformersBackend):
             configured = self.processor.image_processor.size["longest_edge"]
             return {"images_kwargs": {"size": {"longest_edge": min(edge, configured)}}}
         if kind.startswith("Qwen2VL"):
-            return {"images_kwargs": {"max_pixels": self.max_pixels}}
+            size = self.processor.image_processor.size
+            budget = min(self.max_pixels, size["longest_edge"])
+            return {
+                "images_kwargs": {"size": {"shortest_edge": size["shortest_edge"], "longest_edge": budget}}
+            }
         return {}
 
     # --- the engine's interface ------------------------------------------------------------------
@@ -221,6 +225,7 @@ class VisionBackend(TransformersBackend):
         inputs = options.inputs if isinstance(options, VisionOptions) else {}
         seq = Sequence(list(prompt_ids), options)
         self._setup_sampling(seq)
+        self._forget_positions()
         with torch.inference_mode():
             out = self.model(
                 input_ids=torch.tensor([seq.prompt_ids]),
@@ -238,16 +243,22 @@ class VisionBackend(TransformersBackend):
         seq, cache = self._seq, self._cache
         if seq is None or cache is None:
             raise RuntimeError("no sequence is in the batch")
+        # No attention mask: one unpadded row needs none, and with one Qwen2-VL's decode positions
+        # are the mask's running count, one per token of the whole sequence, where a step holds one
+        # token (its attention then yields the sequence's length of rows: the o_proj shape error).
         with torch.inference_mode():
-            out = self.model(
-                input_ids=torch.tensor([[seq.generated[-1]]]),
-                attention_mask=torch.ones(1, seq.length + 1, dtype=torch.long),
-                cache=cache,
-                use_cache=True,
-            )
+            out = self.model(input_ids=torch.tensor([[seq.generated[-1]]]), cache=cache, use_cache=True)
         self._cache = out.cache
         seq.length += 1
         return [self._sample(seq, out.logits[0, -1])]
+
+    def _forget_positions(self) -> None:
+        """Qwen2-VL keeps the offset of its 3-D (time, height, width) rotary positions from the last
+        prompt with images on the model (`rope_deltas`) and reuses it while decoding; a text-only
+        prompt computes none, so the previous picture's offset would shift its positions."""
+        inner = self.model.get_submodule("model")
+        if hasattr(inner, "rope_deltas"):
+            setattr(inner, "rope_deltas", None)  # noqa: B010 (a plain attribute, not a submodule)
 
     def release(self, sequence: Any) -> None:
         if sequence is self._seq:

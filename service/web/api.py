@@ -22,7 +22,7 @@ from ..inference.engine import Finished, Generation
 from ..models import ModelManager
 from . import disconnect, sse
 from .access import token_ok
-from .conversations import save_images, with_history
+from .conversations import with_history
 from .errors import answer, json_body
 
 bp = Blueprint("api", __name__, url_prefix="/api")
@@ -112,7 +112,6 @@ def chat() -> Response | tuple[Response, int]:
     started = start(models(), parsed)
     generation, model, dropped = started.generation, started.model, started.dropped_messages
     if transcript:
-        save_images(transcript)
         transcript.accepted()
     gone = disconnect.watcher(request.environ)
     if parsed.stream:

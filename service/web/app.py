@@ -20,7 +20,6 @@ from flask import Flask, Response, request, send_from_directory
 from flask.json.provider import DefaultJSONProvider
 from flask_compress import Compress
 
-from ..attachments import Attachments
 from ..config import Settings
 from ..history import History
 from ..inference.engine import Engine
@@ -85,7 +84,6 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         store = History(settings.database_url or Path(settings.data_dir) / "history.db")
         logging.getLogger(__name__).info("conversation history in %s", store.describe())
         app.extensions["history"] = store
-        app.extensions["attachments"] = Attachments(Path(settings.data_dir) / "images")
     protect(app, settings)
 
     @app.get("/")

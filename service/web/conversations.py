@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..attachments import Attachments
+from ..attachments import give_back
 from ..chat import ChatRequest, Content
 from ..errors import ConversationNotFound, HistoryDisabled, ImageNotFound, InvalidRequest
 from ..history import DEFAULT_TITLE, TITLE_MAX, History, StoredMessage, Transcript, new_owner_id
@@ -141,8 +141,7 @@ def rename_conversation(cid: str) -> Response:
 
 @bp.delete("/<cid>")
 def delete_conversation(cid: str) -> tuple[str, int]:
-    history().delete(current_owner(), conversation_id(cid))
-    attachments().delete(cid)
+    history().delete(current_owner(), conversation_id(cid))  # its images with it (a foreign key)
     return "", 204
 
 
@@ -164,25 +163,17 @@ def with_history(chat: ChatRequest) -> tuple[ChatRequest, Transcript | None]:
     full, transcript = stored_chat(chat, store, owner)
     settings = current_app.extensions["settings"]
     limits = ImageLimits(settings.image_max_pixels, settings.max_images, settings.image_max_bytes)
-    attachments().context(chat.conversation_id, full.messages, limits)
+    give_back(store, owner, chat.conversation_id, full.messages, limits)
     return full, transcript
-
-
-def attachments() -> Attachments:
-    return current_app.extensions["attachments"]
-
-
-def save_images(transcript: Transcript) -> None:
-    """Store the new turns' images with them (called once the model has taken the request)."""
-    attachments().save(transcript.id, transcript.new_turns)
 
 
 @bp.get("/<cid>/images/<image_id>")
 def conversation_image(cid: str, image_id: str) -> Response:
     """An image of the caller's own conversation, as sent (the page's thumbnails after a reload)."""
-    conv = history().get(current_owner(), conversation_id(cid))
+    store, owner = history(), current_owner()
+    conv = store.get(owner, conversation_id(cid))
     refs = [r for m in conv.messages for r in (m.meta or {}).get("images", []) if r.get("id") == image_id]
-    data = attachments().read(conv.id, image_id) if refs else None
+    data = store.images(owner, conv.id, [image_id]).get(image_id) if refs else None
     if data is None:
         raise ImageNotFound()
     response = Response(data, mimetype=refs[0]["mime"])

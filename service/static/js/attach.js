@@ -110,9 +110,12 @@ export function takePending() {
   return urls;
 }
 
-/** Put images back (a refused send). */
+/** Put a refused send's images back in the composer, before any attached since (the send took
+ *  them out), so the user can remove one, switch model, and send again. */
 export function restorePending(urls) {
-  state.pending = urls.map((dataUrl) => ({ name: 'image', dataUrl }));
+  if (!urls.length) return;
+  const back = urls.map((dataUrl) => ({ name: 'image', dataUrl }));
+  state.pending = [...back, ...state.pending];
   renderPending();
 }
 

@@ -6,7 +6,7 @@
  * controls, whose state follows from the chat's. */
 
 import { els } from './dom.js';
-import { hasPending, renderThumbnails, takePending } from './attach.js';
+import { hasPending, renderThumbnails, restorePending, takePending } from './attach.js';
 import { api, apiFailure, errorMessageFrom, streamChat } from './api.js';
 import { isReady, pollHealth } from './health.js';
 import {
@@ -207,13 +207,13 @@ export function submit() {
 }
 
 /** Show `text` (and its images) as the user's turn and ask for the reply; a refused request gives
- *  the text back. */
+ *  the text and the images back to the composer. */
 function ask(text, options, images = []) {
   const userEl = appendUserMessage(text);
   renderThumbnails(userEl, { urls: images });
   updateEmptyState();
   chat.history.push(images.length ? { role: 'user', content: text, images } : { role: 'user', content: text });
-  requestReply({ userEl, text, options });
+  requestReply({ userEl, text, options, images });
 }
 
 /**
@@ -242,7 +242,7 @@ async function conversationFor(signal) {
  * Ask the server for the next assistant turn (history already ends with the user turn).
  * `userEl` lets a refused send be undone: the text goes back into the input box.
  */
-async function requestReply({ userEl, text, options }) {
+async function requestReply({ userEl, text, options, images = [] }) {
   const epoch = chat.epoch;
   const reply = appendAssistantMessage();
   updateEmptyState();
@@ -273,9 +273,9 @@ async function requestReply({ userEl, text, options }) {
   }
   chat.active = null;
   if (outcome.kind === 'rejected' && outcome.status === 404 && target.id) {
-    conversationGone(target.id, outcome, { reply, userEl, text });
+    conversationGone(target.id, outcome, { reply, userEl, text, images });
   } else {
-    settle(reply, outcome, { userEl, text, options });
+    settle(reply, outcome, { userEl, text, options, images });
   }
   updateControls();
   // The server stores the exchange and names a new conversation after its first question.
@@ -347,6 +347,7 @@ function settle(reply, outcome, ctx) {
         ctx.userEl.remove();
         removeLastUserTurn(ctx.text);
         restoreInput(ctx.text);
+        restorePending(ctx.images || []); // e.g. too many images, or a model that cannot see them
         updateEmptyState();
       } else {
         // A retry that failed again: keep the user's message and offer another retry.
@@ -361,13 +362,14 @@ function settle(reply, outcome, ctx) {
 }
 
 /** The stored conversation went away (deleted elsewhere, or history turned off): start afresh. */
-function conversationGone(id, outcome, { reply, userEl, text }) {
+function conversationGone(id, outcome, { reply, userEl, text, images = [] }) {
   reply.el.remove();
   userEl?.remove();
   removeConversation(id);
   if (outcome.code === 'history_disabled') setHistoryMode('off');
   newChat();
   restoreInput(text);
+  restorePending(images);
   showError(outcome.code === 'history_disabled'
     ? 'History is now off on this server, so this chat can’t continue. Your message is back in the box: send it to start a private chat.'
     : 'This chat no longer exists on the server (deleted elsewhere?). Your message is back in the box: send it to start a new chat.');
