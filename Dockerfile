@@ -141,7 +141,10 @@ COPY --from=deps /opt/venv /opt/venv
 COPY --from=deps --chown=app:app /opt/qwen-box-kernels /app/.cache/qwen-box/kernels
 WORKDIR /app
 # Without service/dev (the benchmark and test models), which .dockerignore leaves out of the context.
+# Compiled here (about 0.6 MB) so a start does not compile the service's modules each time (a quarter of
+# a second of a start; PYTHONDONTWRITEBYTECODE keeps the server from writing any at run time).
 COPY service/ /app/service/
+RUN python -m compileall -q /app/service
 # Numeric, so the engine (and a Kubernetes runAsNonRoot check) can tell it is not root without /etc/passwd.
 USER 10001:10001
 EXPOSE 8000

@@ -316,7 +316,8 @@ def chat(port: int) -> dict:
 
 
 # Run inside the container: imports every service module and the extension modules infra/image_prune.py
-# stripped, then reports what it found pruned that should not have been.
+# stripped, then reports what it found pruned that should not have been, and any module of torch, sympy,
+# transformers or the service (compiled in the image) imported without its bytecode.
 PRUNED_PROBE = """
 import importlib, importlib.util, json, pkgutil, site, sys
 from pathlib import Path
@@ -325,7 +326,7 @@ for m in pkgutil.walk_packages(service.__path__, "service."):
     if m.name != "service.__main__":
         importlib.import_module(m.name)
 import hf_xet, numpy, PIL.Image, psycopg, regex, safetensors, tokenizers, wrapt, yaml, _brotli
-pruned = ("torch", "sympy", "transformers")
+pruned = ("torch", "sympy", "transformers", "service")
 without = sorted(
     name for name, module in list(sys.modules.items())
     if name.split(".")[0] in pruned and (getattr(module, "__file__", None) or "").endswith(".py")
