@@ -330,6 +330,7 @@ pruned = ("torch", "sympy", "transformers", "service")
 without = sorted(
     name for name, module in list(sys.modules.items())
     if name.split(".")[0] in pruned and (getattr(module, "__file__", None) or "").endswith(".py")
+    and Path(module.__file__).is_absolute()  # torch.ops and torch.classes name a file, relatively
     and not Path(importlib.util.cache_from_source(module.__file__)).exists()
 )
 root = Path(site.getsitepackages()[0])
