@@ -32,8 +32,6 @@ COPY wheels/ /tmp/wheels/
 # torch first: the largest layer, and the one that changes least.
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-# The wheel also carries C++ headers, C++ test binaries and CMake files for extension builders, which
-# `import torch` never reads: about 190 MB left out (torch_shm_manager stays, DataLoader may use it).
 # torch is pinned (torch==$TORCH_VERSION); hadolint reads the optional `--index-url` expansion as a package.
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir --find-links /tmp/wheels ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==$TORCH_VERSION"
@@ -49,27 +47,19 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && PYTHONPATH=/tmp/kernels python -c "import kernels; kernels.configure('/opt/qwen-box-kernels'); assert kernels.available(), 'the kernels did not build'" \
  && find /opt/qwen-box-kernels -type f ! -name '*.so' ! -name '*.sha256' -delete
-RUN rm -rf /opt/venv/lib/python3*/site-packages/torch/include /opt/venv/lib/python3*/site-packages/torch/test \
-           /opt/venv/lib/python3*/site-packages/torch/share \
- && find /opt/venv/lib/python3*/site-packages/torch/bin -mindepth 1 ! -name torch_shm_manager -delete
 
 # The rest of [project].dependencies, less those only the host's tasks use (invoke, Azure SDK ...):
 # infra/image_requirements.py reads both lists from pyproject.toml, so they live in one place.
-# infra/image_prune.py then drops the bytecode of Transformers' model packages the service never imports
-# (about 55 MB; their .py stays, so another architecture still loads).
 COPY pyproject.toml infra/image_requirements.py infra/image_prune.py /tmp/
 RUN python /tmp/image_requirements.py /tmp/pyproject.toml > /tmp/requirements.txt \
- && pip install --no-cache-dir --find-links /tmp/wheels -r /tmp/requirements.txt \
- && python /tmp/image_prune.py qwen2 llama \
- && pip uninstall --yes pip
+ && pip install --no-cache-dir --find-links /tmp/wheels -r /tmp/requirements.txt
 
-# Symbol tables are for debuggers, not for the dynamic loader: torch's shared libraries without them
-# (strip --strip-unneeded keeps what linking needs) are about 100 MB smaller, nearly all libtorch_cpu.so.
-# binutils is installed in this stage only; the final stage copies the venv, not the tools.
-RUN apt-get update \
- && apt-get install -y --no-install-recommends binutils=2.40-2 \
- && strip --strip-unneeded /opt/venv/lib/python3*/site-packages/torch/lib/*.so* \
- && rm -rf /var/lib/apt/lists/*
+# Then out goes what the service never loads, about 130 MB: C++ headers and test binaries, the packages'
+# test suites, type stubs, the bytecode of modules a traced start and generation do not import, symbol
+# tables, setuptools and pip. infra/image_prune.py holds that list, with the reason for each entry.
+# Its `strip` is binutils', which came with g++ above: in this stage only (the final stage copies the
+# venv, not the tools).
+RUN python /tmp/image_prune.py qwen2 llama
 
 # ---- download: the float weights, fetched with huggingface_hub at build time (nothing when not baking).
 # Its own stage on the bare base, so changing the service's dependencies never downloads the model again.
@@ -107,9 +97,11 @@ WORKDIR /opt/quantize
 # A copy, not a bind mount of the stage: buildah cannot bind a cached stage's files. This stage is thrown
 # away; the runtime copies only /models from it.
 COPY --from=download /src /src
+# The slow tokenizer's vocab.json and merges.txt go when tokenizer.json is there (infra/image_prune.py).
 RUN mkdir -p "/models/$MODEL_ID" \
  && if [ "$BAKE_MODEL" = 1 ]; then \
-      HF_HUB_OFFLINE=1 python -m service.inference.checkpoint "/src/$MODEL_ID" \
+      python /tmp/image_prune.py --model-folder "/src/$MODEL_ID" \
+      && HF_HUB_OFFLINE=1 python -m service.inference.checkpoint "/src/$MODEL_ID" \
         "/models/$MODEL_ID" --precision "$PRECISION" --model-id "$MODEL_ID"; \
     fi
 
@@ -149,7 +141,10 @@ COPY --from=deps /opt/venv /opt/venv
 COPY --from=deps --chown=app:app /opt/qwen-box-kernels /app/.cache/qwen-box/kernels
 WORKDIR /app
 # Without service/dev (the benchmark and test models), which .dockerignore leaves out of the context.
+# Compiled here (about 0.6 MB) so a start does not compile the service's modules each time (a quarter of
+# a second of a start; PYTHONDONTWRITEBYTECODE keeps the server from writing any at run time).
 COPY service/ /app/service/
+RUN python -m compileall -q /app/service
 # Numeric, so the engine (and a Kubernetes runAsNonRoot check) can tell it is not root without /etc/passwd.
 USER 10001:10001
 EXPOSE 8000

@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from infra import image_prune
 from infra.image_requirements import canonical, image_requirements, requirement_name
 from tests.support.live import free_port
 from tests.support.paths import ROOT
@@ -119,6 +120,77 @@ def test_image_installs_the_service_dependencies_and_leaves_out_host_tooling():
     for source in (ROOT / "service").rglob("*.py"):
         found = imports.search(source.read_text())
         assert found is None, f"{source.relative_to(ROOT)} imports {found.group(1)}, listed host-only"
+
+
+# ---- what the image leaves out (infra/image_prune.py), on a scratch site-packages
+
+
+def test_every_pruned_entry_says_why():
+    tables = [image_prune.DELETE, image_prune.KEEP, image_prune.UNINSTALL]
+    tables += [image_prune.BYTECODE_OF_IMPORTED_ONLY, image_prune.STRIP]
+    for table in tables:
+        assert table and all(len(why) > 20 for why in table.values()), table
+    assert all(len(why) > 20 for _instead, why in image_prune.MODEL_FILES.values())
+    # The kernels are compiled against torch's headers before the prune deletes them.
+    assert DOCKERFILE.index("kernels.configure(") < DOCKERFILE.index("image_prune.py qwen2")
+
+
+def touch(root: Path, *paths: str) -> None:
+    for relative in paths:
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_text("x")
+
+
+def test_prune_deletes_test_suites_headers_and_stubs_but_not_licences_or_kept_files(tmp_path: Path):
+    touch(
+        tmp_path,
+        "numpy/__init__.py",
+        "numpy/_core/tests/test_umath.py",
+        "sympy/core/tests/__pycache__/test_basic.cpython-311.pyc",
+        "jinja2/tests.py",  # a module named tests, not a test suite
+        "torch/include/ATen/ATen.h",
+        "torch/bin/test_api",
+        "torch/bin/torch_shm_manager",
+        "torch/lib/libtorchbind_test.so",
+        "torch/lib/libtorch_cpu.so",
+        "torch/_C/__init__.pyi",
+        "torch-2.13.0.dist-info/licenses/third_party/json/tests/LICENSE",
+        "numpy.libs/tests/libx.so",
+    )
+    freed = image_prune.delete(tmp_path)
+    left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    assert left == [
+        "jinja2/tests.py",
+        "numpy.libs/tests/libx.so",
+        "numpy/__init__.py",
+        "torch-2.13.0.dist-info/licenses/third_party/json/tests/LICENSE",
+        "torch/bin/torch_shm_manager",
+        "torch/lib/libtorch_cpu.so",
+    ]
+    assert freed == 6  # bytes: six one-byte files went
+
+
+def test_prune_keeps_the_bytecode_of_imported_modules_only(tmp_path: Path):
+    touch(
+        tmp_path,
+        "torch/__init__.py",
+        "torch/__pycache__/__init__.cpython-311.pyc",
+        "torch/onnx/export.py",
+        "torch/onnx/__pycache__/export.cpython-311.pyc",
+        "flask/__pycache__/app.cpython-311.pyc",  # not a package whose bytecode is pruned
+    )
+    image_prune.prune_bytecode(tmp_path, keep={str((tmp_path / "torch/__init__.py").resolve())})
+    left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.pyc"))
+    assert left == ["flask/__pycache__/app.cpython-311.pyc", "torch/__pycache__/__init__.cpython-311.pyc"]
+    assert (tmp_path / "torch/onnx/export.py").exists()  # the source stays: it still imports
+
+
+def test_model_folder_loses_the_slow_tokenizer_files_only_beside_tokenizer_json(tmp_path: Path):
+    touch(tmp_path, "a/vocab.json", "a/merges.txt", "a/tokenizer.json", "b/vocab.json", "b/merges.txt")
+    assert image_prune.prune_model_folder(tmp_path / "a") == 2
+    assert image_prune.prune_model_folder(tmp_path / "b") == 0
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["tokenizer.json"]
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["merges.txt", "vocab.json"]
 
 
 # ---- the real image (marker `image`)
@@ -243,6 +315,33 @@ def chat(port: int) -> dict:
     return reply.json()
 
 
+# Run inside the container: imports every service module and the extension modules infra/image_prune.py
+# stripped, then reports what it found pruned that should not have been, and any module of torch, sympy,
+# transformers or the service (compiled in the image) imported without its bytecode.
+PRUNED_PROBE = """
+import importlib, importlib.util, json, pkgutil, site, sys
+from pathlib import Path
+import service
+for m in pkgutil.walk_packages(service.__path__, "service."):
+    if m.name != "service.__main__":
+        importlib.import_module(m.name)
+import hf_xet, numpy, PIL.Image, psycopg, regex, safetensors, tokenizers, wrapt, yaml, _brotli
+pruned = ("torch", "sympy", "transformers", "service")
+without = sorted(
+    name for name, module in list(sys.modules.items())
+    if name.split(".")[0] in pruned and (getattr(module, "__file__", None) or "").endswith(".py")
+    and Path(module.__file__).is_absolute()  # torch.ops and torch.classes name a file, relatively
+    and not Path(importlib.util.cache_from_source(module.__file__)).exists()
+)
+root = Path(site.getsitepackages()[0])
+suites = [str(p) for p in root.glob("*/**/tests") if p.is_dir() and ".dist-info" not in str(p)]
+print(json.dumps({
+    "without_bytecode": without, "test_suites": suites,
+    "setuptools": importlib.util.find_spec("setuptools") is not None, "psycopg": psycopg.pq.__impl__,
+}))
+"""
+
+
 @pytest.mark.image
 def test_the_image_builds_and_serves_a_mounted_model(made: Made, tiny_model_dir: Path, tmp_path: Path):
     tag, name = made.names("mounted")
@@ -306,6 +405,15 @@ def test_the_image_builds_and_serves_a_mounted_model(made: Made, tiny_model_dir:
     )
     installed = docker("exec", name, "python", "-c", probe).stdout.strip()
     assert installed == "[]", installed
+    # What infra/image_prune.py took out is nothing the service loads: every service module imports,
+    # the stripped extension modules load, and what they import kept its bytecode (no compiling at start).
+    pruned = docker("exec", name, "python", "-c", PRUNED_PROBE, timeout=300)
+    assert json.loads(pruned.stdout.strip().splitlines()[-1]) == {
+        "without_bytecode": [],
+        "test_suites": [],
+        "setuptools": False,
+        "psycopg": "binary",
+    }, pruned.stdout[-3000:] + pruned.stderr[-3000:]
     assert docker("exec", name, "sh", "-c", "touch /data/probe && echo writable").stdout.strip() == "writable"
 
     shown = invoke("logs", "--name", name, "--tail", "50", timeout=60)
@@ -379,12 +487,30 @@ class FakeHub:
         self.server.server_close()
 
 
+def hub_layout(model_dir: Path, dest: Path) -> Path:
+    """The tiny model as Qwen's hub folder has it: class Qwen2Tokenizer, with the slow tokenizer's
+    vocab.json and merges.txt beside tokenizer.json (written from tokenizer.json's own BPE model)."""
+    folder = shutil.copytree(model_dir, dest)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("backend", None)
+    config["tokenizer_class"] = "Qwen2Tokenizer"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    bpe = json.loads((folder / "tokenizer.json").read_text())["model"]
+    (folder / "vocab.json").write_text(json.dumps(bpe["vocab"]))
+    (folder / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(" ".join(m) for m in bpe["merges"]) + "\n"
+    )
+    return folder
+
+
 @pytest.mark.image
-def test_the_default_path_bakes_the_model_and_starts_offline(made: Made, tiny_model_dir: Path):
+def test_the_default_path_bakes_the_model_and_starts_offline(
+    made: Made, tiny_model_dir: Path, tmp_path: Path
+):
     repo = "qwen-box-test/tiny-qwen"
     tag, name = made.names("baked")
     port = free_port()
-    hub = FakeHub(repo, tiny_model_dir)
+    hub = FakeHub(repo, hub_layout(tiny_model_dir, tmp_path / "hub-folder"))
     try:
         built = invoke("build", "--tag", tag, "--model", repo, "--hf-endpoint", hub.url, *build_options())
     finally:
@@ -420,6 +546,8 @@ def test_the_default_path_bakes_the_model_and_starts_offline(made: Made, tiny_mo
     # Baked pre-quantized: the int8 weights and their manifest, no float copy, no download cache.
     assert "model.int8.safetensors" in listing and "quantized.json" in listing and "tokenizer.json" in listing
     assert "model.safetensors" not in listing and ".cache" not in listing
+    # The slow tokenizer's files stayed out (infra/image_prune.py), and the chat above tokenized without them.
+    assert "vocab.json" not in listing and "merges.txt" not in listing
     logged = docker("logs", name).stdout + docker("logs", name).stderr
     assert re.search(r"loaded /models/\S+ \(int8\) in \d+\.\d s", logged), logged[-2000:]
     assert docker("container", "inspect", "--format", "{{json .Mounts}}", name).stdout.count("/models") == 0
