@@ -262,8 +262,15 @@ def made() -> Iterator[Made]:
         docker("volume", "rm", "--force", volume, check=False)
     for image in made.images:
         docker("rmi", "--force", image, check=False)
-    for image_id in dangling_images() - before:  # the builds' intermediate stages
-        docker("rmi", "--force", image_id, check=False)
+    # The builds' intermediate stages; without --force, so an image another build on the same engine is
+    # using right now (its stages are dangling too, and new) is refused rather than pulled from under it.
+    # A stage is refused while a later one built on it is there, hence the passes.
+    for _ in range(5):
+        stages = dangling_images() - before
+        for image_id in stages:
+            docker("rmi", image_id, check=False)
+        if not stages or dangling_images() - before == stages:
+            break
     left = [v for v in made.volumes if docker("volume", "inspect", v, check=False).returncode == 0]
     left += [i for i in made.images if docker("image", "inspect", i, check=False).returncode == 0]
     assert not left, f"left behind: {left}"
