@@ -16,7 +16,7 @@ measured the same way (`service/dev/peer.py`).
 Then the vision row (`service/dev/vision_bench.py`, in the full run and in `--quick`, `--no-vision`
 leaves it out): one picture at the service's resolution cap plus a short question on SmolVLM-500M's
 exact architecture with random weights, at the default precision, printed under the text default's
-row. It adds about two minutes on a 2-core AVX2 host (building the model once, about 1 GB, more).
+row. It adds about a minute on a 2-core AVX2 host (building the model the first time, about 1 GB, more).
 """
 
 from __future__ import annotations
