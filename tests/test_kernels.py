@@ -59,18 +59,14 @@ def test_compiled_kernels_match_a_float_reference_at_every_decode_row_count(bits
     assert ("q4" in tensors) == (bits == 4)
     layer = quantized.from_quantized(tensors, b)
     w = reference(tensors)
-    for rows in range(1, 10):  # 1..8 through the decode kernel, 9 through the prompt path
+    for rows in (*range(1, 10), 33):  # 1..8 through the decode kernel, more through the prompt path
         x = torch.randn(rows, shape[1])
         want = x @ w.T + (b if bias else 0)
         got = layer(x)
-        if bits == 8 or rows <= quantized.DECODE_ROWS:
-            # int8 products and int4 decode quantize the activations too: 8 bits per row (decode), 7
-            # (int8 prompts)
-            assert relative_error(got, want) < 2e-2, rows
-            if rows <= quantized.DECODE_ROWS:  # exactly the integer product of int8 rows, rescaled
-                assert relative_error(got, int8_rows(x) @ w.T + (b if bias else 0)) < 1e-5, rows
-        else:  # int4 prompts: float32 products of the dequantized weights
-            assert relative_error(got, want) < 1e-5, rows
+        # the products quantize the activations too: 8 bits per row (decode, int4 prompts), 7 (int8 prompts)
+        assert relative_error(got, want) < 2e-2, rows
+        if rows <= quantized.DECODE_ROWS or bits == 4:  # exactly the integer product of int8 rows, rescaled
+            assert relative_error(got, int8_rows(x) @ w.T + (b if bias else 0)) < 1e-5, rows
 
 
 def test_int8_kernel_takes_odd_input_counts_and_keeps_the_activation_dtype(monkeypatch):
