@@ -330,7 +330,7 @@ torch::Tensor int4_matmul(torch::Tensor x, torch::Tensor q4, torch::Tensor scale
   const float* xd = x.data_ptr<float>();
   std::vector<int8_t> xq(static_cast<size_t>(M * K));
   std::vector<float> xs(static_cast<size_t>(M)), xsum(static_cast<size_t>(M * groups));
-  for (int64_t m = 0; m < M; ++m) {
+  auto quantize_row = [&](int64_t m) {
     const float* row = xd + m * K;
     float amax = 0.0f;
     for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(row[k]));
@@ -347,7 +347,11 @@ torch::Tensor int4_matmul(torch::Tensor x, torch::Tensor q4, torch::Tensor scale
       }
     }
     xs[m] = scale;
-  }
+  };
+  // a prompt's many rows on the thread pool; a decode step's few on this thread
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) quantize_row(m);
+  });
   auto y = torch::empty({M, N}, x.options());
   const int8_t* xqd = xq.data();
   const float* xsd = xs.data();
