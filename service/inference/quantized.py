@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -154,7 +155,12 @@ class Int4Linear(torch.nn.Module):
         self.group = self.in_features // scales.shape[1]
         self.bias = None if bias is None else bias.detach().float().contiguous()
         self.plan = kernel_plan()
+        self._kernel: Callable[..., torch.Tensor] | None = None
         if self.plan["int4 decode"] == "qwenbox":
+            library = kernels.library()
+            assert library is not None
+            # looked up once: a decode step makes ~200 products, each a few microseconds of Python
+            self._kernel = library.int4_matmul
             self.q4 = q4.contiguous()
             self.scales, self.lows = (
                 scales.to(torch.bfloat16).contiguous(),
@@ -165,17 +171,18 @@ class Int4Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if self.plan["int4 decode"] == "qwenbox":  # decode and prompts alike (see choose_kernels)
-            library = kernels.library()
-            assert library is not None
-            out = library.int4_matmul(rows.float().contiguous(), self.q4, self.scales, self.lows, self.bias)
+        if self._kernel is not None:  # decode and prompts alike (see choose_kernels)
+            if rows.dtype != torch.float32 or not rows.is_contiguous():
+                rows = rows.float().contiguous()
+            out = self._kernel(rows, self.q4, self.scales, self.lows, self.bias)
         else:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 rows.to(torch.bfloat16), self.packed, self.group, self.scales_zeros
             )
             if self.bias is not None:
                 out = out.float() + self.bias
-        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        out = out.view(*x.shape[:-1], self.out_features)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def dequantize_int4(q4: torch.Tensor, scales: torch.Tensor, lows: torch.Tensor) -> torch.Tensor:
