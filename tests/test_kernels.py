@@ -43,7 +43,8 @@ def test_the_kernels_build_on_an_x86_machine_with_a_compiler():
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("shape", [(37, 96), (130, 256), (16, 32)])  # odd row counts, K / group tails
+# odd row counts; int4 groups of 32 with a last half vector (96), 64 (192), 128 (256), a lone group of 32
+@pytest.mark.parametrize("shape", [(37, 96), (130, 256), (16, 32), (37, 192)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_compiled_kernels_match_a_float_reference_at_every_decode_row_count(bits, shape, bias, monkeypatch):
     if not kernels.available():
@@ -58,16 +59,14 @@ def test_compiled_kernels_match_a_float_reference_at_every_decode_row_count(bits
     assert ("q4" in tensors) == (bits == 4)
     layer = quantized.from_quantized(tensors, b)
     w = reference(tensors)
-    for rows in range(1, 10):  # 1..8 through the decode kernel, 9 through the prompt path
+    for rows in (*range(1, 10), 33):  # 1..8 through the decode kernel, more through the prompt path
         x = torch.randn(rows, shape[1])
         want = x @ w.T + (b if bias else 0)
         got = layer(x)
-        if bits == 8:  # int8 products quantize the activations too: 8 bits per row (decode), 7 (prompts)
-            assert relative_error(got, want) < 2e-2, rows
-            if rows <= quantized.DECODE_ROWS:  # exactly the integer product of int8 rows, rescaled
-                assert relative_error(got, int8_rows(x) @ w.T + (b if bias else 0)) < 1e-5, rows
-        else:
-            assert relative_error(got, want) < 1e-5, rows
+        # the products quantize the activations too: 8 bits per row (decode, int4 prompts), 7 (int8 prompts)
+        assert relative_error(got, want) < 2e-2, rows
+        if rows <= quantized.DECODE_ROWS or bits == 4:  # exactly the integer product of int8 rows, rescaled
+            assert relative_error(got, int8_rows(x) @ w.T + (b if bias else 0)) < 1e-5, rows
 
 
 def test_int8_kernel_takes_odd_input_counts_and_keeps_the_activation_dtype(monkeypatch):
@@ -107,3 +106,19 @@ def test_int4_needs_a_group_the_kernels_take():
     with pytest.raises(ValueError):
         Int4Linear(torch.randn(20, 64), None)  # 20 outputs: not a multiple of 16
     assert isinstance(quantized.from_quantized(quantize(4, torch.randn(20, 64)), None), Int8Linear)
+
+
+def test_int4_kernel_does_not_saturate_at_the_largest_values(monkeypatch):
+    """Every 4-bit value 15 and every activation at +-127 of its row's scale: the integer sums of a
+    group of 128 reach 4 x 2 x 15 x 127 = 15240 in int16, which must not wrap."""
+    if not kernels.available():
+        pytest.skip("no compiled kernels here")
+    monkeypatch.setattr(quantized, "kernel_plan", lambda: COMPILED)
+    weight = torch.full((32, 512), 2.0)
+    weight[:, ::128] = -1.0  # one low per group: the rest of the group quantizes to q = 15
+    tensors = quantize(4, weight)
+    assert int((tensors["q4"] >> 4).amin()) == 15
+    layer = quantized.from_quantized(tensors, None)
+    for x in (torch.full((1, 512), 3.0), torch.full((3, 512), -3.0)):
+        want = x @ reference(tensors).T
+        assert relative_error(layer(x), want) < 1e-5

@@ -3,8 +3,8 @@
 // the stored form of service/inference/quantized.py's `quantize`, so nothing is repacked at load.
 //
 // Decoding a token is a product with one activation row per sequence (M <= 8), which reads every
-// weight once: the pace is memory bandwidth, so the weights are read once, converted to float in
-// registers and multiplied with fused multiply-adds. Rows of the output are split over PyTorch's
+// weight once: the pace is memory bandwidth, so the weights are read once and multiplied in
+// integers with activation rows quantized to int8 (vpmaddubsw/vpmaddwd), rescaled in float. Rows of the output are split over PyTorch's
 // own thread pool (at::parallel_for); within a block of rows, the activation rows are taken up to 4
 // at a time while the block's weights stay in the core's cache, so larger M reads memory once too.
 
@@ -48,6 +48,50 @@ inline int32_t hsum_i32(__m256i v) {
   lo = _mm_add_epi32(lo, _mm_shuffle_epi32(lo, 0x4e));
   lo = _mm_add_epi32(lo, _mm_shuffle_epi32(lo, 0xb1));
   return _mm_cvtsi128_si32(lo);
+}
+
+// Activation rows to int8, vectorized: a decode step calls ~200 products per token, and the scalar
+// loop (a rounding, a clamp and for int4 a division per input) cost 10-80 us a call, 2-6 ms a token.
+// Rounding as std::nearbyint (vcvtps2dq rounds to nearest even), scale = max|x| / 127.
+inline float row_scale(const float* row, int64_t K) {
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 vmax = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(_mm256_loadu_ps(row + k), magnitude));
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+  float amax = _mm_cvtss_f32(m4);
+  for (; k < K; ++k) amax = std::max(amax, std::fabs(row[k]));
+  return amax > 0.0f ? amax / 127.0f : 1.0f;
+}
+
+// 32 inputs x inv rounded to int8, in their order; `sum` gets their int32 sum
+inline __m256i quantize32(const float* p, __m256 inv, int32_t& sum) {
+  __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(p), inv));
+  __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(p + 8), inv));
+  __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(p + 16), inv));
+  __m256i d = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(p + 24), inv));
+  sum = hsum_i32(_mm256_add_epi32(_mm256_add_epi32(a, b), _mm256_add_epi32(c, d)));
+  // packs work per 128-bit half: the dwords come out as a0-3 b0-3 c0-3 d0-3 a4-7 b4-7 c4-7 d4-7
+  __m256i v = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+  return _mm256_permutevar8x32_epi32(v, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+inline int8_t quantize1(float v, float inv) {
+  return static_cast<int8_t>(std::max(-127.0f, std::min(127.0f, std::nearbyint(v * inv))));
+}
+
+// one row of K inputs to int8 in order (the int8 product's layout); returns its scale
+inline float quantize_row_int8(const float* row, int64_t K, int8_t* dst) {
+  const float scale = row_scale(row, K), inv = 1.0f / scale;
+  const __m256 vinv = _mm256_set1_ps(inv);
+  int64_t k = 0;
+  int32_t unused;
+  for (; k + 32 <= K; k += 32)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), quantize32(row + k, vinv, unused));
+  for (; k < K; ++k) dst[k] = quantize1(row[k], inv);
+  return scale;
 }
 
 template <int MB, int R>
@@ -100,17 +144,48 @@ void int8q_block(const int8_t* xq, const float* xs, int64_t K, int64_t N, const 
   for (; n < n1; ++n) int8q_rows<MB, 1>(xq, xs, K, N, w, scales, bias, y, n);
 }
 
-// 4-bit weights: byte i of a row holds input 2i in its low nibble and 2i+1 in its high one. Each
-// 16 inputs (8 bytes) become two vectors of 8 floats, the even inputs and the odd ones, so the
-// activations are first reordered the same way (`xp`: per 16 inputs, the 8 even then the 8 odd).
-// w = q x scale + low per group: sum_k w x = scale x sum_k q x  +  low x sum_k x, the second term
-// from per-group sums of the activations (`xs`, one per row and group).
-template <int MB, int R>
-inline void int4_tile(const float* xp, const float* xs, int64_t K, int64_t group, const uint8_t* q,
-                      const uint16_t* scales, const uint16_t* lows, float out[MB][R]) {
-  const int64_t groups = K / group;
-  const int64_t half = K / 2;
-  const __m256i nibble = _mm256_set1_epi32(15);
+// 4-bit weights, in integers too: quantize()'s stored form as is (byte i of a row holds input 2i in
+// its low nibble and 2i+1 in its high one, a bf16 scale and low per group of 32, 64 or 128 inputs).
+// One 32-byte load is 64 contiguous inputs: `v & 15` gives the even ones, `(v >> 4) & 15` the odd
+// ones, as unsigned bytes, which is what vpmaddubsw takes first; so only the activations are
+// reordered (per 64 inputs: the 32 even then the 32 odd, int8 as for the int8 product) and the
+// weights are read exactly as stored. Per group, sum_k w x = scale x sum_k q x + low x sum_k x:
+// the first sum in integers (pairs of q (<= 15) x x (|x| <= 127) into int16, up to a group of 128,
+// at most 4 x 2 x 15 x 127 = 15240: no saturation; then vpmaddwd into int32), the second from the
+// group sums of the quantized activations (`xsum`), both times the activation row's scale.
+// Converting the nibbles to float (the previous kernel) was compute-bound at 5-10 GB/s.
+
+// the 64 inputs at byte `off` of a row: low nibbles (even inputs) and high nibbles (odd inputs)
+inline void int4_unpack(const uint8_t* q, __m256i& even, __m256i& odd) {
+  const __m256i nibble = _mm256_set1_epi8(15);
+  __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+  even = _mm256_and_si256(v, nibble);
+  odd = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+}
+
+// the same for a tail of 32 inputs (16 bytes): the upper half of each vector is zero
+inline void int4_unpack_half(const uint8_t* q, __m256i& even, __m256i& odd) {
+  const __m256i nibble = _mm256_set1_epi8(15);
+  __m256i v = _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+  even = _mm256_and_si256(v, nibble);
+  odd = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+}
+
+inline __m256i load_half_zext(const int8_t* p) {
+  return _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+inline __m256 bf16_broadcast(uint16_t v) {
+  return _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(v) << 16)));
+}
+
+// R rows x MB activation rows over all of K, groups of G (32, 64 or 128) inputs. `xq` are the
+// reordered int8 activations (MB rows of K), `xsum` their group sums (MB rows of `groups`).
+template <int MB, int R, int G>
+inline void int4q_tile(const int8_t* xq, const float* xsum, int64_t K, const uint8_t* q,
+                       const uint16_t* scales, const uint16_t* lows, float out[MB][R]) {
+  const int64_t groups = K / G, half = K / 2;
+  const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[MB][R];
   float low_part[MB][R];
   for (int m = 0; m < MB; ++m)
@@ -118,34 +193,61 @@ inline void int4_tile(const float* xp, const float* xs, int64_t K, int64_t group
       acc[m][r] = _mm256_setzero_ps();
       low_part[m][r] = 0.0f;
     }
-  for (int64_t g = 0; g < groups; ++g) {
-    __m256 part[MB][R];
+  // a step: one group of 128 (two loads) or 64, or two groups of 32 (one load, a group per 128-bit half)
+  constexpr int64_t STEP = G == 128 ? 128 : 64;
+  const int64_t steps = K / STEP;
+  for (int64_t st = 0; st < steps; ++st) {
+    const int64_t k = st * STEP;
+    __m256i p[MB][R];
     for (int m = 0; m < MB; ++m)
-      for (int r = 0; r < R; ++r) part[m][r] = _mm256_setzero_ps();
-    for (int64_t k = g * group; k < (g + 1) * group; k += 16) {
-      __m256 even[R], odd[R];
+      for (int r = 0; r < R; ++r) p[m][r] = _mm256_setzero_si256();
+    for (int64_t c = 0; c < STEP; c += 64) {
       for (int r = 0; r < R; ++r) {
-        __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + r * half + k / 2));
-        __m256i v = _mm256_cvtepu8_epi32(b);
-        even[r] = _mm256_cvtepi32_ps(_mm256_and_si256(v, nibble));
-        odd[r] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
-      }
-      for (int m = 0; m < MB; ++m) {
-        __m256 xe = _mm256_loadu_ps(xp + m * K + k);
-        __m256 xo = _mm256_loadu_ps(xp + m * K + k + 8);
-        for (int r = 0; r < R; ++r) {
-          part[m][r] = _mm256_fmadd_ps(xe, even[r], part[m][r]);
-          part[m][r] = _mm256_fmadd_ps(xo, odd[r], part[m][r]);
+        const uint8_t* row = q + r * half + (k + c) / 2;
+        // the rows two tiles ahead: the big matrices come from memory, not cache
+        if (c == 0) _mm_prefetch(reinterpret_cast<const char*>(row + 2 * R * half), _MM_HINT_T0);
+        __m256i even, odd;
+        int4_unpack(row, even, odd);
+        for (int m = 0; m < MB; ++m) {
+          const int8_t* xm = xq + m * K + k + c;
+          __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm));
+          __m256i xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + 32));
+          p[m][r] = _mm256_add_epi16(p[m][r], _mm256_add_epi16(_mm256_maddubs_epi16(even, xe),
+                                                               _mm256_maddubs_epi16(odd, xo)));
         }
       }
     }
     for (int r = 0; r < R; ++r) {
-      float s = bf16_to_float(scales[r * groups + g]);
-      float l = bf16_to_float(lows[r * groups + g]);
-      __m256 sv = _mm256_set1_ps(s);
+      __m256 sv;
+      if constexpr (G == 32) {
+        const int64_t g = 2 * st;
+        sv = _mm256_insertf128_ps(bf16_broadcast(scales[r * groups + g]),
+                                  _mm256_castps256_ps128(bf16_broadcast(scales[r * groups + g + 1])), 1);
+        const float l0 = bf16_to_float(lows[r * groups + g]), l1 = bf16_to_float(lows[r * groups + g + 1]);
+        for (int m = 0; m < MB; ++m) low_part[m][r] += l0 * xsum[m * groups + g] + l1 * xsum[m * groups + g + 1];
+      } else {
+        const int64_t g = st * STEP / G;
+        sv = bf16_broadcast(scales[r * groups + g]);
+        const float l = bf16_to_float(lows[r * groups + g]);
+        for (int m = 0; m < MB; ++m) low_part[m][r] += l * xsum[m * groups + g];
+      }
+      for (int m = 0; m < MB; ++m)
+        acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p[m][r], ones)), sv, acc[m][r]);
+    }
+  }
+  if (G == 32 && steps * STEP < K) {  // a last group of 32 (K = 64 n + 32)
+    const int64_t k = steps * STEP, g = groups - 1;
+    for (int r = 0; r < R; ++r) {
+      __m256i even, odd;
+      int4_unpack_half(q + r * half + k / 2, even, odd);
+      const __m256 sv = bf16_broadcast(scales[r * groups + g]);
+      const float l = bf16_to_float(lows[r * groups + g]);
       for (int m = 0; m < MB; ++m) {
-        acc[m][r] = _mm256_fmadd_ps(part[m][r], sv, acc[m][r]);
-        low_part[m][r] += l * xs[m * groups + g];
+        const int8_t* xm = xq + m * K + k;
+        __m256i pm = _mm256_add_epi16(_mm256_maddubs_epi16(even, load_half_zext(xm)),
+                                      _mm256_maddubs_epi16(odd, load_half_zext(xm + 16)));
+        acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pm, ones)), sv, acc[m][r]);
+        low_part[m][r] += l * xsum[m * groups + g];
       }
     }
   }
@@ -153,25 +255,37 @@ inline void int4_tile(const float* xp, const float* xs, int64_t K, int64_t group
     for (int r = 0; r < R; ++r) out[m][r] = hsum(acc[m][r]) + low_part[m][r];
 }
 
-template <int MB, int R>
-inline void int4_rows(const float* xp, const float* xs, int64_t K, int64_t N, int64_t group,
-                      const uint8_t* q, const uint16_t* scales, const uint16_t* lows, const float* bias,
-                      float* y, int64_t n) {
-  const int64_t groups = K / group;
+template <int MB, int R, int G>
+inline void int4q_rows(const int8_t* xq, const float* xs, const float* xsum, int64_t K, int64_t N,
+                       const uint8_t* q, const uint16_t* scales, const uint16_t* lows, const float* bias,
+                       float* y, int64_t n) {
+  const int64_t groups = K / G;
   float out[MB][R];
-  int4_tile<MB, R>(xp, xs, K, group, q + n * (K / 2), scales + n * groups, lows + n * groups, out);
+  int4q_tile<MB, R, G>(xq, xsum, K, q + n * (K / 2), scales + n * groups, lows + n * groups, out);
   for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < R; ++r) y[m * N + n + r] = out[m][r] + (bias ? bias[n + r] : 0.0f);
+    for (int r = 0; r < R; ++r) y[m * N + n + r] = out[m][r] * xs[m] + (bias ? bias[n + r] : 0.0f);
 }
 
-template <int MB>
-void int4_block(const float* xp, const float* xs, int64_t K, int64_t N, int64_t group, const uint8_t* q,
-                const uint16_t* scales, const uint16_t* lows, const float* bias, float* y, int64_t n0,
-                int64_t n1) {
+template <int MB, int G>
+void int4q_block(const int8_t* xq, const float* xs, const float* xsum, int64_t K, int64_t N,
+                 const uint8_t* q, const uint16_t* scales, const uint16_t* lows, const float* bias,
+                 float* y, int64_t n0, int64_t n1) {
   constexpr int R = MB == 1 ? 4 : (MB == 2 ? 2 : 1);
   int64_t n = n0;
-  for (; n + R <= n1; n += R) int4_rows<MB, R>(xp, xs, K, N, group, q, scales, lows, bias, y, n);
-  for (; n < n1; ++n) int4_rows<MB, 1>(xp, xs, K, N, group, q, scales, lows, bias, y, n);
+  for (; n + R <= n1; n += R) int4q_rows<MB, R, G>(xq, xs, xsum, K, N, q, scales, lows, bias, y, n);
+  for (; n < n1; ++n) int4q_rows<MB, 1, G>(xq, xs, xsum, K, N, q, scales, lows, bias, y, n);
+}
+
+template <int G>
+void int4q_rowblock(int64_t mb, const int8_t* xq, const float* xs, const float* xsum, int64_t K, int64_t N,
+                    const uint8_t* q, const uint16_t* scales, const uint16_t* lows, const float* bias,
+                    float* y, int64_t n0, int64_t n1) {
+  switch (mb) {
+    case 1: int4q_block<1, G>(xq, xs, xsum, K, N, q, scales, lows, bias, y, n0, n1); break;
+    case 2: int4q_block<2, G>(xq, xs, xsum, K, N, q, scales, lows, bias, y, n0, n1); break;
+    case 3: int4q_block<3, G>(xq, xs, xsum, K, N, q, scales, lows, bias, y, n0, n1); break;
+    default: int4q_block<4, G>(xq, xs, xsum, K, N, q, scales, lows, bias, y, n0, n1); break;
+  }
 }
 
 void check_x(const torch::Tensor& x, int64_t K) {
@@ -207,16 +321,7 @@ torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor values, torch::Tensor s
   // activation rows in int8, one scale each (symmetric: x ~ xq x xs)
   std::vector<int8_t> xq(static_cast<size_t>(M * K));
   std::vector<float> xs(static_cast<size_t>(M));
-  for (int64_t m = 0; m < M; ++m) {
-    const float* row = xd + m * K;
-    float amax = 0.0f;
-    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(row[k]));
-    const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
-    const float inv = 1.0f / scale;
-    for (int64_t k = 0; k < K; ++k)
-      xq[m * K + k] = static_cast<int8_t>(std::max(-127.0f, std::min(127.0f, std::nearbyint(row[k] * inv))));
-    xs[m] = scale;
-  }
+  for (int64_t m = 0; m < M; ++m) xs[m] = quantize_row_int8(xd + m * K, K, xq.data() + m * K);
   const int8_t* xqd = xq.data();
   const float* xsd = xs.data();
   const int64_t blocks = (N + BLOCK_ROWS - 1) / BLOCK_ROWS;
@@ -252,23 +357,52 @@ torch::Tensor int4_matmul(torch::Tensor x, torch::Tensor q4, torch::Tensor scale
                   lows.scalar_type() == torch::kBFloat16 && lows.is_contiguous(),
               "scales and lows must be contiguous bfloat16 (outputs, groups)");
   const int64_t groups = scales.size(1);
-  TORCH_CHECK(groups > 0 && K % groups == 0 && (K / groups) % 16 == 0, "group size must divide by 16");
+  TORCH_CHECK(groups > 0 && K % groups == 0, "the groups must divide the inputs");
   const int64_t group = K / groups;
-  // activations reordered as the nibbles come (even inputs, then odd, per 16) and their group sums
-  auto xp = torch::empty({M, K}, x.options());
-  auto xs = x.view({M, groups, group}).sum(-1).contiguous();
-  {
-    const float* src = x.data_ptr<float>();
-    float* dst = xp.data_ptr<float>();
-    for (int64_t i = 0; i < M * K; i += 16)
-      for (int j = 0; j < 8; ++j) {
-        dst[i + j] = src[i + 2 * j];
-        dst[i + 8 + j] = src[i + 2 * j + 1];
-      }
-  }
+  TORCH_CHECK(group == 32 || group == 64 || group == 128, "group size must be 32, 64 or 128, not ", group);
+  // activation rows in int8 (one scale each, as for int8 weights), reordered as the nibbles come
+  // (per 64 inputs: 32 even, 32 odd; a last 32: 16 even, 16 odd), and their group sums
+  const float* xd = x.data_ptr<float>();
+  std::vector<int8_t> xq(static_cast<size_t>(M * K));
+  std::vector<float> xs(static_cast<size_t>(M)), xsum(static_cast<size_t>(M * groups));
+  auto quantize_row = [&](int64_t m) {
+    const float* row = xd + m * K;
+    const float scale = row_scale(row, K);
+    const __m256 inv = _mm256_set1_ps(1.0f / scale);
+    // within each 16 bytes: the 8 even inputs, then the 8 odd ones
+    const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                           0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    int8_t* dst = xq.data() + m * K;
+    float* sums = xsum.data() + m * groups;
+    int32_t s0, s1;
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+      // 64-bit pieces E0 O0 E1 O1 and E2 O2 E3 O3 (E = even inputs, O = odd, of each 16) ...
+      __m256i lo = _mm256_shuffle_epi8(quantize32(row + k, inv, s0), split);
+      __m256i hi = _mm256_shuffle_epi8(quantize32(row + k + 32, inv, s1), split);
+      lo = _mm256_permute4x64_epi64(lo, 0xd8);  // E0 E1 O0 O1
+      hi = _mm256_permute4x64_epi64(hi, 0xd8);  // E2 E3 O2 O3
+      // ... to the 32 even inputs, then the 32 odd ones
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), _mm256_permute2x128_si256(lo, hi, 0x20));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k + 32), _mm256_permute2x128_si256(lo, hi, 0x31));
+      sums[k / group] += static_cast<float>(s0);
+      sums[(k + 32) / group] += static_cast<float>(s1);
+    }
+    if (k < K) {  // a last 32: its 16 even inputs, then its 16 odd ones
+      __m256i v = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(quantize32(row + k, inv, s0), split), 0xd8);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), v);
+      sums[k / group] += static_cast<float>(s0);
+    }
+    xs[m] = scale;
+  };
+  // a prompt's many rows on the thread pool; a decode step's few on this thread
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) quantize_row(m);
+  });
   auto y = torch::empty({M, N}, x.options());
-  const float* xpd = xp.data_ptr<float>();
-  const float* xsd = xs.data_ptr<float>();
+  const int8_t* xqd = xq.data();
+  const float* xsd = xs.data();
+  const float* xsumd = xsum.data();
   const uint8_t* qd = q4.data_ptr<uint8_t>();
   const uint16_t* sd = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
   const uint16_t* ld = reinterpret_cast<const uint16_t*>(lows.data_ptr<at::BFloat16>());
@@ -280,15 +414,12 @@ torch::Tensor int4_matmul(torch::Tensor x, torch::Tensor q4, torch::Tensor scale
       const int64_t n0 = blk * BLOCK_ROWS, n1 = std::min(N, n0 + BLOCK_ROWS);
       for (int64_t m = 0; m < M;) {
         const int64_t mb = std::min<int64_t>(4, M - m);
-        const float* xm = xpd + m * K;
-        const float* sm = xsd + m * groups;
+        const int8_t* xm = xqd + m * K;
+        const float* sm = xsumd + m * groups;
         float* ym = yd + m * N;
-        switch (mb) {
-          case 1: int4_block<1>(xm, sm, K, N, group, qd, sd, ld, b, ym, n0, n1); break;
-          case 2: int4_block<2>(xm, sm, K, N, group, qd, sd, ld, b, ym, n0, n1); break;
-          case 3: int4_block<3>(xm, sm, K, N, group, qd, sd, ld, b, ym, n0, n1); break;
-          default: int4_block<4>(xm, sm, K, N, group, qd, sd, ld, b, ym, n0, n1); break;
-        }
+        if (group == 128) int4q_rowblock<128>(mb, xm, xsd + m, sm, K, N, qd, sd, ld, b, ym, n0, n1);
+        else if (group == 64) int4q_rowblock<64>(mb, xm, xsd + m, sm, K, N, qd, sd, ld, b, ym, n0, n1);
+        else int4q_rowblock<32>(mb, xm, xsd + m, sm, K, N, qd, sd, ld, b, ym, n0, n1);
         m += mb;
       }
     }

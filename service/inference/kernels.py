@@ -33,7 +33,9 @@ _directory: Path = DEFAULT_DIR
 
 def configure(directory: str | os.PathLike[str] | None) -> None:
     """Where the built library is kept (and looked for); None or "" keeps the default under ~/.cache.
-    Call before the first product; the folder is created when needed."""
+    Call before the first product; the folder is created when needed. Each source's build goes in a
+    subfolder named by its stamp, so checkouts of different kernels (git worktrees, an upgrade) share
+    one cache folder without rebuilding over each other's library."""
     global _directory
     _directory = Path(directory).expanduser() if directory else DEFAULT_DIR
     library.cache_clear()
@@ -65,20 +67,21 @@ def library() -> ModuleType | None:
             torch.backends.cpu.get_cpu_capability(),
         )
         return None
-    built, stamp = _directory / f"{NAME}.so", _directory / f"{NAME}.sha256"
+    folder = _directory / fingerprint()[:16]
+    built, stamp = folder / f"{NAME}.so", folder / f"{NAME}.sha256"
     try:
         if built.exists() and stamp.exists() and stamp.read_text().strip() == fingerprint():
             return _import(built)
         from torch.utils import cpp_extension
 
-        _directory.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
         module = cpp_extension.load_inline(
             name=NAME,
             cpp_sources=[SOURCE.read_text()],
             functions=["int8_matmul", "int4_matmul"],
             extra_cflags=FLAGS,
             extra_ldflags=["-fopenmp"],
-            build_directory=str(_directory),
+            build_directory=str(folder),
             verbose=False,
         )
         stamp.write_text(fingerprint())
