@@ -7,9 +7,13 @@ checkpoint holds), so loading packs nothing, and compute with the kernels chosen
 
 - decode (a few activation rows): the compiled kernels of `kernels.py` (AVX2 + FMA, int8 rows and
   int4 groups read as stored, converted in registers), near memory speed;
-- a prompt (more rows): int8 through oneDNN's int8 GEMM (`onednn.qlinear_pointwise`, activations
-  quantized per tensor on the fly, weights reordered per call: a few percent of the product), int4
-  through the same compiled kernel, which keeps the weights in cache across rows;
+- a prompt (more rows): int8 through the compiled prompt kernel (`int8_prompt_matmul`: the same
+  stored rows, a register tile of 2 activation rows x 4 weight rows in integers, compute-bound),
+  which replaced oneDNN's int8 GEMM (`onednn.qlinear_pointwise`) because oneDNN cannot read the
+  plain matrix: it reordered the weights and built a new primitive on every call, as much time as
+  the product itself at 128-row pieces, and keeping reordered copies would double the weights'
+  memory; oneDNN stays the path without the compiled kernels. int4 prompts: float32 products of
+  dequantized rows;
 - without the compiled kernels (no compiler, no AVX2): PyTorch's weight-only kernels
   (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) on bf16 rows: supported, slower.
 
@@ -46,13 +50,20 @@ def kernel_plan() -> dict[str, str]:
 
 def choose_kernels(*, compiled: bool, onednn: bool) -> dict[str, str]:
     """The kernel for each kind of product, given what this machine has: the compiled kernels for
-    decode (measured on an AVX2 EPYC: as fast as fbgemm's at one row), oneDNN's int8 GEMM for int8
-    prompts (twice a float32 product's speed), float32 products of dequantized rows for int4
-    prompts; PyTorch's weight-only kernels on bf16 rows without a compiler."""
+    decode (measured on an AVX2 EPYC: as fast as fbgemm's at one row) and int8 prompts (no
+    per-call weight reorder, unlike oneDNN's int8 GEMM, the prompt path without them), float32
+    products of dequantized rows for int4 prompts; PyTorch's weight-only kernels on bf16 rows
+    without a compiler."""
+    if compiled:
+        int8_prompt = "qwenbox"
+    elif onednn:
+        int8_prompt = "onednn.qlinear_pointwise"
+    else:
+        int8_prompt = "float32 mm of dequantized rows"
     return {
         "cpu": torch.backends.cpu.get_cpu_capability(),
         "int8 decode": "qwenbox" if compiled else "aten._weight_int8pack_mm (bf16)",
-        "int8 prompt": "onednn.qlinear_pointwise" if onednn else "float32 mm of dequantized rows",
+        "int8 prompt": int8_prompt,
         "int4 decode": "qwenbox" if compiled else "aten._weight_int4pack_mm_for_cpu (bf16)",
         "int4 prompt": "float32 mm of dequantized rows"
         if compiled
@@ -95,6 +106,10 @@ class Int8Linear(torch.nn.Module):
 
     def _prompt(self, rows: torch.Tensor) -> torch.Tensor:
         how = self.plan["int8 prompt"]
+        if how == "qwenbox" and self.in_features % 32 == 0:  # the kernel's input granule
+            library = kernels.library()
+            assert library is not None
+            return library.int8_prompt_matmul(rows.float().contiguous(), self.values, self.scales, self.bias)
         if how == "onednn.qlinear_pointwise":
             return onednn_int8(rows.float(), self.values, self.scales, self.bias)
         out = torch.empty(rows.shape[0], self.out_features)
