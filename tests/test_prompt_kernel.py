@@ -37,7 +37,11 @@ def test_prompt_kernel_is_the_integer_product_of_its_rounded_rows(rows, shape, b
     w = tensors["values"].float() * tensors["scales"][:, None]
     b = torch.randn(shape[0]) if bias else None
     x = torch.randn(rows, shape[1]) * 2 + 0.5  # off-centre: the zero point matters
-    got = kernels.library().int8_prompt_matmul(x, tensors["values"], tensors["scales"], b)
+    got = kernels.library().int8_prompt_matmul(x, tensors["values"], tensors["scales"], None, b)
+    sums = tensors["values"].sum(dim=1, dtype=torch.int32)  # kept by the caller: the same answer
+    assert torch.equal(
+        kernels.library().int8_prompt_matmul(x, tensors["values"], tensors["scales"], sums, b), got
+    )
     plus = b if bias else 0
     # exact up to float32 rounding of the rescale: the integer sums themselves are exact
     assert relative_error(got, u7_rows(x) @ w.T + plus) < 1e-5
@@ -51,7 +55,7 @@ def test_rows_of_one_sign_and_zero_rows_are_exact():
     tensors = quantize(8, torch.randn(40, 64))
     w = tensors["values"].float() * tensors["scales"][:, None]
     x = torch.stack([torch.rand(64) + 0.1, -torch.rand(64) - 0.1, torch.zeros(64)] * 4)
-    got = kernels.library().int8_prompt_matmul(x, tensors["values"], tensors["scales"], None)
+    got = kernels.library().int8_prompt_matmul(x, tensors["values"], tensors["scales"], None, None)
     assert torch.equal(got[2], torch.zeros(40))
     assert relative_error(got, u7_rows(x) @ w.T) < 1e-5
 

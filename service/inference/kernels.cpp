@@ -366,8 +366,9 @@ constexpr int R = 4;
 
 // y (M, N) = x (M, K) @ (values (N, K) int8 x scales (N,))^T + bias, for prompts (M > a few rows).
 // K must be a multiple of 32 (every model this serves: 1536, 8960, ...).
+// `row_sums` (N,) int32: each weight row's sum, which the caller keeps (computed here if absent).
 torch::Tensor int8_prompt_matmul(torch::Tensor x, torch::Tensor values, torch::Tensor scales,
-                                 c10::optional<torch::Tensor> bias) {
+                                 c10::optional<torch::Tensor> row_sums, c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(values.dim() == 2 && values.scalar_type() == torch::kInt8 && values.is_contiguous(),
               "values must be contiguous int8 (outputs, inputs)");
   const int64_t N = values.size(0), K = values.size(1), M = x.size(0);
@@ -378,7 +379,7 @@ torch::Tensor int8_prompt_matmul(torch::Tensor x, torch::Tensor values, torch::T
   auto y = torch::empty({M, N}, x.options());
   std::vector<uint8_t> xu(static_cast<size_t>(M * K));
   std::vector<float> xs(static_cast<size_t>(M));
-  std::vector<int32_t> xz(static_cast<size_t>(M)), wsum(static_cast<size_t>(N));
+  std::vector<int32_t> xz(static_cast<size_t>(M)), wsum(row_sums.has_value() ? 0 : static_cast<size_t>(N));
   const float* xd = x.data_ptr<float>();
   const int8_t* w = values.data_ptr<int8_t>();
   at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
@@ -409,7 +410,12 @@ torch::Tensor int8_prompt_matmul(torch::Tensor x, torch::Tensor values, torch::T
       xz[m] = zero;
     }
   });
-  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+  const int32_t* sums = wsum.data();
+  if (row_sums.has_value()) {
+    TORCH_CHECK(row_sums->scalar_type() == torch::kInt32 && row_sums->is_contiguous() && row_sums->numel() == N,
+                "row_sums must be contiguous int32 (outputs,)");
+    sums = row_sums->data_ptr<int32_t>();
+  } else at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
     const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
     for (int64_t n = begin; n < end; ++n) {
       __m256i acc = _mm256_setzero_si256();
@@ -420,7 +426,7 @@ torch::Tensor int8_prompt_matmul(torch::Tensor x, torch::Tensor values, torch::T
       wsum[n] = hsum_i32(acc);
     }
   });
-  const prompt8::Args a{xu.data(), xs.data(), xz.data(), w, wsum.data(), scales.data_ptr<float>(),
+  const prompt8::Args a{xu.data(), xs.data(), xz.data(), w, sums, scales.data_ptr<float>(),
                         bias_ptr(bias, N), y.data_ptr<float>(), M, N, K};
   // weight rows per task: as many as stay in the core's L2 next to a tile of activation rows
   const int64_t per_task = std::max<int64_t>(prompt8::R, std::min<int64_t>(64, (256 * 1024 / K) / prompt8::R * prompt8::R));
