@@ -65,6 +65,7 @@ def test_int8_linear_reads_prompts_with_it_and_keeps_odd_inputs_on_another_path(
     multiple of its 32-byte granule take the float path instead of failing."""
     monkeypatch.setattr(quantized, "kernel_plan", lambda: choose_kernels(compiled=True, onednn=True))
     assert quantized.kernel_plan()["int8 prompt"] == "qwenbox"
+    assert choose_kernels(compiled=True, onednn=True, vnni=True)["int8 prompt"] == "onednn.qlinear_pointwise"
     torch.manual_seed(7)
     for inputs in (96, 45):
         tensors = quantize(8, torch.randn(24, inputs))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from pathlib import Path
 
 import torch
 
@@ -43,18 +44,30 @@ def kernel_plan() -> dict[str, str]:
     plan = choose_kernels(
         compiled=kernels.available(),
         onednn=hasattr(torch.ops.onednn, "qlinear_pointwise") and torch.backends.mkldnn.is_available(),
+        vnni=_has_vnni(),
     )
     log.info("quantized kernels: %s", ", ".join(f"{k}: {v}" for k, v in plan.items()))
     return plan
 
 
-def choose_kernels(*, compiled: bool, onednn: bool) -> dict[str, str]:
+def _has_vnni() -> bool:
+    """Whether the CPU has int8 dot-product instructions (AVX-512 VNNI or AVX-VNNI), which oneDNN's
+    int8 GEMM uses and the compiled prompt kernel (AVX2 vpmaddubsw) does not."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_vnni", "avx_vnni"})
+
+
+def choose_kernels(*, compiled: bool, onednn: bool, vnni: bool = False) -> dict[str, str]:
     """The kernel for each kind of product, given what this machine has: the compiled kernels for
     decode (measured on an AVX2 EPYC: as fast as fbgemm's at one row) and int8 prompts (no
     per-call weight reorder, unlike oneDNN's int8 GEMM, the prompt path without them), float32
     products of dequantized rows for int4 prompts; PyTorch's weight-only kernels on bf16 rows
-    without a compiler."""
-    if compiled:
+    without a compiler. With VNNI, int8 prompts stay on oneDNN, whose VNNI kernels the AVX2 prompt
+    kernel was not measured against."""
+    if compiled and not (vnni and onednn):
         int8_prompt = "qwenbox"
     elif onednn:
         int8_prompt = "onednn.qlinear_pointwise"
