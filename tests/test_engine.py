@@ -272,11 +272,36 @@ def test_a_prompt_read_in_chunks_leaves_the_same_cache_and_tokens(tiny_model_dir
     assert len(ids) > 3 * 7
     whole_cache, whole_tokens = read(TransformersBackend(str(tiny_model_dir), dtype="float32"), ids)
     monkeypatch.setattr(backend_module, "PREFILL_CHUNK", 7)
+    monkeypatch.setattr(backend_module, "LONE_PREFILL_CHUNK", 7)  # admit on an empty batch reads lone pieces
     cache, tokens = read(TransformersBackend(str(tiny_model_dir), dtype="float32"), ids)
     assert tokens == whole_tokens
     for (k, v), (wk, wv) in zip(cache, whole_cache, strict=True):
         torch.testing.assert_close(k, wk, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(v, wv, atol=1e-5, rtol=1e-4)
+
+
+def test_a_lone_prompt_is_read_in_one_pass_and_in_pieces_while_a_chat_decodes(tiny_model_dir, monkeypatch):
+    """Pieces exist to let running chats decode between them: with an empty batch a prompt is read
+    `LONE_PREFILL_CHUNK` tokens a pass (here all of it at once), with a chat decoding
+    `PREFILL_CHUNK` (7 here), and both ways give the tokens of a whole-prompt read."""
+    from service.inference import backend as backend_module
+
+    monkeypatch.setattr(backend_module, "PREFILL_CHUNK", 7)
+    backend = TransformersBackend(str(tiny_model_dir), dtype="float32")
+    greedy = SamplingOptions(max_tokens=4, temperature=0)
+    ids = prompt(backend) * 2
+    assert 3 * 7 < len(ids) <= backend_module.LONE_PREFILL_CHUNK
+    lone = backend.begin(ids, greedy)
+    first = backend.prefill(lone)
+    assert first is not None and backend.unread(lone) == 0 and backend.batch_size == 1
+    other = backend.begin(ids[:-3], greedy)
+    reads = []
+    while (token := backend.prefill(other)) is None:
+        reads.append(backend.unread(other))
+        backend.step()  # the running chat gets its token between two pieces
+    assert reads[:2] == [len(ids) - 3 - 7, len(ids) - 3 - 14]
+    fresh = TransformersBackend(str(tiny_model_dir), dtype="float32")
+    assert [first, token] == [greedy_tokens(fresh, ids, 1)[0], greedy_tokens(fresh, ids[:-3], 1)[0]]
 
 
 def test_next_turn_reuses_the_conversation_kv_cache(tiny_model_dir):
@@ -670,6 +695,7 @@ def test_prompts_read_in_pieces_between_decode_steps_give_the_tokens_of_reading_
         assert all(len(set(tokens)) > 3 for tokens in expected)  # it can tell a different cache
 
     monkeypatch.setattr(backend_module, "PREFILL_CHUNK", 7)
+    monkeypatch.setattr(backend_module, "LONE_PREFILL_CHUNK", 7)
     backend = TransformersBackend(str(tiny_model_dir), dtype="float32")
     assert greedy_tokens(backend, first_turn, 10) == first_reply  # now in its prefix cache
     assert all(len(p) > 3 * 7 for p in prompts)

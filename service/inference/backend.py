@@ -10,7 +10,8 @@ processors); only the scheduling is ours.
 Sequences join a running batch left-padded to its length, leave it when they end, and the padding
 that no row needs any more is trimmed. Before joining, a sequence reads its prompt into a cache of its
 own, `PREFILL_CHUNK` tokens per `prefill` call, so the engine can run decode steps of the batch
-between two pieces of a prompt (`admit` reads it all at once, for callers that do not interleave).
+between two pieces of a prompt (`admit` reads it all at once, for callers that do not interleave);
+while the batch is empty, pieces are `LONE_PREFILL_CHUNK` long (a lone prompt is read in one pass).
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ PREFIX_CACHE_ENTRIES = 4
 # memory at once. Four 256-token prompts sent together then give the first chat 7 tokens before the
 # fourth's first. Compare sizes with `python -m service.dev.concurrency --prefill-chunks 64,128,256`.
 PREFILL_CHUNK = 128
+# With no chat decoding there is nothing to interleave, so a prompt is read this many tokens a pass
+# instead: a lone 256-token prompt in one pass (each pass costs a forward of every layer, and pieces
+# only delay its first token), yet a long one still bounded in the activation memory one pass holds
+# (a 512-token pass: ~20 MB per MLP activation, its attention scores ~12 x 512 x context floats).
+LONE_PREFILL_CHUNK = 512
 MIN_PREFIX_REUSE = 16
 
 
@@ -177,11 +183,12 @@ class TransformersBackend:
         return seq
 
     def prefill(self, seq: Sequence) -> int | None:
-        """Read the next `PREFILL_CHUNK` tokens of the prompt into the sequence's own cache; after
-        the last piece, sample its first token and join the batch (returning the token)."""
+        """Read the next `PREFILL_CHUNK` tokens of the prompt into the sequence's own cache
+        (`LONE_PREFILL_CHUNK` while no chat is decoding, since no one waits between two pieces);
+        after the last piece, sample its first token and join the batch (returning the token)."""
         total = len(seq.prompt_ids)
         start = seq.length
-        end = min(start + PREFILL_CHUNK, total)
+        end = min(start + (PREFILL_CHUNK if self._rows else max(PREFILL_CHUNK, LONE_PREFILL_CHUNK)), total)
         with torch.inference_mode():
             out = self.model(
                 input_ids=torch.tensor([seq.prompt_ids[start:end]]),

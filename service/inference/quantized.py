@@ -8,10 +8,14 @@ checkpoint holds), so loading packs nothing, and compute with the kernels chosen
 - decode (a few activation rows): the compiled kernels of `kernels.py` (AVX2 + FMA, int8 rows and
   int4 groups read as stored, multiplied in integers with the activation rows quantized to int8
   per row), near memory speed;
-- a prompt (more rows): int8 through oneDNN's int8 GEMM (`onednn.qlinear_pointwise`, activations
-  quantized per tensor on the fly, weights reordered per call: a few percent of the product), int4
-  through the same compiled kernel as its decode, which keeps a block of weights in cache across the
-  rows (8x faster than float32 products of dequantized rows on an AVX2 EPYC);
+- a prompt (more rows): int8 through the compiled prompt kernel (`int8_prompt_matmul`: the same
+  stored rows, a register tile of 2 activation rows x 4 weight rows in integers, compute-bound),
+  which replaced oneDNN's int8 GEMM (`onednn.qlinear_pointwise`) because oneDNN cannot read the
+  plain matrix: it reordered the weights and built a new primitive on every call, as much time as
+  the product itself at 128-row pieces, and keeping reordered copies would double the weights'
+  memory; oneDNN stays the path without the compiled kernels. int4 prompts through the same
+  compiled kernel as their decode, which keeps a block of weights in cache across the rows (8x
+  faster than float32 products of dequantized rows on an AVX2 EPYC);
 - without the compiled kernels (no compiler, no AVX2): PyTorch's weight-only kernels
   (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) on bf16 rows: supported, slower.
 
@@ -25,6 +29,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -42,20 +47,39 @@ def kernel_plan() -> dict[str, str]:
     plan = choose_kernels(
         compiled=kernels.available(),
         onednn=hasattr(torch.ops.onednn, "qlinear_pointwise") and torch.backends.mkldnn.is_available(),
+        vnni=_has_vnni(),
     )
     log.info("quantized kernels: %s", ", ".join(f"{k}: {v}" for k, v in plan.items()))
     return plan
 
 
-def choose_kernels(*, compiled: bool, onednn: bool) -> dict[str, str]:
+def _has_vnni() -> bool:
+    """Whether the CPU has int8 dot-product instructions (AVX-512 VNNI or AVX-VNNI), which oneDNN's
+    int8 GEMM uses and the compiled prompt kernel (AVX2 vpmaddubsw) does not."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_vnni", "avx_vnni"})
+
+
+def choose_kernels(*, compiled: bool, onednn: bool, vnni: bool = False) -> dict[str, str]:
     """The kernel for each kind of product, given what this machine has: the compiled kernels for
-    decode (measured on an AVX2 EPYC: as fast as fbgemm's at one row), oneDNN's int8 GEMM for int8
-    prompts (twice a float32 product's speed), the compiled int4 kernel for int4 prompts too;
-    PyTorch's weight-only kernels on bf16 rows without a compiler."""
+    decode (measured on an AVX2 EPYC: as fast as fbgemm's at one row) and int8 prompts (no
+    per-call weight reorder, unlike oneDNN's int8 GEMM, the prompt path without them), the compiled
+    int4 kernel for int4 prompts too; PyTorch's weight-only kernels on bf16 rows without a
+    compiler. With VNNI, int8 prompts stay on oneDNN, whose VNNI kernels the AVX2 prompt kernel was
+    not measured against."""
+    if compiled and not (vnni and onednn):
+        int8_prompt = "qwenbox"
+    elif onednn:
+        int8_prompt = "onednn.qlinear_pointwise"
+    else:
+        int8_prompt = "float32 mm of dequantized rows"
     return {
         "cpu": torch.backends.cpu.get_cpu_capability(),
         "int8 decode": "qwenbox" if compiled else "aten._weight_int8pack_mm (bf16)",
-        "int8 prompt": "onednn.qlinear_pointwise" if onednn else "float32 mm of dequantized rows",
+        "int8 prompt": int8_prompt,
         "int4 decode": "qwenbox" if compiled else "aten._weight_int4pack_mm_for_cpu (bf16)",
         "int4 prompt": "qwenbox" if compiled else "aten._weight_int4pack_mm_for_cpu (bf16)",
     }
@@ -71,6 +95,9 @@ class Int8Linear(torch.nn.Module):
         self.scales = scales.float().contiguous()
         self.bias = None if bias is None else bias.detach().float().contiguous()
         self.plan = kernel_plan()
+        # each weight row's sum, which the prompt kernel's activation zero point needs (kept: reading
+        # the whole matrix again for it took 4 % of a prompt's product)
+        self._row_sums: torch.Tensor | None = None
         if self.plan["int8 decode"] != "qwenbox":  # the fallback kernel takes bf16 scales
             self._scales_bf16 = self.scales.to(torch.bfloat16)
 
@@ -96,6 +123,14 @@ class Int8Linear(torch.nn.Module):
 
     def _prompt(self, rows: torch.Tensor) -> torch.Tensor:
         how = self.plan["int8 prompt"]
+        if how == "qwenbox" and self.in_features % 32 == 0:  # the kernel's input granule
+            library = kernels.library()
+            assert library is not None
+            if self._row_sums is None:  # once, at the first prompt: 4 bytes per output row
+                self._row_sums = self.values.sum(dim=1, dtype=torch.int32)
+            return library.int8_prompt_matmul(
+                rows.float().contiguous(), self.values, self.scales, self._row_sums, self.bias
+            )
         if how == "onednn.qlinear_pointwise":
             return onednn_int8(rows.float(), self.values, self.scales, self.bias)
         out = torch.empty(rows.shape[0], self.out_features)
