@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import functools
 import os
-from pathlib import Path
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from . import kernels
 
 NAME = "qwenbox"
 MAX_SCORES = 1 << 17  # queries × keys up to which products beat sdpa (measured: 50 × 2,050 and 256 × 256)
@@ -76,11 +77,7 @@ def fast_bf16_products() -> bool:
         return False
     if torch.backends.cpu.get_cpu_capability() != "AVX512":
         return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool(kernels.cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 AttentionInterface.register(NAME, attention)

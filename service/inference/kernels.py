@@ -46,6 +46,16 @@ def cpu_supported() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The instruction-set flags /proc/cpuinfo lists (empty where there is none): read once, for the
+    choices that depend on instructions torch's capability level does not name (VNNI, AVX-512 BF16)."""
+    try:
+        return frozenset(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return frozenset()
+
+
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
 
 

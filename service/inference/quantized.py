@@ -29,7 +29,6 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
@@ -56,11 +55,7 @@ def kernel_plan() -> dict[str, str]:
 def _has_vnni() -> bool:
     """Whether the CPU has int8 dot-product instructions (AVX-512 VNNI or AVX-VNNI), which oneDNN's
     int8 GEMM uses and the compiled prompt kernel (AVX2 vpmaddubsw) does not."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return False
-    return bool(flags & {"avx512_vnni", "avx_vnni"})
+    return bool(kernels.cpu_flags() & {"avx512_vnni", "avx_vnni"})
 
 
 def choose_kernels(*, compiled: bool, onednn: bool, vnni: bool = False) -> dict[str, str]:
