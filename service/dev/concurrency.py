@@ -179,20 +179,27 @@ def concurrent_chats(
     }
 
 
-def measure(model: str, precision: str, threads: int, **kwargs: Any) -> dict[str, Any]:
-    """Load `model` at `precision` in an engine (in its own thread, as the server and
-    `service.dev.bench` do) and run `concurrent_chats` on it."""
+def _loaded_engine(model: str, precision: str, threads: int, chats: int) -> Engine:
+    """`model` at `precision` in an engine of its own thread (as the server and `service.dev.bench`
+    run it), loaded, with room for `chats` in one batch."""
     from ..inference.backend import TransformersBackend
 
     engine = Engine(
         lambda: TransformersBackend(
-            model, dtype=precision, threads=threads, context_tokens=32768, max_batch=kwargs.get("chats", 4)
+            model, dtype=precision, threads=threads, context_tokens=32768, max_batch=chats
         ),
         queue_size=16,
     ).start()
     if not engine.wait_ready():
         raise RuntimeError(f"the model failed to load: {engine.error}")
     _progress(f"loaded {precision} in {engine.stats()['load_seconds']} s")
+    return engine
+
+
+def measure(model: str, precision: str, threads: int, **kwargs: Any) -> dict[str, Any]:
+    """Load `model` at `precision` in an engine (in its own thread, as the server and
+    `service.dev.bench` do) and run `concurrent_chats` on it."""
+    engine = _loaded_engine(model, precision, threads, kwargs.get("chats", 4))
     try:
         return {"precision": precision, "threads": threads, **concurrent_chats(engine, **kwargs)}
     finally:
@@ -203,17 +210,8 @@ def compare_chunks(model: str, precision: str, threads: int, chunks: list[int], 
     """`concurrent_chats` once per prompt piece size (`backend.PREFILL_CHUNK`), on one loaded model:
     how the size trades the running chats' waits against the prompts' first tokens."""
     from ..inference import backend as backend_module
-    from ..inference.backend import TransformersBackend
 
-    engine = Engine(
-        lambda: TransformersBackend(
-            model, dtype=precision, threads=threads, context_tokens=32768, max_batch=kwargs.get("chats", 4)
-        ),
-        queue_size=16,
-    ).start()
-    if not engine.wait_ready():
-        raise RuntimeError(f"the model failed to load: {engine.error}")
-    _progress(f"loaded {precision} in {engine.stats()['load_seconds']} s")
+    engine = _loaded_engine(model, precision, threads, kwargs.get("chats", 4))
     results: list[dict] = []
     alone = None
     try:
