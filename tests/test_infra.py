@@ -18,7 +18,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from invoke import Collection, Program
 from rich.console import Console
 
 import tasks
@@ -29,6 +28,7 @@ from infra.azure.provision import DeployResult
 from infra.health import Health
 from infra.settings import SettingsError, parse_env
 from infra.vm import caddy, cloudinit
+from tests.support.azure import invoke
 
 IMAGE = "myreg.azurecr.io/qwen-box:1.0"
 ME = "203.0.113.7/32"
@@ -210,14 +210,6 @@ def test_deploy_runs_its_phases_through_the_target(tmp_path):
 
 
 # -- one --env parser for run-local and deploy-azure ---------------------------------------------------
-
-
-def invoke(*argv: str) -> int:
-    try:
-        Program(namespace=Collection.from_module(tasks), version="test").run(["invoke", *argv])
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 @pytest.mark.parametrize(

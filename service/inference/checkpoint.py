@@ -44,6 +44,7 @@ from transformers import PreTrainedModel
 from .loading import (
     SAFETENSORS_DTYPES,
     Skeleton,
+    _module_name,
     _replace,
     finish,
     local_folder,
@@ -165,7 +166,7 @@ def _write_file(s: Skeleton, file: Path, bits: int, put: Callable[[str, torch.Te
     pending: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in read_safetensors(file):
         owner, _, attr = name.rpartition(".")
-        owner = _canonical(model, owner)
+        owner = _module_name(model, owner)
         if owner in s.linears:
             parts = pending.setdefault(owner, {})
             parts[attr] = tensor
@@ -189,15 +190,6 @@ def _write_file(s: Skeleton, file: Path, bits: int, put: Callable[[str, torch.Te
         return_freed_memory()
     if pending:  # a weight whose bias is in another shard: rare, and then it is written here
         raise ValueError(f"{file} holds a part of {sorted(pending)[:3]} without the rest")
-
-
-def _canonical(model: torch.nn.Module, name: str) -> str:
-    """Checkpoint names sometimes lack the wrapper's prefix (e.g. "layers.0" for "model.layers.0")."""
-    try:
-        model.get_submodule(name)
-        return name
-    except AttributeError:
-        return f"{model.base_model_prefix}.{name}"
 
 
 def _assemble(path: Path, part: Path, entries: dict[str, dict], precision: str) -> str:
