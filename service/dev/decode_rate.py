@@ -2,9 +2,10 @@
 
 What `invoke bench` reports as decode, without its other phases, so a change to the decode step can
 be compared A/B in a few minutes: a fresh 256-token prompt then 128 greedy tokens through the engine
-(as the bench runs it), and `--batch N` chats decoding together (tokens/s of the whole batch while
-all N are in it). `--plain` decodes through Transformers' forward instead of the lean step
-(`decoder.py`), for the comparison in one checkout. Prints one JSON line per run and the medians.
+(as the bench runs it); `--plain` decodes through Transformers' forward instead of the lean step
+(`decoder.py`). `--ab` times backend steps instead, the lean and the plain ones alternating in one
+process (what a noisy machine allows to compare), for one row or `--batch N` rows decoding together.
+Prints one JSON line per run and the medians.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--prompt", type=int, default=256, help="prompt tokens")
     parser.add_argument("--tokens", type=int, default=128, help="new tokens per chat")
-    parser.add_argument("--batch", type=int, default=0, help="also measure this many chats together")
+    parser.add_argument("--batch", type=int, default=0, help="with --ab: this many rows decoding together")
     parser.add_argument("--plain", action="store_true", help="decode through Transformers' forward")
     parser.add_argument(
         "--ab", action="store_true", help="time backend steps, the lean and the plain ones alternating"
@@ -43,7 +44,11 @@ def main(argv: list[str] | None = None) -> None:
     model = args.model or str(build_random_model(DEFAULT_DIR))
     engine = Engine(
         lambda: TransformersBackend(
-            model, dtype=args.precision, threads=args.threads, context_tokens=32768, max_batch=max(4, args.batch)
+            model,
+            dtype=args.precision,
+            threads=args.threads,
+            context_tokens=32768,
+            max_batch=max(4, args.batch),
         ),
         queue_size=16,
     ).start()
@@ -63,34 +68,11 @@ def main(argv: list[str] | None = None) -> None:
     backend.prefix_cache.clear()
     engine.submit(prompt()[:32], SamplingOptions(max_tokens=4, temperature=0)).result()  # warm-up
     one: list[float] = []
-    together: list[float] = []
     for run in range(args.runs):
         backend.prefix_cache.clear()
         finished = engine.submit(prompt(), greedy).result()[1]
         one.append(finished.timing.tokens_per_s or 0.0)
         line = {"run": run + 1, "one_tok_s": round(one[-1], 2)}
-        if args.batch:
-            # the batch is timed by its steps: the backend's step() is called with all rows in it
-            steps: list[tuple[int, float]] = []
-            step = backend.step
-
-            def timed() -> list[int]:
-                t0 = time.perf_counter()
-                tokens = step()
-                steps.append((len(tokens), time.perf_counter() - t0))
-                return tokens
-
-            backend.step = timed  # type: ignore[method-assign]
-            try:
-                futures = [engine.submit(prompt(), greedy) for _ in range(args.batch)]
-                for f in futures:
-                    f.result()
-            finally:
-                del backend.step
-            full = [(n, s) for n, s in steps if n == args.batch]
-            if full:
-                together.append(sum(n for n, _ in full) / sum(s for _, s in full))
-                line["batch_tok_s"] = round(together[-1], 2)
         print(json.dumps(line), flush=True)
     summary = {
         "precision": args.precision,
@@ -99,8 +81,6 @@ def main(argv: list[str] | None = None) -> None:
         "cpu": torch.backends.cpu.get_cpu_capability(),
         "one_tok_s": round(statistics.median(one), 2),
     }
-    if together:
-        summary[f"batch{args.batch}_tok_s"] = round(statistics.median(together), 2)
     print(json.dumps(summary), flush=True)
     engine.close()
 
@@ -115,7 +95,9 @@ def alternate(args: argparse.Namespace) -> None:
     from ..inference.engine import SamplingOptions
 
     model = args.model or str(build_random_model(DEFAULT_DIR))
-    backend = TransformersBackend(model, dtype=args.precision, threads=args.threads, max_batch=max(4, args.batch))
+    backend = TransformersBackend(
+        model, dtype=args.precision, threads=args.threads, max_batch=max(4, args.batch)
+    )
     lean = backend.decoder
     vocab = backend.model.config.vocab_size
     rng = random.Random(1)

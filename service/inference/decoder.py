@@ -94,9 +94,9 @@ def _fuse(layers: list[torch.nn.Module]) -> Callable[[torch.Tensor], torch.Tenso
             _cat_bias([m.bias for m in int4], [m.out_features for m in int4]),
         )
         start = 0
-        for m in int4:
-            end = start + m.out_features
-            m.q4, m.scales, m.lows = fused4.q4[start:end], fused4.scales[start:end], fused4.lows[start:end]
+        for m4 in int4:
+            end = start + m4.out_features
+            m4.q4, m.scales, m.lows = fused4.q4[start:end], fused4.scales[start:end], fused4.lows[start:end]
             if m.bias is not None and fused4.bias is not None:
                 m.bias = fused4.bias[start:end]
             start = end
@@ -135,7 +135,7 @@ def _cat_bias(biases: list[torch.Tensor | None], sizes: list[int]) -> torch.Tens
 class LeanDecoder:
     """The decode step of a Qwen2ForCausalLM: logits of the next token for each row of a batch."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: Any):  # a Qwen2ForCausalLM (Transformers' modules are untyped)
         config = model.config
         inner = model.model
         self.embed = inner.embed_tokens
@@ -165,7 +165,7 @@ class LeanDecoder:
             )
 
     @classmethod
-    def build(cls, model: torch.nn.Module) -> LeanDecoder | None:
+    def build(cls, model: Any) -> LeanDecoder | None:
         """The lean step for `model`, or None when it is not a model this step computes exactly
         (then the backend decodes through Transformers' forward)."""
         config = getattr(model, "config", None)
@@ -205,11 +205,17 @@ class LeanDecoder:
         return self._torch_step(h, cos, sin, mask, cache_layers)
 
     def _compiled_step(
-        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, cache_layers: Sequence[Any]
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        cache_layers: Sequence[Any],
     ) -> torch.Tensor:
         """The step with its small operations in the compiled library: per layer four products and
         three calls (norm with the residual add, attention with rotary and the cache write, SiLU x up)."""
         lib = self.library
+        assert lib is not None
         batch = h.shape[0]
         cos, sin = cos.reshape(batch, -1).contiguous(), sin.reshape(batch, -1).contiguous()
         add_norm, attention, silu_mul = lib.decode_add_rms_norm, lib.decode_attention, lib.decode_silu_mul
@@ -226,7 +232,12 @@ class LeanDecoder:
         return self.head(add_norm(h, delta, self.norm, eps))
 
     def _torch_step(
-        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, cache_layers: Sequence[Any]
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        cache_layers: Sequence[Any],
     ) -> torch.Tensor:
         """The step in PyTorch ops, where the compiled library is not available."""
         batch = h.shape[0]
@@ -239,7 +250,9 @@ class LeanDecoder:
         width = mask.shape[1]
         additive = None
         if batch > 1 and not bool(mask.all()):
-            additive = torch.zeros(batch, 1, 1, width).masked_fill_(mask[:, None, None, :] == 0, float("-inf"))
+            additive = torch.zeros(batch, 1, 1, width).masked_fill_(
+                mask[:, None, None, :] == 0, float("-inf")
+            )
         q_size, kv_size = heads * dim, kv_heads * dim
         eps = self.eps
         for layer, cache in zip(self.layers, cache_layers, strict=True):
