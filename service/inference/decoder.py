@@ -96,9 +96,9 @@ def _fuse(layers: list[torch.nn.Module]) -> Callable[[torch.Tensor], torch.Tenso
         start = 0
         for m4 in int4:
             end = start + m4.out_features
-            m4.q4, m.scales, m.lows = fused4.q4[start:end], fused4.scales[start:end], fused4.lows[start:end]
-            if m.bias is not None and fused4.bias is not None:
-                m.bias = fused4.bias[start:end]
+            m4.q4, m4.scales, m4.lows = fused4.q4[start:end], fused4.scales[start:end], fused4.lows[start:end]
+            if m4.bias is not None and fused4.bias is not None:
+                m4.bias = fused4.bias[start:end]
             start = end
         return fused4
 
