@@ -107,14 +107,21 @@ def test_lean_steps_give_the_transformers_logits_alone_batched_released_and_reus
     assert compared.cache_error < tolerance
 
 
-def test_fused_products_share_the_weights_of_the_layers_they_replace(tiny_model_dir):
+@pytest.mark.parametrize("dtype,weights", [("int8", "values"), ("int4", "q4")])
+def test_fused_products_share_the_weights_of_the_layers_they_replace(tiny_model_dir, dtype, weights):
     """q/k/v (and gate/up) become one product over rows concatenated once; the original layers are
     views of them (prompts still use those), so the model holds each weight once."""
-    backend = TransformersBackend(str(tiny_model_dir), dtype="int8")
+    if not compiled.available():
+        pytest.skip("no compiled kernels here")
+    backend = TransformersBackend(str(tiny_model_dir), dtype=dtype)
     attention = backend.model.model.layers[0].self_attn
-    storage = attention.q_proj.values.untyped_storage().data_ptr()
-    assert attention.k_proj.values.untyped_storage().data_ptr() == storage
-    assert attention.v_proj.values.untyped_storage().data_ptr() == storage
+    storage = getattr(attention.q_proj, weights).untyped_storage().data_ptr()
+    assert getattr(attention.k_proj, weights).untyped_storage().data_ptr() == storage
+    assert getattr(attention.v_proj, weights).untyped_storage().data_ptr() == storage
+    assert (
+        attention.k_proj.scales.untyped_storage().data_ptr()
+        == attention.q_proj.scales.untyped_storage().data_ptr()
+    )
 
 
 @pytest.mark.parametrize("dtype,least", [("int8", 0.9), ("int4", 0.8)])

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
+from .memory import return_freed_memory
 from .quantized import DECODE_ROWS, Int4Linear, Int8Linear, kernel_plan
 
 log = logging.getLogger(__name__)
@@ -163,6 +164,9 @@ class LeanDecoder:
                     down=_direct(mlp.down_proj),
                 )
             )
+            # the replaced rows back to the system layer by layer: the fused copies never add up to a
+            # second set of weights in the process's resident memory (int8: +0.35 GiB at load without)
+            return_freed_memory()
 
     @classmethod
     def build(cls, model: Any) -> LeanDecoder | None:
