@@ -1,7 +1,7 @@
 """A lean decode step for Qwen2-family text models, over the loaded Transformers modules' weights.
 
-A decode step reads every weight once: on a 2-core AVX2 host the quantized products are ~45 ms of
-int4's step, and Transformers' generic forward added ~30 ms more around them (per layer: its
+A decode step reads every weight once, so its pace should be the products'; on a 2-core AVX2 host
+Transformers' generic forward added ~30 ms to int4's ~85 ms of products (per layer: its
 decorators, keyword plumbing, mask building, a cache append by concatenation that copies the whole
 cache every step, three separate q/k/v products and two gate/up ones, each quantizing the same
 activation row again). This module computes the same step with only the arithmetic:
@@ -10,10 +10,11 @@ activation row again). This module computes the same step with only the arithmet
   (`Int8Linear` has a scale per row and `Int4Linear` its groups per row, so the concatenation is the
   same weights, exact); the original layers become views of the fused rows, so no memory is added
   and prompts (still read by Transformers' forward) use the same bytes;
-- RMSNorm as torch's fused `rms_norm`, rotary from the step's cos/sin applied to q and k at once
-  (they are adjacent in the fused product), SiLU x up in place;
-- attention as grouped products over the cache (as `attention.py` does), the padding mask built
-  once per step, not once per layer;
+- per layer three calls to the compiled library (`kernels.cpp`, the same build as the products):
+  RMSNorm with the residual add; rotary, the cache write and grouped-query attention over the
+  cache (the padding mask read as is); SiLU x up. Without the compiled library the same step runs
+  in PyTorch ops (torch's `rms_norm`, rotary on q and k at once, products over the cache as
+  `attention.py` does, the padding mask built once per step, not once per layer);
 - the KV cache written in place into a buffer with room to grow (`_Room`): the cache layers'
   `keys` / `values` are views of it, so everything else the backend does to a cache (join, release,
   trim, the prefix cache) works on them unchanged and simply makes the next step re-buffer.
