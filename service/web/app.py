@@ -22,6 +22,7 @@ from flask_compress import Compress
 
 from ..config import Settings
 from ..history import History
+from ..inference import startup
 from ..inference.engine import Engine
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..metrics import Metrics
@@ -54,6 +55,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     if engine is not None:
         models = ModelManager.single(engine, settings.model_id)
     else:
+        # before the engine's thread imports Transformers; reads the weights ahead meanwhile
+        startup.prepare(settings.model_id)
         sources = [m.strip() for m in settings.models.split(",") if m.strip()]
         models = ModelManager(
             sources,
