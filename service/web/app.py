@@ -187,24 +187,27 @@ def _transformers_loader(settings: Settings, source: str) -> Callable[[], Any]:
     loading thread, so the server answers health checks while they load (they take seconds)."""
 
     def load() -> Any:
-        from ..inference.backend import TransformersBackend
-        from ..inference.vision import VisionBackend, is_vision
+        try:
+            from ..inference.backend import TransformersBackend
+            from ..inference.vision import VisionBackend, is_vision
 
-        if is_vision(source):
-            return VisionBackend(
+            if is_vision(source):
+                return VisionBackend(
+                    source,
+                    dtype=settings.dtype,
+                    threads=settings.torch_threads,
+                    context_tokens=settings.context_tokens,
+                    max_pixels=settings.image_max_pixels,
+                )
+            return TransformersBackend(
                 source,
                 dtype=settings.dtype,
                 threads=settings.torch_threads,
                 context_tokens=settings.context_tokens,
-                max_pixels=settings.image_max_pixels,
+                max_batch=settings.max_batch,
             )
-        return TransformersBackend(
-            source,
-            dtype=settings.dtype,
-            threads=settings.torch_threads,
-            context_tokens=settings.context_tokens,
-            max_batch=settings.max_batch,
-        )
+        finally:
+            startup.resume_gc()  # paused by startup.prepare (or the worker) for the imports
 
     return load
 
