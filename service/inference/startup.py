@@ -110,49 +110,61 @@ def _read_ahead(path: Path) -> None:
         os.close(fd)
 
 
-# --- Transformers' import structure, kept ------------------------------------------------------------
+# --- patched as they are imported --------------------------------------------------------------------
 
 
 def install_import_cache(cache_dir: Path | None = None) -> bool:
-    """Keep Transformers' scan of its model packages in `cache_dir` from the next `import transformers`
-    on; False when Transformers is already imported (too late) or the cache is already installed."""
-    if _IMPORT_UTILS in sys.modules or any(isinstance(f, _ImportCacheFinder) for f in sys.meta_path):
+    """From the next `import transformers` on, its scan of its model packages kept in `cache_dir`
+    (`cached_scan`); False when it is imported already (too late) or this is installed already."""
+    if any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
         return False
-    sys.meta_path.insert(0, _ImportCacheFinder(cache_dir or CACHE_DIR))
+    folder = cache_dir or CACHE_DIR
+    patches: dict[str, Callable[[ModuleType], None]] = {
+        _IMPORT_UTILS: lambda module: _wrap(module, _SCAN, lambda scan: cached_scan(scan, folder)),
+    }
+    patches = {name: patch for name, patch in patches.items() if name not in sys.modules}
+    if not patches:
+        return False
+    sys.meta_path.insert(0, _PatchOnImport(patches))
     return True
 
 
-class _ImportCacheFinder(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: when Transformers' import_utils is imported, it lets the other finders
-    find it and wraps its scan once the module has run."""
+def _wrap(module: ModuleType, name: str, make: Callable[[Any], Any]) -> None:
+    """`module.name` replaced by `make(module.name)`; nothing if a release no longer has it."""
+    original = getattr(module, name, None)
+    if callable(original):
+        setattr(module, name, make(original))
 
-    def __init__(self, cache_dir: Path):
-        self.cache_dir = cache_dir
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: when a module it patches is imported, it lets the other finders find it
+    and patches the module once it has run (then forgets it; gone from `sys.meta_path` when done)."""
+
+    def __init__(self, patches: dict[str, Callable[[ModuleType], None]]):
+        self.patches = patches
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
     ) -> importlib.machinery.ModuleSpec | None:
-        if fullname != _IMPORT_UTILS:
+        patch = self.patches.pop(fullname, None)
+        if patch is None:
             return None
-        sys.meta_path.remove(self)  # once: the module is imported once
+        if not self.patches:
+            sys.meta_path.remove(self)
         spec = None
         for finder in sys.meta_path:
             find = getattr(finder, "find_spec", None)
-            if find is not None and (spec := find(fullname, path, target)) is not None:
+            if finder is not self and find is not None and (spec := find(fullname, path, target)):
                 break
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
-        loader = spec.loader
-        run = loader.exec_module
-        cache_dir = self.cache_dir
+        run = spec.loader.exec_module
 
         def exec_module(module: ModuleType) -> None:
             run(module)
-            scan = getattr(module, _SCAN, None)
-            if callable(scan):
-                setattr(module, _SCAN, cached_scan(scan, cache_dir))
+            patch(module)
 
-        loader.exec_module = exec_module  # type: ignore[method-assign]
+        spec.loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
 
 
@@ -160,9 +172,10 @@ def cached_scan(scan: Callable[[str], dict], cache_dir: Path) -> Callable[[str],
     """`scan` (Transformers' `create_import_structure_from_path`), answered from a file for its
     `models` folder, the one every start scans whole; any other folder is passed through."""
 
-    @functools.lru_cache
     def wrapper(module_path: str) -> dict:
         folder = Path(module_path)
+        if folder.name == "__init__.py":  # models/__init__.py asks for its folder by its own file
+            folder = folder.parent
         if folder.name != "models" or folder.parent.name != "transformers" or not folder.is_dir():
             return scan(module_path)
         key = _fingerprint(folder)
@@ -173,7 +186,7 @@ def cached_scan(scan: Callable[[str], dict], cache_dir: Path) -> Callable[[str],
                 return _decode(stored["structure"])
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass
-        structure = scan(module_path)
+        structure = scan(str(folder))
         try:
             file.parent.mkdir(parents=True, exist_ok=True)
             tmp = file.with_name(f"{file.name}.{os.getpid()}.tmp")
@@ -183,7 +196,9 @@ def cached_scan(scan: Callable[[str], dict], cache_dir: Path) -> Callable[[str],
             log.debug("Transformers' import structure not kept in %s: %s", file, e)
         return structure
 
-    return wrapper
+    cached = functools.lru_cache(wrapper)  # as Transformers' own: each folder once per process
+    cached.scan = scan  # type: ignore[attr-defined]  # Transformers' own, for comparing
+    return cached
 
 
 def _fingerprint(folder: Path) -> dict[str, Any]:
