@@ -6,9 +6,10 @@ imports no torch (the web layer calls `prepare` while building the app):
 
 - `pause_gc()` / `resume_gc()`: no cyclic garbage collection while the modules import and the model
   loads (the collector's passes over the imported objects were a fifth of the start).
-- `prefetch(source)`: a pre-quantized checkpoint's weights file is read ahead into the page cache in
-  a background thread (`posix_fadvise(WILLNEED)`, the kernel reads while Python imports), so from a
-  cold disk the file is in memory by the time `loading.map_safetensors` maps it.
+- `prefetch(source)`: torch's shared libraries and a pre-quantized checkpoint's weights file are
+  read ahead into the page cache in a background thread (`posix_fadvise(WILLNEED)`: the kernel
+  reads while Python imports), so from a cold disk they are in memory by the time `import torch`
+  and `loading.map_safetensors` map them.
 - `install_import_cache()`: `import transformers` reads the source of all of its ~560 model packages
   to find their `__all__` (`create_import_structure_from_path`: 0.6-0.9 s of a 2-core AVX2 EPYC, the
   same answer every start). The answer is kept in a file of the qwen-box cache folder, keyed by the
@@ -24,6 +25,7 @@ import functools
 import gc
 import importlib.abc
 import importlib.machinery
+import importlib.util
 import json
 import logging
 import os
@@ -80,34 +82,49 @@ def resume_gc() -> None:
 
 
 def prefetch(source: str) -> threading.Thread | None:
-    """Start reading `source`'s pre-quantized weights into the page cache in the background (returns
-    the thread); None when `source` is not a local pre-quantized folder (a float model is read
-    tensor by tensor as it is quantized: reading ahead 3 GB would only crowd a small VM's memory)."""
+    """Start reading into the page cache, in the background (returns the thread): torch's shared
+    libraries (about 450 MB, which `import torch` maps first and would otherwise fault in page by
+    page from a cold disk), then `source`'s pre-quantized weights. None when `source` is not a
+    local pre-quantized folder: a float model is read tensor by tensor as it is quantized, and
+    reading 3 GB ahead would only crowd a small VM's memory."""
     folder = Path(source).expanduser()
     try:
         manifest = json.loads((folder / "quantized.json").read_text())
         weights = folder / manifest["weights"]["file"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    thread = threading.Thread(target=_read_ahead, args=(weights,), name="prefetch-weights", daemon=True)
+    paths = [*_torch_libraries(), weights]
+    thread = threading.Thread(target=_read_ahead, args=(paths,), name="prefetch-weights", daemon=True)
     thread.start()
     return thread
 
 
-def _read_ahead(path: Path) -> None:
-    """The kernel reads `path` into the page cache, in order, a chunk per call (the GIL is released)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # loading will say what is wrong with the folder
-    try:
-        size = os.fstat(fd).st_size
-        for start in range(0, size, _PREFETCH_CHUNK):
-            os.posix_fadvise(fd, start, min(_PREFETCH_CHUNK, size - start), os.POSIX_FADV_WILLNEED)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def _torch_libraries() -> list[Path]:
+    """torch's shared libraries, largest first, found without importing torch."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    libraries = [p for folder in spec.submodule_search_locations for p in Path(folder, "lib").glob("*.so*")]
+    return sorted(libraries, key=lambda p: -p.stat().st_size)
+
+
+def _read_ahead(paths: list[Path]) -> None:
+    """The kernel reads each file into the page cache, in order, a chunk per call (`posix_fadvise`
+    releases the GIL, so the imports go on meanwhile). A file that cannot be opened is skipped:
+    loading will say what is wrong with it."""
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            size = os.fstat(fd).st_size
+            for start in range(0, size, _PREFETCH_CHUNK):
+                os.posix_fadvise(fd, start, min(_PREFETCH_CHUNK, size - start), os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 # --- patched as they are imported --------------------------------------------------------------------
