@@ -181,7 +181,7 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
             run(module)
             patch(module)
 
-        spec.loader.exec_module = exec_module  # type: ignore[method-assign]
+        spec.loader.exec_module = exec_module
         return spec
 
 
