@@ -155,5 +155,5 @@ EXPOSE 8000
 # The start period covers a 1.5B model loading on a small VM; a success inside it counts at once.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=600s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('PORT', '8000') + '/api/health', timeout=4)"]
-# The same command `invoke serve` runs: python -m service execs the production gunicorn command.
+# The same command `invoke serve` runs: python -m service runs the production gunicorn command.
 CMD ["python", "-m", "service"]
