@@ -13,6 +13,7 @@ import shutil
 import sys
 
 from .config import Settings, SettingsError, settings_table
+from .inference import startup
 
 
 def gunicorn_argv(settings: Settings) -> list[str]:
@@ -63,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     if args and args[0] == "--print-command":
         print(" ".join(argv_))
         return 0
+    # The kernel starts reading the weights (and torch's libraries) now, while gunicorn, Flask and
+    # torch import: from a cold disk that read is most of a start (service/inference/startup.py).
+    startup.prefetch(settings.model_id)
     try:
         from gunicorn.app.wsgiapp import WSGIApplication
     except ImportError:

@@ -172,8 +172,11 @@ def test_prefetch_reads_ahead_only_a_prequantized_folder(tmp_path: Path) -> None
     assert thread is not None
     thread.join(10)
     assert not thread.is_alive()
-    (tmp_path / "model.int8.safetensors").unlink()  # a missing file: the thread just ends
-    thread = startup.prefetch(str(tmp_path))
+    assert startup.prefetch(str(tmp_path)) is None  # once per folder and process
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "quantized.json").write_text(json.dumps({"weights": {"file": "gone.safetensors"}}))
+    thread = startup.prefetch(str(other))  # a missing weights file: the thread just ends
     assert thread is not None
     thread.join(10)
     assert not thread.is_alive()

@@ -81,18 +81,25 @@ def resume_gc() -> None:
 # --- the weights, read ahead -------------------------------------------------------------------------
 
 
+_prefetched: set[str] = set()
+
+
 def prefetch(source: str) -> threading.Thread | None:
     """Start reading into the page cache, in the background (returns the thread): torch's shared
     libraries (about 450 MB, which `import torch` maps first and would otherwise fault in page by
     page from a cold disk), then `source`'s pre-quantized weights. None when `source` is not a
     local pre-quantized folder: a float model is read tensor by tensor as it is quantized, and
-    reading 3 GB ahead would only crowd a small VM's memory."""
+    reading 3 GB ahead would only crowd a small VM's memory. Once per source and process (a forked
+    worker counts its parent's)."""
     folder = Path(source).expanduser()
+    if str(folder) in _prefetched:  # already (`python -m service` starts it before gunicorn forks)
+        return None
     try:
         manifest = json.loads((folder / "quantized.json").read_text())
         weights = folder / manifest["weights"]["file"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    _prefetched.add(str(folder))
     paths = [*_torch_libraries(), weights]
     thread = threading.Thread(target=_read_ahead, args=(paths,), name="prefetch-weights", daemon=True)
     thread.start()
