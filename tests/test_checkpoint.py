@@ -52,6 +52,29 @@ def test_prequantized_model_is_the_model_quantized_at_load(tiny_model_dir, writt
         assert torch.equal(at_load.model.generate(ids, **greedy), ahead.model.generate(ids, **greedy))
 
 
+@pytest.mark.parametrize("precision,weights", [("int8", "values"), ("int4", "q4")])
+def test_fused_products_are_the_mapped_file_not_a_copy(written, precision, weights):
+    """The decode step's fused q/k/v and gate/up products read the checkpoint's mapped pages: each
+    group's rows are stored one after another, so fusing them at load copies nothing (a copy added two
+    thirds of the model to resident memory: 2.58 GiB at the peak for the 1.5B int8, 1.78 without)."""
+    from service.inference import kernels
+
+    if not kernels.available():
+        pytest.skip("no compiled kernels here: the fallback packs its own copy")
+    backend = TransformersBackend(str(written[precision]), dtype=precision)
+    assert backend.decoder is not None
+    size = (written[precision] / f"model.{precision}.safetensors").stat().st_size
+    for layer in backend.model.model.layers:
+        for group in (
+            [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj],
+            [layer.mlp.gate_proj, layer.mlp.up_proj],
+        ):
+            parts = [getattr(m, weights) for m in group]
+            assert all(p.untyped_storage().nbytes() == size for p in parts)  # the file's mapping
+            for before, after in zip(parts, parts[1:]):
+                assert after.data_ptr() == before.data_ptr() + before.nbytes
+
+
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_the_folder_is_complete_and_holds_no_float_weights(written, tiny_model_dir, precision):
     folder = written[precision]

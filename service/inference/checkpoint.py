@@ -53,7 +53,7 @@ from .loading import (
     skeleton,
 )
 from .memory import return_freed_memory
-from .quantized import Int8Embedding, from_quantized, quantize, quantize_rows
+from .quantized import FUSED, Int8Embedding, from_quantized, quantize, quantize_rows
 
 FORMAT = "qwen-box-quantized"
 # Bump when the stored form changes (quantize()'s keys or meaning, the naming above): a folder
@@ -165,6 +165,7 @@ def _write_file(s: Skeleton, file: Path, bits: int, put: Callable[[str, torch.Te
     model = s.model
     embedding = model.get_submodule(s.embedding_name)
     pending: dict[str, dict[str, torch.Tensor]] = {}
+    held: dict[tuple[str, tuple[str, ...]], dict[str, dict[str, torch.Tensor]]] = {}
     for name, tensor in read_safetensors(file):
         owner, _, attr = name.rpartition(".")
         owner = _module_name(model, owner)
@@ -172,11 +173,21 @@ def _write_file(s: Skeleton, file: Path, bits: int, put: Callable[[str, torch.Te
             parts = pending.setdefault(owner, {})
             parts[attr] = tensor
             if "weight" in parts and ("bias" in parts or model.get_submodule(owner).bias is None):
-                for key, value in quantize(bits, parts["weight"]).items():
-                    put(f"{owner}.{key}", value)
+                stored = quantize(bits, parts["weight"])
                 if "bias" in parts:
-                    put(f"{owner}.bias", parts["bias"].to(torch.bfloat16))
+                    stored["bias"] = parts["bias"].to(torch.bfloat16)
                 del pending[owner], parts
+                parent, _, leaf = owner.rpartition(".")
+                group = next((g for g in FUSED if leaf in g), None)
+                if group is None:
+                    _put_layers([(owner, stored)], put)
+                else:
+                    members = held.setdefault((parent, group), {})
+                    members[leaf] = stored
+                    present = [m for m in group if f"{parent}.{m}" in s.linears]
+                    if all(m in members for m in present):
+                        del held[parent, group]
+                        _put_layers([(f"{parent}.{m}", members[m]) for m in present], put)
         elif model.get_submodule(owner) is embedding and attr == "weight":
             values, scales = quantize_rows(tensor)
             put(f"{owner}.values", values)
@@ -191,6 +202,23 @@ def _write_file(s: Skeleton, file: Path, bits: int, put: Callable[[str, torch.Te
         return_freed_memory()
     if pending:  # a weight whose bias is in another shard: rare, and then it is written here
         raise ValueError(f"{file} holds a part of {sorted(pending)[:3]} without the rest")
+    for (parent, group), members in held.items():  # a group split across shards: stored apart
+        _put_layers([(f"{parent}.{m}", members[m]) for m in group if m in members], put)
+
+
+def _put_layers(
+    layers: list[tuple[str, dict[str, torch.Tensor]]], put: Callable[[str, torch.Tensor], None]
+) -> None:
+    """Quantized layers' tensors: first each layer's weight rows (its largest tensor), one layer's right
+    after the other's, then the rest. A group the decode step fuses into one product (`quantized.FUSED`)
+    is so one run of rows in the file, which loading maps and fuses without a copy."""
+    weights = [max(stored, key=lambda key: stored[key].nbytes) for _, stored in layers]
+    for (owner, stored), key in zip(layers, weights, strict=True):
+        put(f"{owner}.{key}", stored[key])
+    for (owner, stored), weight in zip(layers, weights, strict=True):
+        for key, value in stored.items():
+            if key != weight:
+                put(f"{owner}.{key}", value)
 
 
 def _assemble(path: Path, part: Path, entries: dict[str, dict], precision: str) -> str:
@@ -304,20 +332,19 @@ def load(folder: Path, bits: int) -> PreTrainedModel:
             for key, tensor in parts.items():
                 module._parameters[key] = torch.nn.Parameter(tensor.to(model.dtype), requires_grad=False)
 
-    owner, parts, unreturned = "", dict[str, torch.Tensor](), 0
+    owners: dict[str, dict[str, torch.Tensor]] = {}  # views of the mapped file: no memory of their own
     for name, tensor in map_safetensors(folder / manifest["weights"]["file"]):
         module, _, key = name.rpartition(".")
-        if module != owner and parts:
-            unreturned += sum(t.nbytes for t in parts.values())
-            build(owner, parts)
-            parts = {}
-            if unreturned >= TRIM_EVERY:  # what packing freed goes back (glibc keeps small frees)
-                return_freed_memory()
-                unreturned = 0
-        owner, parts[key] = module, tensor
-    if parts:
+        owners.setdefault(module, {})[key] = tensor
+    unreturned = 0
+    for owner in list(owners):
+        parts = owners.pop(owner)
+        unreturned += sum(t.nbytes for t in parts.values())
         build(owner, parts)
-    del parts
+        del parts
+        if unreturned >= TRIM_EVERY:  # what packing freed goes back (glibc keeps small frees)
+            return_freed_memory()
+            unreturned = 0
     if s.tied and isinstance(model.get_submodule(s.head_name), torch.nn.Linear):
         _replace(
             model, s.head_name, from_quantized({"values": table["values"], "scales": table["scales"]}, None)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from . import kernels
 from .memory import return_freed_memory
-from .quantized import DECODE_ROWS, Int4Linear, Int8Linear, kernel_plan
+from .quantized import DECODE_ROWS, FUSED, Int4Linear, Int8Linear, kernel_plan
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def _fuse(layers: list[torch.nn.Module]) -> Callable[[torch.Tensor], torch.Tenso
     if all(type(m) is Int8Linear for m in layers):
         int8 = [m for m in layers if isinstance(m, Int8Linear)]
         fused8 = Int8Linear(
-            torch.cat([m.values for m in int8]),
+            _joined([m.values for m in int8]),
             torch.cat([m.scales for m in int8]),
             _cat_bias([m.bias for m in int8], [m.out_features for m in int8]),
         )
@@ -90,7 +90,7 @@ def _fuse(layers: list[torch.nn.Module]) -> Callable[[torch.Tensor], torch.Tenso
         and len({m.group for m in int4}) == 1
     ):
         fused4 = Int4Linear.from_groups(
-            torch.cat([m.q4 for m in int4]),
+            _joined([m.q4 for m in int4]),
             torch.cat([m.scales for m in int4]),
             torch.cat([m.lows for m in int4]),
             _cat_bias([m.bias for m in int4], [m.out_features for m in int4]),
@@ -108,6 +108,27 @@ def _fuse(layers: list[torch.nn.Module]) -> Callable[[torch.Tensor], torch.Tenso
         return torch.cat([m(x) for m in layers], dim=-1)
 
     return separately
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """`parts`' rows as one tensor: a view when they lie one after another in one storage (a
+    pre-quantized checkpoint, mapped, stores each `FUSED` group so), else their concatenation. The
+    view keeps the weights where the file's pages are: a copy would add the fused layers' bytes (two
+    thirds of the model) to the process's memory and their page faults to its start."""
+    first = parts[0]
+    storage, end = first.untyped_storage(), first.data_ptr()
+    for part in parts:
+        if (
+            part.dtype != first.dtype
+            or part.shape[1:] != first.shape[1:]
+            or not part.is_contiguous()
+            or part.untyped_storage().data_ptr() != storage.data_ptr()
+            or part.data_ptr() != end
+        ):
+            return torch.cat(parts)
+        end += part.nbytes
+    rows = sum(part.shape[0] for part in parts)
+    return first.as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
 
 
 def _direct(module: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -158,10 +179,10 @@ class LeanDecoder:
             self.layers.append(
                 _Layer(
                     input_norm=layer.input_layernorm.weight,
-                    qkv=_direct(_fuse([attn.q_proj, attn.k_proj, attn.v_proj])),
+                    qkv=_direct(_fuse([getattr(attn, name) for name in FUSED[0]])),
                     o_proj=_direct(attn.o_proj),
                     post_norm=layer.post_attention_layernorm.weight,
-                    gate_up=_direct(_fuse([mlp.gate_proj, mlp.up_proj])),
+                    gate_up=_direct(_fuse([getattr(mlp, name) for name in FUSED[1]])),
                     down=_direct(mlp.down_proj),
                 )
             )

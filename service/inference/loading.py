@@ -109,19 +109,20 @@ def map_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     header.pop("__metadata__", None)
     base = 8 + header_len
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.frombuffer of an empty slice warns
-        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            start, end = info["data_offsets"]
-            if base + end > size:
-                raise ValueError(f"{path} ends inside {name}: truncated")
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            if end == start:
-                yield name, torch.empty(info["shape"], dtype=dtype)
-                continue
-            data = torch.frombuffer(mapped, dtype=torch.uint8, count=end - start, offset=base + start)
-            if (base + start) % dtype.itemsize:  # safetensors does not align: a misaligned one is copied
-                data = data.clone()
-            yield name, data.view(dtype).reshape(info["shape"])
+        warnings.simplefilter("ignore")  # torch.frombuffer of a writable mapping warns
+        whole = torch.frombuffer(mapped, dtype=torch.uint8)  # one storage: neighbours can be joined
+    for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        start, end = info["data_offsets"]
+        if base + end > size:
+            raise ValueError(f"{path} ends inside {name}: truncated")
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        if end == start:
+            yield name, torch.empty(info["shape"], dtype=dtype)
+            continue
+        data = whole[base + start : base + end]
+        if (base + start) % dtype.itemsize:  # safetensors does not align: a misaligned one is copied
+            data = data.clone()
+        yield name, data.view(dtype).reshape(info["shape"])
 
 
 def load_model(source: str, precision: str) -> PreTrainedModel:
