@@ -44,7 +44,9 @@ if compgen -G "/opt/wheels/torch-*.whl" >/dev/null; then
   export QWEN_BOX_WHEELS=/opt/wheels
 fi
 
-podman system service --time=0 "unix://$QB_PODMAN_DIR/podman.sock" >"$QB_PODMAN_DIR/service.log" 2>&1 &
+# Niced: the image tests' builds run in the service (their RUN steps are its children) while the rest of
+# the suite runs (tests/support/image.py), so they take the CPU the tests leave idle, not the tests' share.
+nice -n 19 podman system service --time=0 "unix://$QB_PODMAN_DIR/podman.sock" >"$QB_PODMAN_DIR/service.log" 2>&1 &
 QB_PODMAN_PID=$!
 trap 'kill "$QB_PODMAN_PID" 2>/dev/null || true' EXIT
 export DOCKER_HOST="unix://$QB_PODMAN_DIR/podman.sock"

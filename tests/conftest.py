@@ -15,11 +15,18 @@ from service.inference.backend import TransformersBackend
 from service.inference.engine import Engine
 from service.web import create_app
 from tests.support.engines import ready_engine, scripted_engine
+from tests.support.image import ImageBuilds, engine_problem
 from tests.support.live import LiveServer
 from tests.support.postgres import fresh_schema
 
 # The Chromium fixtures (browser, serve, page, phone_page); the fake ARM ones (fake, clients, azure_offline).
 pytest_plugins = ["tests.support.browser", "tests.support.azure"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The image tests last: their images build in the background while the rest of the suite runs
+    (`image_builds`), so by the end they are built or nearly so."""
+    items.sort(key=lambda item: item.get_closest_marker("image") is not None)
 
 
 @pytest.fixture(scope="session")
@@ -89,3 +96,20 @@ def live_server(endless_model_dir: Path, tmp_path_factory: pytest.TempPathFactor
         tmp_path_factory.mktemp("logs") / "gunicorn.log",
     ) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def image_builds(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ImageBuilds]:
+    """The image tests' two images (tests/support/image.py); everything they made is removed at the end."""
+    builds = ImageBuilds(tiny_model_dir, tmp_path_factory.mktemp("image"))
+    yield builds
+    left = builds.close()
+    assert not left, f"left behind: {left}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _start_image_builds(request: pytest.FixtureRequest) -> None:
+    """With the session's first test, start the image builds if image tests are selected and an engine
+    answers (without one, those tests skip or, in CI, fail on their own)."""
+    if any(item.get_closest_marker("image") for item in request.session.items) and engine_problem() is None:
+        request.getfixturevalue("image_builds").start()

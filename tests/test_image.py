@@ -1,31 +1,26 @@
 """The Dockerfile, linted and checked against the rest of the repository, and the real image built and run.
 
-The image test (marker `image`) runs the user's own commands, `invoke build` and `invoke run-local`,
+The image tests (marker `image`) run the user's own commands, `invoke build` and `invoke run-local`,
 against whatever engine the `docker` CLI reaches: Docker, or podman's Docker-compatible socket, which is
 what CI uses (.ci/podman.sh: a debootstrap-made base image and the machine's CPU torch wheel, since no
-registry or PyTorch index is reachable there). It mounts the tiny test model, runs the image's own
-HEALTHCHECK until healthy, chats through the published port, checks the server is not root; then it
+registry or PyTorch index is reachable there). One mounts the tiny test model, runs the image's own
+HEALTHCHECK until healthy, chats through the published port, checks the server is not root; the other
 builds the default way, the model baked in, from a stand-in hub on loopback, and runs that image with no
-network. Everything it made is removed. Without an engine it is skipped, except in CI (`CI` set), where
-that is a failure.
+network. Both images are built in the background from the session's first test and these tests run
+last (tests/support/image.py, tests/conftest.py). Everything they made is removed at the end of the
+session. Without an engine they are skipped, except in CI (`CI` set), where that is a failure.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 import tomllib
-import urllib.parse
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -33,6 +28,7 @@ import requests
 
 from infra import image_prune
 from infra.image_requirements import canonical, image_requirements, requirement_name
+from tests.support.image import BAKED_REPO, FakeHub, ImageBuilds, docker, engine_or_skip, invoke
 from tests.support.live import free_port
 from tests.support.paths import ROOT
 
@@ -196,96 +192,6 @@ def test_model_folder_loses_the_slow_tokenizer_files_only_beside_tokenizer_json(
 # ---- the real image (marker `image`)
 
 
-def _engine_or_skip() -> None:
-    docker = shutil.which("docker")
-    answer = docker and subprocess.run(
-        [docker, "version", "--format", "{{.Server.Version}}"], capture_output=True, text=True, timeout=60
-    )
-    if docker and answer.returncode == 0:
-        return
-    why = "no docker CLI" if not docker else f"no engine answers ({answer.stderr.strip()[-200:]})"
-    if os.environ.get("CI"):
-        raise RuntimeError(
-            f"CI needs a container engine for the image test ({why}); .ci/run sources .ci/podman.sh for it"
-        )
-    pytest.skip(f"{why}: start Docker, or `. .ci/podman.sh` for podman behind DOCKER_HOST")
-
-
-def docker(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
-    if check:
-        assert proc.returncode == 0, f"docker {' '.join(args)}: {proc.stderr}"
-    return proc
-
-
-def invoke(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "invoke", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"},
-    )
-
-
-def dangling_images() -> set[str]:
-    return set(docker("images", "--quiet", "--filter", "dangling=true").stdout.split())
-
-
-@dataclass
-class Made:
-    """What the image tests create on the engine, all removed when the module is done."""
-
-    containers: list[str] = field(default_factory=list)
-    volumes: list[str] = field(default_factory=list)
-    images: list[str] = field(default_factory=list)
-
-    def names(self, suffix: str) -> tuple[str, str]:
-        """A fresh (image tag, container name) pair, recorded for removal with the container's volume."""
-        tag, name = f"localhost/qwen-box-test:{os.getpid()}-{suffix}", f"qwen-box-test-{os.getpid()}-{suffix}"
-        self.images.append(tag)
-        self.containers.append(name)
-        self.volumes.append(f"{name}-data")
-        return tag, name
-
-
-@pytest.fixture(scope="module")
-def made() -> Iterator[Made]:
-    _engine_or_skip()
-    before = dangling_images()
-    made = Made()
-    yield made
-    for name in made.containers:
-        docker("rm", "--force", name, check=False)
-    for volume in made.volumes:
-        docker("volume", "rm", "--force", volume, check=False)
-    for image in made.images:
-        docker("rmi", "--force", image, check=False)
-    # The builds' intermediate stages; without --force, so an image another build on the same engine is
-    # using right now (its stages are dangling too, and new) is refused rather than pulled from under it.
-    # A stage is refused while a later one built on it is there, hence the passes.
-    for _ in range(5):
-        stages = dangling_images() - before
-        for image_id in stages:
-            docker("rmi", image_id, check=False)
-        if not stages or dangling_images() - before == stages:
-            break
-    left = [v for v in made.volumes if docker("volume", "inspect", v, check=False).returncode == 0]
-    left += [i for i in made.images if docker("image", "inspect", i, check=False).returncode == 0]
-    assert not left, f"left behind: {left}"
-
-
-def build_options() -> list[str]:
-    """This machine's way to build: CI gives a local base image and a local CPU torch wheel."""
-    options = []
-    if os.environ.get("QWEN_BOX_BASE_IMAGE"):
-        options += ["--base-image", os.environ["QWEN_BOX_BASE_IMAGE"]]
-    if os.environ.get("QWEN_BOX_WHEELS"):
-        options += ["--wheels", os.environ["QWEN_BOX_WHEELS"], "--torch-index", ""]
-    return options
-
-
 def readable_copy(model_dir: Path, dest: Path) -> Path:
     """The server in the container runs as uid 10001: a mounted model must be world-readable."""
     model = shutil.copytree(model_dir, dest)
@@ -349,16 +255,23 @@ print(json.dumps({
 """
 
 
+@pytest.fixture(scope="module")
+def builds(image_builds: ImageBuilds) -> ImageBuilds:
+    """The session's image builds (tests/conftest.py), once an engine is known to answer."""
+    engine_or_skip()
+    return image_builds
+
+
 @pytest.mark.image
-def test_the_image_builds_and_serves_a_mounted_model(made: Made, tiny_model_dir: Path, tmp_path: Path):
-    tag, name = made.names("mounted")
+def test_the_image_builds_and_serves_a_mounted_model(
+    builds: ImageBuilds, tiny_model_dir: Path, tmp_path: Path
+):
+    built = builds.get("mounted")
+    tag, name = built.tag, built.name
     port = free_port()
     model = readable_copy(tiny_model_dir, tmp_path / "tiny-qwen")
-
-    started = time.monotonic()
-    built = invoke("build", "--tag", tag, "--no-bake", *build_options())
-    print(f"build: {time.monotonic() - started:.0f} s")
-    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    print(f"build: {built.seconds:.0f} s")
+    assert built.returncode == 0, built.output()
     assert f"Built {tag}" in built.stderr
 
     image = json.loads(docker("image", "inspect", tag).stdout)[0]
@@ -431,99 +344,15 @@ def test_the_image_builds_and_serves_a_mounted_model(made: Made, tiny_model_dir:
     assert docker("container", "inspect", name, check=False).returncode != 0
 
 
-class FakeHub:
-    """Serves one model folder the way the Hugging Face hub does (repo info, file tree, resolve), on
-    loopback, so the Dockerfile's bake step runs for real with huggingface_hub against it."""
-
-    COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-    def __init__(self, repo: str, folder: Path):
-        files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
-        commit = self.COMMIT
-        self.requests: list[str] = []
-        hub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def answer(self, head: bool) -> None:
-                path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
-                hub.requests.append(f"{self.command} {path}")
-                status, body, headers = 404, b"{}", {"X-Error-Code": "EntryNotFound"}
-                if path.startswith(f"/api/models/{repo}/revision/"):
-                    status, headers = 200, {"Content-Type": "application/json"}
-                    body = json.dumps(
-                        {"id": repo, "sha": commit, "siblings": [{"rfilename": n} for n in files]}
-                    ).encode()
-                elif path.startswith(f"/api/models/{repo}/tree/"):
-                    status, headers = 200, {"Content-Type": "application/json"}
-                    tree = [
-                        {"type": "file", "path": n, "size": len(d), "oid": hashlib.sha1(d).hexdigest()}
-                        for n, d in files.items()
-                    ]
-                    body = json.dumps(tree).encode()
-                elif path.startswith(f"/{repo}/resolve/") and path.rsplit("/", 1)[1] in files:
-                    body = files[path.rsplit("/", 1)[1]]
-                    status = 200
-                    headers = {
-                        "X-Repo-Commit": commit,
-                        "ETag": f'"{hashlib.sha1(body).hexdigest()}"',
-                        "Content-Type": "application/octet-stream",
-                    }
-                self.send_response(status)
-                for key, value in headers.items():
-                    self.send_header(key, value)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if not head:
-                    self.wfile.write(body)
-
-            def do_GET(self) -> None:  # noqa: N802
-                self.answer(head=False)
-
-            def do_HEAD(self) -> None:  # noqa: N802
-                self.answer(head=True)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def hub_layout(model_dir: Path, dest: Path) -> Path:
-    """The tiny model as Qwen's hub folder has it: class Qwen2Tokenizer, with the slow tokenizer's
-    vocab.json and merges.txt beside tokenizer.json (written from tokenizer.json's own BPE model)."""
-    folder = shutil.copytree(model_dir, dest)
-    config = json.loads((folder / "tokenizer_config.json").read_text())
-    config.pop("backend", None)
-    config["tokenizer_class"] = "Qwen2Tokenizer"
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    bpe = json.loads((folder / "tokenizer.json").read_text())["model"]
-    (folder / "vocab.json").write_text(json.dumps(bpe["vocab"]))
-    (folder / "merges.txt").write_text(
-        "#version: 0.2\n" + "\n".join(" ".join(m) for m in bpe["merges"]) + "\n"
-    )
-    return folder
-
-
 @pytest.mark.image
-def test_the_default_path_bakes_the_model_and_starts_offline(
-    made: Made, tiny_model_dir: Path, tmp_path: Path
-):
-    repo = "qwen-box-test/tiny-qwen"
-    tag, name = made.names("baked")
+def test_the_default_path_bakes_the_model_and_starts_offline(builds: ImageBuilds):
+    repo = BAKED_REPO
+    built = builds.get("baked")
+    tag, name = built.tag, built.name
     port = free_port()
-    hub = FakeHub(repo, hub_layout(tiny_model_dir, tmp_path / "hub-folder"))
-    try:
-        built = invoke("build", "--tag", tag, "--model", repo, "--hf-endpoint", hub.url, *build_options())
-    finally:
-        hub.close()
-    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
-    assert f"GET /{repo}/resolve/{FakeHub.COMMIT}/model.safetensors" in hub.requests
+    print(f"build: {built.seconds:.0f} s")
+    assert built.returncode == 0, built.output()
+    assert f"GET /{repo}/resolve/{FakeHub.COMMIT}/model.safetensors" in built.hub_requests
     labels = json.loads(docker("image", "inspect", "--format", "{{json .Config.Labels}}", tag).stdout)
     assert labels["io.qwen-box.model"] == repo and labels["io.qwen-box.model-baked"] == "1"
     assert labels["io.qwen-box.precision"] == "int8"

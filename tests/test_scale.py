@@ -109,8 +109,9 @@ def served_by(balancer: HAProxy, max_tokens: int = 5) -> tuple[int, str, int]:
 
 
 def test_a_loading_instance_gets_no_traffic_until_it_is_healthy(tiny_model_dir, tmp_path):
+    loaded = tmp_path / "loaded"  # the loading instance's model "loads" until this file exists
     ready = instance(tiny_model_dir, tmp_path, "ready", HISTORY="off")
-    loading = instance(tiny_model_dir, tmp_path, "loading", HISTORY="off", LOAD_DELAY="12")
+    loading = instance(tiny_model_dir, tmp_path, "loading", HISTORY="off", LOAD_UNTIL=str(loaded))
     balancer = None
     try:
         ready.wait_healthy(90)
@@ -120,6 +121,7 @@ def test_a_loading_instance_gets_no_traffic_until_it_is_healthy(tiny_model_dir, 
         answers = [served_by(balancer) for _ in range(8)]
         assert requests.get(loading.url + "/api/health", timeout=5).json()["status"] == "loading"
         assert answers == [(200, "ready", 5)] * 8  # every one answered, none by the loading instance
+        loaded.touch()
         loading.wait_healthy(90)
         balancer.wait_state("loading", "UP", timeout=30)
         servers = {served_by(balancer)[1] for _ in range(6)}

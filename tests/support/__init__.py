@@ -10,4 +10,5 @@ browser   headless Chromium fixtures (a pytest plugin, loaded by conftest) and p
 postgres  the test PostgreSQL (QWENBOX_TEST_DATABASE_URL): a fresh schema per test
 haproxy   HAProxy on loopback in front of live servers, the load balancer's stand-in
 slow_app  the production app with a scripted, slow (and optionally slow-loading) model
+image     the image tests' engine helpers, stand-in hub and ImageBuilds (both images, built in the background)
 """

@@ -1,8 +1,9 @@
 """The production app behind the real gunicorn, but with a scripted model that writes one token every
 `SCRIPT_DELAY` seconds (default 0.05) and never runs out of words: a generation lasts as long as its
 max_tokens says, on a loaded machine as on an idle one. Served by `LiveServer(..., app=SLOW_APP)`.
-With `LOAD_DELAY` seconds, the model "loads" that long first (health answers 503 meanwhile), as a
-real instance does while it reads its weights."""
+With `LOAD_UNTIL`, a file's path, the model "loads" until that file exists (health answers 503
+meanwhile), as a real instance does while it reads its weights: the test decides when loading ends,
+so it neither waits out a fixed delay nor races one on a slow machine."""
 
 from __future__ import annotations
 
@@ -31,11 +32,12 @@ def create_app() -> Flask:
         context_length=settings.context_tokens,
         max_batch=settings.max_batch,
     )
-    load_delay = float(os.environ.get("LOAD_DELAY", "0"))
-    if load_delay:
+    gate = os.environ.get("LOAD_UNTIL")
+    if gate:
 
         def load() -> ScriptedBackend:
-            time.sleep(load_delay)
+            while not os.path.exists(gate):
+                time.sleep(0.05)
             return backend
 
         engine = Engine(load, queue_size=settings.queue_size).start()
