@@ -9,7 +9,8 @@ checkpoint holds), so loading packs nothing, and compute with the kernels chosen
   int4 groups read as stored, multiplied in integers with the activation rows quantized to int8
   per row), near memory speed;
 - a prompt (more rows): int8 through the compiled prompt kernel (`int8_prompt_matmul`: the same
-  stored rows, a register tile of 2 activation rows x 4 weight rows in integers, compute-bound),
+  stored rows, a register tile of 2 activation rows x 4 weight rows in integers, the activations
+  packed once per call and blocked so tiles read L1 and L2, compute-bound),
   which replaced oneDNN's int8 GEMM (`onednn.qlinear_pointwise`) because oneDNN cannot read the
   plain matrix: it reordered the weights and built a new primitive on every call, as much time as
   the product itself at 128-row pieces, and keeping reordered copies would double the weights'
@@ -118,7 +119,7 @@ class Int8Linear(torch.nn.Module):
 
     def _prompt(self, rows: torch.Tensor) -> torch.Tensor:
         how = self.plan["int8 prompt"]
-        if how == "qwenbox" and self.in_features % 32 == 0:  # the kernel's input granule
+        if how == "qwenbox":
             library = kernels.library()
             assert library is not None
             if self._row_sums is None:  # once, at the first prompt: 4 bytes per output row
