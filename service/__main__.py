@@ -1,6 +1,7 @@
 """`python -m service`: serve the chat app with gunicorn, the one command every entry point runs.
 
-`invoke serve` and the container's CMD both run this, so the production server is defined once.
+`invoke serve` and the container's CMD both run this, so the production server is defined once
+(gunicorn runs in this process, with the command line `--print-command` shows).
 One worker process holds the model (a second would load a second copy); its threads carry the
 connections, so health checks and streams are served while the engine works.
 """
@@ -12,6 +13,7 @@ import shutil
 import sys
 
 from .config import Settings, SettingsError, settings_table
+from .inference import startup
 
 
 def gunicorn_argv(settings: Settings) -> list[str]:
@@ -62,13 +64,21 @@ def main(argv: list[str] | None = None) -> int:
     if args and args[0] == "--print-command":
         print(" ".join(argv_))
         return 0
-    beside = os.path.join(os.path.dirname(sys.executable), "gunicorn")
-    executable = beside if os.path.exists(beside) else shutil.which("gunicorn")
-    if executable is None:
+    # The kernel starts reading the weights (and torch's libraries) now, while gunicorn, Flask and
+    # torch import: from a cold disk that read is most of a start (service/inference/startup.py).
+    startup.prefetch(settings.model_id)
+    try:
+        from gunicorn.app.wsgiapp import WSGIApplication
+    except ImportError:
         print("error: gunicorn is not installed (pip install -e .)", file=sys.stderr)
         return 2
-    os.execv(executable, argv_)
-    return 0  # not reached
+    # gunicorn runs in this process, as its own script would with these arguments (exec'ing that
+    # script started a second interpreter and imported gunicorn and the settings again: 0.2 s of a
+    # start). argv[0] is the script, which gunicorn re-executes on a USR2 upgrade.
+    beside = os.path.join(os.path.dirname(sys.executable), "gunicorn")
+    sys.argv = [beside if os.path.exists(beside) else shutil.which("gunicorn") or "gunicorn", *argv_[1:]]
+    WSGIApplication("%(prog)s [OPTIONS] [APP_MODULE]", prog="gunicorn").run()
+    return 0
 
 
 if __name__ == "__main__":

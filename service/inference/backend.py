@@ -34,6 +34,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from .decoder import LeanDecoder
 from .engine import SamplingOptions
 from .loading import load_model
 
@@ -162,6 +163,8 @@ class TransformersBackend:
             eos = self.tokenizer.eos_token_id
         self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else eos)
         self.prefix_cache = PrefixCache()
+        # the lean decode step for the models it knows (None: Transformers' forward decodes)
+        self.decoder = LeanDecoder.build(self.model)
         self._rows: list[Sequence] = []
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None
@@ -220,18 +223,21 @@ class TransformersBackend:
         positions = torch.tensor([[s.length] for s in rows])
         self._mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
         with torch.inference_mode():
-            out = self.model(
-                input_ids=last,
-                attention_mask=self._mask,
-                position_ids=positions,
-                cache=cache,
-                use_cache=True,
-            )
-        self._cache = out.cache
+            if self.decoder is not None:
+                logits = self.decoder.step(last[:, 0], positions[:, 0], self._mask, _kv_layers(cache))
+            else:
+                out = self.model(
+                    input_ids=last,
+                    attention_mask=self._mask,
+                    position_ids=positions,
+                    cache=cache,
+                    use_cache=True,
+                )
+                self._cache, logits = out.cache, out.logits[:, -1]
         tokens = []
         for i, seq in enumerate(rows):
             seq.length += 1
-            tokens.append(self._sample(seq, out.logits[i, -1]))
+            tokens.append(self._sample(seq, logits[i]))
         return tokens
 
     def release(self, seq: Sequence) -> None:

@@ -48,6 +48,7 @@ from .loading import (
     _replace,
     finish,
     local_folder,
+    map_safetensors,
     read_safetensors,
     skeleton,
 )
@@ -281,9 +282,10 @@ def check(folder: Path, precision: str) -> dict:
 
 
 def load(folder: Path, bits: int) -> PreTrainedModel:
-    """The model from pre-quantized `folder`: each module's stored tensors read into fresh memory
-    (nothing stays mapped), packed by `from_quantized` and let go, so peak memory is the model plus
-    one matrix; nothing is quantized again."""
+    """The model from pre-quantized `folder`: the weights file mapped into memory (`map_safetensors`),
+    each module's stored tensors handed to `from_quantized`, which keeps them as they are (the int8
+    and int4 kernels read the stored form; only the fallback kernels pack a copy), so loading
+    copies nothing big and peak memory is the model plus one matrix; nothing is quantized again."""
     precision = next(p for p, b in PRECISIONS.items() if b == bits)
     manifest = check(folder, precision)
     s = skeleton(folder)
@@ -303,7 +305,7 @@ def load(folder: Path, bits: int) -> PreTrainedModel:
                 module._parameters[key] = torch.nn.Parameter(tensor.to(model.dtype), requires_grad=False)
 
     owner, parts, unreturned = "", dict[str, torch.Tensor](), 0
-    for name, tensor in read_safetensors(folder / manifest["weights"]["file"]):
+    for name, tensor in map_safetensors(folder / manifest["weights"]["file"]):
         module, _, key = name.rpartition(".")
         if module != owner and parts:
             unreturned += sum(t.nbytes for t in parts.values())

@@ -88,7 +88,15 @@ def library() -> ModuleType | None:
         module = cpp_extension.load_inline(
             name=NAME,
             cpp_sources=[SOURCE.read_text()],
-            functions=["int8_matmul", "int4_matmul", "int8_prompt_matmul", "int4_prompt_matmul"],
+            functions=[
+                "int8_matmul",
+                "int4_matmul",
+                "int8_prompt_matmul",
+                "int4_prompt_matmul",
+                "decode_add_rms_norm",
+                "decode_silu_mul",
+                "decode_attention",
+            ],
             extra_cflags=FLAGS,
             extra_ldflags=["-fopenmp"],
             build_directory=str(folder),

@@ -4,13 +4,17 @@ bfloat16 and float32 go through `from_pretrained`. int8 and int4 are loaded diff
 their point is a 4 GiB VM: the network is built empty (on the meta device), then the checkpoint is
 read one tensor at a time with plain file reads and every Linear is quantized the moment its weights
 arrive. At no time does a full bf16 or fp32 copy of the model exist, and nothing stays mapped from
-the checkpoint file, so peak memory is the quantized model plus one layer.
+the float checkpoint file, so peak memory is the quantized model plus one layer. A pre-quantized
+checkpoint (checkpoint.py) is mapped instead (`map_safetensors`): its stored rows are the weights.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
+import os
 import struct
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +78,49 @@ def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                     raise ValueError(f"{path} ends inside {name}: truncated")
                 done += n
             dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            yield name, data.view(dtype).reshape(info["shape"])
+
+
+# madvise(MADV_POPULATE_READ), Linux 5.14: map every page of a file mapping now, read-only, in one
+# call (Python 3.11's mmap module does not name it). Older kernels refuse it and pages map at first touch.
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+
+
+def map_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors of a .safetensors file as views of the file mapped into memory, in file order: no
+    copy, and no fresh page to fault in per 4 KiB (reading 1.5 GB of int8 weights into new memory
+    spent 1.4 s of a 2-core AVX2 EPYC in page faults; mapping it takes a tenth of that). For a
+    pre-quantized checkpoint, whose stored int8 rows are the layers' weights as they are: its pages
+    are the page cache's, so they cost no second copy and a memory-starved system can drop and
+    re-read them. Private and writable (copy on write), so nothing written ever reaches the file;
+    the file must not be truncated in place while served (rewriting it makes a new one: os.replace)."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return
+        mapped = mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    mapped.madvise(mmap.MADV_WILLNEED)
+    try:
+        mapped.madvise(_MADV_POPULATE_READ)
+    except OSError:
+        pass
+    header.pop("__metadata__", None)
+    base = 8 + header_len
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.frombuffer of an empty slice warns
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            start, end = info["data_offsets"]
+            if base + end > size:
+                raise ValueError(f"{path} ends inside {name}: truncated")
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            if end == start:
+                yield name, torch.empty(info["shape"], dtype=dtype)
+                continue
+            data = torch.frombuffer(mapped, dtype=torch.uint8, count=end - start, offset=base + start)
+            if (base + start) % dtype.itemsize:  # safetensors does not align: a misaligned one is copied
+                data = data.clone()
             yield name, data.view(dtype).reshape(info["shape"])
 
 

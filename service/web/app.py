@@ -22,6 +22,7 @@ from flask_compress import Compress
 
 from ..config import Settings
 from ..history import History
+from ..inference import startup
 from ..inference.engine import Engine
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..metrics import Metrics
@@ -54,6 +55,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     if engine is not None:
         models = ModelManager.single(engine, settings.model_id)
     else:
+        # before the engine's thread imports Transformers; reads the weights ahead meanwhile
+        startup.prepare(settings.model_id)
         sources = [m.strip() for m in settings.models.split(",") if m.strip()]
         models = ModelManager(
             sources,
@@ -184,24 +187,27 @@ def _transformers_loader(settings: Settings, source: str) -> Callable[[], Any]:
     loading thread, so the server answers health checks while they load (they take seconds)."""
 
     def load() -> Any:
-        from ..inference.backend import TransformersBackend
-        from ..inference.vision import VisionBackend, is_vision
+        try:
+            from ..inference.backend import TransformersBackend
+            from ..inference.vision import VisionBackend, is_vision
 
-        if is_vision(source):
-            return VisionBackend(
+            if is_vision(source):
+                return VisionBackend(
+                    source,
+                    dtype=settings.dtype,
+                    threads=settings.torch_threads,
+                    context_tokens=settings.context_tokens,
+                    max_pixels=settings.image_max_pixels,
+                )
+            return TransformersBackend(
                 source,
                 dtype=settings.dtype,
                 threads=settings.torch_threads,
                 context_tokens=settings.context_tokens,
-                max_pixels=settings.image_max_pixels,
+                max_batch=settings.max_batch,
             )
-        return TransformersBackend(
-            source,
-            dtype=settings.dtype,
-            threads=settings.torch_threads,
-            context_tokens=settings.context_tokens,
-            max_batch=settings.max_batch,
-        )
+        finally:
+            startup.resume_gc()  # paused by startup.prepare (or the worker) for the imports
 
     return load
 

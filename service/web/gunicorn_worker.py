@@ -18,6 +18,8 @@ from typing import Any
 from gunicorn import util
 from gunicorn.workers.gthread import ThreadWorker
 
+from ..inference import startup
+
 
 def write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
     """gunicorn's `util.write_error`, answering in the service's JSON error shape."""
@@ -47,4 +49,7 @@ class JsonErrorWorker(ThreadWorker):
 
     def init_process(self) -> None:
         util.write_error = write_json_error
+        # From here (the worker, before it imports the app) until the model has loaded: see
+        # service/inference/startup.py; the app's loader resumes it.
+        startup.pause_gc()
         super().init_process()
