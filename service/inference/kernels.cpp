@@ -441,95 +441,171 @@ torch::Tensor int4_matmul(torch::Tensor x, torch::Tensor q4, torch::Tensor scale
 
 // ==== int8 prompt GEMM (helper prefill) ====================================================
 // A prompt is a product with many activation rows (M up to a few hundred): compute-bound, not
-// memory-bound, so the weights (the same plain int8 rows and per-row scales the decode kernel
-// reads) are taken into registers once per tile of MB activation rows x R weight rows, and each
-// 32-byte weight load feeds MB vpmaddubsw. The activation rows are quantized per row to 7-bit
-// unsigned with a zero point (x ~ (u - z) x s, u in 0..127): vpmaddubsw multiplies unsigned by
-// signed bytes, and 2 x 127 x 127 fits its int16 pairs, so neither operand needs its sign moved
-// (the decode kernel's vpsignb pair), which leaves the two multiply ports the only bound. The zero
-// point comes back out with each weight row's sum: sum_k (u - z) w = sum_k u w - z sum_k w.
+// memory-bound. The activation rows are quantized per row to 7-bit unsigned with a zero point
+// (x ~ (u - z) x s, u in 0..127): vpmaddubsw multiplies unsigned by signed bytes, and 2 x 127 x 127
+// fits its int16 pairs, so neither operand needs its sign moved; the zero point comes back out with
+// each weight row's sum: sum_k (u - z) w = sum_k u w - z sum_k w.
 namespace prompt8 {
 
-template <int MB, int R>
-inline void tile(const uint8_t* xu, int64_t K, const int8_t* w, int32_t out[MB][R]) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256i acc[MB][R];
-  for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_si256();
-  for (int64_t k = 0; k < K; k += 32) {
-    __m256i wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * K + k));
-    for (int m = 0; m < MB; ++m) {
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xu + m * K + k));
-      for (int r = 0; r < R; ++r)
-        acc[m][r] = _mm256_add_epi32(acc[m][r], _mm256_madd_epi16(_mm256_maddubs_epi16(xv, wv[r]), ones));
-    }
-  }
-  for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < R; ++r) out[m][r] = hsum_i32(acc[m][r]);
-}
+constexpr int MB = 2;  // activation rows per register tile
+constexpr int R = 4;   // weight rows per register tile
+constexpr int64_t KC_STEPS = 96;         // inputs per piece of K, in steps of 32
+constexpr int64_t MC_BYTES = 256 * 1024;  // packed activations per block of rows
 
 struct Args {
-  const uint8_t* xu;  // (M, K) 7-bit unsigned activations
-  const float* xs;    // (M,) their scales
-  const int32_t* xz;  // (M,) their zero points
-  const int8_t* w;    // (N, K)
-  const int32_t* wsum;  // (N,) sum of each weight row
-  const float* scales;  // (N,)
-  const float* bias;    // (N,) or null
-  float* y;             // (M, N)
-  int64_t M, N, K;
+  const uint8_t* xp;    // packed activations: per pair of rows, per 32 inputs, row 0's bytes then row 1's
+  const float* xs;      // (Mp,) scales
+  const int32_t* xz;    // (Mp,) zero points
+  const int8_t* w;      // (N, K) as stored
+  const int8_t* wtail;  // the last, partial group of rows copied into 4 rows of Kp (or null)
+  const int32_t* wsum;  // (Np,) each weight row's sum
+  const float* scales;  // (Np,)
+  const float* bias;    // (Np,) zeros when there is no bias
+  float* y;             // (M, N); int32 partial sums in place while K is split
+  int64_t M, N, K, steps;  // steps: Kp / 32
 };
 
-template <int MB, int R>
-inline void rows(const Args& a, int64_t m, int64_t n) {
-  int32_t out[MB][R];
-  tile<MB, R>(a.xu + m * a.K, a.K, a.w + n * a.K, out);
-  for (int i = 0; i < MB; ++i)
-    for (int r = 0; r < R; ++r) {
-      const int32_t dot = out[i][r] - a.xz[m + i] * a.wsum[n + r];
-      a.y[(m + i) * a.N + n + r] =
-          static_cast<float>(dot) * a.xs[m + i] * a.scales[n + r] + (a.bias ? a.bias[n + r] : 0.0f);
+// 2 activation rows x 4 weight rows over `steps` (>= 1) x 32 inputs; returns [m0: r0..r3 | m1: r0..r3].
+// Per 32 inputs: 8 x (vpmaddubsw, vpmaddwd with ones, vpaddd); the two multiplies share this CPU's two
+// integer-multiply pipes (Zen 3: 2 per cycle), so 32 multiply-adds a cycle is the ceiling. Written in
+// assembly because GCC's version of the same loop shuffled the accumulators through extra register
+// moves and a stack slot every step (44 instructions for 24 of work), which made the front end, not
+// the multipliers, the limit: 60-70 % of the ceiling in L1.
+inline __m256i tile(const uint8_t* xp, const int8_t* w, int64_t stride, int64_t steps) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i a00 = _mm256_setzero_si256(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+  __m256i x0, x1, t0, t1;
+  const int64_t s3 = 3 * stride;
+  __asm__(
+      "1:\n\t"
+      "vmovdqa (%[x]), %[x0]\n\t"
+      "vmovdqa 32(%[x]), %[x1]\n\t"
+#define PROMPT8_ROW(addr, acc0, acc1)                                  \
+      "vpmaddubsw " addr ", %[x0], %[t0]\n\t"                           \
+      "vpmaddubsw " addr ", %[x1], %[t1]\n\t"                           \
+      "vpmaddwd %[ones], %[t0], %[t0]\n\t"                              \
+      "vpmaddwd %[ones], %[t1], %[t1]\n\t"                              \
+      "vpaddd %[t0], %[" acc0 "], %[" acc0 "]\n\t"                      \
+      "vpaddd %[t1], %[" acc1 "], %[" acc1 "]\n\t"
+      PROMPT8_ROW("(%[w])", "a00", "a10")
+      PROMPT8_ROW("(%[w],%[s1])", "a01", "a11")
+      PROMPT8_ROW("(%[w],%[s1],2)", "a02", "a12")
+      PROMPT8_ROW("(%[w],%[s3])", "a03", "a13")
+#undef PROMPT8_ROW
+      "add $64, %[x]\n\t"
+      "add $32, %[w]\n\t"
+      "dec %[n]\n\t"
+      "jnz 1b\n\t"
+      : [x] "+r"(xp), [w] "+r"(w), [n] "+r"(steps), [x0] "=&x"(x0), [x1] "=&x"(x1), [t0] "=&x"(t0),
+        [t1] "=&x"(t1), [a00] "+x"(a00), [a01] "+x"(a01), [a02] "+x"(a02), [a03] "+x"(a03), [a10] "+x"(a10),
+        [a11] "+x"(a11), [a12] "+x"(a12), [a13] "+x"(a13)
+      : [s1] "r"(stride), [s3] "r"(s3), [ones] "x"(ones)
+      : "cc", "memory");
+  // the 8 sums of 8 lanes each, reduced together
+  const __m256i s0 = _mm256_hadd_epi32(_mm256_hadd_epi32(a00, a01), _mm256_hadd_epi32(a02, a03));
+  const __m256i s1 = _mm256_hadd_epi32(_mm256_hadd_epi32(a10, a11), _mm256_hadd_epi32(a12, a13));
+  return _mm256_add_epi32(_mm256_permute2x128_si256(s0, s1, 0x20), _mm256_permute2x128_si256(s0, s1, 0x31));
+}
+
+inline __m256 pair(float a, float b) { return _mm256_setr_m128(_mm_set1_ps(a), _mm_set1_ps(b)); }
+
+// the tile's sums (plus the partial sums already in y when K is split) to y, or back as partial sums
+inline void store(const Args& a, int64_t m, int64_t n, __m256i dot, bool first, bool last) {
+  float* y0 = a.y + m * a.N + n;
+  float* y1 = y0 + a.N;
+  const bool two = m + 1 < a.M, four = n + 4 <= a.N;
+  if (!first) {  // the partial sums of the earlier pieces of K, kept in y's memory as int32
+    alignas(32) float prev[8] = {0};
+    const int cols = static_cast<int>(std::min<int64_t>(R, a.N - n));
+    std::memcpy(prev, y0, cols * sizeof(float));
+    if (two) std::memcpy(prev + 4, y1, cols * sizeof(float));
+    dot = _mm256_add_epi32(dot, _mm256_castps_si256(_mm256_load_ps(prev)));
+  }
+  alignas(32) float out[8];
+  if (last) {
+    const __m128i ws = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.wsum + n));
+    const __m256i corr = _mm256_mullo_epi32(_mm256_setr_m128i(_mm_set1_epi32(a.xz[m]), _mm_set1_epi32(a.xz[m + 1])),
+                                            _mm256_setr_m128i(ws, ws));
+    const __m128 sc = _mm_loadu_ps(a.scales + n), b = _mm_loadu_ps(a.bias + n);
+    const __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(dot, corr)),
+                                     _mm256_mul_ps(pair(a.xs[m], a.xs[m + 1]), _mm256_setr_m128(sc, sc)),
+                                     _mm256_setr_m128(b, b));
+    if (four) {
+      _mm_storeu_ps(y0, _mm256_castps256_ps128(f));
+      if (two) _mm_storeu_ps(y1, _mm256_extractf128_ps(f, 1));
+      return;
     }
+    _mm256_store_ps(out, f);
+  } else {
+    if (four) {
+      _mm_storeu_ps(y0, _mm_castsi128_ps(_mm256_castsi256_si128(dot)));
+      if (two) _mm_storeu_ps(y1, _mm_castsi128_ps(_mm256_extracti128_si256(dot, 1)));
+      return;
+    }
+    _mm256_store_ps(out, _mm256_castsi256_ps(dot));
+  }
+  const int cols = static_cast<int>(a.N - n);  // 1 to 3: the last group of a partial one
+  std::memcpy(y0, out, cols * sizeof(float));
+  if (two) std::memcpy(y1, out + 4, cols * sizeof(float));
 }
 
-template <int MB, int R>
-void block(const Args& a, int64_t m, int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  for (; n + R <= n1; n += R) rows<MB, R>(a, m, n);
-  for (; n < n1; ++n) rows<MB, 1>(a, m, n);
+// one thread's groups of 4 weight rows [g0, g1): blocks of activation rows (kept in L2) x pieces of
+// K; within them a group's 4 x piece weights stay in L1 while every pair of rows of the block passes
+void run(const Args& a, int64_t g0, int64_t g1, int64_t mc, int64_t kc) {
+  const int64_t pairs = (a.M + 1) / 2, groups = (a.N + R - 1) / R;
+  for (int64_t p0 = 0; p0 < pairs; p0 += mc) {
+    const int64_t p1 = std::min(pairs, p0 + mc);
+    for (int64_t s0 = 0; s0 < a.steps; s0 += kc) {
+      const int64_t ns = std::min(kc, a.steps - s0);
+      const bool first = s0 == 0, last = s0 + ns == a.steps;
+      for (int64_t g = g0; g < g1; ++g) {
+        const bool tail = a.wtail && g == groups - 1;
+        const int8_t* w = tail ? a.wtail + 32 * s0 : a.w + g * R * a.K + 32 * s0;
+        const int64_t stride = tail ? a.steps * 32 : a.K;
+        for (int64_t p = p0; p < p1; ++p) {
+          const __m256i dot = tile(a.xp + (p * a.steps + s0) * 64, w, stride, ns);
+          store(a, 2 * p, g * R, dot, first, last);
+        }
+      }
+    }
+  }
 }
-
-// 2 activation rows x 4 weight rows: 8 accumulators, the fastest of eight shapes tried on an AVX2
-// EPYC (Zen 3) at M = 256 (4x2, 4x3, 6x2, 2x6, 3x4, 1x8, 2x5 were 5-30 % slower)
-constexpr int MB = 2;
-constexpr int R = 4;
 
 }  // namespace prompt8
 
 // y (M, N) = x (M, K) @ (values (N, K) int8 x scales (N,))^T + bias, for prompts (M > a few rows).
-// K must be a multiple of 32 (every model this serves: 1536, 8960, ...).
 // `row_sums` (N,) int32: each weight row's sum, which the caller keeps (computed here if absent).
 torch::Tensor int8_prompt_matmul(torch::Tensor x, torch::Tensor values, torch::Tensor scales,
                                  c10::optional<torch::Tensor> row_sums, c10::optional<torch::Tensor> bias) {
+  using namespace prompt8;
   TORCH_CHECK(values.dim() == 2 && values.scalar_type() == torch::kInt8 && values.is_contiguous(),
               "values must be contiguous int8 (outputs, inputs)");
   const int64_t N = values.size(0), K = values.size(1), M = x.size(0);
   check_x(x, K);
-  TORCH_CHECK(K % 32 == 0, "the prompt kernel needs inputs in multiples of 32, not ", K);
+  TORCH_CHECK(K > 0, "the weights have no inputs");
   TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && scales.is_contiguous() && scales.numel() == N,
               "scales must be contiguous float32 (outputs,)");
   auto y = torch::empty({M, N}, x.options());
-  std::vector<uint8_t> xu(static_cast<size_t>(M * K));
-  std::vector<float> xs(static_cast<size_t>(M));
-  std::vector<int32_t> xz(static_cast<size_t>(M)), wsum(row_sums.has_value() ? 0 : static_cast<size_t>(N));
+  if (M == 0 || N == 0) return y;
+  const int64_t steps = (K + 31) / 32, pairs = (M + 1) / 2, groups = (N + R - 1) / R, Np = groups * R;
+  auto packed = torch::empty({pairs * steps * 64 + 64}, torch::dtype(torch::kUInt8));
+  uint8_t* xp = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(packed.data_ptr<uint8_t>()) + 31) & ~uintptr_t(31));
+  std::vector<float> xs(static_cast<size_t>(2 * pairs), 1.0f);
+  std::vector<int32_t> xz(static_cast<size_t>(2 * pairs), 0);
   const float* xd = x.data_ptr<float>();
   const int8_t* w = values.data_ptr<int8_t>();
-  at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
+  // each row to 7 bits, written where the tiles read it (the pairs interleaved per 32 inputs)
+  at::parallel_for(0, 2 * pairs, 8, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
+      uint8_t* dst = xp + (m / 2) * steps * 64 + (m % 2) * 32;
+      if (m >= M) {
+        for (int64_t s = 0; s < steps; ++s) std::memset(dst + 64 * s, 0, 32);
+        continue;
+      }
       const float* row = xd + m * K;
       __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
-      for (int64_t k = 0; k < K; k += 8) {
+      int64_t k = 0;
+      for (; k + 8 <= K; k += 8) {
         const __m256 v = _mm256_loadu_ps(row + k);
         lo = _mm256_min_ps(lo, v);
         hi = _mm256_max_ps(hi, v);
@@ -537,51 +613,287 @@ torch::Tensor int8_prompt_matmul(torch::Tensor x, torch::Tensor values, torch::T
       float l[8], h[8];
       _mm256_storeu_ps(l, lo);
       _mm256_storeu_ps(h, hi);
-      const float low = *std::min_element(l, l + 8), high = *std::max_element(h, h + 8);
-      const float scale = high > low ? (high - low) / 127.0f : 1.0f;
+      float low = *std::min_element(l, l + 8), high = *std::max_element(h, h + 8);
+      for (; k < K; ++k) {
+        low = std::min(low, row[k]);
+        high = std::max(high, row[k]);
+      }
+      const float scale = high > low ? (high - low) / 127.0f : 1.0f, inv = 1.0f / scale;
       const int32_t zero = static_cast<int32_t>(std::nearbyint(-low / scale));
-      const __m256 inv = _mm256_set1_ps(1.0f / scale);
+      const __m256 vinv = _mm256_set1_ps(inv);
       const __m256i z = _mm256_set1_epi32(zero), top = _mm256_set1_epi32(127), bottom = _mm256_setzero_si256();
-      uint8_t* dst = xu.data() + m * K;
-      for (int64_t k = 0; k < K; k += 8) {
-        __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + k), inv));  // round to nearest even
+      for (k = 0; k + 8 <= K; k += 8) {
+        __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + k), vinv));  // round to nearest even
         q = _mm256_min_epi32(_mm256_max_epi32(_mm256_add_epi32(q, z), bottom), top);
         const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
-        _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + k), _mm_packus_epi16(q16, q16));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + (k / 32) * 64 + k % 32), _mm_packus_epi16(q16, q16));
+      }
+      for (; k < steps * 32; ++k) {  // the last inputs, and zeros to a whole 32 (they add nothing)
+        const int32_t q = k < K ? std::max(0, std::min(127, static_cast<int32_t>(std::nearbyint(row[k] * inv)) + zero)) : 0;
+        dst[(k / 32) * 64 + k % 32] = static_cast<uint8_t>(q);
       }
       xs[m] = scale;
       xz[m] = zero;
     }
   });
-  const int32_t* sums = wsum.data();
+  // per weight row: its sum (kept by the caller), scale and bias, padded to whole groups
+  std::vector<int32_t> wsum(static_cast<size_t>(Np), 0);
+  std::vector<float> sc(static_cast<size_t>(Np), 0.0f), bs(static_cast<size_t>(Np), 0.0f);
   if (row_sums.has_value()) {
     TORCH_CHECK(row_sums->scalar_type() == torch::kInt32 && row_sums->is_contiguous() && row_sums->numel() == N,
                 "row_sums must be contiguous int32 (outputs,)");
-    sums = row_sums->data_ptr<int32_t>();
+    std::memcpy(wsum.data(), row_sums->data_ptr<int32_t>(), N * sizeof(int32_t));
   } else at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-    const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
     for (int64_t n = begin; n < end; ++n) {
-      __m256i acc = _mm256_setzero_si256();
-      for (int64_t k = 0; k < K; k += 32) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + n * K + k));
-        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, v), ones16));
+      int32_t s = 0;
+      for (int64_t k = 0; k < K; ++k) s += w[n * K + k];
+      wsum[n] = s;
+    }
+  });
+  std::memcpy(sc.data(), scales.data_ptr<float>(), N * sizeof(float));
+  if (const float* b = bias_ptr(bias, N)) std::memcpy(bs.data(), b, N * sizeof(float));
+  // the last group, when it is partial or K is not a multiple of 32 (a 32-byte read would run off
+  // the matrix): its rows copied with zeros to 4 rows of whole steps
+  std::vector<int8_t> tail;
+  if (N % R || K % 32) {
+    tail.assign(static_cast<size_t>(R * steps * 32), 0);
+    for (int64_t n = (groups - 1) * R; n < N; ++n)
+      std::memcpy(tail.data() + (n - (groups - 1) * R) * steps * 32, w + n * K, K);
+  }
+  const Args a{xp, xs.data(), xz.data(), w, tail.empty() ? nullptr : tail.data(), wsum.data(), sc.data(), bs.data(),
+               y.data_ptr<float>(), M, N, K, steps};
+  // pieces of K whose 4 weight rows stay in L1 (at most 3 KB a row), blocks of row pairs whose
+  // activations stay in L2 beside them (at most 256 KB), both split evenly
+  const int64_t pieces = (steps + KC_STEPS - 1) / KC_STEPS, kc = (steps + pieces - 1) / pieces;
+  const int64_t mblocks = (pairs * kc * 64 + MC_BYTES - 1) / MC_BYTES, mc = (pairs + mblocks - 1) / mblocks;
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) { run(a, begin, end, mc, kc); });
+  return y;
+}
+
+// ==== int4 prompt GEMM (helper prefill) ====================================================
+// int4 prompts: the decode kernel unpacks every weight vector again for each few activation rows,
+// which leaves the multipliers waiting behind the unpacking. Here a group of 4 weight rows is
+// unpacked once per piece of K into a small buffer (q in 0..15, a byte each, per 64 inputs the 32
+// even then the 32 odd, as the activations are reordered), and every pair of activation rows of a
+// block (int8 per row, as in the decode kernel) runs over it: per 32 inputs 8 vpmaddubsw summed in
+// int16 over a whole group of 64 or 128 inputs (at most 4 x 2 x 15 x 127 = 15240: no saturation),
+// then per group one vpmaddwd, a conversion and a multiply-add by the group's scale, and the low
+// times the row's group sum. About 1.25 multiplies per 32 multiply-adds, against int8's 2.
+namespace prompt4 {
+
+constexpr int64_t KC_INPUTS = 3072;      // inputs per piece of K (whole groups): 12 KB of 4 rows
+constexpr int64_t MC_BYTES = 256 * 1024;  // packed activations per block of rows
+
+// one group's 8 int16 sums for 2 rows x 4 weight rows over `steps` x 64 inputs; `wb`: per 64
+// inputs [row][32 even | 32 odd] (256 bytes), `xp`: per 64 inputs [row][32 even | 32 odd] (128)
+inline void group_sums(const int8_t* xp, const uint8_t* wb, int64_t steps, __m256i p[8]) {
+  __m256i p00 = _mm256_setzero_si256(), p01 = p00, p02 = p00, p03 = p00, p10 = p00, p11 = p00, p12 = p00, p13 = p00;
+  __m256i w0, w1, w2, w3, x0, x1, t;
+  __asm__(
+      "1:\n\t"
+#define PROMPT4_HALF(w_off0, w_off1, w_off2, w_off3, x_off0, x_off1)   \
+      "vmovdqa " w_off0 "(%[w]), %[w0]\n\t"                             \
+      "vmovdqa " w_off1 "(%[w]), %[w1]\n\t"                             \
+      "vmovdqa " w_off2 "(%[w]), %[w2]\n\t"                             \
+      "vmovdqa " w_off3 "(%[w]), %[w3]\n\t"                             \
+      "vmovdqa " x_off0 "(%[x]), %[x0]\n\t"                             \
+      "vmovdqa " x_off1 "(%[x]), %[x1]\n\t"                             \
+      "vpmaddubsw %[x0], %[w0], %[t]\n\t"                               \
+      "vpaddw %[t], %[p00], %[p00]\n\t"                                 \
+      "vpmaddubsw %[x0], %[w1], %[t]\n\t"                               \
+      "vpaddw %[t], %[p01], %[p01]\n\t"                                 \
+      "vpmaddubsw %[x0], %[w2], %[t]\n\t"                               \
+      "vpaddw %[t], %[p02], %[p02]\n\t"                                 \
+      "vpmaddubsw %[x0], %[w3], %[t]\n\t"                               \
+      "vpaddw %[t], %[p03], %[p03]\n\t"                                 \
+      "vpmaddubsw %[x1], %[w0], %[t]\n\t"                               \
+      "vpaddw %[t], %[p10], %[p10]\n\t"                                 \
+      "vpmaddubsw %[x1], %[w1], %[t]\n\t"                               \
+      "vpaddw %[t], %[p11], %[p11]\n\t"                                 \
+      "vpmaddubsw %[x1], %[w2], %[t]\n\t"                               \
+      "vpaddw %[t], %[p12], %[p12]\n\t"                                 \
+      "vpmaddubsw %[x1], %[w3], %[t]\n\t"                               \
+      "vpaddw %[t], %[p13], %[p13]\n\t"
+      PROMPT4_HALF("0", "64", "128", "192", "0", "64")     // the even inputs
+      PROMPT4_HALF("32", "96", "160", "224", "32", "96")   // the odd ones
+#undef PROMPT4_HALF
+      "add $256, %[w]\n\t"
+      "add $128, %[x]\n\t"
+      "dec %[n]\n\t"
+      "jnz 1b\n\t"
+      : [x] "+r"(xp), [w] "+r"(wb), [n] "+r"(steps), [w0] "=&x"(w0), [w1] "=&x"(w1), [w2] "=&x"(w2),
+        [w3] "=&x"(w3), [x0] "=&x"(x0), [x1] "=&x"(x1), [t] "=&x"(t), [p00] "+x"(p00), [p01] "+x"(p01), [p02] "+x"(p02), [p03] "+x"(p03),
+        [p10] "+x"(p10), [p11] "+x"(p11), [p12] "+x"(p12), [p13] "+x"(p13)
+      :
+      : "cc", "memory");
+  p[0] = p00; p[1] = p01; p[2] = p02; p[3] = p03; p[4] = p10; p[5] = p11; p[6] = p12; p[7] = p13;
+}
+
+inline __m256 pair(float a, float b) { return _mm256_setr_m128(_mm_set1_ps(a), _mm_set1_ps(b)); }
+
+// 2 rows x 4 weight rows over `ngroups` groups of `gsteps` x 64 inputs: [m0: r0..r3 | m1: r0..r3]
+// of sum_g (scale x sum q x + low x sum x), in units of the rows' scales
+inline __m256 tile(const int8_t* xp, const uint8_t* wb, const float* sc, const float* lo, const float* xsum0,
+                   const float* xsum1, int64_t ngroups, int64_t gsteps) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[8];
+  for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+  __m256 low = _mm256_setzero_ps();
+  for (int64_t g = 0; g < ngroups; ++g) {
+    __m256i p[8];
+    group_sums(xp + g * gsteps * 128, wb + g * gsteps * 256, gsteps, p);
+    for (int i = 0; i < 8; ++i)
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p[i], ones)),
+                               _mm256_broadcast_ss(sc + 4 * g + (i & 3)), acc[i]);
+    const __m128 l = _mm_load_ps(lo + 4 * g);
+    low = _mm256_fmadd_ps(_mm256_setr_m128(l, l), pair(xsum0[g], xsum1[g]), low);
+  }
+  const __m256 s0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+  const __m256 s1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+  return _mm256_add_ps(_mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20), _mm256_permute2f128_ps(s0, s1, 0x31)), low);
+}
+
+struct Args {
+  const int8_t* xp;        // packed activations (see group_sums)
+  const float* xs;         // (2 pairs,) row scales (0 for the padding row)
+  const float* xsum;       // (2 pairs, groups) each row's quantized inputs summed per group
+  const uint8_t* q;        // (N, K / 2) as stored
+  const uint16_t* scales;  // (N, groups) bf16
+  const uint16_t* lows;    // (N, groups) bf16
+  const float* bias;       // (Np,) zeros without a bias
+  float* y;                // (M, N)
+  int64_t M, N, K, groups, G;
+};
+
+// one thread's groups of 4 weight rows [g0, g1), as prompt8::run: blocks of row pairs x pieces of K
+void run(const Args& a, int64_t r0, int64_t r1, int64_t mc, int64_t kc_groups) {
+  const int64_t pairs = (a.M + 1) / 2, gsteps = a.G / 64, half = a.K / 2;
+  alignas(32) static thread_local uint8_t wb[4 * KC_INPUTS];
+  alignas(32) static thread_local float sc[4 * KC_INPUTS / 64], lo[4 * KC_INPUTS / 64];
+  const __m256i nibble = _mm256_set1_epi8(15);
+  for (int64_t p0 = 0; p0 < pairs; p0 += mc) {
+    const int64_t p1 = std::min(pairs, p0 + mc);
+    for (int64_t gb = 0; gb < a.groups; gb += kc_groups) {
+      const int64_t ng = std::min(kc_groups, a.groups - gb), k0 = gb * a.G, steps = ng * gsteps;
+      const bool first = gb == 0, last = gb + ng == a.groups;
+      for (int64_t rg = r0; rg < r1; ++rg) {
+        // the 4 rows' piece unpacked (rows past N: zeros), their scales and lows as float
+        for (int r = 0; r < 4; ++r) {
+          const int64_t n = rg * 4 + r;
+          for (int64_t s = 0; s < steps; ++s) {
+            __m256i even = _mm256_setzero_si256(), odd = even;
+            if (n < a.N) {
+              const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + n * half + (k0 + 64 * s) / 2));
+              even = _mm256_and_si256(v, nibble);
+              odd = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+            }
+            _mm256_store_si256(reinterpret_cast<__m256i*>(wb + s * 256 + r * 64), even);
+            _mm256_store_si256(reinterpret_cast<__m256i*>(wb + s * 256 + r * 64 + 32), odd);
+          }
+          for (int64_t g = 0; g < ng; ++g) {
+            sc[4 * g + r] = n < a.N ? bf16_to_float(a.scales[n * a.groups + gb + g]) : 0.0f;
+            lo[4 * g + r] = n < a.N ? bf16_to_float(a.lows[n * a.groups + gb + g]) : 0.0f;
+          }
+        }
+        const int64_t n = rg * 4;
+        const bool four = n + 4 <= a.N;
+        const __m128 b = _mm_loadu_ps(a.bias + n);
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t m = 2 * p;
+          const __m256 t = tile(a.xp + (p * (a.K / 64) + k0 / 64) * 128, wb, sc, lo, a.xsum + m * a.groups + gb,
+                                a.xsum + (m + 1) * a.groups + gb, ng, gsteps);
+          __m256 v = _mm256_mul_ps(t, pair(a.xs[m], a.xs[m + 1]));
+          float* y0 = a.y + m * a.N + n;
+          float* y1 = y0 + a.N;
+          const bool two = m + 1 < a.M;
+          const int cols = static_cast<int>(std::min<int64_t>(4, a.N - n));
+          alignas(32) float out[8] = {0};
+          if (!first) {
+            std::memcpy(out, y0, cols * sizeof(float));
+            if (two) std::memcpy(out + 4, y1, cols * sizeof(float));
+            v = _mm256_add_ps(v, _mm256_load_ps(out));
+          }
+          if (last) v = _mm256_add_ps(v, _mm256_setr_m128(b, b));
+          if (four) {
+            _mm_storeu_ps(y0, _mm256_castps256_ps128(v));
+            if (two) _mm_storeu_ps(y1, _mm256_extractf128_ps(v, 1));
+          } else {
+            _mm256_store_ps(out, v);
+            std::memcpy(y0, out, cols * sizeof(float));
+            if (two) std::memcpy(y1, out + 4, cols * sizeof(float));
+          }
+        }
       }
-      wsum[n] = hsum_i32(acc);
+    }
+  }
+}
+
+}  // namespace prompt4
+
+// y (M, N) = x (M, K) @ w^T + bias for prompts, w as int4_matmul takes it; K a multiple of 64 and
+// groups of 64 or 128 inputs (int4_matmul takes every other shape)
+torch::Tensor int4_prompt_matmul(torch::Tensor x, torch::Tensor q4, torch::Tensor scales, torch::Tensor lows,
+                                 c10::optional<torch::Tensor> bias) {
+  using namespace prompt4;
+  TORCH_CHECK(q4.dim() == 2 && q4.scalar_type() == torch::kUInt8 && q4.is_contiguous(),
+              "q4 must be contiguous uint8 (outputs, inputs / 2)");
+  const int64_t N = q4.size(0), K = q4.size(1) * 2, M = x.size(0);
+  check_x(x, K);
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.scalar_type() == torch::kBFloat16 &&
+                  scales.is_contiguous() && lows.sizes() == scales.sizes() &&
+                  lows.scalar_type() == torch::kBFloat16 && lows.is_contiguous(),
+              "scales and lows must be contiguous bfloat16 (outputs, groups)");
+  const int64_t groups = scales.size(1);
+  TORCH_CHECK(groups > 0 && K % groups == 0 && K % 64 == 0, "the prompt kernel needs inputs in multiples of 64");
+  const int64_t G = K / groups;
+  TORCH_CHECK(G == 64 || G == 128, "the prompt kernel takes groups of 64 or 128 inputs, not ", G);
+  auto y = torch::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  const int64_t pairs = (M + 1) / 2, steps = K / 64, rgroups = (N + 3) / 4;
+  auto packed = torch::empty({pairs * steps * 128 + 32}, torch::dtype(torch::kInt8));
+  int8_t* xp = reinterpret_cast<int8_t*>((reinterpret_cast<uintptr_t>(packed.data_ptr<int8_t>()) + 31) & ~uintptr_t(31));
+  std::vector<float> xs(static_cast<size_t>(2 * pairs), 0.0f), xsum(static_cast<size_t>(2 * pairs * groups), 0.0f);
+  const float* xd = x.data_ptr<float>();
+  // each row to int8 (as int4_matmul: one scale, per 64 inputs the 32 even then the 32 odd),
+  // written where the tiles read it, and its group sums
+  at::parallel_for(0, 2 * pairs, 8, [&](int64_t begin, int64_t end) {
+    const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                           0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    for (int64_t m = begin; m < end; ++m) {
+      int8_t* dst = xp + (m / 2) * steps * 128 + (m % 2) * 64;
+      if (m >= M) {
+        for (int64_t s = 0; s < steps; ++s) std::memset(dst + 128 * s, 0, 64);
+        continue;
+      }
+      const float* row = xd + m * K;
+      const float scale = row_scale(row, K);
+      const __m256 inv = _mm256_set1_ps(1.0f / scale);
+      float* sums = xsum.data() + m * groups;
+      int32_t s0, s1;
+      for (int64_t s = 0; s < steps; ++s) {
+        const int64_t k = 64 * s;
+        __m256i lo = _mm256_shuffle_epi8(quantize32(row + k, inv, s0), split);
+        __m256i hi = _mm256_shuffle_epi8(quantize32(row + k + 32, inv, s1), split);
+        lo = _mm256_permute4x64_epi64(lo, 0xd8);
+        hi = _mm256_permute4x64_epi64(hi, 0xd8);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 128 * s), _mm256_permute2x128_si256(lo, hi, 0x20));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 128 * s + 32), _mm256_permute2x128_si256(lo, hi, 0x31));
+        sums[k / G] += static_cast<float>(s0 + s1);
+      }
+      xs[m] = scale;
     }
   });
-  const prompt8::Args a{xu.data(), xs.data(), xz.data(), w, sums, scales.data_ptr<float>(),
-                        bias_ptr(bias, N), y.data_ptr<float>(), M, N, K};
-  // weight rows per task: as many as stay in the core's L2 next to a tile of activation rows
-  const int64_t per_task = std::max<int64_t>(prompt8::R, std::min<int64_t>(64, (256 * 1024 / K) / prompt8::R * prompt8::R));
-  const int64_t blocks = (N + per_task - 1) / per_task;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t n0 = blk * per_task, n1 = std::min(N, n0 + per_task);
-      int64_t m = 0;
-      for (; m + prompt8::MB <= M; m += prompt8::MB) prompt8::block<prompt8::MB, prompt8::R>(a, m, n0, n1);
-      for (; m < M; ++m) prompt8::block<1, prompt8::R>(a, m, n0, n1);
-    }
-  });
+  std::vector<float> bs(static_cast<size_t>(rgroups * 4), 0.0f);
+  if (const float* b = bias_ptr(bias, N)) std::memcpy(bs.data(), b, N * sizeof(float));
+  const Args a{xp, xs.data(), xsum.data(), q4.data_ptr<uint8_t>(),
+               reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>()),
+               reinterpret_cast<const uint16_t*>(lows.data_ptr<at::BFloat16>()), bs.data(), y.data_ptr<float>(),
+               M, N, K, groups, G};
+  const int64_t kc_groups = std::max<int64_t>(1, KC_INPUTS / G), kc_pieces = (groups + kc_groups - 1) / kc_groups;
+  const int64_t kcg = (groups + kc_pieces - 1) / kc_pieces;  // even pieces
+  const int64_t piece_bytes = kcg * G * 2;  // a pair's packed activations per piece
+  const int64_t mblocks = (pairs * piece_bytes + MC_BYTES - 1) / MC_BYTES, mc = (pairs + mblocks - 1) / mblocks;
+  at::parallel_for(0, rgroups, 1, [&](int64_t begin, int64_t end) { run(a, begin, end, mc, kcg); });
   return y;
 }
 

@@ -9,13 +9,16 @@ checkpoint holds), so loading packs nothing, and compute with the kernels chosen
   int4 groups read as stored, multiplied in integers with the activation rows quantized to int8
   per row), near memory speed;
 - a prompt (more rows): int8 through the compiled prompt kernel (`int8_prompt_matmul`: the same
-  stored rows, a register tile of 2 activation rows x 4 weight rows in integers, compute-bound),
+  stored rows, a register tile of 2 activation rows x 4 weight rows in integers, the activations
+  packed once per call and blocked so tiles read L1 and L2, compute-bound),
   which replaced oneDNN's int8 GEMM (`onednn.qlinear_pointwise`) because oneDNN cannot read the
   plain matrix: it reordered the weights and built a new primitive on every call, as much time as
   the product itself at 128-row pieces, and keeping reordered copies would double the weights'
-  memory; oneDNN stays the path without the compiled kernels. int4 prompts through the same
-  compiled kernel as their decode, which keeps a block of weights in cache across the rows (8x
-  faster than float32 products of dequantized rows on an AVX2 EPYC);
+  memory; oneDNN stays the path without the compiled kernels. int4 prompts through the compiled
+  int4 prompt kernel (`int4_prompt_matmul`: 4 weight rows unpacked once per piece of K into a small
+  buffer, 2 x 4 tiles summed in int16 per group; 8x faster than float32 products of dequantized
+  rows on an AVX2 EPYC, and 20-30 % faster than the decode kernel at 256 rows), or the decode
+  kernel for shapes it does not take;
 - without the compiled kernels (no compiler, no AVX2): PyTorch's weight-only kernels
   (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) on bf16 rows: supported, slower.
 
@@ -122,7 +125,7 @@ class Int8Linear(torch.nn.Module):
 
     def _prompt(self, rows: torch.Tensor) -> torch.Tensor:
         how = self.plan["int8 prompt"]
-        if how == "qwenbox" and self.in_features % 32 == 0:  # the kernel's input granule
+        if how == "qwenbox":
             library = kernels.library()
             assert library is not None
             if self._row_sums is None:  # once, at the first prompt: 4 bytes per output row
@@ -190,11 +193,14 @@ class Int4Linear(torch.nn.Module):
         self.bias = None if bias is None else bias.detach().float().contiguous()
         self.plan = kernel_plan()
         self._kernel: Callable[..., torch.Tensor] | None = None
+        self._prompt_kernel: Callable[..., torch.Tensor] | None = None
         if self.plan["int4 decode"] == "qwenbox":
             library = kernels.library()
             assert library is not None
             # looked up once: a decode step makes ~200 products, each a few microseconds of Python
             self._kernel = library.int4_matmul
+            if self.in_features % 64 == 0 and self.group in (64, 128):  # what the prompt kernel takes
+                self._prompt_kernel = library.int4_prompt_matmul
             self.q4 = q4.contiguous()
             self.scales, self.lows = (
                 scales.to(torch.bfloat16).contiguous(),
@@ -208,7 +214,10 @@ class Int4Linear(torch.nn.Module):
         if self._kernel is not None:  # decode and prompts alike (see choose_kernels)
             if rows.dtype != torch.float32 or not rows.is_contiguous():
                 rows = rows.float().contiguous()
-            out = self._kernel(rows, self.q4, self.scales, self.lows, self.bias)
+            kernel = self._kernel
+            if rows.shape[0] > DECODE_ROWS and self._prompt_kernel is not None:
+                kernel = self._prompt_kernel
+            out = kernel(rows, self.q4, self.scales, self.lows, self.bias)
         else:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 rows.to(torch.bfloat16), self.packed, self.group, self.scales_zeros
