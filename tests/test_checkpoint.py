@@ -4,6 +4,7 @@ refused with a message that says what differs."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -71,7 +72,7 @@ def test_fused_products_are_the_mapped_file_not_a_copy(written, precision, weigh
         ):
             parts = [getattr(m, weights) for m in group]
             assert all(p.untyped_storage().nbytes() == size for p in parts)  # the file's mapping
-            for before, after in zip(parts, parts[1:]):
+            for before, after in itertools.pairwise(parts):
                 assert after.data_ptr() == before.data_ptr() + before.nbytes
 
 

@@ -202,8 +202,8 @@ def _write_file(s: Skeleton, file: Path, bits: int, put: Callable[[str, torch.Te
         return_freed_memory()
     if pending:  # a weight whose bias is in another shard: rare, and then it is written here
         raise ValueError(f"{file} holds a part of {sorted(pending)[:3]} without the rest")
-    for (parent, group), members in held.items():  # a group split across shards: stored apart
-        _put_layers([(f"{parent}.{m}", members[m]) for m in group if m in members], put)
+    for (parent, names), members in held.items():  # a group split across shards: stored apart
+        _put_layers([(f"{parent}.{m}", members[m]) for m in names if m in members], put)
 
 
 def _put_layers(

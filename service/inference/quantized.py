@@ -43,7 +43,7 @@ INT4_GROUPS = (128, 64, 32)  # group sizes the CPU kernel takes, largest (fewest
 # Layers the decode step (decoder.py) fuses into one product, by their names under a decoder layer's
 # attention and MLP, in output order. The checkpoint writer stores each group's weight rows one after
 # another, so that fusing them at load is a view of the mapped file, not a copy (decoder._joined).
-FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+FUSED: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 DECODE_ROWS = 8  # activation rows up to which a product is a decode step (bandwidth-bound)
 
 
