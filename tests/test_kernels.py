@@ -43,8 +43,9 @@ def test_the_kernels_build_on_an_x86_machine_with_a_compiler():
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-# odd row counts; int4 groups of 32 with a last half vector (96), 64 (192), 128 (256), a lone group of 32
-@pytest.mark.parametrize("shape", [(37, 96), (130, 256), (16, 32), (37, 192)])
+# odd row counts; int4 groups of 32 with a last half vector (96), 64 (192), 128 (256), a lone group of 32,
+# and 9 groups of 128 (1152): the batch tile's lows taken 8 groups a vector plus a last one
+@pytest.mark.parametrize("shape", [(37, 96), (130, 256), (16, 32), (37, 192), (48, 1152)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_compiled_kernels_match_a_float_reference_at_every_decode_row_count(bits, shape, bias, monkeypatch):
     if not kernels.available():
