@@ -36,6 +36,13 @@ DOCKERFILE = (ROOT / "Dockerfile").read_text()
 SIZE_BUDGET = 1.2e9  # bytes, without the model: the image is the Azure VM's cold start
 
 
+# The processes whose parent is PID 1 (field 4 of /proc/PID/stat, after the parenthesised name).
+PID1_CHILDREN = (
+    "import os; print(*[p for p in os.listdir('/proc') if p.isdigit() "
+    "and open(f'/proc/{p}/stat').read().rsplit(')', 1)[1].split()[1] == '1'])"
+)
+
+
 def instructions(keyword: str) -> list[str]:
     """Arguments of each `keyword` instruction, continuation lines joined."""
     joined = re.sub(r"\\\n\s*", " ", DOCKERFILE)
@@ -304,11 +311,18 @@ def test_the_image_builds_and_serves_a_mounted_model(
     body = chat(port)
     assert "tiny-qwen" in body["model"] and body["usage"]["completion_tokens"] >= 1
 
-    # The server process itself (PID 1 execs gunicorn) is not root, and the final stage is lean.
+    # The server process itself (PID 1: `python -m service`, gunicorn's arbiter run in-process, its
+    # worker a child) is not root, and the final stage is lean.
     status = docker("exec", name, "cat", "/proc/1/status").stdout
     uids = re.search(r"^Uid:\s+(.*)$", status, flags=re.M).group(1).split()
     assert uids and all(uid == "10001" for uid in uids), status
-    assert "gunicorn" in docker("exec", name, "cat", "/proc/1/cmdline").stdout
+    assert docker("exec", name, "cat", "/proc/1/cmdline").stdout.split("\0")[:3] == [
+        "python",
+        "-m",
+        "service",
+    ]
+    children = docker("exec", name, "python", "-c", PID1_CHILDREN).stdout.split()
+    assert children, "gunicorn's worker runs as PID 1's child"
     lean = docker(
         "exec",
         name,
