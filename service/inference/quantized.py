@@ -14,11 +14,10 @@ checkpoint holds), so loading packs nothing, and compute with the kernels chosen
   which replaced oneDNN's int8 GEMM (`onednn.qlinear_pointwise`) because oneDNN cannot read the
   plain matrix: it reordered the weights and built a new primitive on every call, as much time as
   the product itself at 128-row pieces, and keeping reordered copies would double the weights'
-  memory; oneDNN stays the path without the compiled kernels. int4 prompts through the compiled
-  int4 prompt kernel (`int4_prompt_matmul`: 4 weight rows unpacked once per piece of K into a small
-  buffer, 2 x 4 tiles summed in int16 per group; 8x faster than float32 products of dequantized
-  rows on an AVX2 EPYC, and 20-30 % faster than the decode kernel at 256 rows), or the decode
-  kernel for shapes it does not take;
+  memory; oneDNN stays the path without the compiled kernels. int4 prompts through the int4
+  decode kernel (8x faster than float32 products of dequantized rows on an AVX2 EPYC); the int4
+  prompt kernel beside it (`int4_prompt_matmul`: 4 weight rows unpacked once per piece of K, 2 x 4
+  tiles summed in int16 per group) was 20-30 % faster alone but slower inside the model, so unused;
 - without the compiled kernels (no compiler, no AVX2): PyTorch's weight-only kernels
   (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) on bf16 rows: supported, slower.
 
@@ -193,14 +192,14 @@ class Int4Linear(torch.nn.Module):
         self.bias = None if bias is None else bias.detach().float().contiguous()
         self.plan = kernel_plan()
         self._kernel: Callable[..., torch.Tensor] | None = None
-        self._prompt_kernel: Callable[..., torch.Tensor] | None = None
         if self.plan["int4 decode"] == "qwenbox":
             library = kernels.library()
             assert library is not None
-            # looked up once: a decode step makes ~200 products, each a few microseconds of Python
+            # looked up once: a decode step makes ~200 products, each a few microseconds of Python.
+            # Prompts too: `int4_prompt_matmul`, faster alone on the model's shapes, read a 256-token
+            # prompt slower inside the model (4.4-4.6 s against 3.4-4.1, interleaved, 2-core AVX2
+            # EPYC), so it is not used until that is understood.
             self._kernel = library.int4_matmul
-            if self.in_features % 64 == 0 and self.group in (64, 128):  # what the prompt kernel takes
-                self._prompt_kernel = library.int4_prompt_matmul
             self.q4 = q4.contiguous()
             self.scales, self.lows = (
                 scales.to(torch.bfloat16).contiguous(),
@@ -214,10 +213,7 @@ class Int4Linear(torch.nn.Module):
         if self._kernel is not None:  # decode and prompts alike (see choose_kernels)
             if rows.dtype != torch.float32 or not rows.is_contiguous():
                 rows = rows.float().contiguous()
-            kernel = self._kernel
-            if rows.shape[0] > DECODE_ROWS and self._prompt_kernel is not None:
-                kernel = self._prompt_kernel
-            out = kernel(rows, self.q4, self.scales, self.lows, self.bias)
+            out = self._kernel(rows, self.q4, self.scales, self.lows, self.bias)
         else:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 rows.to(torch.bfloat16), self.packed, self.group, self.scales_zeros
