@@ -404,17 +404,23 @@ torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor values, torch::Tensor s
   return y;
 }
 
-// y (M, N) = x (M, K) @ w^T + bias, w[n, k] = q(n, k) x scales[n, k / group] + lows[n, k / group]
-torch::Tensor int4_matmul(torch::Tensor x, torch::Tensor q4, torch::Tensor scales, torch::Tensor lows,
-                          c10::optional<torch::Tensor> bias) {
+// The int4 kernels' arguments: q4 (outputs, inputs / 2) uint8, scales and lows (outputs, groups) bfloat16.
+void check_int4(const torch::Tensor& x, const torch::Tensor& q4, const torch::Tensor& scales,
+                const torch::Tensor& lows) {
   TORCH_CHECK(q4.dim() == 2 && q4.scalar_type() == torch::kUInt8 && q4.is_contiguous(),
               "q4 must be contiguous uint8 (outputs, inputs / 2)");
-  const int64_t N = q4.size(0), K = q4.size(1) * 2, M = x.size(0);
-  check_x(x, K);
-  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.scalar_type() == torch::kBFloat16 &&
+  check_x(x, q4.size(1) * 2);
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == q4.size(0) && scales.scalar_type() == torch::kBFloat16 &&
                   scales.is_contiguous() && lows.sizes() == scales.sizes() &&
                   lows.scalar_type() == torch::kBFloat16 && lows.is_contiguous(),
               "scales and lows must be contiguous bfloat16 (outputs, groups)");
+}
+
+// y (M, N) = x (M, K) @ w^T + bias, w[n, k] = q(n, k) x scales[n, k / group] + lows[n, k / group]
+torch::Tensor int4_matmul(torch::Tensor x, torch::Tensor q4, torch::Tensor scales, torch::Tensor lows,
+                          c10::optional<torch::Tensor> bias) {
+  check_int4(x, q4, scales, lows);
+  const int64_t N = q4.size(0), K = q4.size(1) * 2, M = x.size(0);
   const int64_t groups = scales.size(1);
   TORCH_CHECK(groups > 0 && K % groups == 0, "the groups must divide the inputs");
   const int64_t group = K / groups;
@@ -882,14 +888,8 @@ void run(const Args& a, int64_t r0, int64_t r1, int64_t mc, int64_t kc_groups) {
 torch::Tensor int4_prompt_matmul(torch::Tensor x, torch::Tensor q4, torch::Tensor scales, torch::Tensor lows,
                                  c10::optional<torch::Tensor> bias) {
   using namespace prompt4;
-  TORCH_CHECK(q4.dim() == 2 && q4.scalar_type() == torch::kUInt8 && q4.is_contiguous(),
-              "q4 must be contiguous uint8 (outputs, inputs / 2)");
+  check_int4(x, q4, scales, lows);
   const int64_t N = q4.size(0), K = q4.size(1) * 2, M = x.size(0);
-  check_x(x, K);
-  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.scalar_type() == torch::kBFloat16 &&
-                  scales.is_contiguous() && lows.sizes() == scales.sizes() &&
-                  lows.scalar_type() == torch::kBFloat16 && lows.is_contiguous(),
-              "scales and lows must be contiguous bfloat16 (outputs, groups)");
   const int64_t groups = scales.size(1);
   TORCH_CHECK(groups > 0 && K % groups == 0 && K % 64 == 0, "the prompt kernel needs inputs in multiples of 64");
   const int64_t G = K / groups;
