@@ -137,8 +137,16 @@ class ModelManager:
         """Every offer that has an engine (loading, loaded or failed), by id: what /metrics reports."""
         return [(o.id, o.engine) for o in list(self._offers.values()) if o.engine is not None]
 
-    def describe(self) -> list[dict[str, Any]]:
-        active = self.active.id
+    def describe(self) -> tuple[str, list[dict[str, Any]]]:
+        """The active id and every offer, from one reading of each model's state.
+
+        A model may finish loading between two reads; reading once and promoting from that reading keeps
+        the listing from saying "loaded" of the model it is switching to while naming the old one active.
+        """
+        with self._lock:
+            states = {o.id: o.state for o in self._offers.values()}
+            self._promote(states)
+            active, pending = self._active, self._pending
         out = []
         for offer in self._offers.values():
             entry = offer.catalog
@@ -147,10 +155,10 @@ class ModelManager:
                 {
                     "id": offer.id,
                     "source": offer.source,
-                    "state": offer.state,
+                    "state": states[offer.id],
                     "error": error,
                     "active": offer.id == active,
-                    "pending": offer.id == self._pending,
+                    "pending": offer.id == pending,
                     "params_b": entry.params_b if entry else None,
                     "context_length": entry.context_length if entry else None,
                     "licence": entry.licence if entry else None,
@@ -159,7 +167,7 @@ class ModelManager:
                     "accepts_images": offer.accepts_images,
                 }
             )
-        return out
+        return active, out
 
     # --- switching ---------------------------------------------------------------------------
     def select(self, model: str) -> Offer:
@@ -178,14 +186,15 @@ class ModelManager:
             self._pending = offer.id
             return offer
 
-    def _promote(self) -> None:
+    def _promote(self, states: dict[str, str] | None = None) -> None:
         if self._pending is None:
             return
         pending = self._offers[self._pending]
-        if pending.state == "loaded":
+        state = pending.state if states is None else states[pending.id]
+        if state == "loaded":
             log.info("switched to %s", pending.id)
             self._active, self._pending = pending.id, None
-        elif pending.state == "failed":
+        elif state == "failed":
             self._pending = None
             if self._offers[self._active].engine is None:  # nothing left to fall back on
                 self._active = pending.id

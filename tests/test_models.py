@@ -11,6 +11,7 @@ from service.catalog import CATALOG, lookup
 from service.config import Settings
 from service.dev.tiny_models import build_tiny_llama, build_tiny_model
 from service.inference.memory import weights_bytes
+from service.models import ModelManager
 from service.web import create_app
 
 
@@ -151,3 +152,36 @@ def test_a_model_that_fails_to_load_is_reported_and_the_current_one_stays(tiny_m
     assert listing["active"] == tiny_model_dir.name
     assert client.get("/api/health").status_code == 200
     app.extensions["models"].close()
+
+
+class FlippingEngine:
+    """An engine that is still loading the first time its state is read and loaded from then on: the
+    moment a model finishes loading between two reads of one listing."""
+
+    error = None
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def start(self) -> FlippingEngine:
+        return self
+
+    @property
+    def state(self) -> str:
+        self.reads += 1
+        return "loading" if self.reads == 1 else "ok"
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_listing_names_one_active_model_even_while_the_other_finishes_loading():
+    engines = {"first": FlippingEngine(), "second": FlippingEngine()}
+    engines["first"].reads = 1  # loaded already
+    manager = ModelManager(["first", "second"], "first", engines.__getitem__, budget_bytes=2**40).start()
+    assert manager.select("second").id == "second"  # starts it loading; its state has not been read yet
+    active, data = manager.describe()  # "second" turns loaded during this call
+    states = {m["id"]: (m["state"], m["active"]) for m in data}
+    assert states["second"] == ("loading", False) and (active, states["first"]) == ("first", ("loaded", True))
+    active, data = manager.describe()
+    assert active == "second" and {m["id"]: m["active"] for m in data} == {"first": False, "second": True}

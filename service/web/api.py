@@ -63,7 +63,8 @@ def health() -> tuple[Response, int]:
 def list_models() -> Response:
     s = _settings()
     limits = {"max_images": s.max_images, "max_bytes": s.image_max_bytes, "max_pixels": s.image_max_pixels}
-    return jsonify(active=models().active.id, data=models().describe(), image_limits=limits)
+    active, data = models().describe()
+    return jsonify(active=active, data=data, image_limits=limits)
 
 
 class SelectBody(BaseModel):
