@@ -86,6 +86,47 @@ def test_int8_kernel_takes_odd_input_counts_and_keeps_the_activation_dtype(monke
     assert layer(x.bfloat16()).dtype == torch.bfloat16
 
 
+def int8_quantized_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int8 decode kernel's own rounding of each row, in the same float32 steps (scale =
+    max|row| / 127, times 1 / scale, to nearest even): the int8 values as int64, and the scales."""
+    scale = x.abs().amax(dim=-1, keepdim=True) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (x * (1 / scale)).round().clamp(-127, 127).to(torch.int64), scale
+
+
+# K with a tail of 1..31 inputs past whole steps of 32 (45, 1552 + 17), fewer than 32 (17), one step
+# (32), rows short (<= 2048: prefetched as one run) and long (2087, 2112); N odd (the last weight row alone)
+@pytest.mark.parametrize("shape", [(37, 45), (33, 96), (16, 32), (3, 17), (35, 1569), (19, 2087), (8, 2112)])
+def test_int8_batch_tile_gives_each_row_what_it_gets_alone(shape):
+    """2-4 rows decoding together go through the batch tile (`int8q_tile_batch2`: rows packed per 32
+    inputs, the loop in assembly), 5-8 as 4 then the rest, 1 row through `int8q_tile`: each row's
+    result must be exactly its result alone (with a bias, to an ulp: the compiler may fuse the
+    epilogue's multiply and add in one tile and not in the other), and the exact integer product of
+    its int8 row, rescaled."""
+    library = kernels.library()
+    if library is None:
+        pytest.skip("no compiled kernels here")
+    torch.manual_seed(shape[0] * shape[1])
+    values = torch.randint(-127, 128, shape, dtype=torch.int8)
+    values[0] = 127  # the largest pairs: 2 x 127 x 127 in int16 must not saturate
+    values[-1, ::2] = -127
+    scales = torch.rand(shape[0]) + 0.01
+    bias = torch.randn(shape[0])
+    for rows in range(1, 10):
+        x = torch.randn(rows, shape[1]) * torch.linspace(0.1, 3, rows)[:, None]
+        x[0, ::3] = -x[0].abs().amax()  # inputs at -127 x the row's scale
+        for b in (None, bias):
+            got = library.int8_matmul(x, values, scales, b)
+            alone = torch.cat([library.int8_matmul(x[i : i + 1], values, scales, b) for i in range(rows)])
+            if b is None:
+                assert torch.equal(got, alone), rows
+            else:
+                torch.testing.assert_close(got, alone, rtol=1e-6, atol=1e-6)
+            q, s = int8_quantized_rows(x)
+            want = (q @ values.to(torch.int64).T).float() * s * scales + (0 if b is None else b)
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+
+
 @pytest.mark.parametrize("plan", [FALLBACK, FALLBACK_ONEDNN], ids=["no-kernels", "no-kernels-onednn"])
 @pytest.mark.parametrize("bits", [8, 4])
 def test_fallback_kernels_match_the_same_reference(plan, bits, monkeypatch):

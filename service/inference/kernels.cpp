@@ -21,6 +21,7 @@
 namespace {
 
 constexpr int64_t BLOCK_ROWS = 16;  // output rows per parallel task: 16 x K int8 bytes stay in L1/L2
+constexpr int BATCH8_FROM = 2;     // activation rows from which int8 decode takes the batch tile (int8q_tile_batch2)
 
 inline float hsum(__m256 v) {
   __m128 lo = _mm256_castps256_ps128(v);
@@ -131,23 +132,121 @@ inline void int8q_tile(const int8_t* xq, int64_t K, const int8_t* w, int32_t out
     }
 }
 
+// 2-4 activation rows at once (a batch's decode step): there the products are compute-bound, not
+// memory-bound, and int8q_tile<3..4, 2> spent about as many instructions again as its arithmetic on
+// copying accumulators between registers, a spilled one, reloading row pointers and |x| for every
+// pair of weight rows. For the batch tile the rows are packed once per product, per 32 inputs
+// [x_0 | |x_0| | x_1 | |x_1| ...] (64 x MB bytes a step), so one pointer with constant offsets walks
+// them; the integers are int8q_tile's exactly (per activation row and weight vector vpsignb,
+// vpmaddubsw, vpmaddwd, vpaddd), so a row's result does not depend on the rows beside it.
+template <int MB>
+inline void int8q_pack(const int8_t* xq, int64_t K, int8_t* dst) {
+  for (int64_t k = 0; k + 32 <= K; k += 32)
+    for (int m = 0; m < MB; ++m, dst += 64) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + k));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), v);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 32), _mm256_sign_epi8(v, v));
+    }
+}
+
+// One activation row's step against the two weight vectors in ymm10, ymm11 (X, AX: offsets of its x and |x|
+// in the packed step; A0, A1: its two accumulators): sign(w, x), |x| x that in int16 pairs, pairs to int32, add.
+#define I8B_ROW(X, AX, A0, A1)                      \
+  "vmovdqu " AX "(%[xp]), %%ymm13\n\t"              \
+  "vpsignb " X "(%[xp]), %%ymm10, %%ymm14\n\t"      \
+  "vpsignb " X "(%[xp]), %%ymm11, %%ymm12\n\t"      \
+  "vpmaddubsw %%ymm14, %%ymm13, %%ymm14\n\t"        \
+  "vpmaddubsw %%ymm12, %%ymm13, %%ymm12\n\t"        \
+  "vpmaddwd %[ones], %%ymm14, %%ymm14\n\t"          \
+  "vpmaddwd %[ones], %%ymm12, %%ymm12\n\t"          \
+  "vpaddd %%ymm14, %[" A0 "], %[" A0 "]\n\t"        \
+  "vpaddd %%ymm12, %[" A1 "], %[" A1 "]\n\t"
+#define I8B_HEAD                                    \
+  "1:\n\t"                                          \
+  "prefetcht0 (%[pf])\n\t"                          \
+  "prefetcht0 (%[pf],%[pfr])\n\t"                   \
+  "add %[pfk], %[pf]\n\t"                           \
+  "vmovdqu (%[w]), %%ymm10\n\t"                     \
+  "vmovdqu (%[w],%[K]), %%ymm11\n\t"                \
+  "add $32, %[w]\n\t"
+#define I8B_TAIL(STEP)                              \
+  "add $" STEP ", %[xp]\n\t"                        \
+  "dec %[n]\n\t"                                    \
+  "jnz 1b\n\t"
+
+// MB (2-4) activation rows (packed by int8q_pack) x 2 weight rows over all of K; `xq` (MB rows of K)
+// for the last K % 32 inputs. The loop is written in assembly because GCC's version of it (the same
+// intrinsics) kept copying accumulators between registers and to the stack every step: 58
+// instructions for 8 products of 32 inputs, the arithmetic being 32, where this one takes 45.
+template <int MB>
+inline void int8q_tile_batch2(const int8_t* xp, const int8_t* xq, int64_t K, const int8_t* w, int32_t out[MB][2]) {
+  __m256i a[4][2];
+  for (int m = 0; m < 4; ++m) a[m][0] = a[m][1] = _mm256_setzero_si256();
+  const __m256i ones = _mm256_set1_epi16(1);
+  int64_t n = K / 32;
+  // the rows two tiles ahead, as int8q_tile: short rows (<= 2048 inputs) as the one contiguous run the
+  // tile's rows make (64 bytes a step), long ones row by row
+  const char* pf = reinterpret_cast<const char*>(w + 4 * K);
+  const int64_t pfk = K <= 2048 ? 64 : 32, pfr = K <= 2048 ? 64 : K;
+  const int8_t* wp = w;
+  if (n > 0) {
+    if constexpr (MB == 4) {
+      asm(I8B_HEAD I8B_ROW("0", "32", "a00", "a01") I8B_ROW("64", "96", "a10", "a11")
+              I8B_ROW("128", "160", "a20", "a21") I8B_ROW("192", "224", "a30", "a31") I8B_TAIL("256")
+          : [xp] "+r"(xp), [w] "+r"(wp), [pf] "+r"(pf), [n] "+r"(n), [a00] "+x"(a[0][0]), [a01] "+x"(a[0][1]),
+            [a10] "+x"(a[1][0]), [a11] "+x"(a[1][1]), [a20] "+x"(a[2][0]), [a21] "+x"(a[2][1]),
+            [a30] "+x"(a[3][0]), [a31] "+x"(a[3][1])
+          : [K] "r"(K), [pfk] "r"(pfk), [pfr] "r"(pfr), [ones] "x"(ones)
+          : "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "cc", "memory");
+    } else if constexpr (MB == 3) {
+      asm(I8B_HEAD I8B_ROW("0", "32", "a00", "a01") I8B_ROW("64", "96", "a10", "a11")
+              I8B_ROW("128", "160", "a20", "a21") I8B_TAIL("192")
+          : [xp] "+r"(xp), [w] "+r"(wp), [pf] "+r"(pf), [n] "+r"(n), [a00] "+x"(a[0][0]), [a01] "+x"(a[0][1]),
+            [a10] "+x"(a[1][0]), [a11] "+x"(a[1][1]), [a20] "+x"(a[2][0]), [a21] "+x"(a[2][1])
+          : [K] "r"(K), [pfk] "r"(pfk), [pfr] "r"(pfr), [ones] "x"(ones)
+          : "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "cc", "memory");
+    } else {
+      static_assert(MB == 2, "2-4 activation rows");
+      asm(I8B_HEAD I8B_ROW("0", "32", "a00", "a01") I8B_ROW("64", "96", "a10", "a11") I8B_TAIL("128")
+          : [xp] "+r"(xp), [w] "+r"(wp), [pf] "+r"(pf), [n] "+r"(n), [a00] "+x"(a[0][0]), [a01] "+x"(a[0][1]),
+            [a10] "+x"(a[1][0]), [a11] "+x"(a[1][1])
+          : [K] "r"(K), [pfk] "r"(pfk), [pfr] "r"(pfr), [ones] "x"(ones)
+          : "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "cc", "memory");
+    }
+  }
+  const int64_t k = (K / 32) * 32;
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < 2; ++r) {
+      int32_t s = hsum_i32(a[m][r]);
+      for (int64_t t = k; t < K; ++t) s += static_cast<int32_t>(xq[m * K + t]) * w[r * K + t];
+      out[m][r] = s;
+    }
+}
+#undef I8B_ROW
+#undef I8B_HEAD
+#undef I8B_TAIL
+
 template <int MB, int R>
-inline void int8q_rows(const int8_t* xq, const float* xs, int64_t K, int64_t N, const int8_t* w,
+inline void int8q_rows(const int8_t* xq, const int8_t* xp, const float* xs, int64_t K, int64_t N, const int8_t* w,
                        const float* scales, const float* bias, float* y, int64_t n) {
   int32_t out[MB][R];
-  int8q_tile<MB, R>(xq, K, w + n * K, out);
+  if constexpr (MB >= BATCH8_FROM && R == 2)
+    int8q_tile_batch2<MB>(xp, xq, K, w + n * K, out);
+  else
+    int8q_tile<MB, R>(xq, K, w + n * K, out);
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < R; ++r)
       y[m * N + n + r] = static_cast<float>(out[m][r]) * xs[m] * scales[n + r] + (bias ? bias[n + r] : 0.0f);
 }
 
+// `xp`: the MB rows packed by int8q_pack when MB >= BATCH8_FROM (the batch tile), else unused
 template <int MB>
-void int8q_block(const int8_t* xq, const float* xs, int64_t K, int64_t N, const int8_t* w,
+void int8q_block(const int8_t* xq, const int8_t* xp, const float* xs, int64_t K, int64_t N, const int8_t* w,
                  const float* scales, const float* bias, float* y, int64_t n0, int64_t n1) {
-  constexpr int R = MB <= 2 ? 4 : 2;
+  constexpr int R = MB < BATCH8_FROM ? 4 : 2;
   int64_t n = n0;
-  for (; n + R <= n1; n += R) int8q_rows<MB, R>(xq, xs, K, N, w, scales, bias, y, n);
-  for (; n < n1; ++n) int8q_rows<MB, 1>(xq, xs, K, N, w, scales, bias, y, n);
+  for (; n + R <= n1; n += R) int8q_rows<MB, R>(xq, xp, xs, K, N, w, scales, bias, y, n);
+  for (; n < n1; ++n) int8q_rows<MB, 1>(xq, xp, xs, K, N, w, scales, bias, y, n);
 }
 
 // 4-bit weights, in integers too: quantize()'s stored form as is (byte i of a row holds input 2i in
@@ -381,7 +480,20 @@ torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor values, torch::Tensor s
   std::vector<int8_t> xq(static_cast<size_t>(M * K));
   std::vector<float> xs(static_cast<size_t>(M));
   for (int64_t m = 0; m < M; ++m) xs[m] = quantize_row_int8(xd + m * K, K, xq.data() + m * K);
+  // and each block of 2-4 rows of a batch packed for the batch tile
+  std::vector<int8_t> xp(M >= BATCH8_FROM ? static_cast<size_t>(2 * M * K) : 0);
+  for (int64_t m = 0; m < M && M >= BATCH8_FROM; m += 4) {
+    const int8_t* xm = xq.data() + m * K;
+    int8_t* pm = xp.data() + 2 * m * K;
+    switch (std::min<int64_t>(4, M - m)) {
+      case 1: break;
+      case 2: int8q_pack<2>(xm, K, pm); break;
+      case 3: int8q_pack<3>(xm, K, pm); break;
+      default: int8q_pack<4>(xm, K, pm); break;
+    }
+  }
   const int8_t* xqd = xq.data();
+  const int8_t* xpd = xp.data();
   const float* xsd = xs.data();
   const int64_t blocks = (N + BLOCK_ROWS - 1) / BLOCK_ROWS;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
@@ -390,12 +502,13 @@ torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor values, torch::Tensor s
       for (int64_t m = 0; m < M;) {
         const int64_t mb = std::min<int64_t>(4, M - m);
         const int8_t* xm = xqd + m * K;
+        const int8_t* pm = xpd + 2 * m * K;
         float* ym = yd + m * N;
         switch (mb) {
-          case 1: int8q_block<1>(xm, xsd + m, K, N, w, s, b, ym, n0, n1); break;
-          case 2: int8q_block<2>(xm, xsd + m, K, N, w, s, b, ym, n0, n1); break;
-          case 3: int8q_block<3>(xm, xsd + m, K, N, w, s, b, ym, n0, n1); break;
-          default: int8q_block<4>(xm, xsd + m, K, N, w, s, b, ym, n0, n1); break;
+          case 1: int8q_block<1>(xm, pm, xsd + m, K, N, w, s, b, ym, n0, n1); break;
+          case 2: int8q_block<2>(xm, pm, xsd + m, K, N, w, s, b, ym, n0, n1); break;
+          case 3: int8q_block<3>(xm, pm, xsd + m, K, N, w, s, b, ym, n0, n1); break;
+          default: int8q_block<4>(xm, pm, xsd + m, K, N, w, s, b, ym, n0, n1); break;
         }
         m += mb;
       }
