@@ -21,7 +21,7 @@
 namespace {
 
 constexpr int64_t BLOCK_ROWS = 16;  // output rows per parallel task: 16 x K int8 bytes stay in L1/L2
-constexpr int BATCH8_FROM = 2;     // activation rows from which int8 decode takes the batch tile (int8q_tile_batch2)
+constexpr int BATCH8_FROM = 3;     // activation rows from which int8 decode takes the batch tile (int8q_tile_batch2)
 
 inline float hsum(__m256 v) {
   __m128 lo = _mm256_castps256_ps128(v);
