@@ -1092,27 +1092,6 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-// four dot products, a with b, b + stride, b + 2 stride and b + 3 stride, each summed exactly as dot sums
-// it (the same floats), interleaved: four multiply-add chains in flight instead of one, whose latency
-// (4 cycles a step on Zen 3) made the attention scores a third of a 4-row step's non-product time
-inline void dot4(const float* a, const float* b, int64_t stride, int64_t n, float out[4]) {
-  __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 va = _mm256_loadu_ps(a + i);
-    c0 = _mm256_fmadd_ps(va, _mm256_loadu_ps(b + i), c0);
-    c1 = _mm256_fmadd_ps(va, _mm256_loadu_ps(b + stride + i), c1);
-    c2 = _mm256_fmadd_ps(va, _mm256_loadu_ps(b + 2 * stride + i), c2);
-    c3 = _mm256_fmadd_ps(va, _mm256_loadu_ps(b + 3 * stride + i), c3);
-  }
-  out[0] = hsum(c0);
-  out[1] = hsum(c1);
-  out[2] = hsum(c2);
-  out[3] = hsum(c3);
-  for (int t = 0; t < 4; ++t)
-    for (int64_t r = i; r < n; ++r) out[t] += a[r] * b[t * stride + r];
-}
-
 }  // namespace decode
 
 // h (M, D) += delta (M, D) in place when delta is given; returns RMSNorm(h) x weight (M, D)
@@ -1232,16 +1211,7 @@ torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tens
       const float* vbase = vd + (m * KV + kv) * C * D;
       const int64_t* row_mask = md + m * mask_stride;
       float best = -INFINITY;
-      int64_t j4 = 0;
-      for (; j4 + 4 <= L; j4 += 4) {  // the same scores as below, four positions at a time
-        float d4[4];
-        decode::dot4(q, kbase + j4 * D, D, D, d4);
-        for (int t = 0; t < 4; ++t) {
-          scores[j4 + t] = row_mask[j4 + t] == 0 ? -INFINITY : d4[t] * static_cast<float>(scale);
-          best = std::max(best, scores[j4 + t]);
-        }
-      }
-      for (int64_t j = j4; j < L; ++j) {
+      for (int64_t j = 0; j < L; ++j) {
         if (row_mask[j] == 0) {
           scores[j] = -INFINITY;
           continue;
