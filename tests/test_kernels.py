@@ -98,8 +98,8 @@ def int8_quantized_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # (32), rows short (<= 2048: prefetched as one run) and long (2087, 2112); N odd (the last weight row alone)
 @pytest.mark.parametrize("shape", [(37, 45), (33, 96), (16, 32), (3, 17), (35, 1569), (19, 2087), (8, 2112)])
 def test_int8_batch_tile_gives_each_row_what_it_gets_alone(shape):
-    """2-4 rows decoding together go through the batch tile (`int8q_tile_batch2`: rows packed per 32
-    inputs, the loop in assembly), 5-8 as 4 then the rest, 1 row through `int8q_tile`: each row's
+    """3-4 rows decoding together go through the batch tile (`int8q_tile_batch2`: rows packed per 32
+    inputs, the loop in assembly), 5-8 as 4 then the rest, 1-2 rows through `int8q_tile`: each row's
     result must be exactly its result alone (with a bias, to an ulp: the compiler may fuse the
     epilogue's multiply and add in one tile and not in the other), and the exact integer product of
     its int8 row, rescaled."""

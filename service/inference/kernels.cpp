@@ -132,13 +132,14 @@ inline void int8q_tile(const int8_t* xq, int64_t K, const int8_t* w, int32_t out
     }
 }
 
-// 2-4 activation rows at once (a batch's decode step): there the products are compute-bound, not
-// memory-bound, and int8q_tile<3..4, 2> spent about as many instructions again as its arithmetic on
-// copying accumulators between registers, a spilled one, reloading row pointers and |x| for every
-// pair of weight rows. For the batch tile the rows are packed once per product, per 32 inputs
-// [x_0 | |x_0| | x_1 | |x_1| ...] (64 x MB bytes a step), so one pointer with constant offsets walks
-// them; the integers are int8q_tile's exactly (per activation row and weight vector vpsignb,
-// vpmaddubsw, vpmaddwd, vpaddd), so a row's result does not depend on the rows beside it.
+// 3-4 activation rows at once (a batch's decode step; from BATCH8_FROM: at 2 rows the 4-weight-row
+// tile was as fast): there the products are compute-bound, not memory-bound, and int8q_tile<3..4, 2>
+// spent about as many instructions again as its arithmetic on copying accumulators between
+// registers, a spilled one, reloading row pointers and |x| for every pair of weight rows. For the
+// batch tile the rows are packed once per product, per 32 inputs [x_0 | |x_0| | x_1 | |x_1| ...]
+// (64 x MB bytes a step), so one pointer with constant offsets walks them; the integers are
+// int8q_tile's exactly (per activation row and weight vector vpsignb, vpmaddubsw, vpmaddwd, vpaddd),
+// so a row's result does not depend on the rows beside it.
 template <int MB>
 inline void int8q_pack(const int8_t* xq, int64_t K, int8_t* dst) {
   for (int64_t k = 0; k + 32 <= K; k += 32)
