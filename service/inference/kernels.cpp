@@ -1009,7 +1009,8 @@ torch::Tensor decode_add_rms_norm(torch::Tensor h, c10::optional<torch::Tensor> 
   return out;
 }
 
-// SiLU(gate) x up for gate_up (M, 2I) = [gate | up] per row: returns (M, I)
+// SiLU(gate) x up for gate_up (M, 2I) = [gate | up] per row: returns (M, I). A prompt's rows (the lean
+// prefill, hundreds of them) are split over the threads; a decode step's few run on the caller's.
 torch::Tensor decode_silu_mul(torch::Tensor gate_up) {
   TORCH_CHECK(gate_up.dim() == 2 && gate_up.scalar_type() == torch::kFloat32 && gate_up.is_contiguous() &&
                   gate_up.size(1) % 16 == 0,
@@ -1020,19 +1021,21 @@ torch::Tensor decode_silu_mul(torch::Tensor gate_up) {
   float* o = out.data_ptr<float>();
   const __m256 one = _mm256_set1_ps(1.0f);
   const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  for (int64_t m = 0; m < M; ++m) {
-    const float* gate = g + m * 2 * I;
-    const float* up = gate + I;
-    float* om = o + m * I;
-    for (int64_t i = 0; i < I; i += 8) {
-      const __m256 x = _mm256_loadu_ps(gate + i);
-      // sigmoid(x) = 1 / (1 + exp(-x)), from e = exp(-|x|): 1 / (1 + e) for x >= 0, e / (1 + e) below
-      const __m256 e = decode::exp_nonpositive(_mm256_xor_ps(_mm256_and_ps(x, magnitude), _mm256_set1_ps(-0.0f)));
-      const __m256 inv = _mm256_div_ps(one, _mm256_add_ps(one, e));
-      const __m256 sig = _mm256_blendv_ps(inv, _mm256_mul_ps(e, inv), x);  // sign bit of x picks e / (1 + e)
-      _mm256_storeu_ps(om + i, _mm256_mul_ps(_mm256_mul_ps(x, sig), _mm256_loadu_ps(up + i)));
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const float* gate = g + m * 2 * I;
+      const float* up = gate + I;
+      float* om = o + m * I;
+      for (int64_t i = 0; i < I; i += 8) {
+        const __m256 x = _mm256_loadu_ps(gate + i);
+        // sigmoid(x) = 1 / (1 + exp(-x)), from e = exp(-|x|): 1 / (1 + e) for x >= 0, e / (1 + e) below
+        const __m256 e = decode::exp_nonpositive(_mm256_xor_ps(_mm256_and_ps(x, magnitude), _mm256_set1_ps(-0.0f)));
+        const __m256 inv = _mm256_div_ps(one, _mm256_add_ps(one, e));
+        const __m256 sig = _mm256_blendv_ps(inv, _mm256_mul_ps(e, inv), x);  // sign bit of x picks e / (1 + e)
+        _mm256_storeu_ps(om + i, _mm256_mul_ps(_mm256_mul_ps(x, sig), _mm256_loadu_ps(up + i)));
+      }
     }
-  }
+  });
   return out;
 }
 
