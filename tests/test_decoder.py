@@ -1,11 +1,11 @@
-"""The lean decode step (service/inference/decoder.py) against Transformers' own forward.
+"""The lean decode step and prompt path (service/inference/decoder.py) against Transformers' own forward.
 
-Every step the backend takes through the lean path is checked against the Transformers forward of
-the same model over a copy of the same cache: the logits and the cache it leaves must match (to
-float32 rounding, or for int8/int4 to one step of their activation quantization), one row alone, a
-left-padded batch that others join mid-decode, after a release (the batch re-selected and trimmed),
-and for a sequence that starts from a reused prefix; for int8 and int4, with the compiled helpers
-and with the PyTorch fallback.
+Every step and every prompt piece the backend reads through the lean path is checked against the
+Transformers forward of the same model over a copy of the same cache: the logits and the cache it
+leaves must match (to float32 rounding, or for int8/int4 to one step of their activation
+quantization), one row alone, a left-padded batch that others join mid-decode, after a release (the
+batch re-selected and trimmed), for a sequence that starts from a reused prefix, and for a prompt
+read in pieces; for int8 and int4, with the compiled helpers and with the PyTorch fallback.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 from transformers import DynamicCache
 
 from service.dev.tiny_models import build_tiny_llama
+from service.inference import backend as backend_module
 from service.inference import kernels as compiled
 from service.inference import quantized
 from service.inference.backend import TransformersBackend
@@ -31,7 +32,7 @@ class Compared:
     def __init__(self, backend: TransformersBackend):
         assert backend.decoder is not None
         self.lean, self.model = backend.decoder, backend.model
-        self.steps = 0
+        self.steps = self.prefills = 0
         self.logits_error = 0.0
         self.cache_error = 0.0
 
@@ -51,6 +52,33 @@ class Compared:
         self.logits_error = max(self.logits_error, float((got - want).abs().max()))
         for mine, theirs in zip(layers, reference.layers, strict=True):
             assert mine.keys.shape == theirs.keys.shape
+            error = max(
+                float((mine.keys - theirs.keys).abs().max()), float((mine.values - theirs.values).abs().max())
+            )
+            self.cache_error = max(self.cache_error, error)
+        return got
+
+    def prefill(self, tokens, start, cache):
+        """The lean prompt piece against the Transformers forward with `logits_to_keep=1` on a copy
+        of the same cache (empty, or a reused prefix)."""
+        reference = DynamicCache(
+            ddp_cache_data=[(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+        )
+        end = start + tokens.shape[0]
+        want = self.model(
+            input_ids=tokens[None],
+            attention_mask=torch.ones(1, end, dtype=torch.long),
+            position_ids=torch.arange(start, end)[None],
+            cache=reference,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[0, -1]
+        got = self.lean.prefill(tokens, start, cache)
+        self.prefills += 1
+        self.logits_error = max(self.logits_error, float((got - want).abs().max()))
+        assert len(cache.layers) == len(reference.layers)
+        for mine, theirs in zip(cache.layers, reference.layers, strict=True):
+            assert mine.keys.shape == theirs.keys.shape == (1, mine.keys.shape[1], end, mine.keys.shape[3])
             error = max(
                 float((mine.keys - theirs.keys).abs().max()), float((mine.values - theirs.values).abs().max())
             )
@@ -98,10 +126,30 @@ def test_lean_steps_give_the_transformers_logits_alone_batched_released_and_reus
     for _ in range(3):
         backend.step()
     assert compared.steps == 15
+    assert compared.prefills == 4  # each prompt read by the lean path, the last from a reused prefix
     # float32: rounding only. Quantized: the int8/int4 products quantize their activation row, and a
     # difference of one float32 rounding in a norm or a softmax can move one activation across a
     # rounding boundary (one quantization step, measured up to 2.6e-3 on logits of ~1.2); a wrong
     # rotary, mask or cache position moves the logits by their own size.
+    tolerance = 1e-5 if dtype == "float32" else 1e-2
+    assert compared.logits_error < tolerance
+    assert compared.cache_error < tolerance
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4", "float32"])
+def test_a_prompt_read_in_pieces_gives_the_transformers_logits_and_cache(
+    tiny_model_dir, kernels, dtype, monkeypatch
+):
+    """Pieces after the first attend to the cache before them (a causal mask offset by the past,
+    not the plain triangle); the first token and the cache left behind match the forward's."""
+    monkeypatch.setattr(backend_module, "PREFILL_CHUNK", 24)
+    monkeypatch.setattr(backend_module, "LONE_PREFILL_CHUNK", 24)
+    backend = TransformersBackend(str(tiny_model_dir), dtype=dtype)
+    compared = Compared(backend)
+    backend.decoder = compared  # type: ignore[assignment]
+    seq, _ = backend.admit(ids(61, 90), GREEDY)  # pieces of 24, 24 and 13
+    assert compared.prefills == 3
+    backend.step()
     tolerance = 1e-5 if dtype == "float32" else 1e-2
     assert compared.logits_error < tolerance
     assert compared.cache_error < tolerance
@@ -164,6 +212,9 @@ def test_compiled_silu_and_norm_match_pytorch_over_a_wide_range():
     gate_up = torch.cat([torch.linspace(-120, 120, 4096).view(2, 2048), torch.randn(2, 2048) * 30], dim=1)
     gate, up = gate_up[:, :2048], gate_up[:, 2048:]
     torch.testing.assert_close(library.decode_silu_mul(gate_up), torch.nn.functional.silu(gate) * up)
+    many = torch.randn(300, 2 * 1536) * 20  # a prompt's rows, split over the threads
+    want = torch.nn.functional.silu(many[:, :1536]) * many[:, 1536:]
+    torch.testing.assert_close(library.decode_silu_mul(many), want)
     h, delta, weight = torch.randn(3, 1536) * 50, torch.randn(3, 1536), torch.rand(1536) + 0.5
     added = h + delta
     got = library.decode_add_rms_norm(h, delta, weight, 1e-6)

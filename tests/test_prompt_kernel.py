@@ -83,29 +83,9 @@ def test_int8_linear_reads_prompts_with_it_whatever_its_inputs(monkeypatch):
         assert relative_error(got, u7_rows(x) @ w.T) < 1e-5
 
 
-# int4: the prompt kernel against the decode kernel (the integer product of the same int8 rows),
-# and both against the float product of the dequantized weights
-@pytest.mark.parametrize("rows", [1, 9, 10, 127, 256])
-# weight rows not a multiple of 4; 8960 inputs in groups of 128 and 3200 in groups of 64 are
-# three and two pieces of K
-@pytest.mark.parametrize("shape", [(1536, 1536, 128), (37, 128, 64), (6, 8960, 128), (5, 3200, 64)])
-@pytest.mark.parametrize("bias", [False, True])
-def test_int4_prompt_kernel_matches_the_decode_kernel(rows, shape, bias):
-    outputs, inputs, group = shape
-    torch.manual_seed(rows + outputs)
-    q4, scales, lows = quantized.quantize_int4_groups(torch.randn(outputs, inputs), group)
-    b = torch.randn(outputs) if bias else None
-    x = torch.randn(rows, inputs) * 2 + 0.5
-    library = kernels.library()
-    got = library.int4_prompt_matmul(x, q4, scales, lows, b)
-    assert relative_error(got, library.int4_matmul(x, q4, scales, lows, b)) < 1e-5
-    want = x @ quantized.dequantize_int4(q4, scales, lows).T + (b if bias else 0)
-    assert relative_error(got, want) < 3e-2
-
-
 def test_int4_linear_reads_prompts_with_the_decode_kernel():
-    """Prompts (above `DECODE_ROWS` rows) go through the int4 decode kernel for every group size: the
-    prompt kernel, faster alone, was slower inside the model (quantized.Int4Linear._setup)."""
+    """Prompts (above `DECODE_ROWS` rows) go through the int4 decode kernel for every group size (an
+    int4 prompt kernel, faster alone, read prompts slower inside the model, and was removed)."""
     torch.manual_seed(11)
     x = torch.randn(3, 7, 256)  # 21 rows: a prompt
     for group in (128, 64, 32):

@@ -12,6 +12,8 @@ that no row needs any more is trimmed. Before joining, a sequence reads its prom
 own, `PREFILL_CHUNK` tokens per `prefill` call, so the engine can run decode steps of the batch
 between two pieces of a prompt (`admit` reads it all at once, for callers that do not interleave);
 while the batch is empty, pieces are `LONE_PREFILL_CHUNK` long (a lone prompt is read in one pass).
+For the models the lean path knows (`decoder.py`), prompts and decode steps go through it instead of
+the model's forward: the same arithmetic, with fused products.
 """
 
 from __future__ import annotations
@@ -194,20 +196,25 @@ class TransformersBackend:
         total = len(seq.prompt_ids)
         start = seq.length
         end = min(start + (PREFILL_CHUNK if self._rows else max(PREFILL_CHUNK, LONE_PREFILL_CHUNK)), total)
+        cache = seq.cache if seq.cache is not None else DynamicCache()
         with torch.inference_mode():
-            out = self.model(
-                input_ids=torch.tensor([seq.prompt_ids[start:end]]),
-                attention_mask=torch.ones(1, end, dtype=torch.long),
-                position_ids=torch.arange(start, end).unsqueeze(0),
-                cache=seq.cache if seq.cache is not None else DynamicCache(),
-                use_cache=True,
-                logits_to_keep=1,
-            )
-        seq.cache, seq.length = out.cache, end
+            if self.decoder is not None:  # the lean path: fused products, no mask tensor
+                logits = self.decoder.prefill(torch.tensor(seq.prompt_ids[start:end]), start, cache)
+            else:
+                out = self.model(
+                    input_ids=torch.tensor([seq.prompt_ids[start:end]]),
+                    attention_mask=torch.ones(1, end, dtype=torch.long),
+                    position_ids=torch.arange(start, end).unsqueeze(0),
+                    cache=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+                cache, logits = out.cache, out.logits[0, -1]
+        seq.cache, seq.length = cache, end
         if end < total:
             return None
-        token = self._sample(seq, out.logits[0, -1])
-        cache, seq.cache = out.cache, None
+        token = self._sample(seq, logits)
+        seq.cache = None
         self._join(seq, cache)
         return token
 

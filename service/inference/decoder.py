@@ -1,4 +1,5 @@
-"""A lean decode step for Qwen2-family text models, over the loaded Transformers modules' weights.
+"""A lean decode step and prompt path for Qwen2-family text models, over the loaded Transformers
+modules' weights.
 
 A decode step reads every weight once, so its pace should be the products'; on a 2-core AVX2 host
 Transformers' generic forward added ~30 ms to int4's ~85 ms of products (per layer: its
@@ -8,8 +9,7 @@ activation row again). This module computes the same step with only the arithmet
 
 - q, k and v as one product, and gate and up as one: their quantized rows concatenated once
   (`Int8Linear` has a scale per row and `Int4Linear` its groups per row, so the concatenation is the
-  same weights, exact); the original layers become views of the fused rows, so no memory is added
-  and prompts (still read by Transformers' forward) use the same bytes;
+  same weights, exact); the original layers become views of the fused rows, so no memory is added;
 - per layer three calls to the compiled library (`kernels.cpp`, the same build as the products):
   RMSNorm with the residual add; rotary, the cache write and grouped-query attention over the
   cache (the padding mask read as is); SiLU x up. Without the compiled library the same step runs
@@ -19,8 +19,16 @@ activation row again). This module computes the same step with only the arithmet
   `keys` / `values` are views of it, so everything else the backend does to a cache (join, release,
   trim, the prefix cache) works on them unchanged and simply makes the next step re-buffer.
 
+Prompts (`LeanDecoder.prefill`) take the same fused products: Transformers' forward quantized and
+packed each layer's input five times for its five products where two suffice, and built a causal
+mask and applied it to every layer's scores; here SiLU x up is one compiled pass over the fused
+product and attention is PyTorch's causal `sdpa` with no mask tensor (a piece after a cached prefix
+goes through `attention.py`). On the 2-core AVX2 EPYC a 256-token int8 prompt took 3.59 s against
+Transformers' 4.18 s (medians of 4, interleaved in one process, load ~4).
+
 `LeanDecoder.build` returns None for a model it does not know (other architectures, sliding-window
-attention, the vision models), which then decode through the plain Transformers forward.
+attention, the vision models), which then read prompts and decode through the plain Transformers
+forward.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
+from .attention import attention as prompt_attention
 from .memory import return_freed_memory
 from .quantized import DECODE_ROWS, FUSED, Int4Linear, Int8Linear, kernel_plan
 
@@ -307,6 +316,60 @@ class LeanDecoder:
             h = h + layer.down(mlp)
         h = F.rms_norm(h, (h.shape[-1],), self.norm, eps)
         return self.head(h)
+
+    def prefill(self, tokens: torch.Tensor, start: int, cache: Any) -> torch.Tensor:
+        """Logits (vocab,) of the token after a prompt piece `tokens` (length,) at positions
+        `start`.. of one sequence, its keys and values appended to `cache` (the sequence's own
+        Transformers cache, holding its `start` earlier positions): what the model's forward with
+        `logits_to_keep=1` computes, with the decode step's fused products (one q/k/v product and
+        one gate/up product a layer, so each layer's input is quantized and packed twice, not five
+        times), in-place residual adds, SiLU x up in one pass, causal attention without a mask
+        tensor, and the final norm and the output head for the last position only."""
+        length = tokens.shape[0]
+        h = self.embed(tokens).to(self.dtype).contiguous()  # (length, hidden)
+        positions = torch.arange(start, start + length)[None]
+        cos, sin = self.rotary(h, positions)  # (1, length, dim)
+        heads, kv_heads, dim = self.heads, self.kv_heads, self.dim
+        half = dim // 2
+        cos = cos.view(length, 1, dim)
+        sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1).view(length, 1, dim)
+        q_size, kv_size = heads * dim, kv_heads * dim
+        eps, lib = self.eps, self.library
+        width = h.shape[-1]
+        for index, layer in enumerate(self.layers):
+            x = F.rms_norm(h, (width,), layer.input_norm, eps)
+            qkv = layer.qkv(x)  # (length, q + k + v)
+            qk = qkv[:, : q_size + kv_size].view(length, heads + kv_heads, dim)
+            swapped = qk.view(length, heads + kv_heads, 2, half).flip(2).view(length, heads + kv_heads, dim)
+            qk = qk * cos + swapped * sin  # rotary, as Transformers' x cos + rotate_half(x) sin
+            q = qk[:, :heads].transpose(0, 1)[None]  # (1, heads, length, dim)
+            k = qk[:, heads:].transpose(0, 1)[None]
+            v = qkv[:, q_size + kv_size :].view(length, kv_heads, dim).transpose(0, 1)[None]
+            keys, values = cache.update(k, v, index)
+            attended = self._prompt_attention(q, keys, values)  # (length, heads x dim)
+            h.add_(layer.o_proj(attended))
+            x = F.rms_norm(h, (width,), layer.post_norm, eps)
+            gate_up = layer.gate_up(x)
+            if lib is not None:
+                mlp = lib.decode_silu_mul(gate_up)
+            else:
+                inner = gate_up.shape[-1] // 2
+                mlp = F.silu(gate_up[:, :inner]).mul_(gate_up[:, inner:])
+            h.add_(layer.down(mlp))
+        last = F.rms_norm(h[-1:], (width,), self.norm, eps)
+        return self.head(last)[0]
+
+    def _prompt_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Causal grouped-query attention of a prompt piece's queries q (1, heads, length, dim) over
+        the cache's keys and values (1, kv_heads, past + length, dim): (length, heads x dim)."""
+        length, total = q.shape[2], keys.shape[2]
+        if length == total:  # nothing before the piece: the plain causal triangle, no mask tensor
+            out = F.scaled_dot_product_attention(
+                q, keys, values, is_causal=True, scale=self.scale, enable_gqa=True
+            )
+            return out[0].transpose(0, 1).reshape(length, -1)
+        attended, _ = prompt_attention(None, q, keys, values, None, scaling=self.scale)  # type: ignore[arg-type]
+        return attended.reshape(length, -1)
 
     @staticmethod
     def _room(cache: Any) -> tuple[_Room, int]:

@@ -518,7 +518,7 @@ torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor values, torch::Tensor s
   return y;
 }
 
-// The int4 kernels' arguments: q4 (outputs, inputs / 2) uint8, scales and lows (outputs, groups) bfloat16.
+// int4_matmul's arguments: q4 (outputs, inputs / 2) uint8, scales and lows (outputs, groups) bfloat16.
 void check_int4(const torch::Tensor& x, const torch::Tensor& q4, const torch::Tensor& scales,
                 const torch::Tensor& lows) {
   TORCH_CHECK(q4.dim() == 2 && q4.scalar_type() == torch::kUInt8 && q4.is_contiguous(),
@@ -837,227 +837,6 @@ torch::Tensor int8_prompt_matmul(torch::Tensor x, torch::Tensor values, torch::T
   return y;
 }
 
-// ==== int4 prompt GEMM (helper prefill) ====================================================
-// int4 prompts: the decode kernel unpacks every weight vector again for each few activation rows,
-// which leaves the multipliers waiting behind the unpacking. Here a group of 4 weight rows is
-// unpacked once per piece of K into a small buffer (q in 0..15, a byte each, per 64 inputs the 32
-// even then the 32 odd, as the activations are reordered), and every pair of activation rows of a
-// block (int8 per row, as in the decode kernel) runs over it: per 32 inputs 8 vpmaddubsw summed in
-// int16 over a whole group of 64 or 128 inputs (at most 4 x 2 x 15 x 127 = 15240: no saturation),
-// then per group one vpmaddwd, a conversion and a multiply-add by the group's scale, and the low
-// times the row's group sum. About 1.25 multiplies per 32 multiply-adds, against int8's 2.
-namespace prompt4 {
-
-constexpr int64_t KC_INPUTS = 3072;      // inputs per piece of K (whole groups): 12 KB of 4 rows
-constexpr int64_t MC_BYTES = 256 * 1024;  // packed activations per block of rows
-
-// one group's 8 int16 sums for 2 rows x 4 weight rows over `steps` x 64 inputs; `wb`: per 64
-// inputs [row][32 even | 32 odd] (256 bytes), `xp`: per 64 inputs [row][32 even | 32 odd] (128)
-inline void group_sums(const int8_t* xp, const uint8_t* wb, int64_t steps, __m256i p[8]) {
-  __m256i p00 = _mm256_setzero_si256(), p01 = p00, p02 = p00, p03 = p00, p10 = p00, p11 = p00, p12 = p00, p13 = p00;
-  __m256i w0, w1, w2, w3, x0, x1, t;
-  __asm__(
-      "1:\n\t"
-#define PROMPT4_HALF(w_off0, w_off1, w_off2, w_off3, x_off0, x_off1)   \
-      "vmovdqa " w_off0 "(%[w]), %[w0]\n\t"                             \
-      "vmovdqa " w_off1 "(%[w]), %[w1]\n\t"                             \
-      "vmovdqa " w_off2 "(%[w]), %[w2]\n\t"                             \
-      "vmovdqa " w_off3 "(%[w]), %[w3]\n\t"                             \
-      "vmovdqa " x_off0 "(%[x]), %[x0]\n\t"                             \
-      "vmovdqa " x_off1 "(%[x]), %[x1]\n\t"                             \
-      "vpmaddubsw %[x0], %[w0], %[t]\n\t"                               \
-      "vpaddw %[t], %[p00], %[p00]\n\t"                                 \
-      "vpmaddubsw %[x0], %[w1], %[t]\n\t"                               \
-      "vpaddw %[t], %[p01], %[p01]\n\t"                                 \
-      "vpmaddubsw %[x0], %[w2], %[t]\n\t"                               \
-      "vpaddw %[t], %[p02], %[p02]\n\t"                                 \
-      "vpmaddubsw %[x0], %[w3], %[t]\n\t"                               \
-      "vpaddw %[t], %[p03], %[p03]\n\t"                                 \
-      "vpmaddubsw %[x1], %[w0], %[t]\n\t"                               \
-      "vpaddw %[t], %[p10], %[p10]\n\t"                                 \
-      "vpmaddubsw %[x1], %[w1], %[t]\n\t"                               \
-      "vpaddw %[t], %[p11], %[p11]\n\t"                                 \
-      "vpmaddubsw %[x1], %[w2], %[t]\n\t"                               \
-      "vpaddw %[t], %[p12], %[p12]\n\t"                                 \
-      "vpmaddubsw %[x1], %[w3], %[t]\n\t"                               \
-      "vpaddw %[t], %[p13], %[p13]\n\t"
-      PROMPT4_HALF("0", "64", "128", "192", "0", "64")     // the even inputs
-      PROMPT4_HALF("32", "96", "160", "224", "32", "96")   // the odd ones
-#undef PROMPT4_HALF
-      "add $256, %[w]\n\t"
-      "add $128, %[x]\n\t"
-      "dec %[n]\n\t"
-      "jnz 1b\n\t"
-      : [x] "+r"(xp), [w] "+r"(wb), [n] "+r"(steps), [w0] "=&x"(w0), [w1] "=&x"(w1), [w2] "=&x"(w2),
-        [w3] "=&x"(w3), [x0] "=&x"(x0), [x1] "=&x"(x1), [t] "=&x"(t), [p00] "+x"(p00), [p01] "+x"(p01), [p02] "+x"(p02), [p03] "+x"(p03),
-        [p10] "+x"(p10), [p11] "+x"(p11), [p12] "+x"(p12), [p13] "+x"(p13)
-      :
-      : "cc", "memory");
-  p[0] = p00; p[1] = p01; p[2] = p02; p[3] = p03; p[4] = p10; p[5] = p11; p[6] = p12; p[7] = p13;
-}
-
-inline __m256 pair(float a, float b) { return _mm256_setr_m128(_mm_set1_ps(a), _mm_set1_ps(b)); }
-
-// 2 rows x 4 weight rows over `ngroups` groups of `gsteps` x 64 inputs: [m0: r0..r3 | m1: r0..r3]
-// of sum_g (scale x sum q x + low x sum x), in units of the rows' scales
-inline __m256 tile(const int8_t* xp, const uint8_t* wb, const float* sc, const float* lo, const float* xsum0,
-                   const float* xsum1, int64_t ngroups, int64_t gsteps) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256 acc[8];
-  for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
-  __m256 low = _mm256_setzero_ps();
-  for (int64_t g = 0; g < ngroups; ++g) {
-    __m256i p[8];
-    group_sums(xp + g * gsteps * 128, wb + g * gsteps * 256, gsteps, p);
-    for (int i = 0; i < 8; ++i)
-      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p[i], ones)),
-                               _mm256_broadcast_ss(sc + 4 * g + (i & 3)), acc[i]);
-    const __m128 l = _mm_load_ps(lo + 4 * g);
-    low = _mm256_fmadd_ps(_mm256_setr_m128(l, l), pair(xsum0[g], xsum1[g]), low);
-  }
-  const __m256 s0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
-  const __m256 s1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
-  return _mm256_add_ps(_mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20), _mm256_permute2f128_ps(s0, s1, 0x31)), low);
-}
-
-struct Args {
-  const int8_t* xp;        // packed activations (see group_sums)
-  const float* xs;         // (2 pairs,) row scales (0 for the padding row)
-  const float* xsum;       // (2 pairs, groups) each row's quantized inputs summed per group
-  const uint8_t* q;        // (N, K / 2) as stored
-  const uint16_t* scales;  // (N, groups) bf16
-  const uint16_t* lows;    // (N, groups) bf16
-  const float* bias;       // (Np,) zeros without a bias
-  float* y;                // (M, N)
-  int64_t M, N, K, groups, G;
-};
-
-// one thread's groups of 4 weight rows [g0, g1), as prompt8::run: blocks of row pairs x pieces of K
-void run(const Args& a, int64_t r0, int64_t r1, int64_t mc, int64_t kc_groups) {
-  const int64_t pairs = (a.M + 1) / 2, gsteps = a.G / 64, half = a.K / 2;
-  alignas(32) static thread_local uint8_t wb[4 * KC_INPUTS];
-  alignas(32) static thread_local float sc[4 * KC_INPUTS / 64], lo[4 * KC_INPUTS / 64];
-  const __m256i nibble = _mm256_set1_epi8(15);
-  for (int64_t p0 = 0; p0 < pairs; p0 += mc) {
-    const int64_t p1 = std::min(pairs, p0 + mc);
-    for (int64_t gb = 0; gb < a.groups; gb += kc_groups) {
-      const int64_t ng = std::min(kc_groups, a.groups - gb), k0 = gb * a.G, steps = ng * gsteps;
-      const bool first = gb == 0, last = gb + ng == a.groups;
-      for (int64_t rg = r0; rg < r1; ++rg) {
-        // the 4 rows' piece unpacked (rows past N: zeros), their scales and lows as float
-        for (int r = 0; r < 4; ++r) {
-          const int64_t n = rg * 4 + r;
-          for (int64_t s = 0; s < steps; ++s) {
-            __m256i even = _mm256_setzero_si256(), odd = even;
-            if (n < a.N) {
-              const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + n * half + (k0 + 64 * s) / 2));
-              even = _mm256_and_si256(v, nibble);
-              odd = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-            }
-            _mm256_store_si256(reinterpret_cast<__m256i*>(wb + s * 256 + r * 64), even);
-            _mm256_store_si256(reinterpret_cast<__m256i*>(wb + s * 256 + r * 64 + 32), odd);
-          }
-          for (int64_t g = 0; g < ng; ++g) {
-            sc[4 * g + r] = n < a.N ? bf16_to_float(a.scales[n * a.groups + gb + g]) : 0.0f;
-            lo[4 * g + r] = n < a.N ? bf16_to_float(a.lows[n * a.groups + gb + g]) : 0.0f;
-          }
-        }
-        const int64_t n = rg * 4;
-        const bool four = n + 4 <= a.N;
-        const __m128 b = _mm_loadu_ps(a.bias + n);
-        for (int64_t p = p0; p < p1; ++p) {
-          const int64_t m = 2 * p;
-          const __m256 t = tile(a.xp + (p * (a.K / 64) + k0 / 64) * 128, wb, sc, lo, a.xsum + m * a.groups + gb,
-                                a.xsum + (m + 1) * a.groups + gb, ng, gsteps);
-          __m256 v = _mm256_mul_ps(t, pair(a.xs[m], a.xs[m + 1]));
-          float* y0 = a.y + m * a.N + n;
-          float* y1 = y0 + a.N;
-          const bool two = m + 1 < a.M;
-          const int cols = static_cast<int>(std::min<int64_t>(4, a.N - n));
-          alignas(32) float out[8] = {0};
-          if (!first) {
-            std::memcpy(out, y0, cols * sizeof(float));
-            if (two) std::memcpy(out + 4, y1, cols * sizeof(float));
-            v = _mm256_add_ps(v, _mm256_load_ps(out));
-          }
-          if (last) v = _mm256_add_ps(v, _mm256_setr_m128(b, b));
-          if (four) {
-            _mm_storeu_ps(y0, _mm256_castps256_ps128(v));
-            if (two) _mm_storeu_ps(y1, _mm256_extractf128_ps(v, 1));
-          } else {
-            _mm256_store_ps(out, v);
-            std::memcpy(y0, out, cols * sizeof(float));
-            if (two) std::memcpy(y1, out + 4, cols * sizeof(float));
-          }
-        }
-      }
-    }
-  }
-}
-
-}  // namespace prompt4
-
-// y (M, N) = x (M, K) @ w^T + bias for prompts, w as int4_matmul takes it; K a multiple of 64 and
-// groups of 64 or 128 inputs (int4_matmul takes every other shape)
-torch::Tensor int4_prompt_matmul(torch::Tensor x, torch::Tensor q4, torch::Tensor scales, torch::Tensor lows,
-                                 c10::optional<torch::Tensor> bias) {
-  using namespace prompt4;
-  check_int4(x, q4, scales, lows);
-  const int64_t N = q4.size(0), K = q4.size(1) * 2, M = x.size(0);
-  const int64_t groups = scales.size(1);
-  TORCH_CHECK(groups > 0 && K % groups == 0 && K % 64 == 0, "the prompt kernel needs inputs in multiples of 64");
-  const int64_t G = K / groups;
-  TORCH_CHECK(G == 64 || G == 128, "the prompt kernel takes groups of 64 or 128 inputs, not ", G);
-  auto y = torch::empty({M, N}, x.options());
-  if (M == 0 || N == 0) return y;
-  const int64_t pairs = (M + 1) / 2, steps = K / 64, rgroups = (N + 3) / 4;
-  auto packed = torch::empty({pairs * steps * 128 + 32}, torch::dtype(torch::kInt8));
-  int8_t* xp = reinterpret_cast<int8_t*>((reinterpret_cast<uintptr_t>(packed.data_ptr<int8_t>()) + 31) & ~uintptr_t(31));
-  std::vector<float> xs(static_cast<size_t>(2 * pairs), 0.0f), xsum(static_cast<size_t>(2 * pairs * groups), 0.0f);
-  const float* xd = x.data_ptr<float>();
-  // each row to int8 (as int4_matmul: one scale, per 64 inputs the 32 even then the 32 odd),
-  // written where the tiles read it, and its group sums
-  at::parallel_for(0, 2 * pairs, 8, [&](int64_t begin, int64_t end) {
-    const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
-                                           0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
-    for (int64_t m = begin; m < end; ++m) {
-      int8_t* dst = xp + (m / 2) * steps * 128 + (m % 2) * 64;
-      if (m >= M) {
-        for (int64_t s = 0; s < steps; ++s) std::memset(dst + 128 * s, 0, 64);
-        continue;
-      }
-      const float* row = xd + m * K;
-      const float scale = row_scale(row, K);
-      const __m256 inv = _mm256_set1_ps(1.0f / scale);
-      float* sums = xsum.data() + m * groups;
-      int32_t s0, s1;
-      for (int64_t s = 0; s < steps; ++s) {
-        const int64_t k = 64 * s;
-        __m256i lo = _mm256_shuffle_epi8(quantize32(row + k, inv, s0), split);
-        __m256i hi = _mm256_shuffle_epi8(quantize32(row + k + 32, inv, s1), split);
-        lo = _mm256_permute4x64_epi64(lo, 0xd8);
-        hi = _mm256_permute4x64_epi64(hi, 0xd8);
-        _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 128 * s), _mm256_permute2x128_si256(lo, hi, 0x20));
-        _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 128 * s + 32), _mm256_permute2x128_si256(lo, hi, 0x31));
-        sums[k / G] += static_cast<float>(s0 + s1);
-      }
-      xs[m] = scale;
-    }
-  });
-  std::vector<float> bs(static_cast<size_t>(rgroups * 4), 0.0f);
-  if (const float* b = bias_ptr(bias, N)) std::memcpy(bs.data(), b, N * sizeof(float));
-  const Args a{xp, xs.data(), xsum.data(), q4.data_ptr<uint8_t>(),
-               reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>()),
-               reinterpret_cast<const uint16_t*>(lows.data_ptr<at::BFloat16>()), bs.data(), y.data_ptr<float>(),
-               M, N, K, groups, G};
-  const int64_t kc_groups = std::max<int64_t>(1, KC_INPUTS / G), kc_pieces = (groups + kc_groups - 1) / kc_groups;
-  const int64_t kcg = (groups + kc_pieces - 1) / kc_pieces;  // even pieces
-  const int64_t piece_bytes = kcg * G * 2;  // a pair's packed activations per piece
-  const int64_t mblocks = (pairs * piece_bytes + MC_BYTES - 1) / MC_BYTES, mc = (pairs + mblocks - 1) / mblocks;
-  at::parallel_for(0, rgroups, 1, [&](int64_t begin, int64_t end) { run(a, begin, end, mc, kcg); });
-  return y;
-}
-
 // ---------------------------------------------------------------------------------------------------
 // The decode step's small operations (service/inference/decoder.py), one call each where PyTorch took
 // several ops a layer (RMSNorm alone was pow, mean, add, rsqrt, two muls: ~8 ms a step at 57 norms),
@@ -1123,7 +902,8 @@ torch::Tensor decode_add_rms_norm(torch::Tensor h, c10::optional<torch::Tensor> 
   return out;
 }
 
-// SiLU(gate) x up for gate_up (M, 2I) = [gate | up] per row: returns (M, I)
+// SiLU(gate) x up for gate_up (M, 2I) = [gate | up] per row: returns (M, I). A prompt's rows (the lean
+// prefill, hundreds of them) are split over the threads; a decode step's few run on the caller's.
 torch::Tensor decode_silu_mul(torch::Tensor gate_up) {
   TORCH_CHECK(gate_up.dim() == 2 && gate_up.scalar_type() == torch::kFloat32 && gate_up.is_contiguous() &&
                   gate_up.size(1) % 16 == 0,
@@ -1134,19 +914,21 @@ torch::Tensor decode_silu_mul(torch::Tensor gate_up) {
   float* o = out.data_ptr<float>();
   const __m256 one = _mm256_set1_ps(1.0f);
   const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  for (int64_t m = 0; m < M; ++m) {
-    const float* gate = g + m * 2 * I;
-    const float* up = gate + I;
-    float* om = o + m * I;
-    for (int64_t i = 0; i < I; i += 8) {
-      const __m256 x = _mm256_loadu_ps(gate + i);
-      // sigmoid(x) = 1 / (1 + exp(-x)), from e = exp(-|x|): 1 / (1 + e) for x >= 0, e / (1 + e) below
-      const __m256 e = decode::exp_nonpositive(_mm256_xor_ps(_mm256_and_ps(x, magnitude), _mm256_set1_ps(-0.0f)));
-      const __m256 inv = _mm256_div_ps(one, _mm256_add_ps(one, e));
-      const __m256 sig = _mm256_blendv_ps(inv, _mm256_mul_ps(e, inv), x);  // sign bit of x picks e / (1 + e)
-      _mm256_storeu_ps(om + i, _mm256_mul_ps(_mm256_mul_ps(x, sig), _mm256_loadu_ps(up + i)));
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const float* gate = g + m * 2 * I;
+      const float* up = gate + I;
+      float* om = o + m * I;
+      for (int64_t i = 0; i < I; i += 8) {
+        const __m256 x = _mm256_loadu_ps(gate + i);
+        // sigmoid(x) = 1 / (1 + exp(-x)), from e = exp(-|x|): 1 / (1 + e) for x >= 0, e / (1 + e) below
+        const __m256 e = decode::exp_nonpositive(_mm256_xor_ps(_mm256_and_ps(x, magnitude), _mm256_set1_ps(-0.0f)));
+        const __m256 inv = _mm256_div_ps(one, _mm256_add_ps(one, e));
+        const __m256 sig = _mm256_blendv_ps(inv, _mm256_mul_ps(e, inv), x);  // sign bit of x picks e / (1 + e)
+        _mm256_storeu_ps(om + i, _mm256_mul_ps(_mm256_mul_ps(x, sig), _mm256_loadu_ps(up + i)));
+      }
     }
-  }
+  });
   return out;
 }
 

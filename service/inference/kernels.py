@@ -92,7 +92,6 @@ def library() -> ModuleType | None:
                 "int8_matmul",
                 "int4_matmul",
                 "int8_prompt_matmul",
-                "int4_prompt_matmul",
                 "decode_add_rms_norm",
                 "decode_silu_mul",
                 "decode_attention",

@@ -15,9 +15,10 @@ checkpoint holds), so loading packs nothing, and compute with the kernels chosen
   plain matrix: it reordered the weights and built a new primitive on every call, as much time as
   the product itself at 128-row pieces, and keeping reordered copies would double the weights'
   memory; oneDNN stays the path without the compiled kernels. int4 prompts through the int4
-  decode kernel (8x faster than float32 products of dequantized rows on an AVX2 EPYC); the int4
-  prompt kernel beside it (`int4_prompt_matmul`: 4 weight rows unpacked once per piece of K, 2 x 4
-  tiles summed in int16 per group) was 20-30 % faster alone but slower inside the model, so unused;
+  decode kernel (8x faster than float32 products of dequantized rows on an AVX2 EPYC); an int4
+  prompt kernel (4 weight rows unpacked once per piece of K, 2 x 4 tiles summed in int16 per group)
+  was 20-30 % faster alone but read a 256-token prompt slower inside the model in two sessions'
+  interleaved A/B (4.93 s against 3.84 on the lean path, 2-core AVX2 EPYC), so it was removed;
 - without the compiled kernels (no compiler, no AVX2): PyTorch's weight-only kernels
   (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) on bf16 rows: supported, slower.
 
@@ -196,9 +197,7 @@ class Int4Linear(torch.nn.Module):
             library = kernels.library()
             assert library is not None
             # looked up once: a decode step makes ~200 products, each a few microseconds of Python.
-            # Prompts too: `int4_prompt_matmul`, faster alone on the model's shapes, read a 256-token
-            # prompt slower inside the model (4.4-4.6 s against 3.4-4.1, interleaved, 2-core AVX2
-            # EPYC), so it is not used until that is understood.
+            # Prompts too (see the module's docstring: a prompt kernel of its own lost in the model)
             self._kernel = library.int4_matmul
             self.q4 = q4.contiguous()
             self.scales, self.lows = (
