@@ -180,3 +180,75 @@ def test_prefetch_reads_ahead_only_a_prequantized_folder(tmp_path: Path) -> None
     assert thread is not None
     thread.join(10)
     assert not thread.is_alive()
+
+
+def _prequantized(folder: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    folder.mkdir(exist_ok=True)
+    (folder / "quantized.json").write_text(json.dumps({"weights": {"file": "model.int8.safetensors"}}))
+    _safetensors(folder / "model.int8.safetensors", tensors)
+    return folder / "model.int8.safetensors"
+
+
+def test_weights_mapped_ahead_are_the_ones_the_load_serves(tmp_path: Path) -> None:
+    tensors = {"a.values": torch.arange(-60, 60, dtype=torch.int8), "a.scales": torch.rand(7)}
+    file = _prequantized(tmp_path / "ck", tensors)
+    assert startup.map_ahead(str(tmp_path)) is None  # not a pre-quantized folder
+    thread = startup.map_ahead(str(tmp_path / "ck"))  # Transformers is imported here: it starts at once
+    assert thread is not None and startup.map_ahead(str(tmp_path / "ck")) is None  # once per file
+    thread.join(10)
+    ahead = startup._ahead[str(file.resolve())][1]["mapping"]
+    served = dict(map_safetensors(file))  # takes that mapping
+    assert not startup._ahead
+    for name, tensor in tensors.items():
+        assert torch.equal(served[name], tensor), name
+    base = torch.frombuffer(ahead, dtype=torch.uint8).data_ptr()  # the very pages mapped ahead
+    assert base <= served["a.values"].data_ptr() < base + len(ahead)
+
+
+def test_a_file_replaced_after_mapping_ahead_is_mapped_again(tmp_path: Path) -> None:
+    file = _prequantized(tmp_path, {"a.values": torch.zeros(16, dtype=torch.int8)})
+    thread = startup.map_ahead(str(tmp_path))
+    assert thread is not None
+    thread.join(10)
+    ahead = startup._ahead[str(file.resolve())][1]["mapping"]
+    new = tmp_path / "new.safetensors"
+    _safetensors(new, {"a.values": torch.ones(16, dtype=torch.int8)})
+    new.replace(file)  # as a rewrite does (os.replace): another inode
+    assert torch.equal(dict(map_safetensors(file))["a.values"], torch.ones(16, dtype=torch.int8))
+    assert ahead.closed and not startup._ahead
+
+
+def test_a_mapping_no_load_took_is_closed(tmp_path: Path) -> None:
+    file = _prequantized(tmp_path, {"a.values": torch.zeros(16, dtype=torch.int8)})
+    thread = startup.map_ahead(str(tmp_path))
+    assert thread is not None
+    thread.join(10)
+    ahead = startup._ahead[str(file.resolve())][1]["mapping"]
+    startup.drop_unclaimed()
+    assert ahead.closed and not startup._ahead
+    assert startup.take_mapping(file, file.stat()) is None
+
+
+def test_mapping_ahead_waits_for_transformers_to_start_importing() -> None:
+    code = (
+        "import sys, time, json, tempfile, pathlib\n"
+        "from service.inference import startup\n"
+        "d = pathlib.Path(tempfile.mkdtemp())\n"
+        "(d / 'quantized.json').write_text(json.dumps({'weights': {'file': 'w.safetensors'}}))\n"
+        "(d / 'w.safetensors').write_bytes(b'\\0' * 4096)\n"
+        "t = startup.map_ahead(str(d))\n"
+        "t.join(0.5)\n"
+        "result = startup._ahead[str((d / 'w.safetensors').resolve())][1]\n"
+        "before = t.is_alive() and not result\n"
+        "import transformers\n"
+        "t.join(10)\n"
+        "print(json.dumps({'waited': before, 'mapped': 'mapping' in result,"
+        " 'hook_gone': not any(type(f).__name__ == '_OnImport' for f in sys.meta_path)}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {
+        "waited": True,
+        "mapped": True,
+        "hook_gone": True,
+    }
