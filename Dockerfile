@@ -92,8 +92,7 @@ COPY service/__init__.py service/config.py service/catalog.py service/database.p
      /opt/quantize/service/
 COPY service/inference/__init__.py service/inference/attention.py service/inference/checkpoint.py \
      service/inference/kernels.py service/inference/kernels.cpp service/inference/loading.py \
-     service/inference/memory.py service/inference/quantized.py service/inference/startup.py \
-     /opt/quantize/service/inference/
+     service/inference/memory.py service/inference/quantized.py /opt/quantize/service/inference/
 WORKDIR /opt/quantize
 # A copy, not a bind mount of the stage: buildah cannot bind a cached stage's files. This stage is thrown
 # away; the runtime copies only /models from it.

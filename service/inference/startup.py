@@ -17,11 +17,6 @@ imports no torch (the web layer calls `prepare` while building the app):
   back in a few milliseconds. The image writes it at build time (`python -m service.inference.startup`).
   It wraps one function of Transformers' import machinery as its module is loaded; should a release
   rename it, nothing is wrapped and Transformers scans as before.
-- `map_ahead(source)`: in the process that will load the model, a pre-quantized checkpoint's weights
-  file is mapped and its pages mapped in (`MADV_POPULATE_READ`, 0.3-0.5 s for 1.55 GB even from the page
-  cache) on a thread of its own while Transformers' modules import, which hold the interpreter: that
-  work moves to the second core. `loading.map_safetensors` then takes this very mapping
-  (`take_mapping`), the same file checked by its identity, and the load waits for it to be complete.
 """
 
 from __future__ import annotations
@@ -33,7 +28,6 @@ import importlib.machinery
 import importlib.util
 import json
 import logging
-import mmap
 import os
 import sys
 import threading
@@ -56,7 +50,6 @@ def prepare(source: str) -> None:
     pause_gc()
     install_import_cache()
     prefetch(source)
-    map_ahead(source)
 
 
 # --- the cyclic garbage collector, paused while modules import ---------------------------------------
@@ -101,23 +94,16 @@ def prefetch(source: str) -> threading.Thread | None:
     folder = Path(source).expanduser()
     if str(folder) in _prefetched:  # already (`python -m service` starts it before gunicorn forks)
         return None
-    weights = _prequantized_weights(folder)
-    if weights is None:
+    try:
+        manifest = json.loads((folder / "quantized.json").read_text())
+        weights = folder / manifest["weights"]["file"]
+    except (OSError, ValueError, KeyError, TypeError):
         return None
     _prefetched.add(str(folder))
     paths = [*_torch_libraries(), weights]
     thread = threading.Thread(target=_read_ahead, args=(paths,), name="prefetch-weights", daemon=True)
     thread.start()
     return thread
-
-
-def _prequantized_weights(folder: Path) -> Path | None:
-    """The weights file a pre-quantized checkpoint's manifest names; None for anything else."""
-    try:
-        manifest = json.loads((folder / "quantized.json").read_text())
-        return folder / manifest["weights"]["file"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def _torch_libraries() -> list[Path]:
@@ -146,119 +132,6 @@ def _read_ahead(paths: list[Path]) -> None:
             pass
         finally:
             os.close(fd)
-
-
-# --- the weights, mapped ahead ----------------------------------------------------------------------
-
-# madvise(MADV_POPULATE_READ), Linux 5.14: every page of the mapping mapped now, read-only, in one call
-# (Python 3.11's mmap module does not name it; older kernels refuse it and pages map at first touch).
-MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
-
-_ahead_lock = threading.Lock()
-# weights path -> (its thread, what it mapped, the event that lets it start)
-_ahead: dict[str, tuple[threading.Thread, dict[str, Any], threading.Event]] = {}
-
-
-def map_file(fd: int, size: int) -> mmap.mmap:
-    """`fd`'s first `size` bytes mapped private and writable (copy on write: nothing written reaches
-    the file), its pages read ahead and mapped in: what `loading.map_safetensors` serves tensors from."""
-    mapped = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    mapped.madvise(mmap.MADV_WILLNEED)
-    try:
-        mapped.madvise(MADV_POPULATE_READ)
-    except OSError:
-        pass
-    return mapped
-
-
-def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def map_ahead(source: str) -> threading.Thread | None:
-    """Map `source`'s pre-quantized weights file on a thread (returns it) once Transformers starts
-    importing (torch's libraries are in by then, so from a cold disk the weights do not compete with
-    them), for `take_mapping`. None when `source` is not a local pre-quantized folder, or is mapped
-    already. Per process: a mapping does not survive a fork (gunicorn's worker calls this itself)."""
-    weights = _prequantized_weights(Path(source).expanduser())
-    if weights is None:
-        return None
-    key = os.path.realpath(weights)
-    result: dict[str, Any] = {}
-    with _ahead_lock:
-        if key in _ahead:
-            return None
-        started = threading.Event()
-        thread = threading.Thread(
-            target=_map_into, args=(key, result, started), name="map-weights", daemon=True
-        )
-        _ahead[key] = (thread, result, started)
-    thread.start()
-    if "transformers" in sys.modules:
-        started.set()
-    else:
-        sys.meta_path.insert(0, _OnImport("transformers", started.set))
-    return thread
-
-
-def _map_into(path: str, result: dict[str, Any], started: threading.Event) -> None:
-    started.wait(60)  # Transformers' import begins (or a minute passed: then map anyway)
-    try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            if st.st_size:
-                result["mapping"] = map_file(f.fileno(), st.st_size)
-                result["identity"] = _identity(st)
-    except (OSError, ValueError) as e:  # loading will map it itself, and say what is wrong with it
-        log.debug("weights not mapped ahead (%s): %s", path, e)
-
-
-def take_mapping(path: Path, st: os.stat_result) -> mmap.mmap | None:
-    """The mapping `map_ahead` made of `path`, once complete (waits for it), if it is of the same file
-    (`st`, of the file the caller opened: device, inode, size, mtime); else None (and it is closed).
-    Once: the caller owns it."""
-    with _ahead_lock:
-        entry = _ahead.pop(os.path.realpath(path), None)
-    if entry is None:
-        return None
-    thread, result, started = entry
-    started.set()  # if Transformers' import was somehow never seen: map now
-    thread.join()
-    mapped = result.get("mapping")
-    if mapped is not None and result.get("identity") != _identity(st):
-        mapped.close()  # the file was replaced since: map the one the caller opened
-        return None
-    return mapped
-
-
-def drop_unclaimed() -> None:
-    """Close what `map_ahead` mapped and no load took (the load failed before it reached the
-    weights): a mapped 1.5 GB file is not kept for nothing. The loader calls this when done."""
-    with _ahead_lock:
-        entries = list(_ahead.values())
-        _ahead.clear()
-    for thread, result, started in entries:
-        started.set()
-        thread.join()
-        if result.get("mapping") is not None:
-            result["mapping"].close()
-
-
-class _OnImport(importlib.abc.MetaPathFinder):
-    """Finds nothing: calls `then()` when `name` is first looked for (its import begins), then leaves
-    `sys.meta_path`."""
-
-    def __init__(self, name: str, then: Callable[[], None]):
-        self.name, self.then = name, then
-
-    def find_spec(
-        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
-    ) -> importlib.machinery.ModuleSpec | None:
-        if fullname == self.name:
-            if self in sys.meta_path:
-                sys.meta_path.remove(self)
-            self.then()
-        return None
 
 
 # --- patched as they are imported --------------------------------------------------------------------

@@ -208,7 +208,6 @@ def _transformers_loader(settings: Settings, source: str) -> Callable[[], Any]:
             )
         finally:
             startup.resume_gc()  # paused by startup.prepare (or the worker) for the imports
-            startup.drop_unclaimed()  # weights mapped ahead that this load did not take
 
     return load
 
