@@ -222,3 +222,27 @@ def test_a_config_file_changed_since_is_scanned_again(tmp_path: Path) -> None:
     assert startup.cached_ignored(scan, tmp_path)(module) == {"quiet"} and len(calls) == 1  # kept
     source.write_text("quiet = 1\n")  # another size
     assert startup.cached_ignored(scan, tmp_path)(module) == set() and len(calls) == 2
+
+
+def test_two_installations_of_one_version_keep_an_answer_each(tmp_path: Path) -> None:
+    """Two environments (say, a checkout's and CI's) with the same Transformers version: each keeps
+    its own answer, so starting one does not make the other scan again."""
+    calls: list[str] = []
+
+    def scan(path: str) -> dict:
+        calls.append(path)
+        return {"qwen2": {frozenset({"torch"}): {"modeling_qwen2": {path}}}}
+
+    folders = []
+    for name in ("a", "b"):
+        models = tmp_path / name / "transformers" / "models"
+        models.mkdir(parents=True)
+        (models.parent / "__init__.py").write_text('__version__ = "9.9.9"\n')
+        (models / "__init__.py").write_text("")
+        folders.append(models)
+    for _ in range(2):  # alternating starts
+        for models in folders:
+            answer = startup.cached_scan(scan, tmp_path / "cache")(str(models))  # a fresh process's cache
+            assert answer["qwen2"][frozenset({"torch"})]["modeling_qwen2"] == {str(models)}
+    assert calls == [str(f) for f in folders]  # each scanned once, then read back
+    assert len(list((tmp_path / "cache").glob("transformers-imports-9.9.9-*.json"))) == 2

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import hashlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -211,7 +212,10 @@ def cached_scan(scan: Callable[[str], dict], cache_dir: Path) -> Callable[[str],
         if folder.name != "models" or folder.parent.name != "transformers" or not folder.is_dir():
             return scan(module_path)
         key = _fingerprint(folder)
-        file = cache_dir / f"transformers-imports-{key['version']}.json"
+        # one file per installation: two environments of one version would otherwise overwrite
+        # each other's answer at every start of either
+        where = hashlib.sha256(key["path"].encode()).hexdigest()[:12]
+        file = cache_dir / f"transformers-imports-{key['version']}-{where}.json"
         try:
             stored = json.loads(file.read_text())
             if stored["key"] == key:
