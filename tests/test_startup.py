@@ -180,3 +180,69 @@ def test_prefetch_reads_ahead_only_a_prequantized_folder(tmp_path: Path) -> None
     assert thread is not None
     thread.join(10)
     assert not thread.is_alive()
+
+
+CONFIG_BOTH = """
+import sys
+import transformers.modeling_utils  # what a start imports: torch._dynamo and its config modules
+import torch.utils._config_module as cm
+kept_scan = cm.get_assignments_with_compile_ignored_comments
+mods = [m for m in list(sys.modules.values()) if hasattr(m, "__file__")]
+mods = [m for m in mods if isinstance(getattr(m, "_config", None), dict)]
+print(json.dumps({"patched": kept_scan.__module__, "modules": sorted(m.__name__ for m in mods),
+                  "same": all(kept_scan(m) == kept_scan.scan(m) for m in mods),
+                  "some": sum(len(kept_scan(m)) for m in mods)}))
+"""
+
+
+def test_torch_config_comments_kept_are_torch_own_scan(tmp_path: Path) -> None:
+    first = fresh(CONFIG_BOTH, tmp_path)  # scans, writes the file
+    kept = json.loads((tmp_path / "torch-config-ignored.json").read_text())
+    second = fresh(CONFIG_BOTH, tmp_path)  # reads it back
+    for result in (first, second):
+        assert result["patched"] == "service.inference.startup" and result["same"], result
+        assert "torch._inductor.config" in result["modules"] and result["some"] > 10
+    assert len(kept) >= len(first["modules"]) and all(entry["names"] is not None for entry in kept.values())
+
+
+def test_a_config_file_changed_since_is_scanned_again(tmp_path: Path) -> None:
+    import types
+
+    source = tmp_path / "fake_config.py"
+    source.write_text("# @compile_ignored: why\nquiet = 1\nloud = 2\n")
+    module = types.ModuleType("fake_config")
+    module.__file__ = str(source)
+    calls: list[str] = []
+
+    def scan(m: types.ModuleType) -> set[str]:
+        calls.append(m.__name__)
+        return {"quiet"} if "loud" in Path(m.__file__).read_text() else set()
+
+    assert startup.cached_ignored(scan, tmp_path)(module) == {"quiet"}
+    assert startup.cached_ignored(scan, tmp_path)(module) == {"quiet"} and len(calls) == 1  # kept
+    source.write_text("quiet = 1\n")  # another size
+    assert startup.cached_ignored(scan, tmp_path)(module) == set() and len(calls) == 2
+
+
+def test_two_installations_of_one_version_keep_an_answer_each(tmp_path: Path) -> None:
+    """Two environments (say, a checkout's and CI's) with the same Transformers version: each keeps
+    its own answer, so starting one does not make the other scan again."""
+    calls: list[str] = []
+
+    def scan(path: str) -> dict:
+        calls.append(path)
+        return {"qwen2": {frozenset({"torch"}): {"modeling_qwen2": {path}}}}
+
+    folders = []
+    for name in ("a", "b"):
+        models = tmp_path / name / "transformers" / "models"
+        models.mkdir(parents=True)
+        (models.parent / "__init__.py").write_text('__version__ = "9.9.9"\n')
+        (models / "__init__.py").write_text("")
+        folders.append(models)
+    for _ in range(2):  # alternating starts
+        for models in folders:
+            answer = startup.cached_scan(scan, tmp_path / "cache")(str(models))  # a fresh process's cache
+            assert answer["qwen2"][frozenset({"torch"})]["modeling_qwen2"] == {str(models)}
+    assert calls == [str(f) for f in folders]  # each scanned once, then read back
+    assert len(list((tmp_path / "cache").glob("transformers-imports-9.9.9-*.json"))) == 2

@@ -17,12 +17,17 @@ imports no torch (the web layer calls `prepare` while building the app):
   back in a few milliseconds. The image writes it at build time (`python -m service.inference.startup`).
   It wraps one function of Transformers' import machinery as its module is loaded; should a release
   rename it, nothing is wrapped and Transformers scans as before.
+  Likewise torch's config modules (`torch._inductor.config` and six more, which Transformers' model
+  code imports through `torch._dynamo`): each tokenizes its own source for `@compile_ignored`
+  comments as it is imported (`get_assignments_with_compile_ignored_comments`, 0.14 s of a start in
+  the image); that answer is kept too, per source file, keyed by its path, size and mtime.
 """
 
 from __future__ import annotations
 
 import functools
 import gc
+import hashlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -41,6 +46,8 @@ log = logging.getLogger(__name__)
 CACHE_DIR = Path("~/.cache/qwen-box").expanduser()
 _IMPORT_UTILS = "transformers.utils.import_utils"
 _SCAN = "create_import_structure_from_path"
+_TORCH_CONFIG = "torch.utils._config_module"
+_IGNORED = "get_assignments_with_compile_ignored_comments"
 _PREFETCH_CHUNK = 64 << 20
 
 
@@ -139,12 +146,14 @@ def _read_ahead(paths: list[Path]) -> None:
 
 def install_import_cache(cache_dir: Path | None = None) -> bool:
     """From the next `import transformers` on, its scan of its model packages kept in `cache_dir`
-    (`cached_scan`); False when it is imported already (too late) or this is installed already."""
+    (`cached_scan`), and from the next `import torch` on, its config modules' scan of their comments
+    (`cached_ignored`); False when both are imported already (too late) or this is installed already."""
     if any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
         return False
     folder = cache_dir or CACHE_DIR
     patches: dict[str, Callable[[ModuleType], None]] = {
         _IMPORT_UTILS: lambda module: _wrap(module, _SCAN, lambda scan: cached_scan(scan, folder)),
+        _TORCH_CONFIG: lambda module: _wrap(module, _IGNORED, lambda scan: cached_ignored(scan, folder)),
     }
     patches = {name: patch for name, patch in patches.items() if name not in sys.modules}
     if not patches:
@@ -203,7 +212,10 @@ def cached_scan(scan: Callable[[str], dict], cache_dir: Path) -> Callable[[str],
         if folder.name != "models" or folder.parent.name != "transformers" or not folder.is_dir():
             return scan(module_path)
         key = _fingerprint(folder)
-        file = cache_dir / f"transformers-imports-{key['version']}.json"
+        # one file per installation: two environments of one version would otherwise overwrite
+        # each other's answer at every start of either
+        where = hashlib.sha256(key["path"].encode()).hexdigest()[:12]
+        file = cache_dir / f"transformers-imports-{key['version']}-{where}.json"
         try:
             stored = json.loads(file.read_text())
             if stored["key"] == key:
@@ -223,6 +235,50 @@ def cached_scan(scan: Callable[[str], dict], cache_dir: Path) -> Callable[[str],
     cached = functools.lru_cache(wrapper)  # as Transformers' own: each folder once per process
     cached.scan = scan  # type: ignore[attr-defined]  # Transformers' own, for comparing
     return cached
+
+
+def cached_ignored(
+    scan: Callable[[ModuleType], set[str]], cache_dir: Path
+) -> Callable[[ModuleType], set[str]]:
+    """`scan` (torch's `get_assignments_with_compile_ignored_comments`: the names a config module marks
+    `@compile_ignored`, found by tokenizing its source), answered from `cache_dir`'s
+    `torch-config-ignored.json` for a source file of the same path, size and mtime; else scanned (and
+    kept). A module without a file, or one whose scan raises, is torch's own business."""
+    file = cache_dir / "torch-config-ignored.json"
+    kept: dict[str, Any] | None = None
+
+    def wrapper(module: ModuleType) -> set[str]:
+        nonlocal kept
+        source = getattr(module, "__file__", None)
+        try:
+            st = os.stat(source) if isinstance(source, str) else None
+        except OSError:
+            st = None
+        if st is None or not isinstance(source, str):
+            return scan(module)
+        key = [st.st_size, st.st_mtime_ns]
+        if kept is None:
+            try:
+                stored = json.loads(file.read_text())
+            except (OSError, ValueError):
+                stored = None
+            kept = stored if isinstance(stored, dict) else {}
+        entry = kept.get(source)
+        if isinstance(entry, dict) and entry.get("key") == key and isinstance(entry.get("names"), list):
+            return set(entry["names"])
+        names = scan(module)
+        kept[source] = {"key": key, "names": sorted(names)}
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = file.with_name(f"{file.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(kept))
+            os.replace(tmp, file)
+        except OSError as e:  # a read-only home: scanned every start, as without this module
+            log.debug("torch's config comments not kept in %s: %s", file, e)
+        return names
+
+    wrapper.scan = scan  # type: ignore[attr-defined]  # torch's own, for comparing
+    return wrapper
 
 
 def _fingerprint(folder: Path) -> dict[str, Any]:
@@ -275,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     cache_dir = Path(argv[0]) if argv else CACHE_DIR
     install_import_cache(cache_dir)
     import transformers
+    import transformers.modeling_utils  # noqa: F401  # what a start imports: torch's config modules too
 
     print(f"Transformers {transformers.__version__}: import structure kept in {cache_dir}")
     return 0
