@@ -164,6 +164,30 @@ def _cat_bias(biases: list[torch.Tensor | None], sizes: list[int]) -> torch.Tens
     return torch.cat([torch.zeros(n) if b is None else b.float() for b, n in zip(biases, sizes, strict=True)])
 
 
+def _rotary_tables(cos: torch.Tensor, sin: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary's cos and sin (rows, 1, dim), broadcast over the heads, with rotate_half's signs folded
+    into sin, so that `_rotate` is two products and a sum."""
+    dim = cos.shape[-1]
+    half = dim // 2
+    sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+    return cos.reshape(rows, 1, dim), sin.reshape(rows, 1, dim)
+
+
+def _rotate(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary on qk (rows, heads, dim) with `_rotary_tables`' cos and sin: Transformers'
+    x cos + rotate_half(x) sin, its halves swapped by a view."""
+    rows, heads, dim = qk.shape
+    swapped = qk.view(rows, heads, 2, dim // 2).flip(2).view(rows, heads, dim)
+    return qk * cos + swapped * sin
+
+
+def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) x up of the fused gate/up product, in PyTorch ops (the compiled library's
+    `decode_silu_mul` where it is available)."""
+    inner = gate_up.shape[-1] // 2
+    return F.silu(gate_up[:, :inner]).mul_(gate_up[:, inner:])
+
+
 class LeanDecoder:
     """The decode step of a Qwen2ForCausalLM: logits of the next token for each row of a batch."""
 
@@ -278,10 +302,7 @@ class LeanDecoder:
         batch = h.shape[0]
         heads, kv_heads, dim = self.heads, self.kv_heads, self.dim
         group = heads // kv_heads
-        half = dim // 2
-        cos = cos.view(batch, 1, dim)
-        sin = sin.view(batch, 1, dim)
-        sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)  # rotate_half's signs folded in
+        cos, sin = _rotary_tables(cos, sin, batch)
         width = mask.shape[1]
         additive = None
         if batch > 1 and not bool(mask.all()):
@@ -293,9 +314,7 @@ class LeanDecoder:
         for layer, cache in zip(self.layers, cache_layers, strict=True):
             x = F.rms_norm(h, (h.shape[-1],), layer.input_norm, eps)
             qkv = layer.qkv(x)  # (batch, q + k + v)
-            qk = qkv[:, : q_size + kv_size].view(batch, heads + kv_heads, dim)
-            swapped = qk.view(batch, heads + kv_heads, 2, half).flip(2).view(batch, heads + kv_heads, dim)
-            qk = qk * cos + swapped * sin
+            qk = _rotate(qkv[:, : q_size + kv_size].view(batch, heads + kv_heads, dim), cos, sin)
             k = qk[:, heads:].view(batch, kv_heads, 1, dim)
             v = qkv[:, q_size + kv_size :].view(batch, kv_heads, 1, dim)
             room, length = self._room(cache)
@@ -310,10 +329,7 @@ class LeanDecoder:
             attended = torch.matmul(probs, values).view(batch, q_size)
             h = h + layer.o_proj(attended)
             x = F.rms_norm(h, (h.shape[-1],), layer.post_norm, eps)
-            gate_up = layer.gate_up(x)
-            inner = gate_up.shape[-1] // 2
-            mlp = F.silu(gate_up[:, :inner]).mul_(gate_up[:, inner:])
-            h = h + layer.down(mlp)
+            h = h + layer.down(_silu_mul(layer.gate_up(x)))
         h = F.rms_norm(h, (h.shape[-1],), self.norm, eps)
         return self.head(h)
 
@@ -330,18 +346,14 @@ class LeanDecoder:
         positions = torch.arange(start, start + length)[None]
         cos, sin = self.rotary(h, positions)  # (1, length, dim)
         heads, kv_heads, dim = self.heads, self.kv_heads, self.dim
-        half = dim // 2
-        cos = cos.view(length, 1, dim)
-        sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1).view(length, 1, dim)
+        cos, sin = _rotary_tables(cos, sin, length)
         q_size, kv_size = heads * dim, kv_heads * dim
         eps, lib = self.eps, self.library
         width = h.shape[-1]
         for index, layer in enumerate(self.layers):
             x = F.rms_norm(h, (width,), layer.input_norm, eps)
             qkv = layer.qkv(x)  # (length, q + k + v)
-            qk = qkv[:, : q_size + kv_size].view(length, heads + kv_heads, dim)
-            swapped = qk.view(length, heads + kv_heads, 2, half).flip(2).view(length, heads + kv_heads, dim)
-            qk = qk * cos + swapped * sin  # rotary, as Transformers' x cos + rotate_half(x) sin
+            qk = _rotate(qkv[:, : q_size + kv_size].view(length, heads + kv_heads, dim), cos, sin)
             q = qk[:, :heads].transpose(0, 1)[None]  # (1, heads, length, dim)
             k = qk[:, heads:].transpose(0, 1)[None]
             v = qkv[:, q_size + kv_size :].view(length, kv_heads, dim).transpose(0, 1)[None]
@@ -350,12 +362,7 @@ class LeanDecoder:
             h.add_(layer.o_proj(attended))
             x = F.rms_norm(h, (width,), layer.post_norm, eps)
             gate_up = layer.gate_up(x)
-            if lib is not None:
-                mlp = lib.decode_silu_mul(gate_up)
-            else:
-                inner = gate_up.shape[-1] // 2
-                mlp = F.silu(gate_up[:, :inner]).mul_(gate_up[:, inner:])
-            h.add_(layer.down(mlp))
+            h.add_(layer.down(lib.decode_silu_mul(gate_up) if lib is not None else _silu_mul(gate_up)))
         last = F.rms_norm(h[-1:], (width,), self.norm, eps)
         return self.head(last)[0]
 
