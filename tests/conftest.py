@@ -29,6 +29,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.get_closest_marker("image") is not None)
 
 
+@pytest.fixture
+def float32_activations(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Quantized models computing in float32 between their products, as on every CPU without AVX-512
+    BF16 (where the lean decoder runs): tests of that path force it, so they test it on any CPU. On a
+    CPU with BF16 the activations are bf16 and the model's forward runs instead (tested as such)."""
+    from service.inference import attention
+
+    monkeypatch.setattr(attention, "fast_bf16_products", lambda: False)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random Qwen2 chat model with a real BPE tokenizer and ChatML template, on disk."""

