@@ -7,7 +7,8 @@ one process holds every count and prometheus-client's multiprocess mode is not n
 instances are several scrape targets, summed by Prometheus.
 
 - `qwenbox_http_requests_total{route,method,status}`: every answered request; `route` is the URL rule
-  (`/api/conversations/<cid>`), so ids and unknown paths cannot grow the label set
+  (`/api/conversations/<cid>`) and `method` one of HTTP's own (any other is `other`), so ids, unknown
+  paths and made-up methods cannot grow the label set
 - `qwenbox_generations_total{model,finish_reason}`: ended generations (stop, length, cancelled, error)
 - `qwenbox_generated_tokens_total{model}`, `qwenbox_prompt_tokens_total{model}`
 - `qwenbox_time_to_first_token_seconds{model}`, `qwenbox_decode_tokens_per_second{model}`: histograms
@@ -27,6 +28,7 @@ from prometheus_client.registry import Collector
 from .inference.engine import Finished
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 RATE_BUCKETS = (1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 50.0, 100.0, 200.0)
 
@@ -93,7 +95,7 @@ class Metrics:
         self.registry.register(_EngineCollector(engines))
 
     def request_done(self, route: str, method: str, status: int) -> None:
-        self.requests.labels(route, method, str(status)).inc()
+        self.requests.labels(route, method if method in METHODS else "other", str(status)).inc()
 
     def generation_finished(self, model: str, finished: Finished) -> None:
         """The engine's `on_finish` hook for `model` (runs on its scheduler thread)."""

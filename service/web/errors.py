@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flask import Flask, Response, current_app, jsonify, request
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 
 from ..errors import (
     ConversationNotFound,
@@ -227,6 +227,9 @@ def install(app: Flask, *, max_body_bytes: int) -> None:
             extra = (request.max_content_length or max_body_bytes + 1) - max_body_bytes - 1
             if extra > 0:
                 message += f" besides its images (up to {extra} bytes more of them)"
+        elif isinstance(exc, MethodNotAllowed) and exc.valid_methods:  # RFC 9110: a 405 names what is allowed
+            headers["Allow"] = ", ".join(sorted(exc.valid_methods))
+            message = f"{request.method} is not allowed here; allowed: {headers['Allow']}"
         elif status == 429:
             wait = retry_after_seconds()
             message = f"rate limit exceeded ({exc.description} per client); retry in {wait} s"
