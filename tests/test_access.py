@@ -171,3 +171,53 @@ def test_health_shows_why_loading_failed_only_to_token_holders(settings):
     assert anonymous.status_code == holder.status_code == 503
     assert "/srv/secret" not in anonymous.get_data(as_text=True)
     assert "/srv/secret" in holder.json["detail"]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Origin": "https://attacker.example.com"},
+        {"Origin": "null"},  # a sandboxed frame or a file
+        {"Origin": "http://localhost:8001"},  # another port is another origin
+        {"Sec-Fetch-Site": "cross-site"},
+    ],
+)
+@pytest.mark.parametrize(
+    "method,path,kwargs",
+    [
+        ("post", "/api/conversations", {}),  # an empty body: what a form or a simple fetch can send
+        ("post", "/api/conversations", {"data": "{}", "content_type": "text/plain"}),
+        ("post", "/api/chat", {"json": CHAT}),
+        ("delete", "/api/conversations/" + "0" * 24, {}),
+    ],
+)
+def test_another_site_cannot_make_a_visitors_browser_change_anything(client, headers, method, path, kwargs):
+    """A page of another site can make a visitor's browser send requests here, cookie and all; the
+    browser names that site in Origin (and Sec-Fetch-Site), and nothing changes."""
+    before = client.get("/api/conversations").get_json()
+    r = getattr(client, method)(path, headers={"Host": "localhost:8000", **headers}, **kwargs)
+    assert r.status_code == 403 and r.get_json()["error"]["code"] == "cross_site_request"
+    assert client.get("/api/conversations").get_json() == before
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},  # curl, the openai client, a script: no Origin
+        {"Origin": "http://localhost:8000"},
+        {"Origin": "http://LOCALHOST:8000", "Sec-Fetch-Site": "same-origin"},
+    ],
+)
+def test_the_page_itself_and_clients_without_a_browser_still_write(client, headers):
+    r = client.post("/api/conversations", json={}, headers={"Host": "localhost:8000", **headers})
+    assert r.status_code == 201, r.get_json()
+
+
+def test_the_default_port_is_the_same_origin_whether_named_or_not():
+    from service.web.access import same_origin
+
+    assert same_origin("https://qwen.example.org", "qwen.example.org:443")
+    assert same_origin("https://qwen.example.org:443", "qwen.example.org")
+    assert same_origin("http://[::1]:8000", "[::1]:8000")
+    assert not same_origin("http://qwen.example.org", "qwen.example.org:443")
+    assert not same_origin("https://qwen.example.org.attacker.example", "qwen.example.org")

@@ -26,6 +26,7 @@ OPEN_PATHS = ("/api/health",)
 PROTECTED_PREFIXES = ("/api/", "/v1/", "/metrics")
 RATE_LIMITED_ENDPOINTS = ("api.chat", "openai.chat_completions")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
 
 def bearer_token() -> str:
@@ -64,6 +65,21 @@ def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
     return False
 
 
+def same_origin(origin: str, host: str) -> bool:
+    """Whether an Origin header (`scheme://name[:port]`, or "null" from a sandboxed page or a file)
+    names this server as the client reached it (`host`, a Host header)."""
+    scheme, sep, rest = origin.strip().partition("://")
+    if not sep or not scheme or "/" in rest:
+        return False
+    default = {"http": ":80", "https": ":443"}.get(scheme.lower(), "")
+
+    def with_port(netloc: str) -> str:
+        netloc = netloc.lower()
+        return netloc if netloc.rsplit("]", 1)[-1].count(":") else netloc + default
+
+    return with_port(rest) == with_port(host) or rest.lower() == host.lower()
+
+
 def protect(app: Flask, settings: Settings) -> None:
     """Install the Host check, the token check, the rate limits and (behind a proxy) the real
     client address."""
@@ -81,6 +97,24 @@ def protect(app: Flask, settings: Settings) -> None:
                 f"this server does not answer to the host name {host_name(host)!r}; "
                 "add it to ALLOWED_HOSTS if it is yours",
                 code="host_not_allowed",
+            )
+
+    @app.before_request
+    def refuse_cross_site_writes() -> None:
+        # A page of another site may make a visitor's browser POST here (a form, or fetch without
+        # preflight: an empty body or a text/plain one), with the visitor's cookie: browsers say so
+        # in Origin (and Sec-Fetch-Site). Nothing but this service's own page writes from a browser.
+        if request.method in SAFE_METHODS:
+            return
+        origin = request.headers.get("Origin")
+        site = request.headers.get("Sec-Fetch-Site", "")
+        if site == "cross-site" or (origin is not None and not same_origin(origin, request.host)):
+            raise HttpError(
+                403,
+                f"cross-site request refused: a page of {origin or 'another site'} may not change "
+                "anything here",
+                "permission_error",
+                code="cross_site_request",
             )
 
     if settings.proxy_hops:
