@@ -38,6 +38,10 @@ def _printable(value: str) -> str:
 
 
 Content = Annotated[str, AfterValidator(_printable)]
+# A stop sequence may be or hold a newline or tab, never NUL or another control character.
+StopText = Annotated[str, Field(min_length=1), AfterValidator(_no_control)]
+# A string that is a name or a tag, not text: no control characters at all.
+Plain = Annotated[str, AfterValidator(_no_control)]
 # A turn's text when it may carry images instead: blank is fine beside a picture.
 MaybeContent = Annotated[str, AfterValidator(_no_control)]
 
@@ -72,11 +76,7 @@ class ChatBody(BaseModel):
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
-    stop: (
-        Annotated[str, Field(min_length=1)]
-        | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)]
-        | None
-    ) = None
+    stop: StopText | Annotated[list[StopText], Field(max_length=4)] | None = None
     conversation_id: Annotated[str, Field(min_length=1, max_length=64)] | None = None
     model: Annotated[str, Field(min_length=1, max_length=500)] | None = None
 

@@ -166,6 +166,8 @@ BAD_JSON_BODIES = [
     ({"message": "hi", "stop": ""}, 422, "stop"),
     ({"message": "hi", "stop": ["a", "b", "c", "d", "e"]}, 422, "stop"),
     ({"message": "hi", "stop": 3}, 422, "stop"),
+    ({"message": "hi", "stop": "a\x00"}, 422, "control"),
+    ({"message": "hi", "stop": ["\n", "end\x1b"]}, 422, "control"),
     ([{"role": "user", "content": "hi"}], 422, "JSON object"),
     ("hi", 422, "JSON object"),
     (None, 422, "JSON object"),
@@ -186,6 +188,9 @@ def test_bad_json_bodies(client, engine, body, status, words):
 @pytest.mark.parametrize(
     "data,content_type,status",
     [
+        ('{"message": "hi", "temperature": NaN}', "application/json", 400),
+        ('{"message": "hi", "temperature": Infinity}', "application/json", 400),
+        ('{"message": "hi", "temperature": 1e999}', "application/json", 400),
         ("{not json", "application/json", 400),
         ('{"message": "hi"', "application/json", 400),
         (b"\xff\xfe\x00garbage", "application/json", 400),
@@ -339,3 +344,13 @@ def test_v1_refuses_a_lone_surrogate_with_400(client, tiny_model_dir):
     r = client.post("/v1/chat/completions", data=body, content_type="application/json")
     assert r.status_code == 400 and "surrogate" in r.json["error"]["message"]
     assert r.json["error"]["param"] == "messages.0.content"
+
+
+def test_a_vanishing_temperature_is_greedy(client):
+    """5e-324 is a valid temperature (0 <= t <= 2), and dividing the scores by it overflows: such a
+    temperature samples the top token, as 0 does, instead of failing on NaN probabilities."""
+    for temperature in (5e-324, 1e-30):
+        r = client.post("/api/chat", json={"message": "hi", "max_tokens": 3, "temperature": temperature})
+        assert r.status_code == 200, r.get_json()
+        greedy = client.post("/api/chat", json={"message": "hi", "max_tokens": 3, "temperature": 0})
+        assert r.get_json()["message"] == greedy.get_json()["message"]

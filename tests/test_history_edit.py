@@ -140,6 +140,7 @@ def test_import_an_export_as_a_new_conversation_of_the_caller(app):
         {"title": "t", "messages": [{"role": "user", "content": 5}]},
         {"title": "t", "messages": [{"role": "user", "content": "x", "status": "weird"}]},
         {"title": "t", "messages": [{"role": "user", "content": "x", "evil": 1}]},
+        {"title": "t", "messages": [{"role": "user", "content": "a\x00b"}]},
         {"title": "t", "messages": "nope"},
         {"title": "t", "messages": [], "owner": "browser:someone-else"},
         {"title": "t", "messages": [{"role": "user", "content": "x"}] * 2001},
@@ -151,6 +152,19 @@ def test_import_refuses_what_is_not_an_export(app, body):
     r = client.post("/api/conversations/import", json=body)
     assert r.status_code == 422, r.json
     assert r.json["error"]["message"]
+    assert client.get("/api/conversations").json["data"] == []
+
+
+def test_import_refuses_numbers_json_does_not_have(app):
+    """Python's parser reads Infinity and NaN; JSON has neither, and a stored Infinity made every
+    later listing unreadable to a browser's JSON.parse."""
+    client = browser(app)
+    for constant in ("Infinity", "NaN", "-Infinity", "1e999"):
+        body = (
+            '{"title": "t", "messages": [{"role": "user", "content": "x", "created_at": ' + constant + "}]}"
+        )
+        r = client.post("/api/conversations/import", data=body, content_type="application/json")
+        assert r.status_code == 400 and "not valid JSON" in r.json["error"]["message"]
     assert client.get("/api/conversations").json["data"] == []
 
 

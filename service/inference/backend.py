@@ -43,6 +43,7 @@ from .loading import load_model
 log = logging.getLogger(__name__)
 
 PREFIX_CACHE_ENTRIES = 4
+GREEDY_BELOW = 1e-6  # a temperature under this samples greedily
 # Prompts are read this many tokens at a time (as llama.cpp's batch size does), and the engine runs
 # a decode step of the running chats between two pieces: so a chat that is answering waits at most
 # one piece for its next token while another's prompt is read (128 tokens: about 1.5 s at int8 on a
@@ -322,7 +323,9 @@ class TransformersBackend:
         temperature = (
             opts.temperature if opts.temperature is not None else (gc_.temperature if gc_.do_sample else 0.0)
         )
-        seq.greedy = not temperature
+        # Below this the scores divided by it overflow (5e-324 made every probability NaN); at any
+        # temperature this small sampling picks the top token anyway.
+        seq.greedy = temperature < GREEDY_BELOW
         penalties, warpers = LogitsProcessorList(), LogitsProcessorList()
         if gc_.repetition_penalty not in (None, 1.0):
             penalties.append(RepetitionPenaltyLogitsProcessor(gc_.repetition_penalty))

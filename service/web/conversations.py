@@ -16,7 +16,7 @@ from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..attachments import give_back
-from ..chat import ChatRequest, Content
+from ..chat import ChatRequest, Content, MaybeContent
 from ..errors import ConversationNotFound, HistoryDisabled, ImageNotFound, InvalidRequest
 from ..history import DEFAULT_TITLE, TITLE_MAX, History, StoredMessage, Transcript, new_owner_id
 from ..history import with_history as stored_chat
@@ -196,7 +196,7 @@ class TruncateBody(_Strict):
 
 
 class AlternativeBody(_Strict):
-    content: str
+    content: MaybeContent
     status: _REPLY_STATUS = "stop"
     meta: dict[str, Any] | None = None
 
@@ -207,7 +207,7 @@ class ShownBody(_Strict):
 
 class ImportedMessage(_Strict):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: MaybeContent
     status: Literal["complete", "stop", "length", "cancelled", "error"] = "complete"
     created_at: Annotated[float, Field(ge=0)] = 0.0
     meta: dict[str, Any] | None = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -131,9 +132,11 @@ def json_body(image_bytes: int = 0) -> Any:
     if len(raw) > limit and (not image_bytes or not _mentions_images(raw)):
         raise RequestEntityTooLarge()
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_constant=_not_json, parse_float=_finite)
     except RecursionError:
         raise HttpError(400, "the body is not valid JSON: it is nested too deeply") from None
+    except NotJson as exc:
+        raise HttpError(400, f"the body is not valid JSON: {exc}") from None
     except ValueError:
         raise HttpError(400, "the body is not valid JSON") from None
     if len(raw) > limit and len(raw) - _image_data_bytes(data) > limit:
@@ -146,6 +149,21 @@ def json_body(image_bytes: int = 0) -> Any:
             param=where or None,
         )
     return data
+
+
+class NotJson(ValueError):
+    """What Python's parser accepts but JSON (RFC 8259) does not, which no browser could read back."""
+
+
+def _not_json(name: str) -> Any:
+    raise NotJson(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e999: valid JSON, but out of a double's range
+        raise NotJson(f"{text} is out of range")
+    return value
 
 
 def _mentions_images(raw: bytes) -> bool:

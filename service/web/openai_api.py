@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 from flask import Blueprint, Response, current_app, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..chat import Content, Message, make_request, start
+from ..chat import Content, Message, Plain, StopText, make_request, start
 from ..errors import GenerationFailed, InvalidRequest
 from ..images import ImageLimits
 from ..inference.engine import Finished, Generation
@@ -59,7 +59,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
     role: Literal["system", "developer", "user", "assistant"]
     content: Content | Annotated[list[TextPart | ImagePart], Field(min_length=1)]
-    name: str | None = None
+    name: Plain | None = None
 
     def to_message(self) -> Message:
         if isinstance(self.content, str):
@@ -80,9 +80,6 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-StopText = Annotated[str, Field(min_length=1)]
-
-
 class CompletionBody(BaseModel):
     """OpenAI's chat completion request, minus what cannot be honoured (refused below)."""
 
@@ -99,7 +96,7 @@ class CompletionBody(BaseModel):
     seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
     stop: StopText | Annotated[list[StopText], Field(max_length=4)] | None = None
     n: Literal[1] | None = None
-    user: str | None = None
+    user: Plain | None = None
     frequency_penalty: Literal[0] | None = None
     presence_penalty: Literal[0] | None = None
     logprobs: Literal[False] | None = None
