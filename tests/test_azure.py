@@ -1195,3 +1195,40 @@ def test_a_deploy_renders_cloud_init_once_and_looks_the_vm_up_once(cli, monkeypa
     finally:
         vm.stop()
     assert cli.count("PUT", "virtualMachines/qb-once-vm$") == 1
+
+
+@pytest.mark.parametrize("task", ["destroy-azure", "status-azure", "logs-azure"])
+def test_a_wrong_subscription_is_an_error_not_an_absent_deployment(fake, monkeypatch, capsys, task):
+    """ARM answers a subscription it does not know with 404 SubscriptionNotFound: that is a typo in
+    --subscription (or the wrong sign-in), never "Nothing to delete" / "no deployment" with exit 0."""
+    wrong = "00000000-0000-0000-0000-00000000dead"
+
+    def connect_wrong(subscription: str = "") -> AzureClients:
+        return credentials.connect(
+            Cloud(arm_endpoint=fake.url), subscription, FakeCredential(), retry=FAST, verify=fake.ca_path
+        )
+
+    monkeypatch.setattr(azure_cli, "connect_default", connect_wrong)
+    extra = ["--yes"] if task == "destroy-azure" else []
+    code = invoke(task, "--name", "qb-test", "--subscription", wrong, *extra)
+    out = capsys.readouterr().out
+    assert code != 0, out
+    assert "SubscriptionNotFound" in out and "--subscription" in out
+    assert "Nothing to delete" not in out and "No deployment" not in out
+
+
+def test_a_subscription_of_another_tenant_says_which_sign_in_to_fix(cli, capsys):
+    """ARM's 401 InvalidAuthenticationTokenTenant means the token is good but for another tenant than
+    the subscription's: say that (sign in to its tenant), not "run az login again"."""
+    cli.fail(
+        "GET",
+        "resourcegroups/qb-test-rg$",
+        401,
+        "InvalidAuthenticationTokenTenant",
+        "The access token is from the wrong issuer 'https://sts.windows.net/other/'. It must match the "
+        "tenant 'https://sts.windows.net/right/' associated with this subscription.",
+    )
+    code = invoke("status-azure", "--name", "qb-test")
+    out = capsys.readouterr().out
+    assert code != 0
+    assert "another Microsoft Entra tenant" in out and "az login --tenant" in out

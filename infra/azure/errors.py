@@ -37,6 +37,7 @@ def explain_message(exc: HttpResponseError) -> str:
     return (msg or exc.message or str(exc)).strip().splitlines()[0]
 
 
+WRONG_TENANT = ("InvalidAuthenticationTokenTenant", "InvalidAuthenticationTokenAudience")
 SIGN_IN_HELP = (
     "Sign in with `az login`, or for a service principal set AZURE_TENANT_ID, AZURE_CLIENT_ID and "
     "AZURE_CLIENT_SECRET."
@@ -83,6 +84,14 @@ def explain(
     available_sizes: Callable[[], list[str]] | None = None,
 ) -> str:
     """A one-paragraph explanation of `exc` with the next step to take."""
+    if isinstance(exc, HttpResponseError) and error_code(exc) in WRONG_TENANT:
+        # ARM's 401 for a good token of another tenant: not a sign-in to repeat, a tenant to choose
+        return (
+            f"the subscription belongs to another Microsoft Entra tenant than the one you signed in to "
+            f"({error_code(exc)}): {explain_message(exc)}\nSign in to its tenant (`az login --tenant "
+            "TENANT`, or set AZURE_TENANT_ID for a service principal), or pick a subscription of this "
+            "tenant with --subscription (`az account list`)."
+        )
     if isinstance(exc, ClientAuthenticationError):
         return _sign_in(exc)
     if isinstance(exc, ServiceRequestError | ServiceResponseError) and not isinstance(exc, HttpResponseError):

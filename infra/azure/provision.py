@@ -43,7 +43,7 @@ from infra.azure.arm import (
 )
 from infra.azure.credentials import AzureClients
 from infra.azure.deployment import APP_TAG, INTERNET, Deployment, Names, Prepared, site_url
-from infra.azure.errors import SUGGESTED_SIZES, AzureActionError, explain
+from infra.azure.errors import SUGGESTED_SIZES, AzureActionError, error_code, explain
 from infra.azure.remote import VmState, failed_vm_advice, power_state, run_command, vm_state
 from infra.health import Health, probe
 from infra.vm import cloudinit
@@ -120,12 +120,19 @@ def check_owned(names: Names, tags: Mapping[str, str] | None) -> None:
     )
 
 
+# A 404 that means "no such group"; any other (SubscriptionNotFound: a wrong --subscription) is an
+# error to explain, not an absent deployment ("Nothing to delete" and exit 0 hid a typo).
+GROUP_ABSENT = ("ResourceGroupNotFound", "ResourceNotFound", "HTTP404")
+
+
 def owned_group(clients: AzureClients, names: Names) -> ResourceGroup | None:
     """The deployment's resource group (None when there is none), refused if it is not ours
     (check_owned). Every action on an existing deployment starts here."""
     try:
         group = clients.resources.resource_groups.get(names.group)
-    except ResourceNotFoundError:
+    except ResourceNotFoundError as exc:
+        if error_code(exc) not in GROUP_ABSENT:  # the subscription itself (SubscriptionNotFound)
+            raise
         return None
     check_owned(names, group.tags)
     return group
