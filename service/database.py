@@ -19,6 +19,7 @@ import os
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -161,7 +162,9 @@ class PostgresDatabase:
     like = "ILIKE"  # PostgreSQL's LIKE is case-sensitive; titles are searched without case
     for_update = " FOR UPDATE"  # a write locks the conversation it checks, as SQLite's lock would
 
-    def __init__(self, url: str, *, max_connections: int = 4, connect_timeout: float = 10):
+    def __init__(
+        self, url: str, *, max_connections: int = 4, connect_timeout: float = 10, retry_after: float = 5
+    ):
         # Imported here: a SQLite-only service never loads psycopg.
         from psycopg.rows import dict_row
         from psycopg_pool import ConnectionPool
@@ -179,6 +182,12 @@ class PostgresDatabase:
             timeout=connect_timeout,
             check=ConnectionPool.check_connection,  # a connection the server dropped is replaced
         )
+        # A circuit: once a wait for a connection has failed, the next `retry_after` seconds fail at
+        # once (each request used to hold a server thread for the whole timeout: 20 of them starved
+        # the health probe), then one request at a time tries the database again.
+        self.retry_after = retry_after
+        self._down_until = 0.0
+        self._trying = threading.Lock()
 
     def describe(self) -> str:
         return f"PostgreSQL {redact(self.url)}"
@@ -188,13 +197,25 @@ class PostgresDatabase:
         from psycopg import OperationalError
         from psycopg_pool import PoolTimeout
 
+        trial = False
+        if time.monotonic() < self._down_until:
+            raise HistoryUnavailable()
+        if self._down_until:  # it was down: one request tries again, the others fail at once meanwhile
+            if not self._trying.acquire(blocking=False):
+                raise HistoryUnavailable()
+            trial = True
         try:
             with self._pool.connection() as conn:
+                self._down_until = 0.0
                 yield conn
         except (PoolTimeout, OperationalError) as exc:
             # libpq's message names host and port, never the password; the client is told less.
             log.warning("history database %s unreachable: %s", redact(self.url), exc)
+            self._down_until = time.monotonic() + self.retry_after
             raise HistoryUnavailable() from None
+        finally:
+            if trial:
+                self._trying.release()
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:

@@ -208,3 +208,61 @@ def test_an_unreachable_database_is_a_503_to_retry_and_health_stays_up(tiny_mode
         wait_for(lambda: client.get("/api/conversations").status_code == 200, timeout=60, interval=0.5)
         app.extensions["history"].close()
         link.cut()
+
+
+def test_while_the_database_is_down_history_requests_fail_at_once(tiny_model_dir, scripted):
+    """Each request used to wait the whole connect timeout for a database known to be down (20 of them
+    held every server thread, and a health probe took 10 s). After one failed wait, the circuit answers
+    503 at once, without asking the pool, until its retry time; then the database is tried again."""
+    with fresh_schema() as url:
+        link = Cuttable(url)
+        settings = Settings(model_id=str(tiny_model_dir), log_level="warning", database_url=link.url)
+        app = create_app(settings, engine=scripted("ok"))
+        client = browser(app)
+        database = app.extensions["history"]._db
+        database._pool.timeout = 1  # how long the first request after the cut waits for a connection
+        assert client.get("/api/conversations").status_code == 200
+        link.cut()
+        assert client.get("/api/conversations").status_code == 503  # waited, and opened the circuit
+        asked: list[int] = []
+        real = database._pool.connection
+        database._pool.connection = lambda *a, **k: (asked.append(1), real(*a, **k))[1]
+        for _ in range(20):
+            r = client.get("/api/conversations")
+            assert r.status_code == 503 and r.headers["Retry-After"] == "5"
+        assert asked == []  # none of the 20 waited for a connection
+        assert client.get("/api/health").status_code == 200
+        link.mend()
+        wait_for(lambda: client.get("/api/conversations").status_code == 200, timeout=60, interval=0.5)
+        assert asked  # tried again after the retry time, and got through
+        app.extensions["history"].close()
+        link.cut()
+
+
+def test_a_finished_reply_the_database_cannot_take_is_said_not_lost(tiny_model_dir, scripted):
+    """The database goes away while a stored conversation's reply streams: the stream still ends with
+    `done` (and the whole reply), after an error event saying the reply was not saved; the JSON
+    answer says `saved: false`. Before, the stream was cut with neither and the reply was lost."""
+    with fresh_schema() as url:
+        link = Cuttable(url)
+        settings = Settings(model_id=str(tiny_model_dir), log_level="warning", database_url=link.url)
+        app = create_app(settings, engine=scripted("A reply that will not be kept.", delay=0.05))
+        client = browser(app)
+        app.extensions["history"]._db._pool.timeout = 1
+        cid = client.post("/api/conversations", json={}).json["id"]
+        r = client.post(
+            "/api/chat", json={"conversation_id": cid, "message": "go", "stream": True}, buffered=False
+        )
+        events = sse.events(r.response)
+        first = next(events)
+        assert first["type"] == "delta"
+        link.cut()  # after the question was stored, before the reply is
+        rest = list(events)
+        text = first["text"] + "".join(e["text"] for e in rest if e["type"] == "delta")
+        assert text == "A reply that will not be kept."
+        errors = [e for e in rest if e["type"] == "error"]
+        assert [e["error"]["code"] for e in errors] == ["reply_not_saved"]
+        assert rest[-1]["type"] == "done" and rest[-1]["saved"] is False
+        link.mend()
+        app.extensions["history"].close()
+        link.cut()

@@ -7,6 +7,7 @@ nothing here touches tensors, and errors are raised as they are and worded by `w
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any
 
@@ -15,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..chat import parse_chat_request, start
 from ..config import Settings
-from ..errors import GenerationFailed, InvalidRequest
+from ..errors import GenerationFailed, HistoryUnavailable, InvalidRequest
 from ..history import Transcript
 from ..images import ImageLimits
 from ..inference.engine import Finished, Generation
@@ -24,6 +25,8 @@ from . import disconnect, sse
 from .access import token_ok
 from .conversations import with_history
 from .errors import answer, json_body
+
+log = logging.getLogger(__name__)
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
@@ -121,12 +124,28 @@ def chat() -> Response | tuple[Response, int]:
         text, finished = generation.result(abandoned=gone)
     finally:
         generation.cancel()
-    if transcript:
-        transcript.reply(text, finished, model)
+    saved = _store_reply(transcript, text, finished, model)
     if finished.error:
         raise GenerationFailed(finished.error)
     body = {"message": {"role": "assistant", "content": text}, **_summary(finished, model, dropped)}
+    if not saved:
+        body["saved"] = False
     return jsonify(body), 200
+
+
+def _store_reply(transcript: Transcript | None, text: str, finished: Finished | None, model: str) -> bool:
+    """Record the reply; False when the history database cannot take it now: the client still gets
+    the reply and is told it was not kept (it is never lost without a word)."""
+    if transcript is None:
+        return True
+    try:
+        transcript.reply(text, finished, model)
+    except HistoryUnavailable:
+        log.warning(
+            "a reply of %d characters could not be stored: the history database is unreachable", len(text)
+        )
+        return False
+    return True
 
 
 def _event_stream(
@@ -151,15 +170,28 @@ def _event_stream(
                 yield sse.data({"type": "delta", "text": event})
             else:
                 finished = event
-                if transcript:  # stored before `done` goes out, so a reload right after finds it
-                    transcript.reply("".join(parts), finished, model)
+                # stored before `done` goes out, so a reload right after finds it
+                saved = _store_reply(transcript, "".join(parts), finished, model)
                 if event.error:
                     failed = answer(GenerationFailed(event.error))
                     yield sse.data(
                         {"type": "error", "error": {"message": failed.message, "type": failed.kind}}
                     )
-                yield sse.data({"type": "done", **_summary(event, model, dropped)})
+                if not saved:
+                    unsaved = answer(HistoryUnavailable())
+                    yield sse.data(
+                        {
+                            "type": "error",
+                            "error": {
+                                "message": f"the reply was not saved: {unsaved.message}",
+                                "type": unsaved.kind,
+                                "code": "reply_not_saved",
+                            },
+                        }
+                    )
+                summary = _summary(event, model, dropped)
+                yield sse.data({"type": "done", **summary, **({} if saved else {"saved": False})})
     finally:
         generation.cancel()
-        if transcript:
-            transcript.reply("".join(parts), finished, model)
+        if finished is None:  # the client left first: keep what was said (a second try is a no-op)
+            _store_reply(transcript, "".join(parts), finished, model)
