@@ -153,7 +153,8 @@ def make_request(
     images_name: str = "messages.{i}.images.{j}",
 ) -> ChatRequest:
     """The checks both API formats share, ending in the one `ChatRequest` the engine path takes.
-    Images are decoded and checked here (`images.open_picture`), before anything runs or is stored."""
+    Images are checked here from their headers (`images.open_picture`); their pixels are decoded
+    only for a model that sees images (`start`), before anything runs or is stored."""
     max_tokens = default_max_tokens if max_tokens is None else max_tokens
     if max_tokens > max_tokens_limit:
         raise InvalidRequest(f"{max_tokens_name}: must be at most {max_tokens_limit}", param=max_tokens_name)
@@ -402,7 +403,10 @@ def _start_vision(engine: Any, backend: Any, model: str, chat: ChatRequest) -> S
         if k < len(starts) - 1 and k >= _MAX_RENDERS - 1:
             first = starts[-1]  # out of renders: keep the newest turn alone
         ids, inputs = backend.prepare(
-            [{**_text(m), "images": [p.image for p in m.get("images") or ()]} for m in system + turns[first:]]
+            [
+                {**_text(m), "images": [p.pixels() for p in m.get("images") or ()]}
+                for m in system + turns[first:]
+            ]
         )
         if len(ids) <= budget:
             break

@@ -4,9 +4,12 @@ Every check happens before any model sees the image and before anything is store
 costs one 4xx and nothing else: the encoded size (IMAGE_MAX_BYTES) before decoding, the format by
 its magic bytes (PNG, JPEG, WebP, GIF; a GIF's first frame), the pixel count from the header before
 the pixels are decoded (Pillow's decompression-bomb limit, so a 50 KB PNG of 100,000 x 100,000
-pixels never allocates its 30 GB), and a full decode (a corrupt or truncated file fails here, not
-in the middle of a generation). A valid image larger than IMAGE_MAX_PIXELS is scaled down to it,
-which is what bounds the prefill time of a question with a picture.
+pixels never allocates its 30 GB). The pixels themselves are decoded only for a model that sees
+images, after the request has been matched to one (a text model refuses it undecoded), and never
+more than `DECODING`'s pixels at once in the process; a corrupt or truncated file fails then, still
+before anything runs or is stored. A valid image larger than IMAGE_MAX_PIXELS is scaled down to it
+(a JPEG decoded at a fraction of its size directly), which is what bounds the prefill time of a
+question with a picture.
 
 No network: only bytes the client sent are read (base64, optionally as a `data:` URL); a remote URL
 is refused by the caller, never fetched (no server-side request forgery).
@@ -19,8 +22,11 @@ import binascii
 import io
 import math
 import re
+import threading
 import warnings
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 from PIL import Image, UnidentifiedImageError
 
@@ -42,18 +48,58 @@ class ImageLimits:
     max_bytes: int = 5_000_000
 
 
-@dataclass(frozen=True)
-class Picture:
-    """One checked image: the RGB pixels a model reads (capped) and the bytes as sent (to store)."""
+class PixelBudget:
+    """How many pixels may be decoded at once in this process, over all requests: a decoded image
+    holds 3-4 bytes a pixel (a 9459 x 9459 RGBA PNG of 348 KB is 358 MB, 0.6 GB with its RGB copy),
+    so four requests with four such images each, decoded together, took a worker from 1.2 to 3.6 GB.
+    A decode waits until its pixels fit; one image larger than the whole budget waits for all others."""
 
-    image: Image.Image
+    def __init__(self, pixels: int):
+        self.pixels = pixels
+        self.in_use = 0
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def held(self, pixels: int) -> Iterator[None]:
+        pixels = min(pixels, self.pixels)
+        with self._changed:
+            self._changed.wait_for(lambda: self.in_use + pixels <= self.pixels)
+            self.in_use += pixels
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.in_use -= pixels
+                self._changed.notify_all()
+
+
+DECODING = PixelBudget(BOMB_PIXELS)  # one largest image, or many small ones, at a time
+
+
+@dataclass
+class Picture:
+    """One image as sent, its header checked (format, size): the bytes to store, and the RGB pixels a
+    model reads (capped), decoded only when a model that sees images asks for them (`pixels()`)."""
+
     data: bytes
     mime: str
     original_size: tuple[int, int]  # as sent, before the cap
+    max_pixels: int
+    where: str = "image"
+    _pixels: Image.Image | None = field(default=None, repr=False)
+
+    def pixels(self) -> Image.Image:
+        """The RGB image scaled down to at most `max_pixels`, decoded once (within `DECODING`);
+        `InvalidRequest` for a corrupt or truncated file."""
+        if self._pixels is None:
+            width, height = self.original_size
+            with DECODING.held(width * height):
+                self._pixels = _decode(self.data, self.where, self.max_pixels)
+        return self._pixels
 
     @property
     def size(self) -> tuple[int, int]:
-        return self.image.size
+        return self.pixels().size
 
 
 def decode_base64(text: str, *, where: str, max_bytes: int) -> bytes:
@@ -78,11 +124,25 @@ def decode_base64(text: str, *, where: str, max_bytes: int) -> bytes:
 
 
 def open_picture(data: bytes, *, where: str, max_bytes: int, max_pixels: int) -> Picture:
-    """Check `data` as an image and return it decoded, scaled down to at most `max_pixels`."""
+    """Check `data` as an image from its header alone (size, format, pixel count): no pixel is decoded
+    here, so a request a model cannot take costs no memory (see `Picture.pixels`)."""
     if len(data) > max_bytes:
         raise InvalidRequest(f"{where}: the image is larger than {max_bytes} bytes", param=where)
     if not data:
         raise InvalidRequest(f"{where}: the image is empty", param=where)
+    with _opened(data, where) as image:
+        width, height = image.size
+        mime = FORMATS[image.format or ""]
+    if width * height > BOMB_PIXELS:
+        raise InvalidRequest(
+            f"{where}: the image has too many pixels ({width}x{height}); at most {BOMB_PIXELS}", param=where
+        )
+    return Picture(data, mime, (width, height), max_pixels, where)
+
+
+@contextmanager
+def _opened(data: bytes, where: str) -> Iterator[Image.Image]:
+    """Pillow's lazy open (the header only), its refusals as `InvalidRequest`."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -98,22 +158,28 @@ def open_picture(data: bytes, *, where: str, max_bytes: int, max_pixels: int) ->
         ) from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise InvalidRequest(f"{where}: the image cannot be read ({exc})", param=where) from None
-    width, height = image.size
-    if width * height > BOMB_PIXELS:
-        raise InvalidRequest(
-            f"{where}: the image has too many pixels ({width}x{height}); at most {BOMB_PIXELS}", param=where
-        )
-    mime = FORMATS[image.format or ""]
     try:
-        image.seek(0)  # a GIF's (or animated WebP's) first frame
-        image.load()
-        rgb = image.convert("RGB")
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise InvalidRequest(f"{where}: the image is corrupt or truncated ({exc})", param=where) from None
+        yield image
     finally:
         image.close()
+
+
+def _decode(data: bytes, where: str, max_pixels: int) -> Image.Image:
+    with _opened(data, where) as image:
+        width, height = image.size
+        if width * height > max_pixels and image.format == "JPEG":
+            # JPEG decodes at 1/2, 1/4 or 1/8 scale directly: never the full-size pixels
+            scale = math.sqrt(max_pixels / (width * height))
+            image.draft("RGB", (max(1, int(width * scale)), max(1, int(height * scale))))
+        try:
+            image.seek(0)  # a GIF's (or animated WebP's) first frame
+            image.load()
+            rgb = image.convert("RGB")
+        except (OSError, ValueError, SyntaxError, EOFError) as exc:
+            raise InvalidRequest(f"{where}: the image is corrupt or truncated ({exc})", param=where) from None
+    width, height = rgb.size
     if width * height > max_pixels:
         scale = math.sqrt(max_pixels / (width * height))
         target = (max(1, int(width * scale)), max(1, int(height * scale)))
         rgb = rgb.resize(target, Image.Resampling.LANCZOS)
-    return Picture(rgb, data, mime, (width, height))
+    return rgb

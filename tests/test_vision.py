@@ -172,6 +172,73 @@ def test_a_text_model_given_an_image_names_the_models_that_can_see(client, tiny_
     assert "cannot see images" in message and vision_dir.name in message
 
 
+def test_a_text_model_refuses_pictures_without_decoding_them(client, tiny_model_dir, monkeypatch):
+    """Four chats with four 9459 x 9459 RGBA PNGs each (under the pixel limit) sent to a text model took a
+    worker from 1.2 to 3.6 GB and 22-26 s to answer 422: the pixels were decoded before anything asked
+    whether they were wanted. Now the headers are read and nothing is decoded."""
+    from service import images
+
+    def never(*args, **kwargs):
+        raise AssertionError("a picture no model will see was decoded")
+
+    monkeypatch.setattr(images, "_decode", never)
+    big = b64(bomb_png(9459, 9459))
+    body = {"message": "what?", "images": [big] * 4, "model": tiny_model_dir.name}
+    for _ in range(4):
+        r = client.post("/api/chat", json=body)
+        assert r.status_code == 422 and "cannot see images" in r.get_json()["error"]["message"]
+
+
+def test_pixels_decoded_at_once_stay_within_the_budget():
+    """However many requests decode together, the pixels held at once never pass the budget; an image
+    larger than the whole budget still decodes, alone."""
+    import threading
+
+    from service.images import PixelBudget
+
+    budget, peak, lock = PixelBudget(100), [0], threading.Lock()
+    inside = threading.Barrier(2, timeout=30)  # two of 40-pixel images fit together, three do not
+
+    def decode(pixels: int) -> None:
+        with budget.held(pixels):
+            with lock:
+                peak[0] = max(peak[0], budget.in_use)
+            if pixels == 40:
+                try:
+                    inside.wait()
+                except threading.BrokenBarrierError:
+                    pass
+
+    threads = [threading.Thread(target=decode, args=(n,)) for n in (40, 40, 40, 40, 250, 30)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    assert peak[0] <= 100 and budget.in_use == 0
+
+
+def test_a_large_jpeg_is_decoded_at_a_fraction_of_its_size(monkeypatch):
+    """A JPEG larger than IMAGE_MAX_PIXELS is decoded straight at 1/2, 1/4 or 1/8 of its size (its
+    full-size pixels are never held), then scaled to the cap."""
+    from service.images import open_picture
+
+    buf = io.BytesIO()
+    Image.new("RGB", (4000, 3000), (200, 30, 30)).save(buf, "JPEG", quality=80)
+    picture = open_picture(buf.getvalue(), where="images.0", max_bytes=5_000_000, max_pixels=1_048_576)
+    assert picture.original_size == (4000, 3000)
+    loaded, load = [], Image.Image.load
+
+    def recording(self):
+        loaded.append(self.size)
+        return load(self)
+
+    monkeypatch.setattr(Image.Image, "load", recording)
+    decoded = picture.pixels()
+    assert loaded and max(w * h for w, h in loaded) <= 4000 * 3000 // 4
+    assert decoded.size[0] * decoded.size[1] <= 1_048_576 and decoded.getpixel((10, 10))[0] > 150
+
+
 def test_models_say_which_accept_images(client, tiny_model_dir, vision_dir):
     data = {m["id"]: m for m in client.get("/api/models").get_json()["data"]}
     assert data[vision_dir.name]["accepts_images"] is True
