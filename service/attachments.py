@@ -39,6 +39,16 @@ class StoredImage:
     data: bytes
 
 
+def image_refs(meta: Any) -> list[dict[str, Any]]:
+    """The well-formed image references of a stored message's meta: `{"id", "mime", ...}` dicts. A
+    meta stored before imports were validated may hold anything under "images" (5, true, a ref
+    without "mime"): what is not a reference is skipped, so it can never break the conversation."""
+    refs = meta.get("images") if isinstance(meta, dict) else None
+    if not isinstance(refs, list):
+        return []
+    return [r for r in refs if isinstance(r, dict) and isinstance(r.get("id"), str) and r["id"]]
+
+
 def stored_images(turn: dict[str, Any]) -> list[StoredImage]:
     """The pictures of a new chat turn ("images": [Picture]) to store with it; each is noted in the
     turn's "meta", which the transcript stores with the message."""
@@ -63,10 +73,10 @@ def give_back(
     room = limits.max_images - sum(len(t.get("images") or ()) for t in turns if not t.get("meta"))
     wanted: list[tuple[dict[str, Any], list[str]]] = []
     for turn in reversed(turns):
-        refs = (turn.get("meta") or {}).get("images") or []
+        refs = image_refs(turn.get("meta"))
         if not refs or turn.get("images") or room <= 0:
             continue
-        ids = [str(r.get("id", "")) for r in refs if isinstance(r, dict)][::-1][:room]
+        ids = [r["id"] for r in refs][::-1][:room]
         wanted.append((turn, ids))
         room -= len(ids)
     found = store.images(owner, conversation_id, sorted({i for _, ids in wanted for i in ids}))

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .attachments import StoredImage, stored_images
+from .attachments import StoredImage, image_refs, stored_images
 from .chat import ChatRequest
 from .database import Connection, Database, Migration, SQLiteDatabase, open_database
 from .errors import ConversationNotFound, InvalidRequest
@@ -317,11 +317,10 @@ class History:
         """Delete the conversation's pictures that no message's meta names any longer (after a
         truncate), so nothing stays behind that the chat cannot show."""
         kept = {
-            str(ref.get("id"))
+            ref["id"]
             for row in db.execute("SELECT meta FROM messages WHERE conversation_id = ?", (conversation_id,))
             if row["meta"]
-            for ref in (json.loads(row["meta"]).get("images") or [])
-            if isinstance(ref, dict)
+            for ref in image_refs(json.loads(row["meta"]))
         }
         sql, args = "DELETE FROM images WHERE conversation_id = ?", [conversation_id]
         if kept:
@@ -530,7 +529,7 @@ def with_history(chat: ChatRequest, store: History, owner: str) -> tuple[ChatReq
 
 def _has_images(message: StoredMessage) -> bool:
     """A user turn that carried images (their references are in its meta: service/attachments.py)."""
-    return message.role == "user" and bool((message.meta or {}).get("images"))
+    return message.role == "user" and bool(image_refs(message.meta))
 
 
 def auto_title(text: str, limit: int = 60) -> str:

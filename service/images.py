@@ -102,6 +102,15 @@ class Picture:
         return self.pixels().size
 
 
+def sniffed_mime(data: bytes) -> str | None:
+    """The image type `data` is by its own header (PNG, JPEG, WebP, GIF), or None."""
+    try:
+        with Image.open(io.BytesIO(data), formats=list(FORMATS)) as image:
+            return FORMATS.get(image.format or "")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+
+
 def decode_base64(text: str, *, where: str, max_bytes: int) -> bytes:
     """The bytes of base64 `text`, or of a `data:image/...;base64,` URL; `InvalidRequest` otherwise.
     The length is checked before decoding, so a huge string is refused without allocating it twice."""

@@ -3,6 +3,7 @@ alternatives of the last reply (regenerate) and importing an export, each owner-
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -179,17 +180,57 @@ def test_import_size_and_media_type(app, settings):
     assert client.get("/api/conversations").json["data"] == []
 
 
-def test_an_imported_reply_with_malformed_versions_can_still_be_regenerated(app):
+def test_an_import_is_held_to_the_shapes_this_service_stores(app):
+    """An import is validated as the API's own writes are: a meta with `images: 5`, `true`, a picture
+    reference without `mime`, another type than a picture's, malformed versions, or nesting 500 deep
+    is refused whole (each of them used to make every later request of the conversation a 500)."""
     client = browser(app)
-    odd = {"alternatives": [{"content": 5}, "x", {"content": "kept", "status": "stop"}], "shown": 9}
+    image = {"id": "a" * 64, "mime": "image/png", "width": 2, "height": 2}
+    for meta in (
+        {"images": 5},
+        {"images": True},
+        {"images": [{k: v for k, v in image.items() if k != "mime"}]},
+        {"images": [{**image, "mime": "text/html"}]},
+        {"alternatives": [{"content": 5}, "x", {"content": "kept", "status": "stop"}], "shown": 9},
+        {"anything": "else"},
+        "DEEP",
+    ):
+        turn = {"role": "user", "content": "q", "meta": meta}
+        text = json.dumps({"title": "odd", "messages": [turn, {"role": "assistant", "content": "a"}]})
+        text = text.replace('"DEEP"', '{"model": "m", "usage": ' + '{"x": ' * 500 + "1" + "}" * 501)
+        r = client.post("/api/conversations/import", data=text, content_type="application/json")
+        assert r.status_code == 422, (meta, r.json)
+    assert client.get("/api/conversations").json["data"] == []
+    good = {"alternatives": [{"content": "kept", "status": "stop"}], "shown": 0, "model": "m"}
     body = {
-        "title": "odd",
-        "messages": [
-            {"role": "user", "content": "q"},
-            {"role": "assistant", "content": "a", "status": "stop", "meta": odd},
-        ],
+        "title": "fine",
+        "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "meta": good}],
     }
-    cid = client.post("/api/conversations/import", json=body).json["id"]
+    assert client.post("/api/conversations/import", json=body).status_code == 201
+
+
+def test_a_meta_stored_before_imports_were_checked_never_breaks_the_conversation(app):
+    """A database written by an earlier release may hold any meta: chat, truncate, regenerate, the
+    image route and export still answer, and what is malformed is skipped."""
+    from service.history import StoredMessage
+
+    client = browser(app)
+    owner = f"browser:{client.get_cookie(COOKIE).value}"
+    odd = {
+        "alternatives": [{"content": 5}, "x", {"content": "kept", "status": "stop"}],
+        "shown": 9,
+        "images": [5, {"id": "b" * 64}, True],
+    }
+    conv = app.extensions["history"].import_conversation(
+        owner,
+        "odd",
+        [StoredMessage("user", "q", meta={"images": 5}), StoredMessage("assistant", "a", "stop", meta=odd)],
+        None,
+    )
+    cid = conv.id
+    assert client.get(f"/api/conversations/{cid}").status_code == 200
+    assert client.get(f"/api/conversations/{cid}/export").status_code == 200
+    assert client.get(f"/api/conversations/{cid}/images/{'b' * 64}").status_code == 404
     r = client.post(f"/api/conversations/{cid}/alternatives", json={"content": "new"})
     assert r.status_code == 201
     assert [v["content"] for v in r.json["messages"][1]["meta"]["alternatives"]] == ["kept", "new"]
@@ -197,3 +238,25 @@ def test_an_imported_reply_with_malformed_versions_can_still_be_regenerated(app)
         client.patch(f"/api/conversations/{cid}/messages/1", json={"shown": 0}).json["messages"][1]["content"]
         == "kept"
     )
+    assert client.post("/api/chat", json={"conversation_id": cid, "message": "more"}).status_code == 200
+    assert client.post(f"/api/conversations/{cid}/truncate", json={"from": 2}).status_code == 200
+    # a picture whose stored reference claims text/html is served as what its bytes are
+    import hashlib
+    import io
+
+    from PIL import Image
+
+    from service.attachments import StoredImage
+
+    buf = io.BytesIO()
+    Image.new("RGB", (2, 2)).save(buf, "PNG")
+    digest = hashlib.sha256(buf.getvalue()).hexdigest()
+    ref = {"id": digest, "mime": "text/html", "width": 2, "height": 2}
+    app.extensions["history"].append(
+        owner,
+        cid,
+        StoredMessage("user", "see", meta={"images": [ref]}),
+        [StoredImage(digest, "text/html", buf.getvalue())],
+    )
+    r = client.get(f"/api/conversations/{cid}/images/{digest}")
+    assert r.status_code == 200 and r.mimetype == "image/png" and r.data == buf.getvalue()

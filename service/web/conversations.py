@@ -15,12 +15,12 @@ from typing import Annotated, Any, Literal, TypeVar
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..attachments import give_back
+from ..attachments import give_back, image_refs
 from ..chat import ChatRequest, Content, MaybeContent
 from ..errors import ConversationNotFound, HistoryDisabled, ImageNotFound, InvalidRequest
 from ..history import DEFAULT_TITLE, TITLE_MAX, History, StoredMessage, Transcript, new_owner_id
 from ..history import with_history as stored_chat
-from ..images import ImageLimits
+from ..images import ImageLimits, sniffed_mime
 from .access import bearer_token
 from .errors import json_body
 
@@ -172,11 +172,12 @@ def conversation_image(cid: str, image_id: str) -> Response:
     """An image of the caller's own conversation, as sent (the page's thumbnails after a reload)."""
     store, owner = history(), current_owner()
     conv = store.get(owner, conversation_id(cid))
-    refs = [r for m in conv.messages for r in (m.meta or {}).get("images", []) if r.get("id") == image_id]
-    data = store.images(owner, conv.id, [image_id]).get(image_id) if refs else None
+    named = any(r["id"] == image_id for m in conv.messages for r in image_refs(m.meta))
+    data = store.images(owner, conv.id, [image_id]).get(image_id) if named else None
     if data is None:
         raise ImageNotFound()
-    response = Response(data, mimetype=refs[0]["mime"])
+    # the type its bytes are, never the one a client wrote into the meta (text/html would be a page)
+    response = Response(data, mimetype=sniffed_mime(data) or "application/octet-stream")
     response.headers["Cache-Control"] = "private, max-age=86400"
     return response
 
@@ -195,10 +196,47 @@ class TruncateBody(_Strict):
     start: Annotated[int, Field(ge=0, alias="from")]
 
 
+class ImageRef(_Strict):
+    """A stored picture's reference, as `attachments.stored_images` writes it."""
+
+    id: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    mime: Literal["image/png", "image/jpeg", "image/webp", "image/gif"]
+    width: Annotated[int, Field(ge=1)]
+    height: Annotated[int, Field(ge=1)]
+
+
+Figure = Annotated[float | int, Field(ge=0)] | None
+
+
+class ReplyMeta(_Strict):
+    """What a stored message's meta may hold (what this service writes): never anything else, so a
+    conversation read back, imported or regenerated cannot carry a shape that breaks it later (an
+    import with `images: 5`, or nested 500 deep, used to make every later request of it a 500)."""
+
+    model: Annotated[str, Field(max_length=256)] | None = None
+    usage: dict[Literal["prompt_tokens", "completion_tokens", "total_tokens"], Figure] | None = None
+    timing: dict[Literal["queued_s", "ttft_s", "tokens_per_s", "total_s"], Figure] | None = None
+    error: Annotated[MaybeContent, Field(max_length=4000)] | None = None
+    images: Annotated[list[ImageRef], Field(max_length=64)] | None = None
+
+
+class Version(_Strict):
+    content: MaybeContent
+    status: _REPLY_STATUS
+    meta: ReplyMeta | None = None
+
+
+class StoredMeta(ReplyMeta):
+    """A reply's meta with its versions (regenerate), as an export holds it."""
+
+    alternatives: Annotated[list[Version], Field(max_length=100)] | None = None
+    shown: Annotated[int, Field(ge=0)] | None = None
+
+
 class AlternativeBody(_Strict):
     content: MaybeContent
     status: _REPLY_STATUS = "stop"
-    meta: dict[str, Any] | None = None
+    meta: ReplyMeta | None = None
 
 
 class ShownBody(_Strict):
@@ -210,7 +248,7 @@ class ImportedMessage(_Strict):
     content: MaybeContent
     status: Literal["complete", "stop", "length", "cancelled", "error"] = "complete"
     created_at: Annotated[float, Field(ge=0)] = 0.0
-    meta: dict[str, Any] | None = None
+    meta: StoredMeta | None = None
 
 
 class ImportBody(_Strict):
@@ -224,6 +262,10 @@ class ImportBody(_Strict):
     updated_at: float | None = None
     model: str | None = None
     message_count: int | None = None
+
+
+def _plain(meta: ReplyMeta | None) -> dict[str, Any] | None:
+    return meta.model_dump(exclude_none=True) if meta is not None else None
 
 
 def _validated(model: type[_M]) -> _M:
@@ -251,7 +293,7 @@ def truncate_conversation(cid: str) -> Response:
 def add_alternative(cid: str) -> tuple[Response, int]:
     """Regenerate: a new version of the last reply, shown from now on; the earlier ones are kept."""
     body = _validated(AlternativeBody)
-    reply = StoredMessage("assistant", body.content, body.status, meta=body.meta)
+    reply = StoredMessage("assistant", body.content, body.status, meta=_plain(body.meta))
     conv = history().add_alternative(current_owner(), conversation_id(cid), reply)
     return jsonify(conv.to_dict(with_messages=True)), 201
 
@@ -268,6 +310,8 @@ def show_alternative(cid: str, position: int) -> Response:
 def import_conversation() -> tuple[Response, int]:
     """A new conversation of the caller's from an exported JSON (the body limit bounds its size)."""
     body = _validated(ImportBody)
-    messages = [StoredMessage(m.role, m.content, m.status, m.created_at, m.meta) for m in body.messages]
+    messages = [
+        StoredMessage(m.role, m.content, m.status, m.created_at, _plain(m.meta)) for m in body.messages
+    ]
     conv = history().import_conversation(current_owner(), body.title, messages, body.model)
     return jsonify(conv.to_dict(with_messages=True)), 201
