@@ -105,6 +105,12 @@ class Settings:
         """What a chat body may carry in images beyond MAX_BODY_BYTES: MAX_IMAGES of them in base64."""
         return self.max_images * (self.image_max_bytes * 4 // 3 + 100)
 
+    @property
+    def largest_request_bytes(self) -> int:
+        """The largest body the service reads: MAX_BODY_BYTES plus a chat's images. A proxy in front
+        must let this much through (and may refuse more)."""
+        return self.max_body_bytes + self.image_body_bytes + 1
+
     def allowed_host_names(self) -> tuple[str, ...]:
         """ALLOWED_HOSTS as a tuple of names (loopback names are added by the check itself)."""
         return tuple(h.strip() for h in self.allowed_hosts.split(",") if h.strip())

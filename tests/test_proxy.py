@@ -11,6 +11,7 @@ ACME configs are only validated, inside an empty network namespace where one is 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -192,6 +193,34 @@ def test_stream_passes_through_the_proxy_chunk_by_chunk(plain_proxy, app):
     # A client that goes away is gone for the app too, through the proxy: the generation stops.
     wait_for(lambda: queue(app.url)["active"] == 0)
     assert queue(app.url)["cancelled"] == cancelled + 1
+
+
+def test_the_proxy_lets_through_every_body_the_app_reads(plain_proxy):
+    """Four images of almost IMAGE_MAX_BYTES each (a 25 MB body) reach the app, which answers for
+    them (a text model: 422, JSON): Caddy stopped at 4 MB, so any image over ~3 MB was a 502 with an
+    empty body. A body larger than the app reads is still refused, by Caddy, with 413."""
+    import base64
+    import os
+
+    from PIL import Image
+
+    from service.config import Settings
+
+    buf = io.BytesIO()
+    Image.frombytes("RGB", (1300, 1200), os.urandom(1300 * 1200 * 3)).save(buf, "PNG", compress_level=0)
+    assert 4_000_000 < len(buf.getvalue()) <= Settings().image_max_bytes
+    picture = base64.b64encode(buf.getvalue()).decode()
+    body = {"message": "what is it?", "images": [picture] * 4, "max_tokens": 2}
+    r = requests.post(plain_proxy + "/api/chat", json=body, timeout=120, headers=AUTH)
+    assert r.status_code == 422 and "cannot see images" in r.json()["error"]["message"]
+    too_big = b"x" * (Settings().largest_request_bytes + 10)
+    r = requests.post(
+        plain_proxy + "/api/chat",
+        data=too_big,
+        timeout=120,
+        headers={**AUTH, "Content-Type": "application/json"},
+    )
+    assert r.status_code == 413
 
 
 def test_the_page_arrives_compressed_through_the_proxy(plain_proxy):

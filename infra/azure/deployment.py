@@ -27,7 +27,7 @@ from infra.fit import BYTES_ORDER, default_precision
 from infra.settings import parse_env
 from infra.vm import cloudinit
 from infra.vm.caddy import caddyfile, http_caddyfile
-from service.config import DEFAULT_MODEL_ID
+from service.config import DEFAULT_MODEL_ID, Settings
 
 APP_TAG = "qwen-box"
 DEFAULT_REGION = "eastus"
@@ -293,9 +293,10 @@ class Deployment(Names):
     def caddyfile(self) -> str:
         """The reverse proxy's config on the VM: HTTPS, or plain HTTP on the port with --no-tls (the app is
         never the public listener)."""
-        return (
-            caddyfile(self.fqdn, self.cert, https_port=self.port) if self.tls else http_caddyfile(self.port)
-        )
+        body = Settings.from_env(self.env).largest_request_bytes  # the proxy lets through what the app reads
+        if self.tls:
+            return caddyfile(self.fqdn, self.cert, https_port=self.port, max_body=body)
+        return http_caddyfile(self.port, max_body=body)
 
     def with_sources(self, allow_from: tuple[str, ...], ssh_from: tuple[str, ...]) -> Deployment:
         """The same deployment with the deployer's address filled in (looked up only when needed)."""

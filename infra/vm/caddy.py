@@ -29,11 +29,15 @@ from __future__ import annotations
 import re
 
 from infra.image import CONTAINER_PORT
+from service.config import Settings
 
 CERT_MODES = ("acme", "acme-http", "internal", "provided")
 PROVIDED_DIR = "/etc/caddy/qwen-box-tls"  # cert.pem, key.pem: owned by caddy, installed by cloud-init.yaml
 UPSTREAM = f"127.0.0.1:{CONTAINER_PORT}"  # the container, published on loopback only behind Caddy
-MAX_BODY = "4MB"  # above the app's own default limit (MAX_BODY_BYTES, 1 MB), which answers 413 itself
+# The largest body Caddy passes on: what the service itself reads with its default settings (1 MB of
+# JSON plus four 5 MB images in base64, about 27.7 MB), so the app's own 413 speaks for anything larger.
+# Caddy used to stop at 4 MB, cutting any image over ~3 MB into a 502 with an empty body.
+MAX_BODY = Settings().largest_request_bytes
 _SITE = re.compile(r"^[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?$")
 HSTS = "max-age=31536000"  # one year; no includeSubDomains (cloudapp.azure.com names are not ours)
 READ_HEADER_TIMEOUT = "10s"
@@ -50,7 +54,7 @@ def _servers() -> str:
     return f"\tservers {{\n\t\tprotocols h1 h2\n{timeouts}\n\t}}"
 
 
-def _proxy(upstream: str) -> str:
+def _proxy(upstream: str, max_body: int) -> str:
     """To the app, each response chunk flushed as it comes; Caddy sets X-Forwarded-For itself
     (replacing any a client sent), which is what the app's PROXY_HOPS=1 trusts.
 
@@ -60,7 +64,7 @@ def _proxy(upstream: str) -> str:
     stream in 30 to 100 on loopback; tests/test_proxy.py repeats streams to catch it).
     """
     return (
-        f"\trequest_body {{\n\t\tmax_size {MAX_BODY}\n\t}}\n"
+        f"\trequest_body {{\n\t\tmax_size {int(max_body)}\n\t}}\n"
         f"\treverse_proxy {upstream} {{\n\t\tflush_interval -1\n\t\tbuffer_requests\n\t}}"
     )
 
@@ -75,6 +79,7 @@ def caddyfile(
     storage: str = "",
     bind: str = "",
     tls_dir: str = PROVIDED_DIR,
+    max_body: int = MAX_BODY,
 ) -> str:
     """The Caddyfile serving `site` over HTTPS on `https_port`, redirecting `http_port` to it.
 
@@ -111,7 +116,7 @@ def caddyfile(
         site_lines.append(f"\ttls {tls_dir}/cert.pem {tls_dir}/key.pem")
     elif cert == "acme-http":
         site_lines.append("\ttls {\n\t\tissuer acme {\n\t\t\tdisable_tlsalpn_challenge\n\t\t}\n\t}")
-    site_lines.append(_proxy(upstream))
+    site_lines.append(_proxy(upstream, max_body))
     target = site if https_port == 443 else f"{site}:{int(https_port)}"
     probe = ""
     if cert == "provided":
@@ -137,7 +142,7 @@ def caddyfile(
     )
 
 
-def http_caddyfile(port: int, *, upstream: str = UPSTREAM, bind: str = "") -> str:
+def http_caddyfile(port: int, *, upstream: str = UPSTREAM, bind: str = "", max_body: int = MAX_BODY) -> str:
     """--no-tls: plain HTTP on `port` for any host name, with the same proxying as `caddyfile`.
 
     Caddy stays in front without HTTPS too, so the app is never the public listener: gunicorn gives each
@@ -151,7 +156,7 @@ def http_caddyfile(port: int, *, upstream: str = UPSTREAM, bind: str = "") -> st
     return (
         "# qwen-box: plain HTTP (--no-tls) for the chat service on loopback; written by deploy-azure.\n"
         "{\n" + "\n".join(options) + "\n}\n\n"
-        f"http://:{int(port)} {{\n{_proxy(upstream)}\n}}\n"
+        f"http://:{int(port)} {{\n{_proxy(upstream, max_body)}\n}}\n"
     )
 
 
