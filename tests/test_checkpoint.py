@@ -121,7 +121,7 @@ def test_loading_never_makes_a_float_matrix_nor_quantizes_again(written, monkeyp
 
     for module in (quantized, checkpoint):
         monkeypatch.setattr(module, "quantize", refuse)
-        monkeypatch.setattr(module, "quantize_rows", refuse)
+        monkeypatch.setattr(module, "quantize_blocks", refuse)
     config = json.loads((written[precision] / "config.json").read_text())
     smallest = (
         config["hidden_size"]

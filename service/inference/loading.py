@@ -31,7 +31,7 @@ from transformers import (
 from ..config import DTYPES
 from . import attention
 from .memory import return_freed_memory
-from .quantized import Int8Embedding, Int8Linear, quantize_rows, quantized_linear
+from .quantized import Int8Embedding, Int8Linear, quantize_blocks, quantized_linear
 
 SAFETENSORS_DTYPES = {
     "BF16": torch.bfloat16,
@@ -212,7 +212,7 @@ def load_quantized(folder: Path, bits: int) -> PreTrainedModel:
                 continue
             module = model.get_submodule(owner)
             if module is embedding and attr == "weight":
-                values, scales = quantize_rows(tensor)
+                values, scales = quantize_blocks(tensor)
                 _replace(model, embedding_name, Int8Embedding(values, scales, model.dtype))
                 if tied:  # the head is the same matrix (in int8, quantized once for both)
                     head = (
