@@ -696,69 +696,72 @@ torch::Tensor int4_matmul(torch::Tensor x, torch::Tensor q4, torch::Tensor scale
 // ==== int8 prompt GEMM (helper prefill) ====================================================
 // A prompt is a product with many activation rows (M up to a few hundred): compute-bound, not
 // memory-bound. The numbers are int8_matmul's exactly (Q8_0 x Q8_0: per row and block of 32 inputs
-// an int8 activation scale, per weight row and block a float16 scale), but laid out so the per-block
-// float work is spread over many products: the lanes of a vector are 8 weight rows, not 32 inputs.
-// Each thread packs a panel of 16 weight rows per call, per 4 inputs the 16 rows' 4 bytes side by
-// side (16 x K bytes, L2-resident, read by every activation row; packing reads the weights once
-// per call), and the activation rows once per call, per group of 4 rows and step of 4 inputs each
-// row's 4 bytes x and 4 bytes |x|. A step broadcasts a row's x and |x| (vpbroadcastd) and takes
-// vpsignb(w, x), vpmaddubsw(|x|, that), vpmaddwd with ones, vpaddd into int32 accumulators whose
-// lanes are weight rows: 4 activation rows x 16 weight rows in 8 registers. At each block's end the
-// 8 accumulators go to float and are added times (weight scales x activation scale) into float
-// accumulators kept in L1. The previous kernel (2 x 4 tile over plain rows, one 7-bit unsigned scale
-// and zero point per row) took 3 instructions per 32 multiply-adds where signed activations take 4
-// (vpsignb), so per-block scales cost some speed: see docs/performance.md for the measured figures.
+// an int8 activation scale, per weight row and block a float16 scale, integer block dots), laid out
+// so the per-block float work is spread over many products: the lanes of a vector are 8 weight
+// rows, not 32 inputs. Each thread packs a panel of 16 weight rows per call, widened to int16, per 2
+// inputs the 16 rows' 2 values side by side (64 x K bytes, L2-resident, read by every activation
+// row; packing reads the weights once per call), and the activation rows once per call, per group
+// of 6 rows and 2 inputs each row's 2 int16 values. A step broadcasts a row's pair (vpbroadcastd)
+// and takes vpmaddwd with each 8-row weight vector (16 multiply-adds, exact in int32) and vpaddd:
+// 6 activation rows x 16 weight rows in 12 accumulators. At each block's end the 12 go to float
+// and are added times (weight scales x activation scale) into float accumulators kept in L1.
+// Why int16, measured on the 2-core AVX2 EPYC (Zen 3; one panel in L1, 256 rows, one thread): with
+// signed int8 on both sides vpmaddubsw needs vpsignb first, and on Zen 3 vpsignb issues on the same
+// two pipes as the multiplies: 3 of them per 32 multiply-adds where the previous kernel (7-bit
+// unsigned activations with a zero point, one scale per row) took 2: 59-61 G multiply-adds/s
+// against its 77-82. vpmaddwd on int16 takes 2 multiplies and 2 adds (the adds issue on all 4
+// pipes) per 32: 65-66. The previous kernel's 3 instructions per 32 stay out of reach: signed x
+// signed bytes cost a 4th on AVX2 without VNNI.
 namespace prompt8 {
 
-constexpr int A = 4;   // activation rows per tile
+constexpr int A = 6;   // activation rows per group
 constexpr int P = 16;  // weight rows per panel (two vectors of 8 lanes)
+constexpr int64_t XB = 16 * A * 4;  // a group's bytes per block: 16 steps x 6 rows x 2 int16
+constexpr int64_t WB = 16 * P * 4;  // a panel's bytes per block: 16 steps x 16 rows x 2 int16
+// blocks per piece of K: the panel's piece (8 KB) stays in L1 while every group of rows passes
+// (over all of K the panel, 48-287 KB, came from L2 on every step)
+constexpr int64_t KC_BLOCKS = 8;
 
 #define P8_STR_(x) #x
 #define P8_STR(x) P8_STR_(x)
 // step S of a block, activation row R of the group: weights at S x 64 (+0 rows 0-7, +32 rows 8-15),
-// activations at S x 32 + R x 8 (x) and + 4 (|x|)
-#define P8_ROW(S, R, ACC0, ACC1, FINISH)                             \
-  "vpbroadcastd " P8_STR(S * 32 + R * 8) "(%[x]), %%ymm14\n\t"       \
-  "vpbroadcastd " P8_STR(S * 32 + R * 8 + 4) "(%[x]), %%ymm15\n\t"   \
-  "vpsignb %%ymm14, %%ymm12, %[t0]\n\t"                              \
-  "vpsignb %%ymm14, %%ymm13, %[t1]\n\t"                              \
-  "vpmaddubsw %[t0], %%ymm15, %[t0]\n\t"                             \
-  "vpmaddubsw %[t1], %%ymm15, %[t1]\n\t"                             \
-  FINISH(ACC0, ACC1)
-#define P8_FIRST(ACC0, ACC1)                                         \
-  "vpmaddwd %[ones], %[t0], %[" ACC0 "]\n\t"                         \
-  "vpmaddwd %[ones], %[t1], %[" ACC1 "]\n\t"
-#define P8_ADD(ACC0, ACC1)                                           \
-  "vpmaddwd %[ones], %[t0], %[t0]\n\t"                               \
-  "vpmaddwd %[ones], %[t1], %[t1]\n\t"                               \
-  "vpaddd %[t0], %[" ACC0 "], %[" ACC0 "]\n\t"                       \
-  "vpaddd %[t1], %[" ACC1 "], %[" ACC1 "]\n\t"
-#define P8_STEP(S, F)                                                \
-  "vmovdqa " P8_STR(S * 64) "(%[w]), %%ymm12\n\t"                    \
-  "vmovdqa " P8_STR(S * 64 + 32) "(%[w]), %%ymm13\n\t"               \
-  P8_ROW(S, 0, "a00", "a01", F) P8_ROW(S, 1, "a10", "a11", F)        \
-  P8_ROW(S, 2, "a20", "a21", F) P8_ROW(S, 3, "a30", "a31", F)
+// the row's pair at S x 24 + R x 4
+#define P8_ROW(S, R, ACC0, ACC1, FINISH) "vpbroadcastd " P8_STR(S * 24 + R * 4) "(%[x]), %%ymm15\n\t" FINISH(ACC0, ACC1)
+#define P8_FIRST(ACC0, ACC1)                        \
+  "vpmaddwd %%ymm12, %%ymm15, %[" ACC0 "]\n\t"      \
+  "vpmaddwd %%ymm13, %%ymm15, %[" ACC1 "]\n\t"
+#define P8_ADD(ACC0, ACC1)                          \
+  "vpmaddwd %%ymm12, %%ymm15, %%ymm14\n\t"          \
+  "vpaddd %%ymm14, %[" ACC0 "], %[" ACC0 "]\n\t"    \
+  "vpmaddwd %%ymm13, %%ymm15, %%ymm14\n\t"          \
+  "vpaddd %%ymm14, %[" ACC1 "], %[" ACC1 "]\n\t"
+#define P8_STEP(S, F)                                                                                \
+  "vmovdqa " P8_STR(S * 64) "(%[w]), %%ymm12\n\t"                                                    \
+  "vmovdqa " P8_STR(S * 64 + 32) "(%[w]), %%ymm13\n\t"                                               \
+  P8_ROW(S, 0, "a00", "a01", F) P8_ROW(S, 1, "a10", "a11", F) P8_ROW(S, 2, "a20", "a21", F)          \
+  P8_ROW(S, 3, "a30", "a31", F) P8_ROW(S, 4, "a40", "a41", F) P8_ROW(S, 5, "a50", "a51", F)
 
-// One group of 4 activation rows x one panel of 16 weight rows over all nb blocks: `x` the group's
-// packed blocks (256 bytes each), `xs` its scales ([nb][4]), `w` the panel (512 bytes a block),
-// `ws` its scales as float ([nb][16]); `f` (64 floats, 32-byte aligned) gets the 4 x 16 sums.
-// The block's loop is assembly: GCC's version of the same intrinsics spilled accumulators.
+// One group of 6 activation rows x one panel of 16 weight rows over nb blocks: `x` the group's
+// packed blocks, `xs` their scales ([nb][6]), `w` the panel's, `ws` their scales as float ([nb][16]);
+// the 6 x 16 sums are added into `f` (96 floats, 32-byte aligned), block after block. The block's loop is assembly: GCC's
+// version of the same intrinsics spilled accumulators.
 inline void group_panel(const int8_t* x, const float* xs, const int8_t* w, const float* ws, int64_t nb, float* f) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  for (int i = 0; i < 8; ++i) _mm256_store_ps(f + 8 * i, _mm256_setzero_ps());
   for (int64_t b = 0; b < nb; ++b) {
-    __m256i a00, a01, a10, a11, a20, a21, a30, a31, t0, t1;
+    __m256i a00, a01, a10, a11, a20, a21, a30, a31, a40, a41, a50, a51;
     __asm__(P8_STEP(0, P8_FIRST) P8_STEP(1, P8_ADD) P8_STEP(2, P8_ADD) P8_STEP(3, P8_ADD) P8_STEP(4, P8_ADD)
-                P8_STEP(5, P8_ADD) P8_STEP(6, P8_ADD) P8_STEP(7, P8_ADD)
+                P8_STEP(5, P8_ADD) P8_STEP(6, P8_ADD) P8_STEP(7, P8_ADD) P8_STEP(8, P8_ADD) P8_STEP(9, P8_ADD)
+                    P8_STEP(10, P8_ADD) P8_STEP(11, P8_ADD) P8_STEP(12, P8_ADD) P8_STEP(13, P8_ADD)
+                        P8_STEP(14, P8_ADD) P8_STEP(15, P8_ADD)
             : [a00] "=&x"(a00), [a01] "=&x"(a01), [a10] "=&x"(a10), [a11] "=&x"(a11), [a20] "=&x"(a20),
-              [a21] "=&x"(a21), [a30] "=&x"(a30), [a31] "=&x"(a31), [t0] "=&x"(t0), [t1] "=&x"(t1)
-            : [w] "r"(w + b * 512), [x] "r"(x + b * 256), [ones] "x"(ones)
+              [a21] "=&x"(a21), [a30] "=&x"(a30), [a31] "=&x"(a31), [a40] "=&x"(a40), [a41] "=&x"(a41),
+              [a50] "=&x"(a50), [a51] "=&x"(a51)
+            : [w] "r"(w + b * WB), [x] "r"(x + b * XB)
             : "xmm12", "xmm13", "xmm14", "xmm15", "memory");
-    const __m256 s0 = _mm256_load_ps(ws + b * 16), s1 = _mm256_load_ps(ws + b * 16 + 8);
-    const __m256i acc[A][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}};
+    const __m256 s0 = _mm256_load_ps(ws + b * P), s1 = _mm256_load_ps(ws + b * P + 8);
+    const __m256i acc[A][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}, {a40, a41}, {a50, a51}};
     for (int r = 0; r < A; ++r) {
-      const __m256 xb = _mm256_broadcast_ss(xs + b * 4 + r);
-      float* fr = f + r * 16;
+      const __m256 xb = _mm256_broadcast_ss(xs + b * A + r);
+      float* fr = f + r * P;
       _mm256_store_ps(fr, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][0]), _mm256_mul_ps(s0, xb), _mm256_load_ps(fr)));
       _mm256_store_ps(fr + 8,
                       _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][1]), _mm256_mul_ps(s1, xb), _mm256_load_ps(fr + 8)));
@@ -772,7 +775,7 @@ inline void group_panel(const int8_t* x, const float* xs, const int8_t* w, const
 #undef P8_STR
 #undef P8_STR_
 
-// 8 rows of 32 bytes (dwords: 4 inputs each) to 8 vectors, vector j holding dword j of every row
+// 8 rows of 8 dwords to 8 vectors, vector j holding dword j of every row
 inline void transpose8(__m256i r[8]) {
   __m256i t[8], u[8];
   for (int i = 0; i < 4; ++i) {
@@ -801,39 +804,35 @@ inline void pack_panel(const int8_t* w, const uint16_t* ws, int64_t N, int64_t K
     for (int r = 0; r < P && n0 + r < N; ++r) std::memcpy(tail[r], w + (n0 + r) * K + full * 32, K - full * 32);
   }
   for (int64_t b = 0; b < nb; ++b) {
-    for (int h = 0; h < 2; ++h) {
-      __m256i rows[8];
-      for (int i = 0; i < 8; ++i) {
-        const int64_t n = n0 + 8 * h + i;
-        if (n >= N) rows[i] = _mm256_setzero_si256();
-        else if (b < full) rows[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + n * K + 32 * b));
-        else rows[i] = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail[8 * h + i]));
+    for (int h = 0; h < 2; ++h) {   // rows 0-7, 8-15
+      for (int half = 0; half < 2; ++half) {  // inputs 0-15 (steps 0-7), 16-31 (steps 8-15)
+        __m256i rows[8];
+        for (int i = 0; i < 8; ++i) {
+          const int64_t n = n0 + 8 * h + i;
+          const int8_t* src = n >= N ? nullptr : (b < full ? w + n * K + 32 * b : tail[8 * h + i]);
+          rows[i] = src ? _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16 * half)))
+                        : _mm256_setzero_si256();
+        }
+        transpose8(rows);
+        for (int j = 0; j < 8; ++j)
+          _mm256_store_si256(reinterpret_cast<__m256i*>(panel + b * WB + (8 * half + j) * 64 + h * 32), rows[j]);
       }
-      transpose8(rows);
-      for (int j = 0; j < 8; ++j)
-        _mm256_store_si256(reinterpret_cast<__m256i*>(panel + b * 512 + j * 64 + h * 32), rows[j]);
     }
     for (int r = 0; r < P; ++r) wsp[b * P + r] = n0 + r < N ? half_to_float(ws[(n0 + r) * nb + b]) : 0.0f;
   }
 }
 
 // activation row `a` of its group, quantized (`q`: nb x 32 values, zero past K), into the group's
-// packed blocks: per step of 4 inputs its 4 bytes x then 4 bytes |x|
+// packed blocks as int16, per step of 2 inputs its pair
 inline void pack_row(const int8_t* q, int64_t nb, int a, int8_t* group) {
   for (int64_t b = 0; b < nb; ++b) {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * b));
-    const __m256i av = _mm256_sign_epi8(v, v);
-    const __m256i lo = _mm256_unpacklo_epi32(v, av);  // steps 0 1 | 4 5, each x then |x|
-    const __m256i hi = _mm256_unpackhi_epi32(v, av);  // steps 2 3 | 6 7
-    int8_t* dst = group + b * 256 + a * 8;
-    const int steps_lo[4] = {0, 1, 4, 5}, steps_hi[4] = {2, 3, 6, 7};
-    alignas(32) int64_t l[4], h[4];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(l), lo);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(h), hi);
-    for (int i = 0; i < 4; ++i) {
-      std::memcpy(dst + steps_lo[i] * 32, &l[i], 8);
-      std::memcpy(dst + steps_hi[i] * 32, &h[i], 8);
-    }
+    alignas(32) int32_t pairs[16];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(pairs),
+                       _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 32 * b))));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(pairs + 8),
+                       _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 32 * b + 16))));
+    int8_t* dst = group + b * XB + a * 4;
+    for (int s = 0; s < 16; ++s) std::memcpy(dst + s * A * 4, pairs + s, 4);
   }
 }
 
@@ -850,8 +849,8 @@ torch::Tensor int8_prompt_matmul(torch::Tensor x, torch::Tensor values, torch::T
   auto y = torch::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   const int64_t groups = (M + A - 1) / A, panels = (N + P - 1) / P;
-  // the activations: per group of 4 rows nb blocks of 256 bytes (rows past M zero), scales [nb][4]
-  auto packed = torch::zeros({groups * nb * 256 + 32}, torch::dtype(torch::kInt8));
+  // the activations: per group of 6 rows nb blocks (rows past M zero), scales [nb][6]
+  auto packed = torch::zeros({groups * nb * XB + 32}, torch::dtype(torch::kInt8));
   int8_t* xp = reinterpret_cast<int8_t*>((reinterpret_cast<uintptr_t>(packed.data_ptr<int8_t>()) + 31) & ~uintptr_t(31));
   std::vector<float> xs(static_cast<size_t>(groups * nb * A), 0.0f);
   const float* xd = x.data_ptr<float>();
@@ -862,7 +861,7 @@ torch::Tensor int8_prompt_matmul(torch::Tensor x, torch::Tensor values, torch::T
       quantize_row_blocks(xd + m * K, K, q.data(), s.data());
       const int64_t g = m / A;
       const int a = static_cast<int>(m % A);
-      pack_row(q.data(), nb, a, xp + g * nb * 256);
+      pack_row(q.data(), nb, a, xp + g * nb * XB);
       for (int64_t b = 0; b < nb; ++b) xs[(g * nb + b) * A + a] = s[b];
     }
   });
@@ -871,27 +870,38 @@ torch::Tensor int8_prompt_matmul(torch::Tensor x, torch::Tensor values, torch::T
   const float* bias_d = bias_ptr(bias, N);
   float* yd = y.data_ptr<float>();
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
-    auto panel_t = torch::empty({nb * 512 + 32}, torch::dtype(torch::kInt8));
+    auto panel_t = torch::empty({nb * WB + 32}, torch::dtype(torch::kInt8));
     int8_t* panel =
         reinterpret_cast<int8_t*>((reinterpret_cast<uintptr_t>(panel_t.data_ptr<int8_t>()) + 31) & ~uintptr_t(31));
     auto wsp_t = torch::empty({nb * P + 8}, torch::dtype(torch::kFloat32));
     float* wsp = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(wsp_t.data_ptr<float>()) + 31) & ~uintptr_t(31));
-    alignas(32) float f[A * P];
+    auto f_t = torch::empty({groups * A * P + 8}, torch::dtype(torch::kFloat32));  // the panel's sums
+    float* f = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(f_t.data_ptr<float>()) + 31) & ~uintptr_t(31));
     for (int64_t p = begin; p < end; ++p) {
       const int64_t n0 = p * P, cols = std::min<int64_t>(P, N - n0);
       pack_panel(w, ws, N, K, nb, n0, panel, wsp);
-      for (int64_t g = 0; g < groups; ++g) {
-        group_panel(xp + g * nb * 256, xs.data() + g * nb * A, panel, wsp, nb, f);
-        for (int a = 0; a < A && g * A + a < M; ++a) {
-          float* yr = yd + (g * A + a) * N + n0;
-          for (int64_t c = 0; c < cols; ++c) yr[c] = f[a * P + c] + (bias_d ? bias_d[n0 + c] : 0.0f);
+      std::memset(f, 0, sizeof(float) * groups * A * P);
+      for (int64_t b0 = 0; b0 < nb; b0 += KC_BLOCKS) {
+        const int64_t blocks = std::min(KC_BLOCKS, nb - b0);
+        for (int64_t g = 0; g < groups; ++g)
+          group_panel(xp + (g * nb + b0) * XB, xs.data() + (g * nb + b0) * A, panel + b0 * WB, wsp + b0 * P, blocks,
+                      f + g * A * P);
+      }
+      if (cols == P) {
+        const __m256 b0 = bias_d ? _mm256_loadu_ps(bias_d + n0) : _mm256_setzero_ps();
+        const __m256 b1 = bias_d ? _mm256_loadu_ps(bias_d + n0 + 8) : _mm256_setzero_ps();
+        for (int64_t m = 0; m < M; ++m) {
+          _mm256_storeu_ps(yd + m * N + n0, _mm256_add_ps(_mm256_load_ps(f + m * P), b0));
+          _mm256_storeu_ps(yd + m * N + n0 + 8, _mm256_add_ps(_mm256_load_ps(f + m * P + 8), b1));
         }
+      } else {
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t c = 0; c < cols; ++c) yd[m * N + n0 + c] = f[m * P + c] + (bias_d ? bias_d[n0 + c] : 0.0f);
       }
     }
   });
   return y;
 }
-
 
 // ---------------------------------------------------------------------------------------------------
 // The decode step's small operations (service/inference/decoder.py), one call each where PyTorch took
