@@ -141,10 +141,28 @@ inline void int8q_finish(const __m256 acc[MB][R], const int8_t* xq, const float*
     }
 }
 
+// the scale products of R weight rows (`ws`, rows of nb) and MB activation rows (`xs`, rows of nb),
+// [m][r][block], for the first `full` blocks: 8 blocks a multiply
+template <int MB, int R>
+inline void int8q_scales(const float* xs, const uint16_t* ws, int64_t nb, int64_t full, float* d) {
+  for (int r = 0; r < R; ++r) {
+    int64_t b = 0;
+    for (; b + 8 <= full; b += 8) {
+      const __m256 w8 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ws + r * nb + b)));
+      for (int m = 0; m < MB; ++m)
+        _mm256_storeu_ps(d + (m * R + r) * nb + b, _mm256_mul_ps(w8, _mm256_loadu_ps(xs + m * nb + b)));
+    }
+    for (; b < full; ++b)
+      for (int m = 0; m < MB; ++m) d[(m * R + r) * nb + b] = half_to_float(ws[r * nb + b]) * xs[m * nb + b];
+  }
+}
+
+// `d`: room for MB x R x nb floats (the scale products, made once per tile)
 template <int MB, int R>
 inline void int8q_tile(const int8_t* xq, const float* xs, int64_t K, int64_t nb, const int8_t* w,
-                       const uint16_t* ws, float out[MB][R]) {
+                       const uint16_t* ws, float* d, float out[MB][R]) {
   const __m256i ones = _mm256_set1_epi16(1);
+  int8q_scales<MB, R>(xs, ws, nb, K / 32, d);
   __m256 acc[MB][R];
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
@@ -166,10 +184,9 @@ inline void int8q_tile(const int8_t* xq, const float* xs, int64_t K, int64_t nb,
         _mm_prefetch(reinterpret_cast<const char*>(w + (r + 2 * R) * K + k), _MM_HINT_T0);
       }
       const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * K + k));
-      const float wsr = half_to_float(ws[r * nb + b]);
       for (int m = 0; m < MB; ++m) {
         const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax[m], _mm256_sign_epi8(wv, xv[m])), ones);
-        acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(wsr * xs[m * nb + b]), acc[m][r]);
+        acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(d + (m * R + r) * nb + b), acc[m][r]);
       }
     }
   }
@@ -316,7 +333,7 @@ inline void int8q_rows(const Int8Call& c, int64_t m, int64_t n, float* d) {
     int8q_tile_batch2<MB>(c.xp + 2 * m * c.K, c.xsd + 2 * m * c.nb, xq, xs, c.K, c.nb, c.w + n * c.K,
                           c.ws + n * c.nb, d, out);
   else
-    int8q_tile<MB, R>(xq, xs, c.K, c.nb, c.w + n * c.K, c.ws + n * c.nb, out);
+    int8q_tile<MB, R>(xq, xs, c.K, c.nb, c.w + n * c.K, c.ws + n * c.nb, d, out);
   for (int mm = 0; mm < MB; ++mm)
     for (int r = 0; r < R; ++r) c.y[(m + mm) * c.N + n + r] = out[mm][r] + (c.bias ? c.bias[n + r] : 0.0f);
 }
@@ -586,7 +603,7 @@ torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor values, torch::Tensor s
                    y.data_ptr<float>(), M, N, K, nb};
   const int64_t blocks = (N + BLOCK_ROWS - 1) / BLOCK_ROWS;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> d(batch ? static_cast<size_t>(8 * nb) : 0);
+    std::vector<float> d(static_cast<size_t>(8 * nb));  // a tile's scale products (at most 8 a block)
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t n0 = blk * BLOCK_ROWS, n1 = std::min(N, n0 + BLOCK_ROWS);
       for (int64_t m = 0; m < M;) {
