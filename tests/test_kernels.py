@@ -20,8 +20,8 @@ from service.inference.quantized import (
 )
 from tests.support.quant import (
     assert_float_rounding_close,
+    int4_product,
     int8_blocks_dequantized,
-    int8_per_row,
     int8_product,
 )
 
@@ -49,8 +49,8 @@ def test_the_kernels_build_on_an_x86_machine_with_a_compiler():
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-# odd row counts; int4 groups of 32 with a last half vector (96), 64 (192), 128 (256), a lone group of 32,
-# and 9 groups of 128 (1152): the batch tile's lows taken 8 groups a vector plus a last one
+# odd row counts; int4 groups of 32 with a last half vector (96), 8 groups (256), a lone group (32),
+# 6 (192) and 36 groups (1152): the lows taken 8 groups a vector plus the rest one by one
 @pytest.mark.parametrize("shape", [(37, 96), (130, 256), (16, 32), (37, 192), (48, 1152)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_compiled_kernels_match_a_float_reference_at_every_decode_row_count(bits, shape, bias, monkeypatch):
@@ -70,9 +70,9 @@ def test_compiled_kernels_match_a_float_reference_at_every_decode_row_count(bits
         x = torch.randn(rows, shape[1])
         want = x @ w.T + (b if bias else 0)
         got = layer(x)
-        # the products quantize the activations too: int8 per block of 32 (int8), per row (int4)
+        # the products quantize the activations too: int8 per row and block of 32
         assert relative_error(got, want) < 2e-2, rows
-        seen = int8_blocks_dequantized(x) if bits == 8 else int8_per_row(x)
+        seen = int8_blocks_dequantized(x)
         # exactly the integer product of the int8 activations, rescaled
         assert relative_error(got, seen @ w.T + (b if bias else 0)) < 1e-5, rows
 
@@ -184,16 +184,60 @@ def test_int4_needs_a_group_the_kernels_take():
 
 
 def test_int4_kernel_does_not_saturate_at_the_largest_values(monkeypatch):
-    """Every 4-bit value 15 and every activation at +-127 of its row's scale: the integer sums of a
-    group of 128 reach 4 x 2 x 15 x 127 = 15240 in int16, which must not wrap."""
+    """Every 4-bit value 15 and every activation at +-127 of its block's scale: a pair's products
+    in int16 reach 2 x 15 x 127, and the even and odd pairs added 4 x 15 x 127 = 7620, which must
+    not wrap."""
     if not kernels.available():
         pytest.skip("no compiled kernels here")
     monkeypatch.setattr(quantized, "kernel_plan", lambda: COMPILED)
     weight = torch.full((32, 512), 2.0)
-    weight[:, ::128] = -1.0  # one low per group: the rest of the group quantizes to q = 15
+    weight[:, ::32] = -1.0  # one low per group: the rest of the group quantizes to q = 15
     tensors = quantize(4, weight)
     assert int((tensors["q4"] >> 4).amin()) == 15
     layer = quantized.from_quantized(tensors, None)
     for x in (torch.full((1, 512), 3.0), torch.full((3, 512), -3.0)):
         want = x @ reference(tensors).T
         assert relative_error(layer(x), want) < 1e-5
+
+
+@pytest.mark.parametrize("shape", [(37, 96), (32, 64), (16, 32), (48, 1152), (21, 8960)])
+def test_int4_kernel_is_the_integer_group_product(shape):
+    """The int4 kernel against the same integer math in PyTorch: per group of 32 the activations'
+    int8 block times the group's nibbles and sums, scaled (tests/support/quant.py), at 1..9 and 33
+    rows (odd weight row counts: the kernel itself takes any), with and without bias; a row's result
+    is its result alone."""
+    library = kernels.library()
+    if library is None:
+        pytest.skip("no compiled kernels here")
+    torch.manual_seed(shape[0] + shape[1])
+    q4, scales, lows = quantized.quantize_int4_groups(
+        torch.randn(shape) * torch.linspace(0.1, 3, shape[1]), 32
+    )
+    bias = torch.randn(shape[0])
+    for rows in (*range(1, 10), 33):
+        x = torch.randn(rows, shape[1]) * torch.linspace(0.1, 3, rows)[:, None]
+        if rows > 1:
+            x[1, :32] = 0  # an all-zero block
+        for b in (None, bias):
+            got = library.int4_matmul(x, q4, scales, lows, b)
+            assert_float_rounding_close(got, int4_product(x, q4, scales, lows, b))
+            alone = torch.cat([library.int4_matmul(x[i : i + 1], q4, scales, lows, b) for i in range(rows)])
+            assert torch.equal(got, alone), rows
+
+
+def test_int4_of_larger_groups_loads_as_groups_of_32(monkeypatch):
+    """A checkpoint written with groups of 128 or 64 (format version 1) gives the layer those
+    weights, each group's scale and low repeated over its 32s."""
+    if not kernels.available():
+        pytest.skip("no compiled kernels here")
+    monkeypatch.setattr(quantized, "kernel_plan", lambda: COMPILED)
+    torch.manual_seed(4)
+    x = torch.randn(5, 256)
+    for group in (128, 64):
+        q4, scales, lows = quantized.quantize_int4_groups(torch.randn(32, 256), group)
+        layer = Int4Linear.from_groups(q4, scales, lows, None)
+        assert layer.group == 32 and layer.scales.shape == (32, 8)
+        assert torch.equal(
+            dequantize_int4(layer.q4, layer.scales, layer.lows), dequantize_int4(q4, scales, lows)
+        )
+        assert relative_error(layer(x), x @ dequantize_int4(q4, scales, lows).T) < 2e-2

@@ -65,17 +65,7 @@ inline float hmax(__m256 v) {
 
 // Activation rows to int8, vectorized: a decode step calls ~200 products per token, and the scalar
 // loop (a rounding, a clamp and for int4 a division per input) cost 10-80 us a call, 2-6 ms a token.
-// Rounding as std::nearbyint (vcvtps2dq rounds to nearest even), scale = max|x| / 127.
-inline float row_scale(const float* row, int64_t K) {
-  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  __m256 vmax = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 8 <= K; k += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(_mm256_loadu_ps(row + k), magnitude));
-  float amax = hmax(vmax);
-  for (; k < K; ++k) amax = std::max(amax, std::fabs(row[k]));
-  return amax > 0.0f ? amax / 127.0f : 1.0f;
-}
-
+// Rounding as std::nearbyint (vcvtps2dq rounds to nearest even), scale = max|x_block| / 127.
 // 32 inputs x inv rounded to int8, in their order; `sum` gets their int32 sum
 inline __m256i quantize32(const float* p, __m256 inv, int32_t& sum) {
   __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(p), inv));
@@ -348,15 +338,17 @@ void int8q_block(const Int8Call& c, int64_t m, int64_t n0, int64_t n1, float* d)
 
 
 // 4-bit weights, in integers too: quantize()'s stored form as is (byte i of a row holds input 2i in
-// its low nibble and 2i+1 in its high one, a bf16 scale and low per group of 32, 64 or 128 inputs).
-// One 32-byte load is 64 contiguous inputs: `v & 15` gives the even ones, `(v >> 4) & 15` the odd
-// ones, as unsigned bytes, which is what vpmaddubsw takes first; so only the activations are
-// reordered (per 64 inputs: the 32 even then the 32 odd, int8 as for the int8 product) and the
-// weights are read exactly as stored. Per group, sum_k w x = scale x sum_k q x + low x sum_k x:
-// the first sum in integers (pairs of q (<= 15) x x (|x| <= 127) into int16, up to a group of 128,
-// at most 4 x 2 x 15 x 127 = 15240: no saturation; then vpmaddwd into int32), the second from the
-// group sums of the quantized activations (`xsum`), both times the activation row's scale.
-// Converting the nibbles to float (the previous kernel) was compute-bound at 5-10 GB/s.
+// its low nibble and 2i+1 in its high one, a bf16 scale and low per group of 32 inputs), times the
+// activations quantized to int8 per row and block of 32 (the int8 product's activations: one scale
+// per whole row cost SmolLM2-135M KL 0.6 against float32 with groups of 128, see issue 21).
+// One 32-byte load is 64 contiguous inputs, two groups, one per 128-bit half: `v & 15` gives the
+// even ones, `(v >> 4) & 15` the odd ones, as unsigned bytes, which is what vpmaddubsw takes first;
+// so only the activations are reordered (per 64 inputs: the 32 even then the 32 odd, each half one
+// group) and the weights are read exactly as stored. Per group g, sum_k w x = xs_g x (scale_g x
+// sum_k q x_int + low_g x sum_k x_int): the first sum in integers (q <= 15, |x| <= 127: pairs into
+// int16 without saturating, then vpmaddwd into int32, 4 lanes a group), to float and added times
+// scale_g x xs_g; the second from the groups' scaled activation sums (`xsum`: xs_g x sum x_int),
+// a dot product with the lows after the loop (8 groups an instruction).
 
 // the 64 inputs at byte `off` of a row: low nibbles (even inputs) and high nibbles (odd inputs)
 inline void int4_unpack(const uint8_t* q, __m256i& even, __m256i& odd) {
@@ -382,166 +374,97 @@ inline __m256 bf16_broadcast(uint16_t v) {
   return _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(v) << 16)));
 }
 
-// R rows x MB activation rows over all of K, groups of G (32, 64 or 128) inputs. `xq` are the
-// reordered int8 activations (MB rows of K), `xsum` their group sums (MB rows of `groups`).
-template <int MB, int R, int G>
-inline void int4q_tile(const int8_t* xq, const float* xsum, int64_t K, const uint8_t* q,
+// 8 bf16 values to float
+inline __m256 bf16x8(const uint16_t* p) {
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+
+// R rows x MB activation rows over all of K (groups of 32). `xq` the reordered int8 activations (MB
+// rows of K), `xsv` their scales per step of 64 inputs as a vector ([xs_g x4 | xs_g+1 x4], MB rows of
+// K / 64 + 1 steps), `xsum` the groups' scaled sums (MB rows of `groups`).
+template <int MB, int R>
+inline void int4q_tile(const int8_t* xq, const float* xsv, const float* xsum, int64_t K, const uint8_t* q,
                        const uint16_t* scales, const uint16_t* lows, float out[MB][R]) {
-  const int64_t groups = K / G, half = K / 2;
+  const int64_t groups = K / 32, half = K / 2, steps = K / 64, vsteps = (K + 63) / 64;
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[MB][R];
-  float low_part[MB][R];
   for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < R; ++r) {
-      acc[m][r] = _mm256_setzero_ps();
-      low_part[m][r] = 0.0f;
-    }
-  // a step: one group of 128 (two loads) or 64, or two groups of 32 (one load, a group per 128-bit half)
-  constexpr int64_t STEP = G == 128 ? 128 : 64;
-  const int64_t steps = K / STEP;
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
   for (int64_t st = 0; st < steps; ++st) {
-    const int64_t k = st * STEP;
-    __m256i p[MB][R];
-    for (int m = 0; m < MB; ++m)
-      for (int r = 0; r < R; ++r) p[m][r] = _mm256_setzero_si256();
-    for (int64_t c = 0; c < STEP; c += 64) {
-      for (int r = 0; r < R; ++r) {
-        const uint8_t* row = q + r * half + (k + c) / 2;
-        // the rows two tiles ahead: the big matrices come from memory, not cache; short rows as one
-        // contiguous run, line after line, as for int8 (gate/up: 15 against 9-10 GB/s), long ones row by row
-        if (c == 0) {
-          if (half <= 2048)
-            _mm_prefetch(reinterpret_cast<const char*>(q + 2 * R * half + (st * R + r) * (STEP / 2)), _MM_HINT_T0);
-          else
-            _mm_prefetch(reinterpret_cast<const char*>(row + 2 * R * half), _MM_HINT_T0);
-        }
-        __m256i even, odd;
-        int4_unpack(row, even, odd);
-        for (int m = 0; m < MB; ++m) {
-          const int8_t* xm = xq + m * K + k + c;
-          __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm));
-          __m256i xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + 32));
-          p[m][r] = _mm256_add_epi16(p[m][r], _mm256_add_epi16(_mm256_maddubs_epi16(even, xe),
-                                                               _mm256_maddubs_epi16(odd, xo)));
-        }
-      }
-    }
+    const int64_t k = st * 64, g = 2 * st;
+    __m256 xv[MB];
+    for (int m = 0; m < MB; ++m) xv[m] = _mm256_loadu_ps(xsv + (m * vsteps + st) * 8);
     for (int r = 0; r < R; ++r) {
-      __m256 sv;
-      if constexpr (G == 32) {
-        const int64_t g = 2 * st;
-        sv = _mm256_insertf128_ps(bf16_broadcast(scales[r * groups + g]),
-                                  _mm256_castps256_ps128(bf16_broadcast(scales[r * groups + g + 1])), 1);
-        const float l0 = bf16_to_float(lows[r * groups + g]), l1 = bf16_to_float(lows[r * groups + g + 1]);
-        for (int m = 0; m < MB; ++m) low_part[m][r] += l0 * xsum[m * groups + g] + l1 * xsum[m * groups + g + 1];
-      } else {
-        const int64_t g = st * STEP / G;
-        sv = bf16_broadcast(scales[r * groups + g]);
-        const float l = bf16_to_float(lows[r * groups + g]);
-        for (int m = 0; m < MB; ++m) low_part[m][r] += l * xsum[m * groups + g];
+      const uint8_t* row = q + r * half + k / 2;
+      // the rows two tiles ahead: the big matrices come from memory, not cache; short rows as one
+      // contiguous run, line after line, as for int8 (gate/up: 15 against 9-10 GB/s), long ones row by row
+      if (half <= 2048)
+        _mm_prefetch(reinterpret_cast<const char*>(q + 2 * R * half + (st * R + r) * 32), _MM_HINT_T0);
+      else
+        _mm_prefetch(reinterpret_cast<const char*>(row + 2 * R * half), _MM_HINT_T0);
+      __m256i even, odd;
+      int4_unpack(row, even, odd);
+      const __m256 sv = _mm256_insertf128_ps(bf16_broadcast(scales[r * groups + g]),
+                                             _mm256_castps256_ps128(bf16_broadcast(scales[r * groups + g + 1])), 1);
+      for (int m = 0; m < MB; ++m) {
+        const int8_t* xm = xq + m * K + k;
+        const __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm));
+        const __m256i xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + 32));
+        const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(even, xe), _mm256_maddubs_epi16(odd, xo));
+        acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), _mm256_mul_ps(sv, xv[m]), acc[m][r]);
       }
-      for (int m = 0; m < MB; ++m)
-        acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p[m][r], ones)), sv, acc[m][r]);
     }
   }
-  if (G == 32 && steps * STEP < K) {  // a last group of 32 (K = 64 n + 32)
-    const int64_t k = steps * STEP, g = groups - 1;
+  if (steps * 64 < K) {  // a last group of 32 (K = 64 n + 32)
+    const int64_t k = steps * 64, g = groups - 1;
     for (int r = 0; r < R; ++r) {
       __m256i even, odd;
       int4_unpack_half(q + r * half + k / 2, even, odd);
       const __m256 sv = bf16_broadcast(scales[r * groups + g]);
-      const float l = bf16_to_float(lows[r * groups + g]);
       for (int m = 0; m < MB; ++m) {
         const int8_t* xm = xq + m * K + k;
-        __m256i pm = _mm256_add_epi16(_mm256_maddubs_epi16(even, load_half_zext(xm)),
-                                      _mm256_maddubs_epi16(odd, load_half_zext(xm + 16)));
-        acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pm, ones)), sv, acc[m][r]);
-        low_part[m][r] += l * xsum[m * groups + g];
+        const __m256i pm = _mm256_add_epi16(_mm256_maddubs_epi16(even, load_half_zext(xm)),
+                                            _mm256_maddubs_epi16(odd, load_half_zext(xm + 16)));
+        const __m256 xv = _mm256_loadu_ps(xsv + (m * vsteps + steps) * 8);
+        acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pm, ones)), _mm256_mul_ps(sv, xv), acc[m][r]);
       }
     }
   }
-  for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < R; ++r) out[m][r] = hsum(acc[m][r]) + low_part[m][r];
-}
-
-// 3-4 activation rows, one weight row, groups of 128: the decode step of a batch, bound by how many
-// instructions issue (two vCPUs, likely sharing a core's pipes). Per group the row's 128 nibbles are
-// unpacked once (4 vectors), then each activation row takes its 4 vpmaddubsw as one add tree and goes
-// straight to float, so few values are live and nothing spills; the lows' part is a dot product over
-// the groups after the loop (8 groups an instruction) instead of scalar work per group.
-template <int MB>
-inline void int4q_tile_batch128(const int8_t* xq, const float* xsum, int64_t K, const uint8_t* q,
-                                const uint16_t* scales, const uint16_t* lows, float out[MB][1]) {
-  const int64_t groups = K / 128, half = K / 2;
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256 acc[MB];
-  for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
-  // the rows two tiles ahead (R = 1: two rows); short rows as one contiguous run, as in int4q_tile
-  const char* ahead = reinterpret_cast<const char*>(q + 2 * half);
-  for (int64_t g = 0; g < groups; ++g) {
-    _mm_prefetch(ahead + g * 64, _MM_HINT_T0);
-    __m256i e0, o0, e1, o1;
-    int4_unpack(q + g * 64, e0, o0);
-    int4_unpack(q + g * 64 + 32, e1, o1);
-    const __m256 sv = bf16_broadcast(scales[g]);
-    for (int m = 0; m < MB; ++m) {
-      const __m256i* xm = reinterpret_cast<const __m256i*>(xq + m * K + g * 128);
-      __m256i a = _mm256_add_epi16(_mm256_maddubs_epi16(e0, _mm256_loadu_si256(xm)),
-                                   _mm256_maddubs_epi16(o0, _mm256_loadu_si256(xm + 1)));
-      __m256i b = _mm256_add_epi16(_mm256_maddubs_epi16(e1, _mm256_loadu_si256(xm + 2)),
-                                   _mm256_maddubs_epi16(o1, _mm256_loadu_si256(xm + 3)));
-      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_add_epi16(a, b), ones)), sv, acc[m]);
-    }
-  }
+  // the lows' part: sum_g low_g x xsum_g, 8 groups an instruction, into the same accumulators
   int64_t g = 0;
-  for (; g + 8 <= groups; g += 8) {
-    const __m256 lv = _mm256_castsi256_ps(_mm256_slli_epi32(
-        _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lows + g))), 16));
-    for (int m = 0; m < MB; ++m) acc[m] = _mm256_fmadd_ps(lv, _mm256_loadu_ps(xsum + m * groups + g), acc[m]);
-  }
-  float tail[MB];
-  for (int m = 0; m < MB; ++m) tail[m] = 0.0f;
-  for (; g < groups; ++g) {
-    const float l = bf16_to_float(lows[g]);
-    for (int m = 0; m < MB; ++m) tail[m] += l * xsum[m * groups + g];
-  }
-  for (int m = 0; m < MB; ++m) out[m][0] = hsum(acc[m]) + tail[m];
+  for (; g + 8 <= groups; g += 8)
+    for (int r = 0; r < R; ++r) {
+      const __m256 lv = bf16x8(lows + r * groups + g);
+      for (int m = 0; m < MB; ++m) acc[m][r] = _mm256_fmadd_ps(lv, _mm256_loadu_ps(xsum + m * groups + g), acc[m][r]);
+    }
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < R; ++r) {
+      float s = hsum(acc[m][r]);
+      for (int64_t t = g; t < groups; ++t) s += bf16_to_float(lows[r * groups + t]) * xsum[m * groups + t];
+      out[m][r] = s;
+    }
 }
 
-template <int MB, int R, int G>
-inline void int4q_rows(const int8_t* xq, const float* xs, const float* xsum, int64_t K, int64_t N,
+template <int MB, int R>
+inline void int4q_rows(const int8_t* xq, const float* xsv, const float* xsum, int64_t K, int64_t N,
                        const uint8_t* q, const uint16_t* scales, const uint16_t* lows, const float* bias,
                        float* y, int64_t n) {
-  const int64_t groups = K / G;
+  const int64_t groups = K / 32;
   float out[MB][R];
-  if constexpr (G == 128 && R == 1 && MB >= 3)
-    int4q_tile_batch128<MB>(xq, xsum, K, q + n * (K / 2), scales + n * groups, lows + n * groups, out);
-  else
-    int4q_tile<MB, R, G>(xq, xsum, K, q + n * (K / 2), scales + n * groups, lows + n * groups, out);
+  int4q_tile<MB, R>(xq, xsv, xsum, K, q + n * (K / 2), scales + n * groups, lows + n * groups, out);
   for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < R; ++r) y[m * N + n + r] = out[m][r] * xs[m] + (bias ? bias[n + r] : 0.0f);
+    for (int r = 0; r < R; ++r) y[m * N + n + r] = out[m][r] + (bias ? bias[n + r] : 0.0f);
 }
 
-template <int MB, int G>
-void int4q_block(const int8_t* xq, const float* xs, const float* xsum, int64_t K, int64_t N,
+template <int MB>
+void int4q_block(const int8_t* xq, const float* xsv, const float* xsum, int64_t K, int64_t N,
                  const uint8_t* q, const uint16_t* scales, const uint16_t* lows, const float* bias,
                  float* y, int64_t n0, int64_t n1) {
   constexpr int R = MB == 1 ? 4 : (MB == 2 ? 2 : 1);
   int64_t n = n0;
-  for (; n + R <= n1; n += R) int4q_rows<MB, R, G>(xq, xs, xsum, K, N, q, scales, lows, bias, y, n);
-  for (; n < n1; ++n) int4q_rows<MB, 1, G>(xq, xs, xsum, K, N, q, scales, lows, bias, y, n);
-}
-
-template <int G>
-void int4q_rowblock(int64_t mb, const int8_t* xq, const float* xs, const float* xsum, int64_t K, int64_t N,
-                    const uint8_t* q, const uint16_t* scales, const uint16_t* lows, const float* bias,
-                    float* y, int64_t n0, int64_t n1) {
-  switch (mb) {
-    case 1: int4q_block<1, G>(xq, xs, xsum, K, N, q, scales, lows, bias, y, n0, n1); break;
-    case 2: int4q_block<2, G>(xq, xs, xsum, K, N, q, scales, lows, bias, y, n0, n1); break;
-    case 3: int4q_block<3, G>(xq, xs, xsum, K, N, q, scales, lows, bias, y, n0, n1); break;
-    default: int4q_block<4, G>(xq, xs, xsum, K, N, q, scales, lows, bias, y, n0, n1); break;
-  }
+  for (; n + R <= n1; n += R) int4q_rows<MB, R>(xq, xsv, xsum, K, N, q, scales, lows, bias, y, n);
+  for (; n < n1; ++n) int4q_rows<MB, 1>(xq, xsv, xsum, K, N, q, scales, lows, bias, y, n);
 }
 
 void check_x(const torch::Tensor& x, int64_t K) {
@@ -622,7 +545,7 @@ torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor values, torch::Tensor s
 }
 
 
-// int4_matmul's arguments: q4 (outputs, inputs / 2) uint8, scales and lows (outputs, groups) bfloat16.
+// int4_matmul's arguments: q4 (outputs, inputs / 2) uint8, scales and lows (outputs, inputs / 32) bfloat16.
 void check_int4(const torch::Tensor& x, const torch::Tensor& q4, const torch::Tensor& scales,
                 const torch::Tensor& lows) {
   TORCH_CHECK(q4.dim() == 2 && q4.scalar_type() == torch::kUInt8 && q4.is_contiguous(),
@@ -634,58 +557,66 @@ void check_int4(const torch::Tensor& x, const torch::Tensor& q4, const torch::Te
               "scales and lows must be contiguous bfloat16 (outputs, groups)");
 }
 
-// y (M, N) = x (M, K) @ w^T + bias, w[n, k] = q(n, k) x scales[n, k / group] + lows[n, k / group]
+// y (M, N) = x (M, K) @ w^T + bias, w[n, k] = q(n, k) x scales[n, k / 32] + lows[n, k / 32]
 torch::Tensor int4_matmul(torch::Tensor x, torch::Tensor q4, torch::Tensor scales, torch::Tensor lows,
                           c10::optional<torch::Tensor> bias) {
   check_int4(x, q4, scales, lows);
   const int64_t N = q4.size(0), K = q4.size(1) * 2, M = x.size(0);
   const int64_t groups = scales.size(1);
-  TORCH_CHECK(groups > 0 && K % groups == 0, "the groups must divide the inputs");
-  const int64_t group = K / groups;
-  TORCH_CHECK(group == 32 || group == 64 || group == 128, "group size must be 32, 64 or 128, not ", group);
-  // activation rows in int8 (one scale each, as for int8 weights), reordered as the nibbles come
-  // (per 64 inputs: 32 even, 32 odd; a last 32: 16 even, 16 odd), and their group sums
+  TORCH_CHECK(K % 32 == 0 && groups == K / 32, "int4 takes groups of 32 inputs: ", K, " inputs, ", groups, " groups");
+  const int64_t vsteps = (K + 63) / 64;
+  // activation rows in int8 per block of 32 (as for int8 weights), reordered as the nibbles come
+  // (per 64 inputs: 32 even, 32 odd; a last 32: 16 even, 16 odd), their scales per step of 64 as a
+  // vector, and their groups' sums times the groups' scales
   const float* xd = x.data_ptr<float>();
   std::vector<int8_t> xq(static_cast<size_t>(M * K));
-  std::vector<float> xs(static_cast<size_t>(M)), xsum(static_cast<size_t>(M * groups));
+  std::vector<float> xsv(static_cast<size_t>(M * vsteps * 8)), xsum(static_cast<size_t>(M * groups));
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  auto block_scale = [&](const float* p) {
+    const __m256 mx = _mm256_max_ps(
+        _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(p), magnitude), _mm256_and_ps(_mm256_loadu_ps(p + 8), magnitude)),
+        _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(p + 16), magnitude),
+                      _mm256_and_ps(_mm256_loadu_ps(p + 24), magnitude)));
+    return hmax(mx) / 127.0f;
+  };
+  auto inverse = [](float scale) { return _mm256_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f); };
   auto quantize_row = [&](int64_t m) {
     const float* row = xd + m * K;
-    const float scale = row_scale(row, K);
-    const __m256 inv = _mm256_set1_ps(1.0f / scale);
     // within each 16 bytes: the 8 even inputs, then the 8 odd ones
     const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
                                            0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
     int8_t* dst = xq.data() + m * K;
     float* sums = xsum.data() + m * groups;
+    float* sv = xsv.data() + m * vsteps * 8;
     int32_t s0, s1;
     int64_t k = 0;
     for (; k + 64 <= K; k += 64) {
+      const float a0 = block_scale(row + k), a1 = block_scale(row + k + 32);
       // 64-bit pieces E0 O0 E1 O1 and E2 O2 E3 O3 (E = even inputs, O = odd, of each 16) ...
-      __m256i lo = _mm256_shuffle_epi8(quantize32(row + k, inv, s0), split);
-      __m256i hi = _mm256_shuffle_epi8(quantize32(row + k + 32, inv, s1), split);
+      __m256i lo = _mm256_shuffle_epi8(quantize32(row + k, inverse(a0), s0), split);
+      __m256i hi = _mm256_shuffle_epi8(quantize32(row + k + 32, inverse(a1), s1), split);
       lo = _mm256_permute4x64_epi64(lo, 0xd8);  // E0 E1 O0 O1
       hi = _mm256_permute4x64_epi64(hi, 0xd8);  // E2 E3 O2 O3
       // ... to the 32 even inputs, then the 32 odd ones
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), _mm256_permute2x128_si256(lo, hi, 0x20));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k + 32), _mm256_permute2x128_si256(lo, hi, 0x31));
-      sums[k / group] += static_cast<float>(s0);
-      sums[(k + 32) / group] += static_cast<float>(s1);
+      sums[k / 32] = static_cast<float>(s0) * a0;
+      sums[k / 32 + 1] = static_cast<float>(s1) * a1;
+      _mm256_storeu_ps(sv + (k / 64) * 8, _mm256_setr_m128(_mm_set1_ps(a0), _mm_set1_ps(a1)));
     }
     if (k < K) {  // a last 32: its 16 even inputs, then its 16 odd ones
-      __m256i v = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(quantize32(row + k, inv, s0), split), 0xd8);
+      const float a0 = block_scale(row + k);
+      __m256i v = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(quantize32(row + k, inverse(a0), s0), split), 0xd8);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), v);
-      sums[k / group] += static_cast<float>(s0);
+      sums[k / 32] = static_cast<float>(s0) * a0;
+      _mm256_storeu_ps(sv + (k / 64) * 8, _mm256_set1_ps(a0));
     }
-    xs[m] = scale;
   };
   // a prompt's many rows on the thread pool; a decode step's few on this thread
   at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) quantize_row(m);
   });
   auto y = torch::empty({M, N}, x.options());
-  const int8_t* xqd = xq.data();
-  const float* xsd = xs.data();
-  const float* xsumd = xsum.data();
   const uint8_t* qd = q4.data_ptr<uint8_t>();
   const uint16_t* sd = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
   const uint16_t* ld = reinterpret_cast<const uint16_t*>(lows.data_ptr<at::BFloat16>());
@@ -697,12 +628,16 @@ torch::Tensor int4_matmul(torch::Tensor x, torch::Tensor q4, torch::Tensor scale
       const int64_t n0 = blk * BLOCK_ROWS, n1 = std::min(N, n0 + BLOCK_ROWS);
       for (int64_t m = 0; m < M;) {
         const int64_t mb = std::min<int64_t>(4, M - m);
-        const int8_t* xm = xqd + m * K;
-        const float* sm = xsumd + m * groups;
+        const int8_t* xm = xq.data() + m * K;
+        const float* vm = xsv.data() + m * vsteps * 8;
+        const float* sm = xsum.data() + m * groups;
         float* ym = yd + m * N;
-        if (group == 128) int4q_rowblock<128>(mb, xm, xsd + m, sm, K, N, qd, sd, ld, b, ym, n0, n1);
-        else if (group == 64) int4q_rowblock<64>(mb, xm, xsd + m, sm, K, N, qd, sd, ld, b, ym, n0, n1);
-        else int4q_rowblock<32>(mb, xm, xsd + m, sm, K, N, qd, sd, ld, b, ym, n0, n1);
+        switch (mb) {
+          case 1: int4q_block<1>(xm, vm, sm, K, N, qd, sd, ld, b, ym, n0, n1); break;
+          case 2: int4q_block<2>(xm, vm, sm, K, N, qd, sd, ld, b, ym, n0, n1); break;
+          case 3: int4q_block<3>(xm, vm, sm, K, N, qd, sd, ld, b, ym, n0, n1); break;
+          default: int4q_block<4>(xm, vm, sm, K, N, qd, sd, ld, b, ym, n0, n1); break;
+        }
         m += mb;
       }
     }

@@ -22,7 +22,7 @@ Q8_0 x Q8_0. On SmolLM2-135M's real weights this is as close to float32 as llama
 oneDNN's one scale per prompt (its int8 GEMM, the former prompt path on VNNI CPUs) 300 times (1.3).
 
 - `Int8Linear`: a float16 scale per output row and block of 32 inputs.
-- `Int4Linear`: 4-bit weights with a scale and low per group of 128 (or 64, 32) inputs.
+- `Int4Linear`: 4-bit weights with a scale and low per group of 32 inputs.
 - `Int8Embedding`: the token table as int8 rows, in the Linear's form; a step looks up a few rows.
 """
 
@@ -38,7 +38,12 @@ from . import kernels
 
 log = logging.getLogger(__name__)
 
-INT4_GROUPS = (128, 64, 32)  # group sizes the CPU kernel takes, largest (fewest scales) first
+# int4 weights: a scale and low per group of 32 inputs (the activations they multiply are quantized
+# per block of 32 too). On SmolLM2-135M, whose weights sit on a Q4_1 grid of 32, groups of 128 with
+# per-row activations were 1.78x float32's perplexity (KL 0.60); groups of 32 with per-32 activations
+# see docs/performance.md. Checkpoints of groups of 64 or 128 (format version 1) still load: each
+# group's scale and low repeated over its 32s (the same weights).
+INT4_GROUP = 32
 # Layers the decode step (decoder.py) fuses into one product, by their names under a decoder layer's
 # attention and MLP, in output order. The checkpoint writer stores each group's weight rows one after
 # another, so that fusing them at load is a view of the mapped file, not a copy (decoder._joined).
@@ -160,7 +165,11 @@ class Int4Linear(torch.nn.Module):
     ) -> None:
         rows, half = q4.shape
         self.out_features, self.in_features = rows, half * 2
-        self.group = self.in_features // scales.shape[1]
+        group = self.in_features // scales.shape[1]
+        if group != INT4_GROUP:  # an older checkpoint's larger groups, as groups of 32
+            scales = scales.repeat_interleave(group // INT4_GROUP, dim=1)
+            lows = lows.repeat_interleave(group // INT4_GROUP, dim=1)
+        self.group = INT4_GROUP
         self.bias = None if bias is None else bias.detach().float().contiguous()
         self.plan = kernel_plan()
         self._kernel: Callable[..., torch.Tensor] | None = None
@@ -223,9 +232,9 @@ def pack_int4_for_aten(
 def int4_group(shape: tuple[int, ...] | torch.Size) -> int | None:
     """The group size the int4 kernel would use for a (outputs, inputs) matrix, or None if it cannot."""
     rows, cols = shape
-    if rows % 16:
+    if rows % 16 or cols % INT4_GROUP:
         return None
-    return next((g for g in INT4_GROUPS if cols % g == 0), None)
+    return INT4_GROUP
 
 
 def quantized_linear(bits: int, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Module:

@@ -56,3 +56,19 @@ def assert_float_rounding_close(got: torch.Tensor, want: torch.Tensor) -> None:
     element within 1e-5 of itself or of the largest element (sums that cancel keep the rounding of
     their terms)."""
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * max(1.0, float(want.abs().max())))
+
+
+def int4_product(
+    x: torch.Tensor, q4: torch.Tensor, scales: torch.Tensor, lows: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """The int4 kernel's result: per group of 32, the activations' int8 block (its scale xs) times
+    w = q x scale + low as xs x (scale x integer dot(q, x_int) + low x sum(x_int)), summed in float64."""
+    q, xs = int8_blocks(x)
+    n = q4.shape[0]
+    groups = scales.shape[1]
+    nibbles = torch.stack([q4 & 15, q4 >> 4], dim=-1).view(n, groups, BLOCK).to(torch.float64)
+    dots = torch.einsum("mbk,nbk->mnb", q.to(torch.float64), nibbles)  # integers, exact
+    sums = q.to(torch.float64).sum(dim=-1)  # (rows, groups)
+    scale, low = scales.to(torch.float64)[None], lows.to(torch.float64)[None]
+    out = (xs.to(torch.float64)[:, None] * (scale * dots + low * sums[:, None])).sum(dim=-1)
+    return (out if bias is None else out + bias.to(torch.float64)).float()
