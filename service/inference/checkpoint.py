@@ -21,7 +21,8 @@ checked instead.
 The weights file is a plain safetensors file: each module's tensors are stored together, named
 ``<module>.<key>`` (``model.layers.0.mlp.up_proj.values``, ``….scales``, ``….bias``); the token
 table as int8 rows (``model.embed_tokens.values`` / ``.scales``); a head tied to the table is not
-stored at int8 (it is the table) and is stored in its own int4 form at int4; norms stay bf16.
+stored (it is the table, at int4 too: see `loading.load_quantized`); norms stay bf16. Format version
+1 folders stored an int4 form of a tied head at int4, which still loads as such.
 """
 
 from __future__ import annotations
@@ -195,10 +196,7 @@ def _write_file(s: Skeleton, file: Path, bits: int, put: Callable[[str, torch.Te
             values, scales = quantize_blocks(tensor)
             put(f"{owner}.values", values)
             put(f"{owner}.scales", scales)
-            if s.tied and bits != 8:  # at int8 the head is the table itself; at int4 its own form
-                for key, value in quantize(bits, tensor).items():
-                    put(f"{s.head_name}.{key}", value)
-            del values, scales
+            del values, scales  # a tied head is the table itself, at int8 and at int4 alike
         else:
             put(f"{owner}.{attr}", tensor.to(torch.bfloat16))
         del tensor

@@ -32,13 +32,6 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
-inline float bf16_to_float(uint16_t v) {
-  uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
 // int8 weights as llama.cpp's Q8_0 x Q8_0: per block of 32 inputs, the weights (int8, one float16
 // scale per row and block) times the activations quantized to int8 per row and block (symmetric,
 // scale = max|x_block| / 127, rounded to nearest even), y = bias + sum over blocks of the block's
@@ -338,7 +331,7 @@ void int8q_block(const Int8Call& c, int64_t m, int64_t n0, int64_t n1, float* d)
 
 
 // 4-bit weights, in integers too: quantize()'s stored form as is (byte i of a row holds input 2i in
-// its low nibble and 2i+1 in its high one, a bf16 scale and low per group of 32 inputs), times the
+// its low nibble and 2i+1 in its high one, a float16 scale and low per group of 32 inputs), times the
 // activations quantized to int8 per row and block of 32 (the int8 product's activations: one scale
 // per whole row cost SmolLM2-135M KL 0.6 against float32 with groups of 128, see issue 21).
 // One 32-byte load is 64 contiguous inputs, two groups, one per 128-bit half: `v & 15` gives the
@@ -370,15 +363,8 @@ inline __m256i load_half_zext(const int8_t* p) {
   return _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-inline __m256 bf16_broadcast(uint16_t v) {
-  return _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(v) << 16)));
-}
-
-// 8 bf16 values to float
-inline __m256 bf16x8(const uint16_t* p) {
-  return _mm256_castsi256_ps(
-      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
-}
+// 8 float16 values to float
+inline __m256 half8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 
 // R rows x MB activation rows over all of K (groups of 32). `xq` the reordered int8 activations (MB
 // rows of K), `xsv` their scales per step of 64 inputs as a vector ([xs_g x4 | xs_g+1 x4], MB rows of
@@ -391,10 +377,16 @@ inline void int4q_tile(const int8_t* xq, const float* xsv, const float* xsum, in
   __m256 acc[MB][R];
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+  const __m256i spread = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
   for (int64_t st = 0; st < steps; ++st) {
     const int64_t k = st * 64, g = 2 * st;
     __m256 xv[MB];
-    for (int m = 0; m < MB; ++m) xv[m] = _mm256_loadu_ps(xsv + (m * vsteps + st) * 8);
+    __m256i xe[MB], xo[MB];
+    for (int m = 0; m < MB; ++m) {
+      xv[m] = _mm256_loadu_ps(xsv + (m * vsteps + st) * 8);
+      xe[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + k));
+      xo[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + k + 32));
+    }
     for (int r = 0; r < R; ++r) {
       const uint8_t* row = q + r * half + k / 2;
       // the rows two tiles ahead: the big matrices come from memory, not cache; short rows as one
@@ -405,13 +397,13 @@ inline void int4q_tile(const int8_t* xq, const float* xsv, const float* xsum, in
         _mm_prefetch(reinterpret_cast<const char*>(row + 2 * R * half), _MM_HINT_T0);
       __m256i even, odd;
       int4_unpack(row, even, odd);
-      const __m256 sv = _mm256_insertf128_ps(bf16_broadcast(scales[r * groups + g]),
-                                             _mm256_castps256_ps128(bf16_broadcast(scales[r * groups + g + 1])), 1);
+      // the two groups' float16 scales (adjacent) as floats: [s_g x4 | s_g+1 x4]
+      int32_t pair;
+      std::memcpy(&pair, scales + r * groups + g, sizeof pair);
+      const __m256 sv =
+          _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_cvtph_ps(_mm_cvtsi32_si128(pair))), spread);
       for (int m = 0; m < MB; ++m) {
-        const int8_t* xm = xq + m * K + k;
-        const __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm));
-        const __m256i xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + 32));
-        const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(even, xe), _mm256_maddubs_epi16(odd, xo));
+        const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(even, xe[m]), _mm256_maddubs_epi16(odd, xo[m]));
         acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), _mm256_mul_ps(sv, xv[m]), acc[m][r]);
       }
     }
@@ -421,7 +413,7 @@ inline void int4q_tile(const int8_t* xq, const float* xsv, const float* xsum, in
     for (int r = 0; r < R; ++r) {
       __m256i even, odd;
       int4_unpack_half(q + r * half + k / 2, even, odd);
-      const __m256 sv = bf16_broadcast(scales[r * groups + g]);
+      const __m256 sv = _mm256_set1_ps(half_to_float(scales[r * groups + g]));
       for (int m = 0; m < MB; ++m) {
         const int8_t* xm = xq + m * K + k;
         const __m256i pm = _mm256_add_epi16(_mm256_maddubs_epi16(even, load_half_zext(xm)),
@@ -435,13 +427,13 @@ inline void int4q_tile(const int8_t* xq, const float* xsv, const float* xsum, in
   int64_t g = 0;
   for (; g + 8 <= groups; g += 8)
     for (int r = 0; r < R; ++r) {
-      const __m256 lv = bf16x8(lows + r * groups + g);
+      const __m256 lv = half8(lows + r * groups + g);
       for (int m = 0; m < MB; ++m) acc[m][r] = _mm256_fmadd_ps(lv, _mm256_loadu_ps(xsum + m * groups + g), acc[m][r]);
     }
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < R; ++r) {
       float s = hsum(acc[m][r]);
-      for (int64_t t = g; t < groups; ++t) s += bf16_to_float(lows[r * groups + t]) * xsum[m * groups + t];
+      for (int64_t t = g; t < groups; ++t) s += half_to_float(lows[r * groups + t]) * xsum[m * groups + t];
       out[m][r] = s;
     }
 }
@@ -545,16 +537,16 @@ torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor values, torch::Tensor s
 }
 
 
-// int4_matmul's arguments: q4 (outputs, inputs / 2) uint8, scales and lows (outputs, inputs / 32) bfloat16.
+// int4_matmul's arguments: q4 (outputs, inputs / 2) uint8, scales and lows (outputs, inputs / 32) float16.
 void check_int4(const torch::Tensor& x, const torch::Tensor& q4, const torch::Tensor& scales,
                 const torch::Tensor& lows) {
   TORCH_CHECK(q4.dim() == 2 && q4.scalar_type() == torch::kUInt8 && q4.is_contiguous(),
               "q4 must be contiguous uint8 (outputs, inputs / 2)");
   check_x(x, q4.size(1) * 2);
-  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == q4.size(0) && scales.scalar_type() == torch::kBFloat16 &&
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == q4.size(0) && scales.scalar_type() == torch::kHalf &&
                   scales.is_contiguous() && lows.sizes() == scales.sizes() &&
-                  lows.scalar_type() == torch::kBFloat16 && lows.is_contiguous(),
-              "scales and lows must be contiguous bfloat16 (outputs, groups)");
+                  lows.scalar_type() == torch::kHalf && lows.is_contiguous(),
+              "scales and lows must be contiguous float16 (outputs, groups)");
 }
 
 // y (M, N) = x (M, K) @ w^T + bias, w[n, k] = q(n, k) x scales[n, k / 32] + lows[n, k / 32]
@@ -618,8 +610,8 @@ torch::Tensor int4_matmul(torch::Tensor x, torch::Tensor q4, torch::Tensor scale
   });
   auto y = torch::empty({M, N}, x.options());
   const uint8_t* qd = q4.data_ptr<uint8_t>();
-  const uint16_t* sd = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
-  const uint16_t* ld = reinterpret_cast<const uint16_t*>(lows.data_ptr<at::BFloat16>());
+  const uint16_t* sd = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  const uint16_t* ld = reinterpret_cast<const uint16_t*>(lows.data_ptr<at::Half>());
   const float* b = bias_ptr(bias, N);
   float* yd = y.data_ptr<float>();
   const int64_t blocks = (N + BLOCK_ROWS - 1) / BLOCK_ROWS;

@@ -181,8 +181,8 @@ class Int4Linear(torch.nn.Module):
             self._kernel = library.int4_matmul
             self.q4 = q4.contiguous()
             self.scales, self.lows = (
-                scales.to(torch.bfloat16).contiguous(),
-                lows.to(torch.bfloat16).contiguous(),
+                scales.to(torch.float16).contiguous(),
+                lows.to(torch.float16).contiguous(),
             )
         else:
             self.packed, self.scales_zeros = pack_int4_for_aten(q4, scales, lows)
@@ -250,7 +250,7 @@ def quantize(bits: int, weight: torch.Tensor) -> dict[str, torch.Tensor]:
     - int8: ``values`` int8 (outputs, inputs) and ``scales`` float16 (outputs, ceil(inputs / 32)):
       w ≈ values × scale of the input's block of 32 (`quantize_blocks`).
     - int4: ``q4`` uint8 (outputs, inputs / 2), two 4-bit values per byte (even input in the low
-      nibble), and ``scales`` / ``lows`` bfloat16 (outputs, inputs / group): w ≈ q × scale + low.
+      nibble), and ``scales`` / ``lows`` float16 (outputs, inputs / 32): w ≈ q × scale + low.
       A shape the int4 kernel cannot take is stored in the int8 form instead.
     """
     if bits == 4 and (group := int4_group(weight.shape)):
@@ -308,17 +308,21 @@ def quantize_blocks(weight: torch.Tensor, chunk: int = 2048) -> tuple[torch.Tens
 def quantize_int4_groups(
     weight: torch.Tensor, group: int, chunk: int = 2048
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """4-bit values two per byte in plain order (even input in the low nibble) with a bf16 scale and
-    low per group of `group` inputs: w ≈ q × scale + low, q in 0..15."""
+    """4-bit values two per byte in plain order (even input in the low nibble) with a float16 scale
+    and low per group of `group` inputs: w ≈ q × scale + low, q in 0..15, the values rounded against
+    the float16 scale and low they are stored with (weights already on a Q4_1 grid, as GGUF files
+    of 4-bit models hold, come back exactly)."""
     rows, cols = weight.shape
     q4 = torch.empty(rows, cols // 2, dtype=torch.uint8)
-    scales = torch.empty(rows, cols // group, dtype=torch.bfloat16)
-    lows = torch.empty(rows, cols // group, dtype=torch.bfloat16)
+    scales = torch.empty(rows, cols // group, dtype=torch.float16)
+    lows = torch.empty(rows, cols // group, dtype=torch.float16)
     for start in range(0, rows, chunk):
         w = weight[start : start + chunk].to(torch.float32, copy=True).view(-1, cols // group, group)
-        low, high = w.amin(dim=-1), w.amax(dim=-1)
-        scale = ((high - low) / 15).clamp_(min=1e-8)
-        q = w.sub_(low[..., None]).div_(scale[..., None]).round_().clamp_(0, 15).to(torch.uint8)
+        low = w.amin(dim=-1).to(torch.float16)
+        scale = ((w.amax(dim=-1) - low.float()) / 15).to(torch.float16)
+        inverse = torch.where(scale > 0, 1 / scale.float(), torch.zeros_like(scale, dtype=torch.float32))
+        w = w.sub_(low.float()[..., None]).mul_(inverse[..., None])
+        q = w.round_().clamp_(0, 15).to(torch.uint8)
         q = q.view(q.shape[0], cols // 2, 2)
         q4[start : start + chunk] = q[..., 0] | (q[..., 1] << 4)
         scales[start : start + chunk], lows[start : start + chunk] = scale, low
