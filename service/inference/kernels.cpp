@@ -333,7 +333,7 @@ void int8q_block(const Int8Call& c, int64_t m, int64_t n0, int64_t n1, float* d)
 // 4-bit weights, in integers too: quantize()'s stored form as is (byte i of a row holds input 2i in
 // its low nibble and 2i+1 in its high one, a float16 scale and low per group of 32 inputs), times the
 // activations quantized to int8 per row and block of 32 (the int8 product's activations: one scale
-// per whole row cost SmolLM2-135M KL 0.6 against float32 with groups of 128, see issue 21).
+// per whole row cost SmolLM2-135M KL 0.6 against float32 with groups of 128).
 // One 32-byte load is 64 contiguous inputs, two groups, one per 128-bit half: `v & 15` gives the
 // even ones, `(v >> 4) & 15` the odd ones, as unsigned bytes, which is what vpmaddubsw takes first;
 // so only the activations are reordered (per 64 inputs: the 32 even then the 32 odd, each half one

@@ -66,7 +66,7 @@ def choose_kernels(*, compiled: bool) -> dict[str, str]:
     32 inputs, Q8_0 x Q8_0); without them, float32 products of dequantized rows for int8 (weights
     only quantized) and PyTorch's int4 kernel on bf16 rows. oneDNN's int8 GEMM, once the prompt path
     on CPUs with VNNI, took one activation scale for the whole prompt: 3.4x float32's perplexity on
-    SmolLM2-135M (issue 21), so no path uses it."""
+    SmolLM2-135M, so no path uses it."""
     dequantized = "float32 mm of dequantized rows"
     return {
         "cpu": torch.backends.cpu.get_cpu_capability(),
