@@ -93,7 +93,7 @@ class Compared:
 def kernels(request, monkeypatch):
     if request.param == "compiled" and not compiled.available():
         pytest.skip("no compiled kernels here")
-    plan = quantized.choose_kernels(compiled=request.param == "compiled", onednn=True)
+    plan = quantized.choose_kernels(compiled=request.param == "compiled")
     monkeypatch.setattr(quantized, "kernel_plan", lambda: plan)
     return request.param
 

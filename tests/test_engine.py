@@ -379,7 +379,7 @@ def test_decoding_one_token_at_a_time_picks_the_same_next_tokens_as_bf16(
 
     if kernels == "compiled" and not compiled.available():
         pytest.skip("no compiled kernels here")
-    plan = quantized.choose_kernels(compiled=kernels == "compiled", onednn=True)
+    plan = quantized.choose_kernels(compiled=kernels == "compiled")
     monkeypatch.setattr(quantized, "kernel_plan", lambda: plan)
     backend = TransformersBackend(str(tiny_model_dir), dtype=dtype)
     ref = TransformersBackend(str(tiny_model_dir), dtype="bfloat16")

@@ -21,7 +21,8 @@ checked instead.
 The weights file is a plain safetensors file: each module's tensors are stored together, named
 ``<module>.<key>`` (``model.layers.0.mlp.up_proj.values``, ``….scales``, ``….bias``); the token
 table as int8 rows (``model.embed_tokens.values`` / ``.scales``); a head tied to the table is not
-stored at int8 (it is the table) and is stored in its own int4 form at int4; norms stay bf16.
+stored (it is the table, at int4 too: see `loading.load_quantized`); norms stay bf16. Format version
+1 folders stored an int4 form of a tied head at int4, which still loads as such.
 """
 
 from __future__ import annotations
@@ -53,12 +54,15 @@ from .loading import (
     skeleton,
 )
 from .memory import return_freed_memory
-from .quantized import FUSED, Int8Embedding, from_quantized, quantize, quantize_rows
+from .quantized import FUSED, Int8Embedding, from_quantized, quantize, quantize_blocks
 
 FORMAT = "qwen-box-quantized"
 # Bump when the stored form changes (quantize()'s keys or meaning, the naming above): a folder
-# written by another version is refused rather than misread.
-FORMAT_VERSION = 1
+# written by a version not in READABLE is refused rather than misread. Version 2: int8 scales per
+# row and block of 32 inputs (float16); version 1's one float32 scale per row still loads (each
+# row's scale repeated over its blocks, `quantized.block_scales`: the same weights).
+FORMAT_VERSION = 2
+READABLE = (1, 2)
 MANIFEST = "quantized.json"
 PRECISIONS = {"int8": 8, "int4": 4}
 # What a model folder holds besides its weights: config, tokenizer, chat template, generation config.
@@ -189,13 +193,10 @@ def _write_file(s: Skeleton, file: Path, bits: int, put: Callable[[str, torch.Te
                         del held[parent, group]
                         _put_layers([(f"{parent}.{m}", members[m]) for m in present], put)
         elif model.get_submodule(owner) is embedding and attr == "weight":
-            values, scales = quantize_rows(tensor)
+            values, scales = quantize_blocks(tensor)
             put(f"{owner}.values", values)
             put(f"{owner}.scales", scales)
-            if s.tied and bits != 8:  # at int8 the head is the table itself; at int4 its own form
-                for key, value in quantize(bits, tensor).items():
-                    put(f"{s.head_name}.{key}", value)
-            del values, scales
+            del values, scales  # a tied head is the table itself, at int8 and at int4 alike
         else:
             put(f"{owner}.{attr}", tensor.to(torch.bfloat16))
         del tensor
@@ -265,7 +266,7 @@ def check(folder: Path, precision: str) -> dict:
     if manifest.get("format") != FORMAT:
         raise CheckpointMismatch(f"{folder / MANIFEST} is not a {FORMAT} manifest")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE:
         raise CheckpointMismatch(
             f"{folder} is a pre-quantized checkpoint of format version {version}; this qwen-box reads "
             f"version {FORMAT_VERSION}: write it again from the original model "

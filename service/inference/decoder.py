@@ -88,8 +88,6 @@ def _fuse(layers: list[torch.nn.Module]) -> Callable[[torch.Tensor], torch.Tenso
             m.values, m.scales = fused8.values[start:end], fused8.scales[start:end]
             if m.bias is not None and fused8.bias is not None:
                 m.bias = fused8.bias[start:end]
-            if hasattr(m, "_scales_bf16"):
-                m._scales_bf16 = fused8._scales_bf16[start:end]
             start = end
         return fused8
     int4 = [m for m in layers if isinstance(m, Int4Linear)]

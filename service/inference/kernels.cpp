@@ -32,18 +32,16 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
-inline float bf16_to_float(uint16_t v) {
-  uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-// int8 weights: the product in integers, as llama.cpp's and fbgemm's AVX2 paths compute it: activation rows
-// quantized to int8 (one scale per row), then per 32 inputs |x| (unsigned) times w with x's sign
-// (vpmaddubsw: pairs into int16, at most 2 x 127 x 127, so nothing saturates), pairs of those into
-// int32 (vpmaddwd) and added up: five instructions per 32 weights, where converting the weights to
-// float took sixteen and could not keep up with memory on the big matrices (9 GB/s against fbgemm's 15).
+// int8 weights as llama.cpp's Q8_0 x Q8_0: per block of 32 inputs, the weights (int8, one float16
+// scale per row and block) times the activations quantized to int8 per row and block (symmetric,
+// scale = max|x_block| / 127, rounded to nearest even), y = bias + sum over blocks of the block's
+// integer dot x (weight scale x activation scale). One scale per whole row spent the int8 range on
+// the few outlier channels real activations have (SmolLM2-135M, teacher-forced: KL to float32
+// 0.037 per row, 0.0043 per block). Per 32 inputs |x| (unsigned) times w with x's sign
+// (vpmaddubsw: pairs into int16, at most 2 x 127 x 127, so nothing saturates), pairs into int32
+// (vpmaddwd), that block's 8 lanes to float and added times the two scales (one FMA): lane by lane,
+// block after block, then the lanes summed, the same float steps in every tile, so a row's result
+// does not depend on the rows computed with it.
 inline int32_t hsum_i32(__m256i v) {
   __m128i lo = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
   lo = _mm_add_epi32(lo, _mm_shuffle_epi32(lo, 0x4e));
@@ -51,22 +49,16 @@ inline int32_t hsum_i32(__m256i v) {
   return _mm_cvtsi128_si32(lo);
 }
 
-// Activation rows to int8, vectorized: a decode step calls ~200 products per token, and the scalar
-// loop (a rounding, a clamp and for int4 a division per input) cost 10-80 us a call, 2-6 ms a token.
-// Rounding as std::nearbyint (vcvtps2dq rounds to nearest even), scale = max|x| / 127.
-inline float row_scale(const float* row, int64_t K) {
-  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  __m256 vmax = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 8 <= K; k += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(_mm256_loadu_ps(row + k), magnitude));
-  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+inline float hmax(__m256 v) {
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
   m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-  float amax = _mm_cvtss_f32(m4);
-  for (; k < K; ++k) amax = std::max(amax, std::fabs(row[k]));
-  return amax > 0.0f ? amax / 127.0f : 1.0f;
+  return _mm_cvtss_f32(m4);
 }
 
+// Activation rows to int8, vectorized: a decode step calls ~200 products per token, and the scalar
+// loop (a rounding, a clamp and for int4 a division per input) cost 10-80 us a call, 2-6 ms a token.
+// Rounding as std::nearbyint (vcvtps2dq rounds to nearest even), scale = max|x_block| / 127.
 // 32 inputs x inv rounded to int8, in their order; `sum` gets their int32 sum
 inline __m256i quantize32(const float* p, __m256 inv, int32_t& sum) {
   __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(p), inv));
@@ -83,27 +75,88 @@ inline int8_t quantize1(float v, float inv) {
   return static_cast<int8_t>(std::max(-127.0f, std::min(127.0f, std::nearbyint(v * inv))));
 }
 
-// one row of K inputs to int8 in order (the int8 product's layout); returns its scale
-inline float quantize_row_int8(const float* row, int64_t K, int8_t* dst) {
-  const float scale = row_scale(row, K), inv = 1.0f / scale;
-  const __m256 vinv = _mm256_set1_ps(inv);
-  int64_t k = 0;
+// One row of K inputs to int8 per block of 32 (a last block of K % 32 when K is not a multiple):
+// `dst` K values in order, `xs` ceil(K / 32) scales, max|x_block| / 127 (0 for an all-zero block,
+// whose values are all 0).
+inline void quantize_row_blocks(const float* row, int64_t K, int8_t* dst, float* xs) {
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   int32_t unused;
-  for (; k + 32 <= K; k += 32)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), quantize32(row + k, vinv, unused));
-  for (; k < K; ++k) dst[k] = quantize1(row[k], inv);
-  return scale;
-}
-
-template <int MB, int R>
-inline void int8q_tile(const int8_t* xq, int64_t K, const int8_t* w, int32_t out[MB][R]) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256i acc[MB][R];
-  for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_si256();
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
-    __m256i wv[R];
+    const float* p = row + k;
+    const __m256 m = _mm256_max_ps(
+        _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(p), magnitude), _mm256_and_ps(_mm256_loadu_ps(p + 8), magnitude)),
+        _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(p + 16), magnitude),
+                      _mm256_and_ps(_mm256_loadu_ps(p + 24), magnitude)));
+    const float scale = hmax(m) / 127.0f;
+    const float inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), quantize32(p, _mm256_set1_ps(inv), unused));
+    xs[k / 32] = scale;
+  }
+  if (k < K) {
+    float amax = 0.0f;
+    for (int64_t t = k; t < K; ++t) amax = std::max(amax, std::fabs(row[t]));
+    const float scale = amax / 127.0f;
+    const float inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+    for (int64_t t = k; t < K; ++t) dst[t] = quantize1(row[t], inv);
+    xs[k / 32] = scale;
+  }
+}
+
+inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+
+// a tile's last step, shared by every tile so that they round alike: the lanes summed, then the
+// last short block (K % 32 inputs: an integer dot in scalar code, times its two scales)
+template <int MB, int R>
+inline void int8q_finish(const __m256 acc[MB][R], const int8_t* xq, const float* xs, int64_t K, int64_t nb,
+                         const int8_t* w, const uint16_t* ws, float out[MB][R]) {
+  const int64_t k = (K / 32) * 32;
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < R; ++r) {
+      float s = hsum(acc[m][r]);
+      if (k < K) {
+        int32_t dot = 0;
+        for (int64_t t = k; t < K; ++t) dot += static_cast<int32_t>(xq[m * K + t]) * w[r * K + t];
+        const float d = half_to_float(ws[r * nb + nb - 1]) * xs[m * nb + nb - 1];
+        s = s + static_cast<float>(dot) * d;
+      }
+      out[m][r] = s;
+    }
+}
+
+// the scale products of R weight rows (`ws`, rows of nb) and MB activation rows (`xs`, rows of nb),
+// [m][r][block], for the first `full` blocks: 8 blocks a multiply
+template <int MB, int R>
+inline void int8q_scales(const float* xs, const uint16_t* ws, int64_t nb, int64_t full, float* d) {
+  for (int r = 0; r < R; ++r) {
+    int64_t b = 0;
+    for (; b + 8 <= full; b += 8) {
+      const __m256 w8 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ws + r * nb + b)));
+      for (int m = 0; m < MB; ++m)
+        _mm256_storeu_ps(d + (m * R + r) * nb + b, _mm256_mul_ps(w8, _mm256_loadu_ps(xs + m * nb + b)));
+    }
+    for (; b < full; ++b)
+      for (int m = 0; m < MB; ++m) d[(m * R + r) * nb + b] = half_to_float(ws[r * nb + b]) * xs[m * nb + b];
+  }
+}
+
+// `d`: room for MB x R x nb floats (the scale products, made once per tile)
+template <int MB, int R>
+inline void int8q_tile(const int8_t* xq, const float* xs, int64_t K, int64_t nb, const int8_t* w,
+                       const uint16_t* ws, float* d, float out[MB][R]) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  int8q_scales<MB, R>(xs, ws, nb, K / 32, d);
+  __m256 acc[MB][R];
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+  const int64_t full = K / 32;
+  for (int64_t b = 0; b < full; ++b) {
+    const int64_t k = 32 * b;
+    __m256i xv[MB], ax[MB];
+    for (int m = 0; m < MB; ++m) {
+      xv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + k));
+      ax[m] = _mm256_sign_epi8(xv[m], xv[m]);
+    }
     for (int r = 0; r < R; ++r) {
       // the rows two tiles ahead: the big matrices come from memory, not cache. Short rows (gate/up,
       // the head: 1,536 inputs) are prefetched as the one contiguous run the tile's rows make, line
@@ -113,23 +166,14 @@ inline void int8q_tile(const int8_t* xq, int64_t K, const int8_t* w, int32_t out
       } else {
         _mm_prefetch(reinterpret_cast<const char*>(w + (r + 2 * R) * K + k), _MM_HINT_T0);
       }
-      wv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * K + k));
-    }
-    for (int m = 0; m < MB; ++m) {
-      __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + k));
-      __m256i ax = _mm256_sign_epi8(xv, xv);
-      for (int r = 0; r < R; ++r) {
-        __m256i pairs = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv[r], xv));
-        acc[m][r] = _mm256_add_epi32(acc[m][r], _mm256_madd_epi16(pairs, ones));
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * K + k));
+      for (int m = 0; m < MB; ++m) {
+        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax[m], _mm256_sign_epi8(wv, xv[m])), ones);
+        acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(d + (m * R + r) * nb + b), acc[m][r]);
       }
     }
   }
-  for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < R; ++r) {
-      int32_t s = hsum_i32(acc[m][r]);
-      for (int64_t t = k; t < K; ++t) s += static_cast<int32_t>(xq[m * K + t]) * w[r * K + t];
-      out[m][r] = s;
-    }
+  int8q_finish<MB, R>(acc, xq, xs, K, nb, w, ws, out);
 }
 
 // 3-4 activation rows at once (a batch's decode step; from BATCH8_FROM: at 2 rows the 4-weight-row
@@ -137,9 +181,12 @@ inline void int8q_tile(const int8_t* xq, int64_t K, const int8_t* w, int32_t out
 // spent about as many instructions again as its arithmetic on copying accumulators between
 // registers, a spilled one, reloading row pointers and |x| for every pair of weight rows. For the
 // batch tile the rows are packed once per product, per 32 inputs [x_0 | |x_0| | x_1 | |x_1| ...]
-// (64 x MB bytes a step), so one pointer with constant offsets walks them; the integers are
-// int8q_tile's exactly (per activation row and weight vector vpsignb, vpmaddubsw, vpmaddwd, vpaddd),
-// so a row's result does not depend on the rows beside it.
+// (64 x MB bytes a step), so one pointer with constant offsets walks them; the arithmetic is
+// int8q_tile's exactly (per activation row and weight vector vpsignb, vpmaddubsw, vpmaddwd, to
+// float, FMA with the block's two scales multiplied in float32), so a row's result does not depend
+// on the rows beside it. The scale products are made per tile before the loop, 8 a block
+// ([m0 r0, m0 r1, m1 r0, ...]), from the rows' scales as pairs times each block's activation scales
+// (`xsd`: per block the 4 rows' scales, each twice).
 template <int MB>
 inline void int8q_pack(const int8_t* xq, int64_t K, int8_t* dst) {
   for (int64_t k = 0; k + 32 <= K; k += 32)
@@ -150,9 +197,32 @@ inline void int8q_pack(const int8_t* xq, int64_t K, int8_t* dst) {
     }
 }
 
-// One activation row's step against the two weight vectors in ymm10, ymm11 (X, AX: offsets of its x and |x|
-// in the packed step; A0, A1: its two accumulators): sign(w, x), |x| x that in int16 pairs, pairs to int32, add.
-#define I8B_ROW(X, AX, A0, A1)                      \
+// the scale products of 2 weight rows (`ws`, rows of nb) and the packed activation scales, 8 a block
+inline void int8q_batch_scales(const float* xsd, const uint16_t* ws, int64_t nb, int64_t full, float* d) {
+  int64_t b = 0;
+  alignas(32) float pairs[16];
+  for (; b + 8 <= full; b += 8) {
+    const __m256 w0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ws + b)));
+    const __m256 w1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ws + nb + b)));
+    const __m256 lo = _mm256_unpacklo_ps(w0, w1), hi = _mm256_unpackhi_ps(w0, w1);  // blocks 0 1 4 5, 2 3 6 7
+    _mm256_store_ps(pairs, _mm256_permute2f128_ps(lo, hi, 0x20));                      // blocks 0 1 2 3
+    _mm256_store_ps(pairs + 8, _mm256_permute2f128_ps(lo, hi, 0x31));                  // blocks 4 5 6 7
+    for (int j = 0; j < 8; ++j) {
+      const __m256 wp = _mm256_castpd_ps(_mm256_broadcast_sd(reinterpret_cast<const double*>(pairs + 2 * j)));
+      _mm256_storeu_ps(d + 8 * (b + j), _mm256_mul_ps(_mm256_loadu_ps(xsd + 8 * (b + j)), wp));
+    }
+  }
+  for (; b < full; ++b) {
+    const float w0 = half_to_float(ws[b]), w1 = half_to_float(ws[nb + b]);
+    const __m256 wp = _mm256_setr_ps(w0, w1, w0, w1, w0, w1, w0, w1);
+    _mm256_storeu_ps(d + 8 * b, _mm256_mul_ps(_mm256_loadu_ps(xsd + 8 * b), wp));
+  }
+}
+
+// One activation row's block against the two weight vectors in ymm10, ymm11 (X, AX: offsets of its
+// x and |x| in the packed block; D0, D1: offsets of its two scale products; A0, A1: its accumulators):
+// sign(w, x), |x| x that in int16 pairs, pairs to int32, to float, times the scales, added.
+#define I8B_ROW(X, AX, D0, D1, A0, A1)              \
   "vmovdqu " AX "(%[xp]), %%ymm13\n\t"              \
   "vpsignb " X "(%[xp]), %%ymm10, %%ymm14\n\t"      \
   "vpsignb " X "(%[xp]), %%ymm11, %%ymm12\n\t"      \
@@ -160,8 +230,12 @@ inline void int8q_pack(const int8_t* xq, int64_t K, int8_t* dst) {
   "vpmaddubsw %%ymm12, %%ymm13, %%ymm12\n\t"        \
   "vpmaddwd %[ones], %%ymm14, %%ymm14\n\t"          \
   "vpmaddwd %[ones], %%ymm12, %%ymm12\n\t"          \
-  "vpaddd %%ymm14, %[" A0 "], %[" A0 "]\n\t"        \
-  "vpaddd %%ymm12, %[" A1 "], %[" A1 "]\n\t"
+  "vcvtdq2ps %%ymm14, %%ymm14\n\t"                  \
+  "vcvtdq2ps %%ymm12, %%ymm12\n\t"                  \
+  "vbroadcastss " D0 "(%[dp]), %%ymm13\n\t"         \
+  "vfmadd231ps %%ymm13, %%ymm14, %[" A0 "]\n\t"     \
+  "vbroadcastss " D1 "(%[dp]), %%ymm13\n\t"         \
+  "vfmadd231ps %%ymm13, %%ymm12, %[" A1 "]\n\t"
 #define I8B_HEAD                                    \
   "1:\n\t"                                          \
   "prefetcht0 (%[pf])\n\t"                          \
@@ -172,94 +246,102 @@ inline void int8q_pack(const int8_t* xq, int64_t K, int8_t* dst) {
   "add $32, %[w]\n\t"
 #define I8B_TAIL(STEP)                              \
   "add $" STEP ", %[xp]\n\t"                        \
+  "add $32, %[dp]\n\t"                              \
   "dec %[n]\n\t"                                    \
   "jnz 1b\n\t"
 
-// MB (2-4) activation rows (packed by int8q_pack) x 2 weight rows over all of K; `xq` (MB rows of K)
-// for the last K % 32 inputs. The loop is written in assembly because GCC's version of it (the same
-// intrinsics) kept copying accumulators between registers and to the stack every step: 58
-// instructions for 8 products of 32 inputs, the arithmetic being 32, where this one takes 45.
+// MB (3-4) activation rows (packed by int8q_pack) x 2 weight rows over all of K; `xq` (MB rows of K)
+// for the last K % 32 inputs; `d` room for 8 floats a block. The loop is written in assembly because
+// GCC's version of it (the same intrinsics) kept copying accumulators between registers and to the
+// stack every step.
 template <int MB>
-inline void int8q_tile_batch2(const int8_t* xp, const int8_t* xq, int64_t K, const int8_t* w, int32_t out[MB][2]) {
-  __m256i a[4][2];
-  for (int m = 0; m < 4; ++m) a[m][0] = a[m][1] = _mm256_setzero_si256();
+inline void int8q_tile_batch2(const int8_t* xp, const float* xsd, const int8_t* xq, const float* xs, int64_t K,
+                              int64_t nb, const int8_t* w, const uint16_t* ws, float* d, float out[MB][2]) {
+  __m256 a[4][2];
+  for (int m = 0; m < 4; ++m) a[m][0] = a[m][1] = _mm256_setzero_ps();
   const __m256i ones = _mm256_set1_epi16(1);
   int64_t n = K / 32;
+  int8q_batch_scales(xsd, ws, nb, n, d);
   // the rows two tiles ahead, as int8q_tile: short rows (<= 2048 inputs) as the one contiguous run the
   // tile's rows make (64 bytes a step), long ones row by row
   const char* pf = reinterpret_cast<const char*>(w + 4 * K);
   const int64_t pfk = K <= 2048 ? 64 : 32, pfr = K <= 2048 ? 64 : K;
   const int8_t* wp = w;
+  const float* dp = d;
   if (n > 0) {
     if constexpr (MB == 4) {
-      asm(I8B_HEAD I8B_ROW("0", "32", "a00", "a01") I8B_ROW("64", "96", "a10", "a11")
-              I8B_ROW("128", "160", "a20", "a21") I8B_ROW("192", "224", "a30", "a31") I8B_TAIL("256")
-          : [xp] "+r"(xp), [w] "+r"(wp), [pf] "+r"(pf), [n] "+r"(n), [a00] "+x"(a[0][0]), [a01] "+x"(a[0][1]),
-            [a10] "+x"(a[1][0]), [a11] "+x"(a[1][1]), [a20] "+x"(a[2][0]), [a21] "+x"(a[2][1]),
+      asm(I8B_HEAD I8B_ROW("0", "32", "0", "4", "a00", "a01") I8B_ROW("64", "96", "8", "12", "a10", "a11")
+              I8B_ROW("128", "160", "16", "20", "a20", "a21") I8B_ROW("192", "224", "24", "28", "a30", "a31")
+                  I8B_TAIL("256")
+          : [xp] "+r"(xp), [w] "+r"(wp), [dp] "+r"(dp), [pf] "+r"(pf), [n] "+r"(n), [a00] "+x"(a[0][0]),
+            [a01] "+x"(a[0][1]), [a10] "+x"(a[1][0]), [a11] "+x"(a[1][1]), [a20] "+x"(a[2][0]), [a21] "+x"(a[2][1]),
             [a30] "+x"(a[3][0]), [a31] "+x"(a[3][1])
           : [K] "r"(K), [pfk] "r"(pfk), [pfr] "r"(pfr), [ones] "x"(ones)
           : "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "cc", "memory");
-    } else if constexpr (MB == 3) {
-      asm(I8B_HEAD I8B_ROW("0", "32", "a00", "a01") I8B_ROW("64", "96", "a10", "a11")
-              I8B_ROW("128", "160", "a20", "a21") I8B_TAIL("192")
-          : [xp] "+r"(xp), [w] "+r"(wp), [pf] "+r"(pf), [n] "+r"(n), [a00] "+x"(a[0][0]), [a01] "+x"(a[0][1]),
-            [a10] "+x"(a[1][0]), [a11] "+x"(a[1][1]), [a20] "+x"(a[2][0]), [a21] "+x"(a[2][1])
-          : [K] "r"(K), [pfk] "r"(pfk), [pfr] "r"(pfr), [ones] "x"(ones)
-          : "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "cc", "memory");
     } else {
-      static_assert(MB == 2, "2-4 activation rows");
-      asm(I8B_HEAD I8B_ROW("0", "32", "a00", "a01") I8B_ROW("64", "96", "a10", "a11") I8B_TAIL("128")
-          : [xp] "+r"(xp), [w] "+r"(wp), [pf] "+r"(pf), [n] "+r"(n), [a00] "+x"(a[0][0]), [a01] "+x"(a[0][1]),
-            [a10] "+x"(a[1][0]), [a11] "+x"(a[1][1])
+      static_assert(MB == 3, "3-4 activation rows");
+      asm(I8B_HEAD I8B_ROW("0", "32", "0", "4", "a00", "a01") I8B_ROW("64", "96", "8", "12", "a10", "a11")
+              I8B_ROW("128", "160", "16", "20", "a20", "a21") I8B_TAIL("192")
+          : [xp] "+r"(xp), [w] "+r"(wp), [dp] "+r"(dp), [pf] "+r"(pf), [n] "+r"(n), [a00] "+x"(a[0][0]),
+            [a01] "+x"(a[0][1]), [a10] "+x"(a[1][0]), [a11] "+x"(a[1][1]), [a20] "+x"(a[2][0]), [a21] "+x"(a[2][1])
           : [K] "r"(K), [pfk] "r"(pfk), [pfr] "r"(pfr), [ones] "x"(ones)
           : "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "cc", "memory");
     }
   }
-  const int64_t k = (K / 32) * 32;
-  for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < 2; ++r) {
-      int32_t s = hsum_i32(a[m][r]);
-      for (int64_t t = k; t < K; ++t) s += static_cast<int32_t>(xq[m * K + t]) * w[r * K + t];
-      out[m][r] = s;
-    }
+  int8q_finish<MB, 2>(a, xq, xs, K, nb, w, ws, out);
 }
 #undef I8B_ROW
 #undef I8B_HEAD
 #undef I8B_TAIL
 
+// what the int8 tiles of one product share
+struct Int8Call {
+  const int8_t* xq;    // (M, K) activations in int8
+  const float* xs;     // (M, nb) their scales
+  const int8_t* xp;    // per group of 4 rows from BATCH8_FROM: int8q_pack's layout
+  const float* xsd;    // per group of 4 rows: per block the 4 scales each twice (8 floats)
+  const int8_t* w;     // (N, K)
+  const uint16_t* ws;  // (N, nb) float16
+  const float* bias;   // (N,) or null
+  float* y;            // (M, N)
+  int64_t M, N, K, nb;
+};
+
 template <int MB, int R>
-inline void int8q_rows(const int8_t* xq, const int8_t* xp, const float* xs, int64_t K, int64_t N, const int8_t* w,
-                       const float* scales, const float* bias, float* y, int64_t n) {
-  int32_t out[MB][R];
+inline void int8q_rows(const Int8Call& c, int64_t m, int64_t n, float* d) {
+  float out[MB][R];
+  const int8_t* xq = c.xq + m * c.K;
+  const float* xs = c.xs + m * c.nb;
   if constexpr (MB >= BATCH8_FROM && R == 2)
-    int8q_tile_batch2<MB>(xp, xq, K, w + n * K, out);
+    int8q_tile_batch2<MB>(c.xp + 2 * m * c.K, c.xsd + 2 * m * c.nb, xq, xs, c.K, c.nb, c.w + n * c.K,
+                          c.ws + n * c.nb, d, out);
   else
-    int8q_tile<MB, R>(xq, K, w + n * K, out);
-  for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < R; ++r)
-      y[m * N + n + r] = static_cast<float>(out[m][r]) * xs[m] * scales[n + r] + (bias ? bias[n + r] : 0.0f);
+    int8q_tile<MB, R>(xq, xs, c.K, c.nb, c.w + n * c.K, c.ws + n * c.nb, d, out);
+  for (int mm = 0; mm < MB; ++mm)
+    for (int r = 0; r < R; ++r) c.y[(m + mm) * c.N + n + r] = out[mm][r] + (c.bias ? c.bias[n + r] : 0.0f);
 }
 
-// `xp`: the MB rows packed by int8q_pack when MB >= BATCH8_FROM (the batch tile), else unused
 template <int MB>
-void int8q_block(const int8_t* xq, const int8_t* xp, const float* xs, int64_t K, int64_t N, const int8_t* w,
-                 const float* scales, const float* bias, float* y, int64_t n0, int64_t n1) {
+void int8q_block(const Int8Call& c, int64_t m, int64_t n0, int64_t n1, float* d) {
   constexpr int R = MB < BATCH8_FROM ? 4 : 2;
   int64_t n = n0;
-  for (; n + R <= n1; n += R) int8q_rows<MB, R>(xq, xp, xs, K, N, w, scales, bias, y, n);
-  for (; n < n1; ++n) int8q_rows<MB, 1>(xq, xp, xs, K, N, w, scales, bias, y, n);
+  for (; n + R <= n1; n += R) int8q_rows<MB, R>(c, m, n, d);
+  for (; n < n1; ++n) int8q_rows<MB, 1>(c, m, n, d);
 }
 
+
 // 4-bit weights, in integers too: quantize()'s stored form as is (byte i of a row holds input 2i in
-// its low nibble and 2i+1 in its high one, a bf16 scale and low per group of 32, 64 or 128 inputs).
-// One 32-byte load is 64 contiguous inputs: `v & 15` gives the even ones, `(v >> 4) & 15` the odd
-// ones, as unsigned bytes, which is what vpmaddubsw takes first; so only the activations are
-// reordered (per 64 inputs: the 32 even then the 32 odd, int8 as for the int8 product) and the
-// weights are read exactly as stored. Per group, sum_k w x = scale x sum_k q x + low x sum_k x:
-// the first sum in integers (pairs of q (<= 15) x x (|x| <= 127) into int16, up to a group of 128,
-// at most 4 x 2 x 15 x 127 = 15240: no saturation; then vpmaddwd into int32), the second from the
-// group sums of the quantized activations (`xsum`), both times the activation row's scale.
-// Converting the nibbles to float (the previous kernel) was compute-bound at 5-10 GB/s.
+// its low nibble and 2i+1 in its high one, a float16 scale and low per group of 32 inputs), times the
+// activations quantized to int8 per row and block of 32 (the int8 product's activations: one scale
+// per whole row cost SmolLM2-135M KL 0.6 against float32 with groups of 128).
+// One 32-byte load is 64 contiguous inputs, two groups, one per 128-bit half: `v & 15` gives the
+// even ones, `(v >> 4) & 15` the odd ones, as unsigned bytes, which is what vpmaddubsw takes first;
+// so only the activations are reordered (per 64 inputs: the 32 even then the 32 odd, each half one
+// group) and the weights are read exactly as stored. Per group g, sum_k w x = xs_g x (scale_g x
+// sum_k q x_int + low_g x sum_k x_int): the first sum in integers (q <= 15, |x| <= 127: pairs into
+// int16 without saturating, then vpmaddwd into int32, 4 lanes a group), to float and added times
+// scale_g x xs_g; the second from the groups' scaled activation sums (`xsum`: xs_g x sum x_int),
+// a dot product with the lows after the loop (8 groups an instruction).
 
 // the 64 inputs at byte `off` of a row: low nibbles (even inputs) and high nibbles (odd inputs)
 inline void int4_unpack(const uint8_t* q, __m256i& even, __m256i& odd) {
@@ -281,170 +363,100 @@ inline __m256i load_half_zext(const int8_t* p) {
   return _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-inline __m256 bf16_broadcast(uint16_t v) {
-  return _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(v) << 16)));
-}
+// 8 float16 values to float
+inline __m256 half8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 
-// R rows x MB activation rows over all of K, groups of G (32, 64 or 128) inputs. `xq` are the
-// reordered int8 activations (MB rows of K), `xsum` their group sums (MB rows of `groups`).
-template <int MB, int R, int G>
-inline void int4q_tile(const int8_t* xq, const float* xsum, int64_t K, const uint8_t* q,
+// R rows x MB activation rows over all of K (groups of 32). `xq` the reordered int8 activations (MB
+// rows of K), `xsv` their scales per step of 64 inputs as a vector ([xs_g x4 | xs_g+1 x4], MB rows of
+// K / 64 + 1 steps), `xsum` the groups' scaled sums (MB rows of `groups`).
+template <int MB, int R>
+inline void int4q_tile(const int8_t* xq, const float* xsv, const float* xsum, int64_t K, const uint8_t* q,
                        const uint16_t* scales, const uint16_t* lows, float out[MB][R]) {
-  const int64_t groups = K / G, half = K / 2;
+  const int64_t groups = K / 32, half = K / 2, steps = K / 64, vsteps = (K + 63) / 64;
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[MB][R];
-  float low_part[MB][R];
   for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < R; ++r) {
-      acc[m][r] = _mm256_setzero_ps();
-      low_part[m][r] = 0.0f;
-    }
-  // a step: one group of 128 (two loads) or 64, or two groups of 32 (one load, a group per 128-bit half)
-  constexpr int64_t STEP = G == 128 ? 128 : 64;
-  const int64_t steps = K / STEP;
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+  const __m256i spread = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
   for (int64_t st = 0; st < steps; ++st) {
-    const int64_t k = st * STEP;
-    __m256i p[MB][R];
-    for (int m = 0; m < MB; ++m)
-      for (int r = 0; r < R; ++r) p[m][r] = _mm256_setzero_si256();
-    for (int64_t c = 0; c < STEP; c += 64) {
-      for (int r = 0; r < R; ++r) {
-        const uint8_t* row = q + r * half + (k + c) / 2;
-        // the rows two tiles ahead: the big matrices come from memory, not cache; short rows as one
-        // contiguous run, line after line, as for int8 (gate/up: 15 against 9-10 GB/s), long ones row by row
-        if (c == 0) {
-          if (half <= 2048)
-            _mm_prefetch(reinterpret_cast<const char*>(q + 2 * R * half + (st * R + r) * (STEP / 2)), _MM_HINT_T0);
-          else
-            _mm_prefetch(reinterpret_cast<const char*>(row + 2 * R * half), _MM_HINT_T0);
-        }
-        __m256i even, odd;
-        int4_unpack(row, even, odd);
-        for (int m = 0; m < MB; ++m) {
-          const int8_t* xm = xq + m * K + k + c;
-          __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm));
-          __m256i xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + 32));
-          p[m][r] = _mm256_add_epi16(p[m][r], _mm256_add_epi16(_mm256_maddubs_epi16(even, xe),
-                                                               _mm256_maddubs_epi16(odd, xo)));
-        }
-      }
+    const int64_t k = st * 64, g = 2 * st;
+    __m256 xv[MB];
+    __m256i xe[MB], xo[MB];
+    for (int m = 0; m < MB; ++m) {
+      xv[m] = _mm256_loadu_ps(xsv + (m * vsteps + st) * 8);
+      xe[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + k));
+      xo[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + k + 32));
     }
     for (int r = 0; r < R; ++r) {
-      __m256 sv;
-      if constexpr (G == 32) {
-        const int64_t g = 2 * st;
-        sv = _mm256_insertf128_ps(bf16_broadcast(scales[r * groups + g]),
-                                  _mm256_castps256_ps128(bf16_broadcast(scales[r * groups + g + 1])), 1);
-        const float l0 = bf16_to_float(lows[r * groups + g]), l1 = bf16_to_float(lows[r * groups + g + 1]);
-        for (int m = 0; m < MB; ++m) low_part[m][r] += l0 * xsum[m * groups + g] + l1 * xsum[m * groups + g + 1];
-      } else {
-        const int64_t g = st * STEP / G;
-        sv = bf16_broadcast(scales[r * groups + g]);
-        const float l = bf16_to_float(lows[r * groups + g]);
-        for (int m = 0; m < MB; ++m) low_part[m][r] += l * xsum[m * groups + g];
+      const uint8_t* row = q + r * half + k / 2;
+      // the rows two tiles ahead: the big matrices come from memory, not cache; short rows as one
+      // contiguous run, line after line, as for int8 (gate/up: 15 against 9-10 GB/s), long ones row by row
+      if (half <= 2048)
+        _mm_prefetch(reinterpret_cast<const char*>(q + 2 * R * half + (st * R + r) * 32), _MM_HINT_T0);
+      else
+        _mm_prefetch(reinterpret_cast<const char*>(row + 2 * R * half), _MM_HINT_T0);
+      __m256i even, odd;
+      int4_unpack(row, even, odd);
+      // the two groups' float16 scales (adjacent) as floats: [s_g x4 | s_g+1 x4]
+      int32_t pair;
+      std::memcpy(&pair, scales + r * groups + g, sizeof pair);
+      const __m256 sv =
+          _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_cvtph_ps(_mm_cvtsi32_si128(pair))), spread);
+      for (int m = 0; m < MB; ++m) {
+        const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(even, xe[m]), _mm256_maddubs_epi16(odd, xo[m]));
+        acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), _mm256_mul_ps(sv, xv[m]), acc[m][r]);
       }
-      for (int m = 0; m < MB; ++m)
-        acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p[m][r], ones)), sv, acc[m][r]);
     }
   }
-  if (G == 32 && steps * STEP < K) {  // a last group of 32 (K = 64 n + 32)
-    const int64_t k = steps * STEP, g = groups - 1;
+  if (steps * 64 < K) {  // a last group of 32 (K = 64 n + 32)
+    const int64_t k = steps * 64, g = groups - 1;
     for (int r = 0; r < R; ++r) {
       __m256i even, odd;
       int4_unpack_half(q + r * half + k / 2, even, odd);
-      const __m256 sv = bf16_broadcast(scales[r * groups + g]);
-      const float l = bf16_to_float(lows[r * groups + g]);
+      const __m256 sv = _mm256_set1_ps(half_to_float(scales[r * groups + g]));
       for (int m = 0; m < MB; ++m) {
         const int8_t* xm = xq + m * K + k;
-        __m256i pm = _mm256_add_epi16(_mm256_maddubs_epi16(even, load_half_zext(xm)),
-                                      _mm256_maddubs_epi16(odd, load_half_zext(xm + 16)));
-        acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pm, ones)), sv, acc[m][r]);
-        low_part[m][r] += l * xsum[m * groups + g];
+        const __m256i pm = _mm256_add_epi16(_mm256_maddubs_epi16(even, load_half_zext(xm)),
+                                            _mm256_maddubs_epi16(odd, load_half_zext(xm + 16)));
+        const __m256 xv = _mm256_loadu_ps(xsv + (m * vsteps + steps) * 8);
+        acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pm, ones)), _mm256_mul_ps(sv, xv), acc[m][r]);
       }
     }
   }
-  for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < R; ++r) out[m][r] = hsum(acc[m][r]) + low_part[m][r];
-}
-
-// 3-4 activation rows, one weight row, groups of 128: the decode step of a batch, bound by how many
-// instructions issue (two vCPUs, likely sharing a core's pipes). Per group the row's 128 nibbles are
-// unpacked once (4 vectors), then each activation row takes its 4 vpmaddubsw as one add tree and goes
-// straight to float, so few values are live and nothing spills; the lows' part is a dot product over
-// the groups after the loop (8 groups an instruction) instead of scalar work per group.
-template <int MB>
-inline void int4q_tile_batch128(const int8_t* xq, const float* xsum, int64_t K, const uint8_t* q,
-                                const uint16_t* scales, const uint16_t* lows, float out[MB][1]) {
-  const int64_t groups = K / 128, half = K / 2;
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256 acc[MB];
-  for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
-  // the rows two tiles ahead (R = 1: two rows); short rows as one contiguous run, as in int4q_tile
-  const char* ahead = reinterpret_cast<const char*>(q + 2 * half);
-  for (int64_t g = 0; g < groups; ++g) {
-    _mm_prefetch(ahead + g * 64, _MM_HINT_T0);
-    __m256i e0, o0, e1, o1;
-    int4_unpack(q + g * 64, e0, o0);
-    int4_unpack(q + g * 64 + 32, e1, o1);
-    const __m256 sv = bf16_broadcast(scales[g]);
-    for (int m = 0; m < MB; ++m) {
-      const __m256i* xm = reinterpret_cast<const __m256i*>(xq + m * K + g * 128);
-      __m256i a = _mm256_add_epi16(_mm256_maddubs_epi16(e0, _mm256_loadu_si256(xm)),
-                                   _mm256_maddubs_epi16(o0, _mm256_loadu_si256(xm + 1)));
-      __m256i b = _mm256_add_epi16(_mm256_maddubs_epi16(e1, _mm256_loadu_si256(xm + 2)),
-                                   _mm256_maddubs_epi16(o1, _mm256_loadu_si256(xm + 3)));
-      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_add_epi16(a, b), ones)), sv, acc[m]);
-    }
-  }
+  // the lows' part: sum_g low_g x xsum_g, 8 groups an instruction, into the same accumulators
   int64_t g = 0;
-  for (; g + 8 <= groups; g += 8) {
-    const __m256 lv = _mm256_castsi256_ps(_mm256_slli_epi32(
-        _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lows + g))), 16));
-    for (int m = 0; m < MB; ++m) acc[m] = _mm256_fmadd_ps(lv, _mm256_loadu_ps(xsum + m * groups + g), acc[m]);
-  }
-  float tail[MB];
-  for (int m = 0; m < MB; ++m) tail[m] = 0.0f;
-  for (; g < groups; ++g) {
-    const float l = bf16_to_float(lows[g]);
-    for (int m = 0; m < MB; ++m) tail[m] += l * xsum[m * groups + g];
-  }
-  for (int m = 0; m < MB; ++m) out[m][0] = hsum(acc[m]) + tail[m];
+  for (; g + 8 <= groups; g += 8)
+    for (int r = 0; r < R; ++r) {
+      const __m256 lv = half8(lows + r * groups + g);
+      for (int m = 0; m < MB; ++m) acc[m][r] = _mm256_fmadd_ps(lv, _mm256_loadu_ps(xsum + m * groups + g), acc[m][r]);
+    }
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < R; ++r) {
+      float s = hsum(acc[m][r]);
+      for (int64_t t = g; t < groups; ++t) s += half_to_float(lows[r * groups + t]) * xsum[m * groups + t];
+      out[m][r] = s;
+    }
 }
 
-template <int MB, int R, int G>
-inline void int4q_rows(const int8_t* xq, const float* xs, const float* xsum, int64_t K, int64_t N,
+template <int MB, int R>
+inline void int4q_rows(const int8_t* xq, const float* xsv, const float* xsum, int64_t K, int64_t N,
                        const uint8_t* q, const uint16_t* scales, const uint16_t* lows, const float* bias,
                        float* y, int64_t n) {
-  const int64_t groups = K / G;
+  const int64_t groups = K / 32;
   float out[MB][R];
-  if constexpr (G == 128 && R == 1 && MB >= 3)
-    int4q_tile_batch128<MB>(xq, xsum, K, q + n * (K / 2), scales + n * groups, lows + n * groups, out);
-  else
-    int4q_tile<MB, R, G>(xq, xsum, K, q + n * (K / 2), scales + n * groups, lows + n * groups, out);
+  int4q_tile<MB, R>(xq, xsv, xsum, K, q + n * (K / 2), scales + n * groups, lows + n * groups, out);
   for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < R; ++r) y[m * N + n + r] = out[m][r] * xs[m] + (bias ? bias[n + r] : 0.0f);
+    for (int r = 0; r < R; ++r) y[m * N + n + r] = out[m][r] + (bias ? bias[n + r] : 0.0f);
 }
 
-template <int MB, int G>
-void int4q_block(const int8_t* xq, const float* xs, const float* xsum, int64_t K, int64_t N,
+template <int MB>
+void int4q_block(const int8_t* xq, const float* xsv, const float* xsum, int64_t K, int64_t N,
                  const uint8_t* q, const uint16_t* scales, const uint16_t* lows, const float* bias,
                  float* y, int64_t n0, int64_t n1) {
   constexpr int R = MB == 1 ? 4 : (MB == 2 ? 2 : 1);
   int64_t n = n0;
-  for (; n + R <= n1; n += R) int4q_rows<MB, R, G>(xq, xs, xsum, K, N, q, scales, lows, bias, y, n);
-  for (; n < n1; ++n) int4q_rows<MB, 1, G>(xq, xs, xsum, K, N, q, scales, lows, bias, y, n);
-}
-
-template <int G>
-void int4q_rowblock(int64_t mb, const int8_t* xq, const float* xs, const float* xsum, int64_t K, int64_t N,
-                    const uint8_t* q, const uint16_t* scales, const uint16_t* lows, const float* bias,
-                    float* y, int64_t n0, int64_t n1) {
-  switch (mb) {
-    case 1: int4q_block<1, G>(xq, xs, xsum, K, N, q, scales, lows, bias, y, n0, n1); break;
-    case 2: int4q_block<2, G>(xq, xs, xsum, K, N, q, scales, lows, bias, y, n0, n1); break;
-    case 3: int4q_block<3, G>(xq, xs, xsum, K, N, q, scales, lows, bias, y, n0, n1); break;
-    default: int4q_block<4, G>(xq, xs, xsum, K, N, q, scales, lows, bias, y, n0, n1); break;
-  }
+  for (; n + R <= n1; n += R) int4q_rows<MB, R>(xq, xsv, xsum, K, N, q, scales, lows, bias, y, n);
+  for (; n < n1; ++n) int4q_rows<MB, 1>(xq, xsv, xsum, K, N, q, scales, lows, bias, y, n);
 }
 
 void check_x(const torch::Tensor& x, int64_t K) {
@@ -460,56 +472,62 @@ const float* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t N) {
   return bias->data_ptr<float>();
 }
 
-}  // namespace
-
-// y (M, N) = x (M, K) @ (values (N, K) int8 x scales (N,) float32)^T + bias
-torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor values, torch::Tensor scales,
-                          c10::optional<torch::Tensor> bias) {
+// int8_matmul's and int8_prompt_matmul's weights: values (N, K) int8, scales (N, ceil(K / 32)) float16
+void check_int8(const torch::Tensor& x, const torch::Tensor& values, const torch::Tensor& scales) {
   TORCH_CHECK(values.dim() == 2 && values.scalar_type() == torch::kInt8 && values.is_contiguous(),
               "values must be contiguous int8 (outputs, inputs)");
-  const int64_t N = values.size(0), K = values.size(1), M = x.size(0);
+  const int64_t N = values.size(0), K = values.size(1);
   check_x(x, K);
-  TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && scales.is_contiguous() && scales.numel() == N,
-              "scales must be contiguous float32 (outputs,)");
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.size(1) == (K + 31) / 32 &&
+                  scales.scalar_type() == torch::kHalf && scales.is_contiguous(),
+              "scales must be contiguous float16 (outputs, ceil(inputs / 32))");
+}
+
+}  // namespace
+
+// y (M, N) = x (M, K) @ w^T + bias, w[n, k] = values[n, k] x scales[n, k / 32], the activations in
+// int8 per row and block of 32 (see int8q_tile)
+torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor values, torch::Tensor scales,
+                          c10::optional<torch::Tensor> bias) {
+  check_int8(x, values, scales);
+  const int64_t N = values.size(0), K = values.size(1), M = x.size(0), nb = (K + 31) / 32;
   auto y = torch::empty({M, N}, x.options());
   const float* xd = x.data_ptr<float>();
-  const int8_t* w = values.data_ptr<int8_t>();
-  const float* s = scales.data_ptr<float>();
-  const float* b = bias_ptr(bias, N);
-  float* yd = y.data_ptr<float>();
-  // activation rows in int8, one scale each (symmetric: x ~ xq x xs)
   std::vector<int8_t> xq(static_cast<size_t>(M * K));
-  std::vector<float> xs(static_cast<size_t>(M));
-  for (int64_t m = 0; m < M; ++m) xs[m] = quantize_row_int8(xd + m * K, K, xq.data() + m * K);
-  // and each block of 2-4 rows of a batch packed for the batch tile
-  std::vector<int8_t> xp(M >= BATCH8_FROM ? static_cast<size_t>(2 * M * K) : 0);
-  for (int64_t m = 0; m < M && M >= BATCH8_FROM; m += 4) {
+  std::vector<float> xs(static_cast<size_t>(M * nb));
+  for (int64_t m = 0; m < M; ++m) quantize_row_blocks(xd + m * K, K, xq.data() + m * K, xs.data() + m * nb);
+  // each group of 3-4 rows of a batch packed for the batch tile, with its scales 8 a block
+  const bool batch = M >= BATCH8_FROM;
+  std::vector<int8_t> xp(batch ? static_cast<size_t>(2 * M * K) : 0);
+  std::vector<float> xsd(batch ? static_cast<size_t>(2 * (M + 3) * nb) : 0, 0.0f);
+  for (int64_t m = 0; m < M && batch; m += 4) {
+    const int64_t mb = std::min<int64_t>(4, M - m);
     const int8_t* xm = xq.data() + m * K;
     int8_t* pm = xp.data() + 2 * m * K;
-    switch (std::min<int64_t>(4, M - m)) {
+    switch (mb) {
       case 1: break;
       case 2: int8q_pack<2>(xm, K, pm); break;
       case 3: int8q_pack<3>(xm, K, pm); break;
       default: int8q_pack<4>(xm, K, pm); break;
     }
+    for (int64_t b = 0; b < nb; ++b)
+      for (int64_t i = 0; i < mb; ++i) xsd[2 * m * nb + 8 * b + 2 * i] = xsd[2 * m * nb + 8 * b + 2 * i + 1] = xs[(m + i) * nb + b];
   }
-  const int8_t* xqd = xq.data();
-  const int8_t* xpd = xp.data();
-  const float* xsd = xs.data();
+  const Int8Call c{xq.data(), xs.data(), xp.data(), xsd.data(), values.data_ptr<int8_t>(),
+                   reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()), bias_ptr(bias, N),
+                   y.data_ptr<float>(), M, N, K, nb};
   const int64_t blocks = (N + BLOCK_ROWS - 1) / BLOCK_ROWS;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> d(static_cast<size_t>(8 * nb));  // a tile's scale products (at most 8 a block)
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t n0 = blk * BLOCK_ROWS, n1 = std::min(N, n0 + BLOCK_ROWS);
       for (int64_t m = 0; m < M;) {
         const int64_t mb = std::min<int64_t>(4, M - m);
-        const int8_t* xm = xqd + m * K;
-        const int8_t* pm = xpd + 2 * m * K;
-        float* ym = yd + m * N;
         switch (mb) {
-          case 1: int8q_block<1>(xm, pm, xsd + m, K, N, w, s, b, ym, n0, n1); break;
-          case 2: int8q_block<2>(xm, pm, xsd + m, K, N, w, s, b, ym, n0, n1); break;
-          case 3: int8q_block<3>(xm, pm, xsd + m, K, N, w, s, b, ym, n0, n1); break;
-          default: int8q_block<4>(xm, pm, xsd + m, K, N, w, s, b, ym, n0, n1); break;
+          case 1: int8q_block<1>(c, m, n0, n1, d.data()); break;
+          case 2: int8q_block<2>(c, m, n0, n1, d.data()); break;
+          case 3: int8q_block<3>(c, m, n0, n1, d.data()); break;
+          default: int8q_block<4>(c, m, n0, n1, d.data()); break;
         }
         m += mb;
       }
@@ -518,73 +536,82 @@ torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor values, torch::Tensor s
   return y;
 }
 
-// int4_matmul's arguments: q4 (outputs, inputs / 2) uint8, scales and lows (outputs, groups) bfloat16.
+
+// int4_matmul's arguments: q4 (outputs, inputs / 2) uint8, scales and lows (outputs, inputs / 32) float16.
 void check_int4(const torch::Tensor& x, const torch::Tensor& q4, const torch::Tensor& scales,
                 const torch::Tensor& lows) {
   TORCH_CHECK(q4.dim() == 2 && q4.scalar_type() == torch::kUInt8 && q4.is_contiguous(),
               "q4 must be contiguous uint8 (outputs, inputs / 2)");
   check_x(x, q4.size(1) * 2);
-  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == q4.size(0) && scales.scalar_type() == torch::kBFloat16 &&
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == q4.size(0) && scales.scalar_type() == torch::kHalf &&
                   scales.is_contiguous() && lows.sizes() == scales.sizes() &&
-                  lows.scalar_type() == torch::kBFloat16 && lows.is_contiguous(),
-              "scales and lows must be contiguous bfloat16 (outputs, groups)");
+                  lows.scalar_type() == torch::kHalf && lows.is_contiguous(),
+              "scales and lows must be contiguous float16 (outputs, groups)");
 }
 
-// y (M, N) = x (M, K) @ w^T + bias, w[n, k] = q(n, k) x scales[n, k / group] + lows[n, k / group]
+// y (M, N) = x (M, K) @ w^T + bias, w[n, k] = q(n, k) x scales[n, k / 32] + lows[n, k / 32]
 torch::Tensor int4_matmul(torch::Tensor x, torch::Tensor q4, torch::Tensor scales, torch::Tensor lows,
                           c10::optional<torch::Tensor> bias) {
   check_int4(x, q4, scales, lows);
   const int64_t N = q4.size(0), K = q4.size(1) * 2, M = x.size(0);
   const int64_t groups = scales.size(1);
-  TORCH_CHECK(groups > 0 && K % groups == 0, "the groups must divide the inputs");
-  const int64_t group = K / groups;
-  TORCH_CHECK(group == 32 || group == 64 || group == 128, "group size must be 32, 64 or 128, not ", group);
-  // activation rows in int8 (one scale each, as for int8 weights), reordered as the nibbles come
-  // (per 64 inputs: 32 even, 32 odd; a last 32: 16 even, 16 odd), and their group sums
+  TORCH_CHECK(K % 32 == 0 && groups == K / 32, "int4 takes groups of 32 inputs: ", K, " inputs, ", groups, " groups");
+  const int64_t vsteps = (K + 63) / 64;
+  // activation rows in int8 per block of 32 (as for int8 weights), reordered as the nibbles come
+  // (per 64 inputs: 32 even, 32 odd; a last 32: 16 even, 16 odd), their scales per step of 64 as a
+  // vector, and their groups' sums times the groups' scales
   const float* xd = x.data_ptr<float>();
   std::vector<int8_t> xq(static_cast<size_t>(M * K));
-  std::vector<float> xs(static_cast<size_t>(M)), xsum(static_cast<size_t>(M * groups));
+  std::vector<float> xsv(static_cast<size_t>(M * vsteps * 8)), xsum(static_cast<size_t>(M * groups));
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  auto block_scale = [&](const float* p) {
+    const __m256 mx = _mm256_max_ps(
+        _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(p), magnitude), _mm256_and_ps(_mm256_loadu_ps(p + 8), magnitude)),
+        _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(p + 16), magnitude),
+                      _mm256_and_ps(_mm256_loadu_ps(p + 24), magnitude)));
+    return hmax(mx) / 127.0f;
+  };
+  auto inverse = [](float scale) { return _mm256_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f); };
   auto quantize_row = [&](int64_t m) {
     const float* row = xd + m * K;
-    const float scale = row_scale(row, K);
-    const __m256 inv = _mm256_set1_ps(1.0f / scale);
     // within each 16 bytes: the 8 even inputs, then the 8 odd ones
     const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
                                            0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
     int8_t* dst = xq.data() + m * K;
     float* sums = xsum.data() + m * groups;
+    float* sv = xsv.data() + m * vsteps * 8;
     int32_t s0, s1;
     int64_t k = 0;
     for (; k + 64 <= K; k += 64) {
+      const float a0 = block_scale(row + k), a1 = block_scale(row + k + 32);
       // 64-bit pieces E0 O0 E1 O1 and E2 O2 E3 O3 (E = even inputs, O = odd, of each 16) ...
-      __m256i lo = _mm256_shuffle_epi8(quantize32(row + k, inv, s0), split);
-      __m256i hi = _mm256_shuffle_epi8(quantize32(row + k + 32, inv, s1), split);
+      __m256i lo = _mm256_shuffle_epi8(quantize32(row + k, inverse(a0), s0), split);
+      __m256i hi = _mm256_shuffle_epi8(quantize32(row + k + 32, inverse(a1), s1), split);
       lo = _mm256_permute4x64_epi64(lo, 0xd8);  // E0 E1 O0 O1
       hi = _mm256_permute4x64_epi64(hi, 0xd8);  // E2 E3 O2 O3
       // ... to the 32 even inputs, then the 32 odd ones
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), _mm256_permute2x128_si256(lo, hi, 0x20));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k + 32), _mm256_permute2x128_si256(lo, hi, 0x31));
-      sums[k / group] += static_cast<float>(s0);
-      sums[(k + 32) / group] += static_cast<float>(s1);
+      sums[k / 32] = static_cast<float>(s0) * a0;
+      sums[k / 32 + 1] = static_cast<float>(s1) * a1;
+      _mm256_storeu_ps(sv + (k / 64) * 8, _mm256_setr_m128(_mm_set1_ps(a0), _mm_set1_ps(a1)));
     }
     if (k < K) {  // a last 32: its 16 even inputs, then its 16 odd ones
-      __m256i v = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(quantize32(row + k, inv, s0), split), 0xd8);
+      const float a0 = block_scale(row + k);
+      __m256i v = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(quantize32(row + k, inverse(a0), s0), split), 0xd8);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), v);
-      sums[k / group] += static_cast<float>(s0);
+      sums[k / 32] = static_cast<float>(s0) * a0;
+      _mm256_storeu_ps(sv + (k / 64) * 8, _mm256_set1_ps(a0));
     }
-    xs[m] = scale;
   };
   // a prompt's many rows on the thread pool; a decode step's few on this thread
   at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) quantize_row(m);
   });
   auto y = torch::empty({M, N}, x.options());
-  const int8_t* xqd = xq.data();
-  const float* xsd = xs.data();
-  const float* xsumd = xsum.data();
   const uint8_t* qd = q4.data_ptr<uint8_t>();
-  const uint16_t* sd = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
-  const uint16_t* ld = reinterpret_cast<const uint16_t*>(lows.data_ptr<at::BFloat16>());
+  const uint16_t* sd = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  const uint16_t* ld = reinterpret_cast<const uint16_t*>(lows.data_ptr<at::Half>());
   const float* b = bias_ptr(bias, N);
   float* yd = y.data_ptr<float>();
   const int64_t blocks = (N + BLOCK_ROWS - 1) / BLOCK_ROWS;
@@ -593,12 +620,16 @@ torch::Tensor int4_matmul(torch::Tensor x, torch::Tensor q4, torch::Tensor scale
       const int64_t n0 = blk * BLOCK_ROWS, n1 = std::min(N, n0 + BLOCK_ROWS);
       for (int64_t m = 0; m < M;) {
         const int64_t mb = std::min<int64_t>(4, M - m);
-        const int8_t* xm = xqd + m * K;
-        const float* sm = xsumd + m * groups;
+        const int8_t* xm = xq.data() + m * K;
+        const float* vm = xsv.data() + m * vsteps * 8;
+        const float* sm = xsum.data() + m * groups;
         float* ym = yd + m * N;
-        if (group == 128) int4q_rowblock<128>(mb, xm, xsd + m, sm, K, N, qd, sd, ld, b, ym, n0, n1);
-        else if (group == 64) int4q_rowblock<64>(mb, xm, xsd + m, sm, K, N, qd, sd, ld, b, ym, n0, n1);
-        else int4q_rowblock<32>(mb, xm, xsd + m, sm, K, N, qd, sd, ld, b, ym, n0, n1);
+        switch (mb) {
+          case 1: int4q_block<1>(xm, vm, sm, K, N, qd, sd, ld, b, ym, n0, n1); break;
+          case 2: int4q_block<2>(xm, vm, sm, K, N, qd, sd, ld, b, ym, n0, n1); break;
+          case 3: int4q_block<3>(xm, vm, sm, K, N, qd, sd, ld, b, ym, n0, n1); break;
+          default: int4q_block<4>(xm, vm, sm, K, N, qd, sd, ld, b, ym, n0, n1); break;
+        }
         m += mb;
       }
     }
@@ -608,232 +639,211 @@ torch::Tensor int4_matmul(torch::Tensor x, torch::Tensor q4, torch::Tensor scale
 
 // ==== int8 prompt GEMM (helper prefill) ====================================================
 // A prompt is a product with many activation rows (M up to a few hundred): compute-bound, not
-// memory-bound. The activation rows are quantized per row to 7-bit unsigned with a zero point
-// (x ~ (u - z) x s, u in 0..127): vpmaddubsw multiplies unsigned by signed bytes, and 2 x 127 x 127
-// fits its int16 pairs, so neither operand needs its sign moved; the zero point comes back out with
-// each weight row's sum: sum_k (u - z) w = sum_k u w - z sum_k w.
+// memory-bound. The numbers are int8_matmul's exactly (Q8_0 x Q8_0: per row and block of 32 inputs
+// an int8 activation scale, per weight row and block a float16 scale, integer block dots), laid out
+// so the per-block float work is spread over many products: the lanes of a vector are 8 weight
+// rows, not 32 inputs. Each thread packs a panel of 16 weight rows per call, widened to int16, per 2
+// inputs the 16 rows' 2 values side by side (64 x K bytes, L2-resident, read by every activation
+// row; packing reads the weights once per call), and the activation rows once per call, per group
+// of 6 rows and 2 inputs each row's 2 int16 values. A step broadcasts a row's pair (vpbroadcastd)
+// and takes vpmaddwd with each 8-row weight vector (16 multiply-adds, exact in int32) and vpaddd:
+// 6 activation rows x 16 weight rows in 12 accumulators. At each block's end the 12 go to float
+// and are added times (weight scales x activation scale) into float accumulators kept in L1.
+// Why int16, measured on the 2-core AVX2 EPYC (Zen 3; one panel in L1, 256 rows, one thread): with
+// signed int8 on both sides vpmaddubsw needs vpsignb first, and on Zen 3 vpsignb issues on the same
+// two pipes as the multiplies: 3 of them per 32 multiply-adds where the previous kernel (7-bit
+// unsigned activations with a zero point, one scale per row) took 2: 59-61 G multiply-adds/s
+// against its 77-82. vpmaddwd on int16 takes 2 multiplies and 2 adds (the adds issue on all 4
+// pipes) per 32: 65-66. The previous kernel's 3 instructions per 32 stay out of reach: signed x
+// signed bytes cost a 4th on AVX2 without VNNI.
 namespace prompt8 {
 
-constexpr int MB = 2;  // activation rows per register tile
-constexpr int R = 4;   // weight rows per register tile
-constexpr int64_t KC_STEPS = 96;         // inputs per piece of K, in steps of 32
-constexpr int64_t MC_BYTES = 256 * 1024;  // packed activations per block of rows
+constexpr int A = 6;   // activation rows per group
+constexpr int P = 16;  // weight rows per panel (two vectors of 8 lanes)
+constexpr int64_t XB = 16 * A * 4;  // a group's bytes per block: 16 steps x 6 rows x 2 int16
+constexpr int64_t WB = 16 * P * 4;  // a panel's bytes per block: 16 steps x 16 rows x 2 int16
+// blocks per piece of K: the panel's piece (8 KB) stays in L1 while every group of rows passes
+// (over all of K the panel, 48-287 KB, came from L2 on every step)
+constexpr int64_t KC_BLOCKS = 8;
 
-struct Args {
-  const uint8_t* xp;    // packed activations: per pair of rows, per 32 inputs, row 0's bytes then row 1's
-  const float* xs;      // (Mp,) scales
-  const int32_t* xz;    // (Mp,) zero points
-  const int8_t* w;      // (N, K) as stored
-  const int8_t* wtail;  // the last, partial group of rows copied into 4 rows of Kp (or null)
-  const int32_t* wsum;  // (Np,) each weight row's sum
-  const float* scales;  // (Np,)
-  const float* bias;    // (Np,) zeros when there is no bias
-  float* y;             // (M, N); int32 partial sums in place while K is split
-  int64_t M, N, K, steps;  // steps: Kp / 32
-};
+#define P8_STR_(x) #x
+#define P8_STR(x) P8_STR_(x)
+// step S of a block, activation row R of the group: weights at S x 64 (+0 rows 0-7, +32 rows 8-15),
+// the row's pair at S x 24 + R x 4
+#define P8_ROW(S, R, ACC0, ACC1, FINISH) "vpbroadcastd " P8_STR(S * 24 + R * 4) "(%[x]), %%ymm15\n\t" FINISH(ACC0, ACC1)
+#define P8_FIRST(ACC0, ACC1)                        \
+  "vpmaddwd %%ymm12, %%ymm15, %[" ACC0 "]\n\t"      \
+  "vpmaddwd %%ymm13, %%ymm15, %[" ACC1 "]\n\t"
+#define P8_ADD(ACC0, ACC1)                          \
+  "vpmaddwd %%ymm12, %%ymm15, %%ymm14\n\t"          \
+  "vpaddd %%ymm14, %[" ACC0 "], %[" ACC0 "]\n\t"    \
+  "vpmaddwd %%ymm13, %%ymm15, %%ymm14\n\t"          \
+  "vpaddd %%ymm14, %[" ACC1 "], %[" ACC1 "]\n\t"
+#define P8_STEP(S, F)                                                                                \
+  "vmovdqa " P8_STR(S * 64) "(%[w]), %%ymm12\n\t"                                                    \
+  "vmovdqa " P8_STR(S * 64 + 32) "(%[w]), %%ymm13\n\t"                                               \
+  P8_ROW(S, 0, "a00", "a01", F) P8_ROW(S, 1, "a10", "a11", F) P8_ROW(S, 2, "a20", "a21", F)          \
+  P8_ROW(S, 3, "a30", "a31", F) P8_ROW(S, 4, "a40", "a41", F) P8_ROW(S, 5, "a50", "a51", F)
 
-// 2 activation rows x 4 weight rows over `steps` (>= 1) x 32 inputs; returns [m0: r0..r3 | m1: r0..r3].
-// Per 32 inputs: 8 x (vpmaddubsw, vpmaddwd with ones, vpaddd); the two multiplies share this CPU's two
-// integer-multiply pipes (Zen 3: 2 per cycle), so 32 multiply-adds a cycle is the ceiling. Written in
-// assembly because GCC's version of the same loop shuffled the accumulators through extra register
-// moves and a stack slot every step (44 instructions for 24 of work), which made the front end, not
-// the multipliers, the limit: 60-70 % of the ceiling in L1.
-inline __m256i tile(const uint8_t* xp, const int8_t* w, int64_t stride, int64_t steps) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256i a00 = _mm256_setzero_si256(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;
-  __m256i x0, x1, t0, t1;
-  const int64_t s3 = 3 * stride;
-  __asm__(
-      "1:\n\t"
-      "vmovdqa (%[x]), %[x0]\n\t"
-      "vmovdqa 32(%[x]), %[x1]\n\t"
-#define PROMPT8_ROW(addr, acc0, acc1)                                  \
-      "vpmaddubsw " addr ", %[x0], %[t0]\n\t"                           \
-      "vpmaddubsw " addr ", %[x1], %[t1]\n\t"                           \
-      "vpmaddwd %[ones], %[t0], %[t0]\n\t"                              \
-      "vpmaddwd %[ones], %[t1], %[t1]\n\t"                              \
-      "vpaddd %[t0], %[" acc0 "], %[" acc0 "]\n\t"                      \
-      "vpaddd %[t1], %[" acc1 "], %[" acc1 "]\n\t"
-      PROMPT8_ROW("(%[w])", "a00", "a10")
-      PROMPT8_ROW("(%[w],%[s1])", "a01", "a11")
-      PROMPT8_ROW("(%[w],%[s1],2)", "a02", "a12")
-      PROMPT8_ROW("(%[w],%[s3])", "a03", "a13")
-#undef PROMPT8_ROW
-      "add $64, %[x]\n\t"
-      "add $32, %[w]\n\t"
-      "dec %[n]\n\t"
-      "jnz 1b\n\t"
-      : [x] "+r"(xp), [w] "+r"(w), [n] "+r"(steps), [x0] "=&x"(x0), [x1] "=&x"(x1), [t0] "=&x"(t0),
-        [t1] "=&x"(t1), [a00] "+x"(a00), [a01] "+x"(a01), [a02] "+x"(a02), [a03] "+x"(a03), [a10] "+x"(a10),
-        [a11] "+x"(a11), [a12] "+x"(a12), [a13] "+x"(a13)
-      : [s1] "r"(stride), [s3] "r"(s3), [ones] "x"(ones)
-      : "cc", "memory");
-  // the 8 sums of 8 lanes each, reduced together
-  const __m256i s0 = _mm256_hadd_epi32(_mm256_hadd_epi32(a00, a01), _mm256_hadd_epi32(a02, a03));
-  const __m256i s1 = _mm256_hadd_epi32(_mm256_hadd_epi32(a10, a11), _mm256_hadd_epi32(a12, a13));
-  return _mm256_add_epi32(_mm256_permute2x128_si256(s0, s1, 0x20), _mm256_permute2x128_si256(s0, s1, 0x31));
+// One group of 6 activation rows x one panel of 16 weight rows over nb blocks: `x` the group's
+// packed blocks, `xs` their scales ([nb][6]), `w` the panel's, `ws` their scales as float ([nb][16]);
+// the 6 x 16 sums are added into `f` (96 floats, 32-byte aligned), block after block. The block's loop is assembly: GCC's
+// version of the same intrinsics spilled accumulators.
+inline void group_panel(const int8_t* x, const float* xs, const int8_t* w, const float* ws, int64_t nb, float* f) {
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i a00, a01, a10, a11, a20, a21, a30, a31, a40, a41, a50, a51;
+    __asm__(P8_STEP(0, P8_FIRST) P8_STEP(1, P8_ADD) P8_STEP(2, P8_ADD) P8_STEP(3, P8_ADD) P8_STEP(4, P8_ADD)
+                P8_STEP(5, P8_ADD) P8_STEP(6, P8_ADD) P8_STEP(7, P8_ADD) P8_STEP(8, P8_ADD) P8_STEP(9, P8_ADD)
+                    P8_STEP(10, P8_ADD) P8_STEP(11, P8_ADD) P8_STEP(12, P8_ADD) P8_STEP(13, P8_ADD)
+                        P8_STEP(14, P8_ADD) P8_STEP(15, P8_ADD)
+            : [a00] "=&x"(a00), [a01] "=&x"(a01), [a10] "=&x"(a10), [a11] "=&x"(a11), [a20] "=&x"(a20),
+              [a21] "=&x"(a21), [a30] "=&x"(a30), [a31] "=&x"(a31), [a40] "=&x"(a40), [a41] "=&x"(a41),
+              [a50] "=&x"(a50), [a51] "=&x"(a51)
+            : [w] "r"(w + b * WB), [x] "r"(x + b * XB)
+            : "xmm12", "xmm13", "xmm14", "xmm15", "memory");
+    const __m256 s0 = _mm256_load_ps(ws + b * P), s1 = _mm256_load_ps(ws + b * P + 8);
+    const __m256i acc[A][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}, {a40, a41}, {a50, a51}};
+    for (int r = 0; r < A; ++r) {
+      const __m256 xb = _mm256_broadcast_ss(xs + b * A + r);
+      float* fr = f + r * P;
+      _mm256_store_ps(fr, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][0]), _mm256_mul_ps(s0, xb), _mm256_load_ps(fr)));
+      _mm256_store_ps(fr + 8,
+                      _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][1]), _mm256_mul_ps(s1, xb), _mm256_load_ps(fr + 8)));
+    }
+  }
+}
+#undef P8_ROW
+#undef P8_FIRST
+#undef P8_ADD
+#undef P8_STEP
+#undef P8_STR
+#undef P8_STR_
+
+// 8 rows of 8 dwords to 8 vectors, vector j holding dword j of every row
+inline void transpose8(__m256i r[8]) {
+  __m256i t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int h = 0; h < 2; ++h) {  // rows 0-3, 4-7
+    u[4 * h + 0] = _mm256_unpacklo_epi64(t[4 * h], t[4 * h + 2]);      // dwords 0 | 4
+    u[4 * h + 1] = _mm256_unpackhi_epi64(t[4 * h], t[4 * h + 2]);      // 1 | 5
+    u[4 * h + 2] = _mm256_unpacklo_epi64(t[4 * h + 1], t[4 * h + 3]);  // 2 | 6
+    u[4 * h + 3] = _mm256_unpackhi_epi64(t[4 * h + 1], t[4 * h + 3]);  // 3 | 7
+  }
+  for (int j = 0; j < 4; ++j) {
+    r[j] = _mm256_permute2x128_si256(u[j], u[4 + j], 0x20);
+    r[j + 4] = _mm256_permute2x128_si256(u[j], u[4 + j], 0x31);
+  }
 }
 
-inline __m256 pair(float a, float b) { return _mm256_setr_m128(_mm_set1_ps(a), _mm_set1_ps(b)); }
-
-// the tile's sums (plus the partial sums already in y when K is split) to y, or back as partial sums
-inline void store(const Args& a, int64_t m, int64_t n, __m256i dot, bool first, bool last) {
-  float* y0 = a.y + m * a.N + n;
-  float* y1 = y0 + a.N;
-  const bool two = m + 1 < a.M, four = n + 4 <= a.N;
-  if (!first) {  // the partial sums of the earlier pieces of K, kept in y's memory as int32
-    alignas(32) float prev[8] = {0};
-    const int cols = static_cast<int>(std::min<int64_t>(R, a.N - n));
-    std::memcpy(prev, y0, cols * sizeof(float));
-    if (two) std::memcpy(prev + 4, y1, cols * sizeof(float));
-    dot = _mm256_add_epi32(dot, _mm256_castps_si256(_mm256_load_ps(prev)));
+// weight rows n0..n0+15 (zeros past N) to the panel layout, their scales to float (zeros past N)
+inline void pack_panel(const int8_t* w, const uint16_t* ws, int64_t N, int64_t K, int64_t nb, int64_t n0,
+                       int8_t* panel, float* wsp) {
+  alignas(32) int8_t tail[P][32];
+  const int64_t full = K / 32;
+  if (full < nb) {  // the last short block: the rows' last K % 32 bytes, zero-padded
+    std::memset(tail, 0, sizeof tail);
+    for (int r = 0; r < P && n0 + r < N; ++r) std::memcpy(tail[r], w + (n0 + r) * K + full * 32, K - full * 32);
   }
-  alignas(32) float out[8];
-  if (last) {
-    const __m128i ws = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.wsum + n));
-    const __m256i corr = _mm256_mullo_epi32(_mm256_setr_m128i(_mm_set1_epi32(a.xz[m]), _mm_set1_epi32(a.xz[m + 1])),
-                                            _mm256_setr_m128i(ws, ws));
-    const __m128 sc = _mm_loadu_ps(a.scales + n), b = _mm_loadu_ps(a.bias + n);
-    const __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(dot, corr)),
-                                     _mm256_mul_ps(pair(a.xs[m], a.xs[m + 1]), _mm256_setr_m128(sc, sc)),
-                                     _mm256_setr_m128(b, b));
-    if (four) {
-      _mm_storeu_ps(y0, _mm256_castps256_ps128(f));
-      if (two) _mm_storeu_ps(y1, _mm256_extractf128_ps(f, 1));
-      return;
-    }
-    _mm256_store_ps(out, f);
-  } else {
-    if (four) {
-      _mm_storeu_ps(y0, _mm_castsi128_ps(_mm256_castsi256_si128(dot)));
-      if (two) _mm_storeu_ps(y1, _mm_castsi128_ps(_mm256_extracti128_si256(dot, 1)));
-      return;
-    }
-    _mm256_store_ps(out, _mm256_castsi256_ps(dot));
-  }
-  const int cols = static_cast<int>(a.N - n);  // 1 to 3: the last group of a partial one
-  std::memcpy(y0, out, cols * sizeof(float));
-  if (two) std::memcpy(y1, out + 4, cols * sizeof(float));
-}
-
-// one thread's groups of 4 weight rows [g0, g1): blocks of activation rows (kept in L2) x pieces of
-// K; within them a group's 4 x piece weights stay in L1 while every pair of rows of the block passes
-void run(const Args& a, int64_t g0, int64_t g1, int64_t mc, int64_t kc) {
-  const int64_t pairs = (a.M + 1) / 2, groups = (a.N + R - 1) / R;
-  for (int64_t p0 = 0; p0 < pairs; p0 += mc) {
-    const int64_t p1 = std::min(pairs, p0 + mc);
-    for (int64_t s0 = 0; s0 < a.steps; s0 += kc) {
-      const int64_t ns = std::min(kc, a.steps - s0);
-      const bool first = s0 == 0, last = s0 + ns == a.steps;
-      for (int64_t g = g0; g < g1; ++g) {
-        const bool tail = a.wtail && g == groups - 1;
-        const int8_t* w = tail ? a.wtail + 32 * s0 : a.w + g * R * a.K + 32 * s0;
-        const int64_t stride = tail ? a.steps * 32 : a.K;
-        for (int64_t p = p0; p < p1; ++p) {
-          const __m256i dot = tile(a.xp + (p * a.steps + s0) * 64, w, stride, ns);
-          store(a, 2 * p, g * R, dot, first, last);
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int h = 0; h < 2; ++h) {   // rows 0-7, 8-15
+      for (int half = 0; half < 2; ++half) {  // inputs 0-15 (steps 0-7), 16-31 (steps 8-15)
+        __m256i rows[8];
+        for (int i = 0; i < 8; ++i) {
+          const int64_t n = n0 + 8 * h + i;
+          const int8_t* src = n >= N ? nullptr : (b < full ? w + n * K + 32 * b : tail[8 * h + i]);
+          rows[i] = src ? _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16 * half)))
+                        : _mm256_setzero_si256();
         }
+        transpose8(rows);
+        for (int j = 0; j < 8; ++j)
+          _mm256_store_si256(reinterpret_cast<__m256i*>(panel + b * WB + (8 * half + j) * 64 + h * 32), rows[j]);
       }
     }
+    for (int r = 0; r < P; ++r) wsp[b * P + r] = n0 + r < N ? half_to_float(ws[(n0 + r) * nb + b]) : 0.0f;
+  }
+}
+
+// activation row `a` of its group, quantized (`q`: nb x 32 values, zero past K), into the group's
+// packed blocks as int16, per step of 2 inputs its pair
+inline void pack_row(const int8_t* q, int64_t nb, int a, int8_t* group) {
+  for (int64_t b = 0; b < nb; ++b) {
+    alignas(32) int32_t pairs[16];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(pairs),
+                       _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 32 * b))));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(pairs + 8),
+                       _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 32 * b + 16))));
+    int8_t* dst = group + b * XB + a * 4;
+    for (int s = 0; s < 16; ++s) std::memcpy(dst + s * A * 4, pairs + s, 4);
   }
 }
 
 }  // namespace prompt8
 
-// y (M, N) = x (M, K) @ (values (N, K) int8 x scales (N,))^T + bias, for prompts (M > a few rows).
-// `row_sums` (N,) int32: each weight row's sum, which the caller keeps (computed here if absent).
+// y (M, N) = x (M, K) @ w^T + bias as int8_matmul computes it (same quantization, same integer
+// block dots), for prompts (M > a few rows)
 torch::Tensor int8_prompt_matmul(torch::Tensor x, torch::Tensor values, torch::Tensor scales,
-                                 c10::optional<torch::Tensor> row_sums, c10::optional<torch::Tensor> bias) {
+                                 c10::optional<torch::Tensor> bias) {
   using namespace prompt8;
-  TORCH_CHECK(values.dim() == 2 && values.scalar_type() == torch::kInt8 && values.is_contiguous(),
-              "values must be contiguous int8 (outputs, inputs)");
-  const int64_t N = values.size(0), K = values.size(1), M = x.size(0);
-  check_x(x, K);
+  check_int8(x, values, scales);
+  const int64_t N = values.size(0), K = values.size(1), M = x.size(0), nb = (K + 31) / 32;
   TORCH_CHECK(K > 0, "the weights have no inputs");
-  TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && scales.is_contiguous() && scales.numel() == N,
-              "scales must be contiguous float32 (outputs,)");
   auto y = torch::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
-  const int64_t steps = (K + 31) / 32, pairs = (M + 1) / 2, groups = (N + R - 1) / R, Np = groups * R;
-  auto packed = torch::empty({pairs * steps * 64 + 64}, torch::dtype(torch::kUInt8));
-  uint8_t* xp = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(packed.data_ptr<uint8_t>()) + 31) & ~uintptr_t(31));
-  std::vector<float> xs(static_cast<size_t>(2 * pairs), 1.0f);
-  std::vector<int32_t> xz(static_cast<size_t>(2 * pairs), 0);
+  const int64_t groups = (M + A - 1) / A, panels = (N + P - 1) / P;
+  // the activations: per group of 6 rows nb blocks (rows past M zero), scales [nb][6]
+  auto packed = torch::zeros({groups * nb * XB + 32}, torch::dtype(torch::kInt8));
+  int8_t* xp = reinterpret_cast<int8_t*>((reinterpret_cast<uintptr_t>(packed.data_ptr<int8_t>()) + 31) & ~uintptr_t(31));
+  std::vector<float> xs(static_cast<size_t>(groups * nb * A), 0.0f);
   const float* xd = x.data_ptr<float>();
-  const int8_t* w = values.data_ptr<int8_t>();
-  // each row to 7 bits, written where the tiles read it (the pairs interleaved per 32 inputs)
-  at::parallel_for(0, 2 * pairs, 8, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    std::vector<int8_t> q(static_cast<size_t>(nb * 32), 0);
+    std::vector<float> s(static_cast<size_t>(nb));
     for (int64_t m = begin; m < end; ++m) {
-      uint8_t* dst = xp + (m / 2) * steps * 64 + (m % 2) * 32;
-      if (m >= M) {
-        for (int64_t s = 0; s < steps; ++s) std::memset(dst + 64 * s, 0, 32);
-        continue;
-      }
-      const float* row = xd + m * K;
-      __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
-      int64_t k = 0;
-      for (; k + 8 <= K; k += 8) {
-        const __m256 v = _mm256_loadu_ps(row + k);
-        lo = _mm256_min_ps(lo, v);
-        hi = _mm256_max_ps(hi, v);
-      }
-      float l[8], h[8];
-      _mm256_storeu_ps(l, lo);
-      _mm256_storeu_ps(h, hi);
-      float low = *std::min_element(l, l + 8), high = *std::max_element(h, h + 8);
-      for (; k < K; ++k) {
-        low = std::min(low, row[k]);
-        high = std::max(high, row[k]);
-      }
-      const float scale = high > low ? (high - low) / 127.0f : 1.0f, inv = 1.0f / scale;
-      const int32_t zero = static_cast<int32_t>(std::nearbyint(-low / scale));
-      const __m256 vinv = _mm256_set1_ps(inv);
-      const __m256i z = _mm256_set1_epi32(zero), top = _mm256_set1_epi32(127), bottom = _mm256_setzero_si256();
-      for (k = 0; k + 8 <= K; k += 8) {
-        __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + k), vinv));  // round to nearest even
-        q = _mm256_min_epi32(_mm256_max_epi32(_mm256_add_epi32(q, z), bottom), top);
-        const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
-        _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + (k / 32) * 64 + k % 32), _mm_packus_epi16(q16, q16));
-      }
-      for (; k < steps * 32; ++k) {  // the last inputs, and zeros to a whole 32 (they add nothing)
-        const int32_t q = k < K ? std::max(0, std::min(127, static_cast<int32_t>(std::nearbyint(row[k] * inv)) + zero)) : 0;
-        dst[(k / 32) * 64 + k % 32] = static_cast<uint8_t>(q);
-      }
-      xs[m] = scale;
-      xz[m] = zero;
+      quantize_row_blocks(xd + m * K, K, q.data(), s.data());
+      const int64_t g = m / A;
+      const int a = static_cast<int>(m % A);
+      pack_row(q.data(), nb, a, xp + g * nb * XB);
+      for (int64_t b = 0; b < nb; ++b) xs[(g * nb + b) * A + a] = s[b];
     }
   });
-  // per weight row: its sum (kept by the caller), scale and bias, padded to whole groups
-  std::vector<int32_t> wsum(static_cast<size_t>(Np), 0);
-  std::vector<float> sc(static_cast<size_t>(Np), 0.0f), bs(static_cast<size_t>(Np), 0.0f);
-  if (row_sums.has_value()) {
-    TORCH_CHECK(row_sums->scalar_type() == torch::kInt32 && row_sums->is_contiguous() && row_sums->numel() == N,
-                "row_sums must be contiguous int32 (outputs,)");
-    std::memcpy(wsum.data(), row_sums->data_ptr<int32_t>(), N * sizeof(int32_t));
-  } else at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      int32_t s = 0;
-      for (int64_t k = 0; k < K; ++k) s += w[n * K + k];
-      wsum[n] = s;
+  const int8_t* w = values.data_ptr<int8_t>();
+  const uint16_t* ws = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  const float* bias_d = bias_ptr(bias, N);
+  float* yd = y.data_ptr<float>();
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    auto panel_t = torch::empty({nb * WB + 32}, torch::dtype(torch::kInt8));
+    int8_t* panel =
+        reinterpret_cast<int8_t*>((reinterpret_cast<uintptr_t>(panel_t.data_ptr<int8_t>()) + 31) & ~uintptr_t(31));
+    auto wsp_t = torch::empty({nb * P + 8}, torch::dtype(torch::kFloat32));
+    float* wsp = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(wsp_t.data_ptr<float>()) + 31) & ~uintptr_t(31));
+    auto f_t = torch::empty({groups * A * P + 8}, torch::dtype(torch::kFloat32));  // the panel's sums
+    float* f = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(f_t.data_ptr<float>()) + 31) & ~uintptr_t(31));
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t n0 = p * P, cols = std::min<int64_t>(P, N - n0);
+      pack_panel(w, ws, N, K, nb, n0, panel, wsp);
+      std::memset(f, 0, sizeof(float) * groups * A * P);
+      for (int64_t b0 = 0; b0 < nb; b0 += KC_BLOCKS) {
+        const int64_t blocks = std::min(KC_BLOCKS, nb - b0);
+        for (int64_t g = 0; g < groups; ++g)
+          group_panel(xp + (g * nb + b0) * XB, xs.data() + (g * nb + b0) * A, panel + b0 * WB, wsp + b0 * P, blocks,
+                      f + g * A * P);
+      }
+      if (cols == P) {
+        const __m256 b0 = bias_d ? _mm256_loadu_ps(bias_d + n0) : _mm256_setzero_ps();
+        const __m256 b1 = bias_d ? _mm256_loadu_ps(bias_d + n0 + 8) : _mm256_setzero_ps();
+        for (int64_t m = 0; m < M; ++m) {
+          _mm256_storeu_ps(yd + m * N + n0, _mm256_add_ps(_mm256_load_ps(f + m * P), b0));
+          _mm256_storeu_ps(yd + m * N + n0 + 8, _mm256_add_ps(_mm256_load_ps(f + m * P + 8), b1));
+        }
+      } else {
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t c = 0; c < cols; ++c) yd[m * N + n0 + c] = f[m * P + c] + (bias_d ? bias_d[n0 + c] : 0.0f);
+      }
     }
   });
-  std::memcpy(sc.data(), scales.data_ptr<float>(), N * sizeof(float));
-  if (const float* b = bias_ptr(bias, N)) std::memcpy(bs.data(), b, N * sizeof(float));
-  // the last group, when it is partial or K is not a multiple of 32 (a 32-byte read would run off
-  // the matrix): its rows copied with zeros to 4 rows of whole steps
-  std::vector<int8_t> tail;
-  if (N % R || K % 32) {
-    tail.assign(static_cast<size_t>(R * steps * 32), 0);
-    for (int64_t n = (groups - 1) * R; n < N; ++n)
-      std::memcpy(tail.data() + (n - (groups - 1) * R) * steps * 32, w + n * K, K);
-  }
-  const Args a{xp, xs.data(), xz.data(), w, tail.empty() ? nullptr : tail.data(), wsum.data(), sc.data(), bs.data(),
-               y.data_ptr<float>(), M, N, K, steps};
-  // pieces of K whose 4 weight rows stay in L1 (at most 3 KB a row), blocks of row pairs whose
-  // activations stay in L2 beside them (at most 256 KB), both split evenly
-  const int64_t pieces = (steps + KC_STEPS - 1) / KC_STEPS, kc = (steps + pieces - 1) / pieces;
-  const int64_t mblocks = (pairs * kc * 64 + MC_BYTES - 1) / MC_BYTES, mc = (pairs + mblocks - 1) / mblocks;
-  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) { run(a, begin, end, mc, kc); });
   return y;
 }
 

@@ -56,7 +56,10 @@ def cpu_flags() -> frozenset[str]:
         return frozenset()
 
 
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
+# -mf16c: the int8 weights' block scales are float16 (every AVX2 CPU has F16C); -ffp-contract=off: no
+# multiply and add fused where the source did not write an FMA, so that tiles that must agree to the
+# bit (a row's result alone and in a batch) round alike
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"]
 
 
 def fingerprint() -> str:

@@ -6,25 +6,24 @@ checkpoint holds), so loading packs nothing, and compute with the kernels chosen
 (`kernel_plan`, logged at the first layer):
 
 - decode (a few activation rows): the compiled kernels of `kernels.py` (AVX2 + FMA, int8 rows and
-  int4 groups read as stored, multiplied in integers with the activation rows quantized to int8
-  per row), near memory speed;
+  int4 groups read as stored, multiplied in integers), near memory speed;
 - a prompt (more rows): int8 through the compiled prompt kernel (`int8_prompt_matmul`: the same
-  stored rows, a register tile of 2 activation rows x 4 weight rows in integers, the activations
-  packed once per call and blocked so tiles read L1 and L2, compute-bound),
-  which replaced oneDNN's int8 GEMM (`onednn.qlinear_pointwise`) because oneDNN cannot read the
-  plain matrix: it reordered the weights and built a new primitive on every call, as much time as
-  the product itself at 128-row pieces, and keeping reordered copies would double the weights'
-  memory; oneDNN stays the path without the compiled kernels. int4 prompts through the int4
-  decode kernel (8x faster than float32 products of dequantized rows on an AVX2 EPYC); an int4
-  prompt kernel (4 weight rows unpacked once per piece of K, 2 x 4 tiles summed in int16 per group)
-  was 20-30 % faster alone but read a 256-token prompt slower inside the model in two sessions'
-  interleaved A/B (4.93 s against 3.84 on the lean path, 2-core AVX2 EPYC), so it was removed;
-- without the compiled kernels (no compiler, no AVX2): PyTorch's weight-only kernels
-  (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) on bf16 rows: supported, slower.
+  numbers as the decode kernel, weight rows packed per call into panels of 16 whose lanes are
+  output rows, compute-bound); int4 prompts through the int4 decode kernel (8x faster than float32
+  products of dequantized rows on an AVX2 EPYC; an int4 prompt kernel of its own read a 256-token
+  prompt slower inside the model in two sessions' interleaved A/B, 4.93 s against 3.84);
+- without the compiled kernels (no compiler, no AVX2): float32 products of dequantized int8 rows,
+  PyTorch's weight-only int4 kernel (`_weight_int4pack_mm_for_cpu`) on bf16 rows: supported, slower.
 
-- `Int8Linear`: one scale per output row.
-- `Int4Linear`: 4-bit weights with a scale and low per group of 128 (or 64, 32) inputs.
-- `Int8Embedding`: the token table as int8 rows; a step looks up a few rows.
+Every int8 product quantizes its activations per row and block of 32 inputs (symmetric int8,
+scale = max|x_block| / 127), times weights with a scale per row and block of 32: llama.cpp's
+Q8_0 x Q8_0. On SmolLM2-135M's real weights this is as close to float32 as llama.cpp's Q8_0
+(teacher-forced KL 0.004), where one activation scale per row was ten times further (0.037) and
+oneDNN's one scale per prompt (its int8 GEMM, the former prompt path on VNNI CPUs) 300 times (1.3).
+
+- `Int8Linear`: a float16 scale per output row and block of 32 inputs.
+- `Int4Linear`: 4-bit weights with a scale and low per group of 32 inputs.
+- `Int8Embedding`: the token table as int8 rows, in the Linear's form; a step looks up a few rows.
 """
 
 from __future__ import annotations
@@ -39,128 +38,105 @@ from . import kernels
 
 log = logging.getLogger(__name__)
 
-INT4_GROUPS = (128, 64, 32)  # group sizes the CPU kernel takes, largest (fewest scales) first
+# int4 weights: a scale and low per group of 32 inputs (the activations they multiply are quantized
+# per block of 32 too). On SmolLM2-135M, whose weights sit on a Q4_1 grid of 32, groups of 128 with
+# per-row activations were 1.78x float32's perplexity (KL 0.60); groups of 32 with per-32 activations
+# see docs/performance.md. Checkpoints of groups of 64 or 128 (format version 1) still load: each
+# group's scale and low repeated over its 32s (the same weights).
+INT4_GROUP = 32
 # Layers the decode step (decoder.py) fuses into one product, by their names under a decoder layer's
 # attention and MLP, in output order. The checkpoint writer stores each group's weight rows one after
 # another, so that fusing them at load is a view of the mapped file, not a copy (decoder._joined).
 FUSED: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 DECODE_ROWS = 8  # activation rows up to which a product is a decode step (bandwidth-bound)
+BLOCK = 32  # int8 weights and the activations they multiply: one scale per row and block of 32 inputs
 
 
 @functools.cache
 def kernel_plan() -> dict[str, str]:
     """Which kernel computes what on this CPU, decided once (and logged once)."""
-    plan = choose_kernels(
-        compiled=kernels.available(),
-        onednn=hasattr(torch.ops.onednn, "qlinear_pointwise") and torch.backends.mkldnn.is_available(),
-        vnni=_has_vnni(),
-    )
+    plan = choose_kernels(compiled=kernels.available())
     log.info("quantized kernels: %s", ", ".join(f"{k}: {v}" for k, v in plan.items()))
     return plan
 
 
-def _has_vnni() -> bool:
-    """Whether the CPU has int8 dot-product instructions (AVX-512 VNNI or AVX-VNNI), which oneDNN's
-    int8 GEMM uses and the compiled prompt kernel (AVX2 vpmaddubsw) does not."""
-    return bool(kernels.cpu_flags() & {"avx512_vnni", "avx_vnni"})
-
-
-def choose_kernels(*, compiled: bool, onednn: bool, vnni: bool = False) -> dict[str, str]:
+def choose_kernels(*, compiled: bool) -> dict[str, str]:
     """The kernel for each kind of product, given what this machine has: the compiled kernels for
-    decode (measured on an AVX2 EPYC: as fast as fbgemm's at one row) and int8 prompts (no
-    per-call weight reorder, unlike oneDNN's int8 GEMM, the prompt path without them), the compiled
-    int4 kernel for int4 prompts too; PyTorch's weight-only kernels on bf16 rows without a
-    compiler. With VNNI, int8 prompts stay on oneDNN, whose VNNI kernels the AVX2 prompt kernel was
-    not measured against."""
-    if compiled and not (vnni and onednn):
-        int8_prompt = "qwenbox"
-    elif onednn:
-        int8_prompt = "onednn.qlinear_pointwise"
-    else:
-        int8_prompt = "float32 mm of dequantized rows"
+    decode and prompts on every CPU with AVX2 (the products quantize activations per row and block of
+    32 inputs, Q8_0 x Q8_0); without them, float32 products of dequantized rows for int8 (weights
+    only quantized) and PyTorch's int4 kernel on bf16 rows. oneDNN's int8 GEMM, once the prompt path
+    on CPUs with VNNI, took one activation scale for the whole prompt: 3.4x float32's perplexity on
+    SmolLM2-135M, so no path uses it."""
+    dequantized = "float32 mm of dequantized rows"
     return {
         "cpu": torch.backends.cpu.get_cpu_capability(),
-        "int8 decode": "qwenbox" if compiled else "aten._weight_int8pack_mm (bf16)",
-        "int8 prompt": int8_prompt,
+        "int8 decode": "qwenbox" if compiled else dequantized,
+        "int8 prompt": "qwenbox" if compiled else dequantized,
         "int4 decode": "qwenbox" if compiled else "aten._weight_int4pack_mm_for_cpu (bf16)",
         "int4 prompt": "qwenbox" if compiled else "aten._weight_int4pack_mm_for_cpu (bf16)",
     }
 
 
 class Int8Linear(torch.nn.Module):
-    """A Linear with int8 weights, one float32 scale per output row (w ≈ values × scale)."""
+    """A Linear with int8 weights and a float16 scale per output row and block of 32 inputs
+    (w ≈ values × scale, llama.cpp's Q8_0). Per-row scales (the stored form of format version 1) are
+    taken too: they become the same scale in every block of the row."""
 
     def __init__(self, values: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.out_features, self.in_features = values.shape
         self.values = values.contiguous()
-        self.scales = scales.float().contiguous()
+        self.scales = block_scales(scales, self.in_features)
         self.bias = None if bias is None else bias.detach().float().contiguous()
         self.plan = kernel_plan()
-        # each weight row's sum, which the prompt kernel's activation zero point needs (kept: reading
-        # the whole matrix again for it took 4 % of a prompt's product)
-        self._row_sums: torch.Tensor | None = None
-        if self.plan["int8 decode"] != "qwenbox":  # the fallback kernel takes bf16 scales
-            self._scales_bf16 = self.scales.to(torch.bfloat16)
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:
-        return cls(*quantize_rows(weight.detach()), bias)
+        return cls(*quantize_blocks(weight.detach()), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] <= DECODE_ROWS:
-            out = self._decode(rows)
+        if rows.dtype != torch.float32 or not rows.is_contiguous():
+            rows = rows.float().contiguous()
+        decode = rows.shape[0] <= DECODE_ROWS
+        if self.plan["int8 decode" if decode else "int8 prompt"] == "qwenbox":
+            library = kernels.library()
+            assert library is not None
+            kernel = library.int8_matmul if decode else library.int8_prompt_matmul
+            out = kernel(rows, self.values, self.scales, self.bias)
         else:
-            out = self._prompt(rows)
+            out = self._dequantized(rows)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
-    def _decode(self, rows: torch.Tensor) -> torch.Tensor:
-        if self.plan["int8 decode"] == "qwenbox":
-            library = kernels.library()
-            assert library is not None
-            return library.int8_matmul(rows.float().contiguous(), self.values, self.scales, self.bias)
-        out = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16), self.values, self._scales_bf16)
-        return out if self.bias is None else out.float() + self.bias
-
-    def _prompt(self, rows: torch.Tensor) -> torch.Tensor:
-        how = self.plan["int8 prompt"]
-        if how == "qwenbox":
-            library = kernels.library()
-            assert library is not None
-            if self._row_sums is None:  # once, at the first prompt: 4 bytes per output row
-                self._row_sums = self.values.sum(dim=1, dtype=torch.int32)
-            return library.int8_prompt_matmul(
-                rows.float().contiguous(), self.values, self.scales, self._row_sums, self.bias
-            )
-        if how == "onednn.qlinear_pointwise":
-            return onednn_int8(rows.float(), self.values, self.scales, self.bias)
+    def _dequantized(self, rows: torch.Tensor) -> torch.Tensor:
+        """Without the compiled kernels: float32 products of dequantized rows, 2,048 at a time
+        (never a float copy of the whole matrix)."""
         out = torch.empty(rows.shape[0], self.out_features)
-        for start in range(0, self.out_features, 2048):  # never a float copy of the whole matrix
-            w = self.values[start : start + 2048].float().mul_(self.scales[start : start + 2048, None])
-            torch.matmul(rows.float(), w.T, out=out[:, start : start + 2048])
+        for start in range(0, self.out_features, 2048):
+            w = dequantize_int8(self.values[start : start + 2048], self.scales[start : start + 2048])
+            torch.matmul(rows, w.T, out=out[:, start : start + 2048])
         return out if self.bias is None else out.add_(self.bias)
 
 
-def onednn_int8(
-    rows: torch.Tensor, values: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
-    """float32 rows × int8 weights by oneDNN's int8 GEMM, the path PyTorch's own int8 export lowers
-    to on x86: the rows quantized to uint8 with one scale and zero point, the weights reordered for
-    oneDNN on each call (it cannot read a plain matrix; keeping a reordered copy would double the
-    weights' memory, and the reorder is a few percent of a prompt's product)."""
-    lowest, highest = torch.aminmax(rows)
-    low, high = min(float(lowest), 0.0), max(float(highest), 0.0)
-    # 7 bits (0..127): without VNNI, pairs of uint8 x int8 products are summed in int16 and could
-    # saturate at full range (fbgemm's reduce_range, for the same reason)
-    scale = max((high - low) / 127, 1e-8)
-    zero = int(round(-low / scale))
-    quantized = rows.div(scale).round_().add_(zero).clamp_(0, 127).to(torch.uint8)
-    packed = torch.ops.onednn.qlinear_prepack(values, list(rows.shape))
-    zeros = torch.zeros(values.shape[0], dtype=torch.long)
-    return torch.ops.onednn.qlinear_pointwise(
-        quantized, scale, zero, packed, scales, zeros, bias, 1.0, 0, torch.float32, "none", [], ""
-    )
+def block_scales(scales: torch.Tensor, inputs: int) -> torch.Tensor:
+    """int8 weight scales in the stored form, float16 (rows, ceil(inputs / 32)); one scale per row
+    (float32 (rows,), format version 1) repeated over the row's blocks (rounded to float16: within
+    2^-11 of the scale, a sixteenth of the int8 step)."""
+    blocks = -(-inputs // BLOCK)
+    if scales.dim() == 1:
+        return scales.to(torch.float16)[:, None].expand(-1, blocks).contiguous()
+    if scales.shape[1] != blocks:
+        raise ValueError(f"{tuple(scales.shape)} scales for {inputs} inputs: need {blocks} blocks of {BLOCK}")
+    return scales.to(torch.float16).contiguous()
+
+
+def dequantize_int8(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """float32 weights (rows, inputs) from int8 values and their per-block float16 scales."""
+    rows, inputs = values.shape
+    blocks = scales.shape[1]
+    w = torch.zeros(rows, blocks * BLOCK)
+    w[:, :inputs] = values
+    return w.view(rows, blocks, BLOCK).mul_(scales.float()[..., None]).view(rows, -1)[:, :inputs]
 
 
 class Int4Linear(torch.nn.Module):
@@ -189,7 +165,11 @@ class Int4Linear(torch.nn.Module):
     ) -> None:
         rows, half = q4.shape
         self.out_features, self.in_features = rows, half * 2
-        self.group = self.in_features // scales.shape[1]
+        group = self.in_features // scales.shape[1]
+        if group != INT4_GROUP:  # an older checkpoint's larger groups, as groups of 32
+            scales = scales.repeat_interleave(group // INT4_GROUP, dim=1)
+            lows = lows.repeat_interleave(group // INT4_GROUP, dim=1)
+        self.group = INT4_GROUP
         self.bias = None if bias is None else bias.detach().float().contiguous()
         self.plan = kernel_plan()
         self._kernel: Callable[..., torch.Tensor] | None = None
@@ -201,8 +181,8 @@ class Int4Linear(torch.nn.Module):
             self._kernel = library.int4_matmul
             self.q4 = q4.contiguous()
             self.scales, self.lows = (
-                scales.to(torch.bfloat16).contiguous(),
-                lows.to(torch.bfloat16).contiguous(),
+                scales.to(torch.float16).contiguous(),
+                lows.to(torch.float16).contiguous(),
             )
         else:
             self.packed, self.scales_zeros = pack_int4_for_aten(q4, scales, lows)
@@ -252,9 +232,9 @@ def pack_int4_for_aten(
 def int4_group(shape: tuple[int, ...] | torch.Size) -> int | None:
     """The group size the int4 kernel would use for a (outputs, inputs) matrix, or None if it cannot."""
     rows, cols = shape
-    if rows % 16:
+    if rows % 16 or cols % INT4_GROUP:
         return None
-    return next((g for g in INT4_GROUPS if cols % g == 0), None)
+    return INT4_GROUP
 
 
 def quantized_linear(bits: int, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Module:
@@ -267,15 +247,16 @@ def quantize(bits: int, weight: torch.Tensor) -> dict[str, torch.Tensor]:
     """A Linear weight in its stored quantized form, independent of any kernel's packing: what a
     pre-quantized checkpoint holds, and what `from_quantized` turns into a layer.
 
-    - int8: ``values`` int8 (outputs, inputs) and ``scales`` float32 (outputs,): w ≈ values × scale.
+    - int8: ``values`` int8 (outputs, inputs) and ``scales`` float16 (outputs, ceil(inputs / 32)):
+      w ≈ values × scale of the input's block of 32 (`quantize_blocks`).
     - int4: ``q4`` uint8 (outputs, inputs / 2), two 4-bit values per byte (even input in the low
-      nibble), and ``scales`` / ``lows`` bfloat16 (outputs, inputs / group): w ≈ q × scale + low.
+      nibble), and ``scales`` / ``lows`` float16 (outputs, inputs / 32): w ≈ q × scale + low.
       A shape the int4 kernel cannot take is stored in the int8 form instead.
     """
     if bits == 4 and (group := int4_group(weight.shape)):
         q, scales, lows = quantize_int4_groups(weight.detach(), group)
         return {"q4": q, "scales": scales, "lows": lows}
-    values, scales = quantize_rows(weight.detach())
+    values, scales = quantize_blocks(weight.detach())
     return {"values": values, "scales": scales}
 
 
@@ -287,29 +268,39 @@ def from_quantized(tensors: dict[str, torch.Tensor], bias: torch.Tensor | None) 
 
 
 class Int8Embedding(torch.nn.Module):
-    """Token embeddings as int8 rows with one scale each: half of bf16's memory for a table that
-    is a sixth of a small model (151,936 × 1,536 in Qwen2.5-1.5B). A step looks up a few rows and
-    turns only those back into floats."""
+    """Token embeddings as int8 rows with a float16 scale per block of 32 (the int8 Linear's form, so a
+    tied head is this table): half of bf16's memory for a table that is a sixth of a small model
+    (151,936 × 1,536 in Qwen2.5-1.5B). A step looks up a few rows and turns only those back into floats."""
 
     def __init__(self, values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype):
         super().__init__()
-        self.values, self.scales, self.dtype = values, scales.float(), dtype
         self.num_embeddings, self.embedding_dim = values.shape
+        self.values, self.scales, self.dtype = values, block_scales(scales, self.embedding_dim), dtype
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return (self.values[ids].float() * self.scales[ids].unsqueeze(-1)).to(self.dtype)
+        flat = ids.reshape(-1)
+        rows = dequantize_int8(self.values[flat], self.scales[flat])
+        return rows.view(*ids.shape, self.embedding_dim).to(self.dtype)
 
 
-def quantize_rows(weight: torch.Tensor, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 with one scale per output row, as (values, scales). A few rows at a time: the
-    float32 copy the arithmetic needs is never larger than `chunk` rows (the output head has 152k)."""
-    rows = weight.shape[0]
+def quantize_blocks(weight: torch.Tensor, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with a scale per output row and block of 32 inputs (llama.cpp's Q8_0), as
+    (values int8 (rows, inputs), scales float16 (rows, ceil(inputs / 32))): scale = max|w_block| / 127
+    rounded to float16, values = w / scale rounded to nearest (a last block of inputs % 32 when the
+    inputs are not a multiple of 32). A few rows at a time: the float32 copy the arithmetic needs is
+    never larger than `chunk` rows (the output head has 152k)."""
+    rows, inputs = weight.shape
+    blocks = -(-inputs // BLOCK)
     values = torch.empty(weight.shape, dtype=torch.int8)
-    scales = torch.empty(rows, dtype=torch.float32)
+    scales = torch.empty(rows, blocks, dtype=torch.float16)
     for start in range(0, rows, chunk):
         w = weight[start : start + chunk].to(torch.float32, copy=True)
-        scale = (w.abs().amax(dim=1) / 127).clamp_(min=1e-8)
-        values[start : start + chunk].copy_(w.div_(scale[:, None]).round_().clamp_(-127, 127))
+        w = torch.nn.functional.pad(w, (0, blocks * BLOCK - inputs)).view(w.shape[0], blocks, BLOCK)
+        scale = (w.abs().amax(dim=-1) / 127).to(torch.float16)
+        wide = scale.float()
+        inverse = torch.where(wide > 0, 1 / wide, torch.zeros_like(wide))
+        q = w.mul_(inverse[..., None]).round_().clamp_(-127, 127).view(w.shape[0], -1)[:, :inputs]
+        values[start : start + chunk].copy_(q)
         scales[start : start + chunk] = scale
     return values, scales
 
@@ -317,17 +308,21 @@ def quantize_rows(weight: torch.Tensor, chunk: int = 2048) -> tuple[torch.Tensor
 def quantize_int4_groups(
     weight: torch.Tensor, group: int, chunk: int = 2048
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """4-bit values two per byte in plain order (even input in the low nibble) with a bf16 scale and
-    low per group of `group` inputs: w ≈ q × scale + low, q in 0..15."""
+    """4-bit values two per byte in plain order (even input in the low nibble) with a float16 scale
+    and low per group of `group` inputs: w ≈ q × scale + low, q in 0..15, the values rounded against
+    the float16 scale and low they are stored with (weights already on a Q4_1 grid, as GGUF files
+    of 4-bit models hold, come back exactly)."""
     rows, cols = weight.shape
     q4 = torch.empty(rows, cols // 2, dtype=torch.uint8)
-    scales = torch.empty(rows, cols // group, dtype=torch.bfloat16)
-    lows = torch.empty(rows, cols // group, dtype=torch.bfloat16)
+    scales = torch.empty(rows, cols // group, dtype=torch.float16)
+    lows = torch.empty(rows, cols // group, dtype=torch.float16)
     for start in range(0, rows, chunk):
         w = weight[start : start + chunk].to(torch.float32, copy=True).view(-1, cols // group, group)
-        low, high = w.amin(dim=-1), w.amax(dim=-1)
-        scale = ((high - low) / 15).clamp_(min=1e-8)
-        q = w.sub_(low[..., None]).div_(scale[..., None]).round_().clamp_(0, 15).to(torch.uint8)
+        low = w.amin(dim=-1).to(torch.float16)
+        scale = ((w.amax(dim=-1) - low.float()) / 15).to(torch.float16)
+        inverse = torch.where(scale > 0, 1 / scale.float(), torch.zeros_like(scale, dtype=torch.float32))
+        w = w.sub_(low.float()[..., None]).mul_(inverse[..., None])
+        q = w.round_().clamp_(0, 15).to(torch.uint8)
         q = q.view(q.shape[0], cols // 2, 2)
         q4[start : start + chunk] = q[..., 0] | (q[..., 1] << 4)
         scales[start : start + chunk], lows[start : start + chunk] = scale, low

@@ -41,7 +41,7 @@ from transformers import (
 from ..catalog import accepts_images
 from .backend import Sequence, TransformersBackend
 from .engine import SamplingOptions
-from .quantized import Int8Embedding, quantize_rows, quantized_linear
+from .quantized import Int8Embedding, quantize_blocks, quantized_linear
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def load_vision_model(source: str, precision: str) -> PreTrainedModel:
     for name, module in list(language.named_modules()):
         if isinstance(module, torch.nn.Linear):
             _replace(language, name, quantized_linear(bits, module.weight.data, module.bias))
-    values, scales = quantize_rows(cast(torch.Tensor, embedding.weight).detach())
+    values, scales = quantize_blocks(cast(torch.Tensor, embedding.weight).detach())
     language.set_input_embeddings(Int8Embedding(values, scales, torch.float32))
     if head is not None:
         model.set_output_embeddings(quantized_linear(bits, head.weight.data, None))
