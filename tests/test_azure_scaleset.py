@@ -555,3 +555,34 @@ def test_a_new_token_goes_to_every_instance_through_the_model(fake, clients):
     prepared, again = provision(clients, token=new)
     assert again.token_changed and state.load_token(NAME) == new
     assert f"ACCESS_TOKEN={new}" in protected_script(fake) and puts(fake, "virtualMachineScaleSets") == 2
+
+
+# -- the vCPU quota, asked before the NAT gateway, the load balancer and the database are billed ---------
+
+
+def test_a_scale_set_over_its_vcpu_quota_is_refused_before_anything_is_created(fake, clients):
+    """Autoscale may reach MAX (4) instances of 2 vCPUs: 8 vCPUs, with 6 free in the B family. Azure would
+    refuse only the scale set's PUT, after the NAT gateway, load balancer and PostgreSQL server exist."""
+    fake.quota["standardBSFamily"] = (4, 10)
+    with pytest.raises(AzureActionError) as err:
+        provision(clients)
+    message = str(err.value)
+    assert "4 x Standard_B2s (2 vCPUs each) needs 8 more vCPUs than are in use" in message
+    assert "fewer --instances" in message
+    assert "Sizes that fit (4 instances) in eastus: Standard_B2as_v2, Standard_D2as_v5" in message
+    assert puts(fake, "natGateways|loadBalancers|flexibleServers|virtualMachineScaleSets") == 0
+    assert [r for r in fake.requests if r[0] != "GET"] == [] and fake.is_empty()
+    assert not state.token_file(NAME).exists()
+
+
+def test_a_scale_sets_own_instances_count_as_used(fake, clients):
+    """A re-deploy needs only what autoscale could add beyond the running instances (2 of 4 here)."""
+    provision(clients)
+    fake.quota["standardBSFamily"] = (0, 8)  # 4 in use by the two instances, 4 free: MAX fits
+    fake.regional_cores = (0, 8)
+    provision(clients)
+    assert puts(fake, "virtualMachineScaleSets/qb-scale-vmss$") == 1
+    before = [r for r in fake.requests if r[0] == "PUT"]
+    with pytest.raises(AzureActionError, match="needs 8 more vCPUs"):
+        provision(clients, instances="2-6")  # 12 vCPUs at most, 4 of them held: 8 more, 4 free
+    assert [r for r in fake.requests if r[0] == "PUT"] == before

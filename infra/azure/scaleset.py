@@ -26,7 +26,7 @@ from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 from azure.mgmt.compute.models import Sku
 
 from infra import health
-from infra.azure import remote, state
+from infra.azure import capacity, remote, state
 from infra.azure.arm import HTTPS_RULE, TLS_TAG, public_ip_body
 from infra.azure.credentials import AzureClients
 from infra.azure.deployment import DB_NAME, DB_PASSWORD_KEY, Deployment, Names, Prepared
@@ -38,6 +38,7 @@ from infra.azure.provision import (
     _explained,
     _json,
     _quiet,
+    check_capacity,
     existing_group,
     owned_group,
     read_address,
@@ -111,6 +112,10 @@ def provision(
                 f"the scale set {d.vmss} exists but this machine does not keep its access token, and "
                 "every instance must share one: give it with --token or QWEN_BOX_ACCESS_TOKEN"
             )
+        held = None
+        if existing is not None and existing.sku is not None:
+            held = capacity.Held(str(existing.sku.name or ""), int(existing.sku.capacity or 0))
+        check_capacity(clients, d, count=d.instances[1], held=held)  # autoscale may reach MAX
         token_changed = existing is not None and state.load_token(d.name) != prepared.token
         state.save_token(d.name, prepared.token)  # kept here before any instance has it
         if tls.generated:
