@@ -567,7 +567,7 @@ def test_a_scale_set_over_its_vcpu_quota_is_refused_before_anything_is_created(f
     with pytest.raises(AzureActionError) as err:
         provision(clients)
     message = str(err.value)
-    assert "4 x Standard_B2s (2 vCPUs each) needs 8 more vCPUs than are in use" in message
+    assert "4 x Standard_B2s (2 vCPUs each) needs 8 more vCPUs" in message
     assert "fewer --instances" in message
     assert "Sizes that fit (4 instances) in eastus: Standard_B2as_v2, Standard_D2as_v5" in message
     assert puts(fake, "natGateways|loadBalancers|flexibleServers|virtualMachineScaleSets") == 0

@@ -107,8 +107,9 @@ def capacity_refusal(
         lines = []
         for label, regional, current, limit, need in over:
             what = "the region's total vCPU quota" if regional else f"the {label} quota"
+            who = f"{many}{size} ({vcpus} vCPUs each)" if many else f"VM size {size} ({vcpus} vCPUs)"
             lines.append(
-                f"{many}{size} ({vcpus} vCPUs each) needs {need} more vCPUs than are in use, over "
+                f"{who} needs {need} more vCPUs, over "
                 f"{what} in {region}: {current} of {limit} used, {max(limit - current, 0)} free."
             )
         family = next((label for label, regional, *_ in over if not regional), "")
@@ -125,7 +126,7 @@ def capacity_refusal(
     else:
         lines.append(
             f"No other size fits in {region} for this subscription: try another --region (e.g. "
-            f"{', '.join(SUGGESTED_REGIONS[:3])})."
+            f"{', '.join([r for r in SUGGESTED_REGIONS if r != region.lower()][:3])})."
         )
     lines.append("Nothing was created: Azure was only asked what this subscription may run there.")
     return "\n".join(lines)
