@@ -24,6 +24,7 @@ from infra.azure import cli as azure_cli
 from infra.azure.credentials import AzureClients
 from infra.azure.deployment import DeployOptions, PlanError, parse_instances, prepare
 from infra.azure.errors import AzureActionError
+from infra.health import Health
 from infra.vm.caddy import caddyfile
 from tests.support import standin_vm
 from tests.support.azure import connect_to, invoke
@@ -586,3 +587,40 @@ def test_a_scale_sets_own_instances_count_as_used(fake, clients):
     with pytest.raises(AzureActionError, match="needs 8 more vCPUs"):
         provision(clients, instances="2-6")  # 12 vCPUs at most, 4 of them held: 8 more, 4 free
     assert [r for r in fake.requests if r[0] == "PUT"] == before
+
+
+# -- an image change: ready once every instance runs it ----------------------------------------------------
+
+
+def test_after_an_image_change_ready_waits_until_every_instance_runs_it(fake, clients, monkeypatch):
+    """The load balancer's address answers ok at once after a model change (the old instances still
+    run); deploy-azure waits until the rolling upgrade has reached every instance, and says which it has
+    not reached when the time is up."""
+    _, first = provision(clients)
+    assert first.rollout_tag == ""  # a new scale set: its instances are made with the model
+    fake.lagging_instances = 1
+    prepared, result = provision(clients, image="myreg.azurecr.io/qwen-box:1.1")
+    assert result.rollout_tag == fake.resource(GROUP, VMSS, f"{NAME}-vmss")["tags"][scale_arm.MODEL_TAG]
+    monkeypatch.setattr(
+        "infra.health.wait_healthy", lambda *a, **kw: Health("ok", "Qwen/Qwen2.5-1.5B-Instruct")
+    )
+    quick = dataclasses.replace(prepared.options, timeout=0.3, interval=0.05)
+    prepared = dataclasses.replace(prepared, options=quick)
+    phases: list[Health] = []
+    answer = scaleset.ScaleSet(clients).wait_ready(prepared, result, phases.append, lambda h, s: None)
+    tags = {
+        vm: fake.extensions[f"{GROUP}/{vm}/extensions/{arm.SECRETS_EXTENSION}".lower()]["resource"]
+        for vm in scaleset.instances(clients, prepared.deployment)
+    }
+    lagging = [vm for vm, ext in tags.items() if ext["properties"]["forceUpdateTag"] != result.rollout_tag]
+    assert len(lagging) == 1
+    assert answer.phase == "stopped" and f": {lagging[0]} still run the old ones" in answer.detail
+    assert phases[-1].detail == "1 of 2 instances run the new model"
+
+    fake.lagging_instances = 0
+    fake.set_capacity(GROUP, f"{NAME}-vmss", 2)  # the rolling upgrade reaches the last one
+    phases.clear()
+    answer = scaleset.ScaleSet(clients).wait_ready(prepared, result, phases.append, lambda h, s: None)
+    assert answer.phase == "ok" and phases == []
+    _, again = provision(clients, image="myreg.azurecr.io/qwen-box:1.1")
+    assert again.rollout_tag == ""  # unchanged: nothing rolls out, ready as the address is

@@ -73,6 +73,9 @@ class DeployResult:
     vm_created: bool
     container_updated: bool
     token_changed: bool = False  # an existing VM was given another access token (--token)
+    # a scale set whose model changed: the secrets extension's forceUpdateTag each instance carries once
+    # the rollout has reached it (wait_ready waits for every instance); "" when nothing rolls out
+    rollout_tag: str = ""
 
 
 @contextmanager

@@ -147,6 +147,7 @@ class FakeArm:
         self.regional_cores: tuple[int, int] = (0, DEFAULT_REGIONAL_LIMIT)
         self.power_state = "running"
         self.instance_health: dict[str, str] = {}  # a scale set instance's name -> healthy/unhealthy/...
+        self.lagging_instances = 0  # a scale set's instances a model change has not reached yet
         self.public_instances = False  # whether a scale set was ever given a public IP per instance
         self.vm_failures: dict[str, dict[str, str]] = {}  # VM key -> the error its creation ended in
         self.serial_log = "[    0.000000] Linux version 6.8.0-azure\ncloud-init: qwen-box: pulling image\n"
@@ -655,6 +656,35 @@ class FakeArm:
                     "osProfile": {"adminUsername": "azureuser", "computerName": name},
                 },
             }
+        self._roll_out(group, vmss)
+
+    def _roll_out(self, group: str, vmss: dict) -> None:
+        """The scale set's extensions on its instances as the rolling upgrade leaves them: each instance
+        gets the model's (its forceUpdateTag, Succeeded), except the first `lagging_instances`, which
+        keep what they had (the upgrade has not reached them yet)."""
+        mine = [
+            r
+            for r in self._list(group, "Microsoft.Compute/virtualMachines", "")
+            if r["properties"].get("virtualMachineScaleSet", {}).get("id", "").lower() == vmss["id"].lower()
+        ]
+        profile = vmss["properties"].get("virtualMachineProfile", {})
+        for i, vm in enumerate(mine):
+            for ext in profile.get("extensionProfile", {}).get("extensions", []):
+                key = _key(group, vm["name"], "extensions", ext["name"])
+                if i < self.lagging_instances and key in self.extensions:
+                    continue
+                props = {k: v for k, v in ext.get("properties", {}).items() if k != "protectedSettings"}
+                props["provisioningState"] = "Succeeded"
+                self.extensions[key] = {
+                    "vmId": vm["properties"]["vmId"],
+                    "resource": {
+                        "id": f"{vm['id']}/extensions/{ext['name']}",
+                        "name": ext["name"],
+                        "type": "Microsoft.Compute/virtualMachines/extensions",
+                        "location": vm["location"],
+                        "properties": props,
+                    },
+                }
 
     def set_capacity(self, group: str, vmss: str, capacity: int) -> None:
         """What autoscale does between deploys: change the scale set's capacity (and its instances)."""
