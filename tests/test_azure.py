@@ -420,6 +420,11 @@ def test_allocation_failure_is_explained(fake, clients):
         run_deploy(clients, deployment())
 
 
+def writes(fake: FakeArm) -> list[tuple[str, str, str]]:
+    """Every request that could create, change or delete something (a GET or a SKU list cannot)."""
+    return [r for r in fake.requests if r[0] in ("PUT", "PATCH", "DELETE", "POST") and "/fake/" not in r[1]]
+
+
 def test_unavailable_size_suggests_one_that_is_available(fake, clients):
     fake.restrict_sku("Standard_B2s", "eastus")
     with pytest.raises(AzureActionError) as err:
@@ -427,6 +432,104 @@ def test_unavailable_size_suggests_one_that_is_available(fake, clients):
     message = str(err.value)
     assert "Standard_B2s is not available in eastus" in message
     assert "Standard_B2ms" in message and "--size" in message
+
+
+# -- asked before anything billed is created: the size offered, the vCPU quota ----------------------------
+
+
+@pytest.mark.parametrize("reason", ["NotAvailableForSubscription", "QuotaId"])
+def test_a_restricted_size_is_refused_before_the_first_put(fake, clients, reason):
+    """Azure would refuse it only at the VM's PUT, after the network, IP and NIC exist: asked first, the
+    SKU list's restriction says why, and nothing at all is created."""
+    fake.restrict_sku("Standard_B2s", "eastus", reason)
+    with pytest.raises(AzureActionError) as err:
+        run_deploy(clients, deployment())
+    message = str(err.value)
+    assert (
+        f"Standard_B2s is not available in eastus for this subscription: it is restricted ({reason}"
+        in message
+    )
+    assert "Sizes that fit in eastus: Standard_B2ms, Standard_B2as_v2, Standard_D2as_v5" in message
+    assert "Nothing was created" in message
+    assert writes(fake) == [] and fake.is_empty()
+    assert fake.count("GET", "/providers/Microsoft.Compute/skus$") >= 1
+
+
+def test_a_size_the_region_does_not_offer_is_refused_before_the_first_put(fake, clients):
+    with pytest.raises(AzureActionError) as err:
+        run_deploy(clients, deployment(size="Standard_NC24ads_A100_v4", env={"DTYPE": "int8"}))
+    message = str(err.value)
+    assert "Standard_NC24ads_A100_v4 is not offered in eastus" in message
+    assert "Sizes that fit in eastus: Standard_B2s, Standard_B2ms" in message
+    assert writes(fake) == [] and fake.is_empty()
+
+
+def test_a_family_over_its_vcpu_quota_is_refused_naming_sizes_of_other_families(fake, clients):
+    """9 of 10 B-series vCPUs in use: a B2s (2 vCPUs) would exceed it, and so would any B size; the
+    sizes named are of families with room, the project's preferred first."""
+    fake.quota["standardBSFamily"] = (9, 10)
+    with pytest.raises(AzureActionError) as err:
+        run_deploy(clients, deployment())
+    message = str(err.value)
+    assert "over the Standard BS Family vCPUs quota in eastus: 9 of 10 used, 1 free" in message
+    assert "Usage + quotas, Standard BS Family vCPUs" in message
+    fits = re.search(r"Sizes that fit in eastus: (.*) \(--size\)", message)
+    assert fits and fits.group(1).split(", ") == [
+        "Standard_B2as_v2",
+        "Standard_D2as_v5",
+        "Standard_D2s_v5",
+        "Standard_D4as_v5",
+        "Standard_D4s_v5",
+    ]
+    assert writes(fake) == [] and fake.is_empty()
+    assert fake.count("GET", "/locations/eastus/usages$") == 1
+
+
+def test_the_regional_vcpu_total_is_checked_too(fake, clients):
+    fake.regional_cores = (19, 20)
+    with pytest.raises(AzureActionError) as err:
+        run_deploy(clients, deployment())
+    message = str(err.value)
+    assert "over the region's total vCPU quota in eastus: 19 of 20 used, 1 free" in message
+    assert "No other size fits in eastus" in message and "--region" in message
+    assert "Usage + quotas, Total Regional vCPUs" in message
+    assert writes(fake) == [] and fake.is_empty()
+
+
+def test_the_sizes_named_leave_out_those_too_small_for_the_model(fake, clients):
+    """The model at float32 needs more than a B2s's 4 GiB: the sizes named are ones it fits."""
+    fake.restrict_sku("Standard_B4ms", "eastus")
+    with pytest.raises(AzureActionError) as err:
+        run_deploy(clients, deployment(size="Standard_B4ms", env={"DTYPE": "float32"}))
+    fits = re.search(r"Sizes that fit in eastus: (.*) \(--size\)", str(err.value))
+    assert fits and fits.group(1).split(", ")[:2] == ["Standard_B2ms", "Standard_B2as_v2"]
+
+
+def test_an_unchanged_redeploy_at_full_quota_converges(fake, clients):
+    """The deployment's own VM is counted in the usage already: with the family and the region full,
+    re-deploying the same size needs nothing more and is not refused."""
+    run_deploy(clients, deployment())
+    fake.quota["standardBSFamily"] = (0, 2)
+    fake.regional_cores = (0, 2)
+    assert not run_deploy(clients, deployment()).vm_created
+    assert fake.count("PUT", "virtualMachines/qb-test-vm$") == 1
+    result = run_deploy(clients, deployment(image="myreg.azurecr.io/qwen-box:1.1"))
+    assert not result.vm_created and result.container_updated
+
+
+def test_a_size_change_counts_only_the_difference(fake, clients):
+    run_deploy(clients, deployment())
+    fake.quota["standardBSFamily"] = (0, 2)
+    fake.regional_cores = (0, 2)
+    run_deploy(clients, deployment(size="Standard_B2ms"))  # same family, same vCPUs: nothing more
+    run_deploy(clients, deployment(size="Standard_D2s_v5"))  # another family; the region's total is even
+    vm = fake.resource("qb-test-rg", VM, "qb-test-vm")
+    assert vm["properties"]["hardwareProfile"]["vmSize"] == "Standard_D2s_v5"
+    before = writes(fake)
+    with pytest.raises(AzureActionError) as err:
+        run_deploy(clients, deployment(size="Standard_D4s_v5"))  # 2 vCPUs more than the region has free
+    assert "needs 2 more vCPUs, over the region's total vCPU quota" in str(err.value)
+    assert writes(fake) == before
 
 
 def test_dns_name_taken_by_someone_else(fake, clients):
@@ -1042,6 +1145,26 @@ def test_azure_errors_reach_the_user_as_sentences(cli, capsys):
     assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-quota", "--allow-from", ME) == 1
     out = capsys.readouterr().out
     assert "error:" in out and "quota exceeded" in out and "Traceback" not in out
+    assert "What was created so far stays" in out  # the network, IP and NIC were
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [
+        lambda fake: fake.quota.__setitem__("standardBSFamily", (10, 10)),
+        lambda fake: fake.restrict_sku("Standard_B2s", "eastus"),
+        lambda fake: fake.fail(
+            "PUT", "resourcegroups/qb-none-rg$", 403, "AuthorizationFailed", "not allowed"
+        ),
+    ],
+)
+def test_what_was_created_stays_is_said_only_when_something_was(cli, capsys, setup):
+    setup(cli)
+    assert invoke("deploy-azure", "--image", IMAGE, "--name", "qb-none", "--allow-from", ME) == 1
+    out = capsys.readouterr().out
+    assert "error:" in out and "What was created so far stays" not in out
+    assert "Nothing was created in Azure by this run." in out
+    assert cli.is_empty()
 
 
 def test_no_subscription_says_az_login(monkeypatch, tmp_path, capsys):

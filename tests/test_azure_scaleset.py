@@ -24,6 +24,7 @@ from infra.azure import cli as azure_cli
 from infra.azure.credentials import AzureClients
 from infra.azure.deployment import DeployOptions, PlanError, parse_instances, prepare
 from infra.azure.errors import AzureActionError
+from infra.health import Health
 from infra.vm.caddy import caddyfile
 from tests.support import standin_vm
 from tests.support.azure import connect_to, invoke
@@ -555,3 +556,71 @@ def test_a_new_token_goes_to_every_instance_through_the_model(fake, clients):
     prepared, again = provision(clients, token=new)
     assert again.token_changed and state.load_token(NAME) == new
     assert f"ACCESS_TOKEN={new}" in protected_script(fake) and puts(fake, "virtualMachineScaleSets") == 2
+
+
+# -- the vCPU quota, asked before the NAT gateway, the load balancer and the database are billed ---------
+
+
+def test_a_scale_set_over_its_vcpu_quota_is_refused_before_anything_is_created(fake, clients):
+    """Autoscale may reach MAX (4) instances of 2 vCPUs: 8 vCPUs, with 6 free in the B family. Azure would
+    refuse only the scale set's PUT, after the NAT gateway, load balancer and PostgreSQL server exist."""
+    fake.quota["standardBSFamily"] = (4, 10)
+    with pytest.raises(AzureActionError) as err:
+        provision(clients)
+    message = str(err.value)
+    assert "4 x Standard_B2s (2 vCPUs each) needs 8 more vCPUs" in message
+    assert "fewer --instances" in message
+    assert "Sizes that fit (4 instances) in eastus: Standard_B2as_v2, Standard_D2as_v5" in message
+    assert puts(fake, "natGateways|loadBalancers|flexibleServers|virtualMachineScaleSets") == 0
+    assert [r for r in fake.requests if r[0] != "GET"] == [] and fake.is_empty()
+    assert not state.token_file(NAME).exists()
+
+
+def test_a_scale_sets_own_instances_count_as_used(fake, clients):
+    """A re-deploy needs only what autoscale could add beyond the running instances (2 of 4 here)."""
+    provision(clients)
+    fake.quota["standardBSFamily"] = (0, 8)  # 4 in use by the two instances, 4 free: MAX fits
+    fake.regional_cores = (0, 8)
+    provision(clients)
+    assert puts(fake, "virtualMachineScaleSets/qb-scale-vmss$") == 1
+    before = [r for r in fake.requests if r[0] == "PUT"]
+    with pytest.raises(AzureActionError, match="needs 8 more vCPUs"):
+        provision(clients, instances="2-6")  # 12 vCPUs at most, 4 of them held: 8 more, 4 free
+    assert [r for r in fake.requests if r[0] == "PUT"] == before
+
+
+# -- an image change: ready once every instance runs it ----------------------------------------------------
+
+
+def test_after_an_image_change_ready_waits_until_every_instance_runs_it(fake, clients, monkeypatch):
+    """The load balancer's address answers ok at once after a model change (the old instances still
+    run); deploy-azure waits until the rolling upgrade has reached every instance, and says which it has
+    not reached when the time is up."""
+    _, first = provision(clients)
+    assert first.rollout_tag == ""  # a new scale set: its instances are made with the model
+    fake.lagging_instances = 1
+    prepared, result = provision(clients, image="myreg.azurecr.io/qwen-box:1.1")
+    assert result.rollout_tag == fake.resource(GROUP, VMSS, f"{NAME}-vmss")["tags"][scale_arm.MODEL_TAG]
+    monkeypatch.setattr(
+        "infra.health.wait_healthy", lambda *a, **kw: Health("ok", "Qwen/Qwen2.5-1.5B-Instruct")
+    )
+    quick = dataclasses.replace(prepared.options, timeout=0.3, interval=0.05)
+    prepared = dataclasses.replace(prepared, options=quick)
+    phases: list[Health] = []
+    answer = scaleset.ScaleSet(clients).wait_ready(prepared, result, phases.append, lambda h, s: None)
+    tags = {
+        vm: fake.extensions[f"{GROUP}/{vm}/extensions/{arm.SECRETS_EXTENSION}".lower()]["resource"]
+        for vm in scaleset.instances(clients, prepared.deployment)
+    }
+    lagging = [vm for vm, ext in tags.items() if ext["properties"]["forceUpdateTag"] != result.rollout_tag]
+    assert len(lagging) == 1
+    assert answer.phase == "stopped" and f": {lagging[0]} still run the old ones" in answer.detail
+    assert phases[-1].detail == "1 of 2 instances run the new model"
+
+    fake.lagging_instances = 0
+    fake.set_capacity(GROUP, f"{NAME}-vmss", 2)  # the rolling upgrade reaches the last one
+    phases.clear()
+    answer = scaleset.ScaleSet(clients).wait_ready(prepared, result, phases.append, lambda h, s: None)
+    assert answer.phase == "ok" and phases == []
+    _, again = provision(clients, image="myreg.azurecr.io/qwen-box:1.1")
+    assert again.rollout_tag == ""  # unchanged: nothing rolls out, ready as the address is

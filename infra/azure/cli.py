@@ -111,7 +111,7 @@ def deploy(
     target = (target_for or (ScaleSet if d.scale_set else SingleVm))(clients)
     show_start(out, prepared, clients.subscription, key_path if generated else None)
     started = time.monotonic()
-    result = _provision(out, target, prepared, key, started)
+    result = _provision(out, target, prepared, key, started, clients)
     if result is None:
         return 1
     if result.container_updated:
@@ -157,9 +157,13 @@ def show_start(out: Console, prepared: Prepared, subscription: str, generated_ke
 
 
 def _provision(
-    out: Console, target: Target, prepared: Prepared, key: str, started: float
+    out: Console, target: Target, prepared: Prepared, key: str, started: float, clients: AzureClients
 ) -> DeployResult | None:
-    """The provisioning phase with its progress lines; None (after saying why) when it failed."""
+    """The provisioning phase with its progress lines; None (after saying why) when it failed. What was
+    created stays, and the user is told so only when Azure accepted a PUT of this run (`clients.writes`):
+    a refusal before any (a size or quota check, a group that is not ours) left nothing behind."""
+    writes = getattr(clients, "writes", None)  # clients made without the log: assume something was
+    accepted = len(writes.accepted) if writes is not None else -1
     d = prepared.deployment
     try:
         with out.status("provisioning Azure resources") as spinner:
@@ -176,10 +180,13 @@ def _provision(
             else explain(exc, region=d.region, size=d.size, name=d.name)
         )
         _fail(out, message)
-        out.print(
-            f"What was created so far stays: re-run deploy-azure (it converges) or "
-            f"invoke destroy-azure --name {d.name}."
-        )
+        if writes is None or len(writes.accepted) > accepted:
+            out.print(
+                f"What was created so far stays: re-run deploy-azure (it converges) or "
+                f"invoke destroy-azure --name {d.name}."
+            )
+        else:
+            out.print("Nothing was created in Azure by this run.")
         return None
 
 

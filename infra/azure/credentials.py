@@ -12,9 +12,10 @@ import ipaddress
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 from azure.core.credentials import TokenCredential
@@ -91,6 +92,19 @@ class RetrySettings:
 
 
 @dataclass
+class Writes:
+    """The PUTs Azure accepted (2xx) through these clients, as (method, URL path): a PUT accepted is
+    something created (or changed) that stays if a later step fails; none means nothing was."""
+
+    accepted: list[tuple[str, str]] = field(default_factory=list)
+
+    def __call__(self, response: Any) -> None:  # azure-core's raw_response_hook (a PipelineResponse)
+        request, answer = response.http_request, response.http_response
+        if request.method == "PUT" and 200 <= answer.status_code < 300:
+            self.accepted.append((request.method, urlsplit(request.url).path))
+
+
+@dataclass
 class AzureClients:
     """The management clients for one subscription, plus TLS settings for blob downloads. The last three
     only a scale set uses (autoscale, its database, the database's private DNS zone)."""
@@ -103,6 +117,7 @@ class AzureClients:
     monitor: MonitorManagementClient | None = None
     postgres: PostgreSQLManagementClient | None = None
     private_dns: PrivateDnsManagementClient | None = None
+    writes: Writes = field(default_factory=Writes)
 
 
 def resolve_subscription(
@@ -147,7 +162,9 @@ def connect(
 ) -> AzureClients:
     """Management clients for `subscription` at the cloud's ARM endpoint, with our retry/polling sizes."""
     r = retry or RetrySettings()
+    writes = Writes()
     common: dict[str, Any] = dict(
+        raw_response_hook=writes,
         base_url=cloud.arm_endpoint,
         credential_scopes=[cloud.scope],
         retry_total=r.total,
@@ -167,6 +184,7 @@ def connect(
         monitor=MonitorManagementClient(credential, subscription, **common),
         postgres=PostgreSQLManagementClient(credential, subscription, **common),
         private_dns=PrivateDnsManagementClient(credential, subscription, **common),
+        writes=writes,
     )
 
 

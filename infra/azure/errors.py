@@ -75,6 +75,63 @@ def _sign_in(exc: ClientAuthenticationError) -> str:
     return f"Azure sign-in failed: {text.strip().splitlines()[0]}\n{SIGN_IN_HELP}"
 
 
+RESTRICTION_REASONS = {
+    "NotAvailableForSubscription": "the region does not offer it to this subscription",
+    "QuotaId": "this subscription's offer type (e.g. a free or student one) may not use it",
+}
+
+
+def capacity_refusal(
+    *,
+    size: str,
+    region: str,
+    count: int,
+    vcpus: int,
+    restriction: str | None,
+    over: list[tuple[str, bool, int, int, int]],
+    fitting: list[str],
+) -> str:
+    """Why `count` x `size` cannot run in `region`, asked of Azure before anything was created: the size
+    is not offered (`restriction` None), restricted (its reasonCode), or `over` quotas, each as (label,
+    whether it is the regional total, vCPUs in use, limit, vCPUs needed); then the sizes that would fit."""
+    many = f"{count} x " if count > 1 else ""
+    if restriction is None:
+        lines = [f"VM size {size} is not offered in {region} (it is not in the region's SKU list)."]
+    elif restriction:
+        why = RESTRICTION_REASONS.get(restriction, "Azure restricts it there")
+        lines = [
+            f"VM size {size} is not available in {region} for this subscription: it is restricted "
+            f"({restriction}: {why})."
+        ]
+    else:
+        lines = []
+        for label, regional, current, limit, need in over:
+            what = "the region's total vCPU quota" if regional else f"the {label} quota"
+            who = f"{many}{size} ({vcpus} vCPUs each)" if many else f"VM size {size} ({vcpus} vCPUs)"
+            lines.append(
+                f"{who} needs {need} more vCPUs, over "
+                f"{what} in {region}: {current} of {limit} used, {max(limit - current, 0)} free."
+            )
+        family = next((label for label, regional, *_ in over if not regional), "")
+        lines.append(
+            "Ask for more vCPU quota (Azure portal → Subscriptions → Usage + quotas"
+            + (f", {family}" if family else ", Total Regional vCPUs")
+            + ")"
+            + (", or use fewer --instances" if count > 1 else "")
+            + ", or pick a size that fits."
+        )
+    if fitting:
+        times = f" ({count} instances)" if count > 1 else ""
+        lines.append(f"Sizes that fit{times} in {region}: {', '.join(fitting[:5])} (--size).")
+    else:
+        lines.append(
+            f"No other size fits in {region} for this subscription: try another --region (e.g. "
+            f"{', '.join([r for r in SUGGESTED_REGIONS if r != region.lower()][:3])})."
+        )
+    lines.append("Nothing was created: Azure was only asked what this subscription may run there.")
+    return "\n".join(lines)
+
+
 def explain(
     exc: BaseException,
     *,

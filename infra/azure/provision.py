@@ -22,7 +22,7 @@ from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 from azure.mgmt.compute.models import VirtualMachine
 from azure.mgmt.resource.resources.models import ResourceGroup
 
-from infra.azure import state
+from infra.azure import capacity, state
 from infra.azure.arm import (
     CONFIG_TAG,
     DELIVERY_TAG,
@@ -45,6 +45,8 @@ from infra.azure.credentials import AzureClients
 from infra.azure.deployment import APP_TAG, INTERNET, Deployment, Names, Prepared, site_url
 from infra.azure.errors import SUGGESTED_SIZES, AzureActionError, error_code, explain
 from infra.azure.remote import VmState, failed_vm_advice, power_state, run_command, vm_state
+from infra.azure.sizes import check_vm
+from infra.fit import default_precision
 from infra.health import Health, probe
 from infra.vm import cloudinit
 
@@ -71,6 +73,9 @@ class DeployResult:
     vm_created: bool
     container_updated: bool
     token_changed: bool = False  # an existing VM was given another access token (--token)
+    # a scale set whose model changed: the secrets extension's forceUpdateTag each instance carries once
+    # the rollout has reached it (wait_ready waits for every instance); "" when nothing rolls out
+    rollout_tag: str = ""
 
 
 @contextmanager
@@ -146,6 +151,25 @@ def existing_group(clients: AzureClients, names: Names) -> ResourceGroup | None:
         raise AzureActionError(explain(exc, name=names.name)) from exc
 
 
+def vm_size(vm: VirtualMachine) -> str:
+    size = vm.hardware_profile.vm_size if vm.hardware_profile else ""
+    return str(getattr(size, "value", size) or "")
+
+
+def fits_model(d: Deployment) -> Callable[[str], bool]:
+    """Whether a size has room for the deployment's model (sizes.check_vm; unknown sizes pass)."""
+    precision = d.env.get("DTYPE") or default_precision()
+    return lambda size: check_vm(d.model, precision, size).fits
+
+
+def check_capacity(
+    clients: AzureClients, d: Deployment, count: int = 1, held: capacity.Held | None = None
+) -> None:
+    """Refuse, before the first PUT, a size the region does not offer this subscription or one over
+    its vCPU quota (infra/azure/capacity.py); `held` is what an existing deployment already runs."""
+    capacity.check(clients, d.region, d.size, count, held, suitable=fits_model(d))
+
+
 def find_vm(clients: AzureClients, names: Names) -> VirtualMachine | None:
     """The deployment's VM, or None when there is none yet."""
     try:
@@ -164,6 +188,7 @@ def _usable_vm(clients: AzureClients, d: Deployment, progress: Progress) -> Virt
     """
     owned_group(clients, d)
     vm = find_vm(clients, d)
+    check_capacity(clients, d, held=capacity.Held(vm_size(vm), 1) if vm is not None else None)
     if vm is None or (vm.provisioning_state or "").lower() != "failed":
         return vm
     state = vm_state(clients, d)

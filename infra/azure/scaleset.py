@@ -18,6 +18,7 @@ which the rolling upgrade policy applies one instance at a time.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,8 +27,8 @@ from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 from azure.mgmt.compute.models import Sku
 
 from infra import health
-from infra.azure import remote, state
-from infra.azure.arm import HTTPS_RULE, TLS_TAG, public_ip_body
+from infra.azure import capacity, remote, state
+from infra.azure.arm import HTTPS_RULE, SECRETS_EXTENSION, TLS_TAG, public_ip_body
 from infra.azure.credentials import AzureClients
 from infra.azure.deployment import DB_NAME, DB_PASSWORD_KEY, Deployment, Names, Prepared
 from infra.azure.errors import AzureActionError, explain
@@ -38,6 +39,7 @@ from infra.azure.provision import (
     _explained,
     _json,
     _quiet,
+    check_capacity,
     existing_group,
     owned_group,
     read_address,
@@ -111,6 +113,10 @@ def provision(
                 f"the scale set {d.vmss} exists but this machine does not keep its access token, and "
                 "every instance must share one: give it with --token or QWEN_BOX_ACCESS_TOKEN"
             )
+        held = None
+        if existing is not None and existing.sku is not None:
+            held = capacity.Held(str(existing.sku.name or ""), int(existing.sku.capacity or 0))
+        check_capacity(clients, d, count=d.instances[1], held=held)  # autoscale may reach MAX
         token_changed = existing is not None and state.load_token(d.name) != prepared.token
         state.save_token(d.name, prepared.token)  # kept here before any instance has it
         if tls.generated:
@@ -174,6 +180,9 @@ def provision(
         vm_created=existing is None,
         container_updated=False,
         token_changed=token_changed,
+        rollout_tag=str((vmss.tags or {}).get(MODEL_TAG, ""))
+        if existing is not None and vmss is not existing
+        else "",
     )
 
 
@@ -331,6 +340,23 @@ def status(
     return st
 
 
+def behind(clients: AzureClients, names: Names, tag: str) -> tuple[list[str], list[str]]:
+    """(all instances, those not yet running the model of `tag`): an instance runs it once its secrets
+    extension (which carries the image and settings) has the model's forceUpdateTag and succeeded."""
+    found = instances(clients, names)
+    stale = []
+    for vm in found:
+        try:
+            ext = clients.compute.virtual_machine_extensions.get(names.group, vm, SECRETS_EXTENSION)
+        except ResourceNotFoundError:
+            stale.append(vm)
+            continue
+        done = str(ext.provisioning_state or "").lower() == "succeeded"
+        if ext.force_update_tag != tag or not done:
+            stale.append(vm)
+    return found, stale
+
+
 def pick_instance(clients: AzureClients, names: Names, which: str) -> Instance:
     """--instance N (its place in status-azure's list, from 0) or its name; the first without one."""
     found = instances(clients, names)
@@ -368,11 +394,16 @@ class ScaleSet:
         on_poll: Callable[[Health, float], None],
     ) -> Health:
         """Poll the load balancer's address as the deployment's name, checking the certificate against the
-        generated CA's root (or the system's CAs for the user's own): ready once an instance is."""
+        generated CA's root (or the system's CAs for the user's own): ready once an instance is.
+
+        After a model change (a new image or settings), the instances that still answer are the old
+        ones, so the address is ready at once: then it also waits until the rolling upgrade has reached
+        every instance (`behind`), within the same timeout, and says which have not."""
         d, options = prepared.deployment, prepared.options
+        started = time.monotonic()
         ca = state.ca_file(d.name)
         verify: bool | str = str(ca) if prepared.tls and prepared.tls.generated else True
-        return health.wait_healthy(
+        answer = health.wait_healthy(
             result.ip,
             d.port,
             timeout=options.timeout,
@@ -384,6 +415,46 @@ class ScaleSet:
             server_name=result.fqdn,
             verify=verify,
         )
+        if answer.phase != "ok" or not result.rollout_tag:
+            return answer
+        return self._wait_rollout(
+            d, result.rollout_tag, answer, started, options.timeout, options.interval, on_phase, on_poll
+        )
+
+    def _wait_rollout(
+        self,
+        names: Names,
+        tag: str,
+        answer: Health,
+        started: float,
+        timeout: float,
+        interval: float,
+        on_phase: Callable[[Health], None],
+        on_poll: Callable[[Health, float], None],
+    ) -> Health:
+        """Until every instance runs the model of `tag` (answer: the address's ok), or the timeout."""
+        told = ""
+        while True:
+            try:
+                found, stale = behind(self.clients, names, tag)
+            except HttpResponseError as exc:
+                raise AzureActionError(explain(exc, name=names.name)) from exc
+            if not stale:
+                return answer
+            now = Health("updating", f"{len(found) - len(stale)} of {len(found)} instances run the new model")
+            if now.detail != told:
+                told = now.detail
+                on_phase(now)
+            elapsed = time.monotonic() - started
+            on_poll(now, elapsed)
+            if elapsed >= timeout:
+                return Health(
+                    "stopped",
+                    f"the new image and settings have not reached every instance after {int(elapsed)} s: "
+                    f"{', '.join(stale)} still run the old ones (the rolling upgrade goes one instance at "
+                    "a time; see status-azure, and logs-azure --instance NAME)",
+                )
+            time.sleep(min(max(interval, 0.05), max(timeout - elapsed, 0.05)))
 
     def status(self, names: Names, ca_file: str = "") -> Status | None:
         return status(self.clients, names, ca_file=ca_file)

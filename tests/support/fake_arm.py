@@ -42,6 +42,7 @@ API_VERSIONS = {
     "microsoft.dbforpostgresql": {"2026-10-01"},
     "microsoft.compute": {"2026-04-01", "2026-03-03", "2026-03-02"},
     "microsoft.compute/skus": {"2021-07-01"},
+    "microsoft.compute/locations/usages": {"2026-04-01"},
 }
 
 # Child resources this fake keeps (provider type, child collection), beside VM extensions.
@@ -51,14 +52,27 @@ NESTED = {
     ("microsoft.dbforpostgresql/flexibleservers", "configurations"),
 }
 
-SKUS = [
-    "Standard_B2s",
-    "Standard_B2ms",
-    "Standard_B2as_v2",
-    "Standard_D2s_v5",
-    "Standard_D2as_v5",
-    "Standard_B4ms",
-]
+# The VM sizes the fake's regions offer: name -> (family, vCPUs), as Azure's SKU list and usages name them.
+SKU_INFO = {
+    "Standard_B2s": ("standardBSFamily", 2),
+    "Standard_B2ms": ("standardBSFamily", 2),
+    "Standard_B2as_v2": ("standardBasv2Family", 2),
+    "Standard_D2s_v5": ("standardDSv5Family", 2),
+    "Standard_D2as_v5": ("standardDASv5Family", 2),
+    "Standard_B4ms": ("standardBSFamily", 4),
+    "Standard_D4s_v5": ("standardDSv5Family", 4),
+    "Standard_D4as_v5": ("standardDASv5Family", 4),
+}
+SKUS = list(SKU_INFO)
+# Usage names and their localized values, as ARM gives them (the region's total is "cores").
+FAMILY_LABELS = {
+    "standardBSFamily": "Standard BS Family vCPUs",
+    "standardBasv2Family": "Standard Basv2 Family vCPUs",
+    "standardDSv5Family": "Standard DSv5 Family vCPUs",
+    "standardDASv5Family": "Standard DASv5 Family vCPUs",
+}
+DEFAULT_FAMILY_LIMIT = 100
+DEFAULT_REGIONAL_LIMIT = 350
 
 
 @dataclass
@@ -125,9 +139,15 @@ class FakeArm:
         self.faults: list[Fault] = []
         self.requests: list[tuple[str, str, str]] = []
         self.run_commands: list[str] = []
-        self.restricted: dict[str, set[str]] = {}
+        self.restricted: dict[str, dict[str, str]] = {}  # size -> region -> the restriction's reasonCode
+        # vCPU quota knobs: family (e.g. "standardBSFamily") or the region's total -> (vCPUs in use by
+        # others, limit). The usages ARM reports add the vCPUs of the VMs this fake holds (a scale set's
+        # instances too), as Azure counts a deployment's own VMs, allocated or not.
+        self.quota: dict[str, tuple[int, int]] = {}
+        self.regional_cores: tuple[int, int] = (0, DEFAULT_REGIONAL_LIMIT)
         self.power_state = "running"
         self.instance_health: dict[str, str] = {}  # a scale set instance's name -> healthy/unhealthy/...
+        self.lagging_instances = 0  # a scale set's instances a model change has not reached yet
         self.public_instances = False  # whether a scale set was ever given a public IP per instance
         self.vm_failures: dict[str, dict[str, str]] = {}  # VM key -> the error its creation ended in
         self.serial_log = "[    0.000000] Linux version 6.8.0-azure\ncloud-init: qwen-box: pulling image\n"
@@ -180,8 +200,8 @@ class FakeArm:
         with self.lock:
             self.faults.append(Fault(method.upper(), path, status, code, message, times, headers or {}, lro))
 
-    def restrict_sku(self, size: str, region: str) -> None:
-        self.restricted.setdefault(size.lower(), set()).add(region.lower())
+    def restrict_sku(self, size: str, region: str, reason: str = "NotAvailableForSubscription") -> None:
+        self.restricted.setdefault(size.lower(), {})[region.lower()] = reason
 
     def resource(self, group: str, provider_type: str, name: str) -> dict:
         with self.lock:
@@ -303,6 +323,8 @@ class FakeArm:
         low = path.lower()
         if "/providers/microsoft.compute/skus" in low:
             family = "microsoft.compute/skus"
+        elif re.search(r"/providers/microsoft\.compute/locations/[^/]+/usages$", low):
+            family = "microsoft.compute/locations/usages"
         elif "/providers/microsoft.network/privatednszones/" in low:
             family = "microsoft.network/privatednszones"
         elif "/providers/microsoft.network/" in low:
@@ -330,6 +352,14 @@ class FakeArm:
         rest, lrest = parts[2:], low[2:]
         if lrest == ["providers", "microsoft.compute", "skus"]:
             return 200, {"value": self._skus(query.get("$filter", ""))}, {}
+        if (
+            len(lrest) == 5
+            and lrest[:3] == ["providers", "microsoft.compute", "locations"]
+            and lrest[4] == "usages"
+        ):
+            if method != "GET":
+                raise ArmError(405, "MethodNotAllowed", method)
+            return 200, {"value": self._usages(lrest[3])}, {}
         if lrest == ["resourcegroups"] and method == "GET":
             return 200, {"value": self._list_groups(query.get("$filter", ""))}, {}
         if len(lrest) == 2 and lrest[0] == "resourcegroups":
@@ -485,6 +515,14 @@ class FakeArm:
         elif kind == "microsoft.network/loadbalancers":
             self._load_balancer(resource)
         elif kind == "microsoft.compute/virtualmachinescalesets":
+            old = (existing or {}).get("sku", {})
+            self._enforce_quota(
+                resource["location"],
+                resource.get("sku", {}).get("name", ""),
+                int(resource.get("sku", {}).get("capacity", 0)),
+                old.get("name", ""),
+                int(old.get("capacity", 0)),
+            )
             self._scale_set(group, name, resource)
         elif kind == "microsoft.dbforpostgresql/flexibleservers":
             self._postgres(group, name, resource, existing)
@@ -618,6 +656,35 @@ class FakeArm:
                     "osProfile": {"adminUsername": "azureuser", "computerName": name},
                 },
             }
+        self._roll_out(group, vmss)
+
+    def _roll_out(self, group: str, vmss: dict) -> None:
+        """The scale set's extensions on its instances as the rolling upgrade leaves them: each instance
+        gets the model's (its forceUpdateTag, Succeeded), except the first `lagging_instances`, which
+        keep what they had (the upgrade has not reached them yet)."""
+        mine = [
+            r
+            for r in self._list(group, "Microsoft.Compute/virtualMachines", "")
+            if r["properties"].get("virtualMachineScaleSet", {}).get("id", "").lower() == vmss["id"].lower()
+        ]
+        profile = vmss["properties"].get("virtualMachineProfile", {})
+        for i, vm in enumerate(mine):
+            for ext in profile.get("extensionProfile", {}).get("extensions", []):
+                key = _key(group, vm["name"], "extensions", ext["name"])
+                if i < self.lagging_instances and key in self.extensions:
+                    continue
+                props = {k: v for k, v in ext.get("properties", {}).items() if k != "protectedSettings"}
+                props["provisioningState"] = "Succeeded"
+                self.extensions[key] = {
+                    "vmId": vm["properties"]["vmId"],
+                    "resource": {
+                        "id": f"{vm['id']}/extensions/{ext['name']}",
+                        "name": ext["name"],
+                        "type": "Microsoft.Compute/virtualMachines/extensions",
+                        "location": vm["location"],
+                        "properties": props,
+                    },
+                }
 
     def set_capacity(self, group: str, vmss: str, capacity: int) -> None:
         """What autoscale does between deploys: change the scale set's capacity (and its instances)."""
@@ -809,7 +876,7 @@ class FakeArm:
     def _vm(self, group: str, name: str, resource: dict, existing: dict | None) -> None:
         props = resource["properties"]
         size = props.get("hardwareProfile", {}).get("vmSize", "")
-        if resource["location"] in self.restricted.get(size.lower(), set()):
+        if resource["location"] in self.restricted.get(size.lower(), {}):
             raise ArmError(
                 409,
                 "SkuNotAvailable",
@@ -818,6 +885,8 @@ class FakeArm:
                 f"'{resource['location']}'. Please try another size or deploy to a different "
                 "location or different zone.",
             )
+        old_size = (existing or {}).get("properties", {}).get("hardwareProfile", {}).get("vmSize", "")
+        self._enforce_quota(resource["location"], size, 1, old_size, 1 if existing else 0)
         for nic in props.get("networkProfile", {}).get("networkInterfaces", []):
             self._require(nic.get("id"), "the virtual machine")
         os_profile = props.get("osProfile", {})
@@ -1006,26 +1075,113 @@ class FakeArm:
         match = re.search(r"location eq '([^']*)'", filt)
         region = match.group(1).lower() if match else "eastus"
         out = []
-        for size in SKUS:
-            restricted = region in self.restricted.get(size.lower(), set())
+        for size, (family, vcpus) in SKU_INFO.items():
+            reason = self.restricted.get(size.lower(), {}).get(region)
             out.append(
                 {
                     "resourceType": "virtualMachines",
                     "name": size,
                     "tier": "Standard",
+                    "size": size.split("_", 1)[1],
+                    "family": family,
                     "locations": [region],
+                    "locationInfo": [{"location": region, "zones": ["1", "2", "3"], "zoneDetails": []}],
+                    "capabilities": [
+                        {"name": "vCPUs", "value": str(vcpus)},
+                        {"name": "MemoryGB", "value": "4"},
+                        {"name": "vCPUsAvailable", "value": str(vcpus)},
+                    ],
                     "restrictions": [
                         {
                             "type": "Location",
                             "values": [region],
-                            "reasonCode": "NotAvailableForSubscription",
+                            "reasonCode": reason,
                             "restrictionInfo": {"locations": [region]},
                         }
                     ]
-                    if restricted
+                    if reason
                     else [],
                 }
             )
+        # Not a VM size: ARM lists every resource type's SKUs (disks too) in the same answer.
+        out.append(
+            {"resourceType": "disks", "name": "StandardSSD_LRS", "tier": "Standard", "locations": [region]}
+        )
+        return out
+
+    def used_vcpus(self, region: str) -> dict[str, int]:
+        """vCPUs of the VMs this fake holds in `region` (a scale set's instances are VMs), per family."""
+        used: dict[str, int] = {}
+        for r in self.resources.values():
+            if r["type"].lower() != "microsoft.compute/virtualmachines" or r["location"] != region:
+                continue
+            size = r["properties"].get("hardwareProfile", {}).get("vmSize", "")
+            info = next((v for k, v in SKU_INFO.items() if k.lower() == str(size).lower()), None)
+            if info:
+                used[info[0]] = used.get(info[0], 0) + info[1]
+        return used
+
+    def _enforce_quota(
+        self, region: str, size: str, count: int, old_size: str = "", old_count: int = 0
+    ) -> None:
+        """Refuse a PUT that would take a family or the region over its vCPU limit, as Azure does (409
+        OperationNotAllowed); what the resource held before (`old_size` x `old_count`) is counted already."""
+        info = {k.lower(): v for k, v in SKU_INFO.items()}
+        new, old = info.get(size.lower()), info.get(old_size.lower())
+        if new is None:
+            return
+        family, vcpus = new
+        held = old[1] * old_count if old else 0
+        used = self.used_vcpus(region)
+        others, limit = self.quota.get(family, (0, DEFAULT_FAMILY_LIMIT))
+        checks = [
+            (
+                family,
+                others + used.get(family, 0),
+                limit,
+                vcpus * count - (held if old and old[0] == family else 0),
+            ),
+            (
+                "Total Regional",
+                self.regional_cores[0] + sum(used.values()),
+                self.regional_cores[1],
+                vcpus * count - held,
+            ),
+        ]
+        for name, current, cap, need in checks:
+            if need > 0 and current + need > cap:
+                raise ArmError(
+                    409,
+                    "OperationNotAllowed",
+                    "Operation could not be completed as it results in exceeding approved "
+                    f"{name} Cores quota. Additional details - Deployment Model: Resource Manager, "
+                    f"Location: {region}, Current "
+                    f"Limit: {cap}, Current Usage: {current}, Additional Required: {need}, (Minimum) New "
+                    f"Limit Required: {current + need}.",
+                )
+
+    def _usages(self, region: str) -> list[dict]:
+        """Microsoft.Compute/locations/{region}/usages: per-family vCPUs and the regional total ("cores"),
+        each {unit, currentValue, limit, name: {value, localizedValue}}, beside other counters."""
+        used = self.used_vcpus(region.lower())
+
+        def usage(name: str, label: str, current: int, limit: int) -> dict:
+            return {
+                "unit": "Count",
+                "currentValue": current,
+                "limit": limit,
+                "name": {"value": name, "localizedValue": label},
+            }
+
+        regional = self.regional_cores
+        out = [
+            usage("availabilitySets", "Availability Sets", 0, 2500),
+            usage("cores", "Total Regional vCPUs", regional[0] + sum(used.values()), regional[1]),
+            usage("virtualMachines", "Virtual Machines", 0, 25000),
+        ]
+        for family, label in FAMILY_LABELS.items():
+            others, limit = self.quota.get(family, (0, DEFAULT_FAMILY_LIMIT))
+            out.append(usage(family, label, others + used.get(family, 0), limit))
         return out
 
     # -- long-running operations ----------------------------------------------------------------
