@@ -310,7 +310,7 @@ def test_quick_bench_on_the_tiny_model_prints_progress_then_the_labelled_table(
     done = subprocess.run(
         [sys.executable, "-m", "service.dev.bench", "--model", str(endless_model_dir), "--quick"]
         + ["--repeat", "1", "--new-tokens", "4", "--chat-tokens", "66", "--json", str(out)]
-        + ["--vision-model", str(vision)],
+        + ["--vision-model", str(vision), "--no-quality"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -350,3 +350,28 @@ def test_quick_bench_on_the_tiny_model_prints_progress_then_the_labelled_table(
     assert vision_row.startswith("| tiny-smolvlm (int8 language model, float32 vision encoder) | 1024x1024 ")
     assert saved["vision"]["ttft_s"] > 0 and saved["vision"]["decode_tokens_per_s"] > 0
     assert saved["vision"]["image_tokens"] > 0 and saved["vision"]["peak_rss_gib"] > 0
+
+
+def test_bench_quality_prints_each_precision_against_float32(tiny_model_dir: Path, tmp_path: Path):
+    """`invoke bench --quality --model PATH`: the quality table alone, for any model folder (here the
+    tiny one, so it takes seconds; the real check of the figures is tests/test_quality.py)."""
+    import subprocess
+
+    out = tmp_path / "quality.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "service.dev.bench", "--quality", "--model", str(tiny_model_dir)]
+        + ["--precisions", "int8,int4", "--quality-chunks", "1", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (
+        "Quality against float32 (CPU: " in done.stdout and "1 chunks of 512 tokens of GPL-3" in done.stdout
+    )
+    rows = {r["precision"]: r for r in json.loads(out.read_text())["quality"]["rows"]}
+    assert set(rows) == {"int8", "int4"}
+    for r in rows.values():
+        assert r["tokens"] == 255 and r["kl_divergence"] > -1e-4 and 0 <= r["top1_agreement"] <= 1
+        assert f"| {r['precision']} | " in done.stdout

@@ -123,10 +123,16 @@ def scored_logits(model, chunk: Sequence[int], mode: str = "prompt") -> torch.Te
         if mode != "decode":
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         cache = DynamicCache()
-        out = model(input_ids=ids[:, :first], cache=cache, use_cache=True)
-        rows = [out.logits[0, -1].float()]
-        for position in range(first, len(chunk) - 2):
-            out = model(input_ids=ids[:, position : position + 1], cache=cache, use_cache=True)
+        out = model(input_ids=ids[:, : first + 1], cache=cache, use_cache=True)  # up to the first scored
+        cache, rows = out.cache, [out.logits[0, -1].float()]
+        for position in range(first + 1, len(chunk) - 1):
+            out = model(
+                input_ids=ids[:, position : position + 1],
+                position_ids=torch.tensor([[position]]),
+                cache=cache,
+                use_cache=True,
+            )
+            cache = out.cache
             rows.append(out.logits[0, -1].float())
         return torch.stack(rows)
 
