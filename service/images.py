@@ -97,10 +97,6 @@ class Picture:
                 self._pixels = _decode(self.data, self.where, self.max_pixels)
         return self._pixels
 
-    @property
-    def size(self) -> tuple[int, int]:
-        return self.pixels().size
-
 
 def sniffed_mime(data: bytes) -> str | None:
     """The image type `data` is by its own header (PNG, JPEG, WebP, GIF), or None."""

@@ -149,17 +149,16 @@ def reference(model, chunk_ids: Iterable[Sequence[int]]) -> Reference:
 
 def compare(model, ref: Reference, mode: str = "prompt") -> Quality:
     """`model` against the reference on the same chunks."""
-    kl = same = count = 0.0
-    logprobs = []
-    for chunk, base in zip(ref.chunks, ref.logprobs, strict=True):
+    kl = same = count = nll = 0.0
+    for chunk, base, target in zip(ref.chunks, ref.logprobs, ref.targets, strict=True):
         mine = torch.log_softmax(scored_logits(model, chunk, mode), -1)
         base32 = base.float()
         kl += float((base32.exp() * (base32 - mine)).sum())
         same += float((base32.argmax(-1) == mine.argmax(-1)).sum())
+        nll -= float(mine.gather(1, target[:, None]).sum())
         count += mine.shape[0]
-        logprobs.append(mine)
     return Quality(
-        perplexity=_perplexity(logprobs, ref.targets),
+        perplexity=math.exp(nll / count),
         reference_perplexity=ref.perplexity,
         kl_divergence=kl / count,
         top1_agreement=same / count,
@@ -182,7 +181,7 @@ def answers(backend, questions: Iterable[str] | None = None, max_tokens: int = 3
         prompt = backend.tokenizer.apply_chat_template(
             [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True
         )
-        ids = list(prompt["input_ids"] if isinstance(prompt, dict) or hasattr(prompt, "keys") else prompt)
+        ids = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)  # a BatchEncoding or ids
         seq, token = backend.admit(ids, SamplingOptions(max_tokens=max_tokens, temperature=0.0))
         out = [token]
         while token not in backend.eos_token_ids and len(out) < max_tokens:
